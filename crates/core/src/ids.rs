@@ -1,0 +1,222 @@
+//! Newtypes for every identifier and number that could be confused with another.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The hard ceiling on any name stored in a record (its length is a `u16` on disk).
+/// The configurable [`crate::Limits`] are always at or below it.
+pub const MAX_NAME_BYTES: usize = 4096;
+
+/// A global position: the gapless, increasing index of an event across the whole store,
+/// starting at 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Position(pub u64);
+
+/// An event's revision within its stream, starting at 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Revision(pub u64);
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An event's unique id, given by the client or generated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(pub uuid::Uuid);
+
+impl EventId {
+    /// A fresh random (v4) id.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Checks the rules shared by every stored name: not empty, not over the hard ceiling, and no
+/// control characters (they break logs, terminals and the line-oriented NDJSON output).
+fn check_name(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(format!("{what} must not be empty")));
+    }
+    if value.len() > MAX_NAME_BYTES {
+        return Err(Error::invalid(format!(
+            "{what} is {} bytes long; the maximum is {MAX_NAME_BYTES}",
+            value.len()
+        )));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(Error::invalid(format!(
+            "{what} {value:?} contains the control character {c:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// A stream name, validated once at construction.
+///
+/// Rules: not empty, no whitespace or control characters, no `/` (it would make stream URLs
+/// ambiguous), and not starting with `$`, which is reserved for Skald's own system streams.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct StreamName(String);
+
+impl StreamName {
+    /// Validates `name` as a user stream name.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        check_name("stream name", &name)?;
+        if let Some(c) = name.chars().find(|c| c.is_whitespace() || *c == '/') {
+            return Err(Error::invalid(format!(
+                "stream name {name:?} contains {c:?}; whitespace and '/' are not allowed"
+            )));
+        }
+        if name.starts_with('$') {
+            return Err(Error::invalid(format!(
+                "stream name {name:?} starts with '$', which is reserved for system streams"
+            )));
+        }
+        Ok(Self(name))
+    }
+
+    /// Rebuilds a name read back from storage, where it was validated before it was written.
+    pub fn from_stored(name: String) -> Self {
+        Self(name)
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The stream's category: the part of the name before the first `-`, or the whole name
+    /// when it has no `-` (or starts with one, which would leave an empty category).
+    pub fn category(&self) -> Category {
+        let end = match self.0.find('-') {
+            Some(i) if i > 0 => i,
+            _ => self.0.len(),
+        };
+        Category(self.0[..end].to_owned())
+    }
+}
+
+impl fmt::Display for StreamName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for StreamName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::new(s).map_err(serde::de::Error::custom)
+    }
+}
+
+macro_rules! validated_name {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            #[doc = concat!("Validates a ", $what, ": not empty, no control characters.")]
+            pub fn new(value: impl Into<String>) -> Result<Self> {
+                let value = value.into();
+                check_name($what, &value)?;
+                Ok(Self(value))
+            }
+
+            /// Rebuilds a value read back from storage, where it was validated before it was
+            /// written.
+            pub fn from_stored(value: String) -> Self {
+                Self(value)
+            }
+
+            /// The value as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+validated_name!(
+    /// An event type such as `OrderPlaced`.
+    EventType,
+    "event type"
+);
+validated_name!(
+    /// A tag such as `customer:42`, used by DCB queries.
+    Tag,
+    "tag"
+);
+validated_name!(
+    /// A stream category: the stream-name prefix before the first `-`.
+    Category,
+    "category"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_are_validated_at_construction() {
+        assert!(StreamName::new("order-42").is_ok());
+        assert!(StreamName::new("account:7").is_ok());
+        for bad in ["", "a b", "a/b", "$system", "tab\there", "nl\n"] {
+            let err = StreamName::new(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidEvent { .. }), "{bad:?}: {err}");
+        }
+        assert!(StreamName::new("x".repeat(MAX_NAME_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn category_is_the_prefix_before_the_first_dash() {
+        let c = |s: &str| StreamName::new(s).unwrap().category().as_str().to_owned();
+        assert_eq!(c("order-42"), "order");
+        assert_eq!(c("order-42-x"), "order");
+        assert_eq!(c("orders"), "orders");
+        assert_eq!(c("-x"), "-x");
+    }
+
+    #[test]
+    fn names_reject_empty_and_control_characters() {
+        assert!(EventType::new("").is_err());
+        assert!(Tag::new("a\u{0}").is_err());
+        assert!(Tag::new("customer:42").is_ok());
+    }
+}

@@ -1,0 +1,25 @@
+//! The Skald event model and the backend-neutral store contract.
+//!
+//! This crate does no I/O. It defines what an event is, what an append and a read ask for,
+//! the errors a store can answer with, and the [`EventStore`] trait that the embedded engine
+//! (`skald-storage`) implements today and a PostgreSQL backend will implement later.
+
+mod error;
+mod event;
+mod ids;
+mod limits;
+mod query;
+mod store;
+
+pub use error::{Error, Result};
+pub use event::{
+    AppendCondition, AppendRequest, AppendResult, Clock, EventData, ExpectedRevision, Metadata,
+    ProposedEvent, RecordedEvent, Timestamp,
+};
+pub use ids::{Category, EventId, EventType, Position, Revision, StreamName, Tag};
+pub use limits::Limits;
+pub use query::{Query, QueryItem};
+pub use store::{
+    Direction, Durability, EventStore, MAX_READ_PAGE, ReadPage, ReadRequest, ReadSource, StoreInfo,
+    StreamHead,
+};

@@ -1,0 +1,126 @@
+//! The backend-neutral store contract.
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    AppendRequest, AppendResult, Category, Limits, Position, Query, RecordedEvent, Result,
+    Revision, StreamName,
+};
+
+/// The most events one [`EventStore::read`] call returns, whatever limit was asked for.
+/// Larger reads are made of pages, so memory stays bounded however much is read.
+pub const MAX_READ_PAGE: usize = 4096;
+
+/// Whether appends wait for their bytes to reach the disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge only after fdatasync (or the backend's equivalent). The default.
+    #[default]
+    Fsync,
+    /// Acknowledge after the write reaches the operating system. For tests and benchmarks only.
+    None,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fsync => "fsync",
+            Self::None => "none",
+        })
+    }
+}
+
+/// Reading forward (oldest first) or backward (newest first).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Oldest first.
+    #[default]
+    Forward,
+    /// Newest first (stream reads only).
+    Backward,
+}
+
+/// What a read selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadSource {
+    /// One stream, by revision.
+    Stream(StreamName),
+    /// The global log, by position, optionally filtered by a query.
+    All(Option<Query>),
+    /// Every stream of a category, by position.
+    Category(Category),
+    /// Events matching a DCB query, by position.
+    Query(Query),
+}
+
+/// One page of a read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// What to read.
+    pub source: ReadSource,
+    /// Start here, inclusive: a revision for stream reads, a position otherwise. `None` means
+    /// the start (forward) or the end (backward).
+    pub from: Option<u64>,
+    /// Forward or backward. Backward is only allowed for stream reads.
+    pub direction: Direction,
+    /// Most events to return; the store caps it at [`MAX_READ_PAGE`].
+    pub limit: usize,
+}
+
+/// The result of one read call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadPage {
+    /// The events, in the order asked for.
+    pub events: Vec<RecordedEvent>,
+    /// The `from` to pass for the next page, or `None` when nothing more was there when this
+    /// page was read.
+    pub next: Option<u64>,
+}
+
+/// The last event of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamHead {
+    /// The stream's last revision.
+    pub revision: Revision,
+    /// The global position of that event.
+    pub position: Position,
+}
+
+/// A summary of the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreInfo {
+    /// Position of the last stored event, or `None` when the store is empty.
+    pub head_position: Option<Position>,
+    /// How appends are made durable.
+    pub durability: Durability,
+    /// Bytes the store occupies.
+    pub storage_bytes: u64,
+}
+
+/// The contract every backend implements. Futures are `Send` so that servers can run them on
+/// any worker thread.
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends atomically, after checking the expected revision, the condition and idempotency.
+    fn append(&self, request: AppendRequest) -> impl Future<Output = Result<AppendResult>> + Send;
+
+    /// Reads one page.
+    fn read(&self, request: ReadRequest) -> impl Future<Output = Result<ReadPage>> + Send;
+
+    /// The last event of a stream, or `None` when it has none.
+    fn stream_head(
+        &self,
+        stream: &StreamName,
+    ) -> impl Future<Output = Result<Option<StreamHead>>> + Send;
+
+    /// A summary of the store.
+    fn info(&self) -> impl Future<Output = Result<StoreInfo>> + Send;
+
+    /// The limits this store enforces.
+    fn limits(&self) -> &Limits;
+}

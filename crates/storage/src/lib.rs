@@ -1,0 +1,388 @@
+//! The embedded storage engine: append-only segment files with CRC-framed records, indexes in
+//! redb, one writer thread with group commit. The format is specified in `docs/storage.md`.
+//!
+//! Build a [`Store`] from [`Options`] with [`Store::open`]; it implements
+//! [`skald_core::EventStore`] and is cheap to clone. Call [`Store::shutdown`] to stop.
+
+mod codec;
+mod index;
+mod read;
+mod recovery;
+mod segments;
+mod writer;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redb::ReadableDatabase;
+use skald_core::{
+    AppendRequest, AppendResult, Clock, Direction, Durability, Error, EventStore, Limits,
+    MAX_READ_PAGE, Position, ReadPage, ReadRequest, ReadSource, Revision, StoreInfo, StreamHead,
+    StreamName, Timestamp,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::segments::{RecordReader, Segments};
+use crate::writer::{Command, Writer, WriterConfig};
+
+/// How the embedded store is built. Every field has a default.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where the segments and the index live.
+    pub data_dir: PathBuf,
+    /// Whether an append waits for fdatasync. `Fsync` unless chosen otherwise.
+    pub durability: Durability,
+    /// Limits on appends.
+    pub limits: Limits,
+    /// A segment is closed and a new one started once it passes this size.
+    pub segment_bytes: u64,
+    /// Appends waiting for the writer; a full queue makes callers wait (back-pressure).
+    pub write_queue_capacity: usize,
+    /// Most events written in one group commit.
+    pub max_batch_events: usize,
+    /// Longest time between durable index checkpoints while appends happen; bounds the work
+    /// of the next open after a crash.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("skald-data"),
+            durability: Durability::Fsync,
+            limits: Limits::default(),
+            segment_bytes: 256 << 20,
+            write_queue_capacity: 4096,
+            max_batch_events: 8192,
+            checkpoint_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Reads the system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(i64::try_from(since.as_micros()).unwrap_or(i64::MAX))
+    }
+}
+
+/// State shared by the writer and readers.
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub db: redb::Database,
+    pub segments: Segments,
+    /// The next position: every event before it is durable, indexed and visible.
+    pub head: AtomicU64,
+    _lock: File,
+}
+
+/// The embedded store. Cheap to clone; every clone talks to the same writer.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    limits: Arc<Limits>,
+    durability: Durability,
+}
+
+/// What opening a store repaired, for the operator to read.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// One line per repair (a torn tail cut, an index rebuilt or caught up).
+    pub notes: Vec<String>,
+}
+
+pub(crate) fn io_error(path: &Path, e: std::io::Error) -> Error {
+    let message = format!("{}: {e}", path.display());
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        Error::StorageFull(message)
+    } else {
+        Error::Io(message)
+    }
+}
+
+pub(crate) fn redb_error(e: impl Into<redb::Error>) -> Error {
+    Error::Io(format!("index: {}", e.into()))
+}
+
+fn lock_data_dir(dir: &Path) -> Result<File, Error> {
+    let path = dir.join("LOCK");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error(&path, e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::Unavailable(format!(
+            "data directory {} is in use by another Skald process",
+            dir.display()
+        )));
+    }
+    Ok(file)
+}
+
+impl Store {
+    /// Opens (or creates) the store in `options.data_dir`, recovering from any crash, and
+    /// starts the writer with the system clock.
+    pub fn open(options: Options) -> Result<(Self, OpenReport), Error> {
+        Self::open_with_clock(options, Arc::new(SystemClock))
+    }
+
+    /// [`Store::open`] with an injected clock.
+    pub fn open_with_clock(
+        options: Options,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, OpenReport), Error> {
+        options.limits.validate()?;
+        if options.write_queue_capacity == 0 || options.max_batch_events == 0 {
+            return Err(Error::invalid(
+                "write_queue_capacity and max_batch_events must be at least 1",
+            ));
+        }
+        let dir = options.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+        let lock = lock_data_dir(&dir)?;
+        let recovered = recovery::recover(&dir)?;
+        let shared = Arc::new(Shared {
+            dir,
+            db: recovered.db,
+            segments: Segments::new(recovered.segments),
+            head: AtomicU64::new(recovered.next_position),
+            _lock: lock,
+        });
+        let (commands, receiver) = mpsc::channel(options.write_queue_capacity);
+        let writer = Writer::new(
+            Arc::clone(&shared),
+            WriterConfig {
+                durability: options.durability,
+                segment_bytes: options.segment_bytes,
+                max_batch_events: options.max_batch_events,
+                checkpoint_interval: options.checkpoint_interval,
+                clock,
+            },
+            recovered.next_position,
+        );
+        let thread = std::thread::Builder::new()
+            .name("skald-writer".to_owned())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| Error::Io(format!("starting the writer thread: {e}")))?;
+        let store = Self {
+            shared,
+            commands,
+            writer: Arc::new(Mutex::new(Some(thread))),
+            limits: Arc::new(options.limits),
+            durability: options.durability,
+        };
+        Ok((
+            store,
+            OpenReport {
+                notes: recovered.notes,
+            },
+        ))
+    }
+
+    /// Finishes the appends already queued, checkpoints the index and stops the writer.
+    /// Appends after this fail with [`Error::Unavailable`]; reads keep working.
+    pub async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.commands.send(Command::Shutdown { done }).await.is_ok() {
+            let _ = wait.await;
+        }
+        let handle = self
+            .writer
+            .lock()
+            .expect("writer handle lock poisoned")
+            .take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The next position to be written: the number of events stored.
+    pub fn head(&self) -> u64 {
+        self.shared.head.load(Ordering::Acquire)
+    }
+
+    fn read_blocking(shared: &Shared, request: &ReadRequest) -> Result<ReadPage, Error> {
+        let limit = request.limit.clamp(0, MAX_READ_PAGE);
+        let end = shared.head.load(Ordering::Acquire);
+        let txn = shared.db.begin_read().map_err(redb_error)?;
+        let mut reader = RecordReader::new(shared.segments.snapshot());
+        if request.direction == Direction::Backward
+            && !matches!(request.source, ReadSource::Stream(_))
+        {
+            return Err(Error::invalid("only stream reads can go backward"));
+        }
+        let events = match &request.source {
+            ReadSource::Stream(stream) => {
+                return read_stream(&txn, &mut reader, stream, request, limit, end);
+            }
+            ReadSource::All(None) => {
+                let sparse = txn.open_table(index::SPARSE).map_err(redb_error)?;
+                let mut out = Vec::new();
+                let from = request.from.unwrap_or(0);
+                read::scan_global(&sparse, &mut reader, from, end, limit, |_| true, &mut out)?;
+                out
+            }
+            ReadSource::All(Some(query)) | ReadSource::Query(query) => {
+                query.validate()?;
+                let tags = txn.open_table(index::TAGS).map_err(redb_error)?;
+                let types = txn.open_table(index::TYPES).map_err(redb_error)?;
+                let sparse = txn.open_table(index::SPARSE).map_err(redb_error)?;
+                let from = request.from.unwrap_or(0);
+                read::scan_query(&tags, &types, &sparse, &mut reader, query, from, end, limit)?
+            }
+            ReadSource::Category(category) => {
+                let table = txn.open_table(index::CATEGORIES).map_err(redb_error)?;
+                let from = request.from.unwrap_or(0);
+                read::scan_index(&table, &mut reader, category.as_str(), from, end, limit)?
+            }
+        };
+        let next = (events.len() == limit && limit > 0)
+            .then(|| events.last().map(|e| e.position.0 + 1))
+            .flatten();
+        Ok(ReadPage { events, next })
+    }
+}
+
+fn read_stream(
+    txn: &redb::ReadTransaction,
+    reader: &mut RecordReader,
+    stream: &StreamName,
+    request: &ReadRequest,
+    limit: usize,
+    end: u64,
+) -> Result<ReadPage, Error> {
+    let table = txn.open_table(index::STREAM_EVENTS).map_err(redb_error)?;
+    let name = stream.as_str();
+    let range = match request.direction {
+        Direction::Forward => {
+            let from = request.from.unwrap_or(0);
+            table.range((name, from)..=(name, u64::MAX))
+        }
+        Direction::Backward => {
+            let from = request.from.unwrap_or(u64::MAX);
+            table.range((name, 0)..=(name, from))
+        }
+    }
+    .map_err(redb_error)?;
+    let mut events = Vec::new();
+    let mut take = |entry: Result<
+        (
+            redb::AccessGuard<'_, (&str, u64)>,
+            redb::AccessGuard<'_, u64>,
+        ),
+        redb::StorageError,
+    >|
+     -> Result<bool, Error> {
+        let (_, addr) = entry.map_err(redb_error)?;
+        let event = read::decode_at(reader, segments::Address(addr.value()))?;
+        // An index entry may be committed a moment before the head moves past it.
+        if event.position.0 < end {
+            events.push(event);
+        }
+        Ok(events.len() < limit)
+    };
+    if limit > 0 {
+        match request.direction {
+            Direction::Forward => {
+                for entry in range {
+                    if !take(entry)? {
+                        break;
+                    }
+                }
+            }
+            Direction::Backward => {
+                for entry in range.rev() {
+                    if !take(entry)? {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let next = if events.len() == limit && limit > 0 {
+        let last = events.last().map(|e| e.revision.0).unwrap_or(0);
+        match request.direction {
+            Direction::Forward => Some(last + 1),
+            Direction::Backward => last.checked_sub(1),
+        }
+    } else {
+        None
+    };
+    Ok(ReadPage { events, next })
+}
+
+impl EventStore for Store {
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, Error> {
+        self.limits.check_append(&request)?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Append { request, reply })
+            .await
+            .map_err(|_| Error::Unavailable("the store is shut down".to_owned()))?;
+        answer
+            .await
+            .map_err(|_| Error::Unavailable("the store stopped before answering".to_owned()))?
+    }
+
+    async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || Self::read_blocking(&shared, &request))
+            .await
+            .map_err(|e| Error::Io(format!("read task failed: {e}")))?
+    }
+
+    async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamHead>, Error> {
+        let shared = Arc::clone(&self.shared);
+        let stream = stream.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = shared.db.begin_read().map_err(redb_error)?;
+            let table = txn.open_table(index::STREAMS).map_err(redb_error)?;
+            let head = table.get(stream.as_str()).map_err(redb_error)?;
+            Ok(head.map(|v| {
+                let (revision, position) = v.value();
+                StreamHead {
+                    revision: Revision(revision),
+                    position: Position(position),
+                }
+            }))
+        })
+        .await
+        .map_err(|e| Error::Io(format!("read task failed: {e}")))?
+    }
+
+    async fn info(&self) -> Result<StoreInfo, Error> {
+        let head = self.head();
+        let index_bytes = std::fs::metadata(self.shared.dir.join("index.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok(StoreInfo {
+            head_position: head.checked_sub(1).map(Position),
+            durability: self.durability,
+            storage_bytes: self.shared.segments.total_bytes() + index_bytes,
+        })
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}

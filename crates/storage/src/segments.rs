@@ -1,0 +1,221 @@
+//! Segment files and reading records from them by address.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::Error;
+use crate::codec::{self, FRAME_HEADER_LEN, Frame, SEGMENT_HEADER_LEN};
+
+/// Bits of an address that hold the byte offset within a segment.
+const OFFSET_BITS: u32 = 40;
+/// The smallest read from a segment; sequential readers reuse it for the records that follow.
+const READ_WINDOW: usize = 256 * 1024;
+
+/// Where a record's frame starts: segment ordinal and byte offset, packed into a `u64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Address(pub u64);
+
+impl Address {
+    /// Packs an ordinal and an offset.
+    pub fn new(ordinal: u32, offset: u64) -> Self {
+        debug_assert!(offset < 1 << OFFSET_BITS);
+        Self(u64::from(ordinal) << OFFSET_BITS | offset)
+    }
+    /// The segment ordinal.
+    pub fn ordinal(self) -> u32 {
+        (self.0 >> OFFSET_BITS) as u32
+    }
+    /// The byte offset within the segment.
+    pub fn offset(self) -> u64 {
+        self.0 & ((1 << OFFSET_BITS) - 1)
+    }
+}
+
+/// One open segment file.
+pub struct Segment {
+    /// Its ordinal (and file name).
+    pub ordinal: u32,
+    /// The global position of its first record.
+    pub first_position: u64,
+    /// Its path, for error messages.
+    pub path: PathBuf,
+    /// The file, read and written with positional I/O only.
+    pub file: File,
+    /// Bytes that hold records visible to readers (everything up to the published head).
+    pub committed_len: AtomicU64,
+}
+
+/// The file name of a segment.
+pub fn segment_path(dir: &Path, ordinal: u32) -> PathBuf {
+    dir.join(format!("{ordinal:010}.seg"))
+}
+
+/// The segments, shared between the writer (which adds them) and readers.
+#[derive(Default)]
+pub struct Segments {
+    list: RwLock<Vec<Arc<Segment>>>,
+}
+
+impl Segments {
+    /// Builds the set from segments opened at recovery.
+    pub fn new(list: Vec<Arc<Segment>>) -> Self {
+        Self {
+            list: RwLock::new(list),
+        }
+    }
+    /// A snapshot for one read.
+    pub fn snapshot(&self) -> Vec<Arc<Segment>> {
+        self.list
+            .read()
+            .expect("segment list lock poisoned")
+            .clone()
+    }
+    /// Adds a new last segment.
+    pub fn push(&self, segment: Arc<Segment>) {
+        let mut list = self.list.write().expect("segment list lock poisoned");
+        debug_assert_eq!(segment.ordinal as usize, list.len());
+        list.push(segment);
+    }
+    /// The last segment.
+    pub fn last(&self) -> Arc<Segment> {
+        let list = self.list.read().expect("segment list lock poisoned");
+        Arc::clone(list.last().expect("a store always has a segment"))
+    }
+    /// The sum of all segment file lengths.
+    pub fn total_bytes(&self) -> u64 {
+        let list = self.list.read().expect("segment list lock poisoned");
+        list.iter()
+            .map(|s| s.committed_len.load(Ordering::Acquire))
+            .sum()
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`, or fewer at the end of the file. Returns the count.
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Reads records by address through a window buffer, so that records read in file order
+/// cost one system call per window rather than one per record.
+pub struct RecordReader {
+    segments: Vec<Arc<Segment>>,
+    window: Vec<u8>,
+    window_ordinal: u32,
+    window_offset: u64,
+    window_len: usize,
+}
+
+impl RecordReader {
+    /// A reader over a snapshot of the segments.
+    pub fn new(segments: Vec<Arc<Segment>>) -> Self {
+        Self {
+            segments,
+            window: Vec::new(),
+            window_ordinal: u32::MAX,
+            window_offset: 0,
+            window_len: 0,
+        }
+    }
+
+    /// The segment an address points into.
+    fn segment(&self, ordinal: u32) -> Result<&Arc<Segment>, Error> {
+        self.segments
+            .get(ordinal as usize)
+            .ok_or_else(|| Error::Corruption {
+                file: "index".to_owned(),
+                offset: 0,
+                reason: format!("the index points at segment {ordinal}, which does not exist"),
+            })
+    }
+
+    /// The checked body of the record at `addr`. A damaged record is an
+    /// [`Error::Corruption`] naming the file and offset.
+    pub fn body_at(&mut self, addr: Address) -> Result<&[u8], Error> {
+        let (ordinal, offset) = (addr.ordinal(), addr.offset());
+        let in_window = ordinal == self.window_ordinal
+            && offset >= self.window_offset
+            && offset < self.window_offset + self.window_len as u64;
+        let mut start = (offset - if in_window { self.window_offset } else { 0 }) as usize;
+        if !in_window {
+            self.fill(ordinal, offset, READ_WINDOW)?;
+            start = 0;
+        }
+        let mut frame = check_frame_or_corrupt(self, ordinal, offset, start)?;
+        if let Err(needed) = frame {
+            self.fill(ordinal, offset, needed.max(READ_WINDOW))?;
+            start = 0;
+            frame = check_frame_or_corrupt(self, ordinal, offset, start)?;
+        }
+        let body_len = frame.map_err(|_| self.corrupt(ordinal, offset, "record is cut short"))?;
+        Ok(&self.window[start + FRAME_HEADER_LEN..start + FRAME_HEADER_LEN + body_len])
+    }
+
+    fn fill(&mut self, ordinal: u32, offset: u64, len: usize) -> Result<(), Error> {
+        let segment = Arc::clone(self.segment(ordinal)?);
+        // Always read a whole buffer, so that a short read means the end of the file.
+        let len = len.max(self.window.len());
+        self.window.resize(len, 0);
+        let n = read_full_at(&segment.file, &mut self.window[..len], offset)
+            .map_err(|e| Error::Io(format!("reading {}: {e}", segment.path.display())))?;
+        self.window_ordinal = ordinal;
+        self.window_offset = offset;
+        self.window_len = n;
+        Ok(())
+    }
+
+    fn corrupt(&self, ordinal: u32, offset: u64, reason: &str) -> Error {
+        let file = self.segments.get(ordinal as usize).map_or_else(
+            || format!("segment {ordinal}"),
+            |s| s.path.display().to_string(),
+        );
+        Error::Corruption {
+            file,
+            offset,
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// The address of the record after the one at `addr` with a body of `body_len` bytes,
+    /// moving to the next segment at the end of a segment.
+    pub fn next_address(&self, addr: Address, body_len: usize) -> Address {
+        let next = addr.offset() + (FRAME_HEADER_LEN + body_len) as u64;
+        let segment = &self.segments[addr.ordinal() as usize];
+        let is_last = addr.ordinal() as usize + 1 == self.segments.len();
+        if !is_last && next >= segment.committed_len.load(Ordering::Acquire) {
+            Address::new(addr.ordinal() + 1, SEGMENT_HEADER_LEN)
+        } else {
+            Address::new(addr.ordinal(), next)
+        }
+    }
+}
+
+/// `Ok(Ok(body_len))` for a valid frame in the window at `start`, `Ok(Err(needed))` when the
+/// window holds only part of it, and a corruption error when it is damaged.
+fn check_frame_or_corrupt(
+    r: &RecordReader,
+    ordinal: u32,
+    offset: u64,
+    start: usize,
+) -> Result<Result<usize, usize>, Error> {
+    match codec::check_frame(&r.window[start..r.window_len]) {
+        Frame::Valid { body_len } => Ok(Ok(body_len)),
+        Frame::Incomplete { needed } if start > 0 || r.window_len == r.window.len() => {
+            Ok(Err(needed))
+        }
+        Frame::Incomplete { .. } => Err(r.corrupt(ordinal, offset, "record is cut short")),
+        Frame::BadLength => Err(r.corrupt(ordinal, offset, "record length is invalid")),
+        Frame::BadChecksum => Err(r.corrupt(ordinal, offset, "record checksum mismatch")),
+    }
+}
