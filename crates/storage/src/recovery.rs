@@ -132,11 +132,9 @@ fn find_address(
         if addr.offset() >= len {
             return Ok(None);
         }
-        let body_len = match reader.body_at(addr) {
-            Ok(body) => body.len(),
-            Err(Error::Corruption { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        // Damage here is below the indexed mark, in events that were acknowledged: it is
+        // corruption, reported as such, not a torn tail.
+        let body_len = reader.body_at(addr)?.len();
         addr = reader.next_address(addr, body_len);
         pos += 1;
     }
