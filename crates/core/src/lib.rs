@@ -14,7 +14,7 @@ mod store;
 pub use error::{Error, Result};
 pub use event::{
     AppendCondition, AppendRequest, AppendResult, Clock, EventData, ExpectedRevision, Metadata,
-    ProposedEvent, RecordedEvent, Timestamp,
+    ProposedEvent, RecordedEvent, Timestamp, is_json_content_type,
 };
 pub use ids::{Category, EventId, EventType, Position, Revision, StreamName, Tag};
 pub use limits::Limits;

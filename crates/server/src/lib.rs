@@ -1,1 +1,514 @@
+//! The HTTP API (axum). Only this crate knows HTTP. It is generic over
+//! [`skald_core::EventStore`], so every backend gets the same API. See `docs/http-api.md`.
 
+mod cloudevents;
+mod problem;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::stream;
+use serde::Deserialize;
+use skald_core::{
+    AppendCondition, AppendRequest, Category, Direction, EventStore, EventType, ExpectedRevision,
+    MAX_READ_PAGE, Position, Query, QueryItem, ReadRequest, ReadSource, StreamName, Tag,
+};
+
+pub use problem::Problem;
+
+use crate::cloudevents::{CloudEventIn, write_record};
+
+/// The OpenAPI document served at `GET /v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+/// The Skald release this server belongs to.
+pub const VERSION: &str = "0.1.0";
+/// Default events per page of a JSON read.
+const DEFAULT_JSON_LIMIT: usize = 100;
+
+/// HTTP settings. Every field has a default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+struct App<S> {
+    store: Arc<S>,
+    config: HttpConfig,
+}
+
+impl<S> Clone for App<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Builds the API's router over `store`.
+pub fn router<S: EventStore>(store: Arc<S>, config: HttpConfig) -> Router {
+    let limit = config.max_body_bytes;
+    let app = App { store, config };
+    Router::new()
+        .route(
+            "/v1/streams/{stream}",
+            post(append::<S>).get(read_stream::<S>),
+        )
+        .route("/v1/streams/{stream}/head", get(stream_head::<S>))
+        .route("/v1/all", get(read_all::<S>))
+        .route("/v1/categories/{category}", get(read_category::<S>))
+        .route("/v1/query", post(read_query::<S>))
+        .route("/v1/info", get(info::<S>))
+        .route("/v1/openapi.json", get(openapi))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn not_found(uri: Uri) -> Problem {
+    Problem::no_route(uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Problem {
+    Problem::method_not_allowed(method.as_str(), uri.path())
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+fn stream_name(raw: String) -> Result<StreamName, Problem> {
+    StreamName::new(raw).map_err(Problem::from)
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, Problem> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::too_large(limit)
+        } else {
+            Problem::malformed(format!("the request body could not be read: {rejection}"))
+        }
+    })
+}
+
+/// Parses JSON with errors that name the field path and the line and column.
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, Problem> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            Problem::malformed(format!("{what}: {inner}"))
+        } else {
+            Problem::malformed(format!("{what}: at {path}: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| Problem::malformed(format!("{what}: {e}")))?;
+    Ok(value)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AppendBody {
+    #[serde(default)]
+    expected_revision: ExpectedRevision,
+    condition: Option<ConditionBody>,
+    events: Vec<CloudEventIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConditionBody {
+    fail_if_events_match: Query,
+    after: Option<Position>,
+}
+
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn expected_from_header(headers: &HeaderMap) -> Result<ExpectedRevision, Problem> {
+    let Some(value) = headers.get("skald-expected-revision") else {
+        return Ok(ExpectedRevision::Any);
+    };
+    let text = value.to_str().unwrap_or("");
+    let json = if text.parse::<u64>().is_ok() {
+        text.to_owned()
+    } else {
+        format!("{text:?}")
+    };
+    serde_json::from_str(&json).map_err(|_| {
+        Problem::malformed(format!(
+            "header Skald-Expected-Revision is {text:?}; expected any, noStream, streamExists or a revision number"
+        ))
+    })
+}
+
+async fn append<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let stream = stream_name(stream)?;
+    let media = media_type(&headers);
+    let body = body_bytes(body, app.config.max_body_bytes)?;
+    let (expected, condition, events) = match media.as_str() {
+        "application/json" => {
+            let b: AppendBody = parse_json(&body, "request body")?;
+            let condition = b.condition.map(|c| AppendCondition {
+                query: c.fail_if_events_match,
+                after: c.after,
+            });
+            (b.expected_revision, condition, b.events)
+        }
+        "application/cloudevents-batch+json" => {
+            let events: Vec<CloudEventIn> = parse_json(&body, "CloudEvents batch")?;
+            (expected_from_header(&headers)?, None, events)
+        }
+        other => return Err(Problem::unsupported_media_type(other)),
+    };
+    let events = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| e.into_event(&stream, &format!("events[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let result = app
+        .store
+        .append(AppendRequest {
+            stream,
+            expected,
+            condition,
+            events,
+        })
+        .await?;
+    let status = if result.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        json_response(serde_json::to_vec(&result).expect("serializable")),
+    )
+        .into_response())
+}
+
+fn json_response(body: Vec<u8>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+}
+
+/// Query-string parameters of the read endpoints, parsed by hand so that each error names the
+/// parameter and the bad value.
+#[derive(Default)]
+struct ReadParams {
+    from: Option<u64>,
+    limit: Option<usize>,
+    direction: Direction,
+    types: Vec<EventType>,
+    tags: Vec<Tag>,
+}
+
+fn parse_params(query: Option<String>, allowed: &[&str]) -> Result<ReadParams, Problem> {
+    let mut p = ReadParams::default();
+    let query = query.unwrap_or_default();
+    for pair in query.split('&').filter(|s| !s.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value).ok_or_else(|| {
+            Problem::malformed(format!("query parameter {key} is not valid UTF-8"))
+        })?;
+        if !allowed.contains(&key) {
+            return Err(Problem::malformed(format!(
+                "unknown query parameter {key:?}; this endpoint takes {}",
+                allowed.join(", ")
+            )));
+        }
+        let number = |v: &str| {
+            v.parse::<u64>().map_err(|_| {
+                Problem::malformed(format!(
+                    "query parameter {key} must be a whole number ≥ 0, got {v:?}"
+                ))
+            })
+        };
+        match key {
+            "from" => p.from = Some(number(&value)?),
+            "limit" => p.limit = Some(number(&value)? as usize),
+            "direction" => {
+                p.direction = match value.as_str() {
+                    "forward" => Direction::Forward,
+                    "backward" => Direction::Backward,
+                    v => {
+                        return Err(Problem::malformed(format!(
+                            "query parameter direction must be forward or backward, got {v:?}"
+                        )));
+                    }
+                }
+            }
+            "types" => {
+                for t in value.split(',') {
+                    p.types.push(
+                        EventType::new(t).map_err(|e| Problem::malformed(format!("types: {e}")))?,
+                    );
+                }
+            }
+            "tags" => {
+                for t in value.split(',') {
+                    p.tags
+                        .push(Tag::new(t).map_err(|e| Problem::malformed(format!("tags: {e}")))?);
+                }
+            }
+            _ => unreachable!("checked against the allowed list"),
+        }
+    }
+    Ok(p)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b'%' => return None,
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/x-ndjson"))
+}
+
+/// Answers a read: a JSON page, or an NDJSON stream of pages.
+async fn respond_read<S: EventStore>(
+    app: App<S>,
+    headers: &HeaderMap,
+    source: ReadSource,
+    params: &ReadParams,
+) -> Result<Response, Problem> {
+    let request = ReadRequest {
+        source,
+        from: params.from,
+        direction: params.direction,
+        limit: 0,
+    };
+    if wants_ndjson(headers) {
+        return Ok(ndjson_stream(app.store, request, params.limit));
+    }
+    let limit = params.limit.unwrap_or(DEFAULT_JSON_LIMIT);
+    if limit > MAX_READ_PAGE {
+        return Err(Problem::malformed(format!(
+            "limit {limit} is over {MAX_READ_PAGE} for a JSON page; page with `next`, or ask for \
+             Accept: application/x-ndjson to stream any number"
+        )));
+    }
+    let page = app.store.read(ReadRequest { limit, ..request }).await?;
+    let mut out = Vec::with_capacity(page.events.len() * 512 + 32);
+    out.extend_from_slice(b"{\"events\":[");
+    for (i, e) in page.events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_record(&mut out, e);
+    }
+    out.extend_from_slice(b"],\"next\":");
+    out.extend_from_slice(
+        page.next
+            .map_or("null".to_owned(), |n| n.to_string())
+            .as_bytes(),
+    );
+    out.push(b'}');
+    Ok(json_response(out).into_response())
+}
+
+/// Streams a read as NDJSON, one page at a time, so memory stays bounded by one page.
+fn ndjson_stream<S: EventStore>(
+    store: Arc<S>,
+    request: ReadRequest,
+    limit: Option<usize>,
+) -> Response {
+    struct State<S> {
+        store: Arc<S>,
+        request: ReadRequest,
+        remaining: usize,
+        done: bool,
+    }
+    let state = State {
+        store,
+        request,
+        remaining: limit.unwrap_or(usize::MAX),
+        done: false,
+    };
+    let body = stream::unfold(state, |mut s| async move {
+        if s.done || s.remaining == 0 {
+            return None;
+        }
+        let page_request = ReadRequest {
+            limit: s.remaining.min(MAX_READ_PAGE),
+            ..s.request.clone()
+        };
+        let mut out = Vec::new();
+        match s.store.read(page_request).await {
+            Ok(page) => {
+                for e in &page.events {
+                    write_record(&mut out, e);
+                    out.push(b'\n');
+                }
+                s.remaining = s.remaining.saturating_sub(page.events.len());
+                match page.next {
+                    Some(next) if !page.events.is_empty() => s.request.from = Some(next),
+                    _ => s.done = true,
+                }
+            }
+            Err(e) => {
+                let problem = Problem::from(e);
+                out.extend_from_slice(format!("{{\"error\":{}}}\n", problem.to_json()).as_bytes());
+                s.done = true;
+            }
+        }
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), s))
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        )],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+async fn read_stream<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(stream): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let stream = stream_name(stream)?;
+    let params = parse_params(query, &["from", "direction", "limit"])?;
+    if app.store.stream_head(&stream).await?.is_none() {
+        return Err(skald_core::Error::StreamNotFound(stream).into());
+    }
+    respond_read(app, &headers, ReadSource::Stream(stream), &params).await
+}
+
+async fn read_all<S: EventStore>(
+    State(app): State<App<S>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let mut params = parse_params(query, &["from", "limit", "types", "tags"])?;
+    let filter = if params.types.is_empty() && params.tags.is_empty() {
+        None
+    } else {
+        Some(Query {
+            items: vec![QueryItem {
+                types: std::mem::take(&mut params.types),
+                tags: std::mem::take(&mut params.tags),
+            }],
+        })
+    };
+    respond_read(app, &headers, ReadSource::All(filter), &params).await
+}
+
+async fn read_category<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(category): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let category = Category::new(category).map_err(Problem::from)?;
+    let params = parse_params(query, &["from", "limit"])?;
+    respond_read(app, &headers, ReadSource::Category(category), &params).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    query: Query,
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn read_query<S: EventStore>(
+    State(app): State<App<S>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let body = body_bytes(body, app.config.max_body_bytes)?;
+    let q: QueryBody = parse_json(&body, "request body")?;
+    q.query.validate()?;
+    let params = ReadParams {
+        from: q.from,
+        limit: q.limit,
+        ..ReadParams::default()
+    };
+    respond_read(app, &headers, ReadSource::Query(q.query), &params).await
+}
+
+async fn stream_head<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(stream): Path<String>,
+) -> Result<Response, Problem> {
+    let stream = stream_name(stream)?;
+    match app.store.stream_head(&stream).await? {
+        Some(head) => {
+            Ok(json_response(serde_json::to_vec(&head).expect("serializable")).into_response())
+        }
+        None => Err(skald_core::Error::StreamNotFound(stream).into()),
+    }
+}
+
+async fn info<S: EventStore>(State(app): State<App<S>>) -> Result<Response, Problem> {
+    let info = app.store.info().await?;
+    let body = serde_json::json!({
+        "version": VERSION,
+        "headPosition": info.head_position,
+        "durability": info.durability,
+        "storageBytes": info.storage_bytes,
+    });
+    Ok(json_response(body.to_string().into_bytes()).into_response())
+}

@@ -1,0 +1,192 @@
+//! RFC 9457 problem details. Every error the API returns is built here, and each kind of
+//! error maps to exactly one `type` and status.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use skald_core::Error;
+
+/// An API error, rendered as `application/problem+json`.
+#[derive(Debug)]
+pub struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: &'static str,
+    detail: String,
+    extensions: Map<String, Value>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: String) -> Self {
+        Self {
+            status,
+            kind,
+            title,
+            detail,
+            extensions: Map::new(),
+        }
+    }
+
+    fn with(mut self, key: &str, value: Value) -> Self {
+        self.extensions.insert(key.to_owned(), value);
+        self
+    }
+
+    /// 400: input that cannot be parsed; `detail` says what and where.
+    pub fn malformed(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-request",
+            "Malformed request",
+            detail.into(),
+        )
+    }
+
+    /// 404 for a route that does not exist.
+    pub fn no_route(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            format!("no resource at {path}; see GET /v1/openapi.json for the API"),
+        )
+    }
+
+    /// 405 for a known route with the wrong method.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method not allowed",
+            format!("{method} is not allowed on {path}; see GET /v1/openapi.json"),
+        )
+    }
+
+    /// 413 for a body over the configured limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Payload too large",
+            format!("the request body is over the limit of {limit} bytes"),
+        )
+        .with("limit", json!(limit))
+    }
+
+    /// 415 for an append whose body is not JSON.
+    pub fn unsupported_media_type(got: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            format!(
+                "Content-Type {got:?} is not accepted; send application/json or \
+                 application/cloudevents-batch+json"
+            ),
+        )
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The problem as a JSON object.
+    pub fn to_json(&self) -> Value {
+        let mut body = Map::new();
+        body.insert(
+            "type".into(),
+            json!(format!("urn:skald:problem:{}", self.kind)),
+        );
+        body.insert("title".into(), json!(self.title));
+        body.insert("status".into(), json!(self.status.as_u16()));
+        body.insert("detail".into(), json!(self.detail));
+        body.extend(self.extensions.clone());
+        Value::Object(body)
+    }
+}
+
+impl From<Error> for Problem {
+    fn from(e: Error) -> Self {
+        let detail = e.to_string();
+        match e {
+            Error::InvalidEvent { reason } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-event",
+                "Invalid event",
+                reason,
+            ),
+            Error::WrongExpectedRevision {
+                stream,
+                expected,
+                actual,
+            } => Self::new(
+                StatusCode::CONFLICT,
+                "wrong-expected-revision",
+                "Wrong expected revision",
+                detail,
+            )
+            .with("stream", json!(stream))
+            .with("expectedRevision", json!(expected))
+            .with("actualRevision", json!(actual)),
+            Error::ConditionFailed { position } => Self::new(
+                StatusCode::CONFLICT,
+                "append-condition-failed",
+                "Append condition failed",
+                detail,
+            )
+            .with("position", json!(position)),
+            Error::IdReused { id, position, .. } => Self::new(
+                StatusCode::CONFLICT,
+                "event-id-reused",
+                "Event id reused",
+                detail,
+            )
+            .with("id", json!(id))
+            .with("position", json!(position)),
+            Error::StreamNotFound(stream) => Self::new(
+                StatusCode::NOT_FOUND,
+                "stream-not-found",
+                "Stream not found",
+                detail,
+            )
+            .with("stream", json!(stream)),
+            Error::StorageFull(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage-full",
+                "Storage full",
+                format!("{detail}; nothing of this request was stored"),
+            ),
+            Error::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Unavailable",
+                detail,
+            ),
+            Error::Corruption { .. } => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corruption",
+                "Stored data is corrupt",
+                detail,
+            ),
+            Error::Io(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage-error",
+                "Storage error",
+                detail,
+            ),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = self.to_json().to_string();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
