@@ -1,1 +1,197 @@
-fn main() {}
+//! `skald`: the event store server, its command-line client and its benchmark.
+
+mod bench;
+mod client;
+mod commands;
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use skald_core::Durability;
+
+#[derive(Parser)]
+#[command(name = "skald", version = skald_server::VERSION, about = "Skald: event store, real-time hub and saga engine in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server on the embedded store.
+    Serve {
+        /// Where the data lives [default: ./skald-data]
+        #[arg(long, env = "SKALD_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:7340]
+        #[arg(long, env = "SKALD_LISTEN")]
+        listen: Option<String>,
+        /// fsync (the default) or none (tests and benchmarks only: a crash loses acknowledged appends)
+        #[arg(long, env = "SKALD_DURABILITY", value_enum)]
+        durability: Option<bench::DurabilityArg>,
+        /// A TOML file with any of the settings; flags and SKALD_* variables override it.
+        #[arg(long, env = "SKALD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Append one event (or a whole append body) to a stream on a running server.
+    Append {
+        #[command(flatten)]
+        server: ServerArg,
+        /// The stream to append to.
+        stream: String,
+        /// The event type (one event; use --body for several).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// The event data, as JSON.
+        #[arg(long)]
+        data: Option<String>,
+        /// A tag; repeat for several.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The metadata, as a JSON object.
+        #[arg(long)]
+        metadata: Option<String>,
+        /// The event id (a UUID; generated when left out).
+        #[arg(long)]
+        id: Option<String>,
+        /// any, noStream, streamExists or a revision number.
+        #[arg(long)]
+        expected_revision: Option<String>,
+        /// A file holding a whole append body (`-` for stdin), as in POST /v1/streams/{stream}.
+        #[arg(long)]
+        body: Option<String>,
+    },
+    /// Read events as JSON lines: a stream, a category, or the global log.
+    Read {
+        #[command(flatten)]
+        server: ServerArg,
+        /// The stream to read; leave out to read the global log.
+        stream: Option<String>,
+        /// Read a category instead.
+        #[arg(long)]
+        category: Option<String>,
+        /// First revision (stream) or position (otherwise).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Most events.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Newest first (streams only).
+        #[arg(long)]
+        backward: bool,
+        /// Only these event types (comma-separated; global log only).
+        #[arg(long)]
+        types: Option<String>,
+        /// Only events with all these tags (comma-separated; global log only).
+        #[arg(long)]
+        tags: Option<String>,
+    },
+    /// Show the server's version, head position, durability and size.
+    Info {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Measure throughput and latency against a server or an embedded store.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServerArg {
+    /// The server's URL.
+    #[arg(
+        long = "server",
+        env = "SKALD_SERVER",
+        default_value = "http://127.0.0.1:7340"
+    )]
+    url: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("skald: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("skald: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            data_dir,
+            listen,
+            durability,
+            config,
+        } => {
+            let file = match &config {
+                Some(path) => config::FileConfig::load(path)?,
+                None => config::FileConfig::default(),
+            };
+            let merged = config::merge(file, data_dir, listen, durability.map(Durability::from))?;
+            serve::run(merged).await
+        }
+        Command::Append {
+            server,
+            stream,
+            event_type,
+            data,
+            tags,
+            metadata,
+            id,
+            expected_revision,
+            body,
+        } => {
+            let client = client::HttpClient::new(&server.url)?;
+            let args = commands::AppendArgs {
+                stream,
+                event_type,
+                data,
+                tags,
+                metadata,
+                id,
+                expected_revision,
+                body_file: body,
+            };
+            commands::append(&client, args).await
+        }
+        Command::Read {
+            server,
+            stream,
+            category,
+            from,
+            limit,
+            backward,
+            types,
+            tags,
+        } => {
+            let client = client::HttpClient::new(&server.url)?;
+            let args = commands::ReadArgs {
+                stream,
+                category,
+                from,
+                limit,
+                backward,
+                types,
+                tags,
+            };
+            commands::read(&client, args).await
+        }
+        Command::Info { server } => commands::info(&client::HttpClient::new(&server.url)?).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}

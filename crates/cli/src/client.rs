@@ -1,0 +1,115 @@
+//! A small HTTP/1.1 client for the CLI commands and the HTTP benchmark, with keep-alive
+//! connection pooling.
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// A client for one Skald server.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl HttpClient {
+    /// A client for the server at `base`, such as `http://127.0.0.1:7340`.
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") {
+            bail!(
+                "server URL {base:?} must start with http:// (TLS arrives with the security work)"
+            );
+        }
+        base.parse::<hyper::Uri>()
+            .with_context(|| format!("server URL {base:?} is not a valid URL"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Ok(Self { client, base })
+    }
+
+    /// Sends a request and returns the status and the response body as a stream.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<(StatusCode, Incoming)> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let request = request
+            .body(Full::new(body))
+            .context("building the request")?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .with_context(|| format!("cannot reach the Skald server at {}", self.base))?;
+        Ok((response.status(), response.into_body()))
+    }
+
+    /// Sends a request and collects the whole response body.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let (status, body) = self.send(method, path, headers, body).await?;
+        let bytes = body
+            .collect()
+            .await
+            .context("reading the response")?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+/// Turns a problem+json body into one readable line.
+pub fn describe_problem(status: StatusCode, body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(p) if p["detail"].is_string() => format!(
+            "{} {}: {}",
+            status.as_u16(),
+            p["title"].as_str().unwrap_or(""),
+            p["detail"].as_str().unwrap_or("")
+        ),
+        _ => format!("{} {}", status, String::from_utf8_lossy(body)),
+    }
+}
+
+/// Fails with the server's problem description unless the status is a success.
+pub fn expect_success(status: StatusCode, body: &[u8]) -> anyhow::Result<()> {
+    if status.is_success() {
+        Ok(())
+    } else {
+        bail!("{}", describe_problem(status, body))
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

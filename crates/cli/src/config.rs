@@ -1,0 +1,145 @@
+//! Settings for `skald serve`: defaults, then an optional TOML file, then `SKALD_*`
+//! environment variables, then command-line flags, each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+use skald_core::{Durability, Limits};
+use skald_server::HttpConfig;
+
+/// The default listen address: loopback only, so a fresh `skald serve` is never exposed.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7340";
+
+/// The TOML file given with `--config`. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub durability: Option<Durability>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Engine tuning in the `[storage]` table.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub segment_bytes: u64,
+    pub write_queue_capacity: usize,
+    pub max_batch_events: usize,
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let o = skald_storage::Options::default();
+        Self {
+            segment_bytes: o.segment_bytes,
+            write_queue_capacity: o.write_queue_capacity,
+            max_batch_events: o.max_batch_events,
+            checkpoint_interval_ms: o.checkpoint_interval.as_millis() as u64,
+        }
+    }
+}
+
+impl FileConfig {
+    /// Reads and checks a config file; errors name the file and the key.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))
+    }
+}
+
+/// Everything `serve` needs, merged from all sources.
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub http: HttpConfig,
+    pub storage: skald_storage::Options,
+}
+
+/// Merges the sources. `flag_*` come from the command line or the environment (clap reads
+/// `SKALD_*` for each), which both override the file.
+pub fn merge(
+    file: FileConfig,
+    flag_data_dir: Option<PathBuf>,
+    flag_listen: Option<String>,
+    flag_durability: Option<Durability>,
+) -> anyhow::Result<ServeConfig> {
+    let listen_text = flag_listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen: SocketAddr = listen_text.parse().with_context(|| {
+        format!("listen address {listen_text:?} is not of the form IP:PORT, such as 127.0.0.1:7340")
+    })?;
+    file.limits
+        .validate()
+        .map_err(|e| anyhow::anyhow!("config [limits]: {e}"))?;
+    let s = file.storage;
+    if s.segment_bytes < 4096 || s.write_queue_capacity == 0 || s.max_batch_events == 0 {
+        anyhow::bail!(
+            "config [storage]: segment_bytes must be at least 4096, write_queue_capacity and \
+             max_batch_events at least 1"
+        );
+    }
+    Ok(ServeConfig {
+        listen,
+        http: file.http,
+        storage: skald_storage::Options {
+            data_dir: flag_data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("skald-data")),
+            durability: flag_durability.or(file.durability).unwrap_or_default(),
+            limits: file.limits,
+            segment_bytes: s.segment_bytes,
+            write_queue_capacity: s.write_queue_capacity,
+            max_batch_events: s.max_batch_events,
+            checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(1)),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let file: FileConfig = toml::from_str(
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n[limits]\nmax_events_per_append = 5\n",
+        )
+        .unwrap();
+        let c = merge(file, Some("/from/flag".into()), None, None).unwrap();
+        assert_eq!(c.storage.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.storage.limits.max_events_per_append, 5);
+        assert_eq!(c.storage.durability, Durability::Fsync);
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        let err = toml::from_str::<FileConfig>("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+        let err = toml::from_str::<FileConfig>("durability = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("durability"), "{err}");
+        let err = merge(FileConfig::default(), None, Some("localhost".into()), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("IP:PORT"), "{err}");
+        let file: FileConfig = toml::from_str("[limits]\nmax_stream_name_bytes = 0\n").unwrap();
+        assert!(merge(file, None, None, None).is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! `skald serve`: open the store, serve the HTTP API, shut down gracefully on SIGINT/SIGTERM.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Context;
+use skald_core::Durability;
+use skald_storage::Store;
+
+use crate::config::ServeConfig;
+
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let data_dir = config.storage.data_dir.clone();
+    let durability = config.storage.durability;
+    let (store, report) = Store::open(config.storage)
+        .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+    for note in &report.notes {
+        eprintln!("skald: recovery: {note}");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    if durability == Durability::None {
+        eprintln!(
+            "skald: WARNING: --durability none: appends are acknowledged before they reach the \
+             disk and a crash of the machine loses them. Use it for tests and benchmarks only."
+        );
+    }
+    // Tests and scripts read this line to find the port when listening on port 0.
+    println!(
+        "skald {} listening on http://{addr} (data: {}, durability: {durability}, events: {})",
+        skald_server::VERSION,
+        data_dir.display(),
+        store.head()
+    );
+    std::io::stdout().flush()?;
+    let app = skald_server::router(Arc::new(store.clone()), config.http);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP server failed")?;
+    // Requests in flight have finished; stop the writer after what it has queued.
+    store.shutdown().await;
+    eprintln!("skald: stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler can be installed");
+    tokio::select! {
+        _ = term.recv() => eprintln!("skald: SIGTERM received, shutting down"),
+        _ = int.recv() => eprintln!("skald: SIGINT received, shutting down"),
+    }
+}
