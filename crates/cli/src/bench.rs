@@ -485,11 +485,9 @@ async fn run_appends(
                 (Arc::clone(&target), Arc::clone(&stop), Arc::clone(counter));
             readers.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = catch_up(&target, u64::MAX, Some(&counter), &stop).await {
-                        return Err(e);
-                    }
+                    catch_up(&target, u64::MAX, Some(&counter), &stop).await?;
                 }
-                Ok(())
+                anyhow::Ok(())
             }));
         }
     }

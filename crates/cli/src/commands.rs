@@ -142,14 +142,15 @@ pub async fn read(client: &HttpClient, args: ReadArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.context("reading the response")?.into_data() {
-            if let Err(e) = out.write_all(&data) {
-                // A closed pipe (`skald read | head`) is a normal way to stop reading.
-                if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    return Ok(());
-                }
-                return Err(e.into());
+        let Ok(data) = frame.context("reading the response")?.into_data() else {
+            continue;
+        };
+        if let Err(e) = out.write_all(&data) {
+            // A closed pipe (`skald read | head`) is a normal way to stop reading.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
             }
+            return Err(e.into());
         }
     }
     out.flush()?;

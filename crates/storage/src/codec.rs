@@ -136,7 +136,7 @@ pub fn check_frame(buf: &[u8]) -> Frame {
         };
     }
     let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-    if len < BODY_FIXED_LEN || len > MAX_RECORD_BODY {
+    if !(BODY_FIXED_LEN..=MAX_RECORD_BODY).contains(&len) {
         return Frame::BadLength;
     }
     let total = FRAME_HEADER_LEN + len;

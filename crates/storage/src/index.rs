@@ -65,7 +65,7 @@ impl<'t> Tables<'t> {
         }
         self.types.insert((e.event_type, e.position), addr)?;
         self.ids.insert(e.id, (e.position, addr))?;
-        if e.position % SPARSE_EVERY == 0 || e.first_in_segment {
+        if e.position.is_multiple_of(SPARSE_EVERY) || e.first_in_segment {
             self.sparse.insert(e.position, addr)?;
         }
         Ok(())

@@ -248,7 +248,12 @@ impl Store {
                 let types = txn.open_table(index::TYPES).map_err(redb_error)?;
                 let sparse = txn.open_table(index::SPARSE).map_err(redb_error)?;
                 let from = request.from.unwrap_or(0);
-                read::scan_query(&tags, &types, &sparse, &mut reader, query, from, end, limit)?
+                let indexes = read::Indexes {
+                    tags: &tags,
+                    types: &types,
+                    sparse: &sparse,
+                };
+                read::scan_query(&indexes, &mut reader, query, (from, end), limit)?
             }
             ReadSource::Category(category) => {
                 let table = txn.open_table(index::CATEGORIES).map_err(redb_error)?;
@@ -284,39 +289,20 @@ fn read_stream(
         }
     }
     .map_err(redb_error)?;
+    let entries: Box<dyn Iterator<Item = _>> = match request.direction {
+        Direction::Forward => Box::new(range),
+        Direction::Backward => Box::new(range.rev()),
+    };
     let mut events = Vec::new();
-    let mut take = |entry: Result<
-        (
-            redb::AccessGuard<'_, (&str, u64)>,
-            redb::AccessGuard<'_, u64>,
-        ),
-        redb::StorageError,
-    >|
-     -> Result<bool, Error> {
+    for entry in entries {
+        if events.len() >= limit {
+            break;
+        }
         let (_, addr) = entry.map_err(redb_error)?;
         let event = read::decode_at(reader, segments::Address(addr.value()))?;
         // An index entry may be committed a moment before the head moves past it.
         if event.position.0 < end {
             events.push(event);
-        }
-        Ok(events.len() < limit)
-    };
-    if limit > 0 {
-        match request.direction {
-            Direction::Forward => {
-                for entry in range {
-                    if !take(entry)? {
-                        break;
-                    }
-                }
-            }
-            Direction::Backward => {
-                for entry in range.rev() {
-                    if !take(entry)? {
-                        break;
-                    }
-                }
-            }
         }
     }
     let next = if events.len() == limit && limit > 0 {

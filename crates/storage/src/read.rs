@@ -13,6 +13,13 @@ use crate::segments::{Address, RecordReader};
 pub trait PositionIndex: ReadableTable<(&'static str, u64), u64> {}
 impl<T: ReadableTable<(&'static str, u64), u64>> PositionIndex for T {}
 
+/// The tables a query scan uses, from a read or a write transaction.
+pub struct Indexes<'a, T, Y, S> {
+    pub tags: &'a T,
+    pub types: &'a Y,
+    pub sparse: &'a S,
+}
+
 /// Decodes the record at `addr`, turning a malformed body into a corruption error.
 pub fn decode_at(reader: &mut RecordReader, addr: Address) -> Result<RecordedEvent, Error> {
     let body = reader.body_at(addr)?;
@@ -87,16 +94,15 @@ pub fn scan_global(
 }
 
 /// The first `limit` events matching one query item in `from..end`, in position order.
-fn scan_item(
-    tags: &impl PositionIndex,
-    types: &impl PositionIndex,
-    sparse: &impl ReadableTable<u64, u64>,
+fn scan_item<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
+    ix: &Indexes<'_, T, Y, S>,
     reader: &mut RecordReader,
     item: &QueryItem,
     (from, end): (u64, u64),
     limit: usize,
     out: &mut Vec<RecordedEvent>,
 ) -> Result<(), Error> {
+    let (tags, types, sparse) = (ix.tags, ix.types, ix.sparse);
     if let Some(tag) = item.tags.first() {
         // The tag index narrows the candidates; the record decides the rest of the item.
         for entry in index_range(tags, tag.as_str(), from, end)? {
@@ -128,30 +134,17 @@ fn scan_item(
 }
 
 /// The first `limit` events matching `query` in `from..end`, in position order.
-#[allow(clippy::too_many_arguments)]
-pub fn scan_query(
-    tags: &impl PositionIndex,
-    types: &impl PositionIndex,
-    sparse: &impl ReadableTable<u64, u64>,
+pub fn scan_query<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
+    ix: &Indexes<'_, T, Y, S>,
     reader: &mut RecordReader,
     query: &Query,
-    from: u64,
-    end: u64,
+    (from, end): (u64, u64),
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::new();
     for item in &query.items {
         let mut found = Vec::new();
-        scan_item(
-            tags,
-            types,
-            sparse,
-            reader,
-            item,
-            (from, end),
-            limit,
-            &mut found,
-        )?;
+        scan_item(ix, reader, item, (from, end), limit, &mut found)?;
         out.append(&mut found);
     }
     out.sort_unstable_by_key(|e| e.position);
@@ -161,16 +154,14 @@ pub fn scan_query(
 }
 
 /// The position of the first event matching `query` in `from..end`: the DCB condition check.
-pub fn first_match(
-    tags: &impl PositionIndex,
-    types: &impl PositionIndex,
-    sparse: &impl ReadableTable<u64, u64>,
+pub fn first_match<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
+    ix: &Indexes<'_, T, Y, S>,
     reader: &mut RecordReader,
     query: &Query,
     from: u64,
     end: u64,
 ) -> Result<Option<u64>, Error> {
-    let found = scan_query(tags, types, sparse, reader, query, from, end, 1)?;
+    let found = scan_query(ix, reader, query, (from, end), 1)?;
     Ok(found.first().map(|e| e.position.0))
 }
 

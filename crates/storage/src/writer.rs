@@ -136,10 +136,12 @@ impl Writer {
 
     fn checkpoint_if_due(&mut self, idle: bool) {
         let due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval;
-        if self.uncheckpointed && self.poisoned.is_none() && (idle || due) {
-            if let Err(e) = self.commit_checkpoint() {
-                self.poisoned = Some(format!("index checkpoint failed: {e}"));
-            }
+        if self.uncheckpointed
+            && self.poisoned.is_none()
+            && (idle || due)
+            && let Err(e) = self.commit_checkpoint()
+        {
+            self.poisoned = Some(format!("index checkpoint failed: {e}"));
         }
     }
 
@@ -296,15 +298,13 @@ impl Writer {
         }
         if let Some(condition) = &request.condition {
             let from = condition.after.map_or(0, |p| p.0 + 1);
-            let found = read::first_match(
-                &tables.tags,
-                &tables.types,
-                &tables.sparse,
-                reader,
-                &condition.query,
-                from,
-                self.next_position,
-            )?;
+            let indexes = read::Indexes {
+                tags: &tables.tags,
+                types: &tables.types,
+                sparse: &tables.sparse,
+            };
+            let found =
+                read::first_match(&indexes, reader, &condition.query, from, self.next_position)?;
             if let Some(position) = found {
                 return Ok(Err(Error::ConditionFailed {
                     position: Position(position),
