@@ -103,6 +103,7 @@ pub fn merge(
             write_queue_capacity: s.write_queue_capacity,
             max_batch_events: s.max_batch_events,
             checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(1)),
+            ..skald_storage::Options::default()
         },
     })
 }

@@ -6,9 +6,11 @@
 
 mod codec;
 mod index;
+mod memtable;
 mod read;
 mod recovery;
 mod segments;
+mod view;
 mod writer;
 
 use std::fs::File;
@@ -18,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redb::ReadableDatabase;
 use skald_core::{
     AppendRequest, AppendResult, Clock, Direction, Durability, Error, EventStore, Limits,
     MAX_READ_PAGE, Position, ReadPage, ReadRequest, ReadSource, Revision, StoreInfo, StreamHead,
@@ -27,6 +28,7 @@ use skald_core::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::segments::{RecordReader, Segments};
+use crate::view::View;
 use crate::writer::{Command, Writer, WriterConfig};
 
 /// How the embedded store is built. Every field has a default.
@@ -47,6 +49,8 @@ pub struct Options {
     /// Longest time between durable index checkpoints while appends happen; bounds the work
     /// of the next open after a crash.
     pub checkpoint_interval: Duration,
+    /// Events indexed in memory before they are written to redb in one batch.
+    pub memtable_events: u64,
 }
 
 impl Default for Options {
@@ -59,6 +63,7 @@ impl Default for Options {
             write_queue_capacity: 4096,
             max_batch_events: 8192,
             checkpoint_interval: Duration::from_secs(1),
+            memtable_events: memtable::MEMTABLE_EVENTS,
         }
     }
 }
@@ -82,6 +87,8 @@ pub(crate) struct Shared {
     pub segments: Segments,
     /// The next position: every event before it is durable, indexed and visible.
     pub head: AtomicU64,
+    /// Index entries not yet in redb.
+    pub mem: memtable::Memtables,
     _lock: File,
 }
 
@@ -161,8 +168,16 @@ impl Store {
             db: recovered.db,
             segments: Segments::new(recovered.segments),
             head: AtomicU64::new(recovered.next_position),
+            mem: memtable::Memtables::new(recovered.next_position),
             _lock: lock,
         });
+        let flusher = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("skald-flusher".to_owned())
+                .spawn(move || writer::run_flusher(shared))
+                .map_err(|e| Error::Io(format!("starting the index flusher thread: {e}")))?
+        };
         let (commands, receiver) = mpsc::channel(options.write_queue_capacity);
         let writer = Writer::new(
             Arc::clone(&shared),
@@ -171,9 +186,11 @@ impl Store {
                 segment_bytes: options.segment_bytes,
                 max_batch_events: options.max_batch_events,
                 checkpoint_interval: options.checkpoint_interval,
+                memtable_events: options.memtable_events.max(1),
                 clock,
             },
             recovered.next_position,
+            flusher,
         );
         let thread = std::thread::Builder::new()
             .name("skald-writer".to_owned())
@@ -221,44 +238,52 @@ impl Store {
         self.shared.head.load(Ordering::Acquire)
     }
 
-    fn read_blocking(shared: &Shared, request: &ReadRequest) -> Result<ReadPage, Error> {
-        let limit = request.limit.clamp(0, MAX_READ_PAGE);
+    /// A view of everything visible now: the head first, then the memtables, then redb.
+    fn view(shared: &Shared) -> Result<View, Error> {
         let end = shared.head.load(Ordering::Acquire);
-        let txn = shared.db.begin_read().map_err(redb_error)?;
-        let mut reader = RecordReader::new(shared.segments.snapshot());
+        View::open(&shared.db, shared.mem.snapshot(), end)
+    }
+
+    fn read_blocking(shared: &Shared, request: &ReadRequest) -> Result<ReadPage, Error> {
+        let limit = request.limit.min(MAX_READ_PAGE);
         if request.direction == Direction::Backward
             && !matches!(request.source, ReadSource::Stream(_))
         {
             return Err(Error::invalid("only stream reads can go backward"));
         }
+        let view = Self::view(shared)?;
+        let mut reader = RecordReader::new(shared.segments.snapshot());
+        let from = request.from.unwrap_or(0);
         let events = match &request.source {
             ReadSource::Stream(stream) => {
-                return read_stream(&txn, &mut reader, stream, request, limit, end);
+                let events = read::scan_stream(
+                    &view,
+                    &mut reader,
+                    stream.as_str(),
+                    request.from,
+                    request.direction,
+                    limit,
+                )?;
+                let next = (events.len() == limit && limit > 0)
+                    .then(|| events.last().map(|e| e.revision.0))
+                    .flatten()
+                    .and_then(|last| match request.direction {
+                        Direction::Forward => Some(last + 1),
+                        Direction::Backward => last.checked_sub(1),
+                    });
+                return Ok(ReadPage { events, next });
             }
             ReadSource::All(None) => {
-                let sparse = txn.open_table(index::SPARSE).map_err(redb_error)?;
                 let mut out = Vec::new();
-                let from = request.from.unwrap_or(0);
-                read::scan_global(&sparse, &mut reader, from, end, limit, |_| true, &mut out)?;
+                read::scan_global(&view, &mut reader, from, limit, |_| true, &mut out)?;
                 out
             }
             ReadSource::All(Some(query)) | ReadSource::Query(query) => {
                 query.validate()?;
-                let tags = txn.open_table(index::TAGS).map_err(redb_error)?;
-                let types = txn.open_table(index::TYPES).map_err(redb_error)?;
-                let sparse = txn.open_table(index::SPARSE).map_err(redb_error)?;
-                let from = request.from.unwrap_or(0);
-                let indexes = read::Indexes {
-                    tags: &tags,
-                    types: &types,
-                    sparse: &sparse,
-                };
-                read::scan_query(&indexes, &mut reader, query, (from, end), limit)?
+                read::scan_query(&view, &mut reader, query, from, limit)?
             }
             ReadSource::Category(category) => {
-                let table = txn.open_table(index::CATEGORIES).map_err(redb_error)?;
-                let from = request.from.unwrap_or(0);
-                read::scan_index(&table, &mut reader, category.as_str(), from, end, limit)?
+                read::scan_category(&view, &mut reader, category.as_str(), from, limit)?
             }
         };
         let next = (events.len() == limit && limit > 0)
@@ -266,55 +291,6 @@ impl Store {
             .flatten();
         Ok(ReadPage { events, next })
     }
-}
-
-fn read_stream(
-    txn: &redb::ReadTransaction,
-    reader: &mut RecordReader,
-    stream: &StreamName,
-    request: &ReadRequest,
-    limit: usize,
-    end: u64,
-) -> Result<ReadPage, Error> {
-    let table = txn.open_table(index::STREAM_EVENTS).map_err(redb_error)?;
-    let name = stream.as_str();
-    let range = match request.direction {
-        Direction::Forward => {
-            let from = request.from.unwrap_or(0);
-            table.range((name, from)..=(name, u64::MAX))
-        }
-        Direction::Backward => {
-            let from = request.from.unwrap_or(u64::MAX);
-            table.range((name, 0)..=(name, from))
-        }
-    }
-    .map_err(redb_error)?;
-    let entries: Box<dyn Iterator<Item = _>> = match request.direction {
-        Direction::Forward => Box::new(range),
-        Direction::Backward => Box::new(range.rev()),
-    };
-    let mut events = Vec::new();
-    for entry in entries {
-        if events.len() >= limit {
-            break;
-        }
-        let (_, addr) = entry.map_err(redb_error)?;
-        let event = read::decode_at(reader, segments::Address(addr.value()))?;
-        // An index entry may be committed a moment before the head moves past it.
-        if event.position.0 < end {
-            events.push(event);
-        }
-    }
-    let next = if events.len() == limit && limit > 0 {
-        let last = events.last().map(|e| e.revision.0).unwrap_or(0);
-        match request.direction {
-            Direction::Forward => Some(last + 1),
-            Direction::Backward => last.checked_sub(1),
-        }
-    } else {
-        None
-    };
-    Ok(ReadPage { events, next })
 }
 
 impl EventStore for Store {
@@ -341,16 +317,13 @@ impl EventStore for Store {
         let shared = Arc::clone(&self.shared);
         let stream = stream.clone();
         tokio::task::spawn_blocking(move || {
-            let txn = shared.db.begin_read().map_err(redb_error)?;
-            let table = txn.open_table(index::STREAMS).map_err(redb_error)?;
-            let head = table.get(stream.as_str()).map_err(redb_error)?;
-            Ok(head.map(|v| {
-                let (revision, position) = v.value();
-                StreamHead {
+            let view = Self::view(&shared)?;
+            Ok(view
+                .stream_last(stream.as_str())?
+                .map(|(revision, position)| StreamHead {
                     revision: Revision(revision),
                     position: Position(position),
-                }
-            }))
+                }))
         })
         .await
         .map_err(|e| Error::Io(format!("read task failed: {e}")))?

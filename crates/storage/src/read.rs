@@ -1,24 +1,11 @@
-//! Reads: by stream, category, query and over the global log. The same functions serve the
-//! writer's DCB condition check (over its write transaction) and readers (over a snapshot).
+//! Reads: by stream, category, query and over the global log, through a [`View`]. The same
+//! functions serve the writer's DCB condition check and readers.
 
-use redb::ReadableTable;
-use skald_core::{Error, Query, QueryItem, RecordedEvent};
+use skald_core::{Direction, Error, Query, QueryItem, RecordedEvent};
 
 use crate::codec;
-use crate::index;
-use crate::redb_error;
 use crate::segments::{Address, RecordReader};
-
-/// A `(name, position) -> address` index table.
-pub trait PositionIndex: ReadableTable<(&'static str, u64), u64> {}
-impl<T: ReadableTable<(&'static str, u64), u64>> PositionIndex for T {}
-
-/// The tables a query scan uses, from a read or a write transaction.
-pub struct Indexes<'a, T, Y, S> {
-    pub tags: &'a T,
-    pub types: &'a Y,
-    pub sparse: &'a S,
-}
+use crate::view::{Kind, View};
 
 /// Decodes the record at `addr`, turning a malformed body into a corruption error.
 pub fn decode_at(reader: &mut RecordReader, addr: Address) -> Result<RecordedEvent, Error> {
@@ -32,36 +19,20 @@ pub fn decode_at(reader: &mut RecordReader, addr: Address) -> Result<RecordedEve
         })
 }
 
-/// Addresses from a `(name, position)` index for `name`, positions in `from..end`, in order.
-fn index_range<'a>(
-    table: &'a impl PositionIndex,
-    name: &'a str,
-    from: u64,
-    end: u64,
-) -> Result<impl Iterator<Item = Result<(u64, Address), Error>> + 'a, Error> {
-    let range = table.range((name, from)..(name, end)).map_err(redb_error)?;
-    Ok(range.map(|entry| {
-        let (k, v) = entry.map_err(redb_error)?;
-        Ok((k.value().1, Address(v.value())))
-    }))
-}
-
-/// Scans the global log for positions `from..end`, keeping the events `keep` accepts, until
-/// `limit` are kept.
+/// Scans the global log for positions `from..view.end`, keeping the events `keep` accepts,
+/// until `limit` are kept.
 pub fn scan_global(
-    sparse: &impl ReadableTable<u64, u64>,
+    view: &View,
     reader: &mut RecordReader,
     from: u64,
-    end: u64,
     limit: usize,
     mut keep: impl FnMut(&RecordedEvent) -> bool,
     out: &mut Vec<RecordedEvent>,
 ) -> Result<(), Error> {
-    if from >= end || limit == 0 {
+    if from >= view.end || limit == 0 {
         return Ok(());
     }
-    let Some((mut position, mut addr)) = index::scan_start(sparse, from).map_err(redb_error)?
-    else {
+    let Some((mut position, mut addr)) = view.scan_start(from)? else {
         return Err(Error::Corruption {
             file: "index".to_owned(),
             offset: 0,
@@ -69,7 +40,7 @@ pub fn scan_global(
         });
     };
     let mut kept = 0;
-    while position < end && kept < limit {
+    while position < view.end && kept < limit {
         let body = reader.body_at(addr)?;
         let body_len = body.len();
         let found = codec::body_position(body);
@@ -93,19 +64,18 @@ pub fn scan_global(
     Ok(())
 }
 
-/// The first `limit` events matching one query item in `from..end`, in position order.
-fn scan_item<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
-    ix: &Indexes<'_, T, Y, S>,
+/// The first `limit` events matching one query item from `from`, in position order.
+fn scan_item(
+    view: &View,
     reader: &mut RecordReader,
     item: &QueryItem,
-    (from, end): (u64, u64),
+    from: u64,
     limit: usize,
     out: &mut Vec<RecordedEvent>,
 ) -> Result<(), Error> {
-    let (tags, types, sparse) = (ix.tags, ix.types, ix.sparse);
     if let Some(tag) = item.tags.first() {
         // The tag index narrows the candidates; the record decides the rest of the item.
-        for entry in index_range(tags, tag.as_str(), from, end)? {
+        for entry in view.postings(Kind::Tag, tag.as_str(), from)? {
             if out.len() >= limit {
                 break;
             }
@@ -118,7 +88,10 @@ fn scan_item<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
     } else if !item.types.is_empty() {
         let mut addresses = Vec::new();
         for event_type in &item.types {
-            for entry in index_range(types, event_type.as_str(), from, end)?.take(limit) {
+            for entry in view
+                .postings(Kind::Type, event_type.as_str(), from)?
+                .take(limit)
+            {
                 addresses.push(entry?);
             }
         }
@@ -128,23 +101,23 @@ fn scan_item<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
             out.push(decode_at(reader, addr)?);
         }
     } else {
-        scan_global(sparse, reader, from, end, limit, |_| true, out)?;
+        scan_global(view, reader, from, limit, |_| true, out)?;
     }
     Ok(())
 }
 
-/// The first `limit` events matching `query` in `from..end`, in position order.
-pub fn scan_query<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
-    ix: &Indexes<'_, T, Y, S>,
+/// The first `limit` events matching `query` from position `from`, in position order.
+pub fn scan_query(
+    view: &View,
     reader: &mut RecordReader,
     query: &Query,
-    (from, end): (u64, u64),
+    from: u64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::new();
     for item in &query.items {
         let mut found = Vec::new();
-        scan_item(ix, reader, item, (from, end), limit, &mut found)?;
+        scan_item(view, reader, item, from, limit, &mut found)?;
         out.append(&mut found);
     }
     out.sort_unstable_by_key(|e| e.position);
@@ -153,31 +126,49 @@ pub fn scan_query<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>
     Ok(out)
 }
 
-/// The position of the first event matching `query` in `from..end`: the DCB condition check.
-pub fn first_match<T: PositionIndex, Y: PositionIndex, S: ReadableTable<u64, u64>>(
-    ix: &Indexes<'_, T, Y, S>,
+/// The position of the first event matching `query` from `from`: the DCB condition check.
+pub fn first_match(
+    view: &View,
     reader: &mut RecordReader,
     query: &Query,
     from: u64,
-    end: u64,
 ) -> Result<Option<u64>, Error> {
-    let found = scan_query(ix, reader, query, (from, end), 1)?;
+    let found = scan_query(view, reader, query, from, 1)?;
     Ok(found.first().map(|e| e.position.0))
 }
 
-/// Scans a `(name, position)` index (categories) for `name` in `from..end`.
-pub fn scan_index(
-    table: &impl PositionIndex,
+/// The events of a category from position `from`.
+pub fn scan_category(
+    view: &View,
     reader: &mut RecordReader,
-    name: &str,
+    category: &str,
     from: u64,
-    end: u64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::new();
-    for entry in index_range(table, name, from, end)?.take(limit) {
+    for entry in view.postings(Kind::Category, category, from)?.take(limit) {
         let (_, addr) = entry?;
         out.push(decode_at(reader, addr)?);
+    }
+    Ok(out)
+}
+
+/// Up to `limit` events of a stream from revision `from`, in the given direction.
+pub fn scan_stream(
+    view: &View,
+    reader: &mut RecordReader,
+    stream: &str,
+    from: Option<u64>,
+    direction: Direction,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let mut out = Vec::new();
+    for (_, addr) in view.stream_events(stream, from, direction, limit)? {
+        let event = decode_at(reader, addr)?;
+        // The redb snapshot may hold an event flushed a moment after the head was read.
+        if event.position.0 < view.end {
+            out.push(event);
+        }
     }
     Ok(out)
 }

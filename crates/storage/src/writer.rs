@@ -1,13 +1,13 @@
 //! The single writer: every append goes through it. It takes whatever requests are queued,
 //! checks each against the state left by the ones before it, writes the accepted ones with one
-//! `fdatasync` (group commit), commits the index, publishes the new head, and answers.
+//! `fdatasync` (group commit), publishes the new head, and answers. Index entries go to the
+//! active memtable; the flusher thread writes frozen memtables to redb.
 
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::ReadableTable;
 use skald_core::{
     AppendRequest, AppendResult, Clock, Durability, Error, Position, Revision, Timestamp,
 };
@@ -15,9 +15,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{self, RecordToWrite, SEGMENT_HEADER_LEN};
 use crate::index::{IndexEntry, Tables};
+use crate::memtable::{MAX_FROZEN, Memtable};
 use crate::read;
 use crate::recovery::create_segment;
 use crate::segments::{Address, RecordReader, Segment};
+use crate::view::View;
 use crate::{Shared, redb_error};
 
 /// A request to the writer.
@@ -37,42 +39,53 @@ pub struct WriterConfig {
     pub segment_bytes: u64,
     pub max_batch_events: usize,
     pub checkpoint_interval: Duration,
+    pub memtable_events: u64,
     pub clock: Arc<dyn Clock>,
 }
 
 pub struct Writer {
     shared: Arc<Shared>,
     config: WriterConfig,
-    active: Arc<Segment>,
-    active_len: u64,
+    segment: Arc<Segment>,
+    segment_len: u64,
     next_position: u64,
     last_time: i64,
-    last_checkpoint: Instant,
-    uncheckpointed: bool,
+    /// The memtable the writer adds to; replaced when it is frozen.
+    active: Arc<RwLock<Memtable>>,
+    active_since: Instant,
     /// Set when the writer can no longer trust the state of the files (a failed fdatasync or
     /// index commit): appends are refused until a restart, reads go on.
     poisoned: Option<String>,
     buf: Vec<u8>,
+    /// Joined at shutdown, after the last memtable was handed over.
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A per-request answer, or the failure of the whole batch.
 type Outcome = Result<AppendResult, Error>;
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, config: WriterConfig, next_position: u64) -> Self {
-        let active = shared.segments.last();
-        let active_len = active.committed_len.load(Ordering::Acquire);
+    pub fn new(
+        shared: Arc<Shared>,
+        config: WriterConfig,
+        next_position: u64,
+        flusher: std::thread::JoinHandle<()>,
+    ) -> Self {
+        let segment = shared.segments.last();
+        let segment_len = segment.committed_len.load(Ordering::Acquire);
+        let active = Arc::clone(&shared.mem.state.lock().expect("memtable lock").active);
         Self {
             shared,
             config,
-            active,
-            active_len,
+            segment,
+            segment_len,
             next_position,
             last_time: i64::MIN,
-            last_checkpoint: Instant::now(),
-            uncheckpointed: false,
+            active,
+            active_since: Instant::now(),
             poisoned: None,
             buf: Vec::with_capacity(1 << 20),
+            flusher: Some(flusher),
         }
     }
 
@@ -91,7 +104,7 @@ impl Writer {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(_idle) => {
-                    self.checkpoint_if_due(true);
+                    self.freeze_if_due(true);
                     continue;
                 }
             };
@@ -119,40 +132,53 @@ impl Writer {
             if done_on_exit.is_some() {
                 break;
             }
-            self.checkpoint_if_due(false);
+            self.freeze_if_due(false);
         }
         // Refuse what is still queued; then make the index durable so the next open is fast.
         commands.close();
         while let Ok(Command::Append { reply, .. }) = commands.try_recv() {
             let _ = reply.send(Err(Error::Unavailable("the store is shutting down".into())));
         }
-        if self.uncheckpointed && self.poisoned.is_none() {
-            let _ = self.commit_checkpoint();
+        // Hand everything to the flusher and wait until it is in redb, so the next open
+        // has nothing to replay.
+        self.freeze();
+        self.shared.mem.state.lock().expect("memtable lock").closing = true;
+        self.shared.mem.changed.notify_all();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
         }
         if let Some(done) = done_on_exit {
             let _ = done.send(());
         }
     }
 
-    fn checkpoint_if_due(&mut self, idle: bool) {
-        let due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval;
-        if self.uncheckpointed
-            && self.poisoned.is_none()
-            && (idle || due)
-            && let Err(e) = self.commit_checkpoint()
-        {
-            self.poisoned = Some(format!("index checkpoint failed: {e}"));
+    /// Freezes the active memtable when it is full, or when the checkpoint interval passed
+    /// (`idle`: no append is waiting), so that the flusher makes the index durable.
+    fn freeze_if_due(&mut self, idle: bool) {
+        let len = self.active.read().expect("memtable lock").len();
+        let aged = self.active_since.elapsed() >= self.config.checkpoint_interval;
+        if len >= self.config.memtable_events || (len > 0 && (aged || idle)) {
+            self.freeze();
         }
     }
 
-    /// A durable, empty index commit: everything committed before it becomes durable too.
-    fn commit_checkpoint(&mut self) -> Result<(), Error> {
-        let mut txn = self.shared.db.begin_write().map_err(redb_error)?;
-        txn.set_quick_repair(true);
-        txn.commit().map_err(redb_error)?;
-        self.last_checkpoint = Instant::now();
-        self.uncheckpointed = false;
-        Ok(())
+    /// Moves the active memtable to the flusher's queue and starts a new one, waiting while
+    /// the queue is full (back-pressure that bounds memory).
+    fn freeze(&mut self) {
+        if self.active.read().expect("memtable lock").len() == 0 {
+            return;
+        }
+        let mem = &self.shared.mem;
+        let mut state = mem.state.lock().expect("memtable lock");
+        while state.frozen.len() >= MAX_FROZEN && state.failed.is_none() {
+            state = mem.changed.wait(state).expect("memtable lock");
+        }
+        let fresh = Arc::new(RwLock::new(Memtable::new(self.next_position)));
+        let full = std::mem::replace(&mut state.active, Arc::clone(&fresh));
+        state.frozen.push_back(full);
+        self.active = fresh;
+        self.active_since = Instant::now();
+        mem.changed.notify_all();
     }
 
     fn write_batch(&mut self, batch: Vec<(AppendRequest, oneshot::Sender<Outcome>)>) {
@@ -181,62 +207,41 @@ impl Writer {
         &mut self,
         requests: impl Iterator<Item = &'r AppendRequest>,
     ) -> Result<Vec<Outcome>, Error> {
-        if self.active_len >= self.config.segment_bytes {
+        if let Some(reason) = &self.shared.mem.state.lock().expect("memtable lock").failed {
+            self.poisoned = Some(reason.clone());
+            return Err(Error::Unavailable(format!("index flush failed: {reason}")));
+        }
+        if self.segment_len >= self.config.segment_bytes {
             self.roll_segment()?;
         }
-        let base_len = self.active_len;
+        let base_len = self.segment_len;
         let base_position = self.next_position;
-        let mut txn = self.shared.db.begin_write().map_err(redb_error)?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(redb_error)?;
-        let outcomes = {
-            let mut tables = Tables::open(&txn).map_err(redb_error)?;
-            let mut reader = RecordReader::new(self.shared.segments.snapshot());
-            let mut outcomes = Vec::new();
-            for request in requests {
-                match self.apply_one(&mut tables, &mut reader, request) {
-                    Ok(outcome) => outcomes.push(outcome),
-                    Err(e) => {
-                        drop(tables);
-                        txn.abort().map_err(redb_error)?;
-                        return Err(self.undo(base_len, base_position, e));
-                    }
-                }
+        let mut view = View::open(&self.shared.db, self.shared.mem.snapshot(), base_position)?;
+        let mut reader = RecordReader::new(self.shared.segments.snapshot());
+        let mut outcomes = Vec::new();
+        for request in requests {
+            // The writer sees everything it wrote, including this batch's earlier appends.
+            view.end = self.next_position;
+            match self.apply_one(&view, &mut reader, request) {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(e) => return Err(self.undo(base_len, base_position, e)),
             }
-            if self.next_position > base_position {
-                tables
-                    .set_indexed_through(self.next_position)
-                    .map_err(redb_error)?;
-            }
-            outcomes
-        };
+        }
         if self.next_position == base_position {
-            txn.abort().map_err(redb_error)?;
             return Ok(outcomes);
         }
         if self.config.durability == Durability::Fsync
-            && let Err(e) = self.active.file.sync_data()
+            && let Err(e) = self.segment.file.sync_data()
         {
-            let _ = txn.abort();
             self.poisoned = Some(format!(
                 "fdatasync of {} failed: {e}",
-                self.active.path.display()
+                self.segment.path.display()
             ));
             return Err(self.undo(base_len, base_position, Error::Io(e.to_string())));
         }
-        if let Err(e) = txn.commit() {
-            // The events are on disk but not indexed; the next open indexes them, and a retry
-            // with the same ids is answered idempotently.
-            self.poisoned = Some(format!("index commit failed: {e}"));
-            return Err(Error::Unavailable(format!(
-                "index commit failed after the events were written ({e}); they may be stored: \
-                 retry with the same event ids after a restart"
-            )));
-        }
-        self.uncheckpointed = true;
-        self.active
+        self.segment
             .committed_len
-            .store(self.active_len, Ordering::Release);
+            .store(self.segment_len, Ordering::Release);
         self.shared
             .head
             .store(self.next_position, Ordering::Release);
@@ -247,23 +252,27 @@ impl Writer {
     /// client sees.
     fn undo(&mut self, base_len: u64, base_position: u64, error: Error) -> Error {
         self.next_position = base_position;
-        if let Err(e) = self.active.file.set_len(base_len) {
+        self.active
+            .write()
+            .expect("memtable lock")
+            .rollback(base_position);
+        if let Err(e) = self.segment.file.set_len(base_len) {
             self.poisoned = Some(format!(
                 "could not cut {} back after a failed write: {e}",
-                self.active.path.display()
+                self.segment.path.display()
             ));
         }
-        self.active_len = base_len;
+        self.segment_len = base_len;
         error
     }
 
     fn roll_segment(&mut self) -> Result<(), Error> {
         let seg_dir = self.shared.dir.join("segments");
-        let segment = create_segment(&seg_dir, self.active.ordinal + 1, self.next_position)?;
+        let segment = create_segment(&seg_dir, self.segment.ordinal + 1, self.next_position)?;
         let segment = Arc::new(segment);
         self.shared.segments.push(Arc::clone(&segment));
-        self.active = segment;
-        self.active_len = SEGMENT_HEADER_LEN;
+        self.segment = segment;
+        self.segment_len = SEGMENT_HEADER_LEN;
         Ok(())
     }
 
@@ -277,18 +286,16 @@ impl Writer {
     /// request only; `Err(..)` is an I/O failure that fails the batch.
     fn apply_one(
         &mut self,
-        tables: &mut Tables<'_>,
+        view: &View,
         reader: &mut RecordReader,
         request: &AppendRequest,
     ) -> Result<Outcome, Error> {
-        if let Some(outcome) = check_idempotency(tables, reader, request)? {
+        if let Some(outcome) = check_idempotency(view, reader, request)? {
             return Ok(outcome);
         }
-        let current = tables
-            .streams
-            .get(request.stream.as_str())
-            .map_err(redb_error)?
-            .map(|v| Revision(v.value().0));
+        let current = view
+            .stream_last(request.stream.as_str())?
+            .map(|(revision, _)| Revision(revision));
         if !request.expected.is_satisfied_by(current) {
             return Ok(Err(Error::WrongExpectedRevision {
                 stream: request.stream.clone(),
@@ -298,25 +305,18 @@ impl Writer {
         }
         if let Some(condition) = &request.condition {
             let from = condition.after.map_or(0, |p| p.0 + 1);
-            let indexes = read::Indexes {
-                tags: &tables.tags,
-                types: &tables.types,
-                sparse: &tables.sparse,
-            };
-            let found =
-                read::first_match(&indexes, reader, &condition.query, from, self.next_position)?;
+            let found = read::first_match(view, reader, &condition.query, from)?;
             if let Some(position) = found {
                 return Ok(Err(Error::ConditionFailed {
                     position: Position(position),
                 }));
             }
         }
-        self.write_events(tables, request, current).map(Ok)
+        self.write_events(request, current).map(Ok)
     }
 
     fn write_events(
         &mut self,
-        tables: &mut Tables<'_>,
         request: &AppendRequest,
         current: Option<Revision>,
     ) -> Result<AppendResult, Error> {
@@ -328,7 +328,7 @@ impl Writer {
         let mut offsets = Vec::with_capacity(request.events.len());
         let count = request.events.len();
         for (i, event) in request.events.iter().enumerate() {
-            offsets.push(self.active_len + self.buf.len() as u64);
+            offsets.push(self.segment_len + self.buf.len() as u64);
             codec::encode_record(
                 &mut self.buf,
                 &RecordToWrite {
@@ -341,31 +341,31 @@ impl Writer {
                 },
             );
         }
-        if let Err(e) = self.active.file.write_all_at(&self.buf, self.active_len) {
-            let message = format!("writing {}: {e}", self.active.path.display());
+        if let Err(e) = self.segment.file.write_all_at(&self.buf, self.segment_len) {
+            let message = format!("writing {}: {e}", self.segment.path.display());
             return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
                 Error::StorageFull(message)
             } else {
                 Error::Io(message)
             });
         }
-        self.active_len += self.buf.len() as u64;
+        self.segment_len += self.buf.len() as u64;
+        let mut memtable = self.active.write().expect("memtable lock");
         for (i, event) in request.events.iter().enumerate() {
             let position = first_position + i as u64;
-            tables
-                .insert_event(&IndexEntry {
-                    stream: request.stream.as_str(),
-                    category: category.as_str(),
-                    event_type: event.event_type.as_str(),
-                    tags: &event.tags,
-                    id: event.id.0.as_bytes(),
-                    revision: first_revision + i as u64,
-                    position,
-                    address: Address::new(self.active.ordinal, offsets[i]),
-                    first_in_segment: position == self.active.first_position,
-                })
-                .map_err(redb_error)?;
+            memtable.insert(&IndexEntry {
+                stream: request.stream.as_str(),
+                category: category.as_str(),
+                event_type: event.event_type.as_str(),
+                tags: &event.tags,
+                id: event.id.0.as_bytes(),
+                revision: first_revision + i as u64,
+                position,
+                address: Address::new(self.segment.ordinal, offsets[i]),
+                first_in_segment: position == self.segment.first_position,
+            });
         }
+        drop(memtable);
         self.next_position += count as u64;
         Ok(AppendResult {
             first_position: Position(first_position),
@@ -380,15 +380,14 @@ impl Writer {
 /// `Some` when the request's ids are already stored: the original result when it is a whole,
 /// identical retry, an error when the ids are reused otherwise. `None` when no id is stored.
 fn check_idempotency(
-    tables: &Tables<'_>,
+    view: &View,
     reader: &mut RecordReader,
     request: &AppendRequest,
 ) -> Result<Option<Outcome>, Error> {
     let mut stored = Vec::new();
     for event in &request.events {
-        if let Some(v) = tables.ids.get(event.id.0.as_bytes()).map_err(redb_error)? {
-            let (position, address) = v.value();
-            stored.push((event, position, Address(address)));
+        if let Some((position, address)) = view.id(event.id.0.as_bytes())? {
+            stored.push((event, position, address));
         }
     }
     let Some(&(first_event, first_position, _)) = stored.first() else {
@@ -443,4 +442,46 @@ fn check_idempotency(
         last_revision: Revision(revisions.1),
         replayed: true,
     })))
+}
+
+/// The flusher: writes each frozen memtable into redb as one sorted, durable transaction, then
+/// drops it. Stops when the store closes and nothing is left to flush, or after a failure.
+pub fn run_flusher(shared: Arc<Shared>) {
+    let mem = &shared.mem;
+    loop {
+        let next = {
+            let mut state = mem.state.lock().expect("memtable lock");
+            loop {
+                if state.failed.is_some() {
+                    return;
+                }
+                if let Some(front) = state.frozen.front() {
+                    break Arc::clone(front);
+                }
+                if state.closing {
+                    return;
+                }
+                state = mem.changed.wait(state).expect("memtable lock");
+            }
+        };
+        let result = flush(&shared.db, &next.read().expect("memtable lock"));
+        let mut state = mem.state.lock().expect("memtable lock");
+        match result {
+            Ok(()) => {
+                state.frozen.pop_front();
+            }
+            Err(e) => state.failed = Some(e.to_string()),
+        }
+        mem.changed.notify_all();
+    }
+}
+
+fn flush(db: &redb::Database, memtable: &Memtable) -> Result<(), Error> {
+    let mut txn = db.begin_write().map_err(redb_error)?;
+    txn.set_quick_repair(true);
+    {
+        let mut tables = Tables::open(&txn).map_err(redb_error)?;
+        memtable.flush_into(&mut tables).map_err(redb_error)?;
+    }
+    txn.commit().map_err(redb_error)
 }

@@ -343,6 +343,9 @@ impl Harness {
             durability: Durability::None,
             // Tiny segments, so that sequences cross segment boundaries.
             segment_bytes: 2048,
+            // Tiny memtables, so that reads merge redb with frozen and active memtables while
+            // the flusher runs.
+            memtable_events: 3,
             ..Options::default()
         };
         let (store, _) = Store::open_with_clock(options, Arc::new(FixedClock)).unwrap();
