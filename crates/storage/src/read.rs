@@ -52,7 +52,13 @@ pub fn scan_global(
             });
         }
         if position >= from {
-            let event = decode_at(reader, addr)?;
+            let event = codec::decode_body(body)
+                .map(|d| d.event)
+                .map_err(|reason| Error::Corruption {
+                    file: format!("segment {}", addr.ordinal()),
+                    offset: addr.offset(),
+                    reason,
+                })?;
             if keep(&event) {
                 out.push(event);
                 kept += 1;
