@@ -190,3 +190,79 @@ impl IntoResponse for Problem {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skald_core::{EventId, ExpectedRevision, Position, StreamName};
+
+    #[test]
+    fn each_error_kind_has_one_type_and_status() {
+        let stream = StreamName::new("s-1").unwrap();
+        let cases = [
+            (Error::invalid("x"), 422, "invalid-event"),
+            (
+                Error::WrongExpectedRevision {
+                    stream: stream.clone(),
+                    expected: ExpectedRevision::NoStream,
+                    actual: None,
+                },
+                409,
+                "wrong-expected-revision",
+            ),
+            (
+                Error::ConditionFailed {
+                    position: Position(3),
+                },
+                409,
+                "append-condition-failed",
+            ),
+            (
+                Error::IdReused {
+                    id: EventId::generate(),
+                    position: Position(1),
+                    reason: "r".into(),
+                },
+                409,
+                "event-id-reused",
+            ),
+            (Error::StreamNotFound(stream), 404, "stream-not-found"),
+            (Error::StorageFull("disk".into()), 503, "storage-full"),
+            (Error::Unavailable("closing".into()), 503, "unavailable"),
+            (
+                Error::Corruption {
+                    file: "f".into(),
+                    offset: 8,
+                    reason: "crc".into(),
+                },
+                500,
+                "corruption",
+            ),
+            (Error::Io("eio".into()), 500, "storage-error"),
+        ];
+        for (error, status, kind) in cases {
+            let p = Problem::from(error).to_json();
+            assert_eq!(p["status"], status);
+            assert_eq!(p["type"], format!("urn:skald:problem:{kind}"));
+        }
+        let full = Problem::from(Error::StorageFull("no room".into())).to_json();
+        assert!(
+            full["detail"]
+                .as_str()
+                .unwrap()
+                .contains("nothing of this request was stored")
+        );
+        let corrupt = Problem::from(Error::Corruption {
+            file: "seg".into(),
+            offset: 77,
+            reason: "crc".into(),
+        })
+        .to_json();
+        assert!(
+            corrupt["detail"]
+                .as_str()
+                .unwrap()
+                .contains("seg at offset 77")
+        );
+    }
+}

@@ -119,7 +119,16 @@ pub(crate) fn io_error(path: &Path, e: std::io::Error) -> Error {
 }
 
 pub(crate) fn redb_error(e: impl Into<redb::Error>) -> Error {
-    Error::Io(format!("index: {}", e.into()))
+    let e = e.into();
+    let full = match &e {
+        redb::Error::Io(io) => io.raw_os_error() == Some(libc::ENOSPC),
+        _ => false,
+    };
+    if full {
+        Error::StorageFull(format!("index: {e}"))
+    } else {
+        Error::Io(format!("index: {e}"))
+    }
 }
 
 fn lock_data_dir(dir: &Path) -> Result<File, Error> {

@@ -160,8 +160,9 @@ impl Memtable {
 pub struct MemState {
     pub frozen: VecDeque<Arc<RwLock<Memtable>>>,
     pub active: Arc<RwLock<Memtable>>,
-    /// Set when a flush failed; the writer then refuses appends.
-    pub failed: Option<String>,
+    /// The last flush failure (a full disk, say), cleared when a retry succeeds. While it is
+    /// set and the frozen queue is full, the writer refuses appends with it.
+    pub failed: Option<skald_core::Error>,
     /// Set at shutdown once everything is frozen: the flusher stops when the queue is empty.
     pub closing: bool,
 }

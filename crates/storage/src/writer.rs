@@ -170,7 +170,12 @@ impl Writer {
         }
         let mem = &self.shared.mem;
         let mut state = mem.state.lock().expect("memtable lock");
-        while state.frozen.len() >= MAX_FROZEN && state.failed.is_none() {
+        while state.frozen.len() >= MAX_FROZEN {
+            if state.failed.is_some() {
+                // The flusher is failing: keep indexing into the active memtable; appends are
+                // refused once it is full too (see `apply_batch`).
+                return;
+            }
             state = mem.changed.wait(state).expect("memtable lock");
         }
         let fresh = Arc::new(RwLock::new(Memtable::new(self.next_position)));
@@ -207,9 +212,21 @@ impl Writer {
         &mut self,
         requests: impl Iterator<Item = &'r AppendRequest>,
     ) -> Result<Vec<Outcome>, Error> {
-        if let Some(reason) = &self.shared.mem.state.lock().expect("memtable lock").failed {
-            self.poisoned = Some(reason.clone());
-            return Err(Error::Unavailable(format!("index flush failed: {reason}")));
+        {
+            let state = self.shared.mem.state.lock().expect("memtable lock");
+            let active_len = self.active.read().expect("memtable lock").len();
+            if let Some(error) = &state.failed
+                && state.frozen.len() >= MAX_FROZEN
+                && active_len >= self.config.memtable_events
+            {
+                // Memory for index entries is used up until the flusher succeeds again.
+                return Err(match error {
+                    Error::StorageFull(m) => {
+                        Error::StorageFull(format!("the index cannot be written: {m}"))
+                    }
+                    other => Error::Unavailable(format!("the index cannot be written: {other}")),
+                });
+            }
         }
         if self.segment_len >= self.config.segment_bytes {
             self.roll_segment()?;
@@ -444,17 +461,18 @@ fn check_idempotency(
     })))
 }
 
+/// How long the flusher waits before retrying a failed flush.
+const FLUSH_RETRY: Duration = Duration::from_millis(500);
+
 /// The flusher: writes each frozen memtable into redb as one sorted, durable transaction, then
-/// drops it. Stops when the store closes and nothing is left to flush, or after a failure.
+/// drops it. A failed flush is retried; it stops when the store closes and nothing is left to
+/// flush (or a flush fails during shutdown).
 pub fn run_flusher(shared: Arc<Shared>) {
     let mem = &shared.mem;
     loop {
         let next = {
             let mut state = mem.state.lock().expect("memtable lock");
             loop {
-                if state.failed.is_some() {
-                    return;
-                }
                 if let Some(front) = state.frozen.front() {
                     break Arc::clone(front);
                 }
@@ -469,9 +487,24 @@ pub fn run_flusher(shared: Arc<Shared>) {
         match result {
             Ok(()) => {
                 state.frozen.pop_front();
+                state.failed = None;
             }
-            Err(e) => state.failed = Some(e.to_string()),
+            Err(e) => {
+                state.failed = Some(e);
+                mem.changed.notify_all();
+                // Retry after a pause: a full disk may get room again. At shutdown, give up;
+                // the next open replays these events from the segments.
+                if state.closing {
+                    return;
+                }
+                let (s, _) = mem
+                    .changed
+                    .wait_timeout(state, FLUSH_RETRY)
+                    .expect("memtable lock");
+                state = s;
+            }
         }
+        drop(state);
         mem.changed.notify_all();
     }
 }
