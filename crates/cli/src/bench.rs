@@ -17,7 +17,7 @@ use skald_core::{
 };
 use skald_storage::{Options, Store};
 
-use crate::client::{HttpClient, describe_problem};
+use crate::client::{Connection, HttpClient, describe_problem};
 
 /// Which workload to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -321,22 +321,28 @@ impl Requests {
         })
     }
 
-    async fn append(&self, target: &Target, stream: &str, wrong: bool) -> anyhow::Result<Outcome> {
+    async fn append(
+        &self,
+        target: &Target,
+        connection: &mut Option<Connection>,
+        stream: &str,
+        wrong: bool,
+    ) -> anyhow::Result<Outcome> {
         match target {
-            Target::Http(client, _) => {
+            Target::Http(_, url) => {
                 let body = if wrong {
                     &self.http_wrong
                 } else {
                     &self.http_ok
                 };
                 let path = format!("/v1/streams/{stream}");
-                let (status, body) = client
-                    .call(
-                        Method::POST,
-                        &path,
-                        &[("content-type", "application/json")],
-                        body.clone(),
-                    )
+                let headers = [("content-type", "application/json")];
+                let connection = match connection {
+                    Some(c) => c,
+                    None => connection.insert(Connection::open(url).await?),
+                };
+                let (status, body) = connection
+                    .call(Method::POST, &path, &headers, body.clone())
                     .await?;
                 match status {
                     StatusCode::CREATED | StatusCode::OK => Ok(Outcome::Ok),
@@ -457,11 +463,18 @@ async fn run_appends(
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let (mut appends, mut conflicts, mut errors, mut first_error) =
                 (0u64, 0u64, 0u64, None);
+            // Each writer has its own connection; after an error it reconnects.
+            let mut connection = None;
             while !stop.load(Ordering::Relaxed) {
                 let stream = format!("bench-{}", picker.pick(&mut rng));
                 let wrong = share > 0.0 && rng.f64() < share;
                 let t = Instant::now();
-                let outcome = requests.append(&target, &stream, wrong).await;
+                let outcome = requests
+                    .append(&target, &mut connection, &stream, wrong)
+                    .await;
+                if outcome.is_err() {
+                    connection = None;
+                }
                 histogram.saturating_record(t.elapsed().as_micros().max(1) as u64);
                 match outcome {
                     Ok(Outcome::Ok) => {
@@ -639,13 +652,19 @@ async fn populate(args: &BenchArgs, target: &Target) -> anyhow::Result<()> {
             progress.bar.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            let mut connection = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= appends {
                     return anyhow::Ok(());
                 }
                 requests
-                    .append(&target, &format!("fill-{}", i % 1000), false)
+                    .append(
+                        &target,
+                        &mut connection,
+                        &format!("fill-{}", i % 1000),
+                        false,
+                    )
                     .await?;
                 bar.inc(1);
             }

@@ -113,3 +113,69 @@ pub fn encode(s: &str) -> String {
     }
     out
 }
+
+/// One dedicated HTTP/1.1 keep-alive connection, without a pool: what each benchmark writer
+/// uses, so the load generator spends as little CPU as it can on the machine it shares.
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    base: String,
+}
+
+impl Connection {
+    /// Connects to the server at `base` (`http://host:port`).
+    pub async fn open(base: &str) -> anyhow::Result<Self> {
+        let uri: hyper::Uri = base
+            .parse()
+            .with_context(|| format!("server URL {base:?} is not valid"))?;
+        let host = uri.host().context("the server URL has no host")?;
+        let port = uri.port_u16().unwrap_or(80);
+        let stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .with_context(|| format!("cannot reach the Skald server at {base}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self {
+            sender,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Sends a request and collects the response.
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.base[7..]);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        self.sender.ready().await.context("the connection closed")?;
+        let response = self
+            .sender
+            .send_request(
+                request
+                    .body(Full::new(body))
+                    .context("building the request")?,
+            )
+            .await
+            .context("the request failed")?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the response")?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}
