@@ -249,3 +249,81 @@ fn a_deleted_index_is_rebuilt_from_the_segments() {
         vec![57, 58, 59]
     );
 }
+
+#[test]
+fn a_garbage_index_file_is_rebuilt_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 10, 2);
+    std::fs::write(
+        dir.path().join("index.redb"),
+        b"this is not a redb file at all",
+    )
+    .unwrap();
+    let (store, report) = Store::open(options(dir.path())).unwrap();
+    assert!(
+        report.notes.iter().any(|n| n.contains("rebuilding")),
+        "{:?}",
+        report.notes
+    );
+    assert_eq!(read_all(&store).unwrap().len(), 20);
+    let head = rt()
+        .block_on(store.stream_head(&StreamName::new("s-1").unwrap()))
+        .unwrap();
+    assert_eq!(head.map(|h| h.revision), Some(Revision(19)));
+}
+
+#[test]
+fn a_missing_segment_fails_open_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = Options {
+        segment_bytes: 4096,
+        ..options(dir.path())
+    };
+    let rt = rt();
+    let (store, _) = Store::open(small.clone()).unwrap();
+    for i in 0..60 {
+        rt.block_on(store.append(AppendRequest {
+            stream: StreamName::new("s-1").unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![event(i)],
+        }))
+        .unwrap();
+    }
+    rt.block_on(store.shutdown());
+    drop(store);
+    let segments = dir.path().join("segments");
+    assert!(
+        segments.join("0000000002.seg").exists(),
+        "the log spans several segments"
+    );
+    std::fs::remove_file(segments.join("0000000001.seg")).unwrap();
+    match Store::open(small) {
+        Err(Error::Corruption { file, reason, .. }) => {
+            assert!(file.ends_with("0000000002.seg"), "{file}");
+            assert!(reason.contains("segment 1 is missing"), "{reason}");
+        }
+        Err(other) => panic!("expected corruption, got {other}"),
+        Ok(_) => panic!("open must fail when a segment is missing"),
+    }
+}
+
+#[test]
+fn a_damaged_segment_header_fails_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment = write_log(dir.path(), 3, 1);
+    flip_byte(&segment, 3);
+    match Store::open(options(dir.path())) {
+        Err(Error::Corruption {
+            file,
+            offset,
+            reason,
+        }) => {
+            assert!(file.ends_with("0000000000.seg"), "{file}");
+            assert_eq!(offset, 0);
+            assert!(reason.contains("magic"), "{reason}");
+        }
+        Err(other) => panic!("expected corruption, got {other}"),
+        Ok(_) => panic!("open must fail on a damaged segment header"),
+    }
+}
