@@ -188,9 +188,10 @@ struct Report {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     check_args(&args)?;
     if args.workload == Workload::Fsync {
+        let dir = args.data_dir.clone().unwrap_or_else(|| ".".into());
         return report(
             &args,
-            "disk".into(),
+            dir.display().to_string(),
             String::new(),
             None,
             None,
@@ -753,6 +754,14 @@ fn print_latency(label: &str, l: &Latency) {
 }
 
 fn print_table(r: &Report) {
+    if let Some(f) = &r.fsync {
+        println!(
+            "{:<12} 4 KiB write + fdatasync, repeated for 3 s, in {}",
+            "workload", r.target
+        );
+        print_latency("fdatasync", f);
+        return;
+    }
     println!(
         "{:<12} {:?} against {} (durability {})",
         "workload", r.workload, r.target, r.durability
