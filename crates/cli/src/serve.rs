@@ -4,6 +4,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use skald_core::Durability;
 use skald_storage::Store;
 
@@ -36,6 +37,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     );
     std::io::stdout().flush()?;
     let app = skald_server::router(Arc::new(store.clone()), config.http);
+    // Each response is written whole at once; Nagle's algorithm would only delay it.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
