@@ -590,14 +590,7 @@ async fn catch_up(
             } else {
                 format!("/v1/all?limit={max}")
             };
-            let (status, mut body) = client
-                .send(
-                    Method::GET,
-                    &uri,
-                    &[("accept", "application/x-ndjson")],
-                    Bytes::new(),
-                )
-                .await?;
+            let (status, mut body) = client.get_ndjson(&uri).await?;
             if !status.is_success() {
                 bail!("catch-up read failed with {status}");
             }

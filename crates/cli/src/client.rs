@@ -61,6 +61,17 @@ impl HttpClient {
         Ok((response.status(), response.into_body()))
     }
 
+    /// `GET`s a read endpoint as NDJSON; the body streams one record per line.
+    pub async fn get_ndjson(&self, path: &str) -> anyhow::Result<(StatusCode, Incoming)> {
+        self.send(
+            Method::GET,
+            path,
+            &[("accept", "application/x-ndjson")],
+            Bytes::new(),
+        )
+        .await
+    }
+
     /// Sends a request and collects the whole response body.
     pub async fn call(
         &self,

@@ -11,14 +11,30 @@ use serde_json::{Value, json};
 use crate::client::{HttpClient, encode, expect_success};
 
 /// What `skald append` sends.
+#[derive(clap::Args)]
 pub struct AppendArgs {
+    /// The stream to append to.
     pub stream: String,
+    /// The event type (one event; use --body for several).
+    #[arg(long = "type")]
     pub event_type: Option<String>,
+    /// The event data, as JSON.
+    #[arg(long)]
     pub data: Option<String>,
+    /// A tag; repeat for several.
+    #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// The metadata, as a JSON object.
+    #[arg(long)]
     pub metadata: Option<String>,
+    /// The event id (a UUID; generated when left out).
+    #[arg(long)]
     pub id: Option<String>,
+    /// any, noStream, streamExists or a revision number.
+    #[arg(long)]
     pub expected_revision: Option<String>,
+    /// A file holding a whole append body (`-` for stdin), as in POST /v1/streams/{stream}.
+    #[arg(long = "body")]
     pub body_file: Option<String>,
 }
 
@@ -77,13 +93,27 @@ pub async fn append(client: &HttpClient, args: AppendArgs) -> anyhow::Result<()>
 }
 
 /// What `skald read` reads.
+#[derive(clap::Args)]
 pub struct ReadArgs {
+    /// The stream to read; leave out to read the global log.
     pub stream: Option<String>,
+    /// Read a category instead.
+    #[arg(long)]
     pub category: Option<String>,
+    /// First revision (stream) or position (otherwise).
+    #[arg(long)]
     pub from: Option<u64>,
+    /// Most events.
+    #[arg(long)]
     pub limit: Option<u64>,
+    /// Newest first (streams only).
+    #[arg(long)]
     pub backward: bool,
+    /// Only these event types (comma-separated; global log only).
+    #[arg(long)]
     pub types: Option<String>,
+    /// Only events with all these tags (comma-separated; global log only).
+    #[arg(long)]
     pub tags: Option<String>,
 }
 
@@ -127,14 +157,7 @@ pub async fn read(client: &HttpClient, args: ReadArgs) -> anyhow::Result<()> {
     } else {
         format!("{path}?{}", params.join("&"))
     };
-    let (status, mut body) = client
-        .send(
-            Method::GET,
-            &uri,
-            &[("accept", "application/x-ndjson")],
-            Bytes::new(),
-        )
-        .await?;
+    let (status, mut body) = client.get_ndjson(&uri).await?;
     if !status.is_success() {
         let bytes = body.collect().await?.to_bytes();
         return expect_success(status, &bytes);

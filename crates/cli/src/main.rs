@@ -46,54 +46,15 @@ enum Command {
     Append {
         #[command(flatten)]
         server: ServerArg,
-        /// The stream to append to.
-        stream: String,
-        /// The event type (one event; use --body for several).
-        #[arg(long = "type")]
-        event_type: Option<String>,
-        /// The event data, as JSON.
-        #[arg(long)]
-        data: Option<String>,
-        /// A tag; repeat for several.
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        /// The metadata, as a JSON object.
-        #[arg(long)]
-        metadata: Option<String>,
-        /// The event id (a UUID; generated when left out).
-        #[arg(long)]
-        id: Option<String>,
-        /// any, noStream, streamExists or a revision number.
-        #[arg(long)]
-        expected_revision: Option<String>,
-        /// A file holding a whole append body (`-` for stdin), as in POST /v1/streams/{stream}.
-        #[arg(long)]
-        body: Option<String>,
+        #[command(flatten)]
+        args: commands::AppendArgs,
     },
     /// Read events as JSON lines: a stream, a category, or the global log.
     Read {
         #[command(flatten)]
         server: ServerArg,
-        /// The stream to read; leave out to read the global log.
-        stream: Option<String>,
-        /// Read a category instead.
-        #[arg(long)]
-        category: Option<String>,
-        /// First revision (stream) or position (otherwise).
-        #[arg(long)]
-        from: Option<u64>,
-        /// Most events.
-        #[arg(long)]
-        limit: Option<u64>,
-        /// Newest first (streams only).
-        #[arg(long)]
-        backward: bool,
-        /// Only these event types (comma-separated; global log only).
-        #[arg(long)]
-        types: Option<String>,
-        /// Only events with all these tags (comma-separated; global log only).
-        #[arg(long)]
-        tags: Option<String>,
+        #[command(flatten)]
+        args: commands::ReadArgs,
     },
     /// Show the server's version, head position, durability and size.
     Info {
@@ -151,51 +112,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let merged = config::merge(file, data_dir, listen, durability.map(Durability::from))?;
             serve::run(merged).await
         }
-        Command::Append {
-            server,
-            stream,
-            event_type,
-            data,
-            tags,
-            metadata,
-            id,
-            expected_revision,
-            body,
-        } => {
-            let client = client::HttpClient::new(&server.url)?;
-            let args = commands::AppendArgs {
-                stream,
-                event_type,
-                data,
-                tags,
-                metadata,
-                id,
-                expected_revision,
-                body_file: body,
-            };
-            commands::append(&client, args).await
+        Command::Append { server, args } => {
+            commands::append(&client::HttpClient::new(&server.url)?, args).await
         }
-        Command::Read {
-            server,
-            stream,
-            category,
-            from,
-            limit,
-            backward,
-            types,
-            tags,
-        } => {
-            let client = client::HttpClient::new(&server.url)?;
-            let args = commands::ReadArgs {
-                stream,
-                category,
-                from,
-                limit,
-                backward,
-                types,
-                tags,
-            };
-            commands::read(&client, args).await
+        Command::Read { server, args } => {
+            commands::read(&client::HttpClient::new(&server.url)?, args).await
         }
         Command::Info { server } => commands::info(&client::HttpClient::new(&server.url)?).await,
         Command::Bench(args) => bench::run(args).await,

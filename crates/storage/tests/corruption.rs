@@ -30,10 +30,15 @@ fn event(n: usize) -> ProposedEvent {
 }
 
 /// Writes `appends` appends of `per_append` events each to one stream and closes cleanly.
-/// Returns the segment path.
+/// Returns the first segment's path.
 fn write_log(dir: &Path, appends: usize, per_append: usize) -> PathBuf {
+    write_log_with(options(dir), appends, per_append)
+}
+
+fn write_log_with(options: Options, appends: usize, per_append: usize) -> PathBuf {
+    let dir = options.data_dir.clone();
     let rt = rt();
-    let (store, _) = Store::open(options(dir)).unwrap();
+    let (store, _) = Store::open(options).unwrap();
     let stream = StreamName::new("s-1").unwrap();
     for a in 0..appends {
         let events = (0..per_append).map(|i| event(a * per_append + i)).collect();
@@ -279,19 +284,7 @@ fn a_missing_segment_fails_open_naming_it() {
         segment_bytes: 4096,
         ..options(dir.path())
     };
-    let rt = rt();
-    let (store, _) = Store::open(small.clone()).unwrap();
-    for i in 0..60 {
-        rt.block_on(store.append(AppendRequest {
-            stream: StreamName::new("s-1").unwrap(),
-            expected: ExpectedRevision::Any,
-            condition: None,
-            events: vec![event(i)],
-        }))
-        .unwrap();
-    }
-    rt.block_on(store.shutdown());
-    drop(store);
+    write_log_with(small.clone(), 60, 1);
     let segments = dir.path().join("segments");
     assert!(
         segments.join("0000000002.seg").exists(),
