@@ -22,6 +22,10 @@ use crate::segments::{Address, RecordReader, Segment};
 use crate::view::View;
 use crate::{Shared, redb_error};
 
+/// The write buffer is written out once it holds this much, so a batch of large events does
+/// not hold them all in memory.
+const WRITE_BUFFER_BYTES: usize = 4 << 20;
+
 /// A request to the writer.
 pub enum Command {
     /// Append, answering on `reply`.
@@ -47,7 +51,10 @@ pub struct Writer {
     shared: Arc<Shared>,
     config: WriterConfig,
     segment: Arc<Segment>,
+    /// The active segment's length including the batch's encoded records not yet written.
     segment_len: u64,
+    /// Bytes of the active segment actually written to the file; `buf` holds the rest.
+    written_len: u64,
     next_position: u64,
     last_time: i64,
     /// The memtable the writer adds to; replaced when it is frozen.
@@ -79,6 +86,7 @@ impl Writer {
             config,
             segment,
             segment_len,
+            written_len: segment_len,
             next_position,
             last_time: i64::MIN,
             active,
@@ -247,6 +255,9 @@ impl Writer {
         if self.next_position == base_position {
             return Ok(outcomes);
         }
+        if let Err(e) = self.write_pending() {
+            return Err(self.undo(base_len, base_position, e));
+        }
         if self.config.durability == Durability::Fsync
             && let Err(e) = self.segment.file.sync_data()
         {
@@ -280,6 +291,8 @@ impl Writer {
             ));
         }
         self.segment_len = base_len;
+        self.written_len = base_len;
+        self.buf.clear();
         error
     }
 
@@ -290,6 +303,26 @@ impl Writer {
         self.shared.segments.push(Arc::clone(&segment));
         self.segment = segment;
         self.segment_len = SEGMENT_HEADER_LEN;
+        self.written_len = SEGMENT_HEADER_LEN;
+        Ok(())
+    }
+
+    /// Writes the batch's encoded records that are still only in the buffer.
+    fn write_pending(&mut self) -> Result<(), Error> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.segment.file.write_all_at(&self.buf, self.written_len) {
+            let message = format!("writing {}: {e}", self.segment.path.display());
+            return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+                Error::StorageFull(message)
+            } else {
+                Error::Io(message)
+            });
+        }
+        self.written_len += self.buf.len() as u64;
+        debug_assert_eq!(self.written_len, self.segment_len);
+        self.buf.clear();
         Ok(())
     }
 
@@ -307,7 +340,7 @@ impl Writer {
         reader: &mut RecordReader,
         request: &AppendRequest,
     ) -> Result<Outcome, Error> {
-        if let Some(outcome) = check_idempotency(view, reader, request)? {
+        if let Some(outcome) = check_idempotency(view, reader, request, || self.write_pending())? {
             return Ok(outcome);
         }
         let current = view
@@ -321,6 +354,8 @@ impl Writer {
             }));
         }
         if let Some(condition) = &request.condition {
+            // The check may read this batch's earlier records back from the file.
+            self.write_pending()?;
             let from = condition.after.map_or(0, |p| p.0 + 1);
             let found = read::first_match(view, reader, &condition.query, from)?;
             if let Some(position) = found {
@@ -341,11 +376,14 @@ impl Writer {
         let first_position = self.next_position;
         let recorded_at = self.now();
         let category = request.stream.category();
-        self.buf.clear();
+        if self.buf.len() >= WRITE_BUFFER_BYTES {
+            self.write_pending()?;
+        }
+        let start = self.buf.len();
         let mut offsets = Vec::with_capacity(request.events.len());
         let count = request.events.len();
         for (i, event) in request.events.iter().enumerate() {
-            offsets.push(self.segment_len + self.buf.len() as u64);
+            offsets.push(self.segment_len + (self.buf.len() - start) as u64);
             codec::encode_record(
                 &mut self.buf,
                 &RecordToWrite {
@@ -358,15 +396,7 @@ impl Writer {
                 },
             );
         }
-        if let Err(e) = self.segment.file.write_all_at(&self.buf, self.segment_len) {
-            let message = format!("writing {}: {e}", self.segment.path.display());
-            return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
-                Error::StorageFull(message)
-            } else {
-                Error::Io(message)
-            });
-        }
-        self.segment_len += self.buf.len() as u64;
+        self.segment_len += (self.buf.len() - start) as u64;
         let mut memtable = self.active.write().expect("memtable lock");
         for (i, event) in request.events.iter().enumerate() {
             let position = first_position + i as u64;
@@ -400,6 +430,7 @@ fn check_idempotency(
     view: &View,
     reader: &mut RecordReader,
     request: &AppendRequest,
+    write_pending: impl FnOnce() -> Result<(), Error>,
 ) -> Result<Option<Outcome>, Error> {
     let mut stored = Vec::new();
     for event in &request.events {
@@ -426,6 +457,8 @@ fn check_idempotency(
                 .to_owned(),
         );
     }
+    // The stored events may be this batch's, still in the write buffer.
+    write_pending()?;
     let mut revisions = (0, 0);
     for (i, &(event, position, address)) in stored.iter().enumerate() {
         let recorded = read::decode_at(reader, address)?;
