@@ -84,6 +84,12 @@ fn drop_index(dir: &Path) {
     std::fs::remove_file(dir.join("index.redb")).unwrap();
 }
 
+/// The last revision of the test stream `s-1`.
+fn head_revision(store: &Store) -> Option<Revision> {
+    let head = rt().block_on(store.stream_head(&StreamName::new("s-1").unwrap()));
+    head.unwrap().map(|h| h.revision)
+}
+
 fn read_all(store: &Store) -> Result<Vec<RecordedEvent>, Error> {
     rt().block_on(store.read(ReadRequest {
         source: ReadSource::All(None),
@@ -196,10 +202,7 @@ fn damage_behind_the_index_is_reported_when_read() {
         other => panic!("expected corruption, got {other:?}"),
     }
     // Reads that do not touch the damaged record still work.
-    let head = rt()
-        .block_on(store.stream_head(&StreamName::new("s-1").unwrap()))
-        .unwrap();
-    assert_eq!(head.map(|h| h.revision), Some(Revision(2499)));
+    assert_eq!(head_revision(&store), Some(Revision(2499)));
 }
 
 #[test]
@@ -271,10 +274,7 @@ fn a_garbage_index_file_is_rebuilt_not_trusted() {
         report.notes
     );
     assert_eq!(read_all(&store).unwrap().len(), 20);
-    let head = rt()
-        .block_on(store.stream_head(&StreamName::new("s-1").unwrap()))
-        .unwrap();
-    assert_eq!(head.map(|h| h.revision), Some(Revision(19)));
+    assert_eq!(head_revision(&store), Some(Revision(19)));
 }
 
 #[test]
