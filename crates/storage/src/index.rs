@@ -54,23 +54,6 @@ impl<'t> Tables<'t> {
         })
     }
 
-    /// Enters one stored event into every index.
-    pub fn insert_event(&mut self, e: &IndexEntry<'_>) -> Result<(), redb::Error> {
-        let addr = e.address.0;
-        self.streams.insert(e.stream, (e.revision, e.position))?;
-        self.stream_events.insert((e.stream, e.revision), addr)?;
-        self.categories.insert((e.category, e.position), addr)?;
-        for tag in e.tags {
-            self.tags.insert((tag.as_str(), e.position), addr)?;
-        }
-        self.types.insert((e.event_type, e.position), addr)?;
-        self.ids.insert(e.id, (e.position, addr))?;
-        if e.position.is_multiple_of(SPARSE_EVERY) || e.first_in_segment {
-            self.sparse.insert(e.position, addr)?;
-        }
-        Ok(())
-    }
-
     /// Records that every position before `next` is indexed.
     pub fn set_indexed_through(&mut self, next: u64) -> Result<(), redb::Error> {
         self.meta.insert(INDEXED_THROUGH, next)?;

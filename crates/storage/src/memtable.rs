@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use crate::index::{IndexEntry, SPARSE_EVERY, Tables};
+use crate::redb_error;
 use crate::segments::Address;
 
 /// Events in the active memtable before it is frozen and flushed (the default of
@@ -119,9 +120,27 @@ impl Memtable {
         self.end = position.max(self.base);
     }
 
+    /// Commits every entry to redb in one transaction that also moves `indexed_through` to
+    /// `end`: durable (the flusher, the end of recovery) or not (recovery's intermediate
+    /// batches, made durable by the last one).
+    pub fn commit_to(&self, db: &redb::Database, durable: bool) -> Result<(), skald_core::Error> {
+        let mut txn = db.begin_write().map_err(redb_error)?;
+        if durable {
+            txn.set_quick_repair(true);
+        } else {
+            txn.set_durability(redb::Durability::None)
+                .map_err(redb_error)?;
+        }
+        {
+            let mut tables = Tables::open(&txn).map_err(redb_error)?;
+            self.flush_into(&mut tables).map_err(redb_error)?;
+        }
+        txn.commit().map_err(redb_error)
+    }
+
     /// Writes every entry into redb, table by table in key order (sorted inserts are several
     /// times cheaper than scattered ones).
-    pub fn flush_into(&self, t: &mut Tables<'_>) -> Result<(), redb::Error> {
+    fn flush_into(&self, t: &mut Tables<'_>) -> Result<(), redb::Error> {
         let mut streams: Vec<_> = self.streams.iter().collect();
         streams.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (name, list) in &streams {

@@ -9,7 +9,8 @@ use std::sync::atomic::AtomicU64;
 use redb::{Database, ReadableDatabase};
 
 use crate::codec::{self, FRAME_HEADER_LEN, Frame, SEGMENT_HEADER_LEN};
-use crate::index::{self, IndexEntry, Tables};
+use crate::index::{self, IndexEntry};
+use crate::memtable::Memtable;
 use crate::segments::{Address, RecordReader, Segment, read_full_at, segment_path};
 use crate::{Error, io_error, redb_error};
 
@@ -434,38 +435,24 @@ fn index_batch(
     next_position: u64,
     durable: bool,
 ) -> Result<(), Error> {
-    let mut txn = db.begin_write().map_err(redb_error)?;
-    if durable {
-        txn.set_quick_repair(true);
-    } else {
-        txn.set_durability(redb::Durability::None)
-            .map_err(redb_error)?;
+    let base = batch.first().map_or(next_position, |p| p.event.position.0);
+    let mut memtable = Memtable::new(base);
+    for p in batch.iter() {
+        let e = &p.event;
+        let seg = &segments[p.address.ordinal() as usize];
+        memtable.insert(&IndexEntry {
+            stream: e.stream.as_str(),
+            category: e.stream.category().as_str(),
+            event_type: e.event_type.as_str(),
+            tags: &e.tags,
+            id: e.id.0.as_bytes(),
+            revision: e.revision.0,
+            position: e.position.0,
+            address: p.address,
+            first_in_segment: e.position.0 == seg.first_position,
+        });
     }
-    {
-        let mut tables = Tables::open(&txn).map_err(redb_error)?;
-        for p in batch.iter() {
-            let e = &p.event;
-            let seg = &segments[p.address.ordinal() as usize];
-            tables
-                .insert_event(&IndexEntry {
-                    stream: e.stream.as_str(),
-                    category: e.stream.category().as_str(),
-                    event_type: e.event_type.as_str(),
-                    tags: &e.tags,
-                    id: e.id.0.as_bytes(),
-                    revision: e.revision.0,
-                    position: e.position.0,
-                    address: p.address,
-                    first_in_segment: e.position.0 == seg.first_position,
-                })
-                .map_err(redb_error)?;
-        }
-        let through = batch
-            .last()
-            .map_or(next_position, |p| p.event.position.0 + 1);
-        tables.set_indexed_through(through).map_err(redb_error)?;
-    }
-    txn.commit().map_err(redb_error)?;
+    memtable.commit_to(db, durable)?;
     batch.clear();
     Ok(())
 }

@@ -212,7 +212,7 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{IndexEntry, Tables};
+    use crate::index::IndexEntry;
     use skald_core::Tag;
 
     /// A memtable that the flusher has written to redb but not yet dropped is seen in both
@@ -236,12 +236,7 @@ mod tests {
                 first_in_segment: p == 0,
             });
         }
-        let txn = db.begin_write().unwrap();
-        {
-            let mut tables = Tables::open(&txn).unwrap();
-            flushed.flush_into(&mut tables).unwrap();
-        }
-        txn.commit().unwrap();
+        flushed.commit_to(&db, true).unwrap();
         let mut active = Memtable::new(3);
         active.insert(&IndexEntry {
             stream: "s-1",

@@ -13,14 +13,14 @@ use skald_core::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Shared;
 use crate::codec::{self, RecordToWrite, SEGMENT_HEADER_LEN};
-use crate::index::{IndexEntry, Tables};
+use crate::index::IndexEntry;
 use crate::memtable::{MAX_FROZEN, Memtable};
 use crate::read;
 use crate::recovery::create_segment;
 use crate::segments::{Address, RecordReader, Segment};
 use crate::view::View;
-use crate::{Shared, redb_error};
 
 /// The write buffer is written out once it holds this much, so a batch of large events does
 /// not hold them all in memory.
@@ -515,7 +515,10 @@ pub fn run_flusher(shared: Arc<Shared>) {
                 state = mem.changed.wait(state).expect("memtable lock");
             }
         };
-        let result = flush(&shared.db, &next.read().expect("memtable lock"));
+        let result = next
+            .read()
+            .expect("memtable lock")
+            .commit_to(&shared.db, true);
         let mut state = mem.state.lock().expect("memtable lock");
         match result {
             Ok(()) => {
@@ -540,14 +543,4 @@ pub fn run_flusher(shared: Arc<Shared>) {
         drop(state);
         mem.changed.notify_all();
     }
-}
-
-fn flush(db: &redb::Database, memtable: &Memtable) -> Result<(), Error> {
-    let mut txn = db.begin_write().map_err(redb_error)?;
-    txn.set_quick_repair(true);
-    {
-        let mut tables = Tables::open(&txn).map_err(redb_error)?;
-        memtable.flush_into(&mut tables).map_err(redb_error)?;
-    }
-    txn.commit().map_err(redb_error)
 }
