@@ -104,6 +104,25 @@ impl StreamName {
         Self(name)
     }
 
+    /// Validates `name` as the name of one of Skald's own streams: it must start with `$` and
+    /// otherwise follow the rules of user stream names. Only Skald's components build these;
+    /// the APIs never accept one from a client.
+    pub fn system(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let Some(rest) = name.strip_prefix('$') else {
+            return Err(Error::invalid(format!(
+                "system stream name {name:?} must start with '$'"
+            )));
+        };
+        Self::new(rest)?;
+        Ok(Self(name))
+    }
+
+    /// Whether this is one of Skald's own streams (its name starts with `$`).
+    pub fn is_system(&self) -> bool {
+        self.0.starts_with('$')
+    }
+
     /// The name as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -112,11 +131,20 @@ impl StreamName {
     /// The stream's category: the part of the name before the first `-`, or the whole name
     /// when it has no `-` (or starts with one, which would leave an empty category).
     pub fn category(&self) -> Category {
+        Category(self.category_str().to_owned())
+    }
+
+    /// Whether the stream belongs to `category`, without allocating.
+    pub fn in_category(&self, category: &Category) -> bool {
+        self.category_str() == category.as_str()
+    }
+
+    fn category_str(&self) -> &str {
         let end = match self.0.find('-') {
             Some(i) if i > 0 => i,
             _ => self.0.len(),
         };
-        Category(self.0[..end].to_owned())
+        &self.0[..end]
     }
 }
 
@@ -207,12 +235,25 @@ mod tests {
     }
 
     #[test]
+    fn system_stream_names_need_the_dollar_and_the_usual_rules() {
+        let name = StreamName::system("$persistent-orders").unwrap();
+        assert!(name.is_system());
+        assert!(!StreamName::new("orders").unwrap().is_system());
+        for bad in ["persistent", "$", "$$x", "$a b", "$a/b"] {
+            assert!(StreamName::system(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn category_is_the_prefix_before_the_first_dash() {
         let c = |s: &str| StreamName::new(s).unwrap().category().as_str().to_owned();
         assert_eq!(c("order-42"), "order");
         assert_eq!(c("order-42-x"), "order");
         assert_eq!(c("orders"), "orders");
         assert_eq!(c("-x"), "-x");
+        let order = StreamName::new("order-42").unwrap();
+        assert!(order.in_category(&Category::new("order").unwrap()));
+        assert!(!order.in_category(&Category::new("orde").unwrap()));
     }
 
     #[test]

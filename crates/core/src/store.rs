@@ -121,6 +121,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// A summary of the store.
     fn info(&self) -> impl Future<Output = Result<StoreInfo>> + Send;
 
+    /// The position the next append will take, which is the number of events stored. Every
+    /// event before it is visible to reads.
+    fn next_position(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Resolves once the store holds more than `known` events (its next position is past
+    /// `known`), with the new next position. Live subscriptions wait on this instead of
+    /// polling.
+    fn wait_for_append(&self, known: u64) -> impl Future<Output = Result<u64>> + Send;
+
     /// The limits this store enforces.
     fn limits(&self) -> &Limits;
 }

@@ -87,6 +87,9 @@ pub(crate) struct Shared {
     pub segments: Segments,
     /// The next position: every event before it is durable, indexed and visible.
     pub head: AtomicU64,
+    /// The same head, for tasks that wait for it to move (live subscriptions). Sent after
+    /// `head` is stored, so a woken waiter always reads what it was woken for.
+    pub head_watch: tokio::sync::watch::Sender<u64>,
     /// Index entries not yet in redb.
     pub mem: memtable::Memtables,
     _lock: File,
@@ -177,6 +180,7 @@ impl Store {
             db: recovered.db,
             segments: Segments::new(recovered.segments),
             head: AtomicU64::new(recovered.next_position),
+            head_watch: tokio::sync::watch::Sender::new(recovered.next_position),
             mem: memtable::Memtables::new(recovered.next_position),
             _lock: lock,
         });
@@ -352,5 +356,18 @@ impl EventStore for Store {
 
     fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    async fn next_position(&self) -> Result<u64, Error> {
+        Ok(self.head())
+    }
+
+    async fn wait_for_append(&self, known: u64) -> Result<u64, Error> {
+        let mut watch = self.shared.head_watch.subscribe();
+        let head = watch
+            .wait_for(|head| *head > known)
+            .await
+            .map_err(|_| Error::Unavailable("the store is shut down".to_owned()))?;
+        Ok(*head)
     }
 }

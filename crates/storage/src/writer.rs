@@ -273,6 +273,7 @@ impl Writer {
         self.shared
             .head
             .store(self.next_position, Ordering::Release);
+        self.shared.head_watch.send_replace(self.next_position);
         Ok(outcomes)
     }
 

@@ -1,0 +1,92 @@
+//! Real-time delivery, independent of any transport: catch-up-then-live subscriptions over
+//! any [`EventStore`]. The design is in `docs/subscriptions.md`.
+//!
+//! [`Hub::start`] spawns the tailer, which reads each new event from the store once into a
+//! bounded in-memory tail; every [`Subscription`] reads history from the store and then takes
+//! live events from that tail. Writers never wait for subscribers: a subscriber that falls
+//! behind the tail reads from the store until it catches up.
+
+mod live;
+mod subscription;
+
+use std::sync::Arc;
+
+use skald_core::{EventStore, ReadSource, Result};
+use tokio::sync::watch;
+
+pub use live::TailLimits;
+pub use subscription::{CATCH_UP_PAGE, Delivery, LIVE_BATCH, Start, Subscription, matches_source};
+
+use crate::live::LiveTail;
+
+/// How the hub is built. Every field has a default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HubOptions {
+    /// The bound on the shared live tail.
+    pub tail: TailLimits,
+}
+
+/// The cheap cloneable handle to the hub of one store.
+pub struct Hub<S> {
+    store: Arc<S>,
+    tail: Arc<LiveTail>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl<S> Clone for Hub<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            tail: Arc::clone(&self.tail),
+            stop: Arc::clone(&self.stop),
+        }
+    }
+}
+
+impl<S: EventStore> Hub<S> {
+    /// Starts the tailer on the current tokio runtime.
+    pub async fn start(store: Arc<S>, options: HubOptions) -> Result<Self> {
+        let head = store.next_position().await?;
+        let tail = Arc::new(LiveTail::new(head, options.tail));
+        let stop = Arc::new(watch::Sender::new(false));
+        tokio::spawn(live::run_tailer(
+            Arc::clone(&store),
+            Arc::clone(&tail),
+            stop.subscribe(),
+        ));
+        Ok(Self { store, tail, stop })
+    }
+
+    /// The store this hub delivers from.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Opens a catch-up-then-live subscription.
+    pub async fn subscribe(&self, source: ReadSource, start: Start) -> Result<Subscription<S>> {
+        Subscription::start(
+            Arc::clone(&self.store),
+            Arc::clone(&self.tail),
+            source,
+            start,
+        )
+        .await
+    }
+
+    /// Subscriptions open now.
+    pub fn subscribers(&self) -> usize {
+        self.tail.subscribers()
+    }
+
+    /// Stops the tailer and tells every transport (through [`Hub::stopping`]) to end its
+    /// subscriptions.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Resolves once [`Hub::shutdown`] has been called.
+    pub async fn stopping(&self) {
+        let mut stop = self.stop.subscribe();
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    }
+}

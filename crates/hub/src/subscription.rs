@@ -1,0 +1,275 @@
+//! Catch-up-then-live subscriptions: history from the store page by page, then live events
+//! from the shared tail, with one cursor (a global position) so that nothing is missed or
+//! delivered twice at the switch, or when a slow subscriber falls off the tail and back.
+
+use std::sync::Arc;
+
+use skald_core::{
+    Direction, Error, EventStore, ReadRequest, ReadSource, RecordedEvent, Result, StreamName,
+};
+use tokio::sync::watch;
+
+use crate::live::{LiveTail, Take};
+
+/// Events per store read while catching up.
+pub const CATCH_UP_PAGE: usize = 1024;
+/// Most events handed over by one [`Subscription::next`] call from the live tail.
+pub const LIVE_BATCH: usize = 512;
+
+/// Where a subscription starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The first event there is.
+    Beginning,
+    /// The next event appended after subscribing.
+    Now,
+    /// The first matching event at or after this global position. `Last-Event-ID: P` resumes
+    /// with `Position(P + 1)`.
+    Position(u64),
+    /// A stream subscription's first event at or after this revision.
+    Revision(u64),
+}
+
+/// What a subscription hands over next.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Matching events, in position order, never empty.
+    Events(Vec<Arc<RecordedEvent>>),
+    /// Every matching event before `position` has been delivered; what follows is live.
+    /// Sent each time the subscription reaches the live tail from the store.
+    CaughtUp {
+        /// The subscription's cursor.
+        position: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Store,
+    Live,
+}
+
+/// One subscriber's catch-up-then-live cursor over the store and the live tail.
+pub struct Subscription<S> {
+    store: Arc<S>,
+    tail: Arc<LiveTail>,
+    end: watch::Receiver<u64>,
+    source: ReadSource,
+    /// Every matching event before this position has been delivered (or lies before the
+    /// start); none at or after it has.
+    cursor: u64,
+    /// For stream subscriptions: the next revision to read from the store. It may trail the
+    /// cursor (events below the cursor are dropped), never lead it.
+    next_revision: u64,
+    mode: Mode,
+    announced_live: bool,
+}
+
+impl<S> Drop for Subscription<S> {
+    fn drop(&mut self) {
+        self.tail.remove_subscriber();
+    }
+}
+
+impl<S: EventStore> Subscription<S> {
+    pub(crate) async fn start(
+        store: Arc<S>,
+        tail: Arc<LiveTail>,
+        source: ReadSource,
+        start: Start,
+    ) -> Result<Self> {
+        match (&source, start) {
+            (ReadSource::Stream(_), _)
+            | (_, Start::Beginning | Start::Now | Start::Position(_)) => {}
+            (_, Start::Revision(_)) => {
+                return Err(Error::invalid(
+                    "a revision can only start a stream subscription; use a position",
+                ));
+            }
+        }
+        if let ReadSource::All(Some(query)) | ReadSource::Query(query) = &source {
+            query.validate()?;
+        }
+        // Counted before the first read, so the tailer fills the tail from here on.
+        tail.add_subscriber();
+        let mut sub = Self {
+            end: tail.watch_end(),
+            store,
+            tail,
+            source,
+            cursor: 0,
+            next_revision: 0,
+            mode: Mode::Store,
+            announced_live: false,
+        };
+        sub.seek(start).await?;
+        Ok(sub)
+    }
+
+    /// The cursor: every matching event before it has been delivered.
+    pub fn position(&self) -> u64 {
+        self.cursor
+    }
+
+    async fn seek(&mut self, start: Start) -> Result<()> {
+        match start {
+            Start::Beginning => {}
+            Start::Now => {
+                if let ReadSource::Stream(stream) = &self.source {
+                    // Read before the head, so the revision can only trail the cursor.
+                    let head = self.store.stream_head(stream).await?;
+                    self.next_revision = head.map_or(0, |h| h.revision.0 + 1);
+                }
+                self.cursor = self.store.next_position().await?;
+            }
+            Start::Position(position) => {
+                self.cursor = position;
+                if let ReadSource::Stream(stream) = &self.source {
+                    let stream = stream.clone();
+                    self.next_revision = self.first_revision_at(&stream, position).await?;
+                }
+            }
+            Start::Revision(revision) => {
+                // Every event of the stream below `revision` is skipped; events of other
+                // streams do not matter. The cursor follows the first event read.
+                self.next_revision = revision;
+            }
+        }
+        Ok(())
+    }
+
+    /// The lowest revision of `stream` whose position is at least `position`: a binary search
+    /// over one-event reads, since positions grow with revisions.
+    async fn first_revision_at(&self, stream: &StreamName, position: u64) -> Result<u64> {
+        let Some(head) = self.store.stream_head(stream).await? else {
+            return Ok(0);
+        };
+        let (mut low, mut high) = (0, head.revision.0 + 1);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            let page = self
+                .store
+                .read(ReadRequest {
+                    source: ReadSource::Stream(stream.clone()),
+                    from: Some(mid),
+                    direction: Direction::Forward,
+                    limit: 1,
+                })
+                .await?;
+            match page.events.first() {
+                Some(e) if e.position.0 < position => low = mid + 1,
+                _ => high = mid,
+            }
+        }
+        Ok(low)
+    }
+
+    /// The next delivery. Waits while there is nothing new; cancel-safe between deliveries
+    /// (dropping the future loses nothing, since the cursor only moves when it resolves).
+    pub async fn next(&mut self) -> Result<Delivery> {
+        loop {
+            match self.mode {
+                Mode::Store => {
+                    if let Some(events) = self.read_store_page().await? {
+                        return Ok(Delivery::Events(events));
+                    }
+                }
+                Mode::Live => match self.tail.take(self.cursor, LIVE_BATCH) {
+                    Take::Events(events) => {
+                        if let Some(events) = self.accept_live(events) {
+                            return Ok(Delivery::Events(events));
+                        }
+                    }
+                    Take::Behind => {
+                        self.mode = Mode::Store;
+                        self.announced_live = false;
+                    }
+                    Take::Ahead => {
+                        if !self.announced_live {
+                            self.announced_live = true;
+                            return Ok(Delivery::CaughtUp {
+                                position: self.cursor,
+                            });
+                        }
+                        let cursor = self.cursor;
+                        if self.end.wait_for(|end| *end > cursor).await.is_err() {
+                            return Err(Error::Unavailable("the hub stopped".to_owned()));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Reads one page from the store at the cursor. Returns the matching events, if any;
+    /// switches to the live tail once the page shows the store has nothing more.
+    async fn read_store_page(&mut self) -> Result<Option<Vec<Arc<RecordedEvent>>>> {
+        // The head is read before the page: everything before it is in the page or does not
+        // match, so the cursor may jump there when the page comes back short.
+        let head = self.store.next_position().await?;
+        let from = match self.source {
+            ReadSource::Stream(_) => self.next_revision,
+            _ => self.cursor,
+        };
+        let page = self
+            .store
+            .read(ReadRequest {
+                source: self.source.clone(),
+                from: Some(from),
+                direction: Direction::Forward,
+                limit: CATCH_UP_PAGE,
+            })
+            .await?;
+        let full = page.next.is_some();
+        if let Some(last) = page.events.last() {
+            self.next_revision = last.revision.0 + 1;
+        }
+        let last_position = page.events.last().map(|e| e.position.0 + 1);
+        let cursor = self.cursor;
+        let events: Vec<_> = page
+            .events
+            .into_iter()
+            .filter(|e| e.position.0 >= cursor)
+            .map(Arc::new)
+            .collect();
+        if full {
+            self.cursor = self
+                .cursor
+                .max(last_position.expect("a full page has events"));
+        } else {
+            self.cursor = self.cursor.max(head).max(last_position.unwrap_or(0));
+            self.mode = Mode::Live;
+        }
+        Ok((!events.is_empty()).then_some(events))
+    }
+
+    /// Moves the cursor past events taken from the tail and keeps the matching ones.
+    fn accept_live(&mut self, events: Vec<Arc<RecordedEvent>>) -> Option<Vec<Arc<RecordedEvent>>> {
+        let last = events
+            .last()
+            .expect("the tail hands over at least one event");
+        debug_assert_eq!(
+            events[0].position.0, self.cursor,
+            "tail starts at the cursor"
+        );
+        self.cursor = last.position.0 + 1;
+        let matching: Vec<_> = events
+            .into_iter()
+            .filter(|e| matches_source(&self.source, e))
+            .collect();
+        if let (ReadSource::Stream(_), Some(last)) = (&self.source, matching.last()) {
+            self.next_revision = last.revision.0 + 1;
+        }
+        (!matching.is_empty()).then_some(matching)
+    }
+}
+
+/// Whether `event` belongs to what `source` selects.
+pub fn matches_source(source: &ReadSource, event: &RecordedEvent) -> bool {
+    match source {
+        ReadSource::Stream(stream) => event.stream == *stream,
+        ReadSource::All(None) => true,
+        ReadSource::All(Some(query)) | ReadSource::Query(query) => query.matches_event(event),
+        ReadSource::Category(category) => event.stream.in_category(category),
+    }
+}
