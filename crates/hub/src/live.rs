@@ -117,12 +117,11 @@ impl LiveTail {
         };
         {
             let mut ring = self.ring.write().expect("live tail lock poisoned");
-            let mut expected = ring.start + ring.events.len() as u64;
-            for event in events {
+            let end = ring.start + ring.events.len() as u64;
+            for (expected, event) in (end..).zip(events) {
                 // The tailer reads the log in order; a gap here would make a subscriber skip
                 // events, so it is checked where the events cross into the tail.
                 assert_eq!(event.position.0, expected, "live tail must stay contiguous");
-                expected += 1;
                 ring.bytes += event_bytes(&event);
                 ring.events.push_back(Arc::new(event));
             }
