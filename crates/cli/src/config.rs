@@ -83,6 +83,9 @@ pub fn merge(
     file.limits
         .validate()
         .map_err(|e| anyhow::anyhow!("config [limits]: {e}"))?;
+    file.http
+        .validate()
+        .map_err(|e| anyhow::anyhow!("config [http]: {e}"))?;
     let s = file.storage;
     if s.segment_bytes < 4096 || s.write_queue_capacity == 0 || s.max_batch_events == 0 {
         anyhow::bail!(

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use skald_core::Durability;
 use skald_storage::Store;
 
@@ -36,15 +35,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         store.head()
     );
     std::io::stdout().flush()?;
-    let app = skald_server::router(Arc::new(store.clone()), config.http);
-    // Each response is written whole at once; Nagle's algorithm would only delay it.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")?;
+    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
+    let app = skald_server::router_with_hub(hub.clone(), config.http);
+    skald_server::listener::serve(listener, app, async {
+        shutdown_signal().await;
+        // Subscriptions stream forever; they end now so that the connections can close.
+        hub.shutdown();
+    })
+    .await
+    .context("the HTTP server failed")?;
     // Requests in flight have finished; stop the writer after what it has queued.
     store.shutdown().await;
     eprintln!("skald: stopped cleanly");

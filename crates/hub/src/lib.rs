@@ -44,17 +44,17 @@ impl<S> Clone for Hub<S> {
 }
 
 impl<S: EventStore> Hub<S> {
-    /// Starts the tailer on the current tokio runtime.
-    pub async fn start(store: Arc<S>, options: HubOptions) -> Result<Self> {
-        let head = store.next_position().await?;
-        let tail = Arc::new(LiveTail::new(head, options.tail));
+    /// Starts the tailer on the current tokio runtime (it panics outside one).
+    pub fn start(store: Arc<S>, options: HubOptions) -> Self {
+        // The tailer moves the tail to the store's head before it waits for anything.
+        let tail = Arc::new(LiveTail::new(0, options.tail));
         let stop = Arc::new(watch::Sender::new(false));
         tokio::spawn(live::run_tailer(
             Arc::clone(&store),
             Arc::clone(&tail),
             stop.subscribe(),
         ));
-        Ok(Self { store, tail, stop })
+        Self { store, tail, stop }
     }
 
     /// The store this hub delivers from.

@@ -159,7 +159,13 @@ pub(crate) async fn run_tailer<S: EventStore>(
     tail: Arc<LiveTail>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut cursor = *tail.end.borrow();
+    let mut cursor = loop {
+        match store.next_position().await {
+            Ok(head) => break head,
+            Err(_) => tokio::time::sleep(TAILER_RETRY).await,
+        }
+    };
+    tail.reset(cursor);
     loop {
         let head = tokio::select! {
             head = store.wait_for_append(cursor) => head,

@@ -157,9 +157,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     bytes: usize::MAX,
                 },
             },
-        )
-        .await
-        .unwrap();
+        );
         let mut stored: Vec<Stored> = Vec::new();
         let mut subscribers = Vec::new();
         for op in ops {

@@ -2,9 +2,12 @@
 //! [`skald_core::EventStore`], so every backend gets the same API. See `docs/http-api.md`.
 
 mod cloudevents;
+pub mod listener;
 mod problem;
+mod subscribe;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -21,6 +24,7 @@ use skald_core::{
 };
 
 pub use problem::Problem;
+pub use skald_hub::Hub;
 
 use crate::cloudevents::{CloudEventIn, write_record};
 
@@ -37,18 +41,59 @@ const DEFAULT_JSON_LIMIT: usize = 100;
 pub struct HttpConfig {
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// A subscription silent this long gets a heartbeat (an SSE comment, a WebSocket ping).
+    pub heartbeat_ms: u64,
+    /// A subscriber that reads nothing for this long while events wait is disconnected.
+    pub stall_timeout_ms: u64,
+    /// The reconnect delay SSE clients are told to use.
+    pub sse_retry_ms: u64,
+    /// Most subscriptions open at once on one WebSocket.
+    pub max_subscriptions_per_socket: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 16 * 1024 * 1024,
+            heartbeat_ms: 15_000,
+            stall_timeout_ms: 30_000,
+            sse_retry_ms: 2_000,
+            max_subscriptions_per_socket: 64,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Checks the settings; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("stall_timeout_ms", self.stall_timeout_ms),
+            (
+                "max_subscriptions_per_socket",
+                self.max_subscriptions_per_socket as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    fn subscriptions(&self) -> subscribe::SubscriptionSettings {
+        subscribe::SubscriptionSettings {
+            heartbeat: Duration::from_millis(self.heartbeat_ms.max(1)),
+            stall_timeout: Duration::from_millis(self.stall_timeout_ms.max(1)),
+            sse_retry: Duration::from_millis(self.sse_retry_ms),
+            max_per_socket: self.max_subscriptions_per_socket.max(1),
         }
     }
 }
 
 struct App<S> {
     store: Arc<S>,
+    hub: Hub<S>,
     config: HttpConfig,
 }
 
@@ -56,15 +101,24 @@ impl<S> Clone for App<S> {
     fn clone(&self) -> Self {
         Self {
             store: Arc::clone(&self.store),
+            hub: self.hub.clone(),
             config: self.config.clone(),
         }
     }
 }
 
-/// Builds the API's router over `store`.
+/// Builds the API's router over `store`, starting a hub for its subscriptions on the current
+/// tokio runtime.
 pub fn router<S: EventStore>(store: Arc<S>, config: HttpConfig) -> Router {
+    router_with_hub(Hub::start(store, skald_hub::HubOptions::default()), config)
+}
+
+/// Builds the API's router over the store of `hub`. Call [`Hub::shutdown`] to end every
+/// subscription before a graceful shutdown.
+pub fn router_with_hub<S: EventStore>(hub: Hub<S>, config: HttpConfig) -> Router {
     let limit = config.max_body_bytes;
-    let app = App { store, config };
+    let store = Arc::clone(hub.store());
+    let app = App { store, hub, config };
     Router::new()
         .route(
             "/v1/streams/{stream}",
@@ -76,6 +130,17 @@ pub fn router<S: EventStore>(store: Arc<S>, config: HttpConfig) -> Router {
         .route("/v1/query", post(read_query::<S>))
         .route("/v1/info", get(info::<S>))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/subscribe/all", get(subscribe::sse_all::<S>))
+        .route(
+            "/v1/subscribe/streams/{stream}",
+            get(subscribe::sse_stream::<S>),
+        )
+        .route(
+            "/v1/subscribe/categories/{category}",
+            get(subscribe::sse_category::<S>),
+        )
+        .route("/v1/subscribe/query", get(subscribe::sse_query::<S>))
+        .route("/v1/ws", get(subscribe::websocket::<S>))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))

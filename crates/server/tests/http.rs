@@ -367,6 +367,7 @@ async fn oversize_bodies_are_413() {
         Limits::default(),
         HttpConfig {
             max_body_bytes: 1024,
+            ..HttpConfig::default()
         },
     );
     let body = json!({"events": [{"type": "A", "data": "x".repeat(2000)}]}).to_string();

@@ -1,0 +1,675 @@
+//! Catch-up-then-live subscriptions over Server-Sent Events and WebSocket. The protocols are
+//! in `docs/subscriptions.md`; the delivery logic is in `skald-hub`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use skald_core::{Category, EventStore, EventType, Query, QueryItem, ReadSource, StreamName, Tag};
+use skald_hub::{Delivery, Hub, Start, Subscription};
+use tokio::sync::mpsc;
+
+use crate::cloudevents::write_record;
+use crate::listener::Connection;
+use crate::{App, Problem, parse_json, percent_decode, stream_name};
+
+/// Chunks waiting between a subscription and its HTTP response. Kept tiny: a slow client
+/// holds at most this many batches (plus the socket's buffers) in memory.
+const SSE_QUEUE: usize = 2;
+/// Messages waiting between a socket's subscriptions and the socket.
+const WS_QUEUE: usize = 8;
+/// A batch is split into chunks (SSE) or messages (WebSocket) of about this size, so that
+/// what waits for a slow client is bounded in bytes, not only in events.
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Longest subscription id on a WebSocket, in bytes.
+const MAX_SUBSCRIPTION_ID: usize = 128;
+
+/// Settings for live delivery, in the `[http]` table.
+#[derive(Clone, Debug)]
+pub struct SubscriptionSettings {
+    pub heartbeat: Duration,
+    pub stall_timeout: Duration,
+    pub sse_retry: Duration,
+    pub max_per_socket: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing what to subscribe to
+
+/// Parses a start: `start`, `now`, a position, or `revision:N` (streams only).
+fn parse_start(text: &str, is_stream: bool) -> Result<Start, Problem> {
+    match text {
+        "start" => return Ok(Start::Beginning),
+        "now" => return Ok(Start::Now),
+        _ => {}
+    }
+    if let Ok(position) = text.parse::<u64>() {
+        return Ok(Start::Position(position));
+    }
+    if let Some(revision) = text.strip_prefix("revision:") {
+        if !is_stream {
+            return Err(Problem::malformed(format!(
+                "from {text:?}: a revision can only start a stream subscription; give a position"
+            )));
+        }
+        if let Ok(revision) = revision.parse::<u64>() {
+            return Ok(Start::Revision(revision));
+        }
+    }
+    Err(Problem::malformed(format!(
+        "from {text:?} is not a start: use start, now, a position (a whole number), or \
+         revision:N for a stream"
+    )))
+}
+
+/// The SSE query string: `from`, and per endpoint `types`/`tags` or `query`.
+struct SseParams {
+    start: Start,
+    types: Vec<EventType>,
+    tags: Vec<Tag>,
+    query: Option<Query>,
+}
+
+fn parse_sse_params(
+    raw: Option<String>,
+    allowed: &[&str],
+    is_stream: bool,
+) -> Result<SseParams, Problem> {
+    let mut p = SseParams {
+        start: Start::Beginning,
+        types: Vec::new(),
+        tags: Vec::new(),
+        query: None,
+    };
+    for pair in raw.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value).ok_or_else(|| {
+            Problem::malformed(format!("query parameter {key} is not valid UTF-8"))
+        })?;
+        if !allowed.contains(&key) {
+            return Err(Problem::malformed(format!(
+                "unknown query parameter {key:?}; this endpoint takes {}",
+                allowed.join(", ")
+            )));
+        }
+        match key {
+            "from" => p.start = parse_start(&value, is_stream)?,
+            "types" => {
+                for t in value.split(',') {
+                    p.types.push(
+                        EventType::new(t).map_err(|e| Problem::malformed(format!("types: {e}")))?,
+                    );
+                }
+            }
+            "tags" => {
+                for t in value.split(',') {
+                    p.tags
+                        .push(Tag::new(t).map_err(|e| Problem::malformed(format!("tags: {e}")))?);
+                }
+            }
+            "query" => p.query = Some(parse_json(value.as_bytes(), "query parameter query")?),
+            _ => unreachable!("checked against the allowed list"),
+        }
+    }
+    Ok(p)
+}
+
+/// `Last-Event-ID` resumes after the position it names.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<Start>, Problem> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let position = text.parse::<u64>().map_err(|_| {
+        Problem::malformed(format!(
+            "Last-Event-ID {text:?} is not a position; Skald's SSE ids are event positions"
+        ))
+    })?;
+    Ok(Some(Start::Position(position + 1)))
+}
+
+fn filter_of(types: Vec<EventType>, tags: Vec<Tag>) -> Option<Query> {
+    (!types.is_empty() || !tags.is_empty()).then(|| Query {
+        items: vec![QueryItem { types, tags }],
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-Sent Events
+
+pub(crate) async fn sse_all<S: EventStore>(
+    State(app): State<App<S>>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    connection: Option<axum::Extension<Connection>>,
+) -> Result<Response, Problem> {
+    let p = parse_sse_params(raw, &["from", "types", "tags"], false)?;
+    let source = ReadSource::All(filter_of(p.types, p.tags));
+    sse(app, source, p.start, &headers, connection).await
+}
+
+pub(crate) async fn sse_stream<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(stream): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    connection: Option<axum::Extension<Connection>>,
+) -> Result<Response, Problem> {
+    let stream = stream_name(stream)?;
+    let p = parse_sse_params(raw, &["from"], true)?;
+    sse(
+        app,
+        ReadSource::Stream(stream),
+        p.start,
+        &headers,
+        connection,
+    )
+    .await
+}
+
+pub(crate) async fn sse_category<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(category): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    connection: Option<axum::Extension<Connection>>,
+) -> Result<Response, Problem> {
+    let category = Category::new(category).map_err(Problem::from)?;
+    let p = parse_sse_params(raw, &["from"], false)?;
+    sse(
+        app,
+        ReadSource::Category(category),
+        p.start,
+        &headers,
+        connection,
+    )
+    .await
+}
+
+pub(crate) async fn sse_query<S: EventStore>(
+    State(app): State<App<S>>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    connection: Option<axum::Extension<Connection>>,
+) -> Result<Response, Problem> {
+    let p = parse_sse_params(raw, &["from", "query"], false)?;
+    let query = p.query.ok_or_else(|| {
+        Problem::malformed(
+            "query parameter query is required: a DCB query as JSON, such as \
+             {\"items\":[{\"types\":[\"Placed\"],\"tags\":[\"customer:1\"]}]}",
+        )
+    })?;
+    query.validate()?;
+    sse(app, ReadSource::Query(query), p.start, &headers, connection).await
+}
+
+async fn sse<S: EventStore>(
+    app: App<S>,
+    source: ReadSource,
+    start: Start,
+    headers: &HeaderMap,
+    connection: Option<axum::Extension<Connection>>,
+) -> Result<Response, Problem> {
+    let start = last_event_id(headers)?.unwrap_or(start);
+    let subscription = app.hub.subscribe(source, start).await?;
+    let (tx, rx) = mpsc::channel::<Bytes>(SSE_QUEUE);
+    tokio::spawn(pump_sse(
+        subscription,
+        tx,
+        app.hub.clone(),
+        app.config.subscriptions(),
+        connection.map(|c| c.0),
+    ));
+    let body = stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), rx))
+    });
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // Proxies such as nginx would otherwise hold events back.
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// Formats deliveries as SSE and hands them to the response until the client leaves, the
+/// server stops, or the client stalls.
+async fn pump_sse<S: EventStore>(
+    mut subscription: Subscription<S>,
+    tx: mpsc::Sender<Bytes>,
+    hub: Hub<S>,
+    settings: SubscriptionSettings,
+    connection: Option<Connection>,
+) {
+    let retry = format!("retry: {}\n\n", settings.sse_retry.as_millis());
+    if !send_sse(&tx, Bytes::from(retry), &settings, connection.as_ref()).await {
+        return;
+    }
+    loop {
+        let delivery = tokio::select! {
+            () = hub.stopping() => return,
+            () = tx.closed() => return,
+            delivery = tokio::time::timeout(settings.heartbeat, subscription.next()) => delivery,
+        };
+        let sent = match delivery {
+            Err(_) => {
+                send_sse(
+                    &tx,
+                    Bytes::from_static(b": heartbeat\n\n"),
+                    &settings,
+                    connection.as_ref(),
+                )
+                .await
+            }
+            Ok(Ok(Delivery::Events(events))) => {
+                let mut out = Vec::with_capacity(CHUNK_BYTES + 4096);
+                let mut sent = true;
+                for (i, event) in events.iter().enumerate() {
+                    out.extend_from_slice(format!("id: {}\ndata: ", event.position).as_bytes());
+                    write_record(&mut out, event);
+                    out.extend_from_slice(b"\n\n");
+                    if out.len() >= CHUNK_BYTES || i + 1 == events.len() {
+                        let chunk = Bytes::from(std::mem::take(&mut out));
+                        sent = send_sse(&tx, chunk, &settings, connection.as_ref()).await;
+                        if !sent {
+                            break;
+                        }
+                    }
+                }
+                sent
+            }
+            Ok(Ok(Delivery::CaughtUp { position })) => {
+                let chunk = format!("event: caught-up\ndata: {{\"position\":{position}}}\n\n");
+                send_sse(&tx, Bytes::from(chunk), &settings, connection.as_ref()).await
+            }
+            Ok(Err(e)) => {
+                let problem = Problem::from(e).to_json();
+                let chunk = format!("event: error\ndata: {problem}\n\n");
+                send_sse(&tx, Bytes::from(chunk), &settings, connection.as_ref()).await;
+                false
+            }
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
+/// Hands one chunk to the response. False when the client is gone, or has read nothing for
+/// the stall timeout, in which case its connection is dropped.
+async fn send_sse(
+    tx: &mpsc::Sender<Bytes>,
+    chunk: Bytes,
+    settings: &SubscriptionSettings,
+    connection: Option<&Connection>,
+) -> bool {
+    match tokio::time::timeout(settings.stall_timeout, tx.send(chunk)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            eprintln!(
+                "skald: disconnecting an SSE subscriber that read nothing for {:?}",
+                settings.stall_timeout
+            );
+            if let Some(connection) = connection {
+                connection.close_now();
+            }
+            false
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+enum ClientMessage {
+    Subscribe {
+        id: String,
+        source: SourceSpec,
+        #[serde(default)]
+        from: Option<Value>,
+    },
+    Unsubscribe {
+        id: String,
+    },
+    Ping {
+        #[serde(default)]
+        data: Value,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+enum SourceSpec {
+    All(AllSpec),
+    Stream(String),
+    Category(String),
+    Query(Query),
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AllSpec {
+    types: Vec<EventType>,
+    tags: Vec<Tag>,
+}
+
+fn source_of(spec: SourceSpec) -> Result<ReadSource, Problem> {
+    Ok(match spec {
+        SourceSpec::All(all) => ReadSource::All(filter_of(all.types, all.tags)),
+        SourceSpec::Stream(name) => {
+            ReadSource::Stream(StreamName::new(name).map_err(Problem::from)?)
+        }
+        SourceSpec::Category(name) => {
+            ReadSource::Category(Category::new(name).map_err(Problem::from)?)
+        }
+        SourceSpec::Query(query) => {
+            query.validate()?;
+            ReadSource::Query(query)
+        }
+    })
+}
+
+fn ws_start(from: Option<Value>, is_stream: bool) -> Result<Start, Problem> {
+    match from {
+        None => Ok(Start::Beginning),
+        Some(Value::String(text)) if text != "revision" => parse_start(&text, is_stream),
+        Some(Value::Number(n)) if n.as_u64().is_some() => {
+            Ok(Start::Position(n.as_u64().expect("checked")))
+        }
+        Some(Value::Object(o))
+            if o.len() == 1 && o.get("revision").and_then(Value::as_u64).is_some() =>
+        {
+            if !is_stream {
+                return Err(Problem::malformed(
+                    "from: a revision can only start a stream subscription; give a position",
+                ));
+            }
+            Ok(Start::Revision(o["revision"].as_u64().expect("checked")))
+        }
+        Some(other) => Err(Problem::malformed(format!(
+            "from {other} is not a start: use \"start\", \"now\", a position, or {{\"revision\": N}} for a stream"
+        ))),
+    }
+}
+
+/// A message from a subscription's pump to the socket, tagged so that messages of a
+/// subscription that has since been unsubscribed can be dropped.
+struct Outgoing {
+    id: Arc<str>,
+    generation: u64,
+    text: String,
+}
+
+pub(crate) async fn websocket<S: EventStore>(
+    State(app): State<App<S>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade.on_upgrade(move |socket| ws_session(socket, app))
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    // A close reason is at most 123 bytes.
+    let mut reason = reason.to_owned();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }))
+}
+
+struct Session<S> {
+    app: App<S>,
+    settings: SubscriptionSettings,
+    tx: mpsc::Sender<Outgoing>,
+    active: HashMap<Arc<str>, (u64, tokio::task::JoinHandle<()>)>,
+    generation: u64,
+}
+
+/// What the session does after a client message.
+enum Next {
+    Reply(Value),
+    Close(Value, String),
+}
+
+async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>) {
+    let settings = app.config.subscriptions();
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(WS_QUEUE);
+    let hub = app.hub.clone();
+    let mut session = Session {
+        app,
+        settings: settings.clone(),
+        tx,
+        active: HashMap::new(),
+        generation: 0,
+    };
+    let mut heartbeat = tokio::time::interval(settings.heartbeat);
+    heartbeat.reset();
+    loop {
+        let outgoing: Message = tokio::select! {
+            () = hub.stopping() => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    socket.send(close_message(1001, "the server is shutting down")),
+                ).await;
+                break;
+            }
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Text(text))) => match session.handle(text.as_str()).await {
+                    Next::Reply(value) => Message::Text(value.to_string().into()),
+                    Next::Close(value, reason) => {
+                        let _ = tokio::time::timeout(settings.stall_timeout, socket.send(Message::Text(value.to_string().into()))).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close_message(1008, &reason))).await;
+                        break;
+                    }
+                },
+                Some(Ok(Message::Binary(_))) => {
+                    let problem = Problem::malformed("binary messages are not understood; send JSON text messages");
+                    let reason = "binary messages are not understood".to_owned();
+                    let value = json!({"type": "error", "id": null, "problem": problem.to_json()});
+                    let _ = tokio::time::timeout(settings.stall_timeout, socket.send(Message::Text(value.to_string().into()))).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close_message(1008, &reason))).await;
+                    break;
+                }
+                // Pings are answered by the WebSocket layer; pongs need nothing.
+                Some(Ok(_)) => continue,
+            },
+            Some(out) = rx.recv() => {
+                let current = session.active.get(&out.id).is_some_and(|(g, _)| *g == out.generation);
+                if !current {
+                    continue;
+                }
+                Message::Text(out.text.into())
+            }
+            _ = heartbeat.tick() => Message::Ping(Bytes::new()),
+        };
+        match tokio::time::timeout(settings.stall_timeout, socket.send(outgoing)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                eprintln!(
+                    "skald: closing a WebSocket whose client read nothing for {:?}",
+                    settings.stall_timeout
+                );
+                let reason = format!("the client read nothing for {:?}", settings.stall_timeout);
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    socket.send(close_message(1008, &reason)),
+                )
+                .await;
+                break;
+            }
+        }
+    }
+    for (_, (_, task)) in session.active.drain() {
+        task.abort();
+    }
+}
+
+impl<S: EventStore> Session<S> {
+    async fn handle(&mut self, text: &str) -> Next {
+        let message: ClientMessage = match parse_json(text.as_bytes(), "message") {
+            Ok(message) => message,
+            Err(problem) => {
+                let reason = problem.to_json()["detail"]
+                    .as_str()
+                    .unwrap_or("bad message")
+                    .to_owned();
+                return Next::Close(
+                    json!({"type": "error", "id": null, "problem": problem.to_json()}),
+                    reason,
+                );
+            }
+        };
+        match message {
+            ClientMessage::Ping { data } => Next::Reply(json!({"type": "pong", "data": data})),
+            ClientMessage::Unsubscribe { id } => match self.active.remove(id.as_str()) {
+                Some((_, task)) => {
+                    task.abort();
+                    Next::Reply(json!({"type": "unsubscribed", "id": id}))
+                }
+                None => Next::Reply(error_reply(
+                    Some(&id),
+                    Problem::malformed(format!("no subscription {id:?} on this socket")),
+                )),
+            },
+            ClientMessage::Subscribe { id, source, from } => {
+                match self.subscribe(&id, source, from).await {
+                    Ok(()) => Next::Reply(json!({"type": "subscribed", "id": id})),
+                    Err(problem) => Next::Reply(error_reply(Some(&id), problem)),
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: &str,
+        source: SourceSpec,
+        from: Option<Value>,
+    ) -> Result<(), Problem> {
+        if id.is_empty() || id.len() > MAX_SUBSCRIPTION_ID {
+            return Err(Problem::malformed(format!(
+                "a subscription id must be 1 to {MAX_SUBSCRIPTION_ID} bytes long"
+            )));
+        }
+        self.active.retain(|_, (_, task)| !task.is_finished());
+        if self.active.contains_key(id) {
+            return Err(Problem::malformed(format!(
+                "subscription {id:?} is already open on this socket"
+            )));
+        }
+        if self.active.len() >= self.settings.max_per_socket {
+            return Err(Problem::malformed(format!(
+                "this socket already has {} subscriptions, the most allowed; unsubscribe one first",
+                self.settings.max_per_socket
+            )));
+        }
+        let source = source_of(source)?;
+        let start = ws_start(from, matches!(source, ReadSource::Stream(_)))?;
+        let subscription = self.app.hub.subscribe(source, start).await?;
+        self.generation += 1;
+        let id: Arc<str> = Arc::from(id);
+        let task = tokio::spawn(pump_ws(
+            subscription,
+            Arc::clone(&id),
+            self.generation,
+            self.tx.clone(),
+        ));
+        self.active.insert(id, (self.generation, task));
+        Ok(())
+    }
+}
+
+fn error_reply(id: Option<&str>, problem: Problem) -> Value {
+    json!({"type": "error", "id": id, "problem": problem.to_json()})
+}
+
+async fn pump_ws<S: EventStore>(
+    mut subscription: Subscription<S>,
+    id: Arc<str>,
+    generation: u64,
+    tx: mpsc::Sender<Outgoing>,
+) {
+    let quoted_id = serde_json::to_string(&*id).expect("a string serializes");
+    let send = |text: String| {
+        tx.send(Outgoing {
+            id: Arc::clone(&id),
+            generation,
+            text,
+        })
+    };
+    loop {
+        match subscription.next().await {
+            Ok(Delivery::Events(events)) => {
+                for batch in ws_batches(&quoted_id, &events) {
+                    if send(batch).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Delivery::CaughtUp { position }) => {
+                let text = format!(
+                    "{{\"type\":\"caught-up\",\"id\":{quoted_id},\"position\":{position}}}"
+                );
+                if send(text).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = send(error_reply(Some(&id), Problem::from(e)).to_string()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// `events` messages of about [`CHUNK_BYTES`] each (at least one event each).
+fn ws_batches(quoted_id: &str, events: &[Arc<skald_core::RecordedEvent>]) -> Vec<String> {
+    let head = format!("{{\"type\":\"events\",\"id\":{quoted_id},\"events\":[");
+    let mut batches = Vec::new();
+    let mut out = Vec::new();
+    for event in events {
+        if out.is_empty() {
+            out.extend_from_slice(head.as_bytes());
+        } else {
+            out.push(b',');
+        }
+        write_record(&mut out, event);
+        if out.len() >= CHUNK_BYTES {
+            out.extend_from_slice(b"]}");
+            batches.push(String::from_utf8(std::mem::take(&mut out)).expect("records are UTF-8"));
+        }
+    }
+    if !out.is_empty() {
+        out.extend_from_slice(b"]}");
+        batches.push(String::from_utf8(out).expect("records are UTF-8"));
+    }
+    batches
+}
