@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod config;
 mod serve;
+mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,13 @@ enum Command {
         server: ServerArg,
         #[command(flatten)]
         args: commands::ReadArgs,
+    },
+    /// Follow events live: the global log, a stream or a category, filtered by type and tag.
+    Tail {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(flatten)]
+        args: tail::TailArgs,
     },
     /// Show the server's version, head position, durability and size.
     Info {
@@ -117,6 +125,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Read { server, args } => {
             commands::read(&client::HttpClient::new(&server.url)?, args).await
+        }
+        Command::Tail { server, args } => {
+            tail::run(&client::HttpClient::new(&server.url)?, args).await
         }
         Command::Info { server } => commands::info(&client::HttpClient::new(&server.url)?).await,
         Command::Bench(args) => bench::run(args).await,
