@@ -3,13 +3,15 @@
 //! here; subscribers take from it without touching the store. It is bounded by events and by
 //! bytes; a subscriber whose next event has already left it reads from the store instead.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use skald_core::{Direction, EventStore, MAX_READ_PAGE, ReadRequest, ReadSource, RecordedEvent};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+
+use crate::subscription::matches_source;
 
 /// A bound on the live tail. Both limits apply; the oldest events leave first.
 #[derive(Clone, Copy, Debug)]
@@ -38,19 +40,75 @@ struct Ring {
 
 /// What [`LiveTail::take`] found at a cursor.
 pub(crate) enum Take {
-    /// Events from the cursor on, in position order (never empty).
-    Events(Vec<Arc<RecordedEvent>>),
+    /// The matching events (possibly none) among those scanned, and the cursor after the last
+    /// event scanned.
+    Events(Vec<Arc<RecordedEvent>>, u64),
     /// The event at the cursor has left the tail (or never entered it): read the store.
     Behind,
-    /// Nothing at or after the cursor yet.
-    Ahead,
+    /// Nothing matching at or after the cursor yet; the cursor may move to the given position
+    /// (past the events that did not match).
+    Ahead(u64),
 }
+
+/// Most events one [`LiveTail::take`] looks at, so that the read lock is held briefly.
+const SCAN_LIMIT: usize = 8192;
+
+/// Whom a published event concerns: subscribers are woken only for events they may want.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum WaitKey {
+    Stream(String),
+    Category(String),
+    Everything,
+}
+
+impl WaitKey {
+    pub fn of(source: &ReadSource) -> Self {
+        match source {
+            ReadSource::Stream(stream) => Self::Stream(stream.as_str().to_owned()),
+            ReadSource::Category(category) => Self::Category(category.as_str().to_owned()),
+            ReadSource::All(_) | ReadSource::Query(_) => Self::Everything,
+        }
+    }
+}
+
+/// A subscriber's registration for wake-ups; unregisters when dropped.
+pub(crate) struct Waiter {
+    tail: Arc<LiveTail>,
+    key: WaitKey,
+    id: u64,
+    notify: Arc<Notify>,
+}
+
+impl Waiter {
+    /// Resolves after an event this waiter may want was published since the last call (a
+    /// wake-up that arrives before the call is kept, so none is lost).
+    pub async fn woken(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut waiters = self.tail.waiters.lock().expect("waiters lock poisoned");
+        if let Some(list) = waiters.get_mut(&self.key) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                waiters.remove(&self.key);
+            }
+        }
+        drop(waiters);
+        self.tail.subscribers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A waiter's id and the `Notify` that wakes it.
+type Registration = (u64, Arc<Notify>);
 
 /// The shared tail. See the module documentation.
 pub(crate) struct LiveTail {
     ring: RwLock<Ring>,
-    /// The position after the last event in the ring; subscribers wait on it.
-    end: watch::Sender<u64>,
+    waiters: Mutex<HashMap<WaitKey, Vec<Registration>>>,
+    next_waiter: AtomicU64,
     subscribers: AtomicUsize,
     limits: TailLimits,
 }
@@ -73,48 +131,105 @@ impl LiveTail {
                 events: VecDeque::new(),
                 bytes: 0,
             }),
-            end: watch::Sender::new(start),
+            waiters: Mutex::new(HashMap::new()),
+            next_waiter: AtomicU64::new(0),
             subscribers: AtomicUsize::new(0),
             limits,
         }
     }
 
-    pub fn watch_end(&self) -> watch::Receiver<u64> {
-        self.end.subscribe()
-    }
-
-    pub fn add_subscriber(&self) {
+    /// Registers a subscriber, woken for the events `source` may select.
+    pub fn register(self: &Arc<Self>, source: &ReadSource) -> Waiter {
         self.subscribers.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub fn remove_subscriber(&self) {
-        self.subscribers.fetch_sub(1, Ordering::AcqRel);
+        let key = WaitKey::of(source);
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        self.waiters
+            .lock()
+            .expect("waiters lock poisoned")
+            .entry(key.clone())
+            .or_default()
+            .push((id, Arc::clone(&notify)));
+        Waiter {
+            tail: Arc::clone(self),
+            key,
+            id,
+            notify,
+        }
     }
 
     pub fn subscribers(&self) -> usize {
         self.subscribers.load(Ordering::Acquire)
     }
 
-    /// Up to `max` events from position `cursor` on.
-    pub fn take(&self, cursor: u64, max: usize) -> Take {
+    /// The position after the last event in the ring.
+    #[cfg(test)]
+    fn end(&self) -> u64 {
+        let ring = self.ring.read().expect("live tail lock poisoned");
+        ring.start + ring.events.len() as u64
+    }
+
+    /// Up to `max` events selected by `source`, from position `cursor` on, scanning at most
+    /// [`SCAN_LIMIT`] events.
+    pub fn take(&self, cursor: u64, max: usize, source: &ReadSource) -> Take {
         let ring = self.ring.read().expect("live tail lock poisoned");
         let end = ring.start + ring.events.len() as u64;
         if cursor < ring.start {
             return Take::Behind;
         }
         if cursor >= end {
-            return Take::Ahead;
+            return Take::Ahead(cursor);
         }
         let from = usize::try_from(cursor - ring.start).expect("ring index fits in usize");
-        let to = ring.events.len().min(from + max.max(1));
-        Take::Events(ring.events.range(from..to).cloned().collect())
+        let mut matching = Vec::new();
+        let mut next = cursor;
+        for event in ring.events.range(from..).take(SCAN_LIMIT) {
+            next = event.position.0 + 1;
+            if matches_source(source, event) {
+                matching.push(Arc::clone(event));
+                if matching.len() >= max.max(1) {
+                    break;
+                }
+            }
+        }
+        if matching.is_empty() && next == end {
+            Take::Ahead(next)
+        } else {
+            Take::Events(matching, next)
+        }
     }
 
-    /// Appends the events that follow the ring's end, evicting the oldest past the bounds.
+    /// Wakes the subscribers of `keys` and those of every event.
+    fn wake(&self, keys: &HashSet<WaitKey>) {
+        let waiters = self.waiters.lock().expect("waiters lock poisoned");
+        let everything = std::iter::once(&WaitKey::Everything);
+        for key in keys.iter().chain(everything) {
+            for (_, notify) in waiters.get(key).into_iter().flatten() {
+                notify.notify_one();
+            }
+        }
+    }
+
+    /// Wakes every subscriber (after the tail restarted somewhere else).
+    fn wake_all(&self) {
+        let waiters = self.waiters.lock().expect("waiters lock poisoned");
+        for (_, notify) in waiters.values().flatten() {
+            notify.notify_one();
+        }
+    }
+
+    /// Appends the events that follow the ring's end, evicting the oldest past the bounds,
+    /// then wakes the subscribers they concern.
     fn publish(&self, events: Vec<RecordedEvent>) {
-        let Some(last) = events.last().map(|e| e.position.0) else {
-            return;
-        };
+        let mut keys = HashSet::new();
+        for event in &events {
+            if !keys.contains(&WaitKey::Stream(event.stream.as_str().to_owned())) {
+                keys.insert(WaitKey::Stream(event.stream.as_str().to_owned()));
+                keys.insert(WaitKey::Category(
+                    event.stream.category().as_str().to_owned(),
+                ));
+            }
+        }
         {
             let mut ring = self.ring.write().expect("live tail lock poisoned");
             let end = ring.start + ring.events.len() as u64;
@@ -133,11 +248,12 @@ impl LiveTail {
                 ring.start += 1;
             }
         }
-        self.end.send_replace(last + 1);
+        self.wake(&keys);
     }
 
     /// Empties the ring and restarts it at `start`: the tailer does this instead of reading
-    /// while nobody listens.
+    /// while nobody listens, and after a failed read. Subscribers waiting in the old ring are
+    /// woken to find they must read the store.
     fn reset(&self, start: u64) {
         {
             let mut ring = self.ring.write().expect("live tail lock poisoned");
@@ -145,7 +261,7 @@ impl LiveTail {
             ring.bytes = 0;
             ring.start = start;
         }
-        self.end.send_replace(start);
+        self.wake_all();
     }
 }
 
@@ -216,19 +332,30 @@ mod tests {
     };
 
     fn event(position: u64) -> RecordedEvent {
+        let stream = if position.is_multiple_of(2) { "even-1" } else { "odd-1" };
         RecordedEvent {
             id: EventId::generate(),
-            stream: StreamName::new("s").unwrap(),
+            stream: StreamName::new(stream).unwrap(),
             event_type: EventType::new("t").unwrap(),
             data: EventData::json("{}").unwrap(),
             metadata: Metadata::empty(),
             tags: vec![],
             source: None,
             recorded_at: Timestamp(0),
-            revision: Revision(position),
+            revision: Revision(position / 2),
             position: Position(position),
         }
     }
+
+    fn positions(take: Take) -> (Vec<u64>, u64) {
+        match take {
+            Take::Events(events, next) => (events.iter().map(|e| e.position.0).collect(), next),
+            Take::Ahead(next) => (vec![], next),
+            Take::Behind => panic!("behind"),
+        }
+    }
+
+    const ALL: ReadSource = ReadSource::All(None);
 
     #[test]
     fn take_reports_behind_inside_and_ahead_and_evicts_oldest_first() {
@@ -239,21 +366,52 @@ mod tests {
                 bytes: usize::MAX,
             },
         );
-        assert!(matches!(tail.take(10, 5), Take::Ahead));
+        assert!(matches!(tail.take(10, 5, &ALL), Take::Ahead(10)));
         tail.publish((10..15).map(event).collect());
-        assert_eq!(*tail.end.borrow(), 15);
-        assert!(matches!(tail.take(11, 5), Take::Behind));
-        let Take::Events(got) = tail.take(12, 2) else {
-            panic!("12 is in the tail")
-        };
-        assert_eq!(
-            got.iter().map(|e| e.position.0).collect::<Vec<_>>(),
-            [12, 13]
-        );
-        assert!(matches!(tail.take(15, 5), Take::Ahead));
+        assert_eq!(tail.end(), 15);
+        assert!(matches!(tail.take(11, 5, &ALL), Take::Behind));
+        assert_eq!(positions(tail.take(12, 2, &ALL)), (vec![12, 13], 14));
+        assert!(matches!(tail.take(15, 5, &ALL), Take::Ahead(15)));
         tail.reset(20);
-        assert!(matches!(tail.take(15, 5), Take::Behind));
-        assert!(matches!(tail.take(20, 5), Take::Ahead));
+        assert!(matches!(tail.take(15, 5, &ALL), Take::Behind));
+        assert!(matches!(tail.take(20, 5, &ALL), Take::Ahead(20)));
+    }
+
+    #[test]
+    fn take_filters_and_moves_the_cursor_past_what_does_not_match() {
+        let tail = LiveTail::new(0, TailLimits::default());
+        tail.publish((0..6).map(event).collect());
+        let odd = ReadSource::Stream(StreamName::new("odd-1").unwrap());
+        assert_eq!(positions(tail.take(0, 2, &odd)), (vec![1, 3], 4));
+        assert_eq!(positions(tail.take(4, 2, &odd)), (vec![5], 6));
+        let even = ReadSource::Category(skald_core::Category::new("even").unwrap());
+        assert_eq!(positions(tail.take(5, 2, &even)), (vec![], 6));
+    }
+
+    #[tokio::test]
+    async fn publishing_wakes_only_the_subscribers_it_concerns() {
+        let tail = Arc::new(LiveTail::new(0, TailLimits::default()));
+        let odd = tail.register(&ReadSource::Stream(StreamName::new("odd-1").unwrap()));
+        let even = tail.register(&ReadSource::Category(
+            skald_core::Category::new("even").unwrap(),
+        ));
+        let all = tail.register(&ALL);
+        assert_eq!(tail.subscribers(), 3);
+        tail.publish(vec![event(0)]);
+        let now = |w: &Waiter| {
+            let mut f = std::pin::pin!(w.woken());
+            let waker = std::task::Waker::noop();
+            f.as_mut()
+                .poll(&mut std::task::Context::from_waker(waker))
+                .is_ready()
+        };
+        assert!(now(&even) && now(&all));
+        assert!(
+            !now(&odd),
+            "an event of another stream does not wake a stream subscriber"
+        );
+        drop(odd);
+        assert_eq!(tail.subscribers(), 2);
     }
 
     #[test]
@@ -266,8 +424,8 @@ mod tests {
             },
         );
         tail.publish((0..4).map(event).collect());
-        assert!(matches!(tail.take(2, 5), Take::Behind));
-        assert!(matches!(tail.take(3, 5), Take::Events(_)));
+        assert!(matches!(tail.take(2, 5, &ALL), Take::Behind));
+        assert!(matches!(tail.take(3, 5, &ALL), Take::Events(..)));
     }
 
     #[test]

@@ -4,12 +4,10 @@
 
 use std::sync::Arc;
 
+use crate::live::{LiveTail, Take, Waiter};
 use skald_core::{
     Direction, Error, EventStore, ReadRequest, ReadSource, RecordedEvent, Result, StreamName,
 };
-use tokio::sync::watch;
-
-use crate::live::{LiveTail, Take};
 
 /// Events per store read while catching up.
 pub const CATCH_UP_PAGE: usize = 1024;
@@ -53,7 +51,7 @@ enum Mode {
 pub struct Subscription<S> {
     store: Arc<S>,
     tail: Arc<LiveTail>,
-    end: watch::Receiver<u64>,
+    waiter: Waiter,
     source: ReadSource,
     /// Every matching event before this position has been delivered (or lies before the
     /// start); none at or after it has.
@@ -63,12 +61,6 @@ pub struct Subscription<S> {
     next_revision: u64,
     mode: Mode,
     announced_live: bool,
-}
-
-impl<S> Drop for Subscription<S> {
-    fn drop(&mut self) {
-        self.tail.remove_subscriber();
-    }
 }
 
 impl<S: EventStore> Subscription<S> {
@@ -90,10 +82,9 @@ impl<S: EventStore> Subscription<S> {
         if let ReadSource::All(Some(query)) | ReadSource::Query(query) = &source {
             query.validate()?;
         }
-        // Counted before the first read, so the tailer fills the tail from here on.
-        tail.add_subscriber();
+        // Registered before the first read, so the tailer fills the tail from here on.
         let mut sub = Self {
-            end: tail.watch_end(),
+            waiter: tail.register(&source),
             store,
             tail,
             source,
@@ -174,9 +165,9 @@ impl<S: EventStore> Subscription<S> {
                         return Ok(Delivery::Events(events));
                     }
                 }
-                Mode::Live => match self.tail.take(self.cursor, LIVE_BATCH) {
-                    Take::Events(events) => {
-                        if let Some(events) = self.accept_live(events) {
+                Mode::Live => match self.tail.take(self.cursor, LIVE_BATCH, &self.source) {
+                    Take::Events(events, next) => {
+                        if let Some(events) = self.accept_live(events, next) {
                             return Ok(Delivery::Events(events));
                         }
                     }
@@ -184,17 +175,15 @@ impl<S: EventStore> Subscription<S> {
                         self.mode = Mode::Store;
                         self.announced_live = false;
                     }
-                    Take::Ahead => {
+                    Take::Ahead(next) => {
+                        self.cursor = next;
                         if !self.announced_live {
                             self.announced_live = true;
                             return Ok(Delivery::CaughtUp {
                                 position: self.cursor,
                             });
                         }
-                        let cursor = self.cursor;
-                        if self.end.wait_for(|end| *end > cursor).await.is_err() {
-                            return Err(Error::Unavailable("the hub stopped".to_owned()));
-                        }
+                        self.waiter.woken().await;
                     }
                 },
             }
@@ -243,20 +232,19 @@ impl<S: EventStore> Subscription<S> {
         Ok((!events.is_empty()).then_some(events))
     }
 
-    /// Moves the cursor past events taken from the tail and keeps the matching ones.
-    fn accept_live(&mut self, events: Vec<Arc<RecordedEvent>>) -> Option<Vec<Arc<RecordedEvent>>> {
-        let last = events
-            .last()
-            .expect("the tail hands over at least one event");
-        debug_assert_eq!(
-            events[0].position.0, self.cursor,
-            "tail starts at the cursor"
+    /// Moves the cursor past the events the tail scanned and hands over the matching ones.
+    fn accept_live(
+        &mut self,
+        matching: Vec<Arc<RecordedEvent>>,
+        next: u64,
+    ) -> Option<Vec<Arc<RecordedEvent>>> {
+        debug_assert!(
+            matching
+                .iter()
+                .all(|e| e.position.0 >= self.cursor && e.position.0 < next),
+            "the tail hands over events between the cursor and the next cursor"
         );
-        self.cursor = last.position.0 + 1;
-        let matching: Vec<_> = events
-            .into_iter()
-            .filter(|e| matches_source(&self.source, e))
-            .collect();
+        self.cursor = next;
         if let (ReadSource::Stream(_), Some(last)) = (&self.source, matching.last()) {
             self.next_revision = last.revision.0 + 1;
         }
