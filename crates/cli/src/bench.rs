@@ -31,6 +31,9 @@ pub enum Workload {
     Mixed,
     /// fdatasync latency of the data directory's disk, for comparison with append latency.
     Fsync,
+    /// Append-to-delivery latency with many SSE and WebSocket subscribers, memory per idle
+    /// subscriber, and a catch-up read over WebSocket (server only).
+    Subscribe,
 }
 
 /// How streams are chosen for each append.
@@ -89,6 +92,22 @@ pub struct BenchArgs {
     /// Concurrent catch-up readers in the mixed workload.
     #[arg(long, default_value_t = 2)]
     pub readers: usize,
+    /// Server-Sent Events subscribers (subscribe workload).
+    #[arg(long, default_value_t = 1000)]
+    pub sse: usize,
+    /// WebSocket subscribers (subscribe workload).
+    #[arg(long, default_value_t = 1000)]
+    pub ws: usize,
+    /// Events appended per second, one per append (subscribe workload).
+    #[arg(long, default_value_t = 5000)]
+    pub rate: u64,
+    /// Streams the subscribers are spread over, each subscriber following one (subscribe
+    /// workload); every event reaches (sse + ws) / subscribe-streams subscribers.
+    #[arg(long, default_value_t = 100)]
+    pub subscribe_streams: usize,
+    /// The server's process id, to report its memory per idle subscriber (subscribe workload).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Print the result as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -125,7 +144,7 @@ enum Outcome {
 
 /// Latency figures in microseconds.
 #[derive(Serialize)]
-struct Latency {
+pub struct Latency {
     p50_us: u64,
     p95_us: u64,
     p99_us: u64,
@@ -135,7 +154,7 @@ struct Latency {
 }
 
 impl Latency {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Histogram<u64>) -> Self {
         Self {
             p50_us: h.value_at_quantile(0.50),
             p95_us: h.value_at_quantile(0.95),
@@ -186,6 +205,12 @@ struct Report {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.workload == Workload::Subscribe {
+        if args.embedded || args.rate == 0 {
+            bail!("bench subscribe runs against a server (--server URL) with --rate of at least 1");
+        }
+        return crate::bench_subscribe::run(&args).await;
+    }
     check_args(&args)?;
     if args.workload == Workload::Fsync {
         let dir = args.data_dir.clone().unwrap_or_else(|| ".".into());
@@ -217,7 +242,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             (Some(append), Some(read))
         }
-        Workload::Fsync => unreachable!("handled above"),
+        Workload::Fsync | Workload::Subscribe => unreachable!("handled above"),
     };
     if let Target::Embedded(store, _) = &target {
         store.shutdown().await;
@@ -731,11 +756,11 @@ fn report(
     Ok(())
 }
 
-fn ms(us: u64) -> String {
+pub fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-fn print_latency(label: &str, l: &Latency) {
+pub fn print_latency(label: &str, l: &Latency) {
     println!(
         "{label:<12} p50 {}  p95 {}  p99 {}  p99.9 {}  max {}",
         ms(l.p50_us),

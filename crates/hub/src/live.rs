@@ -332,7 +332,11 @@ mod tests {
     };
 
     fn event(position: u64) -> RecordedEvent {
-        let stream = if position.is_multiple_of(2) { "even-1" } else { "odd-1" };
+        let stream = if position.is_multiple_of(2) {
+            "even-1"
+        } else {
+            "odd-1"
+        };
         RecordedEvent {
             id: EventId::generate(),
             stream: StreamName::new(stream).unwrap(),
