@@ -613,6 +613,11 @@ async fn the_openapi_document_lists_every_route() {
         ("/v1/query", "post"),
         ("/v1/info", "get"),
         ("/v1/openapi.json", "get"),
+        ("/v1/subscribe/all", "get"),
+        ("/v1/subscribe/streams/{stream}", "get"),
+        ("/v1/subscribe/categories/{category}", "get"),
+        ("/v1/subscribe/query", "get"),
+        ("/v1/ws", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),
