@@ -832,6 +832,11 @@ mod tests {
             duration: 1.0,
             events: 1,
             readers: 0,
+            sse: 0,
+            ws: 0,
+            rate: 1,
+            subscribe_streams: 1,
+            server_pid: None,
             json: false,
         };
         let picker = StreamPicker::new(&args);

@@ -78,11 +78,11 @@ struct Sink {
 
 impl Sink {
     fn record(&self, local: &mut Histogram<u64>, record: &str) {
-        if let Some(t) = sent_at(record) {
-            if self.measuring.load(Ordering::Relaxed) {
-                let _ = local.record(now_us().saturating_sub(t).max(1));
-                self.deliveries.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(t) = sent_at(record)
+            && self.measuring.load(Ordering::Relaxed)
+        {
+            let _ = local.record(now_us().saturating_sub(t).max(1));
+            self.deliveries.fetch_add(1, Ordering::Relaxed);
         }
     }
 
