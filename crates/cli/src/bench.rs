@@ -296,13 +296,7 @@ async fn open_target(args: &BenchArgs) -> anyhow::Result<Target> {
 async fn describe_target(target: &Target) -> anyhow::Result<(String, String)> {
     match target {
         Target::Http(client, url) => {
-            let (status, body) = client
-                .call(Method::GET, "/v1/info", &[], Bytes::new())
-                .await?;
-            if !status.is_success() {
-                bail!("{}", describe_problem(status, &body));
-            }
-            let info: serde_json::Value = serde_json::from_slice(&body)?;
+            let info = client.info().await?;
             Ok((
                 url.clone(),
                 info["durability"].as_str().unwrap_or("?").to_owned(),

@@ -226,14 +226,7 @@ async fn run_appender(
 /// Makes sure the store holds at least `events` events (appending 1,000 per request), then
 /// reads them all with one WebSocket subscription from the start.
 async fn catch_up(base: &str, events: u64) -> anyhow::Result<(u64, f64)> {
-    let client = HttpClient::new(base)?;
-    let (status, body) = client
-        .call(Method::GET, "/v1/info", &[], Bytes::new())
-        .await?;
-    if !status.is_success() {
-        bail!("{}", describe_problem(status, &body));
-    }
-    let info: serde_json::Value = serde_json::from_slice(&body)?;
+    let info = HttpClient::new(base)?.info().await?;
     let mut have = info["headPosition"].as_u64().map_or(0, |p| p + 1);
     if have < events {
         eprintln!(

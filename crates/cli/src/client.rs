@@ -90,6 +90,17 @@ impl HttpClient {
     }
 }
 
+impl HttpClient {
+    /// `GET /v1/info`: the server's version, head position, durability and size.
+    pub async fn info(&self) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self
+            .call(Method::GET, "/v1/info", &[], Bytes::new())
+            .await?;
+        expect_success(status, &body)?;
+        serde_json::from_slice(&body).context("the server's answer is not JSON")
+    }
+}
+
 /// Turns a problem+json body into one readable line.
 pub fn describe_problem(status: StatusCode, body: &[u8]) -> String {
     match serde_json::from_slice::<serde_json::Value>(body) {

@@ -181,11 +181,7 @@ pub async fn read(client: &HttpClient, args: ReadArgs) -> anyhow::Result<()> {
 }
 
 pub async fn info(client: &HttpClient) -> anyhow::Result<()> {
-    let (status, body) = client
-        .call(Method::GET, "/v1/info", &[], Bytes::new())
-        .await?;
-    expect_success(status, &body)?;
-    let value: Value = serde_json::from_slice(&body).context("the server's answer is not JSON")?;
+    let value = client.info().await?;
     println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())
 }

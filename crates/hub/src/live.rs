@@ -223,8 +223,7 @@ impl LiveTail {
     fn publish(&self, events: Vec<RecordedEvent>) {
         let mut keys = HashSet::new();
         for event in &events {
-            if !keys.contains(&WaitKey::Stream(event.stream.as_str().to_owned())) {
-                keys.insert(WaitKey::Stream(event.stream.as_str().to_owned()));
+            if keys.insert(WaitKey::Stream(event.stream.as_str().to_owned())) {
                 keys.insert(WaitKey::Category(
                     event.stream.category().as_str().to_owned(),
                 ));

@@ -310,9 +310,10 @@ struct ReadParams {
     tags: Vec<Tag>,
 }
 
-fn parse_params(query: Option<String>, allowed: &[&str]) -> Result<ReadParams, Problem> {
-    let mut p = ReadParams::default();
+/// The decoded `key=value` pairs of a query string, each key checked against `allowed`.
+fn query_pairs(query: Option<String>, allowed: &[&str]) -> Result<Vec<(String, String)>, Problem> {
     let query = query.unwrap_or_default();
+    let mut pairs = Vec::new();
     for pair in query.split('&').filter(|s| !s.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value).ok_or_else(|| {
@@ -324,6 +325,26 @@ fn parse_params(query: Option<String>, allowed: &[&str]) -> Result<ReadParams, P
                 allowed.join(", ")
             )));
         }
+        pairs.push((key.to_owned(), value));
+    }
+    Ok(pairs)
+}
+
+/// Parses a comma-separated list of names (`types`, `tags`), naming the parameter on error.
+fn parse_names<T>(
+    key: &str,
+    value: &str,
+    parse: impl Fn(&str) -> skald_core::Result<T>,
+) -> Result<Vec<T>, Problem> {
+    value
+        .split(',')
+        .map(|v| parse(v).map_err(|e| Problem::malformed(format!("{key}: {e}"))))
+        .collect()
+}
+
+fn parse_params(query: Option<String>, allowed: &[&str]) -> Result<ReadParams, Problem> {
+    let mut p = ReadParams::default();
+    for (key, value) in query_pairs(query, allowed)? {
         let number = |v: &str| {
             v.parse::<u64>().map_err(|_| {
                 Problem::malformed(format!(
@@ -331,7 +352,7 @@ fn parse_params(query: Option<String>, allowed: &[&str]) -> Result<ReadParams, P
                 ))
             })
         };
-        match key {
+        match key.as_str() {
             "from" => p.from = Some(number(&value)?),
             "limit" => p.limit = Some(number(&value)? as usize),
             "direction" => {
@@ -345,19 +366,10 @@ fn parse_params(query: Option<String>, allowed: &[&str]) -> Result<ReadParams, P
                     }
                 }
             }
-            "types" => {
-                for t in value.split(',') {
-                    p.types.push(
-                        EventType::new(t).map_err(|e| Problem::malformed(format!("types: {e}")))?,
-                    );
-                }
-            }
-            "tags" => {
-                for t in value.split(',') {
-                    p.tags
-                        .push(Tag::new(t).map_err(|e| Problem::malformed(format!("tags: {e}")))?);
-                }
-            }
+            "types" => p
+                .types
+                .extend(parse_names(&key, &value, |v| EventType::new(v))?),
+            "tags" => p.tags.extend(parse_names(&key, &value, |v| Tag::new(v))?),
             _ => unreachable!("checked against the allowed list"),
         }
     }

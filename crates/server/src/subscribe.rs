@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::cloudevents::write_record;
 use crate::listener::Connection;
-use crate::{App, Problem, parse_json, percent_decode, stream_name};
+use crate::{App, Problem, parse_json, parse_names, query_pairs, stream_name};
 
 /// Chunks waiting between a subscription and its HTTP response. Kept tiny: a slow client
 /// holds at most this many batches (plus the socket's buffers) in memory.
@@ -93,32 +93,13 @@ fn parse_sse_params(
         tags: Vec::new(),
         query: None,
     };
-    for pair in raw.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(value).ok_or_else(|| {
-            Problem::malformed(format!("query parameter {key} is not valid UTF-8"))
-        })?;
-        if !allowed.contains(&key) {
-            return Err(Problem::malformed(format!(
-                "unknown query parameter {key:?}; this endpoint takes {}",
-                allowed.join(", ")
-            )));
-        }
-        match key {
+    for (key, value) in query_pairs(raw, allowed)? {
+        match key.as_str() {
             "from" => p.start = parse_start(&value, is_stream)?,
-            "types" => {
-                for t in value.split(',') {
-                    p.types.push(
-                        EventType::new(t).map_err(|e| Problem::malformed(format!("types: {e}")))?,
-                    );
-                }
-            }
-            "tags" => {
-                for t in value.split(',') {
-                    p.tags
-                        .push(Tag::new(t).map_err(|e| Problem::malformed(format!("tags: {e}")))?);
-                }
-            }
+            "types" => p
+                .types
+                .extend(parse_names(&key, &value, |v| EventType::new(v))?),
+            "tags" => p.tags.extend(parse_names(&key, &value, |v| Tag::new(v))?),
             "query" => p.query = Some(parse_json(value.as_bytes(), "query parameter query")?),
             _ => unreachable!("checked against the allowed list"),
         }
@@ -492,21 +473,23 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>) {
             }
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                Some(Ok(Message::Text(text))) => match session.handle(text.as_str()).await {
-                    Next::Reply(value) => Message::Text(value.to_string().into()),
-                    Next::Close(value, reason) => {
-                        let _ = tokio::time::timeout(settings.stall_timeout, socket.send(Message::Text(value.to_string().into()))).await;
-                        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close_message(1008, &reason))).await;
-                        break;
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                    let next = match message {
+                        Message::Text(text) => session.handle(text.as_str()).await,
+                        _ => protocol_error(Problem::malformed(
+                            "binary messages are not understood; send JSON text messages",
+                        )),
+                    };
+                    match next {
+                        Next::Reply(value) => Message::Text(value.to_string().into()),
+                        Next::Close(value, reason) => {
+                            let error = Message::Text(value.to_string().into());
+                            let _ = tokio::time::timeout(settings.stall_timeout, socket.send(error)).await;
+                            let close = close_message(1008, &reason);
+                            let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+                            break;
+                        }
                     }
-                },
-                Some(Ok(Message::Binary(_))) => {
-                    let problem = Problem::malformed("binary messages are not understood; send JSON text messages");
-                    let reason = "binary messages are not understood".to_owned();
-                    let value = json!({"type": "error", "id": null, "problem": problem.to_json()});
-                    let _ = tokio::time::timeout(settings.stall_timeout, socket.send(Message::Text(value.to_string().into()))).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close_message(1008, &reason))).await;
-                    break;
                 }
                 // Pings are answered by the WebSocket layer; pongs need nothing.
                 Some(Ok(_)) => continue,
@@ -547,16 +530,7 @@ impl<S: EventStore> Session<S> {
     async fn handle(&mut self, text: &str) -> Next {
         let message: ClientMessage = match parse_json(text.as_bytes(), "message") {
             Ok(message) => message,
-            Err(problem) => {
-                let reason = problem.to_json()["detail"]
-                    .as_str()
-                    .unwrap_or("bad message")
-                    .to_owned();
-                return Next::Close(
-                    json!({"type": "error", "id": null, "problem": problem.to_json()}),
-                    reason,
-                );
-            }
+            Err(problem) => return protocol_error(problem),
         };
         match message {
             ClientMessage::Ping { data } => Next::Reply(json!({"type": "pong", "data": data})),
@@ -616,6 +590,15 @@ impl<S: EventStore> Session<S> {
         self.active.insert(id, (self.generation, task));
         Ok(())
     }
+}
+
+/// Input that is not a message: an error with no id, then the socket closes with the detail.
+fn protocol_error(problem: Problem) -> Next {
+    let reason = problem.to_json()["detail"]
+        .as_str()
+        .unwrap_or("bad message")
+        .to_owned();
+    Next::Close(error_reply(None, problem), reason)
 }
 
 fn error_reply(id: Option<&str>, problem: Problem) -> Value {
