@@ -54,6 +54,14 @@ pub enum Error {
     #[error("stream {0} not found")]
     StreamNotFound(StreamName),
 
+    /// No persistent subscription group has this name.
+    #[error("persistent subscription group {0:?} not found")]
+    GroupNotFound(String),
+
+    /// A persistent subscription group with this name exists already.
+    #[error("persistent subscription group {0:?} already exists; update it, or delete it first")]
+    GroupExists(String),
+
     /// The disk is full; nothing of the failed append was stored.
     #[error("storage is full: {0}")]
     StorageFull(String),

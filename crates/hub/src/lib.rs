@@ -6,7 +6,9 @@
 //! live events from that tail. Writers never wait for subscribers: a subscriber that falls
 //! behind the tail reads from the store until it catches up.
 
+pub mod groups;
 mod live;
+mod source;
 mod subscription;
 
 use std::sync::Arc;
@@ -14,7 +16,9 @@ use std::sync::Arc;
 use skald_core::{EventStore, ReadSource, Result};
 use tokio::sync::watch;
 
+pub use groups::Groups;
 pub use live::TailLimits;
+pub use source::{AllSpec, SourceSpec, filter_of};
 pub use subscription::{CATCH_UP_PAGE, Delivery, LIVE_BATCH, Start, Subscription, matches_source};
 
 use crate::live::LiveTail;
@@ -31,6 +35,7 @@ pub struct Hub<S> {
     store: Arc<S>,
     tail: Arc<LiveTail>,
     stop: Arc<watch::Sender<bool>>,
+    tailer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl<S> Clone for Hub<S> {
@@ -39,6 +44,7 @@ impl<S> Clone for Hub<S> {
             store: Arc::clone(&self.store),
             tail: Arc::clone(&self.tail),
             stop: Arc::clone(&self.stop),
+            tailer: Arc::clone(&self.tailer),
         }
     }
 }
@@ -49,12 +55,17 @@ impl<S: EventStore> Hub<S> {
         // The tailer moves the tail to the store's head before it waits for anything.
         let tail = Arc::new(LiveTail::new(0, options.tail));
         let stop = Arc::new(watch::Sender::new(false));
-        tokio::spawn(live::run_tailer(
+        let tailer = tokio::spawn(live::run_tailer(
             Arc::clone(&store),
             Arc::clone(&tail),
             stop.subscribe(),
         ));
-        Self { store, tail, stop }
+        Self {
+            store,
+            tail,
+            stop,
+            tailer: Arc::new(std::sync::Mutex::new(Some(tailer))),
+        }
     }
 
     /// The store this hub delivers from.
@@ -82,6 +93,15 @@ impl<S: EventStore> Hub<S> {
     /// subscriptions.
     pub fn shutdown(&self) {
         self.stop.send_replace(true);
+    }
+
+    /// Resolves once the tailer has stopped after [`Hub::shutdown`], so that it holds the
+    /// store no more.
+    pub async fn stopped(&self) {
+        let tailer = self.tailer.lock().expect("not poisoned").take();
+        if let Some(tailer) = tailer {
+            let _ = tailer.await;
+        }
     }
 
     /// Resolves once [`Hub::shutdown`] has been called.

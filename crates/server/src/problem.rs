@@ -151,6 +151,17 @@ impl From<Error> for Problem {
                 detail,
             )
             .with("stream", json!(stream)),
+            Error::GroupNotFound(name) => Self::new(
+                StatusCode::NOT_FOUND,
+                "group-not-found",
+                "Group not found",
+                format!("{detail}; GET /v1/groups lists the groups"),
+            )
+            .with("group", json!(name)),
+            Error::GroupExists(name) => {
+                Self::new(StatusCode::CONFLICT, "group-exists", "Group exists", detail)
+                    .with("group", json!(name))
+            }
             Error::StorageFull(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage-full",
@@ -227,6 +238,8 @@ mod tests {
                 "event-id-reused",
             ),
             (Error::StreamNotFound(stream), 404, "stream-not-found"),
+            (Error::GroupNotFound("g".into()), 404, "group-not-found"),
+            (Error::GroupExists("g".into()), 409, "group-exists"),
             (Error::StorageFull("disk".into()), 503, "storage-full"),
             (Error::Unavailable("closing".into()), 503, "unavailable"),
             (

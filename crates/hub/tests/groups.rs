@@ -1,0 +1,508 @@
+//! Persistent subscriptions against the real store: competing consumers, pinned ordering,
+//! timeouts, retry then park, replay of parked messages, and a restart that loses nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skald_core::*;
+use skald_hub::groups::{
+    ConsumerEvent, GroupMessage, GroupSettings, NackAction, NewGroup, SettingsUpdate, StartSpec,
+    Strategy,
+};
+use skald_hub::{AllSpec, Groups, Hub, HubOptions, SourceSpec};
+use skald_storage::{Options, Store};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn open(dir: &Path) -> (Store, Groups<Store>, Hub<Store>) {
+    // A read whose future was dropped (a `select!` that took another branch) still finishes
+    // on the blocking pool and holds the store, and so its directory lock, for a moment after
+    // everything stopped.
+    let mut attempts = 0;
+    let store = loop {
+        let opened = Store::open(Options {
+            data_dir: dir.to_path_buf(),
+            durability: Durability::None,
+            ..Options::default()
+        });
+        match opened {
+            Ok((store, _)) => break store,
+            Err(Error::Unavailable(_)) if attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let hub = Hub::start(Arc::new(store.clone()), HubOptions::default());
+    let groups = Groups::start(hub.clone()).await.unwrap();
+    (store, groups, hub)
+}
+
+async fn stop(store: Store, groups: Groups<Store>, hub: Hub<Store>) {
+    hub.shutdown();
+    groups.stopped().await;
+    hub.stopped().await;
+    store.shutdown().await;
+}
+
+/// Appends `count` events and returns the position of the first. Positions are not counted
+/// from 0 here: creating a group writes events of its own (to system streams).
+async fn append(store: &Store, stream: &str, count: usize) -> u64 {
+    let events = (0..count)
+        .map(|i| {
+            ProposedEvent::new(
+                EventType::new("Happened").unwrap(),
+                EventData::json(format!("{{\"i\":{i}}}")).unwrap(),
+            )
+        })
+        .collect();
+    store
+        .append(AppendRequest {
+            stream: StreamName::new(stream).unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events,
+        })
+        .await
+        .unwrap()
+        .first_position
+        .0
+}
+
+fn group(name: &str, settings: GroupSettings) -> NewGroup {
+    NewGroup {
+        name: name.into(),
+        source: SourceSpec::All(AllSpec::default()),
+        start: StartSpec::Beginning,
+        settings,
+    }
+}
+
+async fn next(consumer: &mut skald_hub::groups::Consumer) -> Vec<GroupMessage> {
+    match tokio::time::timeout(WAIT, consumer.next()).await {
+        Ok(ConsumerEvent::Messages(m)) => m,
+        Ok(ConsumerEvent::Ended(e)) => panic!("consumer ended: {e}"),
+        Err(_) => panic!("no message within {WAIT:?}"),
+    }
+}
+
+fn positions(from: u64, count: u64) -> Vec<String> {
+    (from..from + count).map(|p| p.to_string()).collect()
+}
+
+fn ids(messages: &[GroupMessage]) -> Vec<String> {
+    messages.iter().map(|m| m.ack_id.clone()).collect()
+}
+
+#[tokio::test]
+async fn competing_consumers_share_every_event_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups
+        .create(group("g", GroupSettings::default()))
+        .await
+        .unwrap();
+    let mut a = groups.join("g", "a", "test", 5).await.unwrap();
+    let mut b = groups.join("g", "b", "test", 5).await.unwrap();
+    let base = append(&store, "order-0", 25).await;
+    for s in 1..4 {
+        append(&store, &format!("order-{s}"), 25).await;
+    }
+    let mut seen: BTreeMap<u64, &str> = BTreeMap::new();
+    let mut per_consumer = [0usize; 2];
+    while seen.len() < 100 {
+        let (name, batch) = tokio::select! {
+            batch = next(&mut a) => ("a", batch),
+            batch = next(&mut b) => ("b", batch),
+        };
+        for m in &batch {
+            assert_eq!(m.deliveries, 1, "nothing times out here");
+            assert!(
+                seen.insert(m.event.position.0, name).is_none(),
+                "delivered twice"
+            );
+        }
+        per_consumer[usize::from(name == "b")] += batch.len();
+        let outcome = groups.ack("g", ids(&batch)).await.unwrap();
+        assert_eq!(outcome.done, batch.len());
+        assert!(outcome.unknown.is_empty());
+    }
+    assert!(per_consumer.iter().all(|n| *n > 0), "{per_consumer:?}");
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (base..base + 100).collect::<Vec<_>>()
+    );
+    // A second ack of the same message is unknown, not an error.
+    let first = base.to_string();
+    let again = groups
+        .ack("g", vec![first.clone(), "nonsense".into()])
+        .await
+        .unwrap();
+    assert_eq!(again.done, 0);
+    assert_eq!(again.unknown, [first, "nonsense".to_owned()]);
+    let info = groups.info("g").await.unwrap();
+    assert_eq!(info.stats.in_flight, 0);
+    assert_eq!(info.stats.consumers.len(), 2);
+    assert_eq!(info.stats.delivered, 100);
+    drop((a, b));
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn pinned_consumers_get_whole_streams_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    let settings = GroupSettings {
+        strategy: Strategy::Pinned,
+        ..GroupSettings::default()
+    };
+    groups.create(group("p", settings)).await.unwrap();
+    let mut consumers = Vec::new();
+    for name in ["c1", "c2", "c3"] {
+        consumers.push(groups.join("p", name, "test", 4).await.unwrap());
+    }
+    // Interleaved appends to six streams.
+    let base = store.next_position().await.unwrap();
+    for round in 0..10 {
+        for s in 0..6 {
+            append(&store, &format!("acct-{s}"), 1 + (round + s) % 2).await;
+        }
+    }
+    let total = (store.next_position().await.unwrap() - base) as usize;
+    let mut owner: BTreeMap<String, usize> = BTreeMap::new();
+    let mut revisions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut received = 0;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, mut consumer) in consumers.into_iter().enumerate() {
+        let groups = groups.clone();
+        tasks.spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch =
+                    match tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+                        Ok(ConsumerEvent::Messages(batch)) => batch,
+                        Ok(ConsumerEvent::Ended(e)) => panic!("ended: {e}"),
+                        Err(_) => return (index, got),
+                    };
+                for m in &batch {
+                    got.push((m.event.stream.to_string(), m.event.revision.0));
+                }
+                // Slow consumers: the others must not take their streams meanwhile.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                groups.ack("p", ids(&batch)).await.unwrap();
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        let (index, got) = result.unwrap();
+        received += got.len();
+        for (stream, revision) in got {
+            let first = *owner.entry(stream.clone()).or_insert(index);
+            assert_eq!(first, index, "stream {stream} went to two consumers");
+            revisions.entry(stream).or_default().push(revision);
+        }
+    }
+    assert_eq!(received, total);
+    for (stream, revisions) in revisions {
+        let expected: Vec<u64> = (0..revisions.len() as u64).collect();
+        assert_eq!(revisions, expected, "stream {stream} out of order");
+    }
+    let owners: BTreeSet<usize> = owner.values().copied().collect();
+    assert!(
+        owners.len() > 1,
+        "every stream went to one consumer: {owner:?}"
+    );
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn unacknowledged_messages_are_delivered_again_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    let settings = GroupSettings {
+        message_timeout_ms: 100,
+        retry_delay_ms: 10,
+        ..GroupSettings::default()
+    };
+    groups.create(group("t", settings)).await.unwrap();
+    let base = append(&store, "order-1", 1).await.to_string();
+    let mut forgetful = groups.join("t", "forgetful", "test", 1).await.unwrap();
+    let first = next(&mut forgetful).await;
+    assert_eq!((&first[0].ack_id, first[0].deliveries), (&base, 1));
+    // Not acknowledged: it comes back, counted, to whoever has room.
+    let again = next(&mut forgetful).await;
+    assert_eq!((&again[0].ack_id, again[0].deliveries), (&base, 2));
+    // A late ack of the first delivery still counts: the message is in flight.
+    assert_eq!(groups.ack("t", ids(&again)).await.unwrap().done, 1);
+    assert_eq!(groups.info("t").await.unwrap().stats.lag, 0);
+    drop(forgetful);
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn retried_messages_are_parked_after_the_most_deliveries_and_can_be_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    let settings = GroupSettings {
+        max_deliveries: 3,
+        retry_delay_ms: 10,
+        ..GroupSettings::default()
+    };
+    groups.create(group("r", settings)).await.unwrap();
+    let base = append(&store, "order-1", 3).await;
+    let mut c = groups.join("r", "c", "test", 10).await.unwrap();
+    let batch = next(&mut c).await;
+    assert_eq!(ids(&batch), positions(base, 3));
+    groups.ack("r", positions(base, 1)).await.unwrap();
+    // Message 1 is skipped; message 2 fails three times.
+    groups
+        .nack("r", positions(base + 1, 1), NackAction::Skip, String::new())
+        .await
+        .unwrap();
+    let mut deliveries = 1;
+    let mut retried = ids(&batch[2..]);
+    loop {
+        let outcome = groups
+            .nack(
+                "r",
+                retried.clone(),
+                NackAction::Retry,
+                "the service is down".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome.done, 1);
+        if deliveries == 3 {
+            break;
+        }
+        let batch = next(&mut c).await;
+        deliveries += 1;
+        assert_eq!(batch[0].deliveries, deliveries);
+        retried = ids(&batch);
+    }
+    let parked_stream = StreamName::system("$parked-r").unwrap();
+    let mut parked = 0;
+    for _ in 0..100 {
+        parked = groups.info("r").await.unwrap().stats.parked;
+        if parked == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(parked, 1);
+    let entry = store
+        .read(ReadRequest {
+            source: ReadSource::Stream(parked_stream),
+            from: None,
+            direction: Direction::Forward,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(entry.events.len(), 1);
+    let data: serde_json::Value = serde_json::from_slice(entry.events[0].data.bytes()).unwrap();
+    assert_eq!(data["position"], base + 2);
+    assert_eq!(data["deliveries"], 3);
+    assert!(
+        data["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the service is down")
+    );
+    // Everything is done: the checkpoint is past all three.
+    let checkpoint = groups.info("r").await.unwrap().stats.checkpoint;
+    assert!(checkpoint >= base + 3, "{checkpoint}");
+
+    assert_eq!(groups.replay_parked("r").await.unwrap(), 1);
+    let replayed = next(&mut c).await;
+    assert_eq!(ids(&replayed), ["parked-0"]);
+    assert_eq!(replayed[0].event.position.0, base + 2);
+    assert_eq!(replayed[0].deliveries, 1);
+    groups.ack("r", ids(&replayed)).await.unwrap();
+    let mut info = groups.info("r").await.unwrap();
+    for _ in 0..100 {
+        if info.stats.parked == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = groups.info("r").await.unwrap();
+    }
+    assert_eq!(info.stats.parked, 0);
+    drop(c);
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn a_restart_delivers_every_unacknowledged_message_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    let settings = GroupSettings {
+        checkpoint_after_ms: 10,
+        ..GroupSettings::default()
+    };
+    groups.create(group("d", settings)).await.unwrap();
+    let base = append(&store, "order-1", 30).await;
+    let mut c = groups.join("d", "c", "test", 30).await.unwrap();
+    let mut batch = Vec::new();
+    while batch.len() < 30 {
+        batch.extend(next(&mut c).await);
+    }
+    // The first 10 are acknowledged, the 11th is not, the next 9 are.
+    let acked: Vec<String> = (0..10)
+        .chain(11..20)
+        .map(|i| (base + i).to_string())
+        .collect();
+    groups.ack("d", acked).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(c);
+    stop(store, groups, hub).await;
+
+    let (store, groups, hub) = open(dir.path()).await;
+    let info = groups.info("d").await.unwrap();
+    assert_eq!(
+        info.stats.checkpoint,
+        base + 10,
+        "the checkpoint stops at the first unacked"
+    );
+    let mut c = groups.join("d", "c", "test", 100).await.unwrap();
+    let mut again = Vec::new();
+    while again.len() < 20 {
+        again.extend(next(&mut c).await);
+    }
+    let positions: Vec<u64> = again.iter().map(|m| m.event.position.0).collect();
+    // At least once: 10 and everything after it, including the acks past the checkpoint.
+    assert_eq!(positions, (base + 10..base + 30).collect::<Vec<_>>());
+    groups.ack("d", ids(&again)).await.unwrap();
+    drop(c);
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn groups_are_created_updated_listed_and_deleted_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    let head = append(&store, "order-1", 5).await + 5;
+    let mut new = group("orders", GroupSettings::default());
+    new.source = SourceSpec::Category("order".into());
+    new.start = StartSpec::Now;
+    let created = groups.create(new.clone()).await.unwrap();
+    assert_eq!(
+        created.definition.start,
+        skald_hub::groups::GroupStart::Position(head)
+    );
+    let err = groups.create(new.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::GroupExists(_)), "{err}");
+    for bad in [
+        NewGroup {
+            name: "bad name".into(),
+            ..new.clone()
+        },
+        NewGroup {
+            start: StartSpec::Revision(3),
+            name: "other".into(),
+            ..new.clone()
+        },
+        NewGroup {
+            settings: GroupSettings {
+                buffer_size: 0,
+                ..GroupSettings::default()
+            },
+            name: "other".into(),
+            ..new.clone()
+        },
+    ] {
+        let err = groups.create(bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidEvent { .. }), "{err}");
+    }
+    let updated = groups
+        .update(
+            "orders",
+            &SettingsUpdate {
+                max_deliveries: Some(3),
+                strategy: Some(Strategy::Pinned),
+                ..SettingsUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.definition.settings.max_deliveries, 3);
+    groups
+        .create(group("other", GroupSettings::default()))
+        .await
+        .unwrap();
+    groups.delete("other").await.unwrap();
+    assert!(matches!(
+        groups.delete("other").await.unwrap_err(),
+        Error::GroupNotFound(_)
+    ));
+    stop(store, groups, hub).await;
+
+    let (store, groups, hub) = open(dir.path()).await;
+    let list = groups.list().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].definition.name, "orders");
+    assert_eq!(list[0].definition.settings.max_deliveries, 3);
+    assert_eq!(list[0].definition.settings.strategy, Strategy::Pinned);
+    // A new group of a deleted group's name starts afresh.
+    let again = groups
+        .create(group("other", GroupSettings::default()))
+        .await
+        .unwrap();
+    assert_eq!(again.stats.checkpoint, 0);
+    let mut c = groups.join("other", "c", "test", 10).await.unwrap();
+    assert_eq!(next(&mut c).await.len(), 5);
+    drop(c);
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn a_consumer_that_leaves_gives_its_messages_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups
+        .create(group("l", GroupSettings::default()))
+        .await
+        .unwrap();
+    let base = append(&store, "order-1", 4).await;
+    let mut first = groups.join("l", "first", "test", 10).await.unwrap();
+    assert_eq!(next(&mut first).await.len(), 4);
+    let mut second = groups.join("l", "second", "test", 10).await.unwrap();
+    drop(first);
+    let batch = next(&mut second).await;
+    assert_eq!(ids(&batch), positions(base, 4));
+    assert!(batch.iter().all(|m| m.deliveries == 2));
+    // Deleting the group ends its consumers.
+    groups.delete("l").await.unwrap();
+    match tokio::time::timeout(WAIT, second.next()).await.unwrap() {
+        ConsumerEvent::Ended(Error::GroupNotFound(name)) => assert_eq!(name, "l"),
+        other => panic!("{other:?}"),
+    }
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn long_polls_return_what_is_there_or_nothing_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups
+        .create(group("h", GroupSettings::default()))
+        .await
+        .unwrap();
+    let empty = groups
+        .poll("h", "http", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert!(empty.is_empty());
+    append(&store, "order-1", 15).await;
+    let first = groups.poll("h", "http", 10, WAIT).await.unwrap();
+    assert_eq!(first.len(), 10);
+    let second = groups.poll("h", "http", 10, WAIT).await.unwrap();
+    assert_eq!(second.len(), 5, "the first poll's messages stay in flight");
+    let outcome = groups.ack("h", ids(&first)).await.unwrap();
+    assert_eq!(outcome.done, 10);
+    assert_eq!(groups.info("h").await.unwrap().stats.in_flight, 5);
+    stop(store, groups, hub).await;
+}
