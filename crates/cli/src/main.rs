@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod config;
 mod serve;
+mod subscription;
 mod tail;
 
 use std::path::PathBuf;
@@ -65,6 +66,14 @@ enum Command {
         #[command(flatten)]
         args: tail::TailArgs,
     },
+    /// Manage persistent subscriptions (consumer groups): create, list, info, replay-parked,
+    /// delete.
+    Subscription {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: subscription::SubscriptionCommand,
+    },
     /// Show the server's version, head position, durability and size.
     Info {
         #[command(flatten)]
@@ -79,6 +88,7 @@ struct ServerArg {
     /// The server's URL.
     #[arg(
         long = "server",
+        global = true,
         env = "SKALD_SERVER",
         default_value = "http://127.0.0.1:7340"
     )]
@@ -129,6 +139,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Tail { server, args } => {
             tail::run(&client::HttpClient::new(&server.url)?, args).await
+        }
+        Command::Subscription { server, command } => {
+            subscription::run(&client::HttpClient::new(&server.url)?, command).await
         }
         Command::Info { server } => commands::info(&client::HttpClient::new(&server.url)?).await,
         Command::Bench(args) => bench::run(args).await,

@@ -36,7 +36,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     );
     std::io::stdout().flush()?;
     let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
-    let app = skald_server::router_with_hub(hub.clone(), config.http);
+    let groups = skald_server::Groups::start(hub.clone())
+        .await
+        .context("cannot start the persistent subscriptions")?;
+    let app = skald_server::router_with_groups(groups.clone(), config.http);
     skald_server::listener::serve(listener, app, async {
         shutdown_signal().await;
         // Subscriptions stream forever; they end now so that the connections can close.
@@ -44,7 +47,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     })
     .await
     .context("the HTTP server failed")?;
-    // Requests in flight have finished; stop the writer after what it has queued.
+    // Groups write their last checkpoints; then requests in flight have finished, so the
+    // writer stops after what it has queued.
+    groups.stopped().await;
     store.shutdown().await;
     eprintln!("skald: stopped cleanly");
     Ok(())

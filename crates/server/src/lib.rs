@@ -2,6 +2,7 @@
 //! [`skald_core::EventStore`], so every backend gets the same API. See `docs/http-api.md`.
 
 mod cloudevents;
+mod groups;
 pub mod listener;
 mod problem;
 mod subscribe;
@@ -24,7 +25,7 @@ use skald_core::{
 };
 
 pub use problem::Problem;
-pub use skald_hub::Hub;
+pub use skald_hub::{Groups, Hub};
 
 use crate::cloudevents::{CloudEventIn, write_record};
 
@@ -94,6 +95,7 @@ impl HttpConfig {
 struct App<S> {
     store: Arc<S>,
     hub: Hub<S>,
+    groups: Groups<S>,
     config: HttpConfig,
 }
 
@@ -102,23 +104,35 @@ impl<S> Clone for App<S> {
         Self {
             store: Arc::clone(&self.store),
             hub: self.hub.clone(),
+            groups: self.groups.clone(),
             config: self.config.clone(),
         }
     }
 }
 
-/// Builds the API's router over `store`, starting a hub for its subscriptions on the current
-/// tokio runtime.
-pub fn router<S: EventStore>(store: Arc<S>, config: HttpConfig) -> Router {
-    router_with_hub(Hub::start(store, skald_hub::HubOptions::default()), config)
+/// Builds the API's router over `store`, starting a hub for its subscriptions and its
+/// persistent subscriptions on the current tokio runtime.
+pub async fn router<S: EventStore>(
+    store: Arc<S>,
+    config: HttpConfig,
+) -> skald_core::Result<Router> {
+    let hub = Hub::start(store, skald_hub::HubOptions::default());
+    Ok(router_with_groups(Groups::start(hub).await?, config))
 }
 
-/// Builds the API's router over the store of `hub`. Call [`Hub::shutdown`] to end every
-/// subscription before a graceful shutdown.
-pub fn router_with_hub<S: EventStore>(hub: Hub<S>, config: HttpConfig) -> Router {
+/// Builds the API's router over the hub and the store of `groups`. Call [`Hub::shutdown`] to
+/// end every subscription before a graceful shutdown, then [`Groups::stopped`] to let the
+/// groups write their checkpoints.
+pub fn router_with_groups<S: EventStore>(groups: Groups<S>, config: HttpConfig) -> Router {
     let limit = config.max_body_bytes;
+    let hub = groups.hub().clone();
     let store = Arc::clone(hub.store());
-    let app = App { store, hub, config };
+    let app = App {
+        store,
+        hub,
+        groups,
+        config,
+    };
     Router::new()
         .route(
             "/v1/streams/{stream}",
@@ -141,6 +155,23 @@ pub fn router_with_hub<S: EventStore>(hub: Hub<S>, config: HttpConfig) -> Router
         )
         .route("/v1/subscribe/query", get(subscribe::sse_query::<S>))
         .route("/v1/ws", get(subscribe::websocket::<S>))
+        .route(
+            "/v1/groups",
+            post(groups::create::<S>).get(groups::list::<S>),
+        )
+        .route(
+            "/v1/groups/{name}",
+            get(groups::info::<S>)
+                .patch(groups::update::<S>)
+                .delete(groups::delete::<S>),
+        )
+        .route(
+            "/v1/groups/{name}/replay-parked",
+            post(groups::replay_parked::<S>),
+        )
+        .route("/v1/groups/{name}/messages", get(groups::poll::<S>))
+        .route("/v1/groups/{name}/ack", post(groups::ack::<S>))
+        .route("/v1/groups/{name}/nack", post(groups::nack::<S>))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))

@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use skald_core::{Category, EventStore, EventType, Query, QueryItem, ReadSource, StreamName, Tag};
-use skald_hub::{Delivery, Hub, Start, Subscription};
+use skald_core::{Category, EventStore, EventType, Query, ReadSource, Tag};
+use skald_hub::groups::{Consumer, ConsumerEvent, NackAction};
+use skald_hub::{Delivery, Hub, SourceSpec, Start, Subscription, filter_of};
 use tokio::sync::mpsc;
 
 use crate::cloudevents::write_record;
@@ -122,12 +123,6 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<Start>, Problem> {
         ))
     })?;
     Ok(Some(Start::Position(position + 1)))
-}
-
-fn filter_of(types: Vec<EventType>, tags: Vec<Tag>) -> Option<Query> {
-    (!types.is_empty() || !tags.is_empty()).then(|| Query {
-        items: vec![QueryItem { types, tags }],
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,14 +326,35 @@ async fn send_sse(
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 enum ClientMessage {
+    /// A catch-up subscription (`source`), or joining a persistent subscription (`group`).
     Subscribe {
         id: String,
-        source: SourceSpec,
+        #[serde(default)]
+        source: Option<SourceSpec>,
         #[serde(default)]
         from: Option<Value>,
+        #[serde(default)]
+        group: Option<String>,
+        #[serde(default)]
+        prefetch: Option<usize>,
+        #[serde(default)]
+        consumer: Option<String>,
     },
     Unsubscribe {
         id: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Ack {
+        id: String,
+        ack_ids: Vec<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Nack {
+        id: String,
+        ack_ids: Vec<String>,
+        action: NackAction,
+        #[serde(default)]
+        reason: String,
     },
     Ping {
         #[serde(default)]
@@ -346,39 +362,11 @@ enum ClientMessage {
     },
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-enum SourceSpec {
-    All(AllSpec),
-    Stream(String),
-    Category(String),
-    Query(Query),
-}
+/// Default and largest `prefetch` of a group consumer on a WebSocket.
+const DEFAULT_PREFETCH: usize = 10;
+const MAX_PREFETCH: usize = 1000;
 
-#[derive(Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct AllSpec {
-    types: Vec<EventType>,
-    tags: Vec<Tag>,
-}
-
-fn source_of(spec: SourceSpec) -> Result<ReadSource, Problem> {
-    Ok(match spec {
-        SourceSpec::All(all) => ReadSource::All(filter_of(all.types, all.tags)),
-        SourceSpec::Stream(name) => {
-            ReadSource::Stream(StreamName::new(name).map_err(Problem::from)?)
-        }
-        SourceSpec::Category(name) => {
-            ReadSource::Category(Category::new(name).map_err(Problem::from)?)
-        }
-        SourceSpec::Query(query) => {
-            query.validate()?;
-            ReadSource::Query(query)
-        }
-    })
-}
-
-fn ws_start(from: Option<Value>, is_stream: bool) -> Result<Start, Problem> {
+pub(crate) fn ws_start(from: Option<Value>, is_stream: bool) -> Result<Start, Problem> {
     match from {
         None => Ok(Start::Beginning),
         Some(Value::String(text)) if text != "revision" => parse_start(&text, is_stream),
@@ -440,12 +428,15 @@ struct Session<S> {
     settings: SubscriptionSettings,
     tx: mpsc::Sender<Outgoing>,
     active: HashMap<Arc<str>, (u64, tokio::task::JoinHandle<()>)>,
+    /// The group of each subscription that is a group consumer.
+    groups: HashMap<Arc<str>, String>,
     generation: u64,
 }
 
 /// What the session does after a client message.
 enum Next {
     Reply(Value),
+    Silent,
     Close(Value, String),
 }
 
@@ -458,6 +449,7 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>) {
         settings: settings.clone(),
         tx,
         active: HashMap::new(),
+        groups: HashMap::new(),
         generation: 0,
     };
     let mut heartbeat = tokio::time::interval(settings.heartbeat);
@@ -482,6 +474,7 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>) {
                     };
                     match next {
                         Next::Reply(value) => Message::Text(value.to_string().into()),
+                        Next::Silent => continue,
                         Next::Close(value, reason) => {
                             let error = Message::Text(value.to_string().into());
                             let _ = tokio::time::timeout(settings.stall_timeout, socket.send(error)).await;
@@ -537,6 +530,7 @@ impl<S: EventStore> Session<S> {
             ClientMessage::Unsubscribe { id } => match self.active.remove(id.as_str()) {
                 Some((_, task)) => {
                     task.abort();
+                    self.groups.remove(id.as_str());
                     Next::Reply(json!({"type": "unsubscribed", "id": id}))
                 }
                 None => Next::Reply(error_reply(
@@ -544,27 +538,86 @@ impl<S: EventStore> Session<S> {
                     Problem::malformed(format!("no subscription {id:?} on this socket")),
                 )),
             },
-            ClientMessage::Subscribe { id, source, from } => {
-                match self.subscribe(&id, source, from).await {
+            ClientMessage::Subscribe {
+                id,
+                source,
+                from,
+                group,
+                prefetch,
+                consumer,
+            } => {
+                let subscribed = match (source, group) {
+                    (Some(source), None) if prefetch.is_none() && consumer.is_none() => {
+                        self.subscribe(&id, source, from).await
+                    }
+                    (None, Some(group)) if from.is_none() => {
+                        self.join(&id, group, prefetch, consumer).await
+                    }
+                    _ => Err(Problem::malformed(
+                        "subscribe takes either source (and from) for a catch-up subscription, \
+                         or group (and prefetch, consumer) to join a persistent subscription",
+                    )),
+                };
+                match subscribed {
                     Ok(()) => Next::Reply(json!({"type": "subscribed", "id": id})),
                     Err(problem) => Next::Reply(error_reply(Some(&id), problem)),
                 }
             }
+            ClientMessage::Ack { id, ack_ids } => self.settle(id, ack_ids, None).await,
+            ClientMessage::Nack {
+                id,
+                ack_ids,
+                action,
+                reason,
+            } => self.settle(id, ack_ids, Some((action, reason))).await,
         }
     }
 
-    async fn subscribe(
+    /// Acks or nacks messages of the group subscription `id`; silent unless some ids are
+    /// unknown.
+    async fn settle(
         &mut self,
-        id: &str,
-        source: SourceSpec,
-        from: Option<Value>,
-    ) -> Result<(), Problem> {
+        id: String,
+        ack_ids: Vec<String>,
+        nack: Option<(NackAction, String)>,
+    ) -> Next {
+        let Some(group) = self.groups.get(id.as_str()).cloned() else {
+            return Next::Reply(error_reply(
+                Some(&id),
+                Problem::malformed(format!(
+                    "no group subscription {id:?} on this socket; ack and nack name the id of a \
+                     subscribe with a group"
+                )),
+            ));
+        };
+        let outcome = match nack {
+            None => self.app.groups.ack(&group, ack_ids).await,
+            Some((action, reason)) => self.app.groups.nack(&group, ack_ids, action, reason).await,
+        };
+        match outcome {
+            Ok(outcome) if outcome.unknown.is_empty() => Next::Silent,
+            Ok(outcome) => Next::Reply(error_reply(
+                Some(&id),
+                Problem::malformed(format!(
+                    "these ack ids name no message in flight (already acknowledged, taken back \
+                     after a timeout, or never delivered): {}",
+                    outcome.unknown.join(", ")
+                )),
+            )),
+            Err(e) => Next::Reply(error_reply(Some(&id), crate::groups::group_problem(e))),
+        }
+    }
+
+    /// Checks a new subscription id: its length, that it is free, and the socket's limit.
+    fn check_id(&mut self, id: &str) -> Result<(), Problem> {
         if id.is_empty() || id.len() > MAX_SUBSCRIPTION_ID {
             return Err(Problem::malformed(format!(
                 "a subscription id must be 1 to {MAX_SUBSCRIPTION_ID} bytes long"
             )));
         }
         self.active.retain(|_, (_, task)| !task.is_finished());
+        let active = &self.active;
+        self.groups.retain(|id, _| active.contains_key(id));
         if self.active.contains_key(id) {
             return Err(Problem::malformed(format!(
                 "subscription {id:?} is already open on this socket"
@@ -576,7 +629,56 @@ impl<S: EventStore> Session<S> {
                 self.settings.max_per_socket
             )));
         }
-        let source = source_of(source)?;
+        Ok(())
+    }
+
+    async fn join(
+        &mut self,
+        id: &str,
+        group: String,
+        prefetch: Option<usize>,
+        consumer: Option<String>,
+    ) -> Result<(), Problem> {
+        self.check_id(id)?;
+        let prefetch = prefetch.unwrap_or(DEFAULT_PREFETCH);
+        if !(1..=MAX_PREFETCH).contains(&prefetch) {
+            return Err(Problem::malformed(format!(
+                "prefetch must be 1 to {MAX_PREFETCH}, got {prefetch}"
+            )));
+        }
+        self.generation += 1;
+        let name = consumer.unwrap_or_else(|| format!("websocket-{id}"));
+        if name.is_empty() || name.len() > MAX_SUBSCRIPTION_ID {
+            return Err(Problem::malformed(format!(
+                "a consumer name must be 1 to {MAX_SUBSCRIPTION_ID} bytes long"
+            )));
+        }
+        let consumer = self
+            .app
+            .groups
+            .join(&group, &name, "websocket", prefetch)
+            .await
+            .map_err(crate::groups::group_problem)?;
+        let id: Arc<str> = Arc::from(id);
+        let task = tokio::spawn(pump_group(
+            consumer,
+            Arc::clone(&id),
+            self.generation,
+            self.tx.clone(),
+        ));
+        self.active.insert(Arc::clone(&id), (self.generation, task));
+        self.groups.insert(id, group);
+        Ok(())
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: &str,
+        source: SourceSpec,
+        from: Option<Value>,
+    ) -> Result<(), Problem> {
+        self.check_id(id)?;
+        let source = source.to_read_source().map_err(Problem::from)?;
         let start = ws_start(from, matches!(source, ReadSource::Stream(_)))?;
         let subscription = self.app.hub.subscribe(source, start).await?;
         self.generation += 1;
@@ -603,6 +705,48 @@ fn protocol_error(problem: Problem) -> Next {
 
 fn error_reply(id: Option<&str>, problem: Problem) -> Value {
     json!({"type": "error", "id": id, "problem": problem.to_json()})
+}
+
+/// Hands a group consumer's messages to the socket until it leaves or the group ends it.
+async fn pump_group(
+    mut consumer: Consumer,
+    id: Arc<str>,
+    generation: u64,
+    tx: mpsc::Sender<Outgoing>,
+) {
+    let quoted_id = serde_json::to_string(&*id).expect("a string serializes");
+    loop {
+        let text = match consumer.next().await {
+            ConsumerEvent::Messages(messages) => {
+                let mut out = format!("{{\"type\":\"messages\",\"id\":{quoted_id},\"messages\":")
+                    .into_bytes();
+                crate::groups::write_messages(&mut out, &messages);
+                out.push(b'}');
+                String::from_utf8(out).expect("messages are UTF-8")
+            }
+            ConsumerEvent::Ended(e) => {
+                let text = error_reply(Some(&id), crate::groups::group_problem(e)).to_string();
+                let _ = tx
+                    .send(Outgoing {
+                        id: Arc::clone(&id),
+                        generation,
+                        text,
+                    })
+                    .await;
+                return;
+            }
+        };
+        let sent = tx
+            .send(Outgoing {
+                id: Arc::clone(&id),
+                generation,
+                text,
+            })
+            .await;
+        if sent.is_err() {
+            return;
+        }
+    }
 }
 
 async fn pump_ws<S: EventStore>(

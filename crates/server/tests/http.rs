@@ -46,11 +46,11 @@ impl Answer {
 }
 
 impl Api {
-    fn new() -> Self {
-        Self::with(Limits::default(), HttpConfig::default())
+    async fn new() -> Self {
+        Self::with(Limits::default(), HttpConfig::default()).await
     }
 
-    fn with(limits: Limits, http: HttpConfig) -> Self {
+    async fn with(limits: Limits, http: HttpConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let options = Options {
             data_dir: dir.path().to_path_buf(),
@@ -59,7 +59,7 @@ impl Api {
         };
         let (store, _) = Store::open(options).unwrap();
         Self {
-            router: router(Arc::new(store.clone()), http),
+            router: router(Arc::new(store.clone()), http).await.unwrap(),
             store,
             _dir: dir,
         }
@@ -123,7 +123,7 @@ fn ev(t: &str, tags: &[&str]) -> Value {
 
 #[tokio::test]
 async fn append_then_read_a_stream_forward_and_backward() {
-    let api = Api::new();
+    let api = Api::new().await;
     let a = api
         .post_json(
             "/v1/streams/order-1",
@@ -159,7 +159,7 @@ async fn append_then_read_a_stream_forward_and_backward() {
 
 #[tokio::test]
 async fn expected_revision_conflicts_say_expected_and_actual() {
-    let api = Api::new();
+    let api = Api::new().await;
     api.post_json("/v1/streams/acc-1", json!({"events": [ev("Opened", &[])]}))
         .await;
     let p = api
@@ -198,7 +198,7 @@ async fn expected_revision_conflicts_say_expected_and_actual() {
 
 #[tokio::test]
 async fn a_dcb_condition_fails_with_the_matching_position() {
-    let api = Api::new();
+    let api = Api::new().await;
     api.post_json(
         "/v1/streams/user-1",
         json!({"events": [ev("Registered", &["username:ada"])]}),
@@ -231,7 +231,7 @@ async fn a_dcb_condition_fails_with_the_matching_position() {
 
 #[tokio::test]
 async fn idempotent_retries_return_the_original_result_and_reused_ids_conflict() {
-    let api = Api::new();
+    let api = Api::new().await;
     let id = "7d444840-9dc0-11d1-b245-5ffdce74fad2";
     let body = json!({"events": [{"id": id, "type": "Paid", "data": {"amount": 5}}]});
     let first = api.post_json("/v1/streams/pay-1", body.clone()).await;
@@ -258,7 +258,7 @@ async fn idempotent_retries_return_the_original_result_and_reused_ids_conflict()
 
 #[tokio::test]
 async fn malformed_bodies_are_400_and_say_where() {
-    let api = Api::new();
+    let api = Api::new().await;
     let bad_json = api
         .call(
             "POST",
@@ -332,7 +332,7 @@ async fn invalid_events_are_422() {
         max_events_per_append: 2,
         ..Limits::default()
     };
-    let api = Api::with(limits, HttpConfig::default());
+    let api = Api::with(limits, HttpConfig::default()).await;
     let p = api
         .post_json("/v1/streams/has%20space", json!({"events": [ev("A", &[])]}))
         .await
@@ -369,7 +369,8 @@ async fn oversize_bodies_are_413() {
             max_body_bytes: 1024,
             ..HttpConfig::default()
         },
-    );
+    )
+    .await;
     let body = json!({"events": [{"type": "A", "data": "x".repeat(2000)}]}).to_string();
     let p = api
         .call(
@@ -385,7 +386,7 @@ async fn oversize_bodies_are_413() {
 
 #[tokio::test]
 async fn cloudevents_batch_mode_appends_with_the_header_revision() {
-    let api = Api::new();
+    let api = Api::new().await;
     let batch = json!([
         {"specversion": "1.0", "id": "0f8fad5b-d9cb-469f-a165-70867728950e", "type": "A", "source": "/x", "subject": "b-1", "data": {"n": 1}},
         {"specversion": "1.0", "type": "B", "source": "/x", "datacontenttype": "application/octet-stream", "data_base64": "AAEC"}
@@ -432,7 +433,7 @@ async fn cloudevents_batch_mode_appends_with_the_header_revision() {
 
 #[tokio::test]
 async fn all_category_and_query_reads() {
-    let api = Api::new();
+    let api = Api::new().await;
     api.post_json(
         "/v1/streams/order-1",
         json!({"events": [ev("Placed", &["customer:1"])]}),
@@ -495,7 +496,7 @@ async fn all_category_and_query_reads() {
 
 #[tokio::test]
 async fn ndjson_streams_every_event_across_pages() {
-    let api = Api::new();
+    let api = Api::new().await;
     for chunk in 0..5 {
         let events: Vec<Value> = (0..1000)
             .map(|i| json!({"type": "T", "data": {"i": chunk * 1000 + i}}))
@@ -538,7 +539,7 @@ async fn ndjson_streams_every_event_across_pages() {
 
 #[tokio::test]
 async fn bad_parameters_are_400() {
-    let api = Api::new();
+    let api = Api::new().await;
     api.post_json("/v1/streams/s-1", json!({"events": [ev("A", &[])]}))
         .await;
     let p = api
@@ -570,7 +571,7 @@ async fn bad_parameters_are_400() {
 
 #[tokio::test]
 async fn heads_info_routes_and_shutdown() {
-    let api = Api::new();
+    let api = Api::new().await;
     api.get("/v1/streams/nope-1/head")
         .await
         .problem(404, "stream-not-found");
@@ -601,7 +602,7 @@ async fn heads_info_routes_and_shutdown() {
 
 #[tokio::test]
 async fn the_openapi_document_lists_every_route() {
-    let api = Api::new();
+    let api = Api::new().await;
     let doc = api.get("/v1/openapi.json").await.json();
     assert_eq!(doc["openapi"], "3.1.0");
     for (path, method) in [
@@ -624,4 +625,197 @@ async fn the_openapi_document_lists_every_route() {
             "{method} {path} missing from the OpenAPI document"
         );
     }
+}
+
+#[tokio::test]
+async fn persistent_subscription_groups_over_http() {
+    let api = Api::new().await;
+    api.post_json(
+        "/v1/streams/order-1",
+        json!({"events": [ev("Placed", &[]), ev("Paid", &[]), ev("Shipped", &[])]}),
+    )
+    .await;
+    let created = api
+        .post_json(
+            "/v1/groups",
+            json!({"name": "billing", "source": {"category": "order"}, "maxDeliveries": 2,
+                   "retryDelayMs": 1, "messageTimeoutMs": 60000}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let g = created.json();
+    assert_eq!(g["name"], "billing");
+    assert_eq!(g["settings"]["maxDeliveries"], 2);
+    assert_eq!(g["settings"]["strategy"], "round-robin");
+    api.post_json(
+        "/v1/groups",
+        json!({"name": "billing", "source": {"all": {}}}),
+    )
+    .await
+    .problem(409, "group-exists");
+
+    // Long-poll: the three events, each with an ack id.
+    let batch = api
+        .get("/v1/groups/billing/messages?count=10&wait=5000&consumer=worker-1")
+        .await;
+    assert_eq!(batch.status, StatusCode::OK);
+    let messages = batch.json()["messages"].as_array().unwrap().clone();
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[0]["deliveries"], 1);
+    assert_eq!(messages[0]["event"]["type"], "Placed");
+    let id = |i: usize| messages[i]["ackId"].as_str().unwrap().to_owned();
+    let acked = api
+        .post_json("/v1/groups/billing/ack", json!({"ids": [id(0), "999"]}))
+        .await
+        .json();
+    assert_eq!(acked, json!({"done": 1, "unknown": ["999"]}));
+    api.post_json(
+        "/v1/groups/billing/nack",
+        json!({"ids": [id(1)], "action": "skip"}),
+    )
+    .await;
+    // Retry once: redelivered; then retry again: parked (maxDeliveries 2).
+    api.post_json(
+        "/v1/groups/billing/nack",
+        json!({"ids": [id(2)], "action": "retry", "reason": "card service down"}),
+    )
+    .await;
+    let again = api
+        .get("/v1/groups/billing/messages?wait=5000")
+        .await
+        .json();
+    assert_eq!(again["messages"][0]["deliveries"], 2);
+    api.post_json(
+        "/v1/groups/billing/nack",
+        json!({"ids": [id(2)], "action": "retry"}),
+    )
+    .await;
+    let mut info = api.get("/v1/groups/billing").await.json();
+    for _ in 0..100 {
+        if info["stats"]["parked"] == 1 && info["stats"]["lag"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        info = api.get("/v1/groups/billing").await.json();
+    }
+    assert_eq!(info["stats"]["parked"], 1, "{info}");
+    assert_eq!(info["stats"]["inFlight"], 0);
+    assert_eq!(info["stats"]["lag"], 0, "{info}");
+    let replay = api
+        .call(
+            "POST",
+            "/v1/groups/billing/replay-parked",
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(replay.status, StatusCode::ACCEPTED);
+    assert_eq!(replay.json()["replaying"], 1);
+    let replayed = api
+        .get("/v1/groups/billing/messages?wait=5000")
+        .await
+        .json();
+    assert_eq!(replayed["messages"][0]["ackId"], "parked-0");
+    assert_eq!(replayed["messages"][0]["event"]["type"], "Shipped");
+
+    // Settings change in place; source and start do not.
+    let patched = api
+        .call(
+            "PATCH",
+            "/v1/groups/billing",
+            &[("content-type", "application/json")],
+            json!({"strategy": "pinned"}).to_string(),
+        )
+        .await;
+    assert_eq!(patched.json()["settings"]["strategy"], "pinned");
+    let fixed = api
+        .call(
+            "PATCH",
+            "/v1/groups/billing",
+            &[("content-type", "application/json")],
+            json!({"source": {"all": {}}}).to_string(),
+        )
+        .await
+        .problem(400, "malformed-request");
+    assert!(
+        fixed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("delete the group")
+    );
+    let list = api.get("/v1/groups").await.json();
+    assert_eq!(list["groups"].as_array().unwrap().len(), 1);
+    let deleted = api
+        .call("DELETE", "/v1/groups/billing", &[], Body::empty())
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    api.get("/v1/groups/billing")
+        .await
+        .problem(404, "group-not-found");
+    api.post_json("/v1/groups/billing/ack", json!({"ids": ["1"]}))
+        .await
+        .problem(404, "group-not-found");
+}
+
+#[tokio::test]
+async fn bad_group_requests_say_what_is_wrong() {
+    let api = Api::new().await;
+    let cases = [
+        (json!({"source": {"all": {}}}), "name is required"),
+        (json!({"name": "a b", "source": {"all": {}}}), "group name"),
+        (json!({"name": "g"}), "source is required"),
+        (json!({"name": "g", "source": {"everything": {}}}), "source"),
+        (
+            json!({"name": "g", "source": {"all": {}}, "from": {"revision": 2}}),
+            "revision",
+        ),
+        (
+            json!({"name": "g", "source": {"all": {}}, "maxDeliveries": 0}),
+            "maxDeliveries",
+        ),
+        (
+            json!({"name": "g", "source": {"all": {}}, "strategy": "random"}),
+            "strategy",
+        ),
+        (
+            json!({"name": "g", "source": {"all": {}}, "bufferSiz": 10}),
+            "bufferSiz",
+        ),
+        (
+            json!({"name": "g", "source": {"stream": "$groups"}}),
+            "reserved",
+        ),
+    ];
+    for (body, needle) in cases {
+        let p = api
+            .post_json("/v1/groups", body.clone())
+            .await
+            .problem(400, "malformed-request");
+        assert!(
+            p["detail"].as_str().unwrap().contains(needle),
+            "{body}: {p}"
+        );
+    }
+    api.post_json("/v1/groups", json!({"name": "g", "source": {"all": {}}}))
+        .await;
+    for (uri, needle) in [
+        ("/v1/groups/g/messages?count=0", "count"),
+        ("/v1/groups/g/messages?count=5000", "count"),
+        ("/v1/groups/g/messages?wait=soon", "wait"),
+        ("/v1/groups/g/messages?limit=1", "limit"),
+    ] {
+        let p = api.get(uri).await.problem(400, "malformed-request");
+        assert!(p["detail"].as_str().unwrap().contains(needle), "{uri}: {p}");
+    }
+    let p = api
+        .post_json(
+            "/v1/groups/g/nack",
+            json!({"ids": ["1"], "action": "later"}),
+        )
+        .await
+        .problem(400, "malformed-request");
+    assert!(p["detail"].as_str().unwrap().contains("action"), "{p}");
+    api.get("/v1/groups/nope/messages?wait=0")
+        .await
+        .problem(404, "group-not-found");
 }

@@ -42,7 +42,8 @@ impl Server {
         })
         .unwrap();
         let hub = Hub::start(Arc::new(store.clone()), Default::default());
-        let app = skald_server::router_with_hub(hub.clone(), http);
+        let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
+        let app = skald_server::router_with_groups(groups, http);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -551,6 +552,144 @@ async fn a_stalled_reader_holds_up_nobody_and_is_disconnected() {
             }
         }
         assert!(started.elapsed() < DEADLINE, "read {read_total} bytes");
+    }
+    server.stop().await;
+}
+
+/// Posts JSON to the server over a fresh HTTP/1 connection; returns the status and body.
+async fn post(addr: std::net::SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = hyper::Request::post(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_consumers_share_messages_over_websockets_and_ack_there() {
+    let server = Server::start(HttpConfig::default()).await;
+    let (status, _) = post(
+        server.addr,
+        "/v1/groups",
+        json!({"name": "mail", "source": {"category": "order"}, "maxDeliveries": 1}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut sockets = Vec::new();
+    for name in ["a", "b"] {
+        let mut ws = ws_connect(server.addr).await;
+        ws.send(Message::text(
+            json!({"type": "subscribe", "id": "c", "group": "mail", "prefetch": 2, "consumer": name})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            ws_next(&mut ws).await,
+            json!({"type": "subscribed", "id": "c"})
+        );
+        sockets.push(ws);
+    }
+    server.append("order-1", "Placed", 10).await;
+    server.append("user-1", "Joined", 3).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut per_socket = [0; 2];
+    let mut parked = None;
+    while seen.len() < 10 {
+        for (i, ws) in sockets.iter_mut().enumerate() {
+            let next = tokio::time::timeout(Duration::from_millis(50), ws_next(ws)).await;
+            let Ok(message) = next else { continue };
+            assert_eq!(message["type"], "messages", "{message}");
+            let mut ids = Vec::new();
+            for m in message["messages"].as_array().unwrap() {
+                assert_eq!(m["event"]["subject"], "order-1", "{m}");
+                assert!(
+                    seen.insert(m["event"]["position"].as_u64().unwrap()),
+                    "twice: {m}"
+                );
+                ids.push(m["ackId"].clone());
+            }
+            per_socket[i] += ids.len();
+            // The first message of all is parked by its consumer; the rest are acknowledged.
+            if parked.is_none() {
+                parked = Some(ids.remove(0));
+                ws.send(Message::text(
+                    json!({"type": "nack", "id": "c", "ackIds": [parked], "action": "park",
+                           "reason": "malformed address"})
+                    .to_string(),
+                ))
+                .await
+                .unwrap();
+            }
+            ws.send(Message::text(
+                json!({"type": "ack", "id": "c", "ackIds": ids}).to_string(),
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    assert!(per_socket.iter().all(|n| *n > 0), "{per_socket:?}");
+    // An ack nobody holds is reported on its subscription, and the socket stays open.
+    let ws = &mut sockets[0];
+    ws.send(Message::text(
+        json!({"type": "ack", "id": "c", "ackIds": [parked]}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let error = ws_next(ws).await;
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["problem"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no message in flight"),
+        "{error}"
+    );
+    // Both source and group is a mistake, said on that id.
+    ws.send(Message::text(
+        json!({"type": "subscribe", "id": "x", "group": "mail", "source": {"all": {}}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let error = ws_next(ws).await;
+    assert_eq!(
+        (error["type"].as_str(), error["id"].as_str()),
+        (Some("error"), Some("x"))
+    );
+    // Deleting the group ends its consumers with a group-not-found error.
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let deleted = sender
+        .send_request(
+            hyper::Request::delete("/v1/groups/mail")
+                .header("host", "localhost")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    for ws in &mut sockets {
+        let ended = ws_next(ws).await;
+        assert_eq!(
+            ended["problem"]["type"], "urn:skald:problem:group-not-found",
+            "{ended}"
+        );
     }
     server.stop().await;
 }

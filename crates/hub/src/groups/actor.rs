@@ -3,6 +3,7 @@
 //! checkpoints. Transports talk to it through [`Command`]s.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -897,6 +898,16 @@ impl<S: EventStore> Group<S> {
     }
 
     async fn stats(&mut self) -> GroupStats {
+        // A live reader is woken only by events it selects, so its cursor may still stand
+        // before events of other streams; one poll moves it to the tail's end, so that the lag
+        // counts what the group has left to do. Cancel-safe: nothing is lost if it is not ready.
+        if self.source_messages < self.settings().buffer_size {
+            let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+            let polled = std::pin::pin!(self.reader.next()).poll(&mut context);
+            if let std::task::Poll::Ready(delivery) = polled {
+                self.take_delivery(delivery);
+            }
+        }
         let now = Instant::now();
         while self
             .recent

@@ -148,6 +148,11 @@ impl<S: EventStore> Groups<S> {
         Ok(groups)
     }
 
+    /// The hub the groups read through.
+    pub fn hub(&self) -> &Hub<S> {
+        &self.hub
+    }
+
     async fn launch(&self, definition: GroupDefinition) -> Result<()> {
         let (tx, rx) = mpsc::unbounded_channel();
         let group = Group::open(self.hub.clone(), definition.clone(), rx).await?;
