@@ -619,6 +619,15 @@ async fn the_openapi_document_lists_every_route() {
         ("/v1/subscribe/categories/{category}", "get"),
         ("/v1/subscribe/query", "get"),
         ("/v1/ws", "get"),
+        ("/v1/groups", "post"),
+        ("/v1/groups", "get"),
+        ("/v1/groups/{name}", "get"),
+        ("/v1/groups/{name}", "patch"),
+        ("/v1/groups/{name}", "delete"),
+        ("/v1/groups/{name}/replay-parked", "post"),
+        ("/v1/groups/{name}/messages", "get"),
+        ("/v1/groups/{name}/ack", "post"),
+        ("/v1/groups/{name}/nack", "post"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

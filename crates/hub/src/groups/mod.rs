@@ -143,7 +143,11 @@ impl<S: EventStore> Groups<S> {
             writes: Arc::new(tokio::sync::Mutex::new(())),
         };
         for definition in definitions.into_values() {
-            groups.launch(definition).await?;
+            let name = definition.name.clone();
+            // One group that cannot start must not keep the others, or the server, down.
+            if let Err(e) = groups.launch(definition).await {
+                eprintln!("skald: group {name} cannot start and is left stopped: {e}");
+            }
         }
         Ok(groups)
     }
@@ -205,6 +209,13 @@ impl<S: EventStore> Groups<S> {
         validate_name(&new.name)?;
         new.settings.validate()?;
         let source = new.source.to_read_source()?;
+        if let skald_core::ReadSource::Category(category) = &source
+            && category.as_str().starts_with('$')
+        {
+            return Err(Error::invalid(format!(
+                "category {category:?} is a system category; groups never see system streams"
+            )));
+        }
         validate_start(&source, new.start)?;
         let _writing = self.writes.lock().await;
         if self.commands(&new.name).is_ok() {
