@@ -139,7 +139,8 @@ impl StreamName {
         self.category_str() == category.as_str()
     }
 
-    fn category_str(&self) -> &str {
+    /// The category's name, without allocating (see [`StreamName::category`]).
+    pub fn category_str(&self) -> &str {
         let end = match self.0.find('-') {
             Some(i) if i > 0 => i,
             _ => self.0.len(),

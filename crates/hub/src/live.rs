@@ -36,6 +36,31 @@ struct Ring {
     start: u64,
     events: VecDeque<Arc<RecordedEvent>>,
     bytes: usize,
+    /// The positions in the ring of each stream's events, oldest first, so that a stream
+    /// subscriber finds its events without looking at everyone else's.
+    streams: HashMap<String, VecDeque<u64>>,
+    /// The same for categories.
+    categories: HashMap<String, VecDeque<u64>>,
+}
+
+/// Notes `position` under `name`, allocating the name only for a new key.
+fn index_push(index: &mut HashMap<String, VecDeque<u64>>, name: &str, position: u64) {
+    match index.get_mut(name) {
+        Some(positions) => positions.push_back(position),
+        None => {
+            index.insert(name.to_owned(), VecDeque::from([position]));
+        }
+    }
+}
+
+/// Forgets the oldest position under `name`, which must be `position`.
+fn index_pop(index: &mut HashMap<String, VecDeque<u64>>, name: &str, position: u64) {
+    let positions = index.get_mut(name).expect("every ring event is indexed");
+    let oldest = positions.pop_front();
+    debug_assert_eq!(oldest, Some(position), "the index follows the ring's order");
+    if positions.is_empty() {
+        index.remove(name);
+    }
 }
 
 /// What [`LiveTail::take`] found at a cursor.
@@ -130,6 +155,8 @@ impl LiveTail {
                 start,
                 events: VecDeque::new(),
                 bytes: 0,
+                streams: HashMap::new(),
+                categories: HashMap::new(),
             }),
             waiters: Mutex::new(HashMap::new()),
             next_waiter: AtomicU64::new(0),
@@ -179,6 +206,32 @@ impl LiveTail {
         }
         if cursor >= end {
             return Take::Ahead(cursor);
+        }
+        let indexed = match source {
+            ReadSource::Stream(stream) => Some(ring.streams.get(stream.as_str())),
+            ReadSource::Category(category) => Some(ring.categories.get(category.as_str())),
+            ReadSource::All(_) | ReadSource::Query(_) => None,
+        };
+        if let Some(positions) = indexed {
+            // Every event of the stream (or category) in the ring is in its index: take them
+            // from the cursor, and the cursor may move past everything else.
+            let Some(positions) = positions else {
+                return Take::Ahead(end);
+            };
+            let first = positions.partition_point(|p| *p < cursor);
+            let matching: Vec<_> = positions
+                .range(first..)
+                .take(max.max(1))
+                .map(|p| Arc::clone(&ring.events[(p - ring.start) as usize]))
+                .collect();
+            return match matching.last() {
+                None => Take::Ahead(end),
+                Some(_) if matching.len() < max.max(1) => Take::Events(matching, end),
+                Some(last) => {
+                    let next = last.position.0 + 1;
+                    Take::Events(matching, next)
+                }
+            };
         }
         let from = usize::try_from(cursor - ring.start).expect("ring index fits in usize");
         let mut matching = Vec::new();
@@ -237,6 +290,8 @@ impl LiveTail {
                 // events, so it is checked where the events cross into the tail.
                 assert_eq!(event.position.0, expected, "live tail must stay contiguous");
                 ring.bytes += event_bytes(&event);
+                index_push(&mut ring.streams, event.stream.as_str(), expected);
+                index_push(&mut ring.categories, event.stream.category_str(), expected);
                 ring.events.push_back(Arc::new(event));
             }
             while ring.events.len() > self.limits.events
@@ -244,6 +299,9 @@ impl LiveTail {
             {
                 let old = ring.events.pop_front().expect("ring is not empty");
                 ring.bytes -= event_bytes(&old);
+                let position = old.position.0;
+                index_pop(&mut ring.streams, old.stream.as_str(), position);
+                index_pop(&mut ring.categories, old.stream.category_str(), position);
                 ring.start += 1;
             }
         }
@@ -258,6 +316,8 @@ impl LiveTail {
             let mut ring = self.ring.write().expect("live tail lock poisoned");
             ring.events.clear();
             ring.bytes = 0;
+            ring.streams.clear();
+            ring.categories.clear();
             ring.start = start;
         }
         self.wake_all();
