@@ -122,7 +122,9 @@ impl Drop for Waiter {
             }
         }
         drop(waiters);
-        self.tail.subscribers.fetch_sub(1, Ordering::AcqRel);
+        if self.tail.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tail.release_if_idle();
+        }
     }
 }
 
@@ -260,6 +262,20 @@ impl LiveTail {
             for (_, notify) in waiters.get(key).into_iter().flatten() {
                 notify.notify_one();
             }
+        }
+    }
+
+    /// Frees the ring's events once the last subscriber has gone, instead of holding up to
+    /// its bound until the next append. The ring stays where it ends, so the tailer goes on
+    /// from there and a subscriber that arrives meanwhile reads the store first.
+    fn release_if_idle(&self) {
+        let mut ring = self.ring.write().expect("live tail lock poisoned");
+        if self.subscribers() == 0 {
+            ring.start += ring.events.len() as u64;
+            ring.events = VecDeque::new();
+            ring.bytes = 0;
+            ring.streams = HashMap::new();
+            ring.categories = HashMap::new();
         }
     }
 
@@ -449,6 +465,42 @@ mod tests {
         assert_eq!(positions(tail.take(4, 2, &odd)), (vec![5], 6));
         let even = ReadSource::Category(skald_core::Category::new("even").unwrap());
         assert_eq!(positions(tail.take(5, 2, &even)), (vec![], 6));
+    }
+
+    #[test]
+    fn the_stream_index_follows_eviction() {
+        let tail = LiveTail::new(
+            0,
+            TailLimits {
+                events: 4,
+                bytes: usize::MAX,
+            },
+        );
+        let odd = ReadSource::Stream(StreamName::new("odd-1").unwrap());
+        tail.publish((0..6).map(event).collect());
+        // 0 and 1 left the ring; the index forgot 1 with them.
+        assert!(matches!(tail.take(1, 9, &odd), Take::Behind));
+        assert_eq!(positions(tail.take(2, 9, &odd)), (vec![3, 5], 6));
+        tail.publish((6..10).map(event).collect());
+        assert_eq!(positions(tail.take(6, 9, &odd)), (vec![7, 9], 10));
+        let ring = tail.ring.read().unwrap();
+        assert_eq!(ring.streams["odd-1"], [7, 9]);
+        assert_eq!(ring.categories["even"], [6, 8]);
+    }
+
+    #[test]
+    fn the_last_subscriber_leaving_frees_the_ring_where_it_ends() {
+        let tail = Arc::new(LiveTail::new(0, TailLimits::default()));
+        let waiter = tail.register(&ALL);
+        tail.publish((0..5).map(event).collect());
+        assert_eq!(positions(tail.take(0, 9, &ALL)).0.len(), 5);
+        drop(waiter);
+        assert!(matches!(tail.take(0, 9, &ALL), Take::Behind));
+        assert_eq!(tail.end(), 5);
+        // The tailer goes on where the ring ended.
+        let _waiter = tail.register(&ALL);
+        tail.publish((5..7).map(event).collect());
+        assert_eq!(positions(tail.take(5, 9, &ALL)), (vec![5, 6], 7));
     }
 
     #[tokio::test]

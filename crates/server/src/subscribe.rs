@@ -246,12 +246,21 @@ async fn pump_sse<S: EventStore>(
     if !send_sse(&tx, Bytes::from(retry), &settings, connection.as_ref()).await {
         return;
     }
+    // Made once, not per delivery: both register with a waker list or the timer wheel.
+    let stopping = hub.stopping();
+    tokio::pin!(stopping);
+    let heartbeat = tokio::time::sleep(settings.heartbeat);
+    tokio::pin!(heartbeat);
     loop {
         let delivery = tokio::select! {
-            () = hub.stopping() => return,
+            () = &mut stopping => return,
             () = tx.closed() => return,
-            delivery = tokio::time::timeout(settings.heartbeat, subscription.next()) => delivery,
+            () = &mut heartbeat => Err(()),
+            delivery = subscription.next() => Ok(delivery),
         };
+        heartbeat
+            .as_mut()
+            .reset(tokio::time::Instant::now() + settings.heartbeat);
         let sent = match delivery {
             Err(_) => {
                 send_sse(
@@ -263,7 +272,8 @@ async fn pump_sse<S: EventStore>(
                 .await
             }
             Ok(Ok(Delivery::Events(events))) => {
-                let mut out = Vec::with_capacity(CHUNK_BYTES + 4096);
+                // Sized for the batch (most live batches are one small event), not the chunk.
+                let mut out = Vec::with_capacity((events.len() * 640).min(CHUNK_BYTES + 4096));
                 let mut sent = true;
                 for (i, event) in events.iter().enumerate() {
                     out.extend_from_slice(format!("id: {}\ndata: ", event.position).as_bytes());
