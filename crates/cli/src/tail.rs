@@ -33,6 +33,10 @@ pub struct TailArgs {
     /// Stop after this many events.
     #[arg(long)]
     limit: Option<u64>,
+    /// Also show Skald's own system streams (names starting with '$': group definitions,
+    /// checkpoints, parked messages), which the global log carries.
+    #[arg(long)]
+    system: bool,
 }
 
 /// Parses Server-Sent Events from a byte stream, frame by frame.
@@ -196,6 +200,10 @@ pub async fn run(client: &HttpClient, args: TailArgs) -> anyhow::Result<()> {
                         format!("the server sent an event that is not JSON: {data}")
                     })?;
                     if filter_here && !selected(&args, &event) {
+                        continue;
+                    }
+                    let system = event["stream"].as_str().is_some_and(|s| s.starts_with('$'));
+                    if system && !args.system {
                         continue;
                     }
                     if args.json {

@@ -73,6 +73,21 @@ fn subscription_commands_create_list_inspect_replay_and_delete() {
     assert!(!ok);
     assert!(err.contains("one source"), "{err}");
 
+    // The group's bookkeeping lives in system streams, which `skald tail` leaves out unless
+    // asked.
+    let (ok, _, err) = skald(&["append", &s, "order-1", "--type", "Placed"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = skald(&["tail", &s, "--from", "start", "--limit", "1", "--json"]);
+    assert!(ok, "{err}");
+    let first: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(first["stream"], "order-1", "{out}");
+    let (ok, out, err) = skald(&[
+        "tail", &s, "--from", "start", "--limit", "1", "--json", "--system",
+    ]);
+    assert!(ok, "{err}");
+    let first: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(first["stream"], "$groups", "{out}");
+
     let (ok, out, err) = skald(&["subscription", "list", &s]);
     assert!(ok, "{err}");
     assert!(
