@@ -175,18 +175,29 @@ async fn pinned_consumers_get_whole_streams_in_order() {
     let mut owner: BTreeMap<String, usize> = BTreeMap::new();
     let mut revisions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut received = 0;
+    // Every consumer runs until all the events have been received by someone.
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut tasks = tokio::task::JoinSet::new();
     for (index, mut consumer) in consumers.into_iter().enumerate() {
         let groups = groups.clone();
+        let counted = Arc::clone(&counted);
         tasks.spawn(async move {
             let mut got = Vec::new();
             loop {
-                let batch =
-                    match tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
-                        Ok(ConsumerEvent::Messages(batch)) => batch,
-                        Ok(ConsumerEvent::Ended(e)) => panic!("ended: {e}"),
-                        Err(_) => return (index, got),
-                    };
+                let next = tokio::time::timeout(Duration::from_millis(50), consumer.next()).await;
+                let batch = match next {
+                    Ok(ConsumerEvent::Messages(batch)) => batch,
+                    Ok(ConsumerEvent::Ended(e)) => panic!("ended: {e}"),
+                    Err(_) => {
+                        let done = counted.load(std::sync::atomic::Ordering::SeqCst) >= total;
+                        if done || tokio::time::Instant::now() > deadline {
+                            return (index, got);
+                        }
+                        continue;
+                    }
+                };
+                counted.fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
                 for m in &batch {
                     got.push((m.event.stream.to_string(), m.event.revision.0));
                 }
@@ -285,7 +296,7 @@ async fn retried_messages_are_parked_after_the_most_deliveries_and_can_be_replay
     }
     let parked_stream = StreamName::system("$parked-r").unwrap();
     let mut parked = 0;
-    for _ in 0..100 {
+    for _ in 0..500 {
         parked = groups.info("r").await.unwrap().stats.parked;
         if parked == 1 {
             break;
@@ -323,7 +334,7 @@ async fn retried_messages_are_parked_after_the_most_deliveries_and_can_be_replay
     assert_eq!(replayed[0].deliveries, 1);
     groups.ack("r", ids(&replayed)).await.unwrap();
     let mut info = groups.info("r").await.unwrap();
-    for _ in 0..100 {
+    for _ in 0..500 {
         if info.stats.parked == 0 {
             break;
         }

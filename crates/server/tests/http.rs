@@ -700,7 +700,7 @@ async fn persistent_subscription_groups_over_http() {
     )
     .await;
     let mut info = api.get("/v1/groups/billing").await.json();
-    for _ in 0..100 {
+    for _ in 0..500 {
         if info["stats"]["parked"] == 1 && info["stats"]["lag"] == 0 {
             break;
         }
