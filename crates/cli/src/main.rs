@@ -5,6 +5,7 @@ mod bench_subscribe;
 mod client;
 mod commands;
 mod config;
+mod logging;
 mod serve;
 mod subscription;
 mod tail;
@@ -129,6 +130,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => config::FileConfig::default(),
             };
             let merged = config::merge(file, data_dir, listen, durability.map(Durability::from))?;
+            logging::init()?;
             serve::run(merged).await
         }
         Command::Append { server, args } => {

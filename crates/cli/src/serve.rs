@@ -15,16 +15,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (store, report) = Store::open(config.storage)
         .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
     for note in &report.notes {
-        eprintln!("skald: recovery: {note}");
+        tracing::warn!(note = %note, "recovery repaired the store");
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     if durability == Durability::None {
-        eprintln!(
-            "skald: WARNING: --durability none: appends are acknowledged before they reach the \
-             disk and a crash of the machine loses them. Use it for tests and benchmarks only."
+        tracing::warn!(
+            "--durability none: appends are acknowledged before they reach the disk and a \
+             crash of the machine loses them. Use it for tests and benchmarks only."
         );
     }
     // Tests and scripts read this line to find the port when listening on port 0.
@@ -51,7 +51,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // writer stops after what it has queued.
     groups.stopped().await;
     store.shutdown().await;
-    eprintln!("skald: stopped cleanly");
+    tracing::info!("stopped cleanly");
     Ok(())
 }
 
@@ -60,7 +60,7 @@ async fn shutdown_signal() {
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler can be installed");
     tokio::select! {
-        _ = term.recv() => eprintln!("skald: SIGTERM received, shutting down"),
-        _ = int.recv() => eprintln!("skald: SIGINT received, shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
     }
 }

@@ -113,7 +113,11 @@ fn durability_none_is_announced() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--durability", "none"]);
     let (_, stderr) = server.terminate();
-    assert!(stderr.contains("WARNING: --durability none"), "{stderr}");
+    assert!(
+        stderr.contains("--durability none: appends are acknowledged before"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("WARN"), "{stderr}");
 }
 
 #[test]

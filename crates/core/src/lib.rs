@@ -8,6 +8,7 @@ mod error;
 mod event;
 mod ids;
 mod limits;
+pub mod metrics;
 mod query;
 mod store;
 

@@ -132,4 +132,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The limits this store enforces.
     fn limits(&self) -> &Limits;
+
+    /// Writes the backend's own metrics (writes, syncs, reads, size) for `GET /metrics`. The
+    /// default writes none.
+    fn write_metrics(&self, _out: &mut crate::metrics::Exposition) {}
+
+    /// Whether the store can take appends now, or why not (a failed disk, a full disk, a
+    /// shutdown). `GET /health/ready` answers with it.
+    fn readiness(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }

@@ -104,6 +104,11 @@ impl<S: EventStore> Hub<S> {
         }
     }
 
+    /// Whether [`Hub::shutdown`] has been called.
+    pub fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
     /// Resolves once [`Hub::shutdown`] has been called.
     pub async fn stopping(&self) {
         let mut stop = self.stop.subscribe();

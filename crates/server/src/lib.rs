@@ -4,6 +4,7 @@
 mod cloudevents;
 mod groups;
 pub mod listener;
+mod observe;
 mod problem;
 mod subscribe;
 
@@ -97,6 +98,7 @@ struct App<S> {
     hub: Hub<S>,
     groups: Groups<S>,
     config: HttpConfig,
+    metrics: Arc<observe::ApiMetrics>,
 }
 
 impl<S> Clone for App<S> {
@@ -106,6 +108,7 @@ impl<S> Clone for App<S> {
             hub: self.hub.clone(),
             groups: self.groups.clone(),
             config: self.config.clone(),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -132,6 +135,7 @@ pub fn router_with_groups<S: EventStore>(groups: Groups<S>, config: HttpConfig) 
         hub,
         groups,
         config,
+        metrics: Arc::new(observe::ApiMetrics::new()),
     };
     Router::new()
         .route(
@@ -172,9 +176,16 @@ pub fn router_with_groups<S: EventStore>(groups: Groups<S>, config: HttpConfig) 
         .route("/v1/groups/{name}/messages", get(groups::poll::<S>))
         .route("/v1/groups/{name}/ack", post(groups::ack::<S>))
         .route("/v1/groups/{name}/nack", post(groups::nack::<S>))
+        .route("/metrics", get(observe::metrics::<S>))
+        .route("/health/live", get(observe::live))
+        .route("/health/ready", get(observe::ready::<S>))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            observe::middleware::<S>,
+        ))
         .with_state(app)
 }
 

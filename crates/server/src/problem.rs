@@ -86,6 +86,16 @@ impl Problem {
         )
     }
 
+    /// 503 from `GET /health/ready`: why the store cannot take appends now.
+    pub fn not_ready(reason: String) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            reason,
+        )
+    }
+
     /// The status code.
     pub fn status(&self) -> StatusCode {
         self.status

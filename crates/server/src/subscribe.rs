@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 
 use crate::cloudevents::write_record;
 use crate::listener::Connection;
+use crate::observe::{ApiMetrics, Open};
 use crate::{App, Problem, parse_json, parse_names, query_pairs, stream_name};
+use tracing::Instrument;
 
 /// Chunks waiting between a subscription and its HTTP response. Kept tiny: a slow client
 /// holds at most this many batches (plus the socket's buffers) in memory.
@@ -204,13 +206,17 @@ async fn sse<S: EventStore>(
     let start = last_event_id(headers)?.unwrap_or(start);
     let subscription = app.hub.subscribe(source, start).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(SSE_QUEUE);
-    tokio::spawn(pump_sse(
-        subscription,
-        tx,
-        app.hub.clone(),
-        app.config.subscriptions(),
-        connection.map(|c| c.0),
-    ));
+    tokio::spawn(
+        pump_sse(
+            subscription,
+            tx,
+            app.hub.clone(),
+            app.config.subscriptions(),
+            connection.map(|c| c.0),
+            Arc::clone(&app.metrics),
+        )
+        .instrument(tracing::Span::current()),
+    );
     let body = stream::unfold(rx, |mut rx| async move {
         let chunk = rx.recv().await?;
         Some((Ok::<_, std::convert::Infallible>(chunk), rx))
@@ -241,9 +247,19 @@ async fn pump_sse<S: EventStore>(
     hub: Hub<S>,
     settings: SubscriptionSettings,
     connection: Option<Connection>,
+    metrics: Arc<ApiMetrics>,
 ) {
+    let _open = Open::new(&metrics, |m| &m.sse);
     let retry = format!("retry: {}\n\n", settings.sse_retry.as_millis());
-    if !send_sse(&tx, Bytes::from(retry), &settings, connection.as_ref()).await {
+    if !send_sse(
+        &tx,
+        Bytes::from(retry),
+        &settings,
+        connection.as_ref(),
+        &metrics,
+    )
+    .await
+    {
         return;
     }
     // Made once, not per delivery: both register with a waker list or the timer wheel.
@@ -268,10 +284,12 @@ async fn pump_sse<S: EventStore>(
                     Bytes::from_static(b": heartbeat\n\n"),
                     &settings,
                     connection.as_ref(),
+                    &metrics,
                 )
                 .await
             }
             Ok(Ok(Delivery::Events(events))) => {
+                metrics.sse_events.add(events.len() as u64);
                 // Sized for the batch (most live batches are one small event), not the chunk.
                 let mut out = Vec::with_capacity((events.len() * 640).min(CHUNK_BYTES + 4096));
                 let mut sent = true;
@@ -281,7 +299,7 @@ async fn pump_sse<S: EventStore>(
                     out.extend_from_slice(b"\n\n");
                     if out.len() >= CHUNK_BYTES || i + 1 == events.len() {
                         let chunk = Bytes::from(std::mem::take(&mut out));
-                        sent = send_sse(&tx, chunk, &settings, connection.as_ref()).await;
+                        sent = send_sse(&tx, chunk, &settings, connection.as_ref(), &metrics).await;
                         if !sent {
                             break;
                         }
@@ -291,12 +309,26 @@ async fn pump_sse<S: EventStore>(
             }
             Ok(Ok(Delivery::CaughtUp { position })) => {
                 let chunk = format!("event: caught-up\ndata: {{\"position\":{position}}}\n\n");
-                send_sse(&tx, Bytes::from(chunk), &settings, connection.as_ref()).await
+                send_sse(
+                    &tx,
+                    Bytes::from(chunk),
+                    &settings,
+                    connection.as_ref(),
+                    &metrics,
+                )
+                .await
             }
             Ok(Err(e)) => {
                 let problem = Problem::from(e).to_json();
                 let chunk = format!("event: error\ndata: {problem}\n\n");
-                send_sse(&tx, Bytes::from(chunk), &settings, connection.as_ref()).await;
+                send_sse(
+                    &tx,
+                    Bytes::from(chunk),
+                    &settings,
+                    connection.as_ref(),
+                    &metrics,
+                )
+                .await;
                 false
             }
         };
@@ -313,15 +345,17 @@ async fn send_sse(
     chunk: Bytes,
     settings: &SubscriptionSettings,
     connection: Option<&Connection>,
+    metrics: &ApiMetrics,
 ) -> bool {
     match tokio::time::timeout(settings.stall_timeout, tx.send(chunk)).await {
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,
         Err(_) => {
-            eprintln!(
-                "skald: disconnecting an SSE subscriber that read nothing for {:?}",
-                settings.stall_timeout
+            tracing::warn!(
+                stall_timeout = ?settings.stall_timeout,
+                "disconnecting an SSE subscriber that read nothing for the stall timeout"
             );
+            metrics.stalled.inc();
             if let Some(connection) = connection {
                 connection.close_now();
             }
@@ -418,7 +452,10 @@ pub(crate) async fn websocket<S: EventStore>(
         .read_buffer_size(WS_READ_BUFFER)
         .max_message_size(WS_MAX_MESSAGE)
         .max_frame_size(WS_MAX_MESSAGE)
-        .on_upgrade(move |socket| ws_session(socket, app))
+        .on_upgrade(move |socket| {
+            // The socket's log lines carry the id of the request that opened it.
+            ws_session(socket, app).instrument(tracing::Span::current())
+        })
 }
 
 fn close_message(code: u16, reason: &str) -> Message {
@@ -510,10 +547,11 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>) {
             Ok(Ok(())) => {}
             Ok(Err(_)) => break,
             Err(_) => {
-                eprintln!(
-                    "skald: closing a WebSocket whose client read nothing for {:?}",
-                    settings.stall_timeout
+                tracing::warn!(
+                    stall_timeout = ?settings.stall_timeout,
+                    "closing a WebSocket whose client read nothing for the stall timeout"
                 );
+                session.app.metrics.stalled.inc();
                 let reason = format!("the client read nothing for {:?}", settings.stall_timeout);
                 let _ = tokio::time::timeout(
                     Duration::from_millis(100),
@@ -670,12 +708,16 @@ impl<S: EventStore> Session<S> {
             .await
             .map_err(crate::groups::group_problem)?;
         let id: Arc<str> = Arc::from(id);
-        let task = tokio::spawn(pump_group(
-            consumer,
-            Arc::clone(&id),
-            self.generation,
-            self.tx.clone(),
-        ));
+        let task = tokio::spawn(
+            pump_group(
+                consumer,
+                Arc::clone(&id),
+                self.generation,
+                self.tx.clone(),
+                Open::new(&self.app.metrics, |m| &m.group_consumers),
+            )
+            .in_current_span(),
+        );
         self.active.insert(Arc::clone(&id), (self.generation, task));
         self.groups.insert(id, group);
         Ok(())
@@ -693,12 +735,16 @@ impl<S: EventStore> Session<S> {
         let subscription = self.app.hub.subscribe(source, start).await?;
         self.generation += 1;
         let id: Arc<str> = Arc::from(id);
-        let task = tokio::spawn(pump_ws(
-            subscription,
-            Arc::clone(&id),
-            self.generation,
-            self.tx.clone(),
-        ));
+        let task = tokio::spawn(
+            pump_ws(
+                subscription,
+                Arc::clone(&id),
+                self.generation,
+                self.tx.clone(),
+                Arc::clone(&self.app.metrics),
+            )
+            .in_current_span(),
+        );
         self.active.insert(id, (self.generation, task));
         Ok(())
     }
@@ -723,6 +769,7 @@ async fn pump_group(
     id: Arc<str>,
     generation: u64,
     tx: mpsc::Sender<Outgoing>,
+    _open: Open,
 ) {
     let quoted_id = serde_json::to_string(&*id).expect("a string serializes");
     loop {
@@ -764,7 +811,9 @@ async fn pump_ws<S: EventStore>(
     id: Arc<str>,
     generation: u64,
     tx: mpsc::Sender<Outgoing>,
+    metrics: Arc<ApiMetrics>,
 ) {
+    let _open = Open::new(&metrics, |m| &m.websocket);
     let quoted_id = serde_json::to_string(&*id).expect("a string serializes");
     let send = |text: String| {
         tx.send(Outgoing {
@@ -776,6 +825,7 @@ async fn pump_ws<S: EventStore>(
     loop {
         match subscription.next().await {
             Ok(Delivery::Events(events)) => {
+                metrics.websocket_events.add(events.len() as u64);
                 for batch in ws_batches(&quoted_id, &events) {
                     if send(batch).await.is_err() {
                         return;

@@ -7,6 +7,7 @@
 mod codec;
 mod index;
 mod memtable;
+mod metrics;
 mod read;
 mod recovery;
 mod segments;
@@ -92,6 +93,10 @@ pub(crate) struct Shared {
     pub head_watch: tokio::sync::watch::Sender<u64>,
     /// Index entries not yet in redb.
     pub mem: memtable::Memtables,
+    /// Why appends are refused, once the writer stopped trusting the files or the store is
+    /// shutting down.
+    pub unavailable: Mutex<Option<String>>,
+    pub metrics: metrics::StorageMetrics,
     _lock: File,
 }
 
@@ -182,6 +187,8 @@ impl Store {
             head: AtomicU64::new(recovered.next_position),
             head_watch: tokio::sync::watch::Sender::new(recovered.next_position),
             mem: memtable::Memtables::new(recovered.next_position),
+            unavailable: Mutex::new(None),
+            metrics: metrics::StorageMetrics::new(),
             _lock: lock,
         });
         let flusher = {
@@ -227,6 +234,11 @@ impl Store {
     /// Finishes the appends already queued, checkpoints the index and stops the writer.
     /// Appends after this fail with [`Error::Unavailable`]; reads keep working.
     pub async fn shutdown(&self) {
+        self.shared
+            .unavailable
+            .lock()
+            .expect("unavailable lock")
+            .get_or_insert_with(|| "the store is shutting down".to_owned());
         let (done, wait) = oneshot::channel();
         if self.commands.send(Command::Shutdown { done }).await.is_ok() {
             let _ = wait.await;
@@ -321,9 +333,14 @@ impl EventStore for Store {
 
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || Self::read_blocking(&shared, &request))
-            .await
-            .map_err(|e| Error::Io(format!("read task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let page = Self::read_blocking(&shared, &request)?;
+            shared.metrics.reads.inc();
+            shared.metrics.events_read.add(page.events.len() as u64);
+            Ok(page)
+        })
+        .await
+        .map_err(|e| Error::Io(format!("read task failed: {e}")))?
     }
 
     async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamHead>, Error> {
@@ -356,6 +373,41 @@ impl EventStore for Store {
 
     fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    fn write_metrics(&self, out: &mut skald_core::metrics::Exposition) {
+        let index_bytes = std::fs::metadata(self.shared.dir.join("index.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        self.shared.metrics.write(
+            out,
+            self.head(),
+            self.shared.segments.total_bytes() + index_bytes,
+            metrics::disk(&self.shared.dir).map(|d| d.free),
+        );
+    }
+
+    fn readiness(&self) -> std::result::Result<(), String> {
+        if let Some(reason) = self
+            .shared
+            .unavailable
+            .lock()
+            .expect("unavailable lock")
+            .clone()
+        {
+            return Err(reason);
+        }
+        if let Some(e) = &self.shared.mem.state.lock().expect("memtable lock").failed {
+            return Err(format!("the index cannot be written: {e}"));
+        }
+        match metrics::disk(&self.shared.dir) {
+            Some(disk) if disk.low() => Err(format!(
+                "only {} KiB free on the disk of {}; appends fail once it is full",
+                disk.free >> 10,
+                self.shared.dir.display()
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn next_position(&self) -> Result<u64, Error> {

@@ -204,12 +204,15 @@ impl Writer {
         match outcomes {
             Ok(outcomes) => {
                 for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
+                    self.shared.metrics.count_outcome(&outcome);
                     let _ = reply.send(outcome);
                 }
             }
             Err(e) => {
                 for (_, reply) in batch {
-                    let _ = reply.send(Err(e.clone()));
+                    let outcome = Err(e.clone());
+                    self.shared.metrics.count_outcome(&outcome);
+                    let _ = reply.send(outcome);
                 }
             }
         }
@@ -258,15 +261,29 @@ impl Writer {
         if let Err(e) = self.write_pending() {
             return Err(self.undo(base_len, base_position, e));
         }
-        if self.config.durability == Durability::Fsync
-            && let Err(e) = self.segment.file.sync_data()
-        {
-            self.poisoned = Some(format!(
-                "fdatasync of {} failed: {e}",
-                self.segment.path.display()
-            ));
-            return Err(self.undo(base_len, base_position, Error::Io(e.to_string())));
+        if self.config.durability == Durability::Fsync {
+            let started = Instant::now();
+            let synced = self.segment.file.sync_data();
+            self.shared
+                .metrics
+                .fsync_seconds
+                .observe_duration(started.elapsed());
+            if let Err(e) = synced {
+                self.poison(format!(
+                    "fdatasync of {} failed: {e}",
+                    self.segment.path.display()
+                ));
+                return Err(self.undo(base_len, base_position, Error::Io(e.to_string())));
+            }
         }
+        let metrics = &self.shared.metrics;
+        metrics
+            .batch_events
+            .observe((self.next_position - base_position) as f64);
+        metrics
+            .events_written
+            .add(self.next_position - base_position);
+        metrics.bytes_written.add(self.segment_len - base_len);
         self.segment
             .committed_len
             .store(self.segment_len, Ordering::Release);
@@ -275,6 +292,13 @@ impl Writer {
             .store(self.next_position, Ordering::Release);
         self.shared.head_watch.send_replace(self.next_position);
         Ok(outcomes)
+    }
+
+    /// Refuses appends until a restart, and says why to readiness checks.
+    fn poison(&mut self, reason: String) {
+        *self.shared.unavailable.lock().expect("unavailable lock") =
+            Some(format!("appends are refused until a restart: {reason}"));
+        self.poisoned = Some(reason);
     }
 
     /// Cuts the segment back to before the failed batch and turns the error into what the
@@ -286,7 +310,7 @@ impl Writer {
             .expect("memtable lock")
             .rollback(base_position);
         if let Err(e) = self.segment.file.set_len(base_len) {
-            self.poisoned = Some(format!(
+            self.poison(format!(
                 "could not cut {} back after a failed write: {e}",
                 self.segment.path.display()
             ));

@@ -81,6 +81,7 @@ fn a_full_disk_fails_appends_cleanly_and_recovers_when_space_returns() {
         ..Options::default()
     };
     let (store, _) = Store::open(options.clone()).unwrap();
+    assert_eq!(store.readiness(), Ok(()));
 
     let mut acknowledged = 0u64;
     let error = loop {
@@ -100,6 +101,10 @@ fn a_full_disk_fails_appends_cleanly_and_recovers_when_space_returns() {
     assert!(error.to_string().contains("No space left"), "{error}");
     assert!(acknowledged > 100, "only {acknowledged} appends fit");
 
+    // The readiness check says so, with the reason.
+    let not_ready = store.readiness().unwrap_err();
+    assert!(not_ready.contains("free on the disk"), "{not_ready}");
+
     // Still full: still a clear error, and nothing half-written is visible.
     assert!(matches!(append(&rt, &store, 0), Err(Error::StorageFull(_))));
     let events = read_all(&rt, &store);
@@ -115,8 +120,11 @@ fn a_full_disk_fails_appends_cleanly_and_recovers_when_space_returns() {
     std::fs::remove_file(&filler).unwrap();
     let r = append(&rt, &store, 0).expect("appends work again once there is room");
     assert_eq!(r.first_position, Position(acknowledged));
+    assert_eq!(store.readiness(), Ok(()));
 
     rt.block_on(store.shutdown());
+    let stopped = store.readiness().unwrap_err();
+    assert!(stopped.contains("shutting down"), "{stopped}");
     drop(store);
     let (store, _) = Store::open(options).unwrap();
     assert_eq!(read_all(&rt, &store).len() as u64, acknowledged + 1);

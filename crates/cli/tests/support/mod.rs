@@ -28,7 +28,13 @@ impl Server {
     /// Starts `skald serve` on the data directory, on a free loopback port, and waits (with a
     /// deadline) until it prints the address it listens on.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the server.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(SKALD)
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)

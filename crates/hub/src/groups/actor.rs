@@ -523,8 +523,8 @@ impl<S: EventStore> Group<S> {
             }
             Ok(Delivery::CaughtUp { .. }) => {}
             Err(e) => {
-                eprintln!(
-                    "skald: group {}: reading its source failed, retrying in {STORE_RETRY:?}: {e}",
+                tracing::warn!(
+                    "group {}: reading its source failed, retrying in {STORE_RETRY:?}: {e}",
                     self.definition.name
                 );
                 self.reader_paused_until = Some(Instant::now() + STORE_RETRY);
@@ -735,8 +735,8 @@ impl<S: EventStore> Group<S> {
                 self.last_checkpoint = checkpoint;
                 self.dirty = false;
             }
-            Err(e) => eprintln!(
-                "skald: group {}: writing its checkpoint failed, retrying later: {e}",
+            Err(e) => tracing::warn!(
+                "group {}: writing its checkpoint failed, retrying later: {e}",
                 self.definition.name
             ),
         }
@@ -780,8 +780,8 @@ impl<S: EventStore> Group<S> {
                 }
             }
             Err(e) => {
-                eprintln!(
-                    "skald: group {}: parking {} messages failed, retrying them later: {e}",
+                tracing::warn!(
+                    "group {}: parking {} messages failed, retrying them later: {e}",
                     self.definition.name,
                     to_park.len()
                 );
@@ -817,8 +817,8 @@ impl<S: EventStore> Group<S> {
         let page = match page {
             Ok(page) => page,
             Err(e) => {
-                eprintln!(
-                    "skald: group {}: reading parked messages failed: {e}",
+                tracing::warn!(
+                    "group {}: reading parked messages failed: {e}",
                     self.definition.name
                 );
                 return;
@@ -847,8 +847,8 @@ impl<S: EventStore> Group<S> {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    eprintln!(
-                        "skald: group {}: loading parked message {revision} failed: {e}",
+                    tracing::warn!(
+                        "group {}: loading parked message {revision} failed: {e}",
                         self.definition.name
                     );
                     return;
@@ -863,9 +863,10 @@ impl<S: EventStore> Group<S> {
     /// cannot be read back (logged).
     async fn parked_event(&self, parked: &RecordedEvent) -> Result<Option<RecordedEvent>> {
         let Ok(entry) = serde_json::from_slice::<ParkedEntry>(parked.data.bytes()) else {
-            eprintln!(
-                "skald: group {}: parked entry at position {} is not a parked message; skipped",
-                self.definition.name, parked.position
+            tracing::warn!(
+                "group {}: parked entry at position {} is not a parked message; skipped",
+                self.definition.name,
+                parked.position
             );
             return Ok(None);
         };
@@ -888,9 +889,11 @@ impl<S: EventStore> Group<S> {
                 Ok(Some(event))
             }
             _ => {
-                eprintln!(
-                    "skald: group {}: parked event {} at position {} is not in the store; skipped",
-                    self.definition.name, entry.event_id, entry.position
+                tracing::warn!(
+                    "group {}: parked event {} at position {} is not in the store; skipped",
+                    self.definition.name,
+                    entry.event_id,
+                    entry.position
                 );
                 Ok(None)
             }

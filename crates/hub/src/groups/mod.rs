@@ -146,7 +146,7 @@ impl<S: EventStore> Groups<S> {
             let name = definition.name.clone();
             // One group that cannot start must not keep the others, or the server, down.
             if let Err(e) = groups.launch(definition).await {
-                eprintln!("skald: group {name} cannot start and is left stopped: {e}");
+                tracing::warn!("group {name} cannot start and is left stopped: {e}");
             }
         }
         Ok(groups)
@@ -457,8 +457,8 @@ fn apply_change(
                 Ok(definition) => {
                     definitions.insert(definition.name.clone(), definition);
                 }
-                Err(e) => eprintln!(
-                    "skald: $groups at position {} is not a group definition, skipped: {e}",
+                Err(e) => tracing::warn!(
+                    "$groups at position {} is not a group definition, skipped: {e}",
                     event.position
                 ),
             }
@@ -471,14 +471,14 @@ fn apply_change(
                 Some(name) => {
                     definitions.remove(&name);
                 }
-                None => eprintln!(
-                    "skald: $groups at position {} names no group to delete, skipped",
+                None => tracing::warn!(
+                    "$groups at position {} names no group to delete, skipped",
                     event.position
                 ),
             }
         }
-        other => eprintln!(
-            "skald: $groups at position {} has unknown type {other:?}, skipped",
+        other => tracing::warn!(
+            "$groups at position {} has unknown type {other:?}, skipped",
             event.position
         ),
     }

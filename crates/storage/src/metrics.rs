@@ -1,0 +1,162 @@
+//! What the embedded engine counts for `GET /metrics`, and its readiness checks.
+
+use std::path::Path;
+
+use skald_core::metrics::{Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, SIZE_BOUNDS};
+
+/// Below this much free space on the data directory's disk (or 5% of a disk smaller than
+/// 1.25 GiB) the store reports itself not ready, before appends start failing with
+/// `storage-full`.
+pub(crate) const MIN_FREE_BYTES: u64 = 64 << 20;
+
+/// Free and total bytes of the disk holding `dir`, for an unprivileged writer.
+pub(crate) struct Disk {
+    pub free: u64,
+    pub total: u64,
+}
+
+impl Disk {
+    /// Whether the disk is too full to call the store ready.
+    pub fn low(&self) -> bool {
+        self.free < MIN_FREE_BYTES.min(self.total / 20)
+    }
+}
+
+/// Counters updated by the writer and readers; read when `/metrics` is scraped.
+pub(crate) struct StorageMetrics {
+    pub written: Counter,
+    pub replayed: Counter,
+    pub rejected: Counter,
+    pub failed: Counter,
+    pub events_written: Counter,
+    pub bytes_written: Counter,
+    pub batch_events: Histogram,
+    pub fsync_seconds: Histogram,
+    pub reads: Counter,
+    pub events_read: Counter,
+}
+
+impl StorageMetrics {
+    pub fn new() -> Self {
+        Self {
+            written: Counter::new(),
+            replayed: Counter::new(),
+            rejected: Counter::new(),
+            failed: Counter::new(),
+            events_written: Counter::new(),
+            bytes_written: Counter::new(),
+            batch_events: Histogram::new(SIZE_BOUNDS),
+            fsync_seconds: Histogram::new(DURATION_BOUNDS),
+            reads: Counter::new(),
+            events_read: Counter::new(),
+        }
+    }
+
+    /// Counts one append's outcome.
+    pub fn count_outcome(&self, outcome: &Result<skald_core::AppendResult, skald_core::Error>) {
+        use skald_core::Error;
+        match outcome {
+            Ok(result) if result.replayed => self.replayed.inc(),
+            Ok(_) => self.written.inc(),
+            Err(
+                Error::InvalidEvent { .. }
+                | Error::WrongExpectedRevision { .. }
+                | Error::ConditionFailed { .. }
+                | Error::IdReused { .. }
+                | Error::StreamNotFound(_),
+            ) => self.rejected.inc(),
+            Err(_) => self.failed.inc(),
+        }
+    }
+
+    pub fn write(&self, out: &mut Exposition, head: u64, storage_bytes: u64, free: Option<u64>) {
+        out.family(
+            "skald_appends_total",
+            Kind::Counter,
+            "Append requests by result: written, replayed (idempotent repeat), rejected (the \
+             client's: conflict or invalid), failed (the store's).",
+        );
+        for (result, counter) in [
+            ("written", &self.written),
+            ("replayed", &self.replayed),
+            ("rejected", &self.rejected),
+            ("failed", &self.failed),
+        ] {
+            out.sample(
+                "skald_appends_total",
+                &[("result", result)],
+                counter.get() as f64,
+            );
+        }
+        out.single(
+            "skald_events_written_total",
+            Kind::Counter,
+            "Events written.",
+            self.events_written.get() as f64,
+        );
+        out.single(
+            "skald_bytes_written_total",
+            Kind::Counter,
+            "Bytes written to segments.",
+            self.bytes_written.get() as f64,
+        );
+        out.family(
+            "skald_append_batch_events",
+            Kind::Histogram,
+            "Events per group commit (one write and one fdatasync).",
+        );
+        out.histogram("skald_append_batch_events", &[], &self.batch_events);
+        out.family(
+            "skald_fsync_duration_seconds",
+            Kind::Histogram,
+            "Time fdatasync took per group commit.",
+        );
+        out.histogram("skald_fsync_duration_seconds", &[], &self.fsync_seconds);
+        out.single(
+            "skald_reads_total",
+            Kind::Counter,
+            "Read pages served (stream, category, query and global-log reads, subscriptions' \
+             catch-up included).",
+            self.reads.get() as f64,
+        );
+        out.single(
+            "skald_events_read_total",
+            Kind::Counter,
+            "Events returned by reads.",
+            self.events_read.get() as f64,
+        );
+        out.single(
+            "skald_events_stored",
+            Kind::Gauge,
+            "Events in the store; the next append's position.",
+            head as f64,
+        );
+        out.single(
+            "skald_storage_bytes",
+            Kind::Gauge,
+            "Bytes the store occupies (segments and index).",
+            storage_bytes as f64,
+        );
+        if let Some(free) = free {
+            out.single(
+                "skald_disk_free_bytes",
+                Kind::Gauge,
+                "Bytes free for the store on the data directory's disk.",
+                free as f64,
+            );
+        }
+    }
+}
+
+/// The space on the disk holding `dir`.
+pub(crate) fn disk(dir: &Path) -> Option<Disk> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    (rc == 0).then(|| Disk {
+        free: stat.f_bavail as u64 * stat.f_frsize as u64,
+        total: stat.f_blocks as u64 * stat.f_frsize as u64,
+    })
+}
