@@ -307,6 +307,12 @@ pub(crate) async fn metrics<S: EventStore>(State(app): State<App<S>>) -> Respons
     );
     out.sample("skald_build_info", &[("version", VERSION)], 1.0);
     process_metrics(&mut out, app.metrics.started);
+    out.single(
+        "skald_ready",
+        Kind::Gauge,
+        "1 when the store takes appends and the disk has room (GET /health/ready), else 0.",
+        if readiness(&app).is_none() { 1.0 } else { 0.0 },
+    );
     app.metrics.write(&mut out);
     app.store.write_metrics(&mut out);
     out.single(
@@ -388,13 +394,17 @@ pub(crate) async fn live() -> Response {
 /// `GET /health/ready`: the store takes appends, the disk has room, and the server is not
 /// stopping.
 pub(crate) async fn ready<S: EventStore>(State(app): State<App<S>>) -> Response {
-    let reason = if app.hub.is_stopping() {
+    match readiness(&app) {
+        None => json_response(br#"{"status":"ready"}"#.to_vec()).into_response(),
+        Some(reason) => Problem::not_ready(reason).into_response(),
+    }
+}
+
+/// Why the server is not ready, or `None` when it is.
+fn readiness<S: EventStore>(app: &App<S>) -> Option<String> {
+    if app.hub.is_stopping() {
         Some("the server is shutting down".to_owned())
     } else {
         app.store.readiness().err()
-    };
-    match reason {
-        None => json_response(br#"{"status":"ready"}"#.to_vec()).into_response(),
-        Some(reason) => Problem::not_ready(reason).into_response(),
     }
 }

@@ -248,6 +248,7 @@ async fn metrics_are_valid_prometheus_text_and_move_with_activity() {
     );
     assert!(value(&before, "process_resident_memory_bytes", &[]) > 0.0);
     assert!(value(&before, "process_open_fds", &[]) > 0.0);
+    assert_eq!(value(&before, "skald_ready", &[]), 1.0);
 
     let events = json!({"events": [{"type": "A"}, {"type": "B"}]}).to_string();
     for _ in 0..3 {
@@ -389,4 +390,69 @@ fn the_format_checker_rejects_what_prometheus_rejects() {
         let result = std::panic::catch_unwind(|| parse_exposition(bad));
         assert!(result.is_err(), "accepted: {bad:?}");
     }
+}
+
+/// The metric names a text uses: `skald_*` and `process_*`, without histogram suffixes.
+fn metric_names(text: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &text[i..];
+        let starts = rest.starts_with("skald_") || rest.starts_with("process_");
+        let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if starts && boundary {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            // Crate names appear in log targets and filters; they are not metrics.
+            let crates = ["skald_server", "skald_hub", "skald_core", "skald_storage"];
+            if !crates.contains(&base) {
+                names.insert(base.to_owned());
+            }
+            i += end;
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[tokio::test]
+async fn the_dashboard_and_the_alerts_use_only_metrics_the_server_exposes() {
+    let api = Api::new().await;
+    let (_, _, text) = api.call("GET", "/metrics", None, "").await;
+    let exposed: HashSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap().to_owned())
+        .collect();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    for file in [
+        "deploy/grafana/skald.json",
+        "deploy/prometheus/skald-alerts.yml",
+        "docs/observability.md",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let used = metric_names(&text);
+        assert!(!used.is_empty(), "{file} names no metric");
+        let unknown: Vec<_> = used.difference(&exposed).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics the server does not expose: {unknown:?}"
+        );
+    }
+    // And the documentation lists every family the server exposes.
+    let documented =
+        metric_names(&std::fs::read_to_string(format!("{root}/docs/observability.md")).unwrap());
+    let undocumented: Vec<_> = exposed.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in docs/observability.md: {undocumented:?}"
+    );
 }
