@@ -45,10 +45,10 @@ fn logs_on_a_pipe_are_json_lines_that_carry_the_request_id() {
     for (id, status) in [("trace-me-42", 200), ("trace-me-43", 404)] {
         let line = lines
             .iter()
-            .find(|l| l["span"]["request_id"] == id)
+            .find(|l| l["fields"]["request_id"] == id)
             .unwrap_or_else(|| panic!("no line for request {id}: {stderr}"));
         assert_eq!(line["fields"]["status"], status, "{line}");
-        assert!(line["span"]["route"].is_string(), "{line}");
+        assert!(line["fields"]["route"].is_string(), "{line}");
     }
     assert!(
         lines

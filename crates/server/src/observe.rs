@@ -7,12 +7,17 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
+use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use skald_core::EventStore;
 use skald_core::metrics::{Counter, DURATION_BOUNDS, Exposition, Histogram, Kind};
+use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::{App, Problem, VERSION, json_response};
@@ -23,10 +28,8 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// What the API counts, shared by every request.
 pub(crate) struct ApiMetrics {
     started: SystemTime,
-    /// Requests by (route, method, status).
-    requests: RwLock<HashMap<(String, String, u16), Arc<Counter>>>,
-    /// Latency by (route, method).
-    latency: RwLock<HashMap<(String, String), Arc<Histogram>>>,
+    /// Requests and latency by route and method, looked up without allocating.
+    routes: RwLock<HashMap<String, HashMap<Method, Arc<RouteMetrics>>>>,
     /// Open subscriptions by transport.
     pub sse: AtomicI64,
     pub websocket: AtomicI64,
@@ -48,8 +51,7 @@ impl ApiMetrics {
             .map_or(0, |d| d.subsec_nanos());
         Self {
             started: now,
-            requests: RwLock::new(HashMap::new()),
-            latency: RwLock::new(HashMap::new()),
+            routes: RwLock::new(HashMap::new()),
             sse: AtomicI64::new(0),
             websocket: AtomicI64::new(0),
             group_consumers: AtomicI64::new(0),
@@ -67,73 +69,88 @@ impl ApiMetrics {
         format!("{:08x}-{n:x}", self.id_base)
     }
 
-    fn record(&self, route: &str, method: &str, status: u16, elapsed: std::time::Duration) {
-        let counter = {
-            let key = (route.to_owned(), method.to_owned(), status);
-            let found = self
-                .requests
-                .read()
-                .expect("metrics lock")
-                .get(&key)
-                .cloned();
-            match found {
-                Some(c) => c,
-                None => Arc::clone(
-                    self.requests
-                        .write()
-                        .expect("metrics lock")
-                        .entry(key)
-                        .or_default(),
-                ),
+    fn route(&self, route: &str, method: &Method) -> Arc<RouteMetrics> {
+        let found = self
+            .routes
+            .read()
+            .expect("metrics lock")
+            .get(route)
+            .and_then(|methods| methods.get(method))
+            .cloned();
+        found.unwrap_or_else(|| {
+            let mut routes = self.routes.write().expect("metrics lock");
+            let methods = routes.entry(route.to_owned()).or_default();
+            Arc::clone(methods.entry(method.clone()).or_insert_with(|| {
+                Arc::new(RouteMetrics {
+                    latency: Histogram::new(DURATION_BOUNDS),
+                    statuses: RwLock::new(Vec::new()),
+                })
+            }))
+        })
+    }
+
+    fn record(&self, route: &str, method: &Method, status: u16, elapsed: std::time::Duration) {
+        let metrics = self.route(route, method);
+        metrics.latency.observe_duration(elapsed);
+        let counted = metrics
+            .statuses
+            .read()
+            .expect("metrics lock")
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, c)| c.inc())
+            .is_some();
+        if !counted {
+            let mut statuses = metrics.statuses.write().expect("metrics lock");
+            match statuses.iter().find(|(s, _)| *s == status) {
+                Some((_, c)) => c.inc(),
+                None => {
+                    let counter = Counter::new();
+                    counter.inc();
+                    statuses.push((status, counter));
+                }
             }
-        };
-        counter.inc();
-        let histogram = {
-            let key = (route.to_owned(), method.to_owned());
-            let found = self
-                .latency
-                .read()
-                .expect("metrics lock")
-                .get(&key)
-                .cloned();
-            match found {
-                Some(h) => h,
-                None => Arc::clone(
-                    self.latency
-                        .write()
-                        .expect("metrics lock")
-                        .entry(key)
-                        .or_insert_with(|| Arc::new(Histogram::new(DURATION_BOUNDS))),
-                ),
-            }
-        };
-        histogram.observe_duration(elapsed);
+        }
     }
 
     fn write(&self, out: &mut Exposition) {
+        let mut routes: Vec<(String, String, Arc<RouteMetrics>)> = self
+            .routes
+            .read()
+            .expect("metrics lock")
+            .iter()
+            .flat_map(|(route, methods)| {
+                methods
+                    .iter()
+                    .map(|(m, r)| (route.clone(), m.as_str().to_owned(), Arc::clone(r)))
+            })
+            .collect();
+        routes.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         out.family(
             "skald_http_requests_total",
             Kind::Counter,
             "HTTP requests by route, method and status.",
         );
-        let mut requests: Vec<_> = self
-            .requests
-            .read()
-            .expect("metrics lock")
-            .iter()
-            .map(|(k, c)| (k.clone(), c.get()))
-            .collect();
-        requests.sort();
-        for ((route, method, status), count) in requests {
-            out.sample(
-                "skald_http_requests_total",
-                &[
-                    ("route", &route),
-                    ("method", &method),
-                    ("status", &status.to_string()),
-                ],
-                count as f64,
-            );
+        for (route, method, metrics) in &routes {
+            let mut statuses: Vec<(u16, u64)> = metrics
+                .statuses
+                .read()
+                .expect("metrics lock")
+                .iter()
+                .map(|(s, c)| (*s, c.get()))
+                .collect();
+            statuses.sort();
+            for (status, count) in statuses {
+                out.sample(
+                    "skald_http_requests_total",
+                    &[
+                        ("route", route),
+                        ("method", method),
+                        ("status", &status.to_string()),
+                    ],
+                    count as f64,
+                );
+            }
         }
         out.family(
             "skald_http_request_duration_seconds",
@@ -141,19 +158,11 @@ impl ApiMetrics {
             "Time to answer an HTTP request (to the response head, for streams), by route and \
              method.",
         );
-        let mut latency: Vec<_> = self
-            .latency
-            .read()
-            .expect("metrics lock")
-            .iter()
-            .map(|(k, h)| (k.clone(), Arc::clone(h)))
-            .collect();
-        latency.sort_by(|a, b| a.0.cmp(&b.0));
-        for ((route, method), histogram) in latency {
+        for (route, method, metrics) in &routes {
             out.histogram(
                 "skald_http_request_duration_seconds",
-                &[("route", &route), ("method", &method)],
-                &histogram,
+                &[("route", route), ("method", method)],
+                &metrics.latency,
             );
         }
         out.family(
@@ -196,6 +205,13 @@ impl ApiMetrics {
     }
 }
 
+/// The requests of one route and method.
+struct RouteMetrics {
+    latency: Histogram,
+    /// Requests by status; a handful per route.
+    statuses: RwLock<Vec<(u16, Counter)>>,
+}
+
 /// Counts one open subscription of a transport while it lives.
 pub(crate) struct Open {
     metrics: Arc<ApiMetrics>,
@@ -225,37 +241,82 @@ fn client_request_id(request: &Request) -> Option<String> {
     ok.then(|| id.to_owned())
 }
 
-/// Gives each request an id (the client's `X-Request-Id`, or a new one), runs it inside a
-/// log span carrying that id, returns the id in the response, and counts the request.
-pub(crate) async fn middleware<S: EventStore>(
-    State(app): State<App<S>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let id = client_request_id(&request).unwrap_or_else(|| app.metrics.request_id());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let method = request.method().as_str().to_owned();
-    let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
-    let mut response = next.run(request).instrument(span.clone()).await;
-    let elapsed = started.elapsed();
-    let status = response.status().as_u16();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID, value);
+/// The layer that gives each request an id (the client's `X-Request-Id`, or a new one),
+/// returns it in the response, logs the request with it, and counts the request. A plain
+/// tower layer rather than `axum::middleware::from_fn`, which clones the inner service for
+/// every request.
+#[derive(Clone)]
+pub(crate) struct ObserveLayer {
+    pub metrics: Arc<ApiMetrics>,
+}
+
+impl<I> Layer<I> for ObserveLayer {
+    type Service = Observe<I>;
+
+    fn layer(&self, inner: I) -> Observe<I> {
+        Observe {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
     }
-    app.metrics.record(&route, &method, status, elapsed);
-    let _entered = span.enter();
-    let micros = elapsed.as_micros() as u64;
-    if status >= 500 {
-        tracing::error!(status, micros, "request failed");
-    } else {
-        tracing::debug!(status, micros, "request");
+}
+
+#[derive(Clone)]
+pub(crate) struct Observe<I> {
+    inner: I,
+    metrics: Arc<ApiMetrics>,
+}
+
+impl<I> Service<Request> for Observe<I>
+where
+    I: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    I::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
     }
-    response
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let started = Instant::now();
+        let metrics = Arc::clone(&self.metrics);
+        let id = client_request_id(&request).unwrap_or_else(|| metrics.request_id());
+        let matched = request.extensions().get::<MatchedPath>().cloned();
+        let method = request.method().clone();
+        // A span costs several percent of a small append's CPU (measured), so ordinary
+        // requests name their id in their own log line instead; subscriptions, which live
+        // long and log from their own tasks, get one, and so does every request while debug
+        // logging is on.
+        let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
+        let long_lived = route.starts_with("/v1/subscribe/") || route == "/v1/ws";
+        let span = (long_lived || tracing::enabled!(tracing::Level::DEBUG)).then(
+            || tracing::info_span!("request", request_id = %id, method = %method, route = %route),
+        );
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = match span {
+                Some(span) => future.instrument(span).await?,
+                None => future.await?,
+            };
+            let elapsed = started.elapsed();
+            let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
+            let status = response.status().as_u16();
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                response.headers_mut().insert(REQUEST_ID, value);
+            }
+            metrics.record(route, &method, status, elapsed);
+            let micros = elapsed.as_micros() as u64;
+            if status >= 500 {
+                tracing::error!(request_id = %id, method = %method, route, status, micros, "request failed");
+            } else {
+                tracing::debug!(request_id = %id, method = %method, route, status, micros, "request");
+            }
+            Ok(response)
+        })
+    }
 }
 
 fn process_metrics(out: &mut Exposition, started: SystemTime) {
