@@ -5,16 +5,7 @@ mod support;
 
 use std::process::Command;
 
-use support::{SKALD, Server};
-
-fn skald(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(SKALD).args(args).output().expect("skald runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use support::{SKALD, Server, skald};
 
 #[test]
 fn append_read_and_info_against_a_running_server() {

@@ -5,21 +5,11 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Http, SKALD, Server};
-
-fn skald(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(SKALD).args(args).output().expect("skald runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use support::{Http, Server, skald};
 
 #[test]
 fn subscription_commands_create_list_inspect_replay_and_delete() {

@@ -136,6 +136,21 @@ impl Exposition {
         self.sample(name, &[], value);
     }
 
+    /// A whole family of one counter or gauge split by one label: `(label value, value)`.
+    pub fn by_label(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        help: &str,
+        label: &str,
+        values: &[(&str, f64)],
+    ) {
+        self.family(name, kind, help);
+        for (value_of_label, value) in values {
+            self.sample(name, &[(label, value_of_label)], *value);
+        }
+    }
+
     /// The samples of one histogram (of a family started with [`Kind::Histogram`]).
     pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], histogram: &Histogram) {
         let mut cumulative = 0;

@@ -165,37 +165,28 @@ impl ApiMetrics {
                 &metrics.latency,
             );
         }
-        out.family(
+        let open = |gauge: &AtomicI64| gauge.load(Ordering::Relaxed) as f64;
+        out.by_label(
             "skald_subscriptions",
             Kind::Gauge,
             "Open subscriptions by transport (group consumers on WebSockets counted apart).",
+            "transport",
+            &[
+                ("sse", open(&self.sse)),
+                ("websocket", open(&self.websocket)),
+                ("group-websocket", open(&self.group_consumers)),
+            ],
         );
-        for (transport, gauge) in [
-            ("sse", &self.sse),
-            ("websocket", &self.websocket),
-            ("group-websocket", &self.group_consumers),
-        ] {
-            out.sample(
-                "skald_subscriptions",
-                &[("transport", transport)],
-                gauge.load(Ordering::Relaxed) as f64,
-            );
-        }
-        out.family(
+        out.by_label(
             "skald_subscription_events_total",
             Kind::Counter,
             "Events delivered to catch-up subscribers, by transport.",
+            "transport",
+            &[
+                ("sse", self.sse_events.get() as f64),
+                ("websocket", self.websocket_events.get() as f64),
+            ],
         );
-        for (transport, counter) in [
-            ("sse", &self.sse_events),
-            ("websocket", &self.websocket_events),
-        ] {
-            out.sample(
-                "skald_subscription_events_total",
-                &[("transport", transport)],
-                counter.get() as f64,
-            );
-        }
         out.single(
             "skald_subscribers_stalled_total",
             Kind::Counter,

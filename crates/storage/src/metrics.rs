@@ -70,24 +70,19 @@ impl StorageMetrics {
     }
 
     pub fn write(&self, out: &mut Exposition, head: u64, storage_bytes: u64, free: Option<u64>) {
-        out.family(
+        out.by_label(
             "skald_appends_total",
             Kind::Counter,
             "Append requests by result: written, replayed (idempotent repeat), rejected (the \
              client's: conflict or invalid), failed (the store's).",
+            "result",
+            &[
+                ("written", self.written.get() as f64),
+                ("replayed", self.replayed.get() as f64),
+                ("rejected", self.rejected.get() as f64),
+                ("failed", self.failed.get() as f64),
+            ],
         );
-        for (result, counter) in [
-            ("written", &self.written),
-            ("replayed", &self.replayed),
-            ("rejected", &self.rejected),
-            ("failed", &self.failed),
-        ] {
-            out.sample(
-                "skald_appends_total",
-                &[("result", result)],
-                counter.get() as f64,
-            );
-        }
         out.single(
             "skald_events_written_total",
             Kind::Counter,

@@ -17,6 +17,16 @@ use hyper_util::rt::TokioExecutor;
 
 pub const SKALD: &str = env!("CARGO_BIN_EXE_skald");
 
+/// Runs `skald` with `args`; returns whether it succeeded, its stdout and its stderr.
+pub fn skald(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(SKALD).args(args).output().expect("skald runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running server; killed with SIGKILL when dropped if still running.
 pub struct Server {
     pub child: Child,
