@@ -43,6 +43,17 @@ struct Ring {
     categories: HashMap<String, VecDeque<u64>>,
 }
 
+impl Ring {
+    /// Drops every event (and frees their memory); the ring restarts at `start`.
+    fn empty_at(&mut self, start: u64) {
+        self.start = start;
+        self.events = VecDeque::new();
+        self.bytes = 0;
+        self.streams = HashMap::new();
+        self.categories = HashMap::new();
+    }
+}
+
 /// Notes `position` under `name`, allocating the name only for a new key.
 fn index_push(index: &mut HashMap<String, VecDeque<u64>>, name: &str, position: u64) {
     match index.get_mut(name) {
@@ -271,11 +282,8 @@ impl LiveTail {
     fn release_if_idle(&self) {
         let mut ring = self.ring.write().expect("live tail lock poisoned");
         if self.subscribers() == 0 {
-            ring.start += ring.events.len() as u64;
-            ring.events = VecDeque::new();
-            ring.bytes = 0;
-            ring.streams = HashMap::new();
-            ring.categories = HashMap::new();
+            let end = ring.start + ring.events.len() as u64;
+            ring.empty_at(end);
         }
     }
 
@@ -330,11 +338,7 @@ impl LiveTail {
     fn reset(&self, start: u64) {
         {
             let mut ring = self.ring.write().expect("live tail lock poisoned");
-            ring.events.clear();
-            ring.bytes = 0;
-            ring.streams.clear();
-            ring.categories.clear();
-            ring.start = start;
+            ring.empty_at(start);
         }
         self.wake_all();
     }

@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use skald_core::*;
 use skald_hub::groups::{
-    ConsumerEvent, GroupMessage, GroupSettings, NackAction, NewGroup, SettingsUpdate, StartSpec,
-    Strategy,
+    ConsumerEvent, GroupMessage, GroupSettings, NackAction, NewGroup, SettingsUpdate, Strategy,
 };
-use skald_hub::{AllSpec, Groups, Hub, HubOptions, SourceSpec};
+use skald_hub::{AllSpec, Groups, Hub, HubOptions, SourceSpec, Start};
 use skald_storage::{Options, Store};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -76,7 +75,7 @@ fn group(name: &str, settings: GroupSettings) -> NewGroup {
     NewGroup {
         name: name.into(),
         source: SourceSpec::All(AllSpec::default()),
-        start: StartSpec::Beginning,
+        start: Start::Beginning,
         settings,
     }
 }
@@ -398,7 +397,7 @@ async fn groups_are_created_updated_listed_and_deleted_durably() {
     let head = append(&store, "order-1", 5).await + 5;
     let mut new = group("orders", GroupSettings::default());
     new.source = SourceSpec::Category("order".into());
-    new.start = StartSpec::Now;
+    new.start = Start::Now;
     let created = groups.create(new.clone()).await.unwrap();
     assert_eq!(
         created.definition.start,
@@ -412,7 +411,7 @@ async fn groups_are_created_updated_listed_and_deleted_durably() {
             ..new.clone()
         },
         NewGroup {
-            start: StartSpec::Revision(3),
+            start: Start::Revision(3),
             name: "other".into(),
             ..new.clone()
         },

@@ -13,12 +13,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use skald_core::{Error, EventStore};
 use skald_hub::SourceSpec;
-use skald_hub::groups::{
-    GroupMessage, GroupSettings, NackAction, NewGroup, SettingsUpdate, StartSpec,
-};
+use skald_hub::groups::{GroupMessage, GroupSettings, NackAction, NewGroup, SettingsUpdate};
 
 use crate::cloudevents::write_record;
-use crate::subscribe::ws_start;
+use crate::subscribe::start_from_json;
 use crate::{App, Problem, body_bytes, json_response, parse_json, query_pairs};
 
 /// Most messages one long-poll returns.
@@ -42,15 +40,6 @@ fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Response {
         json_response(serde_json::to_vec(value).expect("serializable")),
     )
         .into_response()
-}
-
-pub(crate) fn start_spec(from: Option<Value>, is_stream: bool) -> Result<StartSpec, Problem> {
-    Ok(match ws_start(from, is_stream)? {
-        skald_hub::Start::Beginning => StartSpec::Beginning,
-        skald_hub::Start::Now => StartSpec::Now,
-        skald_hub::Start::Position(p) => StartSpec::Position(p),
-        skald_hub::Start::Revision(r) => StartSpec::Revision(r),
-    })
 }
 
 /// `POST /v1/groups`: the body is `name`, `source`, optional `from`, and any settings.
@@ -78,7 +67,7 @@ pub(crate) async fn create<S: EventStore>(
             ));
         }
     };
-    let start = start_spec(
+    let start = start_from_json(
         fields.remove("from"),
         matches!(source, SourceSpec::Stream(_)),
     )?;

@@ -410,7 +410,9 @@ enum ClientMessage {
 const DEFAULT_PREFETCH: usize = 10;
 const MAX_PREFETCH: usize = 1000;
 
-pub(crate) fn ws_start(from: Option<Value>, is_stream: bool) -> Result<Start, Problem> {
+/// A start as JSON (WebSocket `from`, a group definition's `from`): `"start"`, `"now"`, a
+/// position, or `{"revision": N}` for a stream.
+pub(crate) fn start_from_json(from: Option<Value>, is_stream: bool) -> Result<Start, Problem> {
     match from {
         None => Ok(Start::Beginning),
         Some(Value::String(text)) if text != "revision" => parse_start(&text, is_stream),
@@ -731,7 +733,7 @@ impl<S: EventStore> Session<S> {
     ) -> Result<(), Problem> {
         self.check_id(id)?;
         let source = source.to_read_source().map_err(Problem::from)?;
-        let start = ws_start(from, matches!(source, ReadSource::Stream(_)))?;
+        let start = start_from_json(from, matches!(source, ReadSource::Stream(_)))?;
         let subscription = self.app.hub.subscribe(source, start).await?;
         self.generation += 1;
         let id: Arc<str> = Arc::from(id);

@@ -253,6 +253,14 @@ impl Store {
         }
     }
 
+    /// Bytes of segments and index on disk.
+    fn storage_bytes(&self) -> u64 {
+        let index_bytes = std::fs::metadata(self.shared.dir.join("index.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        self.shared.segments.total_bytes() + index_bytes
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.shared.dir
@@ -360,14 +368,10 @@ impl EventStore for Store {
     }
 
     async fn info(&self) -> Result<StoreInfo, Error> {
-        let head = self.head();
-        let index_bytes = std::fs::metadata(self.shared.dir.join("index.redb"))
-            .map(|m| m.len())
-            .unwrap_or(0);
         Ok(StoreInfo {
-            head_position: head.checked_sub(1).map(Position),
+            head_position: self.head().checked_sub(1).map(Position),
             durability: self.durability,
-            storage_bytes: self.shared.segments.total_bytes() + index_bytes,
+            storage_bytes: self.storage_bytes(),
         })
     }
 
@@ -376,13 +380,10 @@ impl EventStore for Store {
     }
 
     fn write_metrics(&self, out: &mut skald_core::metrics::Exposition) {
-        let index_bytes = std::fs::metadata(self.shared.dir.join("index.redb"))
-            .map(|m| m.len())
-            .unwrap_or(0);
         self.shared.metrics.write(
             out,
             self.head(),
-            self.shared.segments.total_bytes() + index_bytes,
+            self.storage_bytes(),
             metrics::disk(&self.shared.dir).map(|d| d.free),
         );
     }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use skald_core::{Error, ReadSource, Result, StreamName};
 
-use crate::SourceSpec;
+use crate::{SourceSpec, Start};
 
 /// Longest group name, in characters.
 pub const MAX_GROUP_NAME: usize = 100;
@@ -29,20 +29,6 @@ pub enum GroupStart {
     /// The first matching event at or after this global position.
     Position(u64),
     /// A stream group's event at this revision and what follows.
-    Revision(u64),
-}
-
-/// Where a client asks a group to start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StartSpec {
-    /// The first event there is.
-    #[default]
-    Beginning,
-    /// The next event appended after the group is created.
-    Now,
-    /// A global position.
-    Position(u64),
-    /// A stream revision.
     Revision(u64),
 }
 
@@ -204,8 +190,8 @@ pub fn validate_name(name: &str) -> Result<()> {
 }
 
 /// Checks that a start fits the source, as [`Subscription`](crate::Subscription) would.
-pub(crate) fn validate_start(source: &ReadSource, start: StartSpec) -> Result<()> {
-    if matches!(start, StartSpec::Revision(_)) && !matches!(source, ReadSource::Stream(_)) {
+pub(crate) fn validate_start(source: &ReadSource, start: Start) -> Result<()> {
+    if matches!(start, Start::Revision(_)) && !matches!(source, ReadSource::Stream(_)) {
         return Err(Error::invalid(
             "from: a revision can only start a group on a stream; give a position",
         ));

@@ -24,10 +24,10 @@ use tokio::task::JoinHandle;
 pub use actor::{AckOutcome, ConsumerEvent, ConsumerStats, GroupMessage, GroupStats, NackAction};
 pub use definition::{
     GroupDefinition, GroupSettings, GroupStart, MAX_BUFFER_SIZE, MAX_GROUP_NAME, SettingsUpdate,
-    StartSpec, Strategy, validate_name,
+    Strategy, validate_name,
 };
 
-use crate::{Hub, SourceSpec};
+use crate::{Hub, SourceSpec, Start};
 use actor::{Command, Group, system_event};
 use definition::{definitions_stream, validate_start};
 
@@ -39,7 +39,7 @@ pub struct NewGroup {
     /// What it reads.
     pub source: SourceSpec,
     /// Where it starts.
-    pub start: StartSpec,
+    pub start: Start,
     /// Its settings.
     pub settings: GroupSettings,
 }
@@ -222,10 +222,10 @@ impl<S: EventStore> Groups<S> {
             return Err(Error::GroupExists(new.name));
         }
         let start = match new.start {
-            StartSpec::Beginning => GroupStart::Position(0),
-            StartSpec::Now => GroupStart::Position(self.hub.store().next_position().await?),
-            StartSpec::Position(p) => GroupStart::Position(p),
-            StartSpec::Revision(r) => GroupStart::Revision(r),
+            Start::Beginning => GroupStart::Position(0),
+            Start::Now => GroupStart::Position(self.hub.store().next_position().await?),
+            Start::Position(p) => GroupStart::Position(p),
+            Start::Revision(r) => GroupStart::Revision(r),
         };
         // Writes to `$groups` expect its exact revision, so the creating event takes the
         // next one: a generation no other group of this name ever had.
@@ -355,13 +355,24 @@ impl<S: EventStore> Groups<S> {
         kind: &'static str,
         capacity: usize,
     ) -> Result<Consumer> {
+        self.join_as(name, consumer, kind, capacity, false).await
+    }
+
+    async fn join_as(
+        &self,
+        name: &str,
+        consumer: &str,
+        kind: &'static str,
+        capacity: usize,
+        one_batch: bool,
+    ) -> Result<Consumer> {
         let commands = self.commands(name)?;
         let (id, events) = self
             .ask(name, |reply| Command::Join {
                 name: Arc::from(consumer),
                 kind,
                 capacity,
-                one_batch: false,
+                one_batch,
                 reply,
             })
             .await?;
@@ -381,21 +392,7 @@ impl<S: EventStore> Groups<S> {
         count: usize,
         wait: Duration,
     ) -> Result<Vec<GroupMessage>> {
-        let commands = self.commands(name)?;
-        let (id, events) = self
-            .ask(name, |reply| Command::Join {
-                name: Arc::from(consumer),
-                kind: "http",
-                capacity: count,
-                one_batch: true,
-                reply,
-            })
-            .await?;
-        let mut consumer = Consumer {
-            id,
-            commands,
-            events,
-        };
+        let mut consumer = self.join_as(name, consumer, "http", count, true).await?;
         match tokio::time::timeout(wait, consumer.next()).await {
             Ok(ConsumerEvent::Messages(messages)) => Ok(messages),
             Ok(ConsumerEvent::Ended(e)) => Err(e),
