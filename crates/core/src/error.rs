@@ -62,6 +62,19 @@ pub enum Error {
     #[error("persistent subscription group {0:?} already exists; update it, or delete it first")]
     GroupExists(String),
 
+    /// No saga definition or instance by that name or id.
+    #[error("{0}")]
+    SagaNotFound(String),
+
+    /// A saga definition that cannot be registered, with every problem's line and column.
+    #[error("invalid saga definition: {0}")]
+    InvalidSaga(String),
+
+    /// A saga request that conflicts with what is stored: a version reused with other
+    /// content, a cancel past the pivot, a retry of an instance that is not stuck.
+    #[error("{0}")]
+    SagaConflict(String),
+
     /// The disk is full; nothing of the failed append was stored.
     #[error("storage is full: {0}")]
     StorageFull(String),

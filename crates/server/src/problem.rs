@@ -172,6 +172,24 @@ impl From<Error> for Problem {
                 Self::new(StatusCode::CONFLICT, "group-exists", "Group exists", detail)
                     .with("group", json!(name))
             }
+            Error::SagaNotFound(_) => Self::new(
+                StatusCode::NOT_FOUND,
+                "saga-not-found",
+                "Saga not found",
+                detail,
+            ),
+            Error::InvalidSaga(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-saga-definition",
+                "Invalid saga definition",
+                detail,
+            ),
+            Error::SagaConflict(_) => Self::new(
+                StatusCode::CONFLICT,
+                "saga-conflict",
+                "Saga conflict",
+                detail,
+            ),
             Error::StorageFull(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage-full",
@@ -250,6 +268,13 @@ mod tests {
             (Error::StreamNotFound(stream), 404, "stream-not-found"),
             (Error::GroupNotFound("g".into()), 404, "group-not-found"),
             (Error::GroupExists("g".into()), 409, "group-exists"),
+            (Error::SagaNotFound("s".into()), 404, "saga-not-found"),
+            (
+                Error::InvalidSaga("s".into()),
+                422,
+                "invalid-saga-definition",
+            ),
+            (Error::SagaConflict("s".into()), 409, "saga-conflict"),
             (Error::StorageFull("disk".into()), 503, "storage-full"),
             (Error::Unavailable("closing".into()), 503, "unavailable"),
             (

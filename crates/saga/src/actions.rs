@@ -1,0 +1,281 @@
+//! Running one attempt of a step's action: an HTTP call, an append, or a wait for an event.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use skald_core::{
+    AppendRequest, Error, EventData, EventId, EventStore, EventType, ExpectedRevision, Metadata,
+    ProposedEvent, StreamName, Tag,
+};
+use skald_hub::{Delivery, Hub, Start};
+
+use crate::breaker::Breakers;
+use crate::definition::{
+    AppendAction, AwaitAction, HttpAction, RetryOn, Selection, event_json, key_at,
+};
+use crate::template::{Template, render_value};
+
+/// The most bytes of a response body kept as a step's output.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// How much of an error answer's body is quoted in the step's error.
+const QUOTED_BODY: usize = 300;
+
+/// Why an attempt failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The attempt ran out of time.
+    Timeout(Duration),
+    /// The target could not be reached, or the connection broke.
+    Connection(String),
+    /// The target answered with a status that is not success.
+    Status(u16, String),
+    /// The target's circuit breaker is open.
+    BreakerOpen(String, Duration),
+    /// A template named something that is not there, or rendered into something invalid.
+    Render(String),
+    /// The store refused or failed an append.
+    Store(Error),
+    /// An await ran past its deadline.
+    AwaitTimedOut,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout(d) => write!(f, "timed out after {}", humantime::format_duration(*d)),
+            Self::Connection(e) => write!(f, "connection failed: {e}"),
+            Self::Status(code, body) if body.is_empty() => write!(f, "answered {code}"),
+            Self::Status(code, body) => write!(f, "answered {code}: {body}"),
+            Self::BreakerOpen(host, wait) => write!(
+                f,
+                "circuit breaker for {host} is open (next trial in {} ms)",
+                wait.as_millis()
+            ),
+            Self::Render(e) => f.write_str(e),
+            Self::Store(e) => write!(f, "append failed: {e}"),
+            Self::AwaitTimedOut => f.write_str("no matching event arrived before the deadline"),
+        }
+    }
+}
+
+impl Failure {
+    /// Whether a later attempt may succeed, under the step's `retryOn` list.
+    pub fn is_retryable(&self, retry_on: &[RetryOn]) -> bool {
+        match self {
+            Self::BreakerOpen(..) => true,
+            Self::Timeout(_) => retry_on.contains(&RetryOn::Timeout),
+            Self::Connection(_) => retry_on.contains(&RetryOn::Connection),
+            Self::Status(code, _) => {
+                retry_on.contains(&RetryOn::Status(*code))
+                    || (*code >= 500 && retry_on.contains(&RetryOn::ServerErrors))
+                    || ((400..500).contains(code) && retry_on.contains(&RetryOn::ClientErrors))
+            }
+            Self::Store(Error::Unavailable(_) | Error::StorageFull(_) | Error::Io(_)) => true,
+            Self::Render(_) | Self::Store(_) | Self::AwaitTimedOut => false,
+        }
+    }
+}
+
+/// The HTTP client steps call targets with: keep-alive connections, pooled per host.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A client for saga steps.
+pub fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+fn render_text(text: &str, context: &Value) -> Result<String, Failure> {
+    Template::parse(text)
+        .and_then(|t| t.render_text(context))
+        .map_err(Failure::Render)
+}
+
+/// Calls an HTTP target once. The answer's body is the output: JSON when it parses, else text.
+pub async fn call_http(
+    client: &HttpClient,
+    breakers: &Breakers,
+    action: &HttpAction,
+    context: &Value,
+    idempotency_key: &str,
+    timeout: Duration,
+) -> Result<Value, Failure> {
+    let url = render_text(&action.url, context)?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| Failure::Render(format!("url {url:?} is not a valid URL: {e}")))?;
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .ok_or_else(|| Failure::Render(format!("url {url:?} has no host")))?;
+    let mut request = hyper::Request::builder()
+        .method(action.method.as_str())
+        .uri(uri)
+        .header("idempotency-key", idempotency_key)
+        .header("user-agent", concat!("skald/", env!("CARGO_PKG_VERSION")));
+    for (name, value) in &action.headers {
+        request = request.header(name.as_str(), render_text(value, context)?);
+    }
+    let body = match &action.body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            let rendered = render_value(body, context).map_err(Failure::Render)?;
+            Bytes::from(rendered.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let request = request
+        .body(Full::new(body))
+        .map_err(|e| Failure::Render(format!("the request cannot be built: {e}")))?;
+    breakers
+        .admit(&host)
+        .map_err(|r| Failure::BreakerOpen(host.clone(), r.retry_in))?;
+    let outcome = tokio::time::timeout(timeout, async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| Failure::Connection(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| Failure::Connection(format!("reading the answer failed: {e}")))?
+            .to_bytes();
+        Ok::<_, Failure>((status, bytes))
+    })
+    .await
+    .unwrap_or(Err(Failure::Timeout(timeout)));
+    let (status, bytes) = match outcome {
+        Ok(answer) => {
+            breakers.record(&host, answer.0 < 500);
+            answer
+        }
+        Err(failure) => {
+            breakers.record(&host, false);
+            return Err(failure);
+        }
+    };
+    let success = match &action.success_status {
+        Some(codes) => codes.contains(&status),
+        None => (200..300).contains(&status),
+    };
+    if !success {
+        let text = String::from_utf8_lossy(&bytes);
+        let quoted: String = text.chars().take(QUOTED_BODY).collect();
+        return Err(Failure::Status(status, quoted));
+    }
+    Ok(if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Appends one event. Its id is fixed by `event_id`, so a repeated attempt is an idempotent
+/// replay. Output: where it landed.
+pub async fn append<S: EventStore>(
+    store: &S,
+    action: &AppendAction,
+    context: &Value,
+    event_id: uuid::Uuid,
+    metadata: &Value,
+) -> Result<Value, Failure> {
+    let stream = render_text(&action.stream, context)?;
+    let stream = StreamName::new(stream).map_err(|e| Failure::Render(e.to_string()))?;
+    let data = render_value(&action.data, context).map_err(Failure::Render)?;
+    let data = if data.is_null() { json!({}) } else { data };
+    let mut tags = Vec::with_capacity(action.tags.len());
+    for tag in &action.tags {
+        tags.push(
+            Tag::new(render_text(tag, context)?).map_err(|e| Failure::Render(e.to_string()))?,
+        );
+    }
+    let event = ProposedEvent {
+        id: EventId(event_id),
+        event_type: EventType::new(action.event_type.as_str())
+            .map_err(|e| Failure::Render(e.to_string()))?,
+        data: EventData::json(data.to_string()).map_err(|e| Failure::Render(e.to_string()))?,
+        metadata: Metadata::new(metadata.to_string())
+            .map_err(|e| Failure::Render(e.to_string()))?,
+        tags,
+        source: None,
+    };
+    let result = store
+        .append(AppendRequest {
+            stream: stream.clone(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![event],
+        })
+        .await
+        .map_err(Failure::Store)?;
+    Ok(json!({
+        "stream": stream.as_str(),
+        "position": result.first_position.0,
+        "revision": result.first_revision.0,
+    }))
+}
+
+/// Waits for the first event after `after` that `selection` matches and whose value at
+/// `pointer` is `key`, until `deadline`. Output: the event.
+pub async fn await_event<S: EventStore>(
+    hub: &Hub<S>,
+    action: &AwaitAction,
+    pointer: &str,
+    key: &str,
+    after: u64,
+    deadline: tokio::time::Instant,
+) -> Result<Value, Failure> {
+    let selection = Selection::new(
+        action.category.as_deref(),
+        &action.types,
+        action.query.as_deref(),
+    );
+    let mut subscription = hub
+        .subscribe(selection.read_source(), Start::Position(after + 1))
+        .await
+        .map_err(Failure::Store)?;
+    let wait = async {
+        loop {
+            match subscription.next().await.map_err(Failure::Store)? {
+                Delivery::Events(events) => {
+                    for event in events {
+                        if !selection.matches(&event) {
+                            continue;
+                        }
+                        let json = event_json(&event);
+                        if key_at(&json, pointer).as_deref() == Some(key) {
+                            return Ok(json);
+                        }
+                    }
+                }
+                Delivery::CaughtUp { .. } => {}
+            }
+        }
+    };
+    tokio::time::timeout_at(deadline, wait)
+        .await
+        .unwrap_or(Err(Failure::AwaitTimedOut))
+}

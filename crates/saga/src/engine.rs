@@ -1,0 +1,1287 @@
+//! The saga engine: definitions, the trigger loop, one task per running instance, and the
+//! calls transports make (register, list, show, retry, cancel).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use skald_core::{
+    AppendRequest, Category, Clock, Direction, Error, EventData, EventId, EventStore, EventType,
+    ExpectedRevision, Metadata, ProposedEvent, ReadRequest, ReadSource, RecordedEvent, Result,
+    Revision, StreamName, Timestamp,
+};
+use skald_hub::{Delivery, Hub, Start};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::actions::{self, Failure, HttpClient};
+use crate::breaker::Breakers;
+use crate::definition::{self, Action, Policy, SagaDefinition, Selection, key_at};
+use crate::history::{Instance, Phase, SagaEvent, SagaState};
+use crate::metrics::Metrics;
+use crate::{SagaOptions, streams};
+
+/// A registered definition, compiled for matching triggers.
+struct Registered {
+    definition: Arc<SagaDefinition>,
+    trigger: Selection,
+    position: u64,
+    registered_at: Timestamp,
+}
+
+impl Registered {
+    fn new(definition: SagaDefinition, position: u64, registered_at: Timestamp) -> Self {
+        let trigger = Selection::new(
+            definition.trigger.category.as_deref(),
+            &definition.trigger.types,
+            definition.trigger.query.as_deref(),
+        );
+        Self {
+            definition: Arc::new(definition),
+            trigger,
+            position,
+            registered_at,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Catalog {
+    /// Versions of each definition, oldest first.
+    by_name: BTreeMap<String, Vec<Arc<Registered>>>,
+    /// The last revision of `$sagas-definitions`.
+    revision: Option<u64>,
+}
+
+/// One instance the engine knows, running or not.
+struct Live {
+    stream: StreamName,
+    definition: Arc<SagaDefinition>,
+    state: Mutex<Instance>,
+    /// Serializes appends to the instance's stream, which go at exact expected revisions.
+    writes: tokio::sync::Mutex<()>,
+    /// Wakes the runner when a cancel arrives.
+    wake: Notify,
+}
+
+pub(crate) struct Inner<S> {
+    hub: Hub<S>,
+    options: SagaOptions,
+    clock: Arc<dyn Clock>,
+    catalog: Mutex<Catalog>,
+    definition_writes: tokio::sync::Mutex<()>,
+    instances: Mutex<HashMap<String, Arc<Live>>>,
+    running: Arc<Semaphore>,
+    http: HttpClient,
+    pub(crate) breakers: Breakers,
+    pub(crate) metrics: Metrics,
+    trigger_loop: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The first position the trigger loop has not finished with.
+    trigger_next: AtomicU64,
+}
+
+/// The saga engine of one store. Cheap to clone.
+pub struct Sagas<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Sagas<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+/// The answer to a registration.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Registration {
+    /// The definition's name.
+    pub name: String,
+    /// Its version.
+    pub version: u32,
+    /// True when this exact definition was already registered: nothing was written.
+    pub replayed: bool,
+}
+
+/// A definition and its versions, for listing.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionSummary {
+    /// The name.
+    pub name: String,
+    /// The newest version.
+    pub latest_version: u32,
+    /// Every version, oldest first.
+    pub versions: Vec<u32>,
+    /// When the newest version was registered (µs since the epoch).
+    pub registered_at: Timestamp,
+    /// Instances by state.
+    pub instances: BTreeMap<&'static str, u64>,
+}
+
+/// One instance, for listing.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSummary {
+    /// The saga id.
+    pub saga_id: String,
+    /// Its history's stream.
+    pub stream: String,
+    /// The definition's name.
+    pub definition: String,
+    /// The version it runs on.
+    pub version: u32,
+    /// The correlation key.
+    pub correlation_key: String,
+    /// Where it is.
+    pub state: SagaState,
+    /// Steps whose action succeeded, in order.
+    pub completed_steps: Vec<String>,
+    /// Steps whose compensation succeeded.
+    pub compensated_steps: Vec<String>,
+    /// Whether a cancel was asked for.
+    pub cancel_requested: bool,
+    /// The last step error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When it started (µs since the epoch).
+    pub started_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+/// What to list.
+#[derive(Clone, Debug, Default)]
+pub struct InstanceFilter {
+    /// Only this state.
+    pub state: Option<SagaState>,
+    /// Only this definition.
+    pub definition: Option<String>,
+    /// At most this many (capped at [`MAX_LISTED`]).
+    pub limit: Option<usize>,
+}
+
+/// Most instances one listing returns.
+pub const MAX_LISTED: usize = 1000;
+
+/// Most history events one call returns.
+pub const MAX_HISTORY: usize = 10_000;
+
+/// One event of an instance's history.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// Its revision in the instance stream.
+    pub revision: u64,
+    /// Its global position.
+    pub position: u64,
+    /// When it was recorded (µs since the epoch).
+    pub time: Timestamp,
+    /// The event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The event's data.
+    pub data: Value,
+}
+
+/// An instance with its whole history.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceHistory {
+    /// The summary.
+    #[serde(flatten)]
+    pub summary: InstanceSummary,
+    /// Every event, oldest first.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// The saga id for a definition and correlation key: the same inputs give the same id, which
+/// is what makes one instance per key.
+pub fn saga_id(definition: &str, key: &str) -> uuid::Uuid {
+    let mut name = Vec::with_capacity(definition.len() + key.len() + 1);
+    name.extend_from_slice(definition.as_bytes());
+    name.push(0);
+    name.extend_from_slice(key.as_bytes());
+    uuid::Uuid::new_v5(&streams::NAMESPACE, &name)
+}
+
+enum Move {
+    Run(usize, Phase),
+    Record(Vec<SagaEvent>),
+    Idle,
+}
+
+/// What an instance does next, from its definition and state alone.
+fn next_move(def: &SagaDefinition, state: &Instance) -> Move {
+    match state.state {
+        SagaState::Running => {
+            let past_pivot = def
+                .steps
+                .iter()
+                .any(|s| (s.pivot || s.retriable) && state.outputs.contains_key(&s.name));
+            if state.cancel_requested && !past_pivot {
+                return Move::Record(vec![SagaEvent::SagaCompensating {
+                    reason: "cancelled".into(),
+                    step: None,
+                }]);
+            }
+            match def
+                .steps
+                .iter()
+                .position(|s| !state.outputs.contains_key(&s.name))
+            {
+                Some(i) => Move::Run(i, Phase::Action),
+                None => Move::Record(vec![SagaEvent::SagaCompleted {}]),
+            }
+        }
+        SagaState::Compensating => {
+            let next = def.steps.iter().rposition(|s| {
+                s.compensation.is_some()
+                    && state.outputs.contains_key(&s.name)
+                    && !state.compensated.contains(&s.name)
+            });
+            match next {
+                Some(i) => Move::Run(i, Phase::Compensation),
+                None if state.cancel_requested => Move::Record(vec![SagaEvent::SagaCancelled {}]),
+                None => Move::Record(vec![SagaEvent::SagaCompensated {}]),
+            }
+        }
+        _ => Move::Idle,
+    }
+}
+
+impl<S: EventStore> Sagas<S> {
+    /// Loads definitions and instances from the store, resumes every unfinished instance and
+    /// starts following triggers.
+    pub async fn start(hub: Hub<S>, options: SagaOptions, clock: Arc<dyn Clock>) -> Result<Self> {
+        let inner = Arc::new(Inner {
+            running: Arc::new(Semaphore::new(options.max_running)),
+            breakers: Breakers::new(options.breaker.clone()),
+            hub,
+            options,
+            clock,
+            catalog: Mutex::new(Catalog::default()),
+            definition_writes: tokio::sync::Mutex::new(()),
+            instances: Mutex::new(HashMap::new()),
+            http: actions::http_client(),
+            metrics: Metrics::default(),
+            trigger_loop: Mutex::new(None),
+            trigger_next: AtomicU64::new(0),
+        });
+        let sagas = Self { inner };
+        sagas.load_definitions().await?;
+        let from = sagas.trigger_start().await?;
+        sagas.load_instances().await?;
+        let preloaded: Vec<Arc<Registered>> = {
+            let catalog = sagas.inner.catalog.lock().expect("catalog lock");
+            catalog
+                .by_name
+                .values()
+                .flatten()
+                .filter(|r| r.position < from)
+                .cloned()
+                .collect()
+        };
+        sagas.inner.trigger_next.store(from, Ordering::Relaxed);
+        let inner = Arc::clone(&sagas.inner);
+        let task = tokio::spawn(async move {
+            if let Err(e) = Inner::follow_triggers(&inner, from, preloaded).await {
+                tracing::error!(
+                    "the saga trigger loop stopped: {e}; no new sagas start until a restart"
+                );
+            }
+        });
+        *sagas.inner.trigger_loop.lock().expect("loop lock") = Some(task);
+        Ok(sagas)
+    }
+
+    async fn read_all(
+        &self,
+        source: ReadSource,
+        mut each: impl FnMut(&RecordedEvent),
+    ) -> Result<()> {
+        let store = self.inner.hub.store();
+        let mut from = 0;
+        loop {
+            let page = store
+                .read(ReadRequest {
+                    source: source.clone(),
+                    from: Some(from),
+                    direction: Direction::Forward,
+                    limit: skald_core::MAX_READ_PAGE,
+                })
+                .await?;
+            page.events.iter().for_each(&mut each);
+            match page.next {
+                Some(next) if !page.events.is_empty() => from = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    async fn load_definitions(&self) -> Result<()> {
+        let mut catalog = Catalog::default();
+        self.read_all(ReadSource::Stream(streams::definitions()), |event| {
+            catalog.revision = Some(event.revision.0);
+            match registered_of(event) {
+                Some(r) => catalog
+                    .by_name
+                    .entry(r.definition.name.clone())
+                    .or_default()
+                    .push(Arc::new(r)),
+                None => tracing::warn!(
+                    position = event.position.0,
+                    "a saga definition event cannot be read and is ignored"
+                ),
+            }
+        })
+        .await?;
+        *self.inner.catalog.lock().expect("catalog lock") = catalog;
+        Ok(())
+    }
+
+    /// Where the trigger loop starts: after its checkpoint; else at the first definition (no
+    /// trigger before it can match); else at the head.
+    async fn trigger_start(&self) -> Result<u64> {
+        let store = self.inner.hub.store();
+        let last = store
+            .read(ReadRequest {
+                source: ReadSource::Stream(streams::triggers()),
+                from: None,
+                direction: Direction::Backward,
+                limit: 1,
+            })
+            .await?;
+        if let Some(event) = last.events.first() {
+            let data: Value = serde_json::from_slice(event.data.bytes()).unwrap_or_default();
+            if let Some(next) = data["next"].as_u64() {
+                return Ok(next);
+            }
+        }
+        let first = self
+            .inner
+            .catalog
+            .lock()
+            .expect("catalog lock")
+            .by_name
+            .values()
+            .flatten()
+            .map(|r| r.position)
+            .min();
+        match first {
+            Some(position) => Ok(position),
+            None => store.next_position().await,
+        }
+    }
+
+    async fn load_instances(&self) -> Result<()> {
+        let mut folded: HashMap<StreamName, Instance> = HashMap::new();
+        let category = Category::from_stored(streams::INSTANCE_CATEGORY.to_owned());
+        self.read_all(ReadSource::Category(category), |event| {
+            let Some(saga_event) = SagaEvent::from_recorded(event) else {
+                tracing::warn!(
+                    stream = %event.stream,
+                    revision = event.revision.0,
+                    "a saga history event cannot be read and is ignored"
+                );
+                return;
+            };
+            match folded.get_mut(&event.stream) {
+                Some(state) => state.apply(&saga_event, event.recorded_at, event.revision.0),
+                None => {
+                    if let Some(state) = Instance::start(&saga_event, event.recorded_at) {
+                        folded.insert(event.stream.clone(), state);
+                    }
+                }
+            }
+        })
+        .await?;
+        let mut resumed = 0;
+        for (stream, state) in folded {
+            let Some(definition) = self.definition_version(&state.definition, state.version) else {
+                tracing::error!(
+                    saga = %state.saga_id,
+                    "saga definition {} version {} is not registered; the instance is left as it is",
+                    state.definition,
+                    state.version
+                );
+                continue;
+            };
+            let unfinished = matches!(state.state, SagaState::Running | SagaState::Compensating);
+            let live = Arc::new(Live {
+                stream,
+                definition,
+                state: Mutex::new(state),
+                writes: tokio::sync::Mutex::new(()),
+                wake: Notify::new(),
+            });
+            let id = live.state.lock().expect("state lock").saga_id.clone();
+            self.inner
+                .instances
+                .lock()
+                .expect("instances lock")
+                .insert(id, Arc::clone(&live));
+            if unfinished {
+                resumed += 1;
+                Inner::spawn_runner(&self.inner, live, None);
+            }
+        }
+        if resumed > 0 {
+            tracing::info!(resumed, "resuming unfinished sagas");
+        }
+        Ok(())
+    }
+
+    fn definition_version(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
+        let catalog = self.inner.catalog.lock().expect("catalog lock");
+        catalog
+            .by_name
+            .get(name)?
+            .iter()
+            .find(|r| r.definition.version == version)
+            .map(|r| Arc::clone(&r.definition))
+    }
+
+    /// Registers a definition from YAML or JSON text. Registering the same text again is a
+    /// no-op; a version already registered with other content is a conflict.
+    pub async fn register(&self, text: &str) -> Result<Registration> {
+        let definition = definition::parse(text).map_err(|e| Error::InvalidSaga(e.to_string()))?;
+        let _writes = self.inner.definition_writes.lock().await;
+        let (revision, latest) = {
+            let catalog = self.inner.catalog.lock().expect("catalog lock");
+            let versions = catalog.by_name.get(&definition.name);
+            if let Some(same) = versions.and_then(|v| {
+                v.iter()
+                    .find(|r| r.definition.version == definition.version)
+            }) {
+                if *same.definition == definition {
+                    return Ok(Registration {
+                        name: definition.name,
+                        version: definition.version,
+                        replayed: true,
+                    });
+                }
+                return Err(Error::SagaConflict(format!(
+                    "saga {} version {} is already registered with different content; \
+                     register it as version {}",
+                    definition.name,
+                    definition.version,
+                    versions
+                        .and_then(|v| v.last())
+                        .map_or(1, |r| r.definition.version + 1)
+                )));
+            }
+            (
+                catalog.revision,
+                versions
+                    .and_then(|v| v.last())
+                    .map(|r| r.definition.version),
+            )
+        };
+        if let Some(latest) = latest.filter(|l| *l > definition.version) {
+            return Err(Error::SagaConflict(format!(
+                "saga {} is at version {latest}; a new version must be higher",
+                definition.name
+            )));
+        }
+        let data = json!({ "definition": definition }).to_string();
+        let event = ProposedEvent::new(
+            EventType::from_stored("SagaRegistered".into()),
+            EventData::json(data)?,
+        );
+        let result = self
+            .inner
+            .hub
+            .store()
+            .append(AppendRequest {
+                stream: streams::definitions(),
+                expected: match revision {
+                    Some(r) => ExpectedRevision::Exact(Revision(r)),
+                    None => ExpectedRevision::NoStream,
+                },
+                condition: None,
+                events: vec![event],
+            })
+            .await?;
+        let registered = Registered::new(
+            definition.clone(),
+            result.first_position.0,
+            self.inner.clock.now(),
+        );
+        let mut catalog = self.inner.catalog.lock().expect("catalog lock");
+        catalog.revision = Some(result.last_revision.0);
+        catalog
+            .by_name
+            .entry(definition.name.clone())
+            .or_default()
+            .push(Arc::new(registered));
+        tracing::info!(saga = %definition.name, version = definition.version, "saga definition registered");
+        Ok(Registration {
+            name: definition.name,
+            version: definition.version,
+            replayed: false,
+        })
+    }
+
+    /// Every definition, with its versions and instance counts.
+    pub fn definitions(&self) -> Vec<DefinitionSummary> {
+        let counts = self.state_counts();
+        let catalog = self.inner.catalog.lock().expect("catalog lock");
+        catalog
+            .by_name
+            .iter()
+            .filter_map(|(name, versions)| {
+                let latest = versions.last()?;
+                Some(DefinitionSummary {
+                    name: name.clone(),
+                    latest_version: latest.definition.version,
+                    versions: versions.iter().map(|r| r.definition.version).collect(),
+                    registered_at: latest.registered_at,
+                    instances: counts
+                        .iter()
+                        .filter(|((d, _), _)| d == name)
+                        .map(|((_, s), n)| (s.as_str(), *n))
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// One definition: a version, or the newest.
+    pub fn definition(&self, name: &str, version: Option<u32>) -> Result<SagaDefinition> {
+        let catalog = self.inner.catalog.lock().expect("catalog lock");
+        let versions = catalog.by_name.get(name).ok_or_else(|| {
+            Error::SagaNotFound(format!(
+                "no saga definition is named {name:?}; GET /v1/sagas lists them"
+            ))
+        })?;
+        let found = match version {
+            Some(v) => versions.iter().find(|r| r.definition.version == v),
+            None => versions.last(),
+        };
+        found.map(|r| (*r.definition).clone()).ok_or_else(|| {
+            Error::SagaNotFound(format!(
+                "saga {name} has no version {}; it has {}",
+                version.unwrap_or_default(),
+                versions
+                    .iter()
+                    .map(|r| r.definition.version.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// Instance counts by definition and state.
+    pub fn state_counts(&self) -> BTreeMap<(String, SagaState), u64> {
+        let instances = self.inner.instances.lock().expect("instances lock");
+        let mut counts = BTreeMap::new();
+        for live in instances.values() {
+            let state = live.state.lock().expect("state lock");
+            *counts
+                .entry((state.definition.clone(), state.state))
+                .or_default() += 1;
+        }
+        counts
+    }
+
+    /// Instances matching a filter, newest first.
+    pub fn instances(&self, filter: &InstanceFilter) -> Vec<InstanceSummary> {
+        let limit = filter.limit.unwrap_or(100).min(MAX_LISTED);
+        let instances = self.inner.instances.lock().expect("instances lock");
+        let mut found: Vec<InstanceSummary> = instances
+            .values()
+            .filter_map(|live| {
+                let state = live.state.lock().expect("state lock");
+                let wanted = filter.state.is_none_or(|s| s == state.state)
+                    && filter
+                        .definition
+                        .as_ref()
+                        .is_none_or(|d| *d == state.definition);
+                wanted.then(|| summary_of(live, &state))
+            })
+            .collect();
+        found.sort_by(|a, b| {
+            b.started_at
+                .cmp(&a.started_at)
+                .then_with(|| a.saga_id.cmp(&b.saga_id))
+        });
+        found.truncate(limit);
+        found
+    }
+
+    fn live(&self, saga_id: &str) -> Result<Arc<Live>> {
+        self.inner
+            .instances
+            .lock()
+            .expect("instances lock")
+            .get(saga_id)
+            .cloned()
+            .ok_or_else(|| {
+                Error::SagaNotFound(format!(
+                    "no saga instance has id {saga_id:?}; GET /v1/saga-instances lists them"
+                ))
+            })
+    }
+
+    /// One instance with its history.
+    pub async fn history(&self, saga_id: &str) -> Result<InstanceHistory> {
+        let live = self.live(saga_id)?;
+        let summary = summary_of(&live, &live.state.lock().expect("state lock"));
+        let mut history = Vec::new();
+        self.read_all(ReadSource::Stream(live.stream.clone()), |event| {
+            if history.len() < MAX_HISTORY {
+                history.push(HistoryEntry {
+                    revision: event.revision.0,
+                    position: event.position.0,
+                    time: event.recorded_at,
+                    event_type: event.event_type.as_str().to_owned(),
+                    data: serde_json::from_slice(event.data.bytes()).unwrap_or(Value::Null),
+                });
+            }
+        })
+        .await?;
+        Ok(InstanceHistory { summary, history })
+    }
+
+    /// Resumes a stuck instance where it stopped, with fresh attempts.
+    pub async fn retry(&self, saga_id: &str) -> Result<InstanceSummary> {
+        let live = self.live(saga_id)?;
+        {
+            let _writes = live.writes.lock().await;
+            let state = live.state.lock().expect("state lock").state;
+            if state != SagaState::Stuck {
+                return Err(Error::SagaConflict(format!(
+                    "saga {saga_id} is {}; only a stuck saga can be retried",
+                    state.as_str()
+                )));
+            }
+            Inner::append_locked(&self.inner, &live, vec![SagaEvent::SagaRetryRequested {}])
+                .await?;
+        }
+        Inner::spawn_runner(&self.inner, Arc::clone(&live), None);
+        Ok(summary_of(&live, &live.state.lock().expect("state lock")))
+    }
+
+    /// Cancels a running instance: the step in flight finishes its attempt, then the completed
+    /// steps are compensated.
+    pub async fn cancel(&self, saga_id: &str, reason: &str) -> Result<InstanceSummary> {
+        let live = self.live(saga_id)?;
+        {
+            let _writes = live.writes.lock().await;
+            let (state, past_pivot) = {
+                let state = live.state.lock().expect("state lock");
+                let past = live
+                    .definition
+                    .steps
+                    .iter()
+                    .find(|s| (s.pivot || s.retriable) && state.outputs.contains_key(&s.name));
+                (state.state, past.map(|s| s.name.clone()))
+            };
+            if state != SagaState::Running {
+                return Err(Error::SagaConflict(format!(
+                    "saga {saga_id} is {}; only a running saga can be cancelled",
+                    state.as_str()
+                )));
+            }
+            if let Some(step) = past_pivot {
+                return Err(Error::SagaConflict(format!(
+                    "saga {saga_id} is past its point of no return (step {step:?} succeeded) \
+                     and can no longer be cancelled"
+                )));
+            }
+            Inner::append_locked(
+                &self.inner,
+                &live,
+                vec![SagaEvent::SagaCancelRequested {
+                    reason: reason.to_owned(),
+                }],
+            )
+            .await?;
+        }
+        // A stored permit, so that a runner about to wait still sees it.
+        live.wake.notify_one();
+        Ok(summary_of(&live, &live.state.lock().expect("state lock")))
+    }
+
+    /// The first position the trigger loop has not finished with.
+    pub fn trigger_position(&self) -> u64 {
+        self.inner.trigger_next.load(Ordering::Relaxed)
+    }
+
+    /// Writes the engine's metrics.
+    pub fn write_metrics(&self, out: &mut skald_core::metrics::Exposition) {
+        crate::metrics::write(self, &self.inner, out);
+    }
+
+    /// Waits (after [`Hub::shutdown`]) for the trigger loop to write its checkpoint and for
+    /// runners to stop at their next step boundary, at most `grace`.
+    pub async fn stopped(&self, grace: Duration) {
+        let task = self.inner.trigger_loop.lock().expect("loop lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let all = u32::try_from(self.inner.options.max_running).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, self.inner.running.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "saga steps still in flight after {grace:?}; they run again after the restart"
+            );
+        }
+    }
+}
+
+fn registered_of(event: &RecordedEvent) -> Option<Registered> {
+    let data: Value = serde_json::from_slice(event.data.bytes()).ok()?;
+    let definition: SagaDefinition =
+        serde_json::from_value(data.get("definition")?.clone()).ok()?;
+    Some(Registered::new(
+        definition,
+        event.position.0,
+        event.recorded_at,
+    ))
+}
+
+fn summary_of(live: &Live, state: &Instance) -> InstanceSummary {
+    InstanceSummary {
+        saga_id: state.saga_id.clone(),
+        stream: live.stream.as_str().to_owned(),
+        definition: state.definition.clone(),
+        version: state.version,
+        correlation_key: state.correlation_key.clone(),
+        state: state.state,
+        completed_steps: live
+            .definition
+            .steps
+            .iter()
+            .filter(|s| state.outputs.contains_key(&s.name))
+            .map(|s| s.name.clone())
+            .collect(),
+        compensated_steps: state.compensated.iter().cloned().collect(),
+        cancel_requested: state.cancel_requested,
+        last_error: state.last_error.clone(),
+        started_at: state.started_at,
+        updated_at: state.updated_at,
+    }
+}
+
+fn proposed(event: &SagaEvent, metadata: &str) -> Result<ProposedEvent> {
+    let (kind, data) = event.to_parts();
+    Ok(ProposedEvent {
+        id: EventId::generate(),
+        event_type: EventType::from_stored(kind),
+        data: EventData::json(data)?,
+        metadata: Metadata::from_stored(metadata.to_owned()),
+        tags: Vec::new(),
+        source: None,
+    })
+}
+
+impl<S: EventStore> Inner<S> {
+    /// Follows the global log: definitions as they are registered, and trigger events.
+    async fn follow_triggers(
+        inner: &Arc<Self>,
+        from: u64,
+        preloaded: Vec<Arc<Registered>>,
+    ) -> Result<()> {
+        let mut active: BTreeMap<String, Arc<Registered>> = BTreeMap::new();
+        for r in preloaded {
+            // Oldest first, so the newest version of each name wins.
+            active.insert(r.definition.name.clone(), r);
+        }
+        let mut subscription = inner
+            .hub
+            .subscribe(ReadSource::All(None), Start::Position(from))
+            .await?;
+        let starting = Arc::new(Semaphore::new(inner.options.max_starting));
+        // Positions whose start is not stored yet; the checkpoint stays before the oldest.
+        let in_flight: Arc<Mutex<BTreeSet<u64>>> = Arc::new(Mutex::new(BTreeSet::new()));
+        let mut seen = from;
+        let mut written = from;
+        let mut checkpoint_timer = tokio::time::interval(inner.options.checkpoint_every);
+        checkpoint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let delivery = tokio::select! {
+                d = subscription.next() => d,
+                _ = checkpoint_timer.tick() => {
+                    written = inner.write_checkpoint(seen, &in_flight, written).await;
+                    continue;
+                }
+                _ = inner.hub.stopping() => break,
+            };
+            let events = match delivery {
+                Ok(Delivery::Events(events)) => events,
+                Ok(Delivery::CaughtUp { .. }) => continue,
+                Err(e) if inner.hub.is_stopping() => {
+                    tracing::debug!("trigger loop ends: {e}");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            for event in events {
+                seen = event.position.0 + 1;
+                if event.stream == streams::definitions() {
+                    if let Some(r) = registered_of(&event) {
+                        active.insert(r.definition.name.clone(), Arc::new(r));
+                    }
+                    continue;
+                }
+                if event.stream.is_system() {
+                    continue;
+                }
+                for registered in active.values() {
+                    if !registered.trigger.matches(&event) {
+                        continue;
+                    }
+                    let permit = tokio::select! {
+                        p = Arc::clone(&inner.running).acquire_owned() => p.expect("never closed"),
+                        _ = inner.hub.stopping() => break,
+                    };
+                    let start_slot = Arc::clone(&starting)
+                        .acquire_owned()
+                        .await
+                        .expect("never closed");
+                    in_flight
+                        .lock()
+                        .expect("in-flight lock")
+                        .insert(event.position.0);
+                    let inner = Arc::clone(inner);
+                    let registered = Arc::clone(registered);
+                    let event = Arc::clone(&event);
+                    let in_flight = Arc::clone(&in_flight);
+                    tokio::spawn(async move {
+                        inner.start_instance(&registered, &event, permit).await;
+                        in_flight
+                            .lock()
+                            .expect("in-flight lock")
+                            .remove(&event.position.0);
+                        drop(start_slot);
+                    });
+                }
+            }
+            inner
+                .trigger_next
+                .store(checkpoint_of(seen, &in_flight), Ordering::Relaxed);
+        }
+        // Starts in flight finish before the last checkpoint, so that it can pass them.
+        let _ = starting
+            .acquire_many(u32::try_from(inner.options.max_starting).unwrap_or(u32::MAX))
+            .await;
+        inner.write_checkpoint(seen, &in_flight, written).await;
+        Ok(())
+    }
+
+    async fn write_checkpoint(
+        &self,
+        seen: u64,
+        in_flight: &Mutex<BTreeSet<u64>>,
+        written: u64,
+    ) -> u64 {
+        let next = checkpoint_of(seen, in_flight);
+        self.trigger_next.store(next, Ordering::Relaxed);
+        if next == written {
+            return written;
+        }
+        let event = ProposedEvent::new(
+            EventType::from_stored("TriggerCheckpoint".into()),
+            EventData::json(json!({ "next": next }).to_string()).expect("valid JSON"),
+        );
+        let request = AppendRequest {
+            stream: streams::triggers(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![event],
+        };
+        match self.hub.store().append(request).await {
+            Ok(_) => next,
+            Err(e) => {
+                tracing::warn!("the saga trigger checkpoint cannot be written: {e}");
+                written
+            }
+        }
+    }
+
+    /// Starts one instance for a trigger event, unless its key already has one.
+    async fn start_instance(
+        self: &Arc<Self>,
+        registered: &Registered,
+        event: &RecordedEvent,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let def = &registered.definition;
+        let trigger = definition::event_json(event);
+        let Some(key) = key_at(&trigger, &def.correlation_key) else {
+            self.metrics.no_key.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                saga = %def.name,
+                position = event.position.0,
+                "trigger event has no value at {}; no saga starts",
+                def.correlation_key
+            );
+            return;
+        };
+        let id = saga_id(&def.name, &key).to_string();
+        let stream = streams::instance(&id);
+        let started = SagaEvent::SagaStarted {
+            saga_id: id.clone(),
+            definition: def.name.clone(),
+            version: def.version,
+            correlation_key: key.clone(),
+            trigger,
+        };
+        let metadata = instance_metadata(&id, event);
+        let mut delay = Duration::from_millis(100);
+        let result = loop {
+            let proposed = match proposed(&started, &metadata) {
+                Ok(p) => p,
+                Err(e) => break Err(e),
+            };
+            let request = AppendRequest {
+                stream: stream.clone(),
+                expected: ExpectedRevision::NoStream,
+                condition: None,
+                events: vec![proposed],
+            };
+            match self.hub.store().append(request).await {
+                Err(e @ (Error::Unavailable(_) | Error::StorageFull(_) | Error::Io(_)))
+                    if !self.hub.is_stopping() =>
+                {
+                    tracing::warn!(saga = %id, "cannot start the saga yet: {e}; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                other => break other,
+            }
+        };
+        match result {
+            Ok(appended) => {
+                let state = Instance::start(&started, self.clock.now()).expect("a start event");
+                debug_assert_eq!(appended.first_revision.0, 0);
+                let live = Arc::new(Live {
+                    stream,
+                    definition: Arc::clone(def),
+                    state: Mutex::new(state),
+                    writes: tokio::sync::Mutex::new(()),
+                    wake: Notify::new(),
+                });
+                self.instances
+                    .lock()
+                    .expect("instances lock")
+                    .insert(id, Arc::clone(&live));
+                self.metrics.started(&def.name);
+                Inner::spawn_runner(self, live, Some(permit));
+            }
+            Err(Error::WrongExpectedRevision { .. }) => {
+                self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(saga = %id, "duplicate trigger: the instance exists");
+            }
+            Err(e) => tracing::error!(saga = %id, "the saga cannot start: {e}"),
+        }
+    }
+
+    fn spawn_runner(inner: &Arc<Self>, live: Arc<Live>, permit: Option<OwnedSemaphorePermit>) {
+        let inner = Arc::clone(inner);
+        tokio::spawn(async move {
+            let _permit = match permit {
+                Some(p) => p,
+                None => match Arc::clone(&inner.running).acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let id = live.state.lock().expect("state lock").saga_id.clone();
+            if let Err(e) = inner.run(&live).await {
+                tracing::error!(saga = %id, "the saga runner stopped: {e}; it resumes after a restart");
+            }
+        });
+    }
+
+    /// Runs an instance until it is final, stuck, or the engine stops.
+    async fn run(self: &Arc<Self>, live: &Arc<Live>) -> Result<()> {
+        loop {
+            if self.hub.is_stopping() {
+                return Ok(());
+            }
+            let next = next_move(&live.definition, &live.state.lock().expect("state lock"));
+            match next {
+                Move::Idle => return Ok(()),
+                Move::Record(events) => self.append(live, events).await?,
+                Move::Run(index, phase) => self.run_step(live, index, phase).await?,
+            }
+        }
+    }
+
+    /// Runs one step's action or compensation until it succeeds or fails for good (or a
+    /// cancel or a shutdown interrupts its back-off).
+    async fn run_step(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        index: usize,
+        phase: Phase,
+    ) -> Result<()> {
+        let def = &live.definition;
+        let step = &def.steps[index];
+        let policy = Policy::of(def, step);
+        let action = match phase {
+            Phase::Action => &step.action,
+            Phase::Compensation => step.compensation.as_ref().expect("only steps with one"),
+        };
+        loop {
+            let (attempt, used, context, saga_id, key, trigger_position, deadline) = {
+                let state = live.state.lock().expect("state lock");
+                (
+                    state.next_attempt(&step.name, phase),
+                    state.attempts_used(&step.name, phase),
+                    context_of(def, &state),
+                    state.saga_id.clone(),
+                    state.correlation_key.clone(),
+                    state.trigger["position"].as_u64().unwrap_or(0),
+                    state.deadlines.get(&step.name).copied(),
+                )
+            };
+            let deadline = match (action, deadline) {
+                (Action::Await(_), None) => {
+                    let deadline = Timestamp(
+                        self.clock.now().0
+                            + i64::try_from(policy.timeout.as_micros()).unwrap_or(i64::MAX),
+                    );
+                    self.append(
+                        live,
+                        vec![SagaEvent::StepStarted {
+                            step: step.name.clone(),
+                            phase,
+                            deadline,
+                        }],
+                    )
+                    .await?;
+                    Some(deadline)
+                }
+                (_, deadline) => deadline,
+            };
+            let began = Instant::now();
+            let outcome = match action {
+                Action::Http(http) => {
+                    let key = format!("{saga_id}:{}:{}", step.name, phase.as_str());
+                    actions::call_http(
+                        &self.http,
+                        &self.breakers,
+                        http,
+                        &context,
+                        &key,
+                        policy.timeout,
+                    )
+                    .await
+                }
+                Action::Append(append) => {
+                    let id = uuid::Uuid::new_v5(
+                        &streams::NAMESPACE,
+                        format!("{saga_id}:{}:{}", step.name, phase.as_str()).as_bytes(),
+                    );
+                    let metadata = json!({
+                        "sagaId": saga_id,
+                        "correlationId": context["trigger"]["metadata"]["correlationId"]
+                            .as_str()
+                            .unwrap_or(&saga_id),
+                        "causationId": context["trigger"]["id"],
+                    });
+                    tokio::time::timeout(
+                        policy.timeout,
+                        actions::append(self.hub.store().as_ref(), append, &context, id, &metadata),
+                    )
+                    .await
+                    .unwrap_or(Err(Failure::Timeout(policy.timeout)))
+                }
+                Action::Await(wait) => {
+                    let remaining = deadline.map_or(0, |d| d.0 - self.clock.now().0).max(0);
+                    let until = tokio::time::Instant::now()
+                        + Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
+                    let pointer = wait.correlation.as_deref().unwrap_or(&def.correlation_key);
+                    tokio::select! {
+                        r = actions::await_event(&self.hub, wait, pointer, &key, trigger_position, until) => r,
+                        // A cancel ends the wait; `run` then starts the compensation.
+                        _ = live.wake.notified() => return Ok(()),
+                        _ = self.hub.stopping() => return Ok(()),
+                    }
+                }
+            };
+            let duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.metrics
+                .step(&def.name, &step.name, phase, &outcome, began.elapsed());
+            let failure = match outcome {
+                Ok(output) => {
+                    return self
+                        .append(
+                            live,
+                            vec![SagaEvent::StepSucceeded {
+                                step: step.name.clone(),
+                                phase,
+                                attempt,
+                                output,
+                                duration_ms,
+                            }],
+                        )
+                        .await;
+                }
+                Err(failure) => failure,
+            };
+            let retryable = failure.is_retryable(&policy.retry_on);
+            let exhausted = policy.max_attempts.is_some_and(|max| used + 1 >= max);
+            let is_final = !retryable || exhausted;
+            let error = failure.to_string();
+            tracing::debug!(saga = %saga_id, step = %step.name, attempt, "step attempt failed: {error}");
+            let mut events = vec![SagaEvent::StepFailed {
+                step: step.name.clone(),
+                phase,
+                attempt,
+                error: error.clone(),
+                retryable,
+                is_final,
+                duration_ms,
+            }];
+            if is_final {
+                // A failed pivot undoes the steps before it; past the pivot nothing is undone.
+                let undoable = phase == Phase::Action && !step.retriable;
+                let past_pivot = def.steps.iter().take(index).any(|s| s.pivot || s.retriable);
+                if undoable && !past_pivot {
+                    events.push(SagaEvent::SagaCompensating {
+                        reason: format!("step {} failed: {error}", step.name),
+                        step: Some(step.name.clone()),
+                    });
+                } else {
+                    events.push(SagaEvent::SagaStuck {
+                        step: step.name.clone(),
+                        phase,
+                        error,
+                    });
+                }
+                return self.append(live, events).await;
+            }
+            self.append(live, events).await?;
+            let wait = policy.backoff(attempt, fastrand::f64());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = live.wake.notified(), if phase == Phase::Action => {}
+                _ = self.hub.stopping() => return Ok(()),
+            }
+            if phase == Phase::Action && live.state.lock().expect("state lock").cancel_requested {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Appends events to an instance's stream at its exact revision, and folds them in. When
+    /// the instance would then finish, the finishing event goes in the same append.
+    async fn append(&self, live: &Live, events: Vec<SagaEvent>) -> Result<()> {
+        let _writes = live.writes.lock().await;
+        Inner::append_locked(self, live, events).await
+    }
+
+    async fn append_locked(&self, live: &Live, mut events: Vec<SagaEvent>) -> Result<()> {
+        let (expected, mut tentative) = {
+            let state = live.state.lock().expect("state lock");
+            (state.revision, state.clone())
+        };
+        let now = self.clock.now();
+        for (i, e) in events.iter().enumerate() {
+            tentative.apply(e, now, expected + 1 + i as u64);
+        }
+        if let Move::Record(finish) = next_move(&live.definition, &tentative)
+            && finish.iter().all(|e| {
+                matches!(
+                    e,
+                    SagaEvent::SagaCompleted {}
+                        | SagaEvent::SagaCompensated {}
+                        | SagaEvent::SagaCancelled {}
+                )
+            })
+        {
+            for e in &finish {
+                tentative.apply(e, now, expected + 1 + events.len() as u64);
+                events.push(e.clone());
+            }
+        }
+        let metadata = json!({ "sagaId": tentative.saga_id }).to_string();
+        let proposed = events
+            .iter()
+            .map(|e| proposed(e, &metadata))
+            .collect::<Result<Vec<_>>>()?;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let request = AppendRequest {
+                stream: live.stream.clone(),
+                expected: ExpectedRevision::Exact(Revision(expected)),
+                condition: None,
+                events: proposed.clone(),
+            };
+            match self.hub.store().append(request).await {
+                Ok(_) => break,
+                Err(e @ (Error::Unavailable(_) | Error::StorageFull(_) | Error::Io(_)))
+                    if !self.hub.is_stopping() =>
+                {
+                    tracing::warn!(stream = %live.stream, "cannot record saga progress yet: {e}; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let previous = {
+            let mut state = live.state.lock().expect("state lock");
+            let previous = state.state;
+            *state = tentative;
+            previous
+        };
+        let state = live.state.lock().expect("state lock").state;
+        if state != previous {
+            self.metrics.transition(&live.definition.name, state);
+        }
+        Ok(())
+    }
+}
+
+fn checkpoint_of(seen: u64, in_flight: &Mutex<BTreeSet<u64>>) -> u64 {
+    in_flight
+        .lock()
+        .expect("in-flight lock")
+        .first()
+        .copied()
+        .unwrap_or(seen)
+}
+
+fn instance_metadata(saga_id: &str, trigger: &RecordedEvent) -> String {
+    let trigger_meta: Value = serde_json::from_str(trigger.metadata.as_str()).unwrap_or_default();
+    let correlation = trigger_meta["correlationId"]
+        .as_str()
+        .map_or_else(|| saga_id.to_owned(), str::to_owned);
+    json!({
+        "sagaId": saga_id,
+        "correlationId": correlation,
+        "causationId": trigger.id.to_string(),
+    })
+    .to_string()
+}
+
+/// The context templates read.
+fn context_of(def: &SagaDefinition, state: &Instance) -> Value {
+    let steps: serde_json::Map<String, Value> = state
+        .outputs
+        .iter()
+        .map(|(name, output)| (name.clone(), json!({ "output": output })))
+        .collect();
+    json!({
+        "saga": {
+            "id": state.saga_id,
+            "correlationKey": state.correlation_key,
+            "definition": def.name,
+            "version": def.version,
+        },
+        "trigger": state.trigger,
+        "steps": steps,
+    })
+}

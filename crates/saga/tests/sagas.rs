@@ -1,0 +1,568 @@
+//! The saga engine against the real store and real HTTP targets on loopback: the happy path,
+//! a failure at each step, retries, timeouts, the circuit breaker, awaits, duplicate triggers,
+//! cancel, stuck and retry, and a restart in the middle.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use skald_core::Error;
+use skald_saga::{BreakerSettings, InstanceFilter, SagaOptions, SagaState};
+use support::{Engine, Reply, Target, story};
+
+/// A three-step order saga calling `target`: reserve, charge, ship (each compensable).
+fn order_saga(target: &Target, extra: &str) -> String {
+    format!(
+        r#"
+name: order
+version: 1
+trigger: {{category: order, types: [OrderPlaced]}}
+correlationKey: /data/orderId
+defaults:
+  timeout: 2s
+  retry: {{maxAttempts: 3, initialBackoff: 20ms, maxBackoff: 100ms, jitter: 0}}
+steps:
+  - name: reserve
+    action: {{http: {{method: POST, url: "{base}/reserve", body: {{order: "{{{{trigger.data.orderId}}}}"}}}}}}
+    compensation: {{http: {{method: POST, url: "{base}/unreserve"}}}}
+  - name: charge
+    action: {{http: {{method: POST, url: "{base}/charge", body: {{amount: "{{{{trigger.data.amount}}}}"}}}}}}
+    compensation: {{http: {{method: POST, url: "{base}/refund"}}}}
+  - name: ship
+    action: {{http: {{method: POST, url: "{base}/ship"}}}}
+    compensation: {{http: {{method: POST, url: "{base}/unship"}}}}
+{extra}"#,
+        base = format!("http://{}", target.addr)
+    )
+}
+
+async fn place_order(engine: &Engine, order: &str) {
+    engine
+        .append(
+            &format!("order-{order}"),
+            "OrderPlaced",
+            json!({"orderId": order, "amount": 42}),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn the_happy_path_runs_every_step_once_with_stable_idempotency_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let registered = engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    assert!(!registered.replayed);
+    // Registering the same text again writes nothing.
+    assert!(
+        engine
+            .sagas
+            .register(&order_saga(&target, ""))
+            .await
+            .unwrap()
+            .replayed
+    );
+    place_order(&engine, "o-1").await;
+    let h = engine.wait_for("order", "o-1", "completed").await;
+    assert_eq!(
+        story(&h),
+        [
+            "SagaStarted",
+            "StepSucceeded:reserve:action",
+            "StepSucceeded:charge:action",
+            "StepSucceeded:ship:action",
+            "SagaCompleted"
+        ]
+    );
+    assert_eq!(
+        target.routes(),
+        ["POST /reserve", "POST /charge", "POST /ship"]
+    );
+    let calls = target.calls();
+    let id = h.summary.saga_id.clone();
+    assert_eq!(
+        calls[0].idempotency_key.as_deref(),
+        Some(format!("{id}:reserve:action").as_str())
+    );
+    // Templates render with their JSON types.
+    assert_eq!(calls[0].body, json!({"order": "o-1"}));
+    assert_eq!(calls[1].body, json!({"amount": 42}));
+    // The output of a step is the target's answer.
+    assert_eq!(h.history[1].data["output"], json!({"id": "POST /reserve"}));
+    let listed = engine.sagas.instances(&InstanceFilter {
+        state: Some(SagaState::Completed),
+        ..Default::default()
+    });
+    assert_eq!(listed.len(), 1);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_failure_at_each_step_compensates_the_completed_steps_in_reverse() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    let steps = ["reserve", "charge", "ship"];
+    let undo = ["unreserve", "refund", "unship"];
+    for (failing, step) in steps.iter().enumerate() {
+        let route = format!("POST /{step}");
+        // 400 is not retryable: the step fails for good at once.
+        target.fix(&route, Reply::status(400));
+        let before = target.routes().len();
+        let order = format!("f-{failing}");
+        place_order(&engine, &order).await;
+        let h = engine.wait_for("order", &order, "compensated").await;
+        target.unfix(&route);
+        let mut expected: Vec<String> = steps[..=failing]
+            .iter()
+            .map(|s| format!("POST /{s}"))
+            .collect();
+        expected.extend(undo[..failing].iter().rev().map(|s| format!("POST /{s}")));
+        assert_eq!(target.routes()[before..], expected[..], "failing at {step}");
+        assert_eq!(h.summary.completed_steps, steps[..failing].to_vec());
+        assert!(
+            h.summary
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("answered 400")
+        );
+        assert!(
+            story(&h)
+                .iter()
+                .any(|s| s == &format!("SagaCompensating:{step}:")),
+            "{:?}",
+            story(&h)
+        );
+    }
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn retries_back_off_and_keep_the_idempotency_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    target.queue("POST /charge", vec![Reply::status(503), Reply::status(503)]);
+    place_order(&engine, "r-1").await;
+    let h = engine.wait_for("order", "r-1", "completed").await;
+    let charges: Vec<_> = target
+        .calls()
+        .into_iter()
+        .filter(|c| c.route == "POST /charge")
+        .collect();
+    assert_eq!(charges.len(), 3);
+    assert!(
+        charges
+            .iter()
+            .all(|c| c.idempotency_key == charges[0].idempotency_key)
+    );
+    // Back-off 20 ms then 40 ms (no jitter): each gap is at least that long.
+    assert!(charges[1].at - charges[0].at >= Duration::from_millis(20));
+    assert!(charges[2].at - charges[1].at >= Duration::from_millis(40));
+    let failed: Vec<_> = h
+        .history
+        .iter()
+        .filter(|e| e.event_type == "StepFailed")
+        .collect();
+    assert_eq!(failed.len(), 2);
+    assert_eq!(failed[1].data["attempt"], 2);
+    assert_eq!(failed[1].data["retryable"], true);
+    assert_eq!(
+        h.history
+            .iter()
+            .find(|e| e.event_type == "StepSucceeded" && e.data["step"] == "charge")
+            .unwrap()
+            .data["attempt"],
+        3
+    );
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_step_that_times_out_on_every_attempt_is_compensated() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let def = order_saga(&target, "").replace("timeout: 2s", "timeout: 150ms");
+    engine.sagas.register(&def).await.unwrap();
+    target.fix("POST /ship", Reply::slow(Duration::from_secs(3)));
+    place_order(&engine, "t-1").await;
+    let h = engine.wait_for("order", "t-1", "compensated").await;
+    let ships = target
+        .routes()
+        .iter()
+        .filter(|r| *r == "POST /ship")
+        .count();
+    assert_eq!(
+        ships, 3,
+        "every attempt timed out and was retried up to maxAttempts"
+    );
+    assert!(
+        h.summary
+            .last_error
+            .unwrap()
+            .contains("timed out after 150ms")
+    );
+    assert_eq!(h.summary.compensated_steps, ["charge", "reserve"]);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn the_breaker_opens_fails_fast_half_opens_and_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let options = SagaOptions {
+        breaker: BreakerSettings {
+            failure_threshold: 2,
+            open_for: Duration::from_millis(400),
+        },
+        ..SagaOptions::default()
+    };
+    let engine = Engine::open(dir.path(), options).await;
+    let def = order_saga(&target, "")
+        .replace("maxAttempts: 3", "maxAttempts: 30")
+        .replace(
+            "initialBackoff: 20ms, maxBackoff: 100ms",
+            "initialBackoff: 50ms, maxBackoff: 50ms",
+        );
+    engine.sagas.register(&def).await.unwrap();
+    target.fix("POST /reserve", Reply::status(503));
+    place_order(&engine, "b-1").await;
+    // Two failures open the breaker; attempts then fail fast without reaching the target.
+    let id = skald_saga::saga_id("order", "b-1").to_string();
+    engine
+        .wait_until(&id, |h| {
+            let fast = h.history.iter().filter(|e| {
+                e.data["error"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("circuit breaker"))
+            });
+            fast.count() >= 2
+        })
+        .await;
+    let mut metrics = skald_core::metrics::Exposition::new();
+    engine.sagas.write_metrics(&mut metrics);
+    let text = metrics.finish();
+    assert!(
+        text.contains(&format!(
+            "skald_saga_breaker_state{{host=\"{}\"}} 2",
+            target.addr
+        )),
+        "{text}"
+    );
+    assert!(text.contains("outcome=\"breaker_open\""), "{text}");
+    // While open, the target saw only the calls that tripped it and the half-open trials.
+    let reached = target.routes().len();
+    assert!(
+        reached < 6,
+        "{reached} calls reached the target while the breaker was open"
+    );
+    // The target recovers: the next half-open trial succeeds and the breaker closes.
+    target.unfix("POST /reserve");
+    engine.wait_for("order", "b-1", "completed").await;
+    let mut metrics = skald_core::metrics::Exposition::new();
+    engine.sagas.write_metrics(&mut metrics);
+    assert!(metrics.finish().contains(&format!(
+        "skald_saga_breaker_state{{host=\"{}\"}} 0",
+        target.addr
+    )));
+    engine.stop().await;
+}
+
+fn await_saga(target: &Target, timeout: &str) -> String {
+    format!(
+        r#"
+name: payment
+version: 1
+trigger: {{category: order, types: [OrderPlaced]}}
+correlationKey: /data/orderId
+steps:
+  - name: request
+    action: {{append: {{stream: "payment-{{{{saga.correlationKey}}}}", type: PaymentRequested, data: {{order: "{{{{trigger.data.orderId}}}}"}}}}}}
+    compensation: {{http: {{method: POST, url: "http://{addr}/cancel-payment"}}}}
+  - name: wait
+    action: {{await: {{category: payment, types: [PaymentAuthorized], correlation: /data/order, timeout: {timeout}}}}}
+  - name: done
+    action: {{http: {{method: POST, url: "http://{addr}/done", body: {{auth: "{{{{steps.wait.output.data.auth}}}}"}}}}}}
+    compensation: {{http: {{method: POST, url: "http://{addr}/undone"}}}}
+"#,
+        addr = target.addr
+    )
+}
+
+#[tokio::test]
+async fn an_await_is_answered_by_a_matching_event_or_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&await_saga(&target, "400ms"))
+        .await
+        .unwrap();
+    // A reply for another order must not answer this one.
+    place_order(&engine, "a-1").await;
+    place_order(&engine, "a-2").await;
+    engine
+        .append(
+            "payment-x",
+            "PaymentAuthorized",
+            json!({"order": "a-other", "auth": "no"}),
+        )
+        .await;
+    engine
+        .append(
+            "payment-a-1",
+            "PaymentAuthorized",
+            json!({"order": "a-1", "auth": "ok-1"}),
+        )
+        .await;
+    let h = engine.wait_for("payment", "a-1", "completed").await;
+    let done = target
+        .calls()
+        .into_iter()
+        .find(|c| c.route == "POST /done")
+        .unwrap();
+    assert_eq!(done.body, json!({"auth": "ok-1"}));
+    // The append step wrote its command once, with the saga's ids in its metadata.
+    let request = &h.history[1].data["output"];
+    assert_eq!(request["stream"], "payment-a-1");
+    // a-2 gets no answer: the await times out and the request is compensated.
+    let h = engine.wait_for("payment", "a-2", "compensated").await;
+    assert!(h.summary.last_error.unwrap().contains("no matching event"));
+    assert!(target.routes().contains(&"POST /cancel-payment".to_owned()));
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_triggers_make_one_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        place_order(&engine, "d-1").await;
+    }
+    engine.wait_for("order", "d-1", "completed").await;
+    // Give any wrongly started second instance time to call the target.
+    place_order(&engine, "d-2").await;
+    engine.wait_for("order", "d-2", "completed").await;
+    let reserves = target
+        .routes()
+        .iter()
+        .filter(|r| *r == "POST /reserve")
+        .count();
+    assert_eq!(reserves, 2, "one instance per key: {:?}", target.routes());
+    assert_eq!(engine.sagas.instances(&InstanceFilter::default()).len(), 2);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn definitions_are_validated_versioned_and_never_silently_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let bad = order_saga(&target, "").replace(
+        "    compensation: {http: {method: POST, url: \"http://ADDR/refund\"}}\n"
+            .replace("ADDR", &target.addr.to_string())
+            .as_str(),
+        "",
+    );
+    let err = engine.sagas.register(&bad).await.unwrap_err();
+    let Error::InvalidSaga(message) = err else {
+        panic!("{err:?}")
+    };
+    assert!(message.contains("line 13, column 5"), "{message}");
+    assert!(
+        message.contains("\"charge\" has no compensation"),
+        "{message}"
+    );
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    let changed = order_saga(&target, "").replace("/ship\"", "/ship2\"");
+    let err = engine.sagas.register(&changed).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SagaConflict(ref m) if m.contains("version 2")),
+        "{err:?}"
+    );
+    // Version 2 applies to new instances only.
+    engine
+        .sagas
+        .register(&changed.replace("version: 1", "version: 2"))
+        .await
+        .unwrap();
+    place_order(&engine, "v-2").await;
+    let h = engine.wait_for("order", "v-2", "completed").await;
+    assert_eq!(h.summary.version, 2);
+    assert!(target.routes().contains(&"POST /ship2".to_owned()));
+    // An older version may be registered again as it was (a replay), but a gap below the
+    // newest cannot be filled later.
+    assert!(
+        engine
+            .sagas
+            .register(&order_saga(&target, ""))
+            .await
+            .unwrap()
+            .replayed
+    );
+    let v4 = changed
+        .replace("version: 1", "version: 4")
+        .replace("/ship2\"", "/ship4\"");
+    engine.sagas.register(&v4).await.unwrap();
+    let v3 = changed.replace("version: 1", "version: 3");
+    let err = engine.sagas.register(&v3).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SagaConflict(ref m) if m.contains("at version 4")),
+        "{err:?}"
+    );
+    assert_eq!(engine.sagas.definitions()[0].versions, [1, 2, 4]);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_compensation_leaves_the_saga_stuck_until_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    target.fix("POST /ship", Reply::status(400));
+    target.fix("POST /refund", Reply::status(500));
+    place_order(&engine, "s-1").await;
+    let h = engine.wait_for("order", "s-1", "stuck").await;
+    let error = h.summary.last_error.clone().unwrap();
+    assert!(
+        error.contains("charge (compensation): answered 500"),
+        "{error}"
+    );
+    assert_eq!(story(&h).last().unwrap(), "SagaStuck:charge:compensation");
+    let refunds = target
+        .routes()
+        .iter()
+        .filter(|r| *r == "POST /refund")
+        .count();
+    assert_eq!(refunds, 3);
+    // Not stuck sagas cannot be retried; stuck ones resume at the same compensation.
+    target.unfix("POST /refund");
+    let id = h.summary.saga_id.clone();
+    engine.sagas.retry(&id).await.unwrap();
+    let h = engine.wait_for("order", "s-1", "compensated").await;
+    assert_eq!(h.summary.compensated_steps, ["charge", "reserve"]);
+    assert!(matches!(
+        engine.sagas.retry(&id).await.unwrap_err(),
+        Error::SagaConflict(_)
+    ));
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_compensates_a_running_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&await_saga(&target, "1h"))
+        .await
+        .unwrap();
+    place_order(&engine, "c-1").await;
+    let id = skald_saga::saga_id("payment", "c-1").to_string();
+    // Wait until the saga waits for the payment.
+    engine
+        .wait_until(&id, |h| {
+            story(h).iter().any(|s| s.starts_with("StepStarted:wait"))
+        })
+        .await;
+    // The await takes the whole hour unless the cancel ends it; the request is then undone.
+    engine
+        .sagas
+        .cancel(&id, "customer changed their mind")
+        .await
+        .unwrap();
+    let h = engine.wait_for("payment", "c-1", "cancelled").await;
+    assert_eq!(h.summary.compensated_steps, ["request"]);
+    assert!(matches!(
+        engine.sagas.cancel(&id, "again").await.unwrap_err(),
+        Error::SagaConflict(_)
+    ));
+    assert!(matches!(
+        engine.sagas.cancel("nope", "x").await.unwrap_err(),
+        Error::SagaNotFound(_)
+    ));
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_unfinished_sagas_and_keeps_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    // charge hangs long enough for the engine to stop in the middle of it.
+    target.fix("POST /charge", Reply::slow(Duration::from_secs(1)));
+    place_order(&engine, "z-1").await;
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while !target.routes().contains(&"POST /charge".to_owned()) {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.hub.shutdown();
+    engine.sagas.stopped(Duration::from_millis(1)).await;
+    engine.hub.stopped().await;
+    engine.store.shutdown().await;
+    drop(engine);
+    target.unfix("POST /charge");
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let h = engine.wait_for("order", "z-1", "completed").await;
+    let charges: Vec<_> = target
+        .calls()
+        .into_iter()
+        .filter(|c| c.route == "POST /charge")
+        .collect();
+    assert!(charges.len() >= 2, "the interrupted step runs again");
+    assert!(
+        charges
+            .iter()
+            .all(|c| c.idempotency_key == charges[0].idempotency_key)
+    );
+    assert_eq!(
+        target
+            .routes()
+            .iter()
+            .filter(|r| *r == "POST /reserve")
+            .count(),
+        1
+    );
+    assert_eq!(h.summary.completed_steps, ["reserve", "charge", "ship"]);
+    engine.stop().await;
+}
