@@ -26,6 +26,9 @@ pub struct FileConfig {
     pub http: HttpConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// The saga engine: `max_running`, `max_starting`, `[sagas.breaker]`.
+    #[serde(default)]
+    pub sagas: skald_server::SagaOptions,
 }
 
 /// Engine tuning in the `[storage]` table.
@@ -64,6 +67,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub http: HttpConfig,
     pub storage: skald_storage::Options,
+    pub sagas: skald_server::SagaOptions,
 }
 
 /// Merges the sources. `flag_*` come from the command line or the environment (clap reads
@@ -93,8 +97,16 @@ pub fn merge(
              max_batch_events at least 1"
         );
     }
+    let sagas = file.sagas;
+    if sagas.max_running == 0 || sagas.max_starting == 0 || sagas.breaker.failure_threshold == 0 {
+        anyhow::bail!(
+            "config [sagas]: max_running, max_starting and breaker.failure_threshold must be at \
+             least 1"
+        );
+    }
     Ok(ServeConfig {
         listen,
+        sagas,
         http: file.http,
         storage: skald_storage::Options {
             data_dir: flag_data_dir

@@ -9,6 +9,10 @@ use skald_storage::Store;
 
 use crate::config::ServeConfig;
 
+/// How long a graceful stop waits for saga steps in flight; what is still running after it
+/// runs again after the restart (steps run at least once).
+const SAGA_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let data_dir = config.storage.data_dir.clone();
     let durability = config.storage.durability;
@@ -39,7 +43,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let groups = skald_server::Groups::start(hub.clone())
         .await
         .context("cannot start the persistent subscriptions")?;
-    let app = skald_server::router_with_groups(groups.clone(), config.http);
+    let sagas = skald_server::Sagas::start(
+        hub.clone(),
+        config.sagas,
+        Arc::new(skald_storage::SystemClock),
+    )
+    .await
+    .context("cannot start the saga engine")?;
+    let app = skald_server::router_with(groups.clone(), sagas.clone(), config.http);
     skald_server::listener::serve(listener, app, async {
         shutdown_signal().await;
         // Subscriptions stream forever; they end now so that the connections can close.
@@ -50,6 +61,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // Groups write their last checkpoints; then requests in flight have finished, so the
     // writer stops after what it has queued.
     groups.stopped().await;
+    sagas.stopped(SAGA_GRACE).await;
     store.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -78,6 +78,8 @@ pub(crate) struct Inner<S> {
     pub(crate) breakers: Breakers,
     pub(crate) metrics: Metrics,
     trigger_loop: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Signalled after each registration.
+    registered: Notify,
     /// The first position the trigger loop has not finished with.
     trigger_next: AtomicU64,
 }
@@ -270,6 +272,7 @@ impl<S: EventStore> Sagas<S> {
             http: actions::http_client(),
             metrics: Metrics::default(),
             trigger_loop: Mutex::new(None),
+            registered: Notify::new(),
             trigger_next: AtomicU64::new(0),
         });
         let sagas = Self { inner };
@@ -519,6 +522,8 @@ impl<S: EventStore> Sagas<S> {
             .entry(definition.name.clone())
             .or_default()
             .push(Arc::new(registered));
+        drop(catalog);
+        self.inner.registered.notify_waiters();
         tracing::info!(saga = %definition.name, version = definition.version, "saga definition registered");
         Ok(Registration {
             name: definition.name,
@@ -795,6 +800,15 @@ impl<S: EventStore> Inner<S> {
             // Oldest first, so the newest version of each name wins.
             active.insert(r.definition.name.clone(), r);
         }
+        let mut from = from;
+        if active.is_empty() {
+            // Nothing can trigger before the first definition: a store without sagas does not
+            // pay for following its log.
+            match inner.first_registration(from).await {
+                Some(position) => from = from.max(position),
+                None => return Ok(()),
+            }
+        }
         let mut subscription = inner
             .hub
             .subscribe(ReadSource::All(None), Start::Position(from))
@@ -875,6 +889,30 @@ impl<S: EventStore> Inner<S> {
             .await;
         inner.write_checkpoint(seen, &in_flight, written).await;
         Ok(())
+    }
+
+    /// Waits for the first definition registered at or after `from`; `None` on shutdown.
+    async fn first_registration(&self, from: u64) -> Option<u64> {
+        loop {
+            let registered = self.registered.notified();
+            let first = self
+                .catalog
+                .lock()
+                .expect("catalog lock")
+                .by_name
+                .values()
+                .flatten()
+                .map(|r| r.position)
+                .filter(|p| *p >= from)
+                .min();
+            if first.is_some() {
+                return first;
+            }
+            tokio::select! {
+                _ = registered => {}
+                _ = self.hub.stopping() => return None,
+            }
+        }
     }
 
     async fn write_checkpoint(

@@ -6,6 +6,7 @@ mod groups;
 pub mod listener;
 mod observe;
 mod problem;
+mod sagas;
 mod subscribe;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use skald_core::{
 
 pub use problem::Problem;
 pub use skald_hub::{Groups, Hub};
+pub use skald_saga::{SagaOptions, Sagas};
 
 use crate::cloudevents::{CloudEventIn, write_record};
 
@@ -102,24 +104,31 @@ struct AppState<S> {
     store: Arc<S>,
     hub: Hub<S>,
     groups: Groups<S>,
+    sagas: Sagas<S>,
     config: HttpConfig,
     metrics: Arc<observe::ApiMetrics>,
 }
 
-/// Builds the API's router over `store`, starting a hub for its subscriptions and its
-/// persistent subscriptions on the current tokio runtime.
+/// Builds the API's router over `store`, starting a hub for its subscriptions, its
+/// persistent subscriptions and its saga engine on the current tokio runtime.
 pub async fn router<S: EventStore>(
     store: Arc<S>,
     config: HttpConfig,
 ) -> skald_core::Result<Router> {
     let hub = Hub::start(store, skald_hub::HubOptions::default());
-    Ok(router_with_groups(Groups::start(hub).await?, config))
+    let groups = Groups::start(hub.clone()).await?;
+    let sagas = Sagas::start(hub, SagaOptions::default(), Arc::new(skald_saga::WallClock)).await?;
+    Ok(router_with(groups, sagas, config))
 }
 
-/// Builds the API's router over the hub and the store of `groups`. Call [`Hub::shutdown`] to
-/// end every subscription before a graceful shutdown, then [`Groups::stopped`] to let the
-/// groups write their checkpoints.
-pub fn router_with_groups<S: EventStore>(groups: Groups<S>, config: HttpConfig) -> Router {
+/// Builds the API's router over the hub and the store of `groups` and `sagas` (which share
+/// one hub). Call [`Hub::shutdown`] to end every subscription before a graceful shutdown, then
+/// [`Groups::stopped`] and [`Sagas::stopped`] to let them write their checkpoints.
+pub fn router_with<S: EventStore>(
+    groups: Groups<S>,
+    sagas: Sagas<S>,
+    config: HttpConfig,
+) -> Router {
     let limit = config.max_body_bytes;
     let hub = groups.hub().clone();
     let store = Arc::clone(hub.store());
@@ -127,6 +136,7 @@ pub fn router_with_groups<S: EventStore>(groups: Groups<S>, config: HttpConfig) 
         store,
         hub,
         groups,
+        sagas,
         config,
         metrics: Arc::new(observe::ApiMetrics::new()),
     });
@@ -169,6 +179,15 @@ pub fn router_with_groups<S: EventStore>(groups: Groups<S>, config: HttpConfig) 
         .route("/v1/groups/{name}/messages", get(groups::poll::<S>))
         .route("/v1/groups/{name}/ack", post(groups::ack::<S>))
         .route("/v1/groups/{name}/nack", post(groups::nack::<S>))
+        .route(
+            "/v1/sagas",
+            post(sagas::register::<S>).get(sagas::list::<S>),
+        )
+        .route("/v1/sagas/{name}", get(sagas::show::<S>))
+        .route("/v1/saga-instances", get(sagas::instances::<S>))
+        .route("/v1/saga-instances/{id}", get(sagas::history::<S>))
+        .route("/v1/saga-instances/{id}/retry", post(sagas::retry::<S>))
+        .route("/v1/saga-instances/{id}/cancel", post(sagas::cancel::<S>))
         .route("/metrics", get(observe::metrics::<S>))
         .route("/health/live", get(observe::live))
         .route("/health/ready", get(observe::ready::<S>))

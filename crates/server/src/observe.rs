@@ -367,6 +367,7 @@ pub(crate) async fn metrics<S: EventStore>(State(app): State<App<S>>) -> Respons
     );
     app.metrics.write(&mut out);
     app.store.write_metrics(&mut out);
+    app.sagas.write_metrics(&mut out);
     out.single(
         "skald_live_subscribers",
         Kind::Gauge,

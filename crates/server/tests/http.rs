@@ -628,6 +628,13 @@ async fn the_openapi_document_lists_every_route() {
         ("/v1/groups/{name}/messages", "get"),
         ("/v1/groups/{name}/ack", "post"),
         ("/v1/groups/{name}/nack", "post"),
+        ("/v1/sagas", "post"),
+        ("/v1/sagas", "get"),
+        ("/v1/sagas/{name}", "get"),
+        ("/v1/saga-instances", "get"),
+        ("/v1/saga-instances/{id}", "get"),
+        ("/v1/saga-instances/{id}/retry", "post"),
+        ("/v1/saga-instances/{id}/cancel", "post"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),
@@ -827,4 +834,153 @@ async fn bad_group_requests_say_what_is_wrong() {
     api.get("/v1/groups/nope/messages?wait=0")
         .await
         .problem(404, "group-not-found");
+}
+
+const SHIPMENT_SAGA: &str = r#"
+name: shipment
+version: 1
+trigger: {category: order, types: [Placed]}
+correlationKey: /stream
+steps:
+  - name: reserve
+    action: {append: {stream: "stock-{{saga.correlationKey}}", type: Reserve}}
+    compensation: {append: {stream: "stock-{{saga.correlationKey}}", type: Release}}
+  - name: ship
+    pivot: true
+    action: {append: {stream: "ship-{{saga.correlationKey}}", type: Ship, data: {at: "{{trigger.data.at}}"}}}
+"#;
+
+async fn register(api: &Api, content_type: &str, text: &str) -> Answer {
+    api.call(
+        "POST",
+        "/v1/sagas",
+        &[("content-type", content_type)],
+        text.to_owned(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn sagas_over_http_register_run_and_explain_themselves() {
+    let api = Api::new().await;
+    let created = register(&api, "application/yaml", SHIPMENT_SAGA).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(
+        created.json(),
+        json!({"name": "shipment", "version": 1, "replayed": false})
+    );
+    let again = register(&api, "application/yaml", SHIPMENT_SAGA).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json()["replayed"], true);
+    // The same definition as JSON is the same definition.
+    let shown = api.get("/v1/sagas/shipment").await;
+    assert_eq!(shown.status, StatusCode::OK);
+    let as_json = shown.json().to_string();
+    assert_eq!(
+        register(&api, "application/json", &as_json).await.json()["replayed"],
+        true
+    );
+
+    let broken = SHIPMENT_SAGA.replace(
+        "    compensation: {append: {stream: \"stock-{{saga.correlationKey}}\", type: Release}}\n",
+        "",
+    );
+    let p = register(&api, "application/yaml", &broken)
+        .await
+        .problem(422, "invalid-saga-definition");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains("line 7, column 5"), "{detail}");
+    assert!(
+        detail.contains("\"reserve\" has no compensation"),
+        "{detail}"
+    );
+    let p = register(&api, "application/yaml", "name: [unclosed\n")
+        .await
+        .problem(422, "invalid-saga-definition");
+    assert!(p["detail"].as_str().unwrap().contains("line 2"), "{p}");
+    register(&api, "text/csv", SHIPMENT_SAGA)
+        .await
+        .problem(415, "unsupported-media-type");
+    api.get("/v1/sagas/nope")
+        .await
+        .problem(404, "saga-not-found");
+    api.get("/v1/sagas/shipment?version=2")
+        .await
+        .problem(404, "saga-not-found");
+    api.get("/v1/sagas/shipment?version=x")
+        .await
+        .problem(400, "malformed-request");
+    let listed = api.get("/v1/sagas").await.json();
+    assert_eq!(listed["sagas"][0]["name"], "shipment");
+    assert_eq!(listed["sagas"][0]["versions"], json!([1]));
+
+    api.post_json(
+        "/v1/streams/order-7",
+        json!({"events": [ev("Placed", &[])]}),
+    )
+    .await;
+    let instance = loop {
+        let found = api
+            .get("/v1/saga-instances?state=completed&definition=shipment")
+            .await
+            .json();
+        if let Some(first) = found["instances"].as_array().unwrap().first() {
+            break first.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(instance["correlationKey"], "order-7");
+    assert_eq!(instance["completedSteps"], json!(["reserve", "ship"]));
+    let id = instance["sagaId"].as_str().unwrap();
+    let history = api.get(&format!("/v1/saga-instances/{id}")).await.json();
+    let types: Vec<&str> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "SagaStarted",
+            "StepSucceeded",
+            "StepSucceeded",
+            "SagaCompleted"
+        ]
+    );
+    // The command the saga appended carries the saga's ids in its metadata.
+    let shipped = api.get("/v1/streams/ship-order-7").await.json();
+    let event = &shipped["events"][0];
+    assert_eq!(event["type"], "Ship");
+    assert_eq!(event["data"], json!({"at": "Placed"}));
+    assert_eq!(event["metadata"]["sagaId"], id);
+    assert!(event["metadata"]["causationId"].is_string(), "{event}");
+
+    api.get("/v1/saga-instances?state=bogus")
+        .await
+        .problem(400, "malformed-request");
+    api.get("/v1/saga-instances?limit=0")
+        .await
+        .problem(400, "malformed-request");
+    api.post_json(&format!("/v1/saga-instances/{id}/retry"), json!({}))
+        .await
+        .problem(409, "saga-conflict");
+    api.post_json(
+        &format!("/v1/saga-instances/{id}/cancel"),
+        json!({"reason": "late"}),
+    )
+    .await
+    .problem(409, "saga-conflict");
+    api.post_json("/v1/saga-instances/nope/cancel", json!({}))
+        .await
+        .problem(404, "saga-not-found");
+    api.get("/v1/saga-instances/nope")
+        .await
+        .problem(404, "saga-not-found");
+    let metrics = String::from_utf8(api.get("/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("skald_sagas{definition=\"shipment\",state=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("skald_saga_step_attempts_total{definition=\"shipment\",step=\"ship\",phase=\"action\",outcome=\"succeeded\"} 1"));
 }

@@ -43,7 +43,14 @@ impl Server {
         .unwrap();
         let hub = Hub::start(Arc::new(store.clone()), Default::default());
         let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
-        let app = skald_server::router_with_groups(groups, http);
+        let sagas = skald_server::Sagas::start(
+            hub.clone(),
+            Default::default(),
+            Arc::new(skald_saga::WallClock),
+        )
+        .await
+        .unwrap();
+        let app = skald_server::router_with(groups, sagas, http);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

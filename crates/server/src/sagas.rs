@@ -1,0 +1,162 @@
+//! The HTTP API of sagas: register and show definitions, list instances, show one instance's
+//! history, retry a stuck one, cancel a running one. The engine is `skald_saga`; the format is
+//! in `docs/sagas.md`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use skald_core::EventStore;
+use skald_saga::{InstanceFilter, MAX_LISTED, SagaState};
+
+use crate::{App, Problem, body_bytes, json_response, parse_json, query_pairs};
+
+fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    (
+        status,
+        json_response(serde_json::to_vec(value).expect("serializable")),
+    )
+        .into_response()
+}
+
+/// `POST /v1/sagas`: a definition as YAML or JSON. 201 when registered, 200 when this exact
+/// definition already was.
+pub(crate) async fn register<S: EventStore>(
+    State(app): State<App<S>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let body = body_bytes(body, app.config.max_body_bytes)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/yaml");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !matches!(
+        essence,
+        "application/yaml" | "application/x-yaml" | "text/yaml" | "application/json" | "text/plain"
+    ) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            format!(
+                "a saga definition is sent as application/yaml or application/json, not \
+                 {content_type:?}"
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| Problem::malformed(format!("the definition is not UTF-8 text: {e}")))?;
+    let registration = app.sagas.register(text).await?;
+    let status = if registration.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json_ok(status, &registration))
+}
+
+/// `GET /v1/sagas`: every definition with its versions and instance counts.
+pub(crate) async fn list<S: EventStore>(State(app): State<App<S>>) -> Response {
+    json_ok(StatusCode::OK, &json!({ "sagas": app.sagas.definitions() }))
+}
+
+/// `GET /v1/sagas/{name}?version=N`: one definition, the newest version by default.
+pub(crate) async fn show<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Problem> {
+    let mut version = None;
+    for (key, value) in query_pairs(query, &["version"])? {
+        if key == "version" {
+            version = Some(value.parse::<u32>().map_err(|_| {
+                Problem::malformed(format!("version must be a whole number, got {value:?}"))
+            })?);
+        }
+    }
+    Ok(json_ok(
+        StatusCode::OK,
+        &app.sagas.definition(&name, version)?,
+    ))
+}
+
+/// `GET /v1/saga-instances?state=&definition=&limit=`: instances, newest first.
+pub(crate) async fn instances<S: EventStore>(
+    State(app): State<App<S>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Problem> {
+    let mut filter = InstanceFilter::default();
+    for (key, value) in query_pairs(query, &["state", "definition", "limit"])? {
+        match key.as_str() {
+            "state" => {
+                filter.state = Some(SagaState::parse(&value).ok_or_else(|| {
+                    Problem::malformed(format!(
+                        "state {value:?} is not one of {}",
+                        SagaState::ALL.map(SagaState::as_str).join(", ")
+                    ))
+                })?);
+            }
+            "definition" => filter.definition = Some(value),
+            _ => {
+                let limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=MAX_LISTED).contains(l));
+                filter.limit = Some(limit.ok_or_else(|| {
+                    Problem::malformed(format!("limit must be 1 to {MAX_LISTED}, got {value:?}"))
+                })?);
+            }
+        }
+    }
+    Ok(json_ok(
+        StatusCode::OK,
+        &json!({ "instances": app.sagas.instances(&filter) }),
+    ))
+}
+
+/// `GET /v1/saga-instances/{id}`: the instance and its whole history.
+pub(crate) async fn history<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    Ok(json_ok(StatusCode::OK, &app.sagas.history(&id).await?))
+}
+
+/// `POST /v1/saga-instances/{id}/retry`: resume a stuck instance.
+pub(crate) async fn retry<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    Ok(json_ok(StatusCode::ACCEPTED, &app.sagas.retry(&id).await?))
+}
+
+/// `POST /v1/saga-instances/{id}/cancel` with an optional `{"reason": "..."}`.
+pub(crate) async fn cancel<S: EventStore>(
+    State(app): State<App<S>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let body = body_bytes(body, app.config.max_body_bytes)?;
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        "cancelled through the API".to_owned()
+    } else {
+        let fields: serde_json::Map<String, Value> = parse_json(&body, "request body")?;
+        match fields.get("reason") {
+            Some(Value::String(r)) => r.clone(),
+            None => "cancelled through the API".to_owned(),
+            Some(other) => {
+                return Err(Problem::malformed(format!(
+                    "reason must be a string, got {other}"
+                )));
+            }
+        }
+    };
+    Ok(json_ok(
+        StatusCode::ACCEPTED,
+        &app.sagas.cancel(&id, &reason).await?,
+    ))
+}
