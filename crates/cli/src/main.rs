@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod config;
 mod logging;
+mod saga;
 mod serve;
 mod subscription;
 mod tail;
@@ -74,6 +75,14 @@ enum Command {
         server: ServerArg,
         #[command(subcommand)]
         command: subscription::SubscriptionCommand,
+    },
+    /// Manage sagas: register, list, show definitions; list instances, show their history,
+    /// retry stuck ones, cancel running ones.
+    Saga {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: saga::SagaCommand,
     },
     /// Show the server's version, head position, durability and size.
     Info {
@@ -144,6 +153,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Subscription { server, command } => {
             subscription::run(&client::HttpClient::new(&server.url)?, command).await
+        }
+        Command::Saga { server, command } => {
+            saga::run(&client::HttpClient::new(&server.url)?, command).await
         }
         Command::Info { server } => commands::info(&client::HttpClient::new(&server.url)?).await,
         Command::Bench(args) => bench::run(args).await,

@@ -112,7 +112,8 @@ fn group_path(name: &str, rest: &str) -> String {
     format!("/v1/groups/{}{rest}", encode(name))
 }
 
-async fn call(
+/// Sends a JSON request and returns the JSON answer; a problem becomes the error.
+pub(crate) async fn call(
     client: &HttpClient,
     method: Method,
     path: &str,

@@ -67,7 +67,7 @@ pub enum Error {
     SagaNotFound(String),
 
     /// A saga definition that cannot be registered, with every problem's line and column.
-    #[error("invalid saga definition: {0}")]
+    #[error("{0}")]
     InvalidSaga(String),
 
     /// A saga request that conflicts with what is stored: a version reused with other
