@@ -34,6 +34,9 @@ pub enum Workload {
     /// Append-to-delivery latency with many SSE and WebSocket subscribers, memory per idle
     /// subscriber, and a catch-up read over WebSocket (server only).
     Subscribe,
+    /// A 3-step saga against a local HTTP target service: completed sagas per second and
+    /// trigger-to-final latency, for the success path and the compensation path (embedded).
+    Saga,
 }
 
 /// How streams are chosen for each append.
@@ -105,6 +108,9 @@ pub struct BenchArgs {
     /// workload); every event reaches (sse + ws) / subscribe-streams subscribers.
     #[arg(long, default_value_t = 100)]
     pub subscribe_streams: usize,
+    /// Sagas started per path (saga workload).
+    #[arg(long, default_value_t = 10_000)]
+    pub sagas: usize,
     /// The server's process id, to report its memory per idle subscriber (subscribe workload).
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -130,7 +136,7 @@ impl From<DurabilityArg> for Durability {
 }
 
 /// The system under test.
-enum Target {
+pub(crate) enum Target {
     Http(HttpClient, String),
     // The directory is held, not read: it is removed when the run ends and it drops.
     Embedded(Store, #[allow(dead_code)] Option<tempfile::TempDir>),
@@ -212,6 +218,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return crate::bench_subscribe::run(&args).await;
     }
     check_args(&args)?;
+    if args.workload == Workload::Saga {
+        return crate::bench_saga::run(&args).await;
+    }
     if args.workload == Workload::Fsync {
         let dir = args.data_dir.clone().unwrap_or_else(|| ".".into());
         return report(
@@ -242,7 +251,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             (Some(append), Some(read))
         }
-        Workload::Fsync | Workload::Subscribe => unreachable!("handled above"),
+        Workload::Fsync | Workload::Subscribe | Workload::Saga => unreachable!("handled above"),
     };
     if let Target::Embedded(store, _) = &target {
         store.shutdown().await;
@@ -271,7 +280,7 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open_target(args: &BenchArgs) -> anyhow::Result<Target> {
+pub(crate) async fn open_target(args: &BenchArgs) -> anyhow::Result<Target> {
     if let Some(url) = &args.server {
         return Ok(Target::Http(HttpClient::new(url)?, url.clone()));
     }

@@ -1,6 +1,7 @@
 //! `skald`: the event store server, its command-line client and its benchmark.
 
 mod bench;
+mod bench_saga;
 mod bench_subscribe;
 mod client;
 mod commands;
