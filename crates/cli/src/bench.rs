@@ -839,6 +839,7 @@ mod tests {
             ws: 0,
             rate: 1,
             subscribe_streams: 1,
+            sagas: 1,
             server_pid: None,
             json: false,
         };
