@@ -111,6 +111,10 @@ pub struct BenchArgs {
     /// Sagas started per path (saga workload).
     #[arg(long, default_value_t = 10_000)]
     pub sagas: usize,
+    /// Triggers appended per second (saga workload); 0 appends as fast as the writers can,
+    /// which measures throughput with the latency of a saturated engine.
+    #[arg(long, default_value_t = 0)]
+    pub saga_rate: u64,
     /// The server's process id, to report its memory per idle subscriber (subscribe workload).
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -840,6 +844,7 @@ mod tests {
             rate: 1,
             subscribe_streams: 1,
             sagas: 1,
+            saga_rate: 0,
             server_pid: None,
             json: false,
         };

@@ -41,6 +41,8 @@ struct SagaReport {
     workload: &'static str,
     durability: String,
     writers: usize,
+    /// Triggers per second asked for; 0 for as fast as possible.
+    rate: u64,
     success: PathReport,
     compensation: PathReport,
 }
@@ -135,14 +137,19 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         workload: "saga",
         durability,
         writers: args.writers,
+        rate: args.saga_rate,
         success,
         compensation,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        let pace = match report.rate {
+            0 => "as fast as they can".to_owned(),
+            r => format!("{r} triggers/s"),
+        };
         println!(
-            "{:<12} 3-step saga, embedded engine and target service (durability {}), {} writers",
+            "{:<12} 3-step saga, embedded engine and target service (durability {}), {} writers, {pace}",
             "workload", report.durability, report.writers
         );
         for p in [&report.success, &report.compensation] {
@@ -176,6 +183,7 @@ async fn run_path(
     let calls_before = calls.load(Ordering::Relaxed);
     let begin = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
+    let rate = args.saga_rate;
     let mut writers = Vec::new();
     for _ in 0..args.writers.min(count) {
         let store = Arc::clone(hub.store());
@@ -188,6 +196,10 @@ async fn run_path(
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= count {
                     return Ok::<_, anyhow::Error>(());
+                }
+                if rate > 0 {
+                    let due = begin + Duration::from_secs_f64(i as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
                 }
                 let key = format!("{path}-{i}");
                 let id = skald_saga::saga_id(&definition, &key).to_string();
