@@ -219,9 +219,11 @@ fn print_history(answer: &Value) {
     for event in answer["history"].as_array().into_iter().flatten() {
         let at_ms = (event["time"].as_i64().unwrap_or(0) - start) as f64 / 1000.0;
         let data = &event["data"];
-        let step = data["step"].as_str().map_or(String::new(), |s| {
-            format!("{s} ({})", data["phase"].as_str().unwrap_or(""))
-        });
+        let step = match (data["step"].as_str(), data["phase"].as_str()) {
+            (Some(step), Some(phase)) => format!("{step} ({phase})"),
+            (Some(step), None) => step.to_owned(),
+            _ => String::new(),
+        };
         let detail = match event["type"].as_str().unwrap_or("") {
             "StepSucceeded" => format!("attempt {} in {} ms", data["attempt"], data["durationMs"]),
             "StepFailed" => format!(
@@ -242,7 +244,7 @@ fn print_history(answer: &Value) {
             _ => String::new(),
         };
         println!(
-            "{:>10.1} ms  {:<20} {:<26} {}",
+            "{:>10.1} ms  {:<20} {:<30} {}",
             at_ms,
             event["type"].as_str().unwrap_or(""),
             step,

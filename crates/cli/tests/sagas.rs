@@ -399,3 +399,143 @@ async fn sagas_survive_kill_9_in_the_middle_of_their_steps() {
     let (status, stderr) = tokio::task::block_in_place(|| server.terminate());
     assert!(status.success(), "{stderr}");
 }
+
+/// Runs `examples/order-fulfillment` as its README says: the Python services, the definition,
+/// one order that completes and one whose payment is declined and compensated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_fulfillment_example_runs_as_its_readme_says() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/order-fulfillment");
+    let dir = tempfile::tempdir().unwrap();
+    // The services take three consecutive ports; try a few bases until all three are free.
+    let (services, base) = (0..20)
+        .find_map(|attempt| {
+            let base = 20_000 + (std::process::id() as u16 % 20_000) + attempt * 97;
+            let mut child = Command::new("python3")
+                .arg(root.join("services.py"))
+                .args(["--base-port", &base.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("python3 runs (the example's services need it)");
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let listening = (0..3).all(|_| {
+                lines
+                    .next()
+                    .and_then(Result::ok)
+                    .is_some_and(|l| l.contains("listening"))
+            });
+            if listening {
+                std::thread::spawn(move || lines.for_each(drop));
+                Some((KillOnDrop(child), base))
+            } else {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        })
+        .expect("three free ports for the services");
+    let definition = std::fs::read_to_string(root.join("order-fulfillment.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:8081", &format!("127.0.0.1:{base}"))
+        .replace("127.0.0.1:8082", &format!("127.0.0.1:{}", base + 1))
+        .replace("127.0.0.1:8083", &format!("127.0.0.1:{}", base + 2));
+    let file = dir.path().join("order-fulfillment.yaml");
+    std::fs::write(&file, definition).unwrap();
+    let server = tokio::task::block_in_place(|| Server::start(&dir.path().join("data"), &[]));
+    let s = format!("--server={}", server.url);
+    let cli = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.push(s.clone());
+        tokio::task::block_in_place(|| run_skald(all))
+    };
+    let (ok, out, err) = cli(&["saga", "register", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("registered order-fulfillment version 1"),
+        "{out}"
+    );
+    let order = r#"{"orderId": "1001", "total": 40, "items": [{"sku": "mug", "qty": 2}]}"#;
+    let (ok, _, err) = cli(&[
+        "append",
+        "order-1001",
+        "--type",
+        "OrderPlaced",
+        "--data",
+        order,
+    ]);
+    assert!(ok, "{err}");
+    let piano = r#"{"orderId": "1002", "total": 5000, "items": [{"sku": "piano", "qty": 1}]}"#;
+    let (ok, _, err) = cli(&[
+        "append",
+        "order-1002",
+        "--type",
+        "OrderPlaced",
+        "--data",
+        piano,
+    ]);
+    assert!(ok, "{err}");
+    let http = Http::new(&server.url);
+    let all = wait_final(
+        &http,
+        2,
+        &["completed", "compensated"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let state_of = |key: &str| {
+        all.iter()
+            .find(|i| i["correlationKey"] == key)
+            .map(|i| {
+                (
+                    i["state"].as_str().unwrap().to_owned(),
+                    i["lastError"].clone(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(state_of("1001").0, "completed");
+    let (state, error) = state_of("1002");
+    assert_eq!(state, "compensated");
+    assert!(
+        error
+            .as_str()
+            .unwrap()
+            .contains("charge-card (action): answered 402"),
+        "{error}"
+    );
+    // The confirmation the saga appended, with the outputs of earlier steps.
+    let (ok, out, _) = cli(&["read", "order-1001"]);
+    assert!(ok);
+    let confirmed: Value =
+        serde_json::from_str(out.lines().nth(1).expect("OrderConfirmed")).unwrap();
+    assert_eq!(confirmed["type"], "OrderConfirmed");
+    assert!(
+        confirmed["data"]["tracking"]
+            .as_str()
+            .unwrap()
+            .starts_with("TRACK-"),
+        "{confirmed}"
+    );
+    let (ok, out, _) = cli(&["saga", "instances"]);
+    assert!(
+        ok && out.contains("compensated") && out.contains("completed"),
+        "{out}"
+    );
+    drop(services);
+    let (status, _) = tokio::task::block_in_place(|| server.terminate());
+    assert!(status.success());
+}
+
+/// A child process stopped (by its id) when the test ends, passing or failing.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
