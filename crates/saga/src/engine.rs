@@ -415,6 +415,10 @@ impl<S: EventStore> Sagas<S> {
                 continue;
             };
             let unfinished = matches!(state.state, SagaState::Running | SagaState::Compensating);
+            let mut state = state;
+            if state.state.is_final() {
+                state.compact();
+            }
             let live = Arc::new(Live {
                 stream,
                 definition,
@@ -1273,6 +1277,9 @@ impl<S: EventStore> Inner<S> {
             let mut state = live.state.lock().expect("state lock");
             let previous = state.state;
             *state = tentative;
+            if state.state.is_final() {
+                state.compact();
+            }
             previous
         };
         let state = live.state.lock().expect("state lock").state;

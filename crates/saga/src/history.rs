@@ -284,6 +284,20 @@ impl Instance {
         }
     }
 
+    /// Drops what only a running instance needs (the trigger, step outputs, attempt counts),
+    /// keeping what listings show. Final instances are kept in memory this small; their whole
+    /// history stays in their stream.
+    pub fn compact(&mut self) {
+        debug_assert!(self.state.is_final());
+        self.trigger = Value::Null;
+        for output in self.outputs.values_mut() {
+            *output = Value::Null;
+        }
+        self.attempts = BTreeMap::new();
+        self.attempt_numbers = BTreeMap::new();
+        self.deadlines = BTreeMap::new();
+    }
+
     /// The next attempt number of a step and phase (from 1, across restarts and retries).
     pub fn next_attempt(&self, step: &str, phase: Phase) -> u32 {
         self.attempt_numbers
