@@ -14,6 +14,16 @@ use crate::config::ServeConfig;
 const SAGA_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let traces = skald_telemetry::Config::from_env(|name| std::env::var(name).ok())
+        .map_err(|e| anyhow::anyhow!("traces: {e}"))?;
+    if let Some(traces) = traces {
+        tracing::info!(
+            endpoint = %traces.endpoint,
+            ratio = traces.sampler.ratio,
+            "exporting traces (OTLP over HTTP, JSON)"
+        );
+        skald_telemetry::install(traces);
+    }
     let data_dir = config.storage.data_dir.clone();
     let durability = config.storage.durability;
     let (store, report) = Store::open(config.storage)
@@ -63,6 +73,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     groups.stopped().await;
     sagas.stopped(SAGA_GRACE).await;
     store.shutdown().await;
+    skald_telemetry::flush(std::time::Duration::from_secs(5)).await;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -249,7 +249,7 @@ impl ProposedEvent {
             Some("the event type differs")
         } else if self.data != other.data {
             Some("the data differs")
-        } else if self.metadata != other.metadata {
+        } else if !same_metadata(&self.metadata, &other.metadata) {
             Some("the metadata differs")
         } else if self.tags != other.tags {
             Some("the tags differ")
@@ -259,6 +259,27 @@ impl ProposedEvent {
             None
         }
     }
+}
+
+/// Keys of metadata that describe the request that carried an event, not the event: an
+/// idempotent retry comes with a new trace context and is still the same event.
+const TRANSPORT_METADATA: [&str; 2] = ["traceparent", "tracestate"];
+
+fn same_metadata(a: &Metadata, b: &Metadata) -> bool {
+    if a == b {
+        return true;
+    }
+    let parse = |m: &Metadata| {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m.as_str()).map(
+            |mut map| {
+                for key in TRANSPORT_METADATA {
+                    map.remove(key);
+                }
+                map
+            },
+        )
+    };
+    matches!((parse(a), parse(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// A stored event, as reads return it.
@@ -348,6 +369,34 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_retry_with_another_trace_context_is_the_same_event() {
+        let mut proposed =
+            ProposedEvent::new(EventType::new("A").unwrap(), EventData::json("{}").unwrap());
+        proposed.metadata = Metadata::new(
+            r#"{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","k":1}"#,
+        )
+        .unwrap();
+        let stored = RecordedEvent {
+            id: proposed.id,
+            stream: StreamName::new("s").unwrap(),
+            event_type: proposed.event_type.clone(),
+            data: proposed.data.clone(),
+            metadata: Metadata::new(
+                r#"{"k":1,"traceparent":"00-11111111111111111111111111111111-2222222222222222-00","tracestate":"x=y"}"#,
+            )
+            .unwrap(),
+            tags: Vec::new(),
+            source: None,
+            recorded_at: Timestamp(0),
+            revision: Revision(0),
+            position: Position(0),
+        };
+        assert_eq!(proposed.differs_from(&stored), None);
+        proposed.metadata = Metadata::new(r#"{"k":2}"#).unwrap();
+        assert_eq!(proposed.differs_from(&stored), Some("the metadata differs"));
     }
 
     #[test]

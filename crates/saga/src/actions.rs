@@ -108,6 +108,7 @@ pub async fn call_http(
     action: &HttpAction,
     context: &Value,
     idempotency_key: &str,
+    traceparent: Option<&str>,
     timeout: Duration,
 ) -> Result<Value, Failure> {
     let url = render_text(&action.url, context)?;
@@ -123,6 +124,9 @@ pub async fn call_http(
         .uri(uri)
         .header("idempotency-key", idempotency_key)
         .header("user-agent", concat!("skald/", env!("CARGO_PKG_VERSION")));
+    if let Some(traceparent) = traceparent {
+        request = request.header("traceparent", traceparent);
+    }
     for (name, value) in &action.headers {
         request = request.header(name.as_str(), render_text(value, context)?);
     }

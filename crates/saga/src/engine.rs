@@ -1107,6 +1107,24 @@ impl<S: EventStore> Inner<S> {
                 (_, deadline) => deadline,
             };
             let began = Instant::now();
+            // Each attempt is a span in the trigger's trace; HTTP targets and appended events
+            // carry it on.
+            let parent = context["trigger"]["metadata"]["traceparent"]
+                .as_str()
+                .and_then(skald_telemetry::TraceContext::parse);
+            let mut span = skald_telemetry::start_span(
+                format!("saga {} {} {}", def.name, step.name, phase.as_str()),
+                match action {
+                    Action::Http(_) => skald_telemetry::SpanKind::Client,
+                    _ => skald_telemetry::SpanKind::Internal,
+                },
+                parent.as_ref(),
+            );
+            span.set("skald.saga.id", saga_id.as_str());
+            span.set("skald.saga.step", step.name.as_str());
+            span.set("skald.saga.attempt", u64::from(attempt));
+            let traceparent =
+                (parent.is_some() || span.is_recording()).then(|| span.context().to_header());
             let outcome = match action {
                 Action::Http(http) => {
                     let key = format!("{saga_id}:{}:{}", step.name, phase.as_str());
@@ -1116,6 +1134,7 @@ impl<S: EventStore> Inner<S> {
                         http,
                         &context,
                         &key,
+                        traceparent.as_deref(),
                         policy.timeout,
                     )
                     .await
@@ -1125,13 +1144,16 @@ impl<S: EventStore> Inner<S> {
                         &streams::NAMESPACE,
                         format!("{saga_id}:{}:{}", step.name, phase.as_str()).as_bytes(),
                     );
-                    let metadata = json!({
+                    let mut metadata = json!({
                         "sagaId": saga_id,
                         "correlationId": context["trigger"]["metadata"]["correlationId"]
                             .as_str()
                             .unwrap_or(&saga_id),
                         "causationId": context["trigger"]["id"],
                     });
+                    if let Some(traceparent) = &traceparent {
+                        metadata["traceparent"] = json!(traceparent);
+                    }
                     tokio::time::timeout(
                         policy.timeout,
                         actions::append(self.hub.store().as_ref(), append, &context, id, &metadata),
@@ -1152,6 +1174,10 @@ impl<S: EventStore> Inner<S> {
                     }
                 }
             };
+            if let Err(failure) = &outcome {
+                span.fail(failure.to_string());
+            }
+            drop(span);
             let duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.metrics
                 .step(&def.name, &step.name, phase, &outcome, began.elapsed());

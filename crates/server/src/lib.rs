@@ -316,12 +316,30 @@ async fn append<S: EventStore>(
         }
         other => return Err(Problem::unsupported_media_type(other)),
     };
-    let events = events
+    let mut events = events
         .into_iter()
         .enumerate()
         .map(|(i, e)| e.into_event(&stream, &format!("events[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    let result = app
+    // The append's span is stored in each event, so that subscribers and sagas join the trace.
+    let mut span = observe::current_trace().map(|trace| {
+        let mut span = skald_telemetry::start_span(
+            "store.append",
+            skald_telemetry::SpanKind::Internal,
+            Some(&trace.context),
+        );
+        span.set("skald.stream", stream.as_str());
+        span.set("skald.events", events.len() as u64);
+        for event in &mut events {
+            event.metadata = skald_core::Metadata::from_stored(skald_telemetry::inject(
+                event.metadata.as_str(),
+                &span.context(),
+                trace.tracestate.as_deref(),
+            ));
+        }
+        span
+    });
+    let appended = app
         .store
         .append(AppendRequest {
             stream,
@@ -329,7 +347,15 @@ async fn append<S: EventStore>(
             condition,
             events,
         })
-        .await?;
+        .await;
+    if let Some(span) = &mut span {
+        match &appended {
+            Ok(result) => span.set("skald.position", result.first_position.0),
+            Err(e) => span.fail(e.to_string()),
+        }
+    }
+    drop(span);
+    let result = appended?;
     let status = if result.replayed {
         StatusCode::OK
     } else {
@@ -479,7 +505,22 @@ async fn respond_read<S: EventStore>(
              Accept: application/x-ndjson to stream any number"
         )));
     }
-    let page = app.store.read(ReadRequest { limit, ..request }).await?;
+    let mut span = observe::current_trace().map(|trace| {
+        skald_telemetry::start_span(
+            "store.read",
+            skald_telemetry::SpanKind::Internal,
+            Some(&trace.context),
+        )
+    });
+    let read = app.store.read(ReadRequest { limit, ..request }).await;
+    if let Some(span) = &mut span {
+        match &read {
+            Ok(page) => span.set("skald.events", page.events.len() as u64),
+            Err(e) => span.fail(e.to_string()),
+        }
+    }
+    drop(span);
+    let page = read?;
     let mut out = Vec::with_capacity(page.events.len() * 512 + 32);
     out.extend_from_slice(b"{\"events\":[");
     for (i, e) in page.events.iter().enumerate() {

@@ -17,6 +17,7 @@ use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use skald_core::EventStore;
 use skald_core::metrics::{Counter, DURATION_BOUNDS, Exposition, Histogram, Kind};
+use skald_telemetry::{SpanKind, TraceContext};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -225,6 +226,38 @@ impl Drop for Open {
     }
 }
 
+/// The trace context of the request being served, for handlers that start spans of their
+/// own or store it in events. Set only while a trace is recorded or the client sent a
+/// `traceparent`: otherwise nothing propagates and nothing is added to events.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestTrace {
+    /// The request's server span.
+    pub context: TraceContext,
+    /// The client's `tracestate`, carried along as it came.
+    pub tracestate: Option<String>,
+}
+
+tokio::task_local! {
+    static TRACE: RequestTrace;
+}
+
+/// The trace of the request this task serves, if it has one.
+pub(crate) fn current_trace() -> Option<RequestTrace> {
+    TRACE.try_with(Clone::clone).ok()
+}
+
+/// The client's trace context: a valid `traceparent` and its `tracestate`.
+fn client_trace(request: &Request) -> Option<(TraceContext, Option<String>)> {
+    let headers = request.headers();
+    let parent = TraceContext::parse(headers.get("traceparent")?.to_str().ok()?)?;
+    let state = headers
+        .get("tracestate")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 512)
+        .map(str::to_owned);
+    Some((parent, state))
+}
+
 /// A request id from the client is kept when it is short and printable.
 fn client_request_id(request: &Request) -> Option<String> {
     let id = request.headers().get(REQUEST_ID)?.to_str().ok()?;
@@ -286,12 +319,39 @@ where
         let span = (long_lived || tracing::enabled!(tracing::Level::DEBUG)).then(
             || tracing::info_span!("request", request_id = %id, method = %method, route = %route),
         );
+        let client = client_trace(&request);
+        let mut trace_span = (client.is_some() || skald_telemetry::is_enabled()).then(|| {
+            let parent = client.as_ref().map(|(p, _)| p);
+            let mut span =
+                skald_telemetry::start_span(format!("{method} {route}"), SpanKind::Server, parent);
+            span.set("http.request.method", method.as_str());
+            span.set("http.route", route);
+            span.set("skald.request_id", id.as_str());
+            span
+        });
+        let trace = trace_span.as_ref().map(|span| RequestTrace {
+            context: span.context(),
+            tracestate: client.and_then(|(_, state)| state),
+        });
         let future = self.inner.call(request);
         Box::pin(async move {
+            let future: Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> =
+                match trace {
+                    Some(trace) => Box::pin(TRACE.scope(trace, future)),
+                    None => Box::pin(future),
+                };
             let mut response = match span {
                 Some(span) => future.instrument(span).await?,
                 None => future.await?,
             };
+            if let Some(span) = &mut trace_span {
+                let status = response.status().as_u16();
+                span.set("http.response.status_code", u64::from(status));
+                if status >= 500 {
+                    span.fail(format!("answered {status}"));
+                }
+            }
+            drop(trace_span);
             let elapsed = started.elapsed();
             let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
             let status = response.status().as_u16();
@@ -368,6 +428,7 @@ pub(crate) async fn metrics<S: EventStore>(State(app): State<App<S>>) -> Respons
     app.metrics.write(&mut out);
     app.store.write_metrics(&mut out);
     app.sagas.write_metrics(&mut out);
+    skald_telemetry::write_metrics(&mut out);
     out.single(
         "skald_live_subscribers",
         Kind::Gauge,

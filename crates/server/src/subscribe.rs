@@ -290,6 +290,7 @@ async fn pump_sse<S: EventStore>(
             }
             Ok(Ok(Delivery::Events(events))) => {
                 metrics.sse_events.add(events.len() as u64);
+                let _delivering = deliver_spans("sse", &events);
                 // Sized for the batch (most live batches are one small event), not the chunk.
                 let mut out = Vec::with_capacity((events.len() * 640).min(CHUNK_BYTES + 4096));
                 let mut sent = true;
@@ -828,6 +829,7 @@ async fn pump_ws<S: EventStore>(
         match subscription.next().await {
             Ok(Delivery::Events(events)) => {
                 metrics.websocket_events.add(events.len() as u64);
+                let _delivering = deliver_spans("websocket", &events);
                 for batch in ws_batches(&quoted_id, &events) {
                     if send(batch).await.is_err() {
                         return;
@@ -848,6 +850,34 @@ async fn pump_ws<S: EventStore>(
             }
         }
     }
+}
+
+/// A `deliver` span for each event whose stored trace context is sampled, ended when the
+/// returned spans drop (after the events are handed to the connection). Nothing when traces
+/// are not exported.
+fn deliver_spans(
+    transport: &'static str,
+    events: &[Arc<skald_core::RecordedEvent>],
+) -> Vec<skald_telemetry::Span> {
+    if !skald_telemetry::is_enabled() {
+        return Vec::new();
+    }
+    events
+        .iter()
+        .filter_map(|event| {
+            let parent = skald_telemetry::TraceContext::from_metadata(event.metadata.as_str())
+                .filter(|p| p.sampled)?;
+            let mut span = skald_telemetry::start_span(
+                "deliver",
+                skald_telemetry::SpanKind::Consumer,
+                Some(&parent),
+            );
+            span.set("skald.transport", transport);
+            span.set("skald.stream", event.stream.as_str());
+            span.set("skald.position", event.position.0);
+            Some(span)
+        })
+        .collect()
 }
 
 /// `events` messages of about [`CHUNK_BYTES`] each (at least one event each).

@@ -1,0 +1,413 @@
+//! The `OTEL_*` configuration and the batch exporter: spans go into a bounded queue and one
+//! task posts them as OTLP JSON (`ExportTraceServiceRequest`) every `OTEL_BSP_SCHEDULE_DELAY`
+//! or when a batch is full.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value as Json, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Sampler, SpanData, Value, hex};
+
+/// Where and how spans are exported.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The URL spans are posted to.
+    pub endpoint: hyper::Uri,
+    /// Extra headers sent with every export.
+    pub headers: Vec<(String, String)>,
+    /// Per export.
+    pub timeout: Duration,
+    /// `service.name`.
+    pub service_name: String,
+    /// How traces are sampled.
+    pub sampler: Sampler,
+    /// Between exports.
+    pub schedule_delay: Duration,
+    /// Spans waiting for export at most.
+    pub max_queue: usize,
+    /// Spans per export at most.
+    pub max_batch: usize,
+}
+
+impl Config {
+    /// Reads the `OTEL_*` variables through `var`. `Ok(None)` when traces are not exported
+    /// (no endpoint, or `OTEL_TRACES_EXPORTER=none`); an error names the variable at fault.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
+        let get = |name: &str| {
+            var(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        match get("OTEL_TRACES_EXPORTER").as_deref() {
+            None | Some("otlp") => {}
+            Some("none") => return Ok(None),
+            Some(other) => {
+                return Err(format!(
+                    "OTEL_TRACES_EXPORTER={other:?}: Skald exports traces with otlp, or not at all (none)"
+                ));
+            }
+        }
+        let endpoint = match (
+            get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            (Some(full), _) => full,
+            (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
+            (None, None) => return Ok(None),
+        };
+        let endpoint: hyper::Uri = endpoint
+            .parse()
+            .map_err(|e| format!("OTLP endpoint {endpoint:?} is not a URL: {e}"))?;
+        if endpoint.scheme_str() != Some("http") || endpoint.host().is_none() {
+            return Err(format!(
+                "OTLP endpoint {endpoint} must be an http:// URL with a host (TLS to collectors is not built yet)"
+            ));
+        }
+        match get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .as_deref()
+        {
+            None | Some("http/json") => {}
+            Some(other) => {
+                return Err(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: Skald exports OTLP as http/json only"
+                ));
+            }
+        }
+        let mut headers = Vec::new();
+        for pair in get("OTEL_EXPORTER_OTLP_HEADERS")
+            .iter()
+            .flat_map(|h| h.split(','))
+        {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("OTEL_EXPORTER_OTLP_HEADERS: {pair:?} is not key=value"))?;
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        let number = |name: &str, default: u64, min: u64| -> Result<u64, String> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) => v.parse::<u64>().ok().filter(|n| *n >= min).ok_or_else(|| {
+                    format!("{name}={v:?} must be a whole number of at least {min}")
+                }),
+            }
+        };
+        let ratio = match get("OTEL_TRACES_SAMPLER_ARG") {
+            None => 1.0,
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| {
+                    format!("OTEL_TRACES_SAMPLER_ARG={v:?} must be a ratio from 0 to 1")
+                })?,
+        };
+        let sampler = match get("OTEL_TRACES_SAMPLER").as_deref() {
+            None | Some("parentbased_always_on") => Sampler {
+                ratio: 1.0,
+                parent_based: true,
+            },
+            Some("parentbased_always_off") => Sampler {
+                ratio: 0.0,
+                parent_based: true,
+            },
+            Some("parentbased_traceidratio") => Sampler {
+                ratio,
+                parent_based: true,
+            },
+            Some("always_on") => Sampler {
+                ratio: 1.0,
+                parent_based: false,
+            },
+            Some("always_off") => Sampler {
+                ratio: 0.0,
+                parent_based: false,
+            },
+            Some("traceidratio") => Sampler {
+                ratio,
+                parent_based: false,
+            },
+            Some(other) => {
+                return Err(format!(
+                    "OTEL_TRACES_SAMPLER={other:?} is not one of parentbased_always_on, \
+                     parentbased_always_off, parentbased_traceidratio, always_on, always_off, \
+                     traceidratio"
+                ));
+            }
+        };
+        Ok(Some(Self {
+            endpoint,
+            headers,
+            timeout: Duration::from_millis(number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000, 1)?),
+            service_name: get("OTEL_SERVICE_NAME").unwrap_or_else(|| "skald".to_owned()),
+            sampler,
+            schedule_delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 1000, 1)?),
+            max_queue: number("OTEL_BSP_MAX_QUEUE_SIZE", 8192, 1)? as usize,
+            max_batch: number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1)? as usize,
+        }))
+    }
+}
+
+enum Message {
+    Span(SpanData),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Default)]
+struct Counts {
+    exported: AtomicU64,
+    dropped: AtomicU64,
+    failures: AtomicU64,
+}
+
+pub(crate) struct Exporter {
+    queue: mpsc::Sender<Message>,
+    counts: Arc<Counts>,
+}
+
+impl Exporter {
+    pub(crate) fn start(config: Config) -> Self {
+        let (queue, spans) = mpsc::channel(config.max_queue);
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(run(config, spans, Arc::clone(&counts)));
+        Self { queue, counts }
+    }
+
+    pub(crate) fn submit(&self, span: SpanData) {
+        if self.queue.try_send(Message::Span(span)).is_err() {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) async fn flush(&self, within: Duration) {
+        let (done, wait) = oneshot::channel();
+        if self.queue.send(Message::Flush(done)).await.is_ok() {
+            let _ = tokio::time::timeout(within, wait).await;
+        }
+    }
+
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.counts.exported.load(Ordering::Relaxed),
+            self.counts.dropped.load(Ordering::Relaxed),
+            self.counts.failures.load(Ordering::Relaxed),
+        )
+    }
+}
+
+async fn run(config: Config, mut queue: mpsc::Receiver<Message>, counts: Arc<Counts>) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let mut batch: Vec<SpanData> = Vec::with_capacity(config.max_batch);
+    let mut tick = tokio::time::interval(config.schedule_delay);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    loop {
+        let mut flushed = None;
+        let closed = tokio::select! {
+            message = queue.recv() => match message {
+                Some(Message::Span(span)) => {
+                    batch.push(span);
+                    if batch.len() < config.max_batch {
+                        continue;
+                    }
+                    false
+                }
+                Some(Message::Flush(done)) => {
+                    flushed = Some(done);
+                    false
+                }
+                None => true,
+            },
+            _ = tick.tick() => false,
+        };
+        if !batch.is_empty() {
+            let spans = std::mem::take(&mut batch);
+            let n = spans.len() as u64;
+            match send(&client, &config, &spans).await {
+                Ok(()) => {
+                    counts.exported.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    counts.failures.fetch_add(1, Ordering::Relaxed);
+                    // One warning a minute at most: a collector that is down must not flood
+                    // the logs.
+                    let now = tokio::time::Instant::now();
+                    if last_warning.is_none_or(|t| now - t > Duration::from_secs(60)) {
+                        last_warning = Some(now);
+                        tracing::warn!(endpoint = %config.endpoint, "trace export failed, {n} spans lost: {e}");
+                    }
+                }
+            }
+        }
+        if let Some(done) = flushed {
+            let _ = done.send(());
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    config: &Config,
+    spans: &[SpanData],
+) -> Result<(), String> {
+    let body = request_body(&config.service_name, spans).to_string();
+    let mut request =
+        hyper::Request::post(config.endpoint.clone()).header("content-type", "application/json");
+    for (k, v) in &config.headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("building the export: {e}"))?;
+    let response = tokio::time::timeout(config.timeout, client.request(request))
+        .await
+        .map_err(|_| format!("no answer within {:?}", config.timeout))?
+        .map_err(|e| format!("cannot reach the collector: {e}"))?;
+    let status = response.status();
+    let _ = response.into_body().collect().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the collector answered {status}"))
+    }
+}
+
+fn attribute(key: &str, value: &Value) -> Json {
+    let value = match value {
+        Value::Text(s) => json!({ "stringValue": s }),
+        Value::Int(n) => json!({ "intValue": n.to_string() }),
+    };
+    json!({ "key": key, "value": value })
+}
+
+/// An OTLP/JSON `ExportTraceServiceRequest`: ids in hex, times as decimal strings.
+pub(crate) fn request_body(service_name: &str, spans: &[SpanData]) -> Json {
+    let spans: Vec<Json> = spans
+        .iter()
+        .map(|s| {
+            let mut span = json!({
+                "traceId": hex(&s.context.trace_id),
+                "spanId": hex(&s.context.span_id),
+                "name": s.name,
+                "kind": s.kind as i32,
+                "startTimeUnixNano": s.start_ns.to_string(),
+                "endTimeUnixNano": s.end_ns.to_string(),
+                "attributes": s.attributes.iter().map(|(k, v)| attribute(k, v)).collect::<Vec<_>>(),
+                "status": match &s.error {
+                    Some(message) => json!({ "code": 2, "message": message }),
+                    None => json!({ "code": 0 }),
+                },
+            });
+            if let Some(parent) = &s.parent {
+                span["parentSpanId"] = json!(hex(parent));
+            }
+            span
+        })
+        .collect();
+    json!({
+        "resourceSpans": [{
+            "resource": {"attributes": [attribute("service.name", &Value::Text(service_name.to_owned()))]},
+            "scopeSpans": [{
+                "scope": {"name": "skald", "version": env!("CARGO_PKG_VERSION")},
+                "spans": spans,
+            }],
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    #[test]
+    fn configuration_comes_from_the_standard_variables() {
+        assert_eq!(Config::from_env(env(&[])).unwrap(), None);
+        let c = Config::from_env(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318/"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=b, c = d"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(
+            c.sampler,
+            Sampler {
+                ratio: 0.25,
+                parent_based: true
+            }
+        );
+        assert_eq!(
+            c.headers,
+            [("a".into(), "b".into()), ("c".into(), "d".into())]
+        );
+        assert_eq!(
+            Config::from_env(env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "x"),
+                ("OTEL_TRACES_EXPORTER", "none")
+            ]))
+            .unwrap(),
+            None
+        );
+        for (pairs, named) in [
+            (
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1"),
+                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ][..],
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ),
+            (
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1"),
+                    ("OTEL_TRACES_SAMPLER", "sometimes"),
+                ][..],
+                "OTEL_TRACES_SAMPLER",
+            ),
+            (
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h:1"),
+                    ("OTEL_TRACES_SAMPLER_ARG", "2"),
+                ][..],
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://h:1")][..],
+                "http://",
+            ),
+            (
+                &[("OTEL_TRACES_EXPORTER", "zipkin")][..],
+                "OTEL_TRACES_EXPORTER",
+            ),
+        ] {
+            let err = Config::from_env(env(pairs)).unwrap_err();
+            assert!(err.contains(named), "{err}");
+        }
+    }
+}
