@@ -322,27 +322,30 @@ where
         let client = client_trace(&request);
         let mut trace_span = (client.is_some() || skald_telemetry::is_enabled()).then(|| {
             let parent = client.as_ref().map(|(p, _)| p);
-            let mut span =
-                skald_telemetry::start_span(format!("{method} {route}"), SpanKind::Server, parent);
+            let mut span = skald_telemetry::start_span_named(SpanKind::Server, parent, || {
+                format!("{method} {route}").into()
+            });
             span.set("http.request.method", method.as_str());
             span.set("http.route", route);
             span.set("skald.request_id", id.as_str());
             span
         });
-        let trace = trace_span.as_ref().map(|span| RequestTrace {
-            context: span.context(),
-            tracestate: client.and_then(|(_, state)| state),
-        });
+        // An unsampled root trace propagates nowhere: its events get no context.
+        let from_client = client.is_some();
+        let trace = trace_span
+            .as_ref()
+            .filter(|span| from_client || span.is_recording())
+            .map(|span| RequestTrace {
+                context: span.context(),
+                tracestate: client.and_then(|(_, state)| state),
+            });
         let future = self.inner.call(request);
         Box::pin(async move {
-            let future: Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> =
-                match trace {
-                    Some(trace) => Box::pin(TRACE.scope(trace, future)),
-                    None => Box::pin(future),
-                };
-            let mut response = match span {
-                Some(span) => future.instrument(span).await?,
-                None => future.await?,
+            let mut response = match (span, trace) {
+                (Some(span), Some(trace)) => TRACE.scope(trace, future).instrument(span).await?,
+                (Some(span), None) => future.instrument(span).await?,
+                (None, Some(trace)) => TRACE.scope(trace, future).await?,
+                (None, None) => future.await?,
             };
             if let Some(span) = &mut trace_span {
                 let status = response.status().as_u16();

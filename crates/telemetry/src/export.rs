@@ -1,9 +1,9 @@
-//! The `OTEL_*` configuration and the batch exporter: spans go into a bounded queue and one
+//! The `OTEL_*` configuration and the batch exporter: spans go into a bounded buffer and one
 //! task posts them as OTLP JSON (`ExportTraceServiceRequest`) every `OTEL_BSP_SCHEDULE_DELAY`
 //! or when a batch is full.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value as Json, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use crate::{Sampler, SpanData, Value, hex};
 
@@ -156,11 +156,6 @@ impl Config {
     }
 }
 
-enum Message {
-    Span(SpanData),
-    Flush(oneshot::Sender<()>),
-}
-
 #[derive(Default)]
 struct Counts {
     exported: AtomicU64,
@@ -168,76 +163,93 @@ struct Counts {
     failures: AtomicU64,
 }
 
+/// Spans wait in a buffer that the export task takes whole: submitting a span is a push under
+/// a lock, not a message that wakes a task, so a sampled request costs little more than its
+/// span's allocation.
+struct Shared {
+    queue: Mutex<Vec<SpanData>>,
+    /// Wakes the task early, when a batch is full or a flush is asked for.
+    wake: Notify,
+    /// Flushes asked for and not yet answered.
+    flushes: Mutex<Vec<oneshot::Sender<()>>>,
+    counts: Counts,
+    max_queue: usize,
+    max_batch: usize,
+}
+
 pub(crate) struct Exporter {
-    queue: mpsc::Sender<Message>,
-    counts: Arc<Counts>,
+    shared: Arc<Shared>,
 }
 
 impl Exporter {
     pub(crate) fn start(config: Config) -> Self {
-        let (queue, spans) = mpsc::channel(config.max_queue);
-        let counts = Arc::new(Counts::default());
-        tokio::spawn(run(config, spans, Arc::clone(&counts)));
-        Self { queue, counts }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Vec::with_capacity(config.max_batch)),
+            wake: Notify::new(),
+            flushes: Mutex::new(Vec::new()),
+            counts: Counts::default(),
+            max_queue: config.max_queue,
+            max_batch: config.max_batch,
+        });
+        tokio::spawn(run(config, Arc::clone(&shared)));
+        Self { shared }
     }
 
     pub(crate) fn submit(&self, span: SpanData) {
-        if self.queue.try_send(Message::Span(span)).is_err() {
-            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        let mut queue = self.shared.queue.lock().expect("span queue lock");
+        if queue.len() >= self.shared.max_queue {
+            drop(queue);
+            self.shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        queue.push(span);
+        let full = queue.len() == self.shared.max_batch;
+        drop(queue);
+        if full {
+            self.shared.wake.notify_one();
         }
     }
 
     pub(crate) async fn flush(&self, within: Duration) {
         let (done, wait) = oneshot::channel();
-        if self.queue.send(Message::Flush(done)).await.is_ok() {
-            let _ = tokio::time::timeout(within, wait).await;
-        }
+        self.shared.flushes.lock().expect("flush lock").push(done);
+        self.shared.wake.notify_one();
+        let _ = tokio::time::timeout(within, wait).await;
     }
 
     pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        let c = &self.shared.counts;
         (
-            self.counts.exported.load(Ordering::Relaxed),
-            self.counts.dropped.load(Ordering::Relaxed),
-            self.counts.failures.load(Ordering::Relaxed),
+            c.exported.load(Ordering::Relaxed),
+            c.dropped.load(Ordering::Relaxed),
+            c.failures.load(Ordering::Relaxed),
         )
     }
 }
 
-async fn run(config: Config, mut queue: mpsc::Receiver<Message>, counts: Arc<Counts>) {
+async fn run(config: Config, shared: Arc<Shared>) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let mut batch: Vec<SpanData> = Vec::with_capacity(config.max_batch);
-    let mut tick = tokio::time::interval(config.schedule_delay);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_warning: Option<tokio::time::Instant> = None;
     loop {
-        let mut flushed = None;
-        let closed = tokio::select! {
-            message = queue.recv() => match message {
-                Some(Message::Span(span)) => {
-                    batch.push(span);
-                    if batch.len() < config.max_batch {
-                        continue;
-                    }
-                    false
-                }
-                Some(Message::Flush(done)) => {
-                    flushed = Some(done);
-                    false
-                }
-                None => true,
-            },
-            _ = tick.tick() => false,
-        };
-        if !batch.is_empty() {
-            let spans = std::mem::take(&mut batch);
+        let _ = tokio::time::timeout(config.schedule_delay, shared.wake.notified()).await;
+        let flushes = std::mem::take(&mut *shared.flushes.lock().expect("flush lock"));
+        loop {
+            let spans: Vec<SpanData> = {
+                let mut queue = shared.queue.lock().expect("span queue lock");
+                let n = queue.len().min(config.max_batch);
+                queue.drain(..n).collect()
+            };
+            if spans.is_empty() {
+                break;
+            }
             let n = spans.len() as u64;
             match send(&client, &config, &spans).await {
                 Ok(()) => {
-                    counts.exported.fetch_add(n, Ordering::Relaxed);
+                    shared.counts.exported.fetch_add(n, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    counts.failures.fetch_add(1, Ordering::Relaxed);
+                    shared.counts.failures.fetch_add(1, Ordering::Relaxed);
                     // One warning a minute at most: a collector that is down must not flood
                     // the logs.
                     let now = tokio::time::Instant::now();
@@ -248,11 +260,8 @@ async fn run(config: Config, mut queue: mpsc::Receiver<Message>, counts: Arc<Cou
                 }
             }
         }
-        if let Some(done) = flushed {
+        for done in flushes {
             let _ = done.send(());
-        }
-        if closed {
-            return;
         }
     }
 }

@@ -189,6 +189,17 @@ pub fn start_span(
     kind: SpanKind,
     parent: Option<&TraceContext>,
 ) -> Span {
+    let name = name.into();
+    start_span_named(kind, parent, move || name)
+}
+
+/// [`start_span`] with a name made only when the span is recorded, so that unsampled
+/// requests pay no formatting.
+pub fn start_span_named(
+    kind: SpanKind,
+    parent: Option<&TraceContext>,
+    name: impl FnOnce() -> Cow<'static, str>,
+) -> Span {
     let trace_id = parent.map_or_else(random_id::<16>, |p| p.trace_id);
     let span_id = random_id::<8>();
     let (sampled, recording) = match TRACER.get() {
@@ -207,7 +218,7 @@ pub fn start_span(
         Box::new(SpanData {
             context,
             parent: parent.map(|p| p.span_id),
-            name: name.into(),
+            name: name(),
             kind,
             start_ns: now_ns(),
             end_ns: 0,
