@@ -106,6 +106,17 @@ async fn one_trace_covers_an_append_its_delivery_and_a_saga_http_step() {
         StatusCode::CREATED
     );
 
+    // A persistent subscription on the category, and a live subscriber, before the append.
+    let (status, _) = http
+        .call(
+            Method::POST,
+            "/v1/groups",
+            "application/json",
+            json!({"name": "billing", "source": {"category": "order"}}).to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED);
     // A live subscriber on the category, before the append.
     let request = Request::get(format!("{}/v1/subscribe/categories/order", server.url))
         .body(Full::new(Bytes::new()))
@@ -159,12 +170,36 @@ async fn one_trace_covers_an_append_its_delivery_and_a_saga_http_step() {
     assert_eq!(record["metadata"]["tracestate"], "vendor=1");
     let append_span = stored.split('-').nth(2).unwrap().to_owned();
 
+    let (status, polled) = http
+        .call(
+            Method::GET,
+            "/v1/groups/billing/messages?count=1&wait=10000",
+            "application/json",
+            String::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let polled: Value = serde_json::from_slice(&polled).unwrap();
+    assert_eq!(
+        polled["messages"][0]["event"]["metadata"]["traceparent"],
+        stored.as_str()
+    );
+
     // Wait for the spans: the request, the append, the delivery and the saga step.
     let deadline = Instant::now() + Duration::from_secs(30);
     let (request_span, append, deliver, step) = loop {
         let all = spans(&received);
         let find = |name: &str| all.iter().find(|s| s["name"] == name).cloned();
-        if let (Some(r), Some(a), Some(d), Some(s)) = (
+        let group_delivery = all.iter().any(|s| {
+            s["name"] == "deliver"
+                && s["parentSpanId"] == append_span.as_str()
+                && s["attributes"].as_array().unwrap().contains(
+                    &json!({"key": "skald.transport", "value": {"stringValue": "group-http"}}),
+                )
+        });
+        if let (true, Some(r), Some(a), Some(d), Some(s)) = (
+            group_delivery,
             find("POST /v1/streams/{stream}"),
             find("store.append"),
             find("deliver"),

@@ -186,6 +186,8 @@ pub(crate) async fn poll<S: EventStore>(
         .poll(&name, &consumer, count, wait)
         .await
         .map_err(group_problem)?;
+    let _delivering =
+        crate::subscribe::deliver_spans("group-http", messages.iter().map(|m| &m.event));
     let mut out = Vec::with_capacity(messages.len() * 600 + 16);
     out.extend_from_slice(b"{\"messages\":");
     write_messages(&mut out, &messages);

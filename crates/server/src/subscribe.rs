@@ -290,7 +290,7 @@ async fn pump_sse<S: EventStore>(
             }
             Ok(Ok(Delivery::Events(events))) => {
                 metrics.sse_events.add(events.len() as u64);
-                let _delivering = deliver_spans("sse", &events);
+                let _delivering = deliver_spans("sse", events.iter());
                 // Sized for the batch (most live batches are one small event), not the chunk.
                 let mut out = Vec::with_capacity((events.len() * 640).min(CHUNK_BYTES + 4096));
                 let mut sent = true;
@@ -780,6 +780,8 @@ async fn pump_group(
             ConsumerEvent::Messages(messages) => {
                 let mut out = format!("{{\"type\":\"messages\",\"id\":{quoted_id},\"messages\":")
                     .into_bytes();
+                let _delivering =
+                    deliver_spans("group-websocket", messages.iter().map(|m| &m.event));
                 crate::groups::write_messages(&mut out, &messages);
                 out.push(b'}');
                 String::from_utf8(out).expect("messages are UTF-8")
@@ -829,7 +831,7 @@ async fn pump_ws<S: EventStore>(
         match subscription.next().await {
             Ok(Delivery::Events(events)) => {
                 metrics.websocket_events.add(events.len() as u64);
-                let _delivering = deliver_spans("websocket", &events);
+                let _delivering = deliver_spans("websocket", events.iter());
                 for batch in ws_batches(&quoted_id, &events) {
                     if send(batch).await.is_err() {
                         return;
@@ -855,15 +857,15 @@ async fn pump_ws<S: EventStore>(
 /// A `deliver` span for each event whose stored trace context is sampled, ended when the
 /// returned spans drop (after the events are handed to the connection). Nothing when traces
 /// are not exported.
-fn deliver_spans(
+pub(crate) fn deliver_spans<'a>(
     transport: &'static str,
-    events: &[Arc<skald_core::RecordedEvent>],
+    events: impl IntoIterator<Item = &'a Arc<skald_core::RecordedEvent>>,
 ) -> Vec<skald_telemetry::Span> {
     if !skald_telemetry::is_enabled() {
         return Vec::new();
     }
     events
-        .iter()
+        .into_iter()
         .filter_map(|event| {
             let parent = skald_telemetry::TraceContext::from_metadata(event.metadata.as_str())
                 .filter(|p| p.sampled)?;
