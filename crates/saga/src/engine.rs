@@ -365,17 +365,7 @@ impl<S: EventStore> Sagas<S> {
                 return Ok(next);
             }
         }
-        let first = self
-            .inner
-            .catalog
-            .lock()
-            .expect("catalog lock")
-            .by_name
-            .values()
-            .flatten()
-            .map(|r| r.position)
-            .min();
-        match first {
+        match self.inner.first_definition_at_or_after(0) {
             Some(position) => Ok(position),
             None => store.next_position().await,
         }
@@ -895,20 +885,24 @@ impl<S: EventStore> Inner<S> {
         Ok(())
     }
 
+    /// The position of the first definition registered at or after `from`.
+    fn first_definition_at_or_after(&self, from: u64) -> Option<u64> {
+        self.catalog
+            .lock()
+            .expect("catalog lock")
+            .by_name
+            .values()
+            .flatten()
+            .map(|r| r.position)
+            .filter(|p| *p >= from)
+            .min()
+    }
+
     /// Waits for the first definition registered at or after `from`; `None` on shutdown.
     async fn first_registration(&self, from: u64) -> Option<u64> {
         loop {
             let registered = self.registered.notified();
-            let first = self
-                .catalog
-                .lock()
-                .expect("catalog lock")
-                .by_name
-                .values()
-                .flatten()
-                .map(|r| r.position)
-                .filter(|p| *p >= from)
-                .min();
+            let first = self.first_definition_at_or_after(from);
             if first.is_some() {
                 return first;
             }

@@ -34,7 +34,8 @@ pub(crate) fn group_problem(e: Error) -> Problem {
     }
 }
 
-fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Response {
+/// A JSON answer with `status`.
+pub(crate) fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Response {
     (
         status,
         json_response(serde_json::to_vec(value).expect("serializable")),

@@ -6,20 +6,13 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Value, json};
 use skald_core::EventStore;
 use skald_saga::{InstanceFilter, MAX_LISTED, SagaState};
 
-use crate::{App, Problem, body_bytes, json_response, parse_json, query_pairs};
-
-fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Response {
-    (
-        status,
-        json_response(serde_json::to_vec(value).expect("serializable")),
-    )
-        .into_response()
-}
+use crate::groups::json_ok;
+use crate::{App, Problem, body_bytes, parse_json, query_pairs};
 
 /// `POST /v1/sagas`: a definition as YAML or JSON. 201 when registered, 200 when this exact
 /// definition already was.
