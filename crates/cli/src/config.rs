@@ -141,6 +141,26 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_config_parses_and_states_the_defaults() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n").expect("the README has a config file") + 8;
+        let end = start + readme[start..].find("```").expect("closed");
+        let file: FileConfig = toml::from_str(&readme[start..end]).unwrap();
+        let sagas = file.sagas.clone();
+        let c = merge(file, None, None, None).unwrap();
+        assert_eq!(c.sagas, skald_server::SagaOptions::default());
+        assert_eq!(sagas.breaker.open_for, Duration::from_secs(10));
+        assert_eq!(c.storage.limits, Limits::default());
+        let err = toml::from_str::<FileConfig>("[sagas.breaker]\nopen_for = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a duration"), "{err}");
+        let zero: FileConfig = toml::from_str("[sagas]\nmax_running = 0\n").unwrap();
+        let err = merge(zero, None, None, None).err().unwrap().to_string();
+        assert!(err.contains("[sagas]"), "{err}");
+    }
+
+    #[test]
     fn bad_config_is_a_clear_error() {
         let err = toml::from_str::<FileConfig>("lisen = \"x\"")
             .unwrap_err()
