@@ -143,7 +143,10 @@ mod tests {
     #[test]
     fn the_readme_config_parses_and_states_the_defaults() {
         let readme = include_str!("../../../README.md");
-        let start = readme.find("```toml\n").expect("the README has a config file") + 8;
+        let start = readme
+            .find("```toml\n")
+            .expect("the README has a config file")
+            + 8;
         let end = start + readme[start..].find("```").expect("closed");
         let file: FileConfig = toml::from_str(&readme[start..end]).unwrap();
         let sagas = file.sagas.clone();

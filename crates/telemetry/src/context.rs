@@ -1,7 +1,5 @@
 //! W3C Trace Context: the `traceparent` header and its place in event metadata.
 
-use std::fmt::Write;
-
 /// A span's identity as it travels: trace id, span id, and whether it is sampled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceContext {
@@ -31,10 +29,17 @@ fn hex_into<const N: usize>(text: &str) -> Option<[u8; N]> {
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
+    push_hex(&mut s, bytes);
     s
+}
+
+/// Appends lowercase hex (spans write several ids each, so this avoids `format!`).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
 }
 
 impl TraceContext {
@@ -66,12 +71,13 @@ impl TraceContext {
 
     /// The `traceparent` value.
     pub fn to_header(&self) -> String {
-        format!(
-            "00-{}-{}-{}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            if self.sampled { "01" } else { "00" }
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.span_id);
+        out.push_str(if self.sampled { "-01" } else { "-00" });
+        out
     }
 
     /// The `traceparent` in an event's metadata (a JSON object's text), if it has a valid one.
