@@ -370,6 +370,9 @@ impl<S: EventStore> Group<S> {
                 one_batch,
                 reply,
             } => {
+                // Bounded by the protocol, not the type: the actor sends a consumer a batch
+                // only while its in-flight count is under `capacity`, so at most `capacity`
+                // messages (and one `Ended`) are ever queued here.
                 let (tx, rx) = mpsc::unbounded_channel();
                 let id = self.next_consumer;
                 self.next_consumer += 1;

@@ -158,6 +158,10 @@ impl<S: EventStore> Groups<S> {
     }
 
     async fn launch(&self, definition: GroupDefinition) -> Result<()> {
+        // Bounded by its callers, not the type: every command but `Leave` waits for its reply,
+        // so at most one is queued per request in flight (and requests are bounded by the
+        // server's connections); `Leave` comes once per consumer, from `Drop`, which cannot
+        // wait for room in a bounded channel.
         let (tx, rx) = mpsc::unbounded_channel();
         let group = Group::open(self.hub.clone(), definition.clone(), rx).await?;
         let task = tokio::spawn(group.run());
