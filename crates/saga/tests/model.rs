@@ -1,0 +1,177 @@
+//! The model-based test of sagas: random definitions (compensable steps, a pivot, retriable
+//! steps) and random answers from the target (200, 503, 400 per attempt), run by the real
+//! engine against a real HTTP target, compared with a few lines of obviously correct
+//! reference logic: which calls are made, in which order, and the final state.
+
+mod support;
+
+use proptest::prelude::*;
+use skald_saga::SagaOptions;
+use support::{Engine, Reply, Target};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Compensable,
+    Pivot,
+    Retriable,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    kinds: Vec<Kind>,
+    /// Statuses the action of each step answers, attempt by attempt; 200 after them.
+    actions: Vec<Vec<u16>>,
+    /// The same for each step's compensation.
+    compensations: Vec<Vec<u16>>,
+}
+
+const MAX_ATTEMPTS: usize = 2;
+
+fn case() -> impl Strategy<Value = Case> {
+    (1usize..=4, any::<u8>(), any::<u8>())
+        .prop_flat_map(|(n, pivot_choice, tail_choice)| {
+            // A pivot at some step (or none), then only retriable steps; with no pivot, a
+            // tail of retriable steps may still end the saga.
+            let pivot = (pivot_choice as usize % (n + 1)).checked_sub(1);
+            let kinds: Vec<Kind> = (0..n)
+                .map(|i| match pivot {
+                    Some(p) if i == p => Kind::Pivot,
+                    Some(p) if i > p => Kind::Retriable,
+                    Some(_) => Kind::Compensable,
+                    None if i >= n - (tail_choice as usize % n).min(n - 1)
+                        && tail_choice % 3 == 0 =>
+                    {
+                        Kind::Retriable
+                    }
+                    None => Kind::Compensable,
+                })
+                .collect();
+            let answers = || {
+                proptest::collection::vec(
+                    proptest::collection::vec(
+                        prop_oneof![Just(200u16), Just(503), Just(400)],
+                        0..3,
+                    ),
+                    n,
+                )
+            };
+            (Just(kinds), answers(), answers())
+        })
+        .prop_map(|(kinds, actions, compensations)| Case {
+            kinds,
+            actions,
+            compensations,
+        })
+}
+
+fn definition(case: &Case, target: &Target) -> String {
+    let mut text = format!(
+        "name: model\nversion: 1\ntrigger: {{category: order, types: [OrderPlaced]}}\n\
+         correlationKey: /data/orderId\ndefaults:\n  timeout: 5s\n  retry: {{maxAttempts: \
+         {MAX_ATTEMPTS}, initialBackoff: 1ms, maxBackoff: 2ms, jitter: 0, retryOn: [5xx]}}\nsteps:\n"
+    );
+    for (i, kind) in case.kinds.iter().enumerate() {
+        text.push_str(&format!(
+            "  - name: s{i}\n    action: {{http: {{method: POST, url: \"http://{}/a{i}\"}}}}\n",
+            target.addr
+        ));
+        match kind {
+            Kind::Compensable => text.push_str(&format!(
+                "    compensation: {{http: {{method: POST, url: \"http://{}/c{i}\"}}}}\n",
+                target.addr
+            )),
+            Kind::Pivot => text.push_str("    pivot: true\n"),
+            Kind::Retriable => text.push_str("    retriable: true\n"),
+        }
+    }
+    text
+}
+
+/// Runs one action or compensation as the reference says: 200 succeeds, 400 fails for good,
+/// 503 is retried while attempts remain (always, for retriable steps). Records each call.
+fn attempt(script: &[u16], route: String, limit: Option<usize>, calls: &mut Vec<String>) -> bool {
+    let mut n = 0;
+    loop {
+        let status = script.get(n).copied().unwrap_or(200);
+        calls.push(route.clone());
+        n += 1;
+        match status {
+            200 => return true,
+            400 => return false,
+            _ if limit.is_some_and(|l| n >= l) => return false,
+            _ => {}
+        }
+    }
+}
+
+/// The reference: the calls in order and the final state.
+fn expected(case: &Case) -> (Vec<String>, &'static str) {
+    let mut calls = Vec::new();
+    for (i, kind) in case.kinds.iter().enumerate() {
+        let limit = (*kind != Kind::Retriable).then_some(MAX_ATTEMPTS);
+        if attempt(&case.actions[i], format!("POST /a{i}"), limit, &mut calls) {
+            continue;
+        }
+        let past_pivot = case.kinds[..i].iter().any(|k| *k != Kind::Compensable);
+        if *kind == Kind::Retriable || past_pivot {
+            return (calls, "stuck");
+        }
+        for j in (0..i).rev() {
+            if case.kinds[j] == Kind::Compensable
+                && !attempt(
+                    &case.compensations[j],
+                    format!("POST /c{j}"),
+                    Some(MAX_ATTEMPTS),
+                    &mut calls,
+                )
+            {
+                return (calls, "stuck");
+            }
+        }
+        return (calls, "compensated");
+    }
+    (calls, "completed")
+}
+
+fn reply(status: u16) -> Reply {
+    Reply {
+        status,
+        delay: std::time::Duration::ZERO,
+        body: "{}".into(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_engine_calls_and_ends_as_the_reference_says(case in case()) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (calls, state) = runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let target = Target::start().await;
+            for (i, script) in case.actions.iter().enumerate() {
+                target.queue(&format!("POST /a{i}"), script.iter().map(|s| reply(*s)).collect());
+            }
+            for (i, script) in case.compensations.iter().enumerate() {
+                target.queue(&format!("POST /c{i}"), script.iter().map(|s| reply(*s)).collect());
+            }
+            let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+            engine.sagas.register(&definition(&case, &target)).await.unwrap();
+            engine.append("order-1", "OrderPlaced", serde_json::json!({"orderId": "1"})).await;
+            let id = skald_saga::saga_id("model", "1").to_string();
+            let h = engine
+                .wait_until(&id, |h| h.summary.state.is_final() || h.summary.state.as_str() == "stuck")
+                .await;
+            engine.stop().await;
+            (target.routes(), h.summary.state.as_str())
+        });
+        let (want_calls, want_state) = expected(&case);
+        prop_assert_eq!(state, want_state, "{:?}", case);
+        prop_assert_eq!(calls, want_calls, "{:?}", case);
+    }
+}
