@@ -1,7 +1,7 @@
 //! The saga engine: definitions, the trigger loop, one task per running instance, and the
 //! calls transports make (register, list, show, retry, cancel).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -808,8 +808,9 @@ impl<S: EventStore> Inner<S> {
             .subscribe(ReadSource::All(None), Start::Position(from))
             .await?;
         let starting = Arc::new(Semaphore::new(inner.options.max_starting));
-        // Positions whose start is not stored yet; the checkpoint stays before the oldest.
-        let in_flight: Arc<Mutex<BTreeSet<u64>>> = Arc::new(Mutex::new(BTreeSet::new()));
+        // Positions whose starts are not all stored yet (several definitions may start from one
+        // event), with how many are under way; the checkpoint stays before the oldest.
+        let in_flight: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::new(Mutex::new(BTreeMap::new()));
         let mut seen = from;
         let mut written = from;
         let mut checkpoint_timer = tokio::time::interval(inner.options.checkpoint_every);
@@ -832,46 +833,49 @@ impl<S: EventStore> Inner<S> {
                 }
                 Err(e) => return Err(e),
             };
-            for event in events {
-                seen = event.position.0 + 1;
+            // `seen` moves past an event only once every start it triggers is under way, so
+            // that a shutdown while waiting for room cannot checkpoint past a trigger.
+            'events: for event in events {
                 if event.stream == streams::definitions() {
                     if let Some(r) = registered_of(&event) {
                         active.insert(r.definition.name.clone(), Arc::new(r));
                     }
-                    continue;
-                }
-                if event.stream.is_system() {
-                    continue;
-                }
-                for registered in active.values() {
-                    if !registered.trigger.matches(&event) {
-                        continue;
-                    }
-                    let permit = tokio::select! {
-                        p = Arc::clone(&inner.running).acquire_owned() => p.expect("never closed"),
-                        _ = inner.hub.stopping() => break,
-                    };
-                    let start_slot = Arc::clone(&starting)
-                        .acquire_owned()
-                        .await
-                        .expect("never closed");
-                    in_flight
-                        .lock()
-                        .expect("in-flight lock")
-                        .insert(event.position.0);
-                    let inner = Arc::clone(inner);
-                    let registered = Arc::clone(registered);
-                    let event = Arc::clone(&event);
-                    let in_flight = Arc::clone(&in_flight);
-                    tokio::spawn(async move {
-                        inner.start_instance(&registered, &event, permit).await;
-                        in_flight
+                } else if !event.stream.is_system() {
+                    for registered in active.values() {
+                        if !registered.trigger.matches(&event) {
+                            continue;
+                        }
+                        let permit = tokio::select! {
+                            p = Arc::clone(&inner.running).acquire_owned() => p.expect("never closed"),
+                            _ = inner.hub.stopping() => break 'events,
+                        };
+                        let start_slot = Arc::clone(&starting)
+                            .acquire_owned()
+                            .await
+                            .expect("never closed");
+                        let position = event.position.0;
+                        *in_flight
                             .lock()
                             .expect("in-flight lock")
-                            .remove(&event.position.0);
-                        drop(start_slot);
-                    });
+                            .entry(position)
+                            .or_default() += 1;
+                        let inner = Arc::clone(inner);
+                        let registered = Arc::clone(registered);
+                        let event = Arc::clone(&event);
+                        let in_flight = Arc::clone(&in_flight);
+                        tokio::spawn(async move {
+                            inner.start_instance(&registered, &event, permit).await;
+                            let mut in_flight = in_flight.lock().expect("in-flight lock");
+                            let starts = in_flight.get_mut(&position).expect("counted above");
+                            *starts -= 1;
+                            if *starts == 0 {
+                                in_flight.remove(&position);
+                            }
+                            drop(start_slot);
+                        });
+                    }
                 }
+                seen = event.position.0 + 1;
             }
             inner
                 .trigger_next
@@ -916,7 +920,7 @@ impl<S: EventStore> Inner<S> {
     async fn write_checkpoint(
         &self,
         seen: u64,
-        in_flight: &Mutex<BTreeSet<u64>>,
+        in_flight: &Mutex<BTreeMap<u64, usize>>,
         written: u64,
     ) -> u64 {
         let next = checkpoint_of(seen, in_flight);
@@ -1310,13 +1314,12 @@ impl<S: EventStore> Inner<S> {
     }
 }
 
-fn checkpoint_of(seen: u64, in_flight: &Mutex<BTreeSet<u64>>) -> u64 {
+fn checkpoint_of(seen: u64, in_flight: &Mutex<BTreeMap<u64, usize>>) -> u64 {
     in_flight
         .lock()
         .expect("in-flight lock")
-        .first()
-        .copied()
-        .unwrap_or(seen)
+        .first_key_value()
+        .map_or(seen, |(position, _)| *position)
 }
 
 fn instance_metadata(saga_id: &str, trigger: &RecordedEvent) -> String {

@@ -566,3 +566,44 @@ async fn a_restart_resumes_unfinished_sagas_and_keeps_their_keys() {
     assert_eq!(h.summary.completed_steps, ["reserve", "charge", "ship"]);
     engine.stop().await;
 }
+
+#[tokio::test]
+async fn a_stop_while_triggers_wait_for_room_loses_none_and_one_event_can_start_two_sagas() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    // One saga at a time, each held up by a slow first step: the other triggers wait.
+    let options = SagaOptions {
+        max_running: 1,
+        ..SagaOptions::default()
+    };
+    let engine = Engine::open(dir.path(), options).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    let second = order_saga(&target, "").replace("name: order", "name: audit");
+    engine.sagas.register(&second).await.unwrap();
+    target.fix("POST /reserve", Reply::slow(Duration::from_millis(300)));
+    for order in ["w-1", "w-2", "w-3"] {
+        place_order(&engine, order).await;
+    }
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while target.routes().is_empty() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.hub.shutdown();
+    engine.sagas.stopped(Duration::from_secs(5)).await;
+    engine.hub.stopped().await;
+    engine.store.shutdown().await;
+    drop(engine);
+    target.unfix("POST /reserve");
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    for definition in ["order", "audit"] {
+        for order in ["w-1", "w-2", "w-3"] {
+            engine.wait_for(definition, order, "completed").await;
+        }
+    }
+    engine.stop().await;
+}
