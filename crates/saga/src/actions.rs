@@ -20,8 +20,9 @@ use crate::definition::{
 };
 use crate::template::{Template, render_value};
 
-/// The most bytes of a response body kept as a step's output.
-pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The most bytes of a response body a step takes as its output. It is stored in the step's
+/// `StepSucceeded` event, so it stays well under the store's default event-size limit (1 MiB).
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 /// How much of an error answer's body is quoted in the step's error.
 const QUOTED_BODY: usize = 300;
@@ -39,6 +40,8 @@ pub enum Failure {
     BreakerOpen(String, Duration),
     /// A template named something that is not there, or rendered into something invalid.
     Render(String),
+    /// The target answered with something a step cannot keep (too large).
+    Unusable(String),
     /// The store refused or failed an append.
     Store(Error),
     /// An await ran past its deadline.
@@ -57,7 +60,7 @@ impl std::fmt::Display for Failure {
                 "circuit breaker for {host} is open (next trial in {} ms)",
                 wait.as_millis()
             ),
-            Self::Render(e) => f.write_str(e),
+            Self::Render(e) | Self::Unusable(e) => f.write_str(e),
             Self::Store(e) => write!(f, "append failed: {e}"),
             Self::AwaitTimedOut => f.write_str("no matching event arrived before the deadline"),
         }
@@ -77,7 +80,7 @@ impl Failure {
                     || ((400..500).contains(code) && retry_on.contains(&RetryOn::ClientErrors))
             }
             Self::Store(Error::Unavailable(_) | Error::StorageFull(_) | Error::Io(_)) => true,
-            Self::Render(_) | Self::Store(_) | Self::AwaitTimedOut => false,
+            Self::Render(_) | Self::Unusable(_) | Self::Store(_) | Self::AwaitTimedOut => false,
         }
     }
 }
@@ -153,7 +156,18 @@ pub async fn call_http(
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| Failure::Connection(format!("reading the answer failed: {e}")))?
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    Failure::Unusable(format!(
+                        "the answer is over the {} KiB a step's output may hold",
+                        MAX_RESPONSE_BYTES / 1024
+                    ))
+                } else {
+                    Failure::Connection(format!("reading the answer failed: {e}"))
+                }
+            })?
             .to_bytes();
         Ok::<_, Failure>((status, bytes))
     })

@@ -195,6 +195,40 @@ async fn retries_back_off_and_keep_the_idempotency_key() {
 }
 
 #[tokio::test]
+async fn an_answer_too_large_to_keep_fails_the_step_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    let huge = format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024));
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 200,
+            delay: Duration::ZERO,
+            body: huge,
+        },
+    );
+    place_order(&engine, "big-1").await;
+    let h = engine.wait_for("order", "big-1", "compensated").await;
+    let error = h.summary.last_error.unwrap();
+    assert!(error.contains("over the 256 KiB"), "{error}");
+    assert_eq!(
+        target
+            .routes()
+            .iter()
+            .filter(|r| *r == "POST /charge")
+            .count(),
+        1
+    );
+    engine.stop().await;
+}
+
+#[tokio::test]
 async fn a_step_that_times_out_on_every_attempt_is_compensated() {
     let dir = tempfile::tempdir().unwrap();
     let target = Target::start().await;
