@@ -40,6 +40,14 @@ pub struct SagaDefinition {
     pub steps: Vec<Step>,
 }
 
+impl SagaDefinition {
+    /// The index of the first pivot or retriable step: once it has run, nothing before it is
+    /// undone (every step after it is retriable, which validation ensures).
+    pub fn point_of_no_return(&self) -> Option<usize> {
+        self.steps.iter().position(|s| s.pivot || s.retriable)
+    }
+}
+
 /// Events that match a category and/or types, or a DCB query.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -904,12 +912,7 @@ impl Selection {
         match (&self.query, &self.category) {
             (Some(q), _) => ReadSource::Query(q.clone()),
             (None, Some(c)) => ReadSource::Category(c.clone()),
-            (None, None) => ReadSource::All(Some(Query {
-                items: vec![QueryItem {
-                    types: self.types.clone(),
-                    tags: Vec::new(),
-                }],
-            })),
+            (None, None) => ReadSource::All(skald_hub::filter_of(self.types.clone(), Vec::new())),
         }
     }
 }

@@ -217,15 +217,20 @@ enum Move {
     Idle,
 }
 
+/// The step past which the instance can no longer be undone, if it has run.
+fn passed_point_of_no_return<'a>(def: &'a SagaDefinition, state: &Instance) -> Option<&'a str> {
+    let step = &def.steps[def.point_of_no_return()?];
+    state
+        .outputs
+        .contains_key(&step.name)
+        .then_some(step.name.as_str())
+}
+
 /// What an instance does next, from its definition and state alone.
 fn next_move(def: &SagaDefinition, state: &Instance) -> Move {
     match state.state {
         SagaState::Running => {
-            let past_pivot = def
-                .steps
-                .iter()
-                .any(|s| (s.pivot || s.retriable) && state.outputs.contains_key(&s.name));
-            if state.cancel_requested && !past_pivot {
+            if state.cancel_requested && passed_point_of_no_return(def, state).is_none() {
                 return Move::Record(vec![SagaEvent::SagaCompensating {
                     reason: "cancelled".into(),
                     step: None,
@@ -674,12 +679,8 @@ impl<S: EventStore> Sagas<S> {
             let _writes = live.writes.lock().await;
             let (state, past_pivot) = {
                 let state = live.state.lock().expect("state lock");
-                let past = live
-                    .definition
-                    .steps
-                    .iter()
-                    .find(|s| (s.pivot || s.retriable) && state.outputs.contains_key(&s.name));
-                (state.state, past.map(|s| s.name.clone()))
+                let past = passed_point_of_no_return(&live.definition, &state);
+                (state.state, past.map(str::to_owned))
             };
             if state != SagaState::Running {
                 return Err(Error::SagaConflict(format!(
@@ -1213,7 +1214,7 @@ impl<S: EventStore> Inner<S> {
             if is_final {
                 // A failed pivot undoes the steps before it; past the pivot nothing is undone.
                 let undoable = phase == Phase::Action && !step.retriable;
-                let past_pivot = def.steps.iter().take(index).any(|s| s.pivot || s.retriable);
+                let past_pivot = def.point_of_no_return().is_some_and(|p| p < index);
                 if undoable && !past_pivot {
                     events.push(SagaEvent::SagaCompensating {
                         reason: format!("step {} failed: {error}", step.name),

@@ -26,13 +26,6 @@ fn hex_into<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut s, bytes);
-    s
-}
-
 /// Appends lowercase hex (spans write several ids each, so this avoids `format!`).
 pub fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use context::{TraceContext, hex, inject};
+pub use context::{TraceContext, inject};
 pub use export::Config;
 
 use skald_core::metrics::{Exposition, Kind};
