@@ -1,0 +1,325 @@
+//! OIDC bearer tokens: JWTs verified against the issuer's JWKS.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::fetch::Fetcher;
+
+/// A JWKS is fetched again for an unknown `kid` at most this often.
+pub const MIN_REFRESH: Duration = Duration::from_secs(30);
+
+/// `[auth.jwt]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<PathBuf>,
+    /// PEM roots to trust for the issuer's HTTPS, instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_s: u64,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".to_owned()]
+}
+
+fn default_roles_claim() -> String {
+    "roles".to_owned()
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+const ACCEPTABLE: [&str; 9] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+impl JwtConfig {
+    /// Checks the settings; errors name the key.
+    pub fn validate(&self) -> Result<Vec<Algorithm>, String> {
+        if self.issuer.is_empty() || self.audience.is_empty() {
+            return Err("[auth.jwt] issuer and audience are required".to_owned());
+        }
+        if self.jwks_url.is_some() && self.jwks_file.is_some() {
+            return Err("[auth.jwt] give jwks_url or jwks_file, not both".to_owned());
+        }
+        if self.algorithms.is_empty() {
+            return Err(format!(
+                "[auth.jwt] algorithms is empty; list some of {}",
+                ACCEPTABLE.join(", ")
+            ));
+        }
+        self.algorithms
+            .iter()
+            .map(|a| {
+                if !ACCEPTABLE.contains(&a.as_str()) {
+                    return Err(format!(
+                        "[auth.jwt] algorithm {a:?} is not accepted; use {} (HMAC and none are \
+                         never accepted)",
+                        ACCEPTABLE.join(", ")
+                    ));
+                }
+                a.parse::<Algorithm>().map_err(|_| format!("unknown algorithm {a}"))
+            })
+            .collect()
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRefusal {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+fn refuse(reason: &'static str, detail: impl Into<String>) -> TokenRefusal {
+    TokenRefusal {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// A verified token's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIdentity {
+    pub subject: String,
+    pub roles: BTreeSet<String>,
+}
+
+struct Keys {
+    by_kid: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+    /// Keys without a `kid`, usable only when they are the only key.
+    anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
+}
+
+/// Verifies JWTs for one issuer.
+pub struct JwtVerifier {
+    config: JwtConfig,
+    algorithms: Vec<Algorithm>,
+    keys: RwLock<Keys>,
+    last_refresh: tokio::sync::Mutex<Option<Instant>>,
+    fetcher: Option<Fetcher>,
+}
+
+impl JwtVerifier {
+    /// Loads the keys: from the file, or by fetching (a failed fetch is retried when a token
+    /// arrives; a bad file is an error now).
+    pub async fn new(config: JwtConfig) -> Result<Self, String> {
+        let algorithms = config.validate()?;
+        let fetcher = if config.jwks_file.is_none() {
+            Some(Fetcher::new(config.ca_file.as_deref())?)
+        } else {
+            None
+        };
+        let verifier = Self {
+            config,
+            algorithms,
+            keys: RwLock::new(Keys {
+                by_kid: HashMap::new(),
+                anonymous: Vec::new(),
+            }),
+            last_refresh: tokio::sync::Mutex::new(None),
+            fetcher,
+        };
+        if let Some(file) = &verifier.config.jwks_file {
+            let bytes = std::fs::read(file)
+                .map_err(|e| format!("[auth.jwt] cannot read jwks_file {}: {e}", file.display()))?;
+            verifier
+                .install(&bytes)
+                .map_err(|e| format!("[auth.jwt] jwks_file {}: {e}", file.display()))?;
+        } else if let Err(e) = verifier.refresh().await {
+            tracing::warn!(error = %e, "cannot fetch the JWKS yet; will retry when a token arrives");
+        }
+        Ok(verifier)
+    }
+
+    fn install(&self, bytes: &[u8]) -> Result<usize, String> {
+        let set: JwkSet =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))?;
+        let mut keys = Keys {
+            by_kid: HashMap::new(),
+            anonymous: Vec::new(),
+        };
+        for jwk in &set.keys {
+            // Keys of other kinds (HMAC, or ones this build cannot use) are skipped.
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let alg = jwk
+                .common
+                .key_algorithm
+                .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+            match &jwk.common.key_id {
+                Some(kid) => {
+                    keys.by_kid.insert(kid.clone(), (key, alg));
+                }
+                None => keys.anonymous.push((key, alg)),
+            }
+        }
+        let n = keys.by_kid.len() + keys.anonymous.len();
+        *self.keys.write().expect("jwks lock") = keys;
+        Ok(n)
+    }
+
+    async fn refresh(&self) -> Result<usize, String> {
+        let Some(fetcher) = &self.fetcher else {
+            return Err("the keys come from a file".to_owned());
+        };
+        let url = match &self.config.jwks_url {
+            Some(url) => url.clone(),
+            None => {
+                let discovery = format!(
+                    "{}/.well-known/openid-configuration",
+                    self.config.issuer.trim_end_matches('/')
+                );
+                let doc = fetcher.get(&discovery).await?;
+                let doc: Value = serde_json::from_slice(&doc)
+                    .map_err(|e| format!("{discovery} is not JSON: {e}"))?;
+                doc["jwks_uri"]
+                    .as_str()
+                    .ok_or_else(|| format!("{discovery} has no jwks_uri"))?
+                    .to_owned()
+            }
+        };
+        let bytes = fetcher.get(&url).await?;
+        self.install(&bytes).map_err(|e| format!("{url}: {e}"))
+    }
+
+    fn key_for(&self, kid: Option<&str>) -> Option<(DecodingKey, Option<Algorithm>)> {
+        let keys = self.keys.read().expect("jwks lock");
+        match kid {
+            Some(kid) => keys.by_kid.get(kid).cloned(),
+            None if keys.by_kid.len() + keys.anonymous.len() == 1 => keys
+                .anonymous
+                .first()
+                .cloned()
+                .or_else(|| keys.by_kid.values().next().cloned()),
+            None => None,
+        }
+    }
+
+    /// Verifies `token`, fetching the JWKS again (rate-limited) for an unknown `kid`.
+    pub async fn verify(&self, token: &str) -> Result<TokenIdentity, TokenRefusal> {
+        let header = token.split('.').next().unwrap_or("");
+        let header: Value = URL_SAFE_NO_PAD
+            .decode(header)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| refuse("malformed", "the bearer token is not a JWT"))?;
+        let alg_name = header["alg"].as_str().unwrap_or("");
+        let alg = self
+            .algorithms
+            .iter()
+            .find(|a| format!("{a:?}") == alg_name)
+            .copied()
+            .ok_or_else(|| {
+                refuse(
+                    "algorithm",
+                    format!(
+                        "the token's algorithm {alg_name:?} is not accepted (accepted: {})",
+                        self.config.algorithms.join(", ")
+                    ),
+                )
+            })?;
+        let kid = header["kid"].as_str();
+        let mut found = self.key_for(kid);
+        if found.is_none() {
+            let mut last = self.last_refresh.lock().await;
+            // Another request may have refreshed while this one waited.
+            found = self.key_for(kid);
+            if found.is_none() && last.is_none_or(|at| at.elapsed() >= MIN_REFRESH) {
+                *last = Some(Instant::now());
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "cannot refresh the JWKS");
+                }
+                found = self.key_for(kid);
+            }
+        }
+        let (key, key_alg) = found.ok_or_else(|| match kid {
+            Some(kid) => refuse(
+                "unknown-key",
+                format!("the token is signed by key {kid:?}, which the issuer's JWKS does not have"),
+            ),
+            None => refuse(
+                "unknown-key",
+                "the token has no kid and the JWKS has more than one key",
+            ),
+        })?;
+        if key_alg.is_some_and(|k| k != alg) {
+            return Err(refuse(
+                "algorithm",
+                format!("the token's algorithm {alg_name} is not the one its key is for"),
+            ));
+        }
+        let mut validation = Validation::new(alg);
+        validation.algorithms = vec![alg];
+        validation.leeway = self.config.leeway_s;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| {
+            match e.kind() {
+                ErrorKind::ExpiredSignature => refuse("expired", "the token has expired"),
+                ErrorKind::ImmatureSignature => {
+                    refuse("not-yet-valid", "the token is not valid yet (nbf)")
+                }
+                ErrorKind::InvalidAudience => refuse(
+                    "audience",
+                    format!("the token is not for audience {:?}", self.config.audience),
+                ),
+                ErrorKind::InvalidIssuer => refuse(
+                    "issuer",
+                    format!("the token is not from issuer {:?}", self.config.issuer),
+                ),
+                ErrorKind::InvalidSignature => {
+                    refuse("signature", "the token's signature does not verify")
+                }
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    refuse("claims", format!("the token has no {claim} claim"))
+                }
+                ErrorKind::InvalidAlgorithm => refuse(
+                    "algorithm",
+                    "the token's algorithm does not fit its key".to_owned(),
+                ),
+                other => refuse("malformed", format!("the token is malformed: {other:?}")),
+            }
+        })?;
+        let claims = data.claims;
+        let subject = claims["sub"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| refuse("claims", "the token's sub is not a string"))?
+            .to_owned();
+        let mut at = &claims;
+        for part in self.config.roles_claim.split('.') {
+            at = &at[part];
+        }
+        let roles = match at {
+            Value::Array(items) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+            _ => BTreeSet::new(),
+        };
+        Ok(TokenIdentity { subject, roles })
+    }
+}

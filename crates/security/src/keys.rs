@@ -1,0 +1,258 @@
+//! API keys: `skald_<id>_<secret>`, stored as an argon2id hash of the secret.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+
+/// The prefix that marks a bearer token as an API key.
+pub const PREFIX: &str = "skald_";
+
+/// A key as stored in `$security-keys` (never the secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredKey {
+    pub id: String,
+    pub name: String,
+    pub roles: BTreeSet<String>,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub created_by: String,
+    /// argon2id PHC string of the secret.
+    pub hash: String,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// What the admin API shows of a key.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyInfo {
+    pub id: String,
+    pub name: String,
+    pub roles: BTreeSet<String>,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub created_by: String,
+    pub revoked: bool,
+}
+
+impl From<&StoredKey> for KeyInfo {
+    fn from(k: &StoredKey) -> Self {
+        Self {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            roles: k.roles.clone(),
+            expires_at: k.expires_at,
+            created_at: k.created_at,
+            created_by: k.created_by.clone(),
+            revoked: k.revoked,
+        }
+    }
+}
+
+/// A new key: the full token (shown once) and what is stored of it.
+pub struct NewKey {
+    pub token: String,
+    pub stored: StoredKey,
+}
+
+/// Makes a key with a fresh id and secret.
+pub fn generate(
+    name: &str,
+    roles: BTreeSet<String>,
+    expires_at: Option<i64>,
+    now: i64,
+    by: &str,
+) -> Result<NewKey, String> {
+    let rng = ring::rand::SystemRandom::new();
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&rng, &mut id).map_err(|_| "no randomness available")?;
+    ring::rand::SecureRandom::fill(&rng, &mut secret).map_err(|_| "no randomness available")?;
+    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = URL_SAFE_NO_PAD.encode(secret);
+    let mut salt = [0u8; 16];
+    ring::rand::SecureRandom::fill(&rng, &mut salt).map_err(|_| "no randomness available")?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    let hash = argon2::Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map_err(|e| format!("cannot hash the key: {e}"))?
+        .to_string();
+    Ok(NewKey {
+        token: format!("{PREFIX}{id}_{secret}"),
+        stored: StoredKey {
+            id,
+            name: name.to_owned(),
+            roles,
+            expires_at,
+            created_at: now,
+            created_by: by.to_owned(),
+            hash,
+            revoked: false,
+        },
+    })
+}
+
+/// Splits `skald_<id>_<secret>`; `None` when the token is not shaped like a key.
+pub fn split(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix(PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) && !secret.is_empty())
+        .then_some((id, secret))
+}
+
+/// Why a key was refused. The wording never contains the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRefusal {
+    Malformed,
+    Unknown(String),
+    Revoked(String),
+    Expired(String),
+    WrongSecret(String),
+}
+
+impl KeyRefusal {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyRefusal::Malformed => "malformed",
+            KeyRefusal::Unknown(_) => "unknown-key",
+            KeyRefusal::Revoked(_) => "revoked",
+            KeyRefusal::Expired(_) => "expired",
+            KeyRefusal::WrongSecret(_) => "wrong-secret",
+        }
+    }
+
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            KeyRefusal::Malformed => None,
+            KeyRefusal::Unknown(id)
+            | KeyRefusal::Revoked(id)
+            | KeyRefusal::Expired(id)
+            | KeyRefusal::WrongSecret(id) => Some(id),
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            KeyRefusal::Malformed => {
+                "the API key is not of the form skald_<16 hex digits>_<secret>".to_owned()
+            }
+            KeyRefusal::Unknown(id) => format!("API key {id} does not exist"),
+            KeyRefusal::Revoked(id) => format!("API key {id} was revoked"),
+            KeyRefusal::Expired(id) => format!("API key {id} has expired"),
+            KeyRefusal::WrongSecret(id) => format!("the secret of API key {id} is wrong"),
+        }
+    }
+}
+
+/// The keys in force, by id, with a cache of verified secrets.
+#[derive(Default)]
+pub struct KeyRing {
+    keys: HashMap<String, StoredKey>,
+    /// id → SHA-256 of a secret argon2 accepted, so that argon2 runs once per key.
+    verified: Mutex<HashMap<String, [u8; 32]>>,
+}
+
+impl KeyRing {
+    /// Applies a stored key or a revocation.
+    pub fn insert(&mut self, key: StoredKey) {
+        self.verified.lock().expect("key cache").remove(&key.id);
+        self.keys.insert(key.id.clone(), key);
+    }
+
+    pub fn revoke(&mut self, id: &str) -> Option<&StoredKey> {
+        self.verified.lock().expect("key cache").remove(id);
+        let key = self.keys.get_mut(id)?;
+        key.revoked = true;
+        Some(key)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&StoredKey> {
+        self.keys.get(id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn list(&self) -> Vec<KeyInfo> {
+        let mut keys: Vec<KeyInfo> = self.keys.values().map(KeyInfo::from).collect();
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        keys
+    }
+
+    /// Checks a bearer token that starts with [`PREFIX`].
+    pub fn verify(&self, token: &str, now: i64) -> Result<&StoredKey, KeyRefusal> {
+        let (id, secret) = split(token).ok_or(KeyRefusal::Malformed)?;
+        let key = self
+            .keys
+            .get(id)
+            .ok_or_else(|| KeyRefusal::Unknown(id.to_owned()))?;
+        if key.revoked {
+            return Err(KeyRefusal::Revoked(id.to_owned()));
+        }
+        if key.expires_at.is_some_and(|at| now >= at) {
+            return Err(KeyRefusal::Expired(id.to_owned()));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        let digest: [u8; 32] = digest.as_ref().try_into().expect("SHA-256 is 32 bytes");
+        let cached = self.verified.lock().expect("key cache").get(id).copied();
+        if let Some(known) = cached {
+            return if same(&known, &digest) {
+                Ok(key)
+            } else {
+                Err(KeyRefusal::WrongSecret(id.to_owned()))
+            };
+        }
+        let hash =
+            PasswordHash::new(&key.hash).map_err(|_| KeyRefusal::WrongSecret(id.to_owned()))?;
+        argon2::Argon2::default()
+            .verify_password(secret.as_bytes(), &hash)
+            .map_err(|_| KeyRefusal::WrongSecret(id.to_owned()))?;
+        self.verified
+            .lock()
+            .expect("key cache")
+            .insert(id.to_owned(), digest);
+        Ok(key)
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_verifies_once_made_and_not_after_revocation() {
+        let new = generate("ci", BTreeSet::from(["writer".into()]), Some(1000), 10, "t").unwrap();
+        assert!(new.token.starts_with("skald_"));
+        assert!(!new.stored.hash.contains(split(&new.token).unwrap().1));
+        assert!(new.stored.hash.starts_with("$argon2id$"));
+        let mut ring = KeyRing::default();
+        ring.insert(new.stored.clone());
+        assert_eq!(ring.verify(&new.token, 20).unwrap().name, "ci");
+        // Again, from the cache.
+        assert_eq!(ring.verify(&new.token, 21).unwrap().name, "ci");
+        let wrong = format!("{}x", new.token);
+        assert_eq!(ring.verify(&wrong, 22).unwrap_err().reason(), "wrong-secret");
+        assert_eq!(ring.verify(&new.token, 1000).unwrap_err().reason(), "expired");
+        ring.revoke(&new.stored.id);
+        let refusal = ring.verify(&new.token, 30).unwrap_err();
+        assert_eq!(refusal.reason(), "revoked");
+        assert!(!refusal.detail().contains(split(&new.token).unwrap().1));
+        assert_eq!(
+            ring.verify("skald_0123456789abcdef_x", 1).unwrap_err().reason(),
+            "unknown-key"
+        );
+        assert_eq!(ring.verify("skald_nope", 1).unwrap_err(), KeyRefusal::Malformed);
+    }
+}

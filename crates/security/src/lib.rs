@@ -1,0 +1,685 @@
+//! Security for every API: who is calling (API keys, JWTs, client certificates), what they may
+//! do (rules on name patterns), how fast (rate limits), TLS material, and the audit trail.
+//! The design is in `docs/security.md`. Keys and rules are events in system streams, so they
+//! survive restarts and changes take effect at once.
+
+mod fetch;
+pub mod jwt;
+pub mod keys;
+pub mod ratelimit;
+pub mod rules;
+pub mod tls;
+pub mod x509;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use skald_core::metrics::{Counter, Exposition, Kind};
+use skald_core::{
+    AppendRequest, Direction, EventData, EventStore, EventType, ExpectedRevision, ProposedEvent,
+    ReadRequest, ReadSource, StreamName,
+};
+use tokio::sync::mpsc;
+
+pub use jwt::JwtConfig;
+pub use keys::KeyInfo;
+pub use ratelimit::RateLimitConfig;
+pub use rules::{Method, Permission, Principal, Rule, Rules};
+pub use tls::{TlsConfig, TlsSource};
+
+/// Where the keys, the rules and the audit trail are stored.
+pub mod streams {
+    pub const KEYS: &str = "$security-keys";
+    pub const RULES: &str = "$security-rules";
+    pub const AUDIT: &str = "$audit";
+}
+
+/// The file `serve` writes the first admin key to, in the data directory.
+pub const INITIAL_KEY_FILE: &str = "initial-admin-key";
+/// Audit events waiting to be written; beyond this they are counted and dropped.
+const AUDIT_QUEUE: usize = 4096;
+
+/// `[auth]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `Authorization: Bearer skald_<id>_<secret>`.
+    pub api_keys: bool,
+    /// The client certificate names the principal (needs `[tls] client_ca_file`).
+    pub mtls: bool,
+    /// `GET /metrics` without credentials.
+    pub public_metrics: bool,
+    pub jwt: Option<JwtConfig>,
+}
+
+impl AuthConfig {
+    /// Is any authentication method on?
+    pub fn enabled(&self) -> bool {
+        self.api_keys || self.mtls || self.jwt.is_some()
+    }
+}
+
+/// What a request presents.
+pub struct Credentials<'a> {
+    /// The `Authorization` header, when there is one.
+    pub authorization: Option<&'a str>,
+    /// The verified client certificate's subject, on an mTLS connection.
+    pub certificate: Option<&'a x509::Subject>,
+    pub address: IpAddr,
+}
+
+/// Why a request was not let in (401).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub method: Method,
+    pub reason: &'static str,
+    pub detail: String,
+    pub key_id: Option<String>,
+}
+
+/// Errors of the admin operations.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] skald_core::Error),
+}
+
+/// A key as the admin API returns it at creation: the only time the token is shown.
+#[derive(Debug, serde::Serialize)]
+pub struct CreatedKey {
+    pub key: String,
+    #[serde(flatten)]
+    pub info: KeyInfo,
+}
+
+/// The security of one server.
+pub struct Security<S> {
+    store: Arc<S>,
+    config: AuthConfig,
+    keys: RwLock<keys::KeyRing>,
+    rules: RwLock<(Option<u64>, Arc<Rules>)>,
+    jwt: Option<jwt::JwtVerifier>,
+    by_principal: Option<ratelimit::Limiter<String>>,
+    by_address: Option<ratelimit::Limiter<IpAddr>>,
+    /// Admin writes one at a time, so each sees the revision the last one left.
+    writes: tokio::sync::Mutex<()>,
+    audit: mpsc::Sender<(String, Value)>,
+    metrics: Metrics,
+    tls: Option<Arc<TlsSource>>,
+}
+
+#[derive(Default)]
+struct Metrics {
+    failures: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    limited_principal: Counter,
+    limited_address: Counter,
+    audit_written: Arc<Counter>,
+    audit_dropped: Counter,
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn system_stream(name: &str) -> StreamName {
+    StreamName::new(name).expect("system stream names are valid")
+}
+
+fn event(kind: &str, data: &Value) -> ProposedEvent {
+    ProposedEvent::new(
+        EventType::new(kind).expect("audit event types are valid"),
+        EventData::json(data.to_string()).expect("JSON"),
+    )
+}
+
+impl<S: EventStore> Security<S> {
+    /// Loads keys and rules from the store and starts the audit writer. With authentication
+    /// off, every caller is an anonymous admin and nothing is checked.
+    pub async fn start(
+        store: Arc<S>,
+        config: AuthConfig,
+        rate_limit: RateLimitConfig,
+        tls: Option<Arc<TlsSource>>,
+    ) -> Result<Arc<Self>, String> {
+        for (key, bucket) in [
+            ("per_principal", &rate_limit.per_principal),
+            ("per_address", &rate_limit.per_address),
+        ] {
+            if let Some(b) = bucket {
+                b.validate(key)?;
+            }
+        }
+        if config.mtls && !tls.as_ref().is_some_and(|t| t.requires_client_certificate()) {
+            return Err(
+                "[auth] mtls = true needs [tls] with client_ca_file, so that clients present \
+                 a certificate"
+                    .to_owned(),
+            );
+        }
+        let jwt = match &config.jwt {
+            Some(c) => Some(jwt::JwtVerifier::new(c.clone()).await?),
+            None => None,
+        };
+        let (audit, queue) = mpsc::channel(AUDIT_QUEUE);
+        let security = Arc::new(Self {
+            store: Arc::clone(&store),
+            jwt,
+            by_principal: rate_limit.per_principal.map(ratelimit::Limiter::new),
+            by_address: rate_limit.per_address.map(ratelimit::Limiter::new),
+            config,
+            keys: RwLock::new(keys::KeyRing::default()),
+            rules: RwLock::new((None, Arc::new(Rules::default()))),
+            writes: tokio::sync::Mutex::new(()),
+            audit,
+            metrics: Metrics::default(),
+            tls,
+        });
+        security.load().await.map_err(|e| e.to_string())?;
+        tokio::spawn(write_audit(
+            store,
+            queue,
+            Arc::clone(&security.metrics.audit_written),
+        ));
+        Ok(security)
+    }
+
+    async fn read_stream(
+        &self,
+        name: &str,
+        mut each: impl FnMut(&skald_core::RecordedEvent),
+    ) -> skald_core::Result<()> {
+        let mut from = 0;
+        loop {
+            let page = self
+                .store
+                .read(ReadRequest {
+                    source: ReadSource::Stream(system_stream(name)),
+                    from: Some(from),
+                    direction: Direction::Forward,
+                    limit: skald_core::MAX_READ_PAGE,
+                })
+                .await?;
+            page.events.iter().for_each(&mut each);
+            match page.next {
+                Some(next) if !page.events.is_empty() => from = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    async fn load(&self) -> skald_core::Result<()> {
+        let mut ring = keys::KeyRing::default();
+        self.read_stream(streams::KEYS, |e| apply_key_event(&mut ring, e))
+            .await?;
+        *self.keys.write().expect("keys lock") = ring;
+        let mut rules = (None, Rules::default());
+        self.read_stream(streams::RULES, |e| {
+            let data: Value = serde_json::from_slice(e.data.bytes()).unwrap_or_default();
+            match serde_json::from_value::<Rules>(json!({ "rules": data["rules"] })) {
+                Ok(r) => rules = (Some(e.revision.0), r),
+                Err(err) => tracing::error!(
+                    position = e.position.0,
+                    error = %err,
+                    "an AccessRulesSet event cannot be read; the rules before it stay in force"
+                ),
+            }
+        })
+        .await?;
+        *self.rules.write().expect("rules lock") = (rules.0, Arc::new(rules.1));
+        Ok(())
+    }
+
+    /// Is authentication on?
+    pub fn enabled(&self) -> bool {
+        self.config.enabled()
+    }
+
+    pub fn public_metrics(&self) -> bool {
+        !self.enabled() || self.config.public_metrics
+    }
+
+    pub fn tls(&self) -> Option<&Arc<TlsSource>> {
+        self.tls.as_ref()
+    }
+
+    /// The rules in force now.
+    pub fn rules(&self) -> Arc<Rules> {
+        Arc::clone(&self.rules.read().expect("rules lock").1)
+    }
+
+    /// Takes a token from the client address's bucket.
+    pub fn limit_address(&self, address: IpAddr) -> Result<(), Duration> {
+        match &self.by_address {
+            Some(l) => l.take(&address, Instant::now()).inspect_err(|_| {
+                self.metrics.limited_address.inc();
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes a token from the principal's bucket.
+    pub fn limit_principal(&self, principal: &Principal) -> Result<(), Duration> {
+        match &self.by_principal {
+            Some(l) => l
+                .take(&principal.name, Instant::now())
+                .inspect_err(|_| self.metrics.limited_principal.inc()),
+            None => Ok(()),
+        }
+    }
+
+    /// Who is calling, or why they are refused (counted and audited).
+    pub async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Principal, Refusal> {
+        if !self.enabled() {
+            return Ok(Principal::anonymous());
+        }
+        let result = self.identify(&credentials).await;
+        if let Err(refusal) = &result {
+            self.refused(refusal, credentials.address);
+        }
+        result
+    }
+
+    async fn identify(&self, credentials: &Credentials<'_>) -> Result<Principal, Refusal> {
+        if let Some(header) = credentials.authorization {
+            let token = header
+                .strip_prefix("Bearer ")
+                .or_else(|| header.strip_prefix("bearer "))
+                .map(str::trim)
+                .ok_or_else(|| Refusal {
+                    method: Method::None,
+                    reason: "scheme",
+                    detail: "the Authorization header must be `Bearer <API key or token>`"
+                        .to_owned(),
+                    key_id: None,
+                })?;
+            if token.starts_with(keys::PREFIX) && self.config.api_keys {
+                let ring = self.keys.read().expect("keys lock");
+                return match ring.verify(token, now_s()) {
+                    Ok(key) => Ok(Principal {
+                        name: key.name.clone(),
+                        roles: key.roles.clone(),
+                        method: Method::ApiKey,
+                    }),
+                    Err(refusal) => Err(Refusal {
+                        method: Method::ApiKey,
+                        reason: refusal.reason(),
+                        detail: refusal.detail(),
+                        key_id: refusal.key_id().map(str::to_owned),
+                    }),
+                };
+            }
+            return match &self.jwt {
+                Some(verifier) => match verifier.verify(token).await {
+                    Ok(identity) => Ok(Principal {
+                        name: identity.subject,
+                        roles: identity.roles,
+                        method: Method::Jwt,
+                    }),
+                    Err(refusal) => Err(Refusal {
+                        method: Method::Jwt,
+                        reason: refusal.reason,
+                        detail: refusal.detail,
+                        key_id: None,
+                    }),
+                },
+                None => Err(Refusal {
+                    method: Method::None,
+                    reason: "unsupported",
+                    detail: if self.config.api_keys {
+                        "the bearer token is not an API key (skald_...) and JWTs are not \
+                         configured"
+                            .to_owned()
+                    } else {
+                        "bearer tokens are not accepted by this server".to_owned()
+                    },
+                    key_id: None,
+                }),
+            };
+        }
+        if self.config.mtls
+            && let Some(subject) = credentials.certificate
+        {
+            return match subject.common_names.first() {
+                Some(cn) if !cn.is_empty() => Ok(Principal {
+                    name: cn.clone(),
+                    roles: subject.organizations.iter().cloned().collect(),
+                    method: Method::Certificate,
+                }),
+                _ => Err(Refusal {
+                    method: Method::Certificate,
+                    reason: "certificate",
+                    detail: "the client certificate's subject has no common name (CN)".to_owned(),
+                    key_id: None,
+                }),
+            };
+        }
+        let mut accepted = Vec::new();
+        if self.config.api_keys {
+            accepted.push("an API key (Authorization: Bearer skald_...)");
+        }
+        if self.jwt.is_some() {
+            accepted.push("a JWT (Authorization: Bearer ...)");
+        }
+        if self.config.mtls {
+            accepted.push("a client certificate");
+        }
+        Err(Refusal {
+            method: Method::None,
+            reason: "missing",
+            detail: format!("no credentials; this server accepts {}", accepted.join(" or ")),
+            key_id: None,
+        })
+    }
+
+    fn refused(&self, refusal: &Refusal, address: IpAddr) {
+        *self
+            .metrics
+            .failures
+            .lock()
+            .expect("metrics lock")
+            .entry((refusal.method.as_str(), refusal.reason))
+            .or_default() += 1;
+        tracing::warn!(
+            method = refusal.method.as_str(),
+            reason = refusal.reason,
+            address = %address,
+            "authentication failed: {}",
+            refusal.detail
+        );
+        let mut data = json!({
+            "method": refusal.method.as_str(),
+            "reason": refusal.reason,
+            "detail": refusal.detail,
+            "address": address.to_string(),
+        });
+        if let Some(id) = &refusal.key_id {
+            data["keyId"] = json!(id);
+        }
+        self.audit_later("AuthenticationFailed", data);
+    }
+
+    /// Queues an audit event; when the queue is full it is counted and dropped.
+    pub fn audit_later(&self, kind: &str, data: Value) {
+        if self.audit.try_send((kind.to_owned(), data)).is_err() {
+            self.metrics.audit_dropped.inc();
+        }
+    }
+
+    /// Writes an audit event now.
+    pub async fn audit_now(&self, kind: &str, data: Value) -> skald_core::Result<()> {
+        self.store
+            .append(AppendRequest {
+                stream: system_stream(streams::AUDIT),
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![event(kind, &data)],
+            })
+            .await?;
+        self.metrics.audit_written.inc();
+        Ok(())
+    }
+
+    /// Every key, without secrets.
+    pub fn list_keys(&self) -> Vec<KeyInfo> {
+        self.keys.read().expect("keys lock").list()
+    }
+
+    /// Makes a key, stores it, audits it, and returns it (the only time the token is shown).
+    pub async fn create_key(
+        &self,
+        by: &str,
+        name: &str,
+        roles: BTreeSet<String>,
+        expires_at: Option<i64>,
+    ) -> Result<CreatedKey, AdminError> {
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(AdminError::Invalid(
+                "name must be 1 to 128 printable characters".to_owned(),
+            ));
+        }
+        for role in &roles {
+            if role.is_empty() || role.len() > 256 || role.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(AdminError::Invalid(format!(
+                    "role {role:?} must be 1 to 256 characters without spaces"
+                )));
+            }
+        }
+        let now = now_s();
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(AdminError::Invalid(
+                "expiresAt is in the past; give a future time".to_owned(),
+            ));
+        }
+        let new = keys::generate(name, roles, expires_at, now, by).map_err(AdminError::Invalid)?;
+        let _one = self.writes.lock().await;
+        let data = serde_json::to_value(&new.stored).expect("serializable");
+        self.store
+            .append(AppendRequest {
+                stream: system_stream(streams::KEYS),
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![event("ApiKeyCreated", &data)],
+            })
+            .await?;
+        self.keys
+            .write()
+            .expect("keys lock")
+            .insert(new.stored.clone());
+        let info = KeyInfo::from(&new.stored);
+        self.audit_now(
+            "ApiKeyCreated",
+            json!({"id": info.id, "name": info.name, "roles": info.roles, "expiresAt": info.expires_at, "by": by}),
+        )
+        .await?;
+        Ok(CreatedKey {
+            key: new.token,
+            info,
+        })
+    }
+
+    /// Revokes a key; revoking a revoked key again changes nothing.
+    pub async fn revoke_key(&self, by: &str, id: &str) -> Result<KeyInfo, AdminError> {
+        let _one = self.writes.lock().await;
+        let known = self.keys.read().expect("keys lock").get(id).cloned();
+        let Some(key) = known else {
+            return Err(AdminError::NotFound(format!("API key {id} does not exist")));
+        };
+        if key.revoked {
+            return Ok(KeyInfo::from(&key));
+        }
+        self.store
+            .append(AppendRequest {
+                stream: system_stream(streams::KEYS),
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![event("ApiKeyRevoked", &json!({"id": id, "revokedBy": by}))],
+            })
+            .await?;
+        let info = KeyInfo::from(
+            self.keys
+                .write()
+                .expect("keys lock")
+                .revoke(id)
+                .expect("the key exists"),
+        );
+        self.audit_now("ApiKeyRevoked", json!({"id": id, "name": info.name, "by": by}))
+            .await?;
+        Ok(info)
+    }
+
+    /// The rules in force and their revision (`None` before any were set).
+    pub fn rules_with_revision(&self) -> (Option<u64>, Arc<Rules>) {
+        let r = self.rules.read().expect("rules lock");
+        (r.0, Arc::clone(&r.1))
+    }
+
+    /// Replaces the rules, at `expected` when given (a conflict otherwise), and audits it.
+    pub async fn set_rules(
+        &self,
+        by: &str,
+        rules: Rules,
+        expected: Option<ExpectedRevision>,
+    ) -> Result<u64, AdminError> {
+        rules.validate().map_err(AdminError::Invalid)?;
+        let _one = self.writes.lock().await;
+        let data = json!({ "rules": rules.rules, "by": by });
+        let result = self
+            .store
+            .append(AppendRequest {
+                stream: system_stream(streams::RULES),
+                expected: expected.unwrap_or(ExpectedRevision::Any),
+                condition: None,
+                events: vec![event("AccessRulesSet", &data)],
+            })
+            .await?;
+        let revision = result.last_revision.0;
+        *self.rules.write().expect("rules lock") = (Some(revision), Arc::new(rules.clone()));
+        self.audit_now(
+            "AccessRulesChanged",
+            json!({ "revision": revision, "rules": rules.rules, "by": by }),
+        )
+        .await?;
+        Ok(revision)
+    }
+
+    /// With API keys on and none ever made, makes `initial-admin` and writes it to
+    /// `<data_dir>/initial-admin-key` (0600). Returns the file's path when it did.
+    pub async fn ensure_initial_key(
+        &self,
+        data_dir: &Path,
+    ) -> Result<Option<std::path::PathBuf>, String> {
+        if !self.config.api_keys || !self.keys.read().expect("keys lock").is_empty() {
+            return Ok(None);
+        }
+        let created = self
+            .create_key(
+                "skald serve",
+                "initial-admin",
+                BTreeSet::from([rules::ADMIN_ROLE.to_owned()]),
+                None,
+            )
+            .await
+            .map_err(|e| format!("cannot create the initial admin key: {e}"))?;
+        let path = data_dir.join(INITIAL_KEY_FILE);
+        tls::write_private(&path, format!("{}\n", created.key).as_bytes(), true)?;
+        Ok(Some(path))
+    }
+
+    /// Appends the security metrics.
+    pub fn write_metrics(&self, out: &mut Exposition) {
+        out.family(
+            "skald_auth_failures_total",
+            Kind::Counter,
+            "Requests refused for their credentials, by method and reason.",
+        );
+        for ((method, reason), n) in self.metrics.failures.lock().expect("metrics lock").iter() {
+            out.sample(
+                "skald_auth_failures_total",
+                &[("method", method), ("reason", reason)],
+                *n as f64,
+            );
+        }
+        out.family(
+            "skald_rate_limited_total",
+            Kind::Counter,
+            "Requests answered 429, by the bucket that was empty.",
+        );
+        out.sample(
+            "skald_rate_limited_total",
+            &[("scope", "principal")],
+            self.metrics.limited_principal.get() as f64,
+        );
+        out.sample(
+            "skald_rate_limited_total",
+            &[("scope", "address")],
+            self.metrics.limited_address.get() as f64,
+        );
+        out.single(
+            "skald_audit_events_total",
+            Kind::Counter,
+            "Events written to the $audit stream.",
+            self.metrics.audit_written.get() as f64,
+        );
+        out.single(
+            "skald_audit_dropped_total",
+            Kind::Counter,
+            "Audit events dropped because the audit queue was full.",
+            self.metrics.audit_dropped.get() as f64,
+        );
+        if let Some(tls) = &self.tls {
+            out.family(
+                "skald_tls_reloads_total",
+                Kind::Counter,
+                "Reloads of the TLS certificate files, by outcome.",
+            );
+            out.sample(
+                "skald_tls_reloads_total",
+                &[("outcome", "success")],
+                tls.reloaded.get() as f64,
+            );
+            out.sample(
+                "skald_tls_reloads_total",
+                &[("outcome", "failure")],
+                tls.reload_failures.get() as f64,
+            );
+        }
+    }
+}
+
+fn apply_key_event(ring: &mut keys::KeyRing, e: &skald_core::RecordedEvent) {
+    let data: Value = serde_json::from_slice(e.data.bytes()).unwrap_or_default();
+    match e.event_type.as_str() {
+        "ApiKeyCreated" => match serde_json::from_value::<keys::StoredKey>(data) {
+            Ok(key) => ring.insert(key),
+            Err(err) => tracing::error!(position = e.position.0, error = %err, "an ApiKeyCreated event cannot be read; that key is not accepted"),
+        },
+        "ApiKeyRevoked" => {
+            if let Some(id) = data["id"].as_str() {
+                ring.revoke(id);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Writes queued audit events in batches.
+async fn write_audit<S: EventStore>(
+    store: Arc<S>,
+    mut queue: mpsc::Receiver<(String, Value)>,
+    written: Arc<Counter>,
+) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, 256).await > 0 {
+        let events: Vec<ProposedEvent> = batch
+            .drain(..)
+            .map(|(kind, data)| event(&kind, &data))
+            .collect();
+        let n = events.len() as u64;
+        let appended = store
+            .append(AppendRequest {
+                stream: system_stream(streams::AUDIT),
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events,
+            })
+            .await;
+        match appended {
+            Ok(_) => written.add(n),
+            Err(skald_core::Error::Unavailable(reason)) => {
+                tracing::warn!(events = n, "audit events not written: {reason}");
+            }
+            Err(e) => tracing::error!(error = %e, events = n, "cannot write audit events"),
+        }
+    }
+}
