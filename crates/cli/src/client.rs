@@ -13,27 +13,66 @@ use hyper_util::rt::TokioExecutor;
 /// A client for one Skald server.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
+    /// `Bearer <token>`, sent with every request.
+    authorization: Option<hyper::header::HeaderValue>,
+}
+
+/// Credentials and TLS trust for a client.
+#[derive(Default)]
+pub struct ClientSettings {
+    /// An API key or a JWT.
+    pub token: Option<String>,
+    /// PEM roots for https://, instead of the system's.
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate and key files, for mTLS.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl HttpClient {
     /// A client for the server at `base`, such as `http://127.0.0.1:7340`.
     pub fn new(base: &str) -> anyhow::Result<Self> {
+        Self::with_settings(base, ClientSettings::default())
+    }
+
+    /// A client with credentials and TLS settings.
+    pub fn with_settings(base: &str, settings: ClientSettings) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
-            bail!(
-                "server URL {base:?} must start with http:// (TLS arrives with the security work)"
-            );
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            bail!("server URL {base:?} must start with http:// or https://");
         }
         base.parse::<hyper::Uri>()
             .with_context(|| format!("server URL {base:?} is not a valid URL"))?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let identity = settings
+            .identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let tls = skald_security::tls::client_config(settings.ca_cert.as_deref(), identity)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Ok(Self { client, base })
+        let authorization = match settings.token {
+            Some(token) => Some(
+                hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .context("the token holds characters a header cannot carry")?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            client,
+            base,
+            authorization,
+        })
     }
 
     /// Sends a request and returns the status and the response body as a stream.
@@ -49,6 +88,9 @@ impl HttpClient {
             .uri(format!("{}{path}", self.base));
         for (k, v) in headers {
             request = request.header(*k, *v);
+        }
+        if let Some(authorization) = &self.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, authorization.clone());
         }
         let request = request
             .body(Full::new(body))

@@ -29,6 +29,16 @@ pub struct FileConfig {
     /// The saga engine: `max_running`, `max_starting`, `[sagas.breaker]`.
     #[serde(default)]
     pub sagas: skald_server::SagaOptions,
+    /// Listen beyond loopback without authentication.
+    pub insecure: Option<bool>,
+    /// TLS on the listener (see docs/security.md).
+    pub tls: Option<skald_security::TlsConfig>,
+    /// Authentication: API keys, JWT, client certificates.
+    #[serde(default)]
+    pub auth: skald_security::AuthConfig,
+    /// Token buckets per principal and per client address.
+    #[serde(default)]
+    pub rate_limit: skald_security::RateLimitConfig,
 }
 
 /// Engine tuning in the `[storage]` table.
@@ -68,6 +78,9 @@ pub struct ServeConfig {
     pub http: HttpConfig,
     pub storage: skald_storage::Options,
     pub sagas: skald_server::SagaOptions,
+    pub tls: Option<skald_security::TlsConfig>,
+    pub auth: skald_security::AuthConfig,
+    pub rate_limit: skald_security::RateLimitConfig,
 }
 
 /// Merges the sources. `flag_*` come from the command line or the environment (clap reads
@@ -77,6 +90,7 @@ pub fn merge(
     flag_data_dir: Option<PathBuf>,
     flag_listen: Option<String>,
     flag_durability: Option<Durability>,
+    flag_insecure: bool,
 ) -> anyhow::Result<ServeConfig> {
     let listen_text = flag_listen
         .or(file.listen)
@@ -84,6 +98,26 @@ pub fn merge(
     let listen: SocketAddr = listen_text.parse().with_context(|| {
         format!("listen address {listen_text:?} is not of the form IP:PORT, such as 127.0.0.1:7340")
     })?;
+    let insecure = flag_insecure || file.insecure.unwrap_or(false);
+    if !file.auth.enabled() && !listen.ip().is_loopback() && !insecure {
+        anyhow::bail!(
+            "refusing to listen on {listen} without authentication: anyone who can reach it \
+             could read and write every stream. Turn on [auth] (api_keys, jwt or mtls; see \
+             docs/security.md), listen on 127.0.0.1, or pass --insecure if the network is \
+             trusted"
+        );
+    }
+    if let Some(jwt) = &file.auth.jwt {
+        jwt.validate().map_err(|e| anyhow::anyhow!("config {e}"))?;
+    }
+    for (key, bucket) in [
+        ("per_principal", &file.rate_limit.per_principal),
+        ("per_address", &file.rate_limit.per_address),
+    ] {
+        if let Some(b) = bucket {
+            b.validate(key).map_err(|e| anyhow::anyhow!("config {e}"))?;
+        }
+    }
     file.limits
         .validate()
         .map_err(|e| anyhow::anyhow!("config [limits]: {e}"))?;
@@ -107,6 +141,9 @@ pub fn merge(
     Ok(ServeConfig {
         listen,
         sagas,
+        tls: file.tls,
+        auth: file.auth,
+        rate_limit: file.rate_limit,
         http: file.http,
         storage: skald_storage::Options {
             data_dir: flag_data_dir
@@ -133,7 +170,7 @@ mod tests {
             "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n[limits]\nmax_events_per_append = 5\n",
         )
         .unwrap();
-        let c = merge(file, Some("/from/flag".into()), None, None).unwrap();
+        let c = merge(file, Some("/from/flag".into()), None, None, false).unwrap();
         assert_eq!(c.storage.data_dir, PathBuf::from("/from/flag"));
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.storage.limits.max_events_per_append, 5);
@@ -150,7 +187,7 @@ mod tests {
         let end = start + readme[start..].find("```").expect("closed");
         let file: FileConfig = toml::from_str(&readme[start..end]).unwrap();
         let sagas = file.sagas.clone();
-        let c = merge(file, None, None, None).unwrap();
+        let c = merge(file, None, None, None, false).unwrap();
         assert_eq!(c.sagas, skald_server::SagaOptions::default());
         assert_eq!(sagas.breaker.open_for, Duration::from_secs(10));
         assert_eq!(c.storage.limits, Limits::default());
@@ -159,7 +196,7 @@ mod tests {
             .to_string();
         assert!(err.contains("not a duration"), "{err}");
         let zero: FileConfig = toml::from_str("[sagas]\nmax_running = 0\n").unwrap();
-        let err = merge(zero, None, None, None).err().unwrap().to_string();
+        let err = merge(zero, None, None, None, false).err().unwrap().to_string();
         assert!(err.contains("[sagas]"), "{err}");
     }
 
@@ -173,12 +210,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("durability"), "{err}");
-        let err = merge(FileConfig::default(), None, Some("localhost".into()), None)
+        let err = merge(FileConfig::default(), None, Some("localhost".into()), None, false)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("IP:PORT"), "{err}");
         let file: FileConfig = toml::from_str("[limits]\nmax_stream_name_bytes = 0\n").unwrap();
-        assert!(merge(file, None, None, None).is_err());
+        assert!(merge(file, None, None, None, false).is_err());
+        // Beyond loopback, no authentication is refused unless insecure is asked for.
+        let open = || merge(FileConfig::default(), None, Some("0.0.0.0:7340".into()), None, false);
+        let err = open().err().unwrap().to_string();
+        assert!(err.contains("without authentication") && err.contains("--insecure"), "{err}");
+        assert!(merge(FileConfig::default(), None, Some("0.0.0.0:7340".into()), None, true).is_ok());
+        let keys: FileConfig = toml::from_str("[auth]\napi_keys = true\n").unwrap();
+        assert!(merge(keys, None, Some("0.0.0.0:7340".into()), None, false).is_ok());
+        let err = toml::from_str::<FileConfig>("[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\nalgorithms = [\"HS256\"]\n")
+            .map_err(|e| e.to_string())
+            .and_then(|f| merge(f, None, None, None, false).map(|_| ()).map_err(|e| e.to_string()))
+            .unwrap_err();
+        assert!(err.contains("HS256") && err.contains("never accepted"), "{err}");
+        let err = toml::from_str::<FileConfig>("[rate_limit]\nper_address = { rate = 0, burst = 1 }\n")
+            .map_err(|e| e.to_string())
+            .and_then(|f| merge(f, None, None, None, false).map(|_| ()).map_err(|e| e.to_string()))
+            .unwrap_err();
+        assert!(err.contains("per_address"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! `skald`: the event store server, its command-line client and its benchmark.
 
+mod admin;
 mod bench;
 mod bench_saga;
 mod bench_subscribe;
@@ -47,6 +48,9 @@ enum Command {
         /// A TOML file with any of the settings; flags and SKALD_* variables override it.
         #[arg(long, env = "SKALD_CONFIG")]
         config: Option<PathBuf>,
+        /// Listen beyond loopback even with authentication off (a trusted network only).
+        #[arg(long, env = "SKALD_INSECURE")]
+        insecure: bool,
     },
     /// Append one event (or a whole append body) to a stream on a running server.
     Append {
@@ -85,6 +89,25 @@ enum Command {
         #[command(subcommand)]
         command: saga::SagaCommand,
     },
+    /// Manage API keys: create (the key is shown once), list, revoke.
+    Keys {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: admin::KeysCommand,
+    },
+    /// Show or replace the access rules.
+    Rules {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: admin::RulesCommand,
+    },
+    /// Certificates: `skald certs dev` writes a development CA and certificates.
+    Certs {
+        #[command(subcommand)]
+        command: admin::CertsCommand,
+    },
     /// Show the server's version, head position, durability and size.
     Info {
         #[command(flatten)]
@@ -96,7 +119,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServerArg {
-    /// The server's URL.
+    /// The server's URL (http:// or https://).
     #[arg(
         long = "server",
         global = true,
@@ -104,6 +127,51 @@ struct ServerArg {
         default_value = "http://127.0.0.1:7340"
     )]
     url: String,
+    /// An API key or a JWT, sent as `Authorization: Bearer`. Prefer the variable, which
+    /// stays out of the shell history and the process list.
+    #[arg(long, global = true, env = "SKALD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the API key or JWT (such as the initial-admin-key file).
+    #[arg(long, global = true, env = "SKALD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for https:// instead of the system's.
+    #[arg(long, global = true, env = "SKALD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// A client certificate (PEM) for mTLS, with --client-key.
+    #[arg(long, global = true, env = "SKALD_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "SKALD_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
+}
+
+impl ServerArg {
+    fn client(&self) -> anyhow::Result<client::HttpClient> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => anyhow::bail!("give --token or --token-file, not both"),
+            (Some(t), None) => Some(t.trim().to_owned()),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", file.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => anyhow::bail!("--client-cert and --client-key go together"),
+        };
+        client::HttpClient::with_settings(
+            &self.url,
+            client::ClientSettings {
+                token,
+                ca_cert: self.ca_cert.clone(),
+                identity,
+            },
+        )
+    }
 }
 
 fn main() -> ExitCode {
@@ -134,31 +202,41 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             durability,
             config,
+            insecure,
         } => {
             let file = match &config {
                 Some(path) => config::FileConfig::load(path)?,
                 None => config::FileConfig::default(),
             };
-            let merged = config::merge(file, data_dir, listen, durability.map(Durability::from))?;
+            let merged = config::merge(
+                file,
+                data_dir,
+                listen,
+                durability.map(Durability::from),
+                insecure,
+            )?;
             logging::init()?;
             serve::run(merged).await
         }
         Command::Append { server, args } => {
-            commands::append(&client::HttpClient::new(&server.url)?, args).await
+            commands::append(&server.client()?, args).await
         }
         Command::Read { server, args } => {
-            commands::read(&client::HttpClient::new(&server.url)?, args).await
+            commands::read(&server.client()?, args).await
         }
         Command::Tail { server, args } => {
-            tail::run(&client::HttpClient::new(&server.url)?, args).await
+            tail::run(&server.client()?, args).await
         }
         Command::Subscription { server, command } => {
-            subscription::run(&client::HttpClient::new(&server.url)?, command).await
+            subscription::run(&server.client()?, command).await
         }
         Command::Saga { server, command } => {
-            saga::run(&client::HttpClient::new(&server.url)?, command).await
+            saga::run(&server.client()?, command).await
         }
-        Command::Info { server } => commands::info(&client::HttpClient::new(&server.url)?).await,
+        Command::Info { server } => commands::info(&server.client()?).await,
+        Command::Keys { server, command } => admin::keys(&server.client()?, command).await,
+        Command::Rules { server, command } => admin::rules(&server.client()?, command).await,
+        Command::Certs { command } => admin::certs(command),
         Command::Bench(args) => bench::run(args).await,
     }
 }

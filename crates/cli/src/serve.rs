@@ -31,6 +31,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     for note in &report.notes {
         tracing::warn!(note = %note, "recovery repaired the store");
     }
+    let tls = match &config.tls {
+        Some(tls) => Some(
+            skald_security::TlsSource::new(tls.clone())
+                .map_err(|e| anyhow::anyhow!("config [tls]: {e}"))?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -41,15 +48,42 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
              crash of the machine loses them. Use it for tests and benchmarks only."
         );
     }
+    let store_arc = Arc::new(store.clone());
+    let security = skald_security::Security::start(
+        Arc::clone(&store_arc),
+        config.auth.clone(),
+        config.rate_limit.clone(),
+        tls.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start security: {e}"))?;
+    if let Some(path) = security
+        .ensure_initial_key(&data_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
+        tracing::warn!(
+            file = %path.display(),
+            "created the API key initial-admin (role admin) and wrote it to this file; revoke it \
+             once you have made your own admin keys"
+        );
+    }
+    if !security.enabled() {
+        tracing::info!("authentication is off: every caller is an admin (loopback or --insecure)");
+    }
+    if let Some(tls) = &tls {
+        tls.watch();
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to find the port when listening on port 0.
     println!(
-        "skald {} listening on http://{addr} (data: {}, durability: {durability}, events: {})",
+        "skald {} listening on {scheme}://{addr} (data: {}, durability: {durability}, events: {})",
         skald_server::VERSION,
         data_dir.display(),
         store.head()
     );
     std::io::stdout().flush()?;
-    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
+    let hub = skald_server::Hub::start(store_arc, Default::default());
     let groups = skald_server::Groups::start(hub.clone())
         .await
         .context("cannot start the persistent subscriptions")?;
@@ -60,8 +94,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     )
     .await
     .context("cannot start the saga engine")?;
-    let app = skald_server::router_with(groups.clone(), sagas.clone(), config.http);
-    skald_server::listener::serve(listener, app, async {
+    let options = config.http.listen_options(tls);
+    let app = skald_server::router_secured(groups.clone(), sagas.clone(), config.http, security);
+    skald_server::listener::serve_with(listener, app, options, async {
         shutdown_signal().await;
         // Subscriptions stream forever; they end now so that the connections can close.
         hub.shutdown();

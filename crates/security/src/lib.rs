@@ -101,12 +101,22 @@ pub struct CreatedKey {
     pub info: KeyInfo,
 }
 
+/// The rules in force and their revision in `$security-rules`, shared with every check.
+#[derive(Clone, Default)]
+pub struct LiveRules(Arc<RwLock<(Option<u64>, Arc<Rules>)>>);
+
+impl LiveRules {
+    pub fn current(&self) -> Arc<Rules> {
+        Arc::clone(&self.0.read().expect("rules lock").1)
+    }
+}
+
 /// The security of one server.
 pub struct Security<S> {
     store: Arc<S>,
     config: AuthConfig,
     keys: RwLock<keys::KeyRing>,
-    rules: RwLock<(Option<u64>, Arc<Rules>)>,
+    rules: LiveRules,
     jwt: Option<jwt::JwtVerifier>,
     by_principal: Option<ratelimit::Limiter<String>>,
     by_address: Option<ratelimit::Limiter<IpAddr>>,
@@ -179,7 +189,7 @@ impl<S: EventStore> Security<S> {
             by_address: rate_limit.per_address.map(ratelimit::Limiter::new),
             config,
             keys: RwLock::new(keys::KeyRing::default()),
-            rules: RwLock::new((None, Arc::new(Rules::default()))),
+            rules: LiveRules::default(),
             writes: tokio::sync::Mutex::new(()),
             audit,
             metrics: Metrics::default(),
@@ -192,6 +202,25 @@ impl<S: EventStore> Security<S> {
             Arc::clone(&security.metrics.audit_written),
         ));
         Ok(security)
+    }
+
+    /// Authentication off, nothing loaded: every caller is an anonymous admin.
+    pub fn disabled(store: Arc<S>) -> Arc<Self> {
+        let (audit, queue) = mpsc::channel(AUDIT_QUEUE);
+        drop(queue);
+        Arc::new(Self {
+            store,
+            jwt: None,
+            by_principal: None,
+            by_address: None,
+            config: AuthConfig::default(),
+            keys: RwLock::new(keys::KeyRing::default()),
+            rules: LiveRules::default(),
+            writes: tokio::sync::Mutex::new(()),
+            audit,
+            metrics: Metrics::default(),
+            tls: None,
+        })
     }
 
     async fn read_stream(
@@ -236,7 +265,7 @@ impl<S: EventStore> Security<S> {
             }
         })
         .await?;
-        *self.rules.write().expect("rules lock") = (rules.0, Arc::new(rules.1));
+        *self.rules.0.write().expect("rules lock") = (rules.0, Arc::new(rules.1));
         Ok(())
     }
 
@@ -255,7 +284,12 @@ impl<S: EventStore> Security<S> {
 
     /// The rules in force now.
     pub fn rules(&self) -> Arc<Rules> {
-        Arc::clone(&self.rules.read().expect("rules lock").1)
+        self.rules.current()
+    }
+
+    /// A handle that always sees the rules in force, for checks made later (subscriptions).
+    pub fn live_rules(&self) -> LiveRules {
+        self.rules.clone()
     }
 
     /// Takes a token from the client address's bucket.
@@ -520,7 +554,7 @@ impl<S: EventStore> Security<S> {
 
     /// The rules in force and their revision (`None` before any were set).
     pub fn rules_with_revision(&self) -> (Option<u64>, Arc<Rules>) {
-        let r = self.rules.read().expect("rules lock");
+        let r = self.rules.0.read().expect("rules lock");
         (r.0, Arc::clone(&r.1))
     }
 
@@ -544,7 +578,7 @@ impl<S: EventStore> Security<S> {
             })
             .await?;
         let revision = result.last_revision.0;
-        *self.rules.write().expect("rules lock") = (Some(revision), Arc::new(rules.clone()));
+        *self.rules.0.write().expect("rules lock") = (Some(revision), Arc::new(rules.clone()));
         self.audit_now(
             "AccessRulesChanged",
             json!({ "revision": revision, "rules": rules.rules, "by": by }),

@@ -15,6 +15,9 @@ use skald_core::{Error, EventStore};
 use skald_hub::SourceSpec;
 use skald_hub::groups::{GroupMessage, GroupSettings, NackAction, NewGroup, SettingsUpdate};
 
+use skald_security::Permission;
+
+use crate::access::{Caller, Scope};
 use crate::cloudevents::write_record;
 use crate::subscribe::start_from_json;
 use crate::{App, Problem, body_bytes, json_response, parse_json, query_pairs};
@@ -34,6 +37,23 @@ pub(crate) fn group_problem(e: Error) -> Problem {
     }
 }
 
+/// A group hands over every event of its source in order, so using it needs `subscribe` and
+/// `read` on every stream the source can hold.
+pub(crate) fn allow_group(caller: &Caller, source: &SourceSpec) -> Result<(), Problem> {
+    caller.require_all(Permission::Subscribe, Scope::from(source))?;
+    caller.require_all(Permission::Read, Scope::from(source))
+}
+
+/// Checks the caller against the source of the existing group `name`.
+async fn allow_existing<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    name: &str,
+) -> Result<(), Problem> {
+    let info = app.groups.info(name).await.map_err(group_problem)?;
+    allow_group(caller, &info.definition.source)
+}
+
 /// A JSON answer with `status`.
 pub(crate) fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Response {
     (
@@ -46,6 +66,7 @@ pub(crate) fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Resp
 /// `POST /v1/groups`: the body is `name`, `source`, optional `from`, and any settings.
 pub(crate) async fn create<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let body = body_bytes(body, app.config.max_body_bytes)?;
@@ -68,6 +89,7 @@ pub(crate) async fn create<S: EventStore>(
             ));
         }
     };
+    allow_group(&caller, &source)?;
     let start = start_from_json(
         fields.remove("from"),
         matches!(source, SourceSpec::Stream(_)),
@@ -87,24 +109,33 @@ pub(crate) async fn create<S: EventStore>(
     Ok(json_ok(StatusCode::CREATED, &info))
 }
 
-pub(crate) async fn list<S: EventStore>(State(app): State<App<S>>) -> Result<Response, Problem> {
-    let groups = app.groups.list().await.map_err(group_problem)?;
+pub(crate) async fn list<S: EventStore>(
+    State(app): State<App<S>>,
+    caller: Caller,
+) -> Result<Response, Problem> {
+    caller.require_held(Permission::Subscribe)?;
+    let mut groups = app.groups.list().await.map_err(group_problem)?;
+    groups.retain(|g| allow_group(&caller, &g.definition.source).is_ok());
     Ok(json_ok(StatusCode::OK, &json!({ "groups": groups })))
 }
 
 pub(crate) async fn info<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, Problem> {
+    allow_existing(&app, &caller, &name).await?;
     let info = app.groups.info(&name).await.map_err(group_problem)?;
     Ok(json_ok(StatusCode::OK, &info))
 }
 
 pub(crate) async fn update<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    allow_existing(&app, &caller, &name).await?;
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let fields: Map<String, Value> = parse_json(&body, "request body")?;
     for fixed in ["name", "source", "from"] {
@@ -126,16 +157,20 @@ pub(crate) async fn update<S: EventStore>(
 
 pub(crate) async fn delete<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, Problem> {
+    allow_existing(&app, &caller, &name).await?;
     app.groups.delete(&name).await.map_err(group_problem)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(crate) async fn replay_parked<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, Problem> {
+    allow_existing(&app, &caller, &name).await?;
     let replaying = app
         .groups
         .replay_parked(&name)
@@ -150,9 +185,11 @@ pub(crate) async fn replay_parked<S: EventStore>(
 /// `GET /v1/groups/{name}/messages?count=N&wait=MS&consumer=NAME`.
 pub(crate) async fn poll<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
+    allow_existing(&app, &caller, &name).await?;
     let mut count = DEFAULT_POLL;
     let mut wait = DEFAULT_POLL_WAIT;
     let mut consumer = "http".to_owned();
@@ -234,9 +271,11 @@ struct NackBody {
 
 pub(crate) async fn ack<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    allow_existing(&app, &caller, &name).await?;
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let b: AckBody = parse_json(&body, "request body")?;
     let outcome = app.groups.ack(&name, b.ids).await.map_err(group_problem)?;
@@ -245,9 +284,11 @@ pub(crate) async fn ack<S: EventStore>(
 
 pub(crate) async fn nack<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    allow_existing(&app, &caller, &name).await?;
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let b: NackBody = parse_json(&body, "request body")?;
     let outcome = app

@@ -1,6 +1,8 @@
 //! The HTTP API (axum). Only this crate knows HTTP. It is generic over
 //! [`skald_core::EventStore`], so every backend gets the same API. See `docs/http-api.md`.
 
+mod access;
+mod admin;
 mod cloudevents;
 mod groups;
 pub mod listener;
@@ -29,8 +31,11 @@ use skald_core::{
 pub use problem::Problem;
 pub use skald_hub::{Groups, Hub};
 pub use skald_saga::{SagaOptions, Sagas};
+pub use skald_security::Security;
 
+use crate::access::{Caller, Scope};
 use crate::cloudevents::{CloudEventIn, write_record};
+use skald_security::Permission;
 
 /// The OpenAPI document served at `GET /v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -53,6 +58,15 @@ pub struct HttpConfig {
     pub sse_retry_ms: u64,
     /// Most subscriptions open at once on one WebSocket.
     pub max_subscriptions_per_socket: usize,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_header_bytes: usize,
+    /// A client slower than this to finish its TLS handshake or send a request's headers is
+    /// dropped.
+    pub header_read_timeout_ms: u64,
+    /// Origins allowed by CORS (`"*"` for any); empty turns CORS off.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -63,6 +77,10 @@ impl Default for HttpConfig {
             stall_timeout_ms: 30_000,
             sse_retry_ms: 2_000,
             max_subscriptions_per_socket: 64,
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout_ms: 10_000,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -77,12 +95,38 @@ impl HttpConfig {
                 "max_subscriptions_per_socket",
                 self.max_subscriptions_per_socket as u64,
             ),
+            ("max_connections", self.max_connections as u64),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
         ] {
             if value == 0 {
                 return Err(format!("{key} must be at least 1"));
             }
         }
+        if !(1024..=1024 * 1024).contains(&self.max_header_bytes) {
+            return Err("max_header_bytes must be 1024 to 1048576".to_owned());
+        }
+        for origin in &self.cors_allowed_origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://"))
+            {
+                return Err(format!(
+                    "cors_allowed_origins: {origin:?} is not an origin such as                      https://app.example.com (or \"*\")"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The listener's settings, with TLS when given.
+    pub fn listen_options(
+        &self,
+        tls: Option<Arc<skald_security::TlsSource>>,
+    ) -> listener::ListenOptions {
+        listener::ListenOptions {
+            tls,
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes.max(8192),
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms.max(1)),
+        }
     }
 
     fn subscriptions(&self) -> subscribe::SubscriptionSettings {
@@ -107,6 +151,22 @@ struct AppState<S> {
     sagas: Sagas<S>,
     config: HttpConfig,
     metrics: Arc<observe::ApiMetrics>,
+    security: Arc<Security<S>>,
+}
+
+impl<S: EventStore> AppState<S> {
+    /// The `Access-Control-Allow-Origin` for `origin`, when CORS allows it.
+    fn allowed_origin(&self, origin: &HeaderValue) -> Option<HeaderValue> {
+        let text = origin.to_str().ok()?;
+        let origins = &self.config.cors_allowed_origins;
+        if origins.iter().any(|o| o == "*") {
+            Some(HeaderValue::from_static("*"))
+        } else if origins.iter().any(|o| o == text) {
+            Some(origin.clone())
+        } else {
+            None
+        }
+    }
 }
 
 /// Builds the API's router over `store`, starting a hub for its subscriptions, its
@@ -129,6 +189,17 @@ pub fn router_with<S: EventStore>(
     sagas: Sagas<S>,
     config: HttpConfig,
 ) -> Router {
+    let security = Security::disabled(Arc::clone(groups.hub().store()));
+    router_secured(groups, sagas, config, security)
+}
+
+/// [`router_with`] with authentication, authorization, rate limits and audit by `security`.
+pub fn router_secured<S: EventStore>(
+    groups: Groups<S>,
+    sagas: Sagas<S>,
+    config: HttpConfig,
+    security: Arc<Security<S>>,
+) -> Router {
     let limit = config.max_body_bytes;
     let hub = groups.hub().clone();
     let store = Arc::clone(hub.store());
@@ -139,6 +210,7 @@ pub fn router_with<S: EventStore>(
         sagas,
         config,
         metrics: Arc::new(observe::ApiMetrics::new()),
+        security,
     });
     Router::new()
         .route(
@@ -188,12 +260,28 @@ pub fn router_with<S: EventStore>(
         .route("/v1/saga-instances/{id}", get(sagas::history::<S>))
         .route("/v1/saga-instances/{id}/retry", post(sagas::retry::<S>))
         .route("/v1/saga-instances/{id}/cancel", post(sagas::cancel::<S>))
+        .route(
+            "/v1/admin/keys",
+            post(admin::create_key::<S>).get(admin::list_keys::<S>),
+        )
+        .route(
+            "/v1/admin/keys/{id}",
+            axum::routing::delete(admin::revoke_key::<S>),
+        )
+        .route(
+            "/v1/admin/rules",
+            get(admin::rules::<S>).put(admin::set_rules::<S>),
+        )
         .route("/metrics", get(observe::metrics::<S>))
         .route("/health/live", get(observe::live))
         .route("/health/ready", get(observe::ready::<S>))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app),
+            access::guard::<S>,
+        ))
         .layer(observe::ObserveLayer {
             metrics: Arc::clone(&app.metrics),
         })
@@ -294,11 +382,18 @@ fn expected_from_header(headers: &HeaderMap) -> Result<ExpectedRevision, Problem
 
 async fn append<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(stream): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let stream = stream_name(stream)?;
+    if skald_security::rules::RESERVED_STREAMS.contains(&stream.as_str()) {
+        return Err(Problem::forbidden(format!(
+            "{stream} is written only by the server; use the admin API"
+        )));
+    }
+    caller.require(Permission::Append, stream.as_str())?;
     let media = media_type(&headers);
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let (expected, condition, events) = match media.as_str() {
@@ -485,10 +580,14 @@ fn wants_ndjson(headers: &HeaderMap) -> bool {
 /// Answers a read: a JSON page, or an NDJSON stream of pages.
 async fn respond_read<S: EventStore>(
     app: App<S>,
+    caller: &Caller,
     headers: &HeaderMap,
     source: ReadSource,
     params: &ReadParams,
 ) -> Result<Response, Problem> {
+    caller.require_some(Permission::Read, Scope::from(&source))?;
+    // A single stream was checked whole; many streams are filtered event by event.
+    let reader = caller.reader();
     let request = ReadRequest {
         source,
         from: params.from,
@@ -496,7 +595,12 @@ async fn respond_read<S: EventStore>(
         limit: 0,
     };
     if wants_ndjson(headers) {
-        return Ok(ndjson_stream(Arc::clone(&app.store), request, params.limit));
+        return Ok(ndjson_stream(
+            Arc::clone(&app.store),
+            request,
+            params.limit,
+            reader,
+        ));
     }
     let limit = params.limit.unwrap_or(DEFAULT_JSON_LIMIT);
     if limit > MAX_READ_PAGE {
@@ -520,7 +624,8 @@ async fn respond_read<S: EventStore>(
         }
     }
     drop(span);
-    let page = read?;
+    let mut page = read?;
+    reader.retain(&mut page.events, |e| &e.stream);
     let mut out = Vec::with_capacity(page.events.len() * 512 + 32);
     out.extend_from_slice(b"{\"events\":[");
     for (i, e) in page.events.iter().enumerate() {
@@ -544,16 +649,19 @@ fn ndjson_stream<S: EventStore>(
     store: Arc<S>,
     request: ReadRequest,
     limit: Option<usize>,
+    reader: access::Reader,
 ) -> Response {
     struct State<S> {
         store: Arc<S>,
         request: ReadRequest,
         remaining: usize,
         done: bool,
+        reader: access::Reader,
     }
     let state = State {
         store,
         request,
+        reader,
         remaining: limit.unwrap_or(usize::MAX),
         done: false,
     };
@@ -567,14 +675,16 @@ fn ndjson_stream<S: EventStore>(
         };
         let mut out = Vec::new();
         match s.store.read(page_request).await {
-            Ok(page) => {
+            Ok(mut page) => {
+                let read = page.events.len();
+                s.reader.retain(&mut page.events, |e| &e.stream);
                 for e in &page.events {
                     write_record(&mut out, e);
                     out.push(b'\n');
                 }
                 s.remaining = s.remaining.saturating_sub(page.events.len());
                 match page.next {
-                    Some(next) if !page.events.is_empty() => s.request.from = Some(next),
+                    Some(next) if read > 0 => s.request.from = Some(next),
                     _ => s.done = true,
                 }
             }
@@ -598,20 +708,23 @@ fn ndjson_stream<S: EventStore>(
 
 async fn read_stream<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(stream): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let stream = stream_name(stream)?;
+    caller.require(Permission::Read, stream.as_str())?;
     let params = parse_params(query, &["from", "direction", "limit"])?;
     if app.store.stream_head(&stream).await?.is_none() {
         return Err(skald_core::Error::StreamNotFound(stream).into());
     }
-    respond_read(app, &headers, ReadSource::Stream(stream), &params).await
+    respond_read(app, &caller, &headers, ReadSource::Stream(stream), &params).await
 }
 
 async fn read_all<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
@@ -626,18 +739,26 @@ async fn read_all<S: EventStore>(
             }],
         })
     };
-    respond_read(app, &headers, ReadSource::All(filter), &params).await
+    respond_read(app, &caller, &headers, ReadSource::All(filter), &params).await
 }
 
 async fn read_category<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(category): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let category = Category::new(category).map_err(Problem::from)?;
     let params = parse_params(query, &["from", "limit"])?;
-    respond_read(app, &headers, ReadSource::Category(category), &params).await
+    respond_read(
+        app,
+        &caller,
+        &headers,
+        ReadSource::Category(category),
+        &params,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -650,6 +771,7 @@ struct QueryBody {
 
 async fn read_query<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
@@ -661,14 +783,16 @@ async fn read_query<S: EventStore>(
         limit: q.limit,
         ..ReadParams::default()
     };
-    respond_read(app, &headers, ReadSource::Query(q.query), &params).await
+    respond_read(app, &caller, &headers, ReadSource::Query(q.query), &params).await
 }
 
 async fn stream_head<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(stream): Path<String>,
 ) -> Result<Response, Problem> {
     let stream = stream_name(stream)?;
+    caller.require(Permission::Read, stream.as_str())?;
     match app.store.stream_head(&stream).await? {
         Some(head) => {
             Ok(json_response(serde_json::to_vec(&head).expect("serializable")).into_response())

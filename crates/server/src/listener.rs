@@ -1,6 +1,7 @@
-//! The accept loop: HTTP/1.1 connections (with upgrades, for WebSocket) served by the router,
-//! each able to be closed from inside a handler, and a graceful shutdown that lets requests in
-//! flight finish.
+//! The accept loop: HTTP/1.1 connections (with upgrades, for WebSocket), over TCP or TLS,
+//! served by the router, each able to be closed from inside a handler, and a graceful shutdown
+//! that lets requests in flight finish. It also enforces the connection limit, the header size
+//! and the header-read timeout, and tells handlers the peer's address and client certificate.
 //!
 //! `axum::serve` cannot close one connection on demand. A Server-Sent Events response to a
 //! client that stopped reading is stuck behind a full socket, where hyper never polls its body
@@ -9,15 +10,19 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use skald_security::TlsSource;
+use skald_security::x509::Subject;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tower::ServiceExt;
 
 /// How long a graceful shutdown waits for open connections before it drops them.
@@ -27,6 +32,37 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, Default)]
 pub struct Connection {
     close: Arc<Notify>,
+    /// The client's address.
+    pub peer: Option<SocketAddr>,
+    /// The subject of the client certificate rustls verified, on an mTLS connection.
+    pub certificate: Option<Arc<Subject>>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// How the listener treats connections.
+#[derive(Clone)]
+pub struct ListenOptions {
+    /// TLS material; plain TCP without it.
+    pub tls: Option<Arc<TlsSource>>,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_header_bytes: usize,
+    /// A client that takes longer than this for its TLS handshake or a request's headers is
+    /// dropped.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Connection {
@@ -44,12 +80,28 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_with(listener, app, ListenOptions::default(), shutdown).await
+}
+
+/// [`serve`] with TLS and limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    options: ListenOptions,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     // Every connection task holds a sender; once all are dropped, every connection is done.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     let stopping = watch::Sender::new(false);
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _peer) = tokio::select! {
+        // At the connection limit, stop accepting: new clients wait in the backlog.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("never closed"),
+            () = &mut shutdown => break,
+        };
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -62,12 +114,42 @@ pub async fn serve(
         };
         // Each response is written whole at once; Nagle's algorithm would only delay it.
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(serve_connection(
-            tcp,
-            app.clone(),
-            stopping.subscribe(),
-            open_tx.clone(),
-        ));
+        let app = app.clone();
+        let stopping = stopping.subscribe();
+        let open = open_tx.clone();
+        let options = options.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut connection = Connection {
+                peer: Some(peer),
+                ..Connection::default()
+            };
+            match &options.tls {
+                None => serve_connection(tcp, connection, app, &options, stopping, open).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                    let handshake =
+                        tokio::time::timeout(options.header_read_timeout, acceptor.accept(tcp));
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    connection.tls = true;
+                    connection.certificate = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| skald_security::x509::subject(leaf))
+                        .map(Arc::new);
+                    serve_connection(stream, connection, app, &options, stopping, open).await
+                }
+            }
+        });
     }
     drop(listener);
     stopping.send_replace(true);
@@ -76,13 +158,16 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_connection(
-    tcp: TcpStream,
+async fn serve_connection<T>(
+    io: T,
+    connection: Connection,
     app: Router,
+    options: &ListenOptions,
     mut stopping: watch::Receiver<bool>,
     _open: mpsc::Sender<()>,
-) {
-    let connection = Connection::default();
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let close = Arc::clone(&connection.close);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(connection.clone());
@@ -93,7 +178,10 @@ async fn serve_connection(
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tcp), service)
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192))
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {

@@ -413,7 +413,11 @@ fn process_metrics(out: &mut Exposition, started: SystemTime) {
 }
 
 /// `GET /metrics`.
-pub(crate) async fn metrics<S: EventStore>(State(app): State<App<S>>) -> Response {
+pub(crate) async fn metrics<S: EventStore>(
+    State(app): State<App<S>>,
+    caller: crate::access::Caller,
+) -> Result<Response, Problem> {
+    caller.require_held(skald_security::Permission::Admin)?;
     let mut out = Exposition::new();
     out.family(
         "skald_build_info",
@@ -431,6 +435,7 @@ pub(crate) async fn metrics<S: EventStore>(State(app): State<App<S>>) -> Respons
     app.metrics.write(&mut out);
     app.store.write_metrics(&mut out);
     app.sagas.write_metrics(&mut out);
+    app.security.write_metrics(&mut out);
     skald_telemetry::write_metrics(&mut out);
     out.single(
         "skald_live_subscribers",
@@ -493,14 +498,14 @@ pub(crate) async fn metrics<S: EventStore>(State(app): State<App<S>>) -> Respons
             );
         }
     }
-    (
+    Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
         out.finish(),
     )
-        .into_response()
+        .into_response())
 }
 
 /// `GET /health/live`: the process answers.

@@ -14,6 +14,7 @@ pub struct Problem {
     title: &'static str,
     detail: String,
     extensions: Map<String, Value>,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl Problem {
@@ -29,7 +30,57 @@ impl Problem {
             title,
             detail,
             extensions: Map::new(),
+            headers: Vec::new(),
         }
+    }
+
+    /// 401: no credentials, or ones that were refused; `detail` says which and why.
+    pub fn unauthenticated(reason: &str, detail: String) -> Self {
+        let mut p = Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "Unauthenticated",
+            detail,
+        )
+        .with("reason", json!(reason));
+        p.headers.push((
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"skald\""),
+        ));
+        p
+    }
+
+    /// 403: the caller is known but no rule lets it do this.
+    pub fn forbidden(detail: String) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+    }
+
+    /// 429 with `Retry-After` in whole seconds (at least 1).
+    pub fn rate_limited(scope: &str, wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let seconds = seconds.max(1);
+        let mut p = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("the rate limit per {scope} is exhausted; retry in {seconds} s"),
+        )
+        .with("retryAfter", json!(seconds));
+        p.headers.push((
+            header::RETRY_AFTER,
+            HeaderValue::from_str(&seconds.to_string()).expect("digits"),
+        ));
+        p
+    }
+
+    /// 404 for an API key id that does not exist.
+    pub fn key_not_found(detail: String) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "api-key-not-found",
+            "API key not found",
+            detail,
+        )
     }
 
     fn with(mut self, key: &str, value: Value) -> Self {
@@ -231,6 +282,9 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
         response
     }
 }

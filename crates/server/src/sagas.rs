@@ -11,6 +11,9 @@ use serde_json::{Value, json};
 use skald_core::EventStore;
 use skald_saga::{InstanceFilter, MAX_LISTED, SagaState};
 
+use skald_security::Permission;
+
+use crate::access::Caller;
 use crate::groups::json_ok;
 use crate::{App, Problem, body_bytes, parse_json, query_pairs};
 
@@ -18,6 +21,7 @@ use crate::{App, Problem, body_bytes, parse_json, query_pairs};
 /// definition already was.
 pub(crate) async fn register<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
@@ -43,6 +47,10 @@ pub(crate) async fn register<S: EventStore>(
     }
     let text = std::str::from_utf8(&body)
         .map_err(|e| Problem::malformed(format!("the definition is not UTF-8 text: {e}")))?;
+    caller.require_held(Permission::Saga)?;
+    if let Ok(definition) = skald_saga::parse(text) {
+        caller.require(Permission::Saga, &definition.name)?;
+    }
     let registration = app.sagas.register(text).await?;
     let status = if registration.replayed {
         StatusCode::OK
@@ -53,16 +61,24 @@ pub(crate) async fn register<S: EventStore>(
 }
 
 /// `GET /v1/sagas`: every definition with its versions and instance counts.
-pub(crate) async fn list<S: EventStore>(State(app): State<App<S>>) -> Response {
-    json_ok(StatusCode::OK, &json!({ "sagas": app.sagas.definitions() }))
+pub(crate) async fn list<S: EventStore>(
+    State(app): State<App<S>>,
+    caller: Caller,
+) -> Result<Response, Problem> {
+    caller.require_held(Permission::Saga)?;
+    let mut sagas = app.sagas.definitions();
+    sagas.retain(|d| caller.require(Permission::Saga, &d.name).is_ok());
+    Ok(json_ok(StatusCode::OK, &json!({ "sagas": sagas })))
 }
 
 /// `GET /v1/sagas/{name}?version=N`: one definition, the newest version by default.
 pub(crate) async fn show<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(name): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
+    caller.require(Permission::Saga, &name)?;
     let mut version = None;
     for (key, value) in query_pairs(query, &["version"])? {
         if key == "version" {
@@ -80,8 +96,10 @@ pub(crate) async fn show<S: EventStore>(
 /// `GET /v1/saga-instances?state=&definition=&limit=`: instances, newest first.
 pub(crate) async fn instances<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
+    caller.require_held(Permission::Saga)?;
     let mut filter = InstanceFilter::default();
     for (key, value) in query_pairs(query, &["state", "definition", "limit"])? {
         match key.as_str() {
@@ -105,34 +123,51 @@ pub(crate) async fn instances<S: EventStore>(
             }
         }
     }
-    Ok(json_ok(
-        StatusCode::OK,
-        &json!({ "instances": app.sagas.instances(&filter) }),
-    ))
+    let mut instances = app.sagas.instances(&filter);
+    instances.retain(|i| caller.require(Permission::Saga, &i.definition).is_ok());
+    Ok(json_ok(StatusCode::OK, &json!({ "instances": instances })))
 }
 
 /// `GET /v1/saga-instances/{id}`: the instance and its whole history.
 pub(crate) async fn history<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    Ok(json_ok(StatusCode::OK, &app.sagas.history(&id).await?))
+    let history = app.sagas.history(&id).await?;
+    caller.require(Permission::Saga, &history.summary.definition)?;
+    Ok(json_ok(StatusCode::OK, &history))
+}
+
+/// Checks `saga` on the definition of instance `id`.
+async fn allow_instance<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    id: &str,
+) -> Result<(), Problem> {
+    caller.require_held(Permission::Saga)?;
+    let history = app.sagas.history(id).await?;
+    caller.require(Permission::Saga, &history.summary.definition)
 }
 
 /// `POST /v1/saga-instances/{id}/retry`: resume a stuck instance.
 pub(crate) async fn retry<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    allow_instance(&app, &caller, &id).await?;
     Ok(json_ok(StatusCode::ACCEPTED, &app.sagas.retry(&id).await?))
 }
 
 /// `POST /v1/saga-instances/{id}/cancel` with an optional `{"reason": "..."}`.
 pub(crate) async fn cancel<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    allow_instance(&app, &caller, &id).await?;
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         "cancelled through the API".to_owned()
@@ -148,8 +183,12 @@ pub(crate) async fn cancel<S: EventStore>(
             }
         }
     };
-    Ok(json_ok(
-        StatusCode::ACCEPTED,
-        &app.sagas.cancel(&id, &reason).await?,
-    ))
+    let summary = app.sagas.cancel(&id, &reason).await?;
+    app.security
+        .audit_now(
+            "SagaCancelRequested",
+            json!({"instance": id, "definition": summary.definition, "reason": reason, "by": caller.name()}),
+        )
+        .await?;
+    Ok(json_ok(StatusCode::ACCEPTED, &summary))
 }

@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 use skald_core::{Category, EventStore, EventType, Query, ReadSource, Tag};
 use skald_hub::groups::{Consumer, ConsumerEvent, NackAction};
 use skald_hub::{Delivery, Hub, SourceSpec, Start, Subscription, filter_of};
+use skald_security::Permission;
+
+use crate::access::{Caller, Reader, Scope};
 use tokio::sync::mpsc;
 
 use crate::cloudevents::write_record;
@@ -132,17 +135,19 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<Start>, Problem> {
 
 pub(crate) async fn sse_all<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     connection: Option<axum::Extension<Connection>>,
 ) -> Result<Response, Problem> {
     let p = parse_sse_params(raw, &["from", "types", "tags"], false)?;
     let source = ReadSource::All(filter_of(p.types, p.tags));
-    sse(app, source, p.start, &headers, connection).await
+    sse(app, &caller, source, p.start, &headers, connection).await
 }
 
 pub(crate) async fn sse_stream<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(stream): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -152,6 +157,7 @@ pub(crate) async fn sse_stream<S: EventStore>(
     let p = parse_sse_params(raw, &["from"], true)?;
     sse(
         app,
+        &caller,
         ReadSource::Stream(stream),
         p.start,
         &headers,
@@ -162,6 +168,7 @@ pub(crate) async fn sse_stream<S: EventStore>(
 
 pub(crate) async fn sse_category<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     Path(category): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -171,6 +178,7 @@ pub(crate) async fn sse_category<S: EventStore>(
     let p = parse_sse_params(raw, &["from"], false)?;
     sse(
         app,
+        &caller,
         ReadSource::Category(category),
         p.start,
         &headers,
@@ -181,6 +189,7 @@ pub(crate) async fn sse_category<S: EventStore>(
 
 pub(crate) async fn sse_query<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     connection: Option<axum::Extension<Connection>>,
@@ -193,22 +202,33 @@ pub(crate) async fn sse_query<S: EventStore>(
         )
     })?;
     query.validate()?;
-    sse(app, ReadSource::Query(query), p.start, &headers, connection).await
+    sse(
+        app,
+        &caller,
+        ReadSource::Query(query),
+        p.start,
+        &headers,
+        connection,
+    )
+    .await
 }
 
 async fn sse<S: EventStore>(
     app: App<S>,
+    caller: &Caller,
     source: ReadSource,
     start: Start,
     headers: &HeaderMap,
     connection: Option<axum::Extension<Connection>>,
 ) -> Result<Response, Problem> {
+    allow_subscription(caller, &source)?;
     let start = last_event_id(headers)?.unwrap_or(start);
     let subscription = app.hub.subscribe(source, start).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(SSE_QUEUE);
     tokio::spawn(
         pump_sse(
             subscription,
+            caller.reader(),
             tx,
             app.hub.clone(),
             app.config.subscriptions(),
@@ -243,6 +263,7 @@ async fn sse<S: EventStore>(
 /// server stops, or the client stalls.
 async fn pump_sse<S: EventStore>(
     mut subscription: Subscription<S>,
+    reader: Reader,
     tx: mpsc::Sender<Bytes>,
     hub: Hub<S>,
     settings: SubscriptionSettings,
@@ -288,7 +309,11 @@ async fn pump_sse<S: EventStore>(
                 )
                 .await
             }
-            Ok(Ok(Delivery::Events(events))) => {
+            Ok(Ok(Delivery::Events(mut events))) => {
+                reader.retain(&mut events, |e| &e.stream);
+                if events.is_empty() {
+                    continue;
+                }
                 metrics.sse_events.add(events.len() as u64);
                 let _delivering = deliver_spans("sse", events.iter());
                 // Sized for the batch (most live batches are one small event), not the chunk.
@@ -446,6 +471,7 @@ struct Outgoing {
 
 pub(crate) async fn websocket<S: EventStore>(
     State(app): State<App<S>>,
+    caller: Caller,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     // Clients send small control messages. tungstenite zero-fills its whole read buffer on
@@ -457,7 +483,7 @@ pub(crate) async fn websocket<S: EventStore>(
         .max_frame_size(WS_MAX_MESSAGE)
         .on_upgrade(move |socket| {
             // The socket's log lines carry the id of the request that opened it.
-            ws_session(socket, app).instrument(tracing::Span::current())
+            ws_session(socket, app, caller).instrument(tracing::Span::current())
         })
 }
 
@@ -475,6 +501,7 @@ fn close_message(code: u16, reason: &str) -> Message {
 
 struct Session<S> {
     app: App<S>,
+    caller: Caller,
     settings: SubscriptionSettings,
     tx: mpsc::Sender<Outgoing>,
     active: HashMap<Arc<str>, (u64, tokio::task::JoinHandle<()>)>,
@@ -490,12 +517,13 @@ enum Next {
     Close(Value, String),
 }
 
-async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>) {
+async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>, caller: Caller) {
     let settings = app.config.subscriptions();
     let (tx, mut rx) = mpsc::channel::<Outgoing>(WS_QUEUE);
     let hub = app.hub.clone();
     let mut session = Session {
         app,
+        caller,
         settings: settings.clone(),
         tx,
         active: HashMap::new(),
@@ -697,6 +725,13 @@ impl<S: EventStore> Session<S> {
                 "prefetch must be 1 to {MAX_PREFETCH}, got {prefetch}"
             )));
         }
+        let info = self
+            .app
+            .groups
+            .info(&group)
+            .await
+            .map_err(crate::groups::group_problem)?;
+        crate::groups::allow_group(&self.caller, &info.definition.source)?;
         self.generation += 1;
         let name = consumer.unwrap_or_else(|| format!("websocket-{id}"));
         if name.is_empty() || name.len() > MAX_SUBSCRIPTION_ID {
@@ -735,12 +770,14 @@ impl<S: EventStore> Session<S> {
         self.check_id(id)?;
         let source = source.to_read_source().map_err(Problem::from)?;
         let start = start_from_json(from, matches!(source, ReadSource::Stream(_)))?;
+        allow_subscription(&self.caller, &source)?;
         let subscription = self.app.hub.subscribe(source, start).await?;
         self.generation += 1;
         let id: Arc<str> = Arc::from(id);
         let task = tokio::spawn(
             pump_ws(
                 subscription,
+                self.caller.reader(),
                 Arc::clone(&id),
                 self.generation,
                 self.tx.clone(),
@@ -751,6 +788,13 @@ impl<S: EventStore> Session<S> {
         self.active.insert(id, (self.generation, task));
         Ok(())
     }
+}
+
+/// A live subscription needs `subscribe` on the source (all of one stream, some stream of
+/// many) and `read` likewise; what it delivers is then filtered by `read`.
+fn allow_subscription(caller: &Caller, source: &ReadSource) -> Result<(), Problem> {
+    caller.require_some(Permission::Subscribe, Scope::from(source))?;
+    caller.require_some(Permission::Read, Scope::from(source))
 }
 
 /// Input that is not a message: an error with no id, then the socket closes with the detail.
@@ -813,6 +857,7 @@ async fn pump_group(
 
 async fn pump_ws<S: EventStore>(
     mut subscription: Subscription<S>,
+    reader: Reader,
     id: Arc<str>,
     generation: u64,
     tx: mpsc::Sender<Outgoing>,
@@ -829,7 +874,11 @@ async fn pump_ws<S: EventStore>(
     };
     loop {
         match subscription.next().await {
-            Ok(Delivery::Events(events)) => {
+            Ok(Delivery::Events(mut events)) => {
+                reader.retain(&mut events, |e| &e.stream);
+                if events.is_empty() {
+                    continue;
+                }
                 metrics.websocket_events.add(events.len() as u64);
                 let _delivering = deliver_spans("websocket", events.iter());
                 for batch in ws_batches(&quoted_id, &events) {

@@ -1,0 +1,328 @@
+//! Who is calling and what they may do: the middleware that authenticates every request,
+//! applies the rate limits and adds the security headers, and the checks each handler makes.
+//! The rules are in `docs/security.md`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use skald_core::{EventStore, ReadSource, StreamName};
+use skald_hub::SourceSpec;
+use skald_security::{Credentials, LiveRules, Permission, Principal};
+
+use crate::listener::Connection;
+use crate::{App, Problem};
+
+/// The caller of a request: `None` when authentication is off (everything is allowed).
+#[derive(Clone)]
+pub(crate) struct Caller {
+    principal: Option<Arc<Principal>>,
+    rules: LiveRules,
+}
+
+impl<T: Send + Sync> FromRequestParts<T> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &T) -> Result<Self, Problem> {
+        // The guard puts it there for every route; its absence is a bug, and fails closed.
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "the request was not authenticated".to_owned(),
+            )
+        })
+    }
+}
+
+fn denied(principal: &Principal, permission: Permission, what: &str) -> Problem {
+    Problem::forbidden(format!(
+        "{} (roles: {}) may not {permission} {what}; an admin can grant it with a rule",
+        principal.name,
+        if principal.roles.is_empty() {
+            "none".to_owned()
+        } else {
+            principal.roles.iter().cloned().collect::<Vec<_>>().join(", ")
+        }
+    ))
+}
+
+impl Caller {
+    /// The name audit events record.
+    pub fn name(&self) -> &str {
+        self.principal.as_ref().map_or("anonymous", |p| &p.name)
+    }
+
+    /// `permission` on one stream or saga definition.
+    pub fn require(&self, permission: Permission, name: &str) -> Result<(), Problem> {
+        match &self.principal {
+            None => Ok(()),
+            Some(p) if p.may(&self.rules.current(), permission, name) => Ok(()),
+            Some(p) => Err(denied(p, permission, &format!("{name:?}"))),
+        }
+    }
+
+    /// `permission` anywhere (the admin API, listing).
+    pub fn require_held(&self, permission: Permission) -> Result<(), Problem> {
+        match &self.principal {
+            None => Ok(()),
+            Some(p) if p.holds(&self.rules.current(), permission) => Ok(()),
+            Some(p) => Err(denied(p, permission, "anything here")),
+        }
+    }
+
+    /// `permission` on at least one stream the source can hold (reads and subscriptions over
+    /// many streams, which then deliver only what [`Caller::may_read`] allows).
+    pub fn require_some(&self, permission: Permission, scope: Scope<'_>) -> Result<(), Problem> {
+        let Some(p) = &self.principal else {
+            return Ok(());
+        };
+        let rules = self.rules.current();
+        let ok = match scope {
+            Scope::Stream(s) => p.may(&rules, permission, s),
+            Scope::Category(c) => {
+                p.may(&rules, permission, c) || p.may_some(&rules, permission, &format!("{c}-"))
+            }
+            Scope::All => p.may_some(&rules, permission, ""),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(denied(p, permission, &scope.describe()))
+        }
+    }
+
+    /// `permission` on every stream the source can hold (persistent subscriptions, which
+    /// cannot skip events).
+    pub fn require_all(&self, permission: Permission, scope: Scope<'_>) -> Result<(), Problem> {
+        let Some(p) = &self.principal else {
+            return Ok(());
+        };
+        let rules = self.rules.current();
+        let ok = match scope {
+            Scope::Stream(s) => p.may(&rules, permission, s),
+            Scope::Category(c) => p.may_all(&rules, permission, &format!("{c}-"), Some(c)),
+            // The global log and queries reach system streams too.
+            Scope::All => p.is_admin(),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(denied(
+                p,
+                permission,
+                &format!("every stream of {}", scope.describe()),
+            ))
+        }
+    }
+
+    /// What a multi-stream read or subscription may hand this caller.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            principal: self.principal.clone(),
+            rules: self.rules.clone(),
+        }
+    }
+}
+
+/// The streams a read, a subscription or a group reaches.
+#[derive(Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    Stream(&'a str),
+    Category(&'a str),
+    /// The global log, filtered or not, and queries.
+    All,
+}
+
+impl Scope<'_> {
+    fn describe(self) -> String {
+        match self {
+            Scope::Stream(s) => format!("stream {s:?}"),
+            Scope::Category(c) => format!("category {c:?}"),
+            Scope::All => "the global log".to_owned(),
+        }
+    }
+}
+
+impl<'a> From<&'a ReadSource> for Scope<'a> {
+    fn from(source: &'a ReadSource) -> Self {
+        match source {
+            ReadSource::Stream(s) => Scope::Stream(s.as_str()),
+            ReadSource::Category(c) => Scope::Category(c.as_str()),
+            ReadSource::All(_) | ReadSource::Query(_) => Scope::All,
+        }
+    }
+}
+
+impl<'a> From<&'a SourceSpec> for Scope<'a> {
+    fn from(source: &'a SourceSpec) -> Self {
+        match source {
+            SourceSpec::Stream(s) => Scope::Stream(s),
+            SourceSpec::Category(c) => Scope::Category(c),
+            SourceSpec::All(_) | SourceSpec::Query(_) => Scope::All,
+        }
+    }
+}
+
+/// Filters delivered events down to the streams the caller may read, against the rules in
+/// force at each delivery.
+#[derive(Clone)]
+pub(crate) struct Reader {
+    principal: Option<Arc<Principal>>,
+    rules: LiveRules,
+}
+
+impl Reader {
+    /// Keeps only the events (of any shape) the caller may read.
+    pub fn retain<T>(&self, events: &mut Vec<T>, stream: impl Fn(&T) -> &StreamName) {
+        if let Some(p) = &self.principal {
+            let rules = self.rules.current();
+            events.retain(|e| p.may(&rules, Permission::Read, stream(e).as_str()));
+        }
+    }
+}
+
+fn is_public(path: &str, method: &Method, public_metrics: bool) -> bool {
+    method == Method::GET
+        && (matches!(path, "/health/live" | "/health/ready" | "/v1/openapi.json")
+            || (path == "/metrics" && public_metrics))
+}
+
+/// Authenticates, rate-limits, answers CORS preflights, and adds the security headers.
+pub(crate) async fn guard<S: EventStore>(
+    State(app): State<App<S>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let allowed_origin = origin.as_ref().and_then(|o| app.allowed_origin(o));
+    if request.method() == Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        if let Some(allowed) = allowed_origin.clone() {
+            let h = response.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static(
+                    "authorization, content-type, accept, last-event-id, x-request-id, \
+                     skald-expected-revision, traceparent, tracestate",
+                ),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+        }
+        return finish(response, &app, allowed_origin);
+    }
+    let connection = request.extensions().get::<Connection>().cloned();
+    let address = connection
+        .as_ref()
+        .and_then(|c| c.peer)
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+    let security = &app.security;
+    let path = request.uri().path();
+    let public = is_public(path, request.method(), security.public_metrics());
+    if !path.starts_with("/health/") {
+        if let Err(wait) = security.limit_address(address) {
+            return finish(
+                Problem::rate_limited("client address", wait).into_response(),
+                &app,
+                allowed_origin,
+            );
+        }
+    }
+    let caller = if !security.enabled() || public {
+        Caller {
+            principal: None,
+            rules: security.live_rules(),
+        }
+    } else {
+        let authorization = header_text(request.headers(), header::AUTHORIZATION);
+        let credentials = Credentials {
+            authorization: authorization.as_deref(),
+            certificate: connection.as_ref().and_then(|c| c.certificate.as_deref()),
+            address,
+        };
+        match security.authenticate(credentials).await {
+            Ok(principal) => {
+                if let Err(wait) = security.limit_principal(&principal) {
+                    return finish(
+                        Problem::rate_limited("principal", wait).into_response(),
+                        &app,
+                        allowed_origin,
+                    );
+                }
+                Caller {
+                    principal: Some(Arc::new(principal)),
+                    rules: security.live_rules(),
+                }
+            }
+            Err(refusal) => {
+                return finish(
+                    Problem::unauthenticated(refusal.reason, refusal.detail).into_response(),
+                    &app,
+                    allowed_origin,
+                );
+            }
+        }
+    };
+    request.extensions_mut().insert(caller);
+    let response = next.run(request).await;
+    finish(response, &app, allowed_origin)
+}
+
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn finish<S: EventStore>(
+    mut response: Response,
+    app: &App<S>,
+    allowed_origin: Option<HeaderValue>,
+) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    if app.security.tls().is_some() {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    if let Some(origin) = allowed_origin {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    response
+}
