@@ -171,8 +171,8 @@ pub async fn rules(client: &HttpClient, command: RulesCommand) -> anyhow::Result
 pub fn certs(command: CertsCommand) -> anyhow::Result<()> {
     match command {
         CertsCommand::Dev { out } => {
-            let files =
-                skald_security::tls::write_dev_certificates(&out).map_err(|e| anyhow::anyhow!(e))?;
+            let files = skald_security::tls::write_dev_certificates(&out)
+                .map_err(|e| anyhow::anyhow!(e))?;
             for f in files {
                 println!("{}", f.display());
             }

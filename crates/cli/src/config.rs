@@ -196,7 +196,10 @@ mod tests {
             .to_string();
         assert!(err.contains("not a duration"), "{err}");
         let zero: FileConfig = toml::from_str("[sagas]\nmax_running = 0\n").unwrap();
-        let err = merge(zero, None, None, None, false).err().unwrap().to_string();
+        let err = merge(zero, None, None, None, false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("[sagas]"), "{err}");
     }
 
@@ -210,29 +213,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("durability"), "{err}");
-        let err = merge(FileConfig::default(), None, Some("localhost".into()), None, false)
-            .err()
-            .unwrap()
-            .to_string();
+        let err = merge(
+            FileConfig::default(),
+            None,
+            Some("localhost".into()),
+            None,
+            false,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(err.contains("IP:PORT"), "{err}");
         let file: FileConfig = toml::from_str("[limits]\nmax_stream_name_bytes = 0\n").unwrap();
         assert!(merge(file, None, None, None, false).is_err());
         // Beyond loopback, no authentication is refused unless insecure is asked for.
-        let open = || merge(FileConfig::default(), None, Some("0.0.0.0:7340".into()), None, false);
+        let open = || {
+            merge(
+                FileConfig::default(),
+                None,
+                Some("0.0.0.0:7340".into()),
+                None,
+                false,
+            )
+        };
         let err = open().err().unwrap().to_string();
-        assert!(err.contains("without authentication") && err.contains("--insecure"), "{err}");
-        assert!(merge(FileConfig::default(), None, Some("0.0.0.0:7340".into()), None, true).is_ok());
+        assert!(
+            err.contains("without authentication") && err.contains("--insecure"),
+            "{err}"
+        );
+        assert!(
+            merge(
+                FileConfig::default(),
+                None,
+                Some("0.0.0.0:7340".into()),
+                None,
+                true
+            )
+            .is_ok()
+        );
         let keys: FileConfig = toml::from_str("[auth]\napi_keys = true\n").unwrap();
         assert!(merge(keys, None, Some("0.0.0.0:7340".into()), None, false).is_ok());
-        let err = toml::from_str::<FileConfig>("[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\nalgorithms = [\"HS256\"]\n")
-            .map_err(|e| e.to_string())
-            .and_then(|f| merge(f, None, None, None, false).map(|_| ()).map_err(|e| e.to_string()))
-            .unwrap_err();
-        assert!(err.contains("HS256") && err.contains("never accepted"), "{err}");
-        let err = toml::from_str::<FileConfig>("[rate_limit]\nper_address = { rate = 0, burst = 1 }\n")
-            .map_err(|e| e.to_string())
-            .and_then(|f| merge(f, None, None, None, false).map(|_| ()).map_err(|e| e.to_string()))
-            .unwrap_err();
+        let err = toml::from_str::<FileConfig>(
+            "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\nalgorithms = [\"HS256\"]\n",
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            merge(f, None, None, None, false)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("HS256") && err.contains("never accepted"),
+            "{err}"
+        );
+        let err =
+            toml::from_str::<FileConfig>("[rate_limit]\nper_address = { rate = 0, burst = 1 }\n")
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    merge(f, None, None, None, false)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+                .unwrap_err();
         assert!(err.contains("per_address"), "{err}");
     }
 }

@@ -218,21 +218,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             logging::init()?;
             serve::run(merged).await
         }
-        Command::Append { server, args } => {
-            commands::append(&server.client()?, args).await
-        }
-        Command::Read { server, args } => {
-            commands::read(&server.client()?, args).await
-        }
-        Command::Tail { server, args } => {
-            tail::run(&server.client()?, args).await
-        }
+        Command::Append { server, args } => commands::append(&server.client()?, args).await,
+        Command::Read { server, args } => commands::read(&server.client()?, args).await,
+        Command::Tail { server, args } => tail::run(&server.client()?, args).await,
         Command::Subscription { server, command } => {
             subscription::run(&server.client()?, command).await
         }
-        Command::Saga { server, command } => {
-            saga::run(&server.client()?, command).await
-        }
+        Command::Saga { server, command } => saga::run(&server.client()?, command).await,
         Command::Info { server } => commands::info(&server.client()?).await,
         Command::Keys { server, command } => admin::keys(&server.client()?, command).await,
         Command::Rules { server, command } => admin::rules(&server.client()?, command).await,

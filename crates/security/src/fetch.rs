@@ -19,7 +19,9 @@ pub struct Fetcher {
 impl Fetcher {
     /// Trusts the PEM roots in `ca_file`, or the system's.
     pub fn new(ca_file: Option<&Path>) -> Result<Self, String> {
-        let config = crate::tls::client_config(ca_file, None)?;
+        let mut config = crate::tls::client_config(ca_file, None)?;
+        // hyper-rustls sets ALPN itself.
+        config.alpn_protocols.clear();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http()
@@ -31,7 +33,9 @@ impl Fetcher {
     }
 
     pub async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("{url} is not a URL: {e}"))?;
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("{url} is not a URL: {e}"))?;
         let request = hyper::Request::get(uri)
             .header("accept", "application/json")
             .body(Empty::new())

@@ -76,7 +76,8 @@ impl JwtConfig {
                         ACCEPTABLE.join(", ")
                     ));
                 }
-                a.parse::<Algorithm>().map_err(|_| format!("unknown algorithm {a}"))
+                a.parse::<Algorithm>()
+                    .map_err(|_| format!("unknown algorithm {a}"))
             })
             .collect()
     }
@@ -255,7 +256,9 @@ impl JwtVerifier {
         let (key, key_alg) = found.ok_or_else(|| match kid {
             Some(kid) => refuse(
                 "unknown-key",
-                format!("the token is signed by key {kid:?}, which the issuer's JWKS does not have"),
+                format!(
+                    "the token is signed by key {kid:?}, which the issuer's JWKS does not have"
+                ),
             ),
             None => refuse(
                 "unknown-key",
@@ -275,32 +278,32 @@ impl JwtVerifier {
         validation.set_issuer(&[&self.config.issuer]);
         validation.set_audience(&[&self.config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::ExpiredSignature => refuse("expired", "the token has expired"),
-                ErrorKind::ImmatureSignature => {
-                    refuse("not-yet-valid", "the token is not valid yet (nbf)")
-                }
-                ErrorKind::InvalidAudience => refuse(
-                    "audience",
-                    format!("the token is not for audience {:?}", self.config.audience),
-                ),
-                ErrorKind::InvalidIssuer => refuse(
-                    "issuer",
-                    format!("the token is not from issuer {:?}", self.config.issuer),
-                ),
-                ErrorKind::InvalidSignature => {
-                    refuse("signature", "the token's signature does not verify")
-                }
-                ErrorKind::MissingRequiredClaim(claim) => {
-                    refuse("claims", format!("the token has no {claim} claim"))
-                }
-                ErrorKind::InvalidAlgorithm => refuse(
-                    "algorithm",
-                    "the token's algorithm does not fit its key".to_owned(),
-                ),
-                other => refuse("malformed", format!("the token is malformed: {other:?}")),
+        let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::ExpiredSignature => refuse("expired", "the token has expired"),
+            ErrorKind::ImmatureSignature => {
+                refuse("not-yet-valid", "the token is not valid yet (nbf)")
             }
+            ErrorKind::InvalidAudience => refuse(
+                "audience",
+                format!("the token is not for audience {:?}", self.config.audience),
+            ),
+            ErrorKind::InvalidIssuer => refuse(
+                "issuer",
+                format!("the token is not from issuer {:?}", self.config.issuer),
+            ),
+            ErrorKind::InvalidSignature => {
+                refuse("signature", "the token's signature does not verify")
+            }
+            ErrorKind::MissingRequiredClaim(claim) => {
+                refuse("claims", format!("the token has no {claim} claim"))
+            }
+            ErrorKind::InvalidAlgorithm => refuse(
+                "algorithm",
+                "the token's algorithm does not fit its key".to_owned(),
+            ),
+            other => refuse("malformed", format!("the token is malformed: {other:?}")),
         })?;
         let claims = data.claims;
         let subject = claims["sub"]

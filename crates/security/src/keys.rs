@@ -243,16 +243,27 @@ mod tests {
         // Again, from the cache.
         assert_eq!(ring.verify(&new.token, 21).unwrap().name, "ci");
         let wrong = format!("{}x", new.token);
-        assert_eq!(ring.verify(&wrong, 22).unwrap_err().reason(), "wrong-secret");
-        assert_eq!(ring.verify(&new.token, 1000).unwrap_err().reason(), "expired");
+        assert_eq!(
+            ring.verify(&wrong, 22).unwrap_err().reason(),
+            "wrong-secret"
+        );
+        assert_eq!(
+            ring.verify(&new.token, 1000).unwrap_err().reason(),
+            "expired"
+        );
         ring.revoke(&new.stored.id);
         let refusal = ring.verify(&new.token, 30).unwrap_err();
         assert_eq!(refusal.reason(), "revoked");
         assert!(!refusal.detail().contains(split(&new.token).unwrap().1));
         assert_eq!(
-            ring.verify("skald_0123456789abcdef_x", 1).unwrap_err().reason(),
+            ring.verify("skald_0123456789abcdef_x", 1)
+                .unwrap_err()
+                .reason(),
             "unknown-key"
         );
-        assert_eq!(ring.verify("skald_nope", 1).unwrap_err(), KeyRefusal::Malformed);
+        assert_eq!(
+            ring.verify("skald_nope", 1).unwrap_err(),
+            KeyRefusal::Malformed
+        );
     }
 }

@@ -143,7 +143,7 @@ fn now_s() -> i64 {
 }
 
 fn system_stream(name: &str) -> StreamName {
-    StreamName::new(name).expect("system stream names are valid")
+    StreamName::system(name).expect("system stream names are valid")
 }
 
 fn event(kind: &str, data: &Value) -> ProposedEvent {
@@ -170,7 +170,11 @@ impl<S: EventStore> Security<S> {
                 b.validate(key)?;
             }
         }
-        if config.mtls && !tls.as_ref().is_some_and(|t| t.requires_client_certificate()) {
+        if config.mtls
+            && !tls
+                .as_ref()
+                .is_some_and(|t| t.requires_client_certificate())
+        {
             return Err(
                 "[auth] mtls = true needs [tls] with client_ca_file, so that clients present \
                  a certificate"
@@ -411,7 +415,10 @@ impl<S: EventStore> Security<S> {
         Err(Refusal {
             method: Method::None,
             reason: "missing",
-            detail: format!("no credentials; this server accepts {}", accepted.join(" or ")),
+            detail: format!(
+                "no credentials; this server accepts {}",
+                accepted.join(" or ")
+            ),
             key_id: None,
         })
     }
@@ -483,7 +490,10 @@ impl<S: EventStore> Security<S> {
             ));
         }
         for role in &roles {
-            if role.is_empty() || role.len() > 256 || role.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if role.is_empty()
+                || role.len() > 256
+                || role.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(AdminError::Invalid(format!(
                     "role {role:?} must be 1 to 256 characters without spaces"
                 )));
@@ -547,8 +557,11 @@ impl<S: EventStore> Security<S> {
                 .revoke(id)
                 .expect("the key exists"),
         );
-        self.audit_now("ApiKeyRevoked", json!({"id": id, "name": info.name, "by": by}))
-            .await?;
+        self.audit_now(
+            "ApiKeyRevoked",
+            json!({"id": id, "name": info.name, "by": by}),
+        )
+        .await?;
         Ok(info)
     }
 
@@ -676,7 +689,9 @@ fn apply_key_event(ring: &mut keys::KeyRing, e: &skald_core::RecordedEvent) {
     match e.event_type.as_str() {
         "ApiKeyCreated" => match serde_json::from_value::<keys::StoredKey>(data) {
             Ok(key) => ring.insert(key),
-            Err(err) => tracing::error!(position = e.position.0, error = %err, "an ApiKeyCreated event cannot be read; that key is not accepted"),
+            Err(err) => {
+                tracing::error!(position = e.position.0, error = %err, "an ApiKeyCreated event cannot be read; that key is not accepted")
+            }
         },
         "ApiKeyRevoked" => {
             if let Some(id) = data["id"].as_str() {

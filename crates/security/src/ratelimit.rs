@@ -17,7 +17,8 @@ pub struct Bucket {
 
 impl Bucket {
     pub fn validate(&self, key: &str) -> Result<(), String> {
-        if !(self.rate > 0.0 && self.rate.is_finite()) || !(self.burst >= 1.0 && self.burst.is_finite())
+        if !(self.rate > 0.0 && self.rate.is_finite())
+            || !(self.burst >= 1.0 && self.burst.is_finite())
         {
             return Err(format!(
                 "[rate_limit] {key}: rate must be above 0 and burst at least 1"
@@ -115,7 +116,10 @@ mod tests {
             limiter.take(&"a", t0).unwrap();
         }
         let wait = limiter.take(&"a", t0).unwrap_err();
-        assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO, "{wait:?}");
+        assert!(
+            wait <= Duration::from_millis(100) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
         // Another key has its own bucket.
         limiter.take(&"b", t0).unwrap();
         // A tenth of a second later there is one token again.

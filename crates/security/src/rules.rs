@@ -168,7 +168,11 @@ impl Rules {
             if rule.role.is_empty() || rule.role.len() > MAX_NAME {
                 return Err(format!("{at}.role must be 1 to {MAX_NAME} bytes long"));
             }
-            if rule.role.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            if rule
+                .role
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+            {
                 return Err(format!(
                     "{at}.role {:?} contains whitespace or a control character",
                     rule.role
@@ -335,7 +339,10 @@ mod tests {
         assert!(!matches("$*", "order-1"));
         // Pathological patterns stay fast.
         let long = "a".repeat(200);
-        assert!(!matches(&"*a".repeat(50).replace("**", "*"), &(long.clone() + "b")));
+        assert!(!matches(
+            &"*a".repeat(50).replace("**", "*"),
+            &(long.clone() + "b")
+        ));
     }
 
     #[test]
@@ -404,8 +411,7 @@ mod tests {
             serde_json::from_str(r#"{"rules":[{"role":"r","allow":[],"on":["*"]}]}"#).unwrap();
         assert!(bad.validate().unwrap_err().contains("rules[0].allow"));
         let bad: Rules =
-            serde_json::from_str(r#"{"rules":[{"role":"r","allow":["read"],"on":[""]}]}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"rules":[{"role":"r","allow":["read"],"on":[""]}]}"#).unwrap();
         assert!(bad.validate().unwrap_err().contains("rules[0].on[0]"));
         let err = serde_json::from_str::<Rules>(r#"{"rules":[{"role":"r","allow":["write"]}]}"#)
             .unwrap_err()

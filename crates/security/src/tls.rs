@@ -222,7 +222,8 @@ pub fn write_dev_certificates(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let err = |e: rcgen::Error| e.to_string();
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca.distinguished_name.push(DnType::CommonName, "Skald development CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "Skald development CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
@@ -234,11 +235,15 @@ pub fn write_dev_certificates(dir: &Path) -> Result<Vec<PathBuf>, String> {
         "::1".to_owned(),
     ])
     .map_err(err)?;
-    server.distinguished_name.push(DnType::CommonName, "localhost");
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
     let server_cert = server.signed_by(&server_key, &issuer).map_err(err)?;
     let client_key = KeyPair::generate().map_err(err)?;
     let mut client = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    client.distinguished_name.push(DnType::CommonName, "dev-client");
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "dev-client");
     client
         .distinguished_name
         .push(DnType::OrganizationName, "admin");

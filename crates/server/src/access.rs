@@ -47,7 +47,12 @@ fn denied(principal: &Principal, permission: Permission, what: &str) -> Problem 
         if principal.roles.is_empty() {
             "none".to_owned()
         } else {
-            principal.roles.iter().cloned().collect::<Vec<_>>().join(", ")
+            principal
+                .roles
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     ))
 }

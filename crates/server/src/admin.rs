@@ -47,9 +47,7 @@ pub(crate) async fn create_key<S: EventStore>(
     let b: NewKeyBody = parse_json(&body, "request body")?;
     let expires_at = match (b.expires_at, b.expires_in) {
         (Some(_), Some(_)) => {
-            return Err(Problem::malformed(
-                "give expiresAt or expiresIn, not both",
-            ));
+            return Err(Problem::malformed("give expiresAt or expiresIn, not both"));
         }
         (Some(at), None) => Some(at),
         (None, Some(text)) => {

@@ -106,8 +106,7 @@ impl HttpConfig {
             return Err("max_header_bytes must be 1024 to 1048576".to_owned());
         }
         for origin in &self.cors_allowed_origins {
-            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://"))
-            {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 return Err(format!(
                     "cors_allowed_origins: {origin:?} is not an origin such as                      https://app.example.com (or \"*\")"
                 ));
@@ -304,6 +303,16 @@ fn stream_name(raw: String) -> Result<StreamName, Problem> {
     StreamName::new(raw).map_err(Problem::from)
 }
 
+/// A stream to read: a user stream, or a system stream (`$...`, such as `$audit`), which the
+/// rules keep to admins unless a `$` pattern grants it.
+pub(crate) fn readable_stream_name(raw: String) -> Result<StreamName, Problem> {
+    if raw.starts_with('$') {
+        StreamName::system(raw).map_err(Problem::from)
+    } else {
+        stream_name(raw)
+    }
+}
+
 fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, Problem> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -387,12 +396,8 @@ async fn append<S: EventStore>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    // System streams (`$...`) are refused here: only the server writes them.
     let stream = stream_name(stream)?;
-    if skald_security::rules::RESERVED_STREAMS.contains(&stream.as_str()) {
-        return Err(Problem::forbidden(format!(
-            "{stream} is written only by the server; use the admin API"
-        )));
-    }
     caller.require(Permission::Append, stream.as_str())?;
     let media = media_type(&headers);
     let body = body_bytes(body, app.config.max_body_bytes)?;
@@ -713,7 +718,7 @@ async fn read_stream<S: EventStore>(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let stream = stream_name(stream)?;
+    let stream = readable_stream_name(stream)?;
     caller.require(Permission::Read, stream.as_str())?;
     let params = parse_params(query, &["from", "direction", "limit"])?;
     if app.store.stream_head(&stream).await?.is_none() {
@@ -791,7 +796,7 @@ async fn stream_head<S: EventStore>(
     caller: Caller,
     Path(stream): Path<String>,
 ) -> Result<Response, Problem> {
-    let stream = stream_name(stream)?;
+    let stream = readable_stream_name(stream)?;
     caller.require(Permission::Read, stream.as_str())?;
     match app.store.stream_head(&stream).await? {
         Some(head) => {

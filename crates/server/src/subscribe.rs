@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::cloudevents::write_record;
 use crate::listener::Connection;
 use crate::observe::{ApiMetrics, Open};
-use crate::{App, Problem, parse_json, parse_names, query_pairs, stream_name};
+use crate::{App, Problem, parse_json, parse_names, query_pairs};
 use tracing::Instrument;
 
 /// Chunks waiting between a subscription and its HTTP response. Kept tiny: a slow client
@@ -153,7 +153,7 @@ pub(crate) async fn sse_stream<S: EventStore>(
     headers: HeaderMap,
     connection: Option<axum::Extension<Connection>>,
 ) -> Result<Response, Problem> {
-    let stream = stream_name(stream)?;
+    let stream = crate::readable_stream_name(stream)?;
     let p = parse_sse_params(raw, &["from"], true)?;
     sse(
         app,

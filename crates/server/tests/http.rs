@@ -635,6 +635,11 @@ async fn the_openapi_document_lists_every_route() {
         ("/v1/saga-instances/{id}", "get"),
         ("/v1/saga-instances/{id}/retry", "post"),
         ("/v1/saga-instances/{id}/cancel", "post"),
+        ("/v1/admin/keys", "post"),
+        ("/v1/admin/keys", "get"),
+        ("/v1/admin/keys/{id}", "delete"),
+        ("/v1/admin/rules", "get"),
+        ("/v1/admin/rules", "put"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

@@ -75,7 +75,7 @@ impl Server {
             .expect("skald prints its address within 30 s");
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_owned();
         Server { child, url, stderr }

@@ -1,0 +1,11 @@
+//! The security suite: the authorization matrix, tokens of every kind of wrong, revoked and
+//! expired keys, rate limits, TLS and mTLS with certificate rotation, the audit trail, and a
+//! scan of the server's logs for secrets. It runs the real `skald` binary (`docs/security.md`).
+
+#[path = "../../crates/cli/tests/support/mod.rs"]
+mod support;
+
+mod common;
+mod matrix;
+mod tokens;
+mod transport;

@@ -1,0 +1,182 @@
+//! JWTs: a valid token and every way a token can be wrong, with keys from an issuer's
+//! discovery document and JWKS served by the test (rotated mid-test).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hyper::{Method, StatusCode};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{Api, assert_refused, serve_with_config};
+
+struct SigningKey {
+    pkcs8: Vec<u8>,
+    jwk: Value,
+}
+
+fn key(kid: &str) -> SigningKey {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref();
+    SigningKey {
+        pkcs8: pkcs8.as_ref().to_vec(),
+        jwk: json!({
+            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+        }),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn sign(key: &SigningKey, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_ec_der(&key.pkcs8)).unwrap()
+}
+
+/// An issuer on loopback: the discovery document and the JWKS, counting JWKS fetches.
+async fn issuer(jwks: Arc<Mutex<Value>>, fetches: Arc<AtomicUsize>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let discovery = json!({"issuer": base, "jwks_uri": format!("{base}/jwks")}).to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let jwks = Arc::clone(&jwks);
+            let fetches = Arc::clone(&fetches);
+            let discovery = discovery.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let body = if request.starts_with("GET /jwks") {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    jwks.lock().unwrap().to_string()
+                } else {
+                    discovery
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_and_every_wrong_one_says_why() {
+    let a = key("a");
+    let b = key("b");
+    let jwks = Arc::new(Mutex::new(json!({"keys": [a.jwk]})));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let iss = issuer(Arc::clone(&jwks), Arc::clone(&fetches)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[auth.jwt]\nissuer = \"{iss}\"\naudience = \"skald\"\nalgorithms = [\"ES256\"]\nroles_claim = \"realm_access.roles\"\nleeway_s = 5\n"
+        ),
+    );
+    let api = Api::new(&server.url);
+    let good = || {
+        json!({"iss": iss, "aud": "skald", "sub": "alice", "exp": now() + 300, "nbf": now() - 10,
+               "realm_access": {"roles": ["admin"]}})
+    };
+    let info = |token: String| {
+        let api = api.clone();
+        async move {
+            api.call(Method::GET, "/v1/admin/keys", Some(&token), "")
+                .await
+        }
+    };
+
+    assert_eq!(info(sign(&a, "a", &good())).await.status, StatusCode::OK);
+    let mut no_roles = good();
+    no_roles["realm_access"] = json!({"roles": []});
+    assert_eq!(
+        info(sign(&a, "a", &no_roles)).await.status,
+        StatusCode::FORBIDDEN
+    );
+
+    let mut expired = good();
+    expired["exp"] = json!(now() - 60);
+    assert_refused(&info(sign(&a, "a", &expired)).await, "expired");
+    let mut early = good();
+    early["nbf"] = json!(now() + 300);
+    assert_refused(&info(sign(&a, "a", &early)).await, "not-yet-valid");
+    let mut audience = good();
+    audience["aud"] = json!("someone-else");
+    assert_refused(&info(sign(&a, "a", &audience)).await, "audience");
+    let mut issuer_claim = good();
+    issuer_claim["iss"] = json!("https://evil.example");
+    assert_refused(&info(sign(&a, "a", &issuer_claim)).await, "issuer");
+    let mut no_exp = good();
+    no_exp.as_object_mut().unwrap().remove("exp");
+    assert_refused(&info(sign(&a, "a", &no_exp)).await, "claims");
+    // Signed by another key that claims to be `a`.
+    assert_refused(&info(sign(&b, "a", &good())).await, "signature");
+    // `alg: none`, and HMAC with the public key as a secret: never accepted.
+    let none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"a","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(good().to_string())
+    );
+    let refused = info(none).await;
+    assert_refused(&refused, "algorithm");
+    assert!(
+        refused.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"none\"")
+    );
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some("a".into());
+    let hmac = jsonwebtoken::encode(&hs, &good(), &EncodingKey::from_secret(b"public")).unwrap();
+    assert_refused(&info(hmac).await, "algorithm");
+    assert_refused(&info("not-a-jwt".to_owned()).await, "malformed");
+
+    // The issuer rotates to a new key: the first token with its kid fetches the JWKS again.
+    let before = fetches.load(Ordering::SeqCst);
+    jwks.lock().unwrap()["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(b.jwk.clone());
+    assert_eq!(info(sign(&b, "b", &good())).await.status, StatusCode::OK);
+    assert_eq!(fetches.load(Ordering::SeqCst), before + 1);
+    // Made-up kids do not hammer the issuer: at most one refresh per 30 s.
+    for i in 0..5 {
+        assert_refused(
+            &info(sign(&b, &format!("zz{i}"), &good())).await,
+            "unknown-key",
+        );
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), before + 1);
+    // The logs say why tokens failed, and never hold a token.
+    let token = sign(&a, "a", &good());
+    let signature = token.rsplit('.').next().unwrap().to_owned();
+    assert_eq!(info(token).await.status, StatusCode::OK);
+    let (status, stderr) = server.terminate();
+    assert!(status.success());
+    assert!(stderr.contains("the token has expired"), "{stderr}");
+    assert!(!stderr.contains(&signature));
+}

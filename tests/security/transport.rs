@@ -1,0 +1,196 @@
+//! TLS and mTLS: no client certificate is refused, the certificate names the principal, and
+//! replaced certificate files are used by new handshakes while old connections keep working.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::StatusCode;
+use hyper::client::conn::http1::SendRequest;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::common::serve_with_config;
+use crate::support::skald;
+
+fn dev_certs(dir: &Path) {
+    let (ok, _, err) = skald(&["certs", "dev", "--out", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+}
+
+/// Copies a certificate set into `live`, each file replaced by a rename (never half-written).
+fn install(from: &Path, live: &Path) {
+    std::fs::create_dir_all(live).unwrap();
+    for name in ["ca.pem", "server.pem", "server-key.pem"] {
+        let tmp = live.join(format!(".{name}.tmp"));
+        std::fs::copy(from.join(name), &tmp).unwrap();
+        std::fs::rename(&tmp, live.join(name)).unwrap();
+    }
+}
+
+struct Tls {
+    sender: SendRequest<Empty<Bytes>>,
+    server_certificate: Vec<u8>,
+}
+
+/// Connects over TLS trusting `certs/ca.pem`, presenting `certs/client.pem` when `client`.
+async fn connect(addr: &str, certs: &Path, client: bool) -> Result<Tls, String> {
+    let identity = client.then(|| (certs.join("client.pem"), certs.join("client-key.pem")));
+    let config = skald_security::tls::client_config(
+        Some(&certs.join("ca.pem")),
+        identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    )?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let server_certificate = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    Ok(Tls {
+        sender,
+        server_certificate,
+    })
+}
+
+async fn get(tls: &mut Tls, path: &str) -> Result<(StatusCode, String), String> {
+    tls.sender.ready().await.map_err(|e| e.to_string())?;
+    let request = hyper::Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::new())
+        .unwrap();
+    let response = tls
+        .sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn pem_der(path: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(path).unwrap().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_with_certificate_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second, live) = (
+        dir.path().join("one"),
+        dir.path().join("two"),
+        dir.path().join("live"),
+    );
+    dev_certs(&first);
+    dev_certs(&second);
+    install(&first, &live);
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[tls]\ncert_file = \"{0}/server.pem\"\nkey_file = \"{0}/server-key.pem\"\nclient_ca_file = \"{0}/ca.pem\"\n[auth]\nmtls = true\n",
+            live.display()
+        ),
+    );
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let addr = server.url.trim_start_matches("https://").to_owned();
+
+    // Without a client certificate: no request gets through.
+    let refused = match connect(&addr, &first, false).await {
+        Err(_) => true,
+        Ok(mut tls) => get(&mut tls, "/v1/info").await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+
+    // With one: the certificate's CN and O are the principal and its roles (O=admin).
+    let mut old = connect(&addr, &first, true).await.unwrap();
+    assert_eq!(old.server_certificate, pem_der(&first.join("server.pem")));
+    let (status, body) = get(&mut old, "/v1/admin/keys").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, body) = get(&mut old, "/health/live").await.unwrap();
+    assert!(body.contains("live"));
+
+    // The CLI speaks TLS with the same files.
+    let url = server.url.clone();
+    let cli = |certs: &Path| {
+        let args = [
+            "info",
+            "--server",
+            &url,
+            "--ca-cert",
+            certs.join("ca.pem").to_str().unwrap(),
+            "--client-cert",
+            certs.join("client.pem").to_str().unwrap(),
+            "--client-key",
+            certs.join("client-key.pem").to_str().unwrap(),
+        ]
+        .map(str::to_owned);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        skald(&args)
+    };
+    let (ok, out, err) = cli(&first);
+    assert!(ok && out.contains("headPosition"), "{out}{err}");
+
+    // Rotate: replace the files, then SIGHUP. New handshakes see the new certificate.
+    install(&second, &live);
+    // SAFETY: a signal to the child this test started, by its id.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut fresh = loop {
+        if let Ok(tls) = connect(&addr, &second, true).await {
+            break tls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not used within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        fresh.server_certificate,
+        pem_der(&second.join("server.pem"))
+    );
+    assert_eq!(get(&mut fresh, "/v1/info").await.unwrap().0, StatusCode::OK);
+    // The connection opened before the rotation still works.
+    let (status, _) = get(&mut old, "/v1/info").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // And clients of the old CA are now refused.
+    let old_ca = match connect(&addr, &first, true).await {
+        Err(_) => true,
+        Ok(mut tls) => get(&mut tls, "/v1/info").await.is_err(),
+    };
+    assert!(old_ca, "a certificate of the replaced CA still got in");
+    let (ok, _, err) = cli(&second);
+    assert!(ok, "{err}");
+    let (_, metrics) = get(&mut fresh, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("skald_tls_reloads_total{outcome=\"success\"}"),
+        "{metrics}"
+    );
+
+    // A broken replacement is refused and the server keeps its certificate.
+    std::fs::write(live.join("server.pem"), "not a certificate").unwrap();
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut still = connect(&addr, &second, true).await.unwrap();
+    assert_eq!(
+        still.server_certificate,
+        pem_der(&second.join("server.pem"))
+    );
+    assert_eq!(get(&mut still, "/v1/info").await.unwrap().0, StatusCode::OK);
+    let (status, stderr) = server.terminate();
+    assert!(status.success());
+    assert!(stderr.contains("TLS reload failed"), "{stderr}");
+}
