@@ -664,12 +664,12 @@ impl<S: EventStore> Security<S> {
             "Audit events dropped because the audit queue was full.",
             self.metrics.audit_dropped.get() as f64,
         );
+        out.family(
+            "skald_tls_reloads_total",
+            Kind::Counter,
+            "Reloads of the TLS certificate files, by outcome (no samples without TLS).",
+        );
         if let Some(tls) = &self.tls {
-            out.family(
-                "skald_tls_reloads_total",
-                Kind::Counter,
-                "Reloads of the TLS certificate files, by outcome.",
-            );
             out.sample(
                 "skald_tls_reloads_total",
                 &[("outcome", "success")],
