@@ -105,8 +105,9 @@ impl StreamName {
     }
 
     /// Validates `name` as the name of one of Skald's own streams: it must start with `$` and
-    /// otherwise follow the rules of user stream names. Only Skald's components build these;
-    /// the APIs never accept one from a client.
+    /// otherwise follow the rules of user stream names. Only Skald's components write these;
+    /// the APIs accept one from a client only to read it (where the access rules keep system
+    /// streams to admins), never to append.
     pub fn system(name: impl Into<String>) -> Result<Self> {
         let name = name.into();
         let Some(rest) = name.strip_prefix('$') else {

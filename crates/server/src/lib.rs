@@ -816,3 +816,39 @@ async fn info<S: EventStore>(State(app): State<App<S>>) -> Result<Response, Prob
     });
     Ok(json_response(body.to_string().into_bytes()).into_response())
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Parses an append body as `POST /v1/streams/{stream}` does, for both content types,
+    /// without a store. Must never panic.
+    pub fn parse_append_body(bytes: &[u8]) {
+        let stream = StreamName::new("fuzz-1").expect("valid");
+        if let Ok(b) = parse_json::<AppendBody>(bytes, "request body") {
+            if let Some(c) = &b.condition {
+                let _ = c.fail_if_events_match.validate();
+            }
+            for (i, e) in b.events.into_iter().enumerate() {
+                let _ = e.into_event(&stream, &format!("events[{i}]"));
+            }
+        }
+        if let Ok(events) = parse_json::<Vec<CloudEventIn>>(bytes, "CloudEvents batch") {
+            for e in events {
+                let _ = e.into_event(&stream, "event");
+            }
+        }
+        if let Ok(q) = parse_json::<QueryBody>(bytes, "request body") {
+            let _ = q.query.validate();
+        }
+    }
+
+    /// Parses a query string as the read endpoints do.
+    pub fn parse_query_string(text: &str) {
+        let _ = parse_params(
+            Some(text.to_owned()),
+            &["from", "limit", "types", "tags", "direction"],
+        );
+    }
+}

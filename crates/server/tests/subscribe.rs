@@ -278,7 +278,7 @@ async fn sse_bad_input_is_a_problem_before_the_stream_starts() {
             "only start a stream",
         ),
         ("/v1/subscribe/all?limit=3", None, "unknown query parameter"),
-        ("/v1/subscribe/streams/$system", None, "reserved"),
+        ("/v1/subscribe/streams/a%20b", None, "whitespace"),
         (
             "/v1/subscribe/query",
             None,
