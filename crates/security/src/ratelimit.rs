@@ -17,9 +17,9 @@ pub struct Bucket {
 
 impl Bucket {
     pub fn validate(&self, key: &str) -> Result<(), String> {
-        if !(self.rate > 0.0 && self.rate.is_finite())
-            || !(self.burst >= 1.0 && self.burst.is_finite())
-        {
+        let sane =
+            self.rate > 0.0 && self.rate.is_finite() && self.burst >= 1.0 && self.burst.is_finite();
+        if !sane {
             return Err(format!(
                 "[rate_limit] {key}: rate must be above 0 and burst at least 1"
             ));

@@ -241,14 +241,14 @@ pub(crate) async fn guard<S: EventStore>(
     let security = &app.security;
     let path = request.uri().path();
     let public = is_public(path, request.method(), security.public_metrics());
-    if !path.starts_with("/health/") {
-        if let Err(wait) = security.limit_address(address) {
-            return finish(
-                Problem::rate_limited("client address", wait).into_response(),
-                &app,
-                allowed_origin,
-            );
-        }
+    if !path.starts_with("/health/")
+        && let Err(wait) = security.limit_address(address)
+    {
+        return finish(
+            Problem::rate_limited("client address", wait).into_response(),
+            &app,
+            allowed_origin,
+        );
     }
     let caller = if !security.enabled() || public {
         Caller {
