@@ -6,6 +6,7 @@
 mod support;
 
 mod common;
+mod limits;
 mod matrix;
 mod tokens;
 mod transport;

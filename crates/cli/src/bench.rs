@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Run against a running server at this URL.
     #[arg(long, env = "SKALD_SERVER", conflicts_with = "embedded")]
     pub server: Option<String>,
+    /// An API key or JWT for a server with authentication on.
+    #[arg(long, env = "SKALD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Run against an embedded store in this process instead of a server.
     #[arg(long)]
     pub embedded: bool,
@@ -286,7 +289,14 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn open_target(args: &BenchArgs) -> anyhow::Result<Target> {
     if let Some(url) = &args.server {
-        return Ok(Target::Http(HttpClient::new(url)?, url.clone()));
+        let settings = crate::client::ClientSettings {
+            token: args.token.clone(),
+            ..Default::default()
+        };
+        return Ok(Target::Http(
+            HttpClient::with_settings(url, settings)?,
+            url.clone(),
+        ));
     }
     let (dir, temp) = match &args.data_dir {
         Some(d) => (d.clone(), None),
@@ -334,6 +344,8 @@ struct Requests {
     http_wrong: Bytes,
     event: ProposedEvent,
     events_per_append: usize,
+    /// `Bearer <token>` for a server with authentication on.
+    authorization: Option<String>,
 }
 
 impl Requests {
@@ -350,6 +362,7 @@ impl Requests {
                 u64::MAX / 2
             )),
             event: ProposedEvent::new(EventType::new("BenchEvent")?, EventData::json(data)?),
+            authorization: None,
             events_per_append,
         })
     }
@@ -369,13 +382,18 @@ impl Requests {
                     &self.http_ok
                 };
                 let path = format!("/v1/streams/{stream}");
-                let headers = [("content-type", "application/json")];
+                let auth = self.authorization.as_deref().unwrap_or("");
+                let all = [
+                    ("content-type", "application/json"),
+                    ("authorization", auth),
+                ];
+                let headers = if auth.is_empty() { &all[..1] } else { &all[..] };
                 let connection = match connection {
                     Some(c) => c,
                     None => connection.insert(Connection::open(url).await?),
                 };
                 let (status, body) = connection
-                    .call(Method::POST, &path, &headers, body.clone())
+                    .call(Method::POST, &path, headers, body.clone())
                     .await?;
                 match status {
                     StatusCode::CREATED | StatusCode::OK => Ok(Outcome::Ok),
@@ -470,7 +488,9 @@ async fn run_appends(
     target: &Target,
     read_counter: Option<Arc<AtomicU64>>,
 ) -> anyhow::Result<AppendReport> {
-    let requests = Arc::new(Requests::new(args.events_per_append, args.event_size)?);
+    let mut requests = Requests::new(args.events_per_append, args.event_size)?;
+    requests.authorization = args.token.as_ref().map(|t| format!("Bearer {t}"));
+    let requests = Arc::new(requests);
     let picker = Arc::new(StreamPicker::new(args));
     let stop = Arc::new(AtomicBool::new(false));
     let done_events = Arc::new(AtomicU64::new(0));
@@ -826,6 +846,7 @@ mod tests {
         let args = BenchArgs {
             workload: Workload::Append,
             server: None,
+            token: None,
             embedded: true,
             data_dir: None,
             durability: DurabilityArg::None,
