@@ -5,14 +5,19 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Request, State};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use skald_core::{EventStore, ReadSource, StreamName};
 use skald_hub::SourceSpec;
 use skald_security::{Credentials, LiveRules, Permission, Principal};
+use tower::{Layer, Service};
 
 use crate::listener::Connection;
 use crate::{App, Problem};
@@ -198,21 +203,96 @@ fn is_public(path: &str, method: &Method, public_metrics: bool) -> bool {
             || (path == "/metrics" && public_metrics))
 }
 
-/// Authenticates, rate-limits, answers CORS preflights, and adds the security headers.
-pub(crate) async fn guard<S: EventStore>(
-    State(app): State<App<S>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let origin = request.headers().get(header::ORIGIN).cloned();
-    let allowed_origin = origin.as_ref().and_then(|o| app.allowed_origin(o));
+/// The guard as a tower layer: authenticates, rate-limits, answers CORS preflights, and adds
+/// the security headers. (A hand-written layer: `axum::middleware::from_fn` cost a boxed
+/// service clone per request on the append path.)
+pub(crate) struct GuardLayer<S> {
+    pub app: App<S>,
+}
+
+impl<S> Clone for GuardLayer<S> {
+    fn clone(&self) -> Self {
+        Self {
+            app: Arc::clone(&self.app),
+        }
+    }
+}
+
+impl<S, I> Layer<I> for GuardLayer<S> {
+    type Service = Guard<S, I>;
+
+    fn layer(&self, inner: I) -> Guard<S, I> {
+        Guard {
+            inner,
+            app: Arc::clone(&self.app),
+        }
+    }
+}
+
+pub(crate) struct Guard<S, I> {
+    inner: I,
+    app: App<S>,
+}
+
+impl<S, I: Clone> Clone for Guard<S, I> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            app: Arc::clone(&self.app),
+        }
+    }
+}
+
+impl<S, I> Service<Request> for Guard<S, I>
+where
+    S: EventStore,
+    I: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    I::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let app = Arc::clone(&self.app);
+        // The clone that was made ready is the one that serves this request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let origin = if app.config.cors_allowed_origins.is_empty() {
+                None
+            } else {
+                request
+                    .headers()
+                    .get(header::ORIGIN)
+                    .and_then(|o| app.allowed_origin(o))
+            };
+            if let Err(response) = admit(&app, &mut request, origin.clone()).await {
+                return Ok(finish(response, &app, origin));
+            }
+            let response = inner.call(request).await?;
+            Ok(finish(response, &app, origin))
+        })
+    }
+}
+
+/// Lets the request in (with its `Caller`), or answers it: a CORS preflight, 401 or 429.
+async fn admit<S: EventStore>(
+    app: &App<S>,
+    request: &mut Request,
+    allowed_origin: Option<HeaderValue>,
+) -> Result<(), Response> {
     if request.method() == Method::OPTIONS
         && request
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     {
         let mut response = StatusCode::NO_CONTENT.into_response();
-        if let Some(allowed) = allowed_origin.clone() {
+        if let Some(allowed) = allowed_origin {
             let h = response.headers_mut();
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
             h.insert(
@@ -231,63 +311,49 @@ pub(crate) async fn guard<S: EventStore>(
                 HeaderValue::from_static("600"),
             );
         }
-        return finish(response, &app, allowed_origin);
+        return Err(response);
     }
-    let connection = request.extensions().get::<Connection>().cloned();
+    let security = &app.security;
+    let connection = request.extensions().get::<Connection>();
     let address = connection
-        .as_ref()
         .and_then(|c| c.peer)
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
-    let security = &app.security;
+    let certificate = connection.and_then(|c| c.certificate.clone());
     let path = request.uri().path();
     let public = is_public(path, request.method(), security.public_metrics());
     if !path.starts_with("/health/")
         && let Err(wait) = security.limit_address(address)
     {
-        return finish(
-            Problem::rate_limited("client address", wait).into_response(),
-            &app,
-            allowed_origin,
-        );
+        return Err(Problem::rate_limited("client address", wait).into_response());
     }
-    let caller = if !security.enabled() || public {
-        Caller {
-            principal: None,
-            rules: security.live_rules(),
-        }
+    let principal = if !security.enabled() || public {
+        None
     } else {
         let authorization = header_text(request.headers(), header::AUTHORIZATION);
         let credentials = Credentials {
             authorization: authorization.as_deref(),
-            certificate: connection.as_ref().and_then(|c| c.certificate.as_deref()),
+            certificate: certificate.as_deref(),
             address,
         };
         match security.authenticate(credentials).await {
             Ok(principal) => {
                 if let Err(wait) = security.limit_principal(&principal) {
-                    return finish(
-                        Problem::rate_limited("principal", wait).into_response(),
-                        &app,
-                        allowed_origin,
-                    );
+                    return Err(Problem::rate_limited("principal", wait).into_response());
                 }
-                Caller {
-                    principal: Some(Arc::new(principal)),
-                    rules: security.live_rules(),
-                }
+                Some(Arc::new(principal))
             }
             Err(refusal) => {
-                return finish(
-                    Problem::unauthenticated(refusal.reason, refusal.detail).into_response(),
-                    &app,
-                    allowed_origin,
+                return Err(
+                    Problem::unauthenticated(refusal.reason, refusal.detail).into_response()
                 );
             }
         }
     };
-    request.extensions_mut().insert(caller);
-    let response = next.run(request).await;
-    finish(response, &app, allowed_origin)
+    request.extensions_mut().insert(Caller {
+        principal,
+        rules: security.live_rules(),
+    });
+    Ok(())
 }
 
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
@@ -303,6 +369,7 @@ fn finish<S: EventStore>(
     allowed_origin: Option<HeaderValue>,
 ) -> Response {
     let h = response.headers_mut();
+    h.reserve(7);
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),

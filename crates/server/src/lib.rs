@@ -277,10 +277,9 @@ pub fn router_secured<S: EventStore>(
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&app),
-            access::guard::<S>,
-        ))
+        .layer(access::GuardLayer {
+            app: Arc::clone(&app),
+        })
         .layer(observe::ObserveLayer {
             metrics: Arc::clone(&app.metrics),
         })
