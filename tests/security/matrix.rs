@@ -490,3 +490,137 @@ async fn rate_limits_answer_429_with_retry_after() {
     );
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_rules_follow_definition_names_and_cancellations_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with_config(dir.path(), "[auth]\napi_keys = true\n");
+    let api = Api::new(&server.url);
+    let admin = std::fs::read_to_string(dir.path().join("data/initial-admin-key")).unwrap();
+    let admin = admin.trim();
+    let rules = json!({"rules": [
+        {"role": "trips", "allow": ["saga"], "on": ["trip-*"]},
+        {"role": "other", "allow": ["saga"], "on": ["billing-*"]}
+    ]});
+    let set = api
+        .call(
+            Method::PUT,
+            "/v1/admin/rules",
+            Some(admin),
+            &rules.to_string(),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK);
+    let trips = api.key(admin, "trips-operator", &["trips"]).await;
+    let other = api.key(admin, "billing-operator", &["other"]).await;
+    let definition = r#"
+name: trip-booking
+version: 1
+trigger: {category: trip, types: [TripBooked]}
+correlationKey: /data/id
+steps:
+  - name: hold
+    action: {append: {stream: "hold-{{saga.correlationKey}}", type: SeatHeld, data: {}}}
+    compensation: {append: {stream: "hold-{{saga.correlationKey}}", type: SeatReleased, data: {}}}
+  - name: confirm
+    action: {await: {category: confirm, types: [Confirmed], correlation: /data/id, timeout: 1h}}
+"#;
+    let register = |token: &str| {
+        let api = api.clone();
+        let token = token.to_owned();
+        async move {
+            let request = hyper::Request::post(format!("{}/v1/sagas", api.base))
+                .header("content-type", "application/yaml")
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::from(definition)))
+                .unwrap();
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http();
+            client.request(request).await.unwrap().status()
+        }
+    };
+    assert_eq!(register(&other).await, StatusCode::FORBIDDEN);
+    assert_eq!(register(&trips).await, StatusCode::CREATED);
+    let listed = api.call(Method::GET, "/v1/sagas", Some(&other), "").await;
+    assert_eq!(
+        listed.json()["sagas"],
+        json!([]),
+        "another role's definitions are not listed"
+    );
+    let booked = r#"{"events":[{"type":"TripBooked","data":{"id":"t1"}}]}"#;
+    assert_eq!(
+        api.call(Method::POST, "/v1/streams/trip-1", Some(admin), booked)
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let mut id = String::new();
+    for _ in 0..100 {
+        let instances = api
+            .call(
+                Method::GET,
+                "/v1/saga-instances?state=running",
+                Some(&trips),
+                "",
+            )
+            .await
+            .json();
+        if let Some(i) = instances["instances"].as_array().and_then(|a| a.first()) {
+            if i["completedSteps"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty())
+            {
+                id = i["sagaId"].as_str().unwrap().to_owned();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!id.is_empty(), "the saga did not start");
+    let path = format!("/v1/saga-instances/{id}/cancel");
+    let body = r#"{"reason":"customer called"}"#;
+    assert_eq!(
+        api.call(Method::POST, &path, Some(&other), body)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        api.call(
+            Method::GET,
+            &format!("/v1/saga-instances/{id}"),
+            Some(&other),
+            ""
+        )
+        .await
+        .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        api.call(Method::POST, &path, Some(&trips), body)
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    let audit = api
+        .call(
+            Method::GET,
+            "/v1/streams/$audit?limit=1000",
+            Some(admin),
+            "",
+        )
+        .await
+        .json();
+    let cancelled: Vec<&Value> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "SagaCancelRequested")
+        .collect();
+    assert_eq!(cancelled.len(), 1, "{audit}");
+    assert_eq!(cancelled[0]["data"]["by"], "trips-operator");
+    assert_eq!(cancelled[0]["data"]["instance"], json!(id));
+    assert_eq!(cancelled[0]["data"]["reason"], "customer called");
+    drop(server);
+}

@@ -190,6 +190,22 @@ async fn mtls_with_certificate_rotation() {
         pem_der(&second.join("server.pem"))
     );
     assert_eq!(get(&mut still, "/v1/info").await.unwrap().0, StatusCode::OK);
+
+    // Good files again, without a signal: the watcher sees the change on its own.
+    install(&first, &live);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut back = loop {
+        if let Ok(tls) = connect(&addr, &first, true).await {
+            break tls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a changed certificate file was not picked up within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(back.server_certificate, pem_der(&first.join("server.pem")));
+    assert_eq!(get(&mut back, "/v1/info").await.unwrap().0, StatusCode::OK);
     let (status, stderr) = server.terminate();
     assert!(status.success());
     assert!(stderr.contains("TLS reload failed"), "{stderr}");
