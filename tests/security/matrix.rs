@@ -466,6 +466,12 @@ async fn rate_limits_answer_429_with_retry_after() {
         api.call(Method::GET, "/v1/info", Some(&b), "").await.status,
         StatusCode::OK
     );
+    let metrics = api.call(Method::GET, "/metrics", Some(&b), "").await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics.contains("skald_rate_limited_total{scope=\"principal\"} 1"),
+        "{metrics}"
+    );
     // The address bucket runs out too, before credentials are even looked at.
     let mut by_address = None;
     for _ in 0..20 {
@@ -566,14 +572,13 @@ steps:
             )
             .await
             .json();
-        if let Some(i) = instances["instances"].as_array().and_then(|a| a.first()) {
-            if i["completedSteps"]
+        if let Some(i) = instances["instances"].as_array().and_then(|a| a.first())
+            && i["completedSteps"]
                 .as_array()
                 .is_some_and(|s| !s.is_empty())
-            {
-                id = i["sagaId"].as_str().unwrap().to_owned();
-                break;
-            }
+        {
+            id = i["sagaId"].as_str().unwrap().to_owned();
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
