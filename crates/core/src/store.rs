@@ -143,3 +143,28 @@ pub trait EventStore: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// Reads `source` forward from its start to what is stored now, page by page, handing each
+/// event to `each`: memory stays bounded by one page. For loading state kept in system streams.
+pub async fn read_to_end<S: EventStore + ?Sized>(
+    store: &S,
+    source: ReadSource,
+    mut each: impl FnMut(&RecordedEvent),
+) -> Result<()> {
+    let mut from = 0;
+    loop {
+        let page = store
+            .read(ReadRequest {
+                source: source.clone(),
+                from: Some(from),
+                direction: Direction::Forward,
+                limit: MAX_READ_PAGE,
+            })
+            .await?;
+        page.events.iter().for_each(&mut each);
+        match page.next {
+            Some(next) if !page.events.is_empty() => from = next,
+            _ => return Ok(()),
+        }
+    }
+}

@@ -307,28 +307,8 @@ impl<S: EventStore> Sagas<S> {
         Ok(sagas)
     }
 
-    async fn read_all(
-        &self,
-        source: ReadSource,
-        mut each: impl FnMut(&RecordedEvent),
-    ) -> Result<()> {
-        let store = self.inner.hub.store();
-        let mut from = 0;
-        loop {
-            let page = store
-                .read(ReadRequest {
-                    source: source.clone(),
-                    from: Some(from),
-                    direction: Direction::Forward,
-                    limit: skald_core::MAX_READ_PAGE,
-                })
-                .await?;
-            page.events.iter().for_each(&mut each);
-            match page.next {
-                Some(next) if !page.events.is_empty() => from = next,
-                _ => return Ok(()),
-            }
-        }
+    async fn read_all(&self, source: ReadSource, each: impl FnMut(&RecordedEvent)) -> Result<()> {
+        skald_core::read_to_end(&**self.inner.hub.store(), source, each).await
     }
 
     async fn load_definitions(&self) -> Result<()> {

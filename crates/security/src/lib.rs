@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use skald_core::metrics::{Counter, Exposition, Kind};
 use skald_core::{
-    AppendRequest, Direction, EventData, EventStore, EventType, ExpectedRevision, ProposedEvent,
-    ReadRequest, ReadSource, StreamName,
+    AppendRequest, EventData, EventStore, EventType, ExpectedRevision, ProposedEvent, ReadSource,
+    StreamName,
 };
 use tokio::sync::mpsc;
 
@@ -230,25 +230,9 @@ impl<S: EventStore> Security<S> {
     async fn read_stream(
         &self,
         name: &str,
-        mut each: impl FnMut(&skald_core::RecordedEvent),
+        each: impl FnMut(&skald_core::RecordedEvent),
     ) -> skald_core::Result<()> {
-        let mut from = 0;
-        loop {
-            let page = self
-                .store
-                .read(ReadRequest {
-                    source: ReadSource::Stream(system_stream(name)),
-                    from: Some(from),
-                    direction: Direction::Forward,
-                    limit: skald_core::MAX_READ_PAGE,
-                })
-                .await?;
-            page.events.iter().for_each(&mut each);
-            match page.next {
-                Some(next) if !page.events.is_empty() => from = next,
-                _ => return Ok(()),
-            }
-        }
+        skald_core::read_to_end(&*self.store, ReadSource::Stream(system_stream(name)), each).await
     }
 
     async fn load(&self) -> skald_core::Result<()> {
