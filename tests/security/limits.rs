@@ -241,3 +241,36 @@ async fn cli_admin_commands_websocket_checks_cors_and_header_limits() {
     );
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with_config(
+        dir.path(),
+        "[http]\nmax_connections = 2\nheader_read_timeout_ms = 60000\n",
+    );
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    // Two connections that send nothing hold both slots.
+    let first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 512];
+    let early = tokio::time::timeout(Duration::from_secs(1), third.read(&mut answer)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served beyond max_connections = 2"
+    );
+    // One closes: the waiting connection is accepted and answered.
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut answer))
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    drop(server);
+}
