@@ -796,7 +796,7 @@ impl<S: EventStore> Inner<S> {
         let mut written = from;
         let mut checkpoint_timer = tokio::time::interval(inner.options.checkpoint_every);
         checkpoint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        'follow: loop {
             let delivery = tokio::select! {
                 d = subscription.next() => d,
                 _ = checkpoint_timer.tick() => {
@@ -815,8 +815,10 @@ impl<S: EventStore> Inner<S> {
                 Err(e) => return Err(e),
             };
             // `seen` moves past an event only once every start it triggers is under way, so
-            // that a shutdown while waiting for room cannot checkpoint past a trigger.
-            'events: for event in events {
+            // that a shutdown while waiting for room cannot checkpoint past a trigger. Such a
+            // shutdown ends the whole loop: were a later delivery taken after it, its starts
+            // would move `seen` past the event whose start never happened.
+            for event in events {
                 if event.stream == streams::definitions() {
                     if let Some(r) = registered_of(&event) {
                         active.insert(r.definition.name.clone(), Arc::new(r));
@@ -828,7 +830,7 @@ impl<S: EventStore> Inner<S> {
                         }
                         let permit = tokio::select! {
                             p = Arc::clone(&inner.running).acquire_owned() => p.expect("never closed"),
-                            _ = inner.hub.stopping() => break 'events,
+                            _ = inner.hub.stopping() => break 'follow,
                         };
                         let start_slot = Arc::clone(&starting)
                             .acquire_owned()
