@@ -51,10 +51,8 @@ impl HttpClient {
             .identity
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
-        let mut tls = skald_security::tls::client_config(settings.ca_cert.as_deref(), identity)
+        let tls = skald_security::tls::client_config(settings.ca_cert.as_deref(), identity)
             .map_err(|e| anyhow::anyhow!(e))?;
-        // hyper-rustls sets ALPN itself.
-        tls.alpn_protocols.clear();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

@@ -19,9 +19,7 @@ pub struct Fetcher {
 impl Fetcher {
     /// Trusts the PEM roots in `ca_file`, or the system's.
     pub fn new(ca_file: Option<&Path>) -> Result<Self, String> {
-        let mut config = crate::tls::client_config(ca_file, None)?;
-        // hyper-rustls sets ALPN itself.
-        config.alpn_protocols.clear();
+        let config = crate::tls::client_config(ca_file, None)?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http()

@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 /// The prefix that marks a bearer token as an API key.
 pub const PREFIX: &str = "skald_";
 
-/// A key as stored in `$security-keys` (never the secret).
+/// What is known of a key, as the admin API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StoredKey {
+pub struct KeyInfo {
     pub id: String,
     pub name: String,
     pub roles: BTreeSet<String>,
@@ -22,37 +22,18 @@ pub struct StoredKey {
     pub expires_at: Option<i64>,
     pub created_at: i64,
     pub created_by: String,
-    /// argon2id PHC string of the secret.
-    pub hash: String,
     #[serde(default)]
     pub revoked: bool,
 }
 
-/// What the admin API shows of a key.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KeyInfo {
-    pub id: String,
-    pub name: String,
-    pub roles: BTreeSet<String>,
-    pub expires_at: Option<i64>,
-    pub created_at: i64,
-    pub created_by: String,
-    pub revoked: bool,
-}
-
-impl From<&StoredKey> for KeyInfo {
-    fn from(k: &StoredKey) -> Self {
-        Self {
-            id: k.id.clone(),
-            name: k.name.clone(),
-            roles: k.roles.clone(),
-            expires_at: k.expires_at,
-            created_at: k.created_at,
-            created_by: k.created_by.clone(),
-            revoked: k.revoked,
-        }
-    }
+/// A key as stored in `$security-keys`: what is known of it and the hash of its secret (never
+/// the secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredKey {
+    #[serde(flatten)]
+    pub info: KeyInfo,
+    /// argon2id PHC string of the secret.
+    pub hash: String,
 }
 
 /// A new key: the full token (shown once) and what is stored of it.
@@ -86,14 +67,16 @@ pub fn generate(
     Ok(NewKey {
         token: format!("{PREFIX}{id}_{secret}"),
         stored: StoredKey {
-            id,
-            name: name.to_owned(),
-            roles,
-            expires_at,
-            created_at: now,
-            created_by: by.to_owned(),
+            info: KeyInfo {
+                id,
+                name: name.to_owned(),
+                roles,
+                expires_at,
+                created_at: now,
+                created_by: by.to_owned(),
+                revoked: false,
+            },
             hash,
-            revoked: false,
         },
     })
 }
@@ -161,19 +144,22 @@ pub struct KeyRing {
 impl KeyRing {
     /// Applies a stored key or a revocation.
     pub fn insert(&mut self, key: StoredKey) {
-        self.verified.lock().expect("key cache").remove(&key.id);
-        self.keys.insert(key.id.clone(), key);
+        self.verified
+            .lock()
+            .expect("key cache")
+            .remove(&key.info.id);
+        self.keys.insert(key.info.id.clone(), key);
     }
 
-    pub fn revoke(&mut self, id: &str) -> Option<&StoredKey> {
+    pub fn revoke(&mut self, id: &str) -> Option<&KeyInfo> {
         self.verified.lock().expect("key cache").remove(id);
         let key = self.keys.get_mut(id)?;
-        key.revoked = true;
-        Some(key)
+        key.info.revoked = true;
+        Some(&key.info)
     }
 
-    pub fn get(&self, id: &str) -> Option<&StoredKey> {
-        self.keys.get(id)
+    pub fn get(&self, id: &str) -> Option<&KeyInfo> {
+        self.keys.get(id).map(|k| &k.info)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -181,22 +167,22 @@ impl KeyRing {
     }
 
     pub fn list(&self) -> Vec<KeyInfo> {
-        let mut keys: Vec<KeyInfo> = self.keys.values().map(KeyInfo::from).collect();
+        let mut keys: Vec<KeyInfo> = self.keys.values().map(|k| k.info.clone()).collect();
         keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         keys
     }
 
     /// Checks a bearer token that starts with [`PREFIX`].
-    pub fn verify(&self, token: &str, now: i64) -> Result<&StoredKey, KeyRefusal> {
+    pub fn verify(&self, token: &str, now: i64) -> Result<&KeyInfo, KeyRefusal> {
         let (id, secret) = split(token).ok_or(KeyRefusal::Malformed)?;
         let key = self
             .keys
             .get(id)
             .ok_or_else(|| KeyRefusal::Unknown(id.to_owned()))?;
-        if key.revoked {
+        if key.info.revoked {
             return Err(KeyRefusal::Revoked(id.to_owned()));
         }
-        if key.expires_at.is_some_and(|at| now >= at) {
+        if key.info.expires_at.is_some_and(|at| now >= at) {
             return Err(KeyRefusal::Expired(id.to_owned()));
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
@@ -204,7 +190,7 @@ impl KeyRing {
         let cached = self.verified.lock().expect("key cache").get(id).copied();
         if let Some(known) = cached {
             return if same(&known, &digest) {
-                Ok(key)
+                Ok(&key.info)
             } else {
                 Err(KeyRefusal::WrongSecret(id.to_owned()))
             };
@@ -218,7 +204,7 @@ impl KeyRing {
             .lock()
             .expect("key cache")
             .insert(id.to_owned(), digest);
-        Ok(key)
+        Ok(&key.info)
     }
 }
 
@@ -251,7 +237,7 @@ mod tests {
             ring.verify(&new.token, 1000).unwrap_err().reason(),
             "expired"
         );
-        ring.revoke(&new.stored.id);
+        ring.revoke(&new.stored.info.id);
         let refusal = ring.verify(&new.token, 30).unwrap_err();
         assert_eq!(refusal.reason(), "revoked");
         assert!(!refusal.detail().contains(split(&new.token).unwrap().1));

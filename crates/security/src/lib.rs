@@ -146,6 +146,20 @@ fn system_stream(name: &str) -> StreamName {
     StreamName::system(name).expect("system stream names are valid")
 }
 
+/// An append of `events` to the system stream `name`.
+fn system_append(
+    name: &str,
+    expected: ExpectedRevision,
+    events: Vec<ProposedEvent>,
+) -> AppendRequest {
+    AppendRequest {
+        stream: system_stream(name),
+        expected,
+        condition: None,
+        events,
+    }
+}
+
 fn event(kind: &str, data: &Value) -> ProposedEvent {
     ProposedEvent::new(
         EventType::new(kind).expect("audit event types are valid"),
@@ -185,20 +199,8 @@ impl<S: EventStore> Security<S> {
             Some(c) => Some(jwt::JwtVerifier::new(c.clone()).await?),
             None => None,
         };
-        let (audit, queue) = mpsc::channel(AUDIT_QUEUE);
-        let security = Arc::new(Self {
-            store: Arc::clone(&store),
-            jwt,
-            by_principal: rate_limit.per_principal.map(ratelimit::Limiter::new),
-            by_address: rate_limit.per_address.map(ratelimit::Limiter::new),
-            config,
-            keys: RwLock::new(keys::KeyRing::default()),
-            rules: LiveRules::default(),
-            writes: tokio::sync::Mutex::new(()),
-            audit,
-            metrics: Metrics::default(),
-            tls,
-        });
+        let (security, queue) = Self::assemble(Arc::clone(&store), config, jwt, rate_limit, tls);
+        let security = Arc::new(security);
         security.load().await.map_err(|e| e.to_string())?;
         tokio::spawn(write_audit(
             store,
@@ -210,21 +212,39 @@ impl<S: EventStore> Security<S> {
 
     /// Authentication off, nothing loaded: every caller is an anonymous admin.
     pub fn disabled(store: Arc<S>) -> Arc<Self> {
-        let (audit, queue) = mpsc::channel(AUDIT_QUEUE);
-        drop(queue);
-        Arc::new(Self {
+        let (security, _queue) = Self::assemble(
             store,
-            jwt: None,
-            by_principal: None,
-            by_address: None,
-            config: AuthConfig::default(),
+            AuthConfig::default(),
+            None,
+            RateLimitConfig::default(),
+            None,
+        );
+        Arc::new(security)
+    }
+
+    /// Nothing loaded yet; the receiver is the audit queue's other end.
+    fn assemble(
+        store: Arc<S>,
+        config: AuthConfig,
+        jwt: Option<jwt::JwtVerifier>,
+        rate_limit: RateLimitConfig,
+        tls: Option<Arc<TlsSource>>,
+    ) -> (Self, mpsc::Receiver<(String, Value)>) {
+        let (audit, queue) = mpsc::channel(AUDIT_QUEUE);
+        let security = Self {
+            store,
+            jwt,
+            by_principal: rate_limit.per_principal.map(ratelimit::Limiter::new),
+            by_address: rate_limit.per_address.map(ratelimit::Limiter::new),
+            config,
             keys: RwLock::new(keys::KeyRing::default()),
             rules: LiveRules::default(),
             writes: tokio::sync::Mutex::new(()),
             audit,
             metrics: Metrics::default(),
-            tls: None,
-        })
+            tls,
+        };
+        (security, queue)
     }
 
     async fn read_stream(
@@ -268,11 +288,6 @@ impl<S: EventStore> Security<S> {
 
     pub fn tls(&self) -> Option<&Arc<TlsSource>> {
         self.tls.as_ref()
-    }
-
-    /// The rules in force now.
-    pub fn rules(&self) -> Arc<Rules> {
-        self.rules.current()
     }
 
     /// A handle that always sees the rules in force, for checks made later (subscriptions).
@@ -444,12 +459,11 @@ impl<S: EventStore> Security<S> {
     /// Writes an audit event now.
     pub async fn audit_now(&self, kind: &str, data: Value) -> skald_core::Result<()> {
         self.store
-            .append(AppendRequest {
-                stream: system_stream(streams::AUDIT),
-                expected: ExpectedRevision::Any,
-                condition: None,
-                events: vec![event(kind, &data)],
-            })
+            .append(system_append(
+                streams::AUDIT,
+                ExpectedRevision::Any,
+                vec![event(kind, &data)],
+            ))
             .await?;
         self.metrics.audit_written.inc();
         Ok(())
@@ -474,14 +488,7 @@ impl<S: EventStore> Security<S> {
             ));
         }
         for role in &roles {
-            if role.is_empty()
-                || role.len() > 256
-                || role.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
-                return Err(AdminError::Invalid(format!(
-                    "role {role:?} must be 1 to 256 characters without spaces"
-                )));
-            }
+            rules::check_role(role).map_err(|e| AdminError::Invalid(format!("role {e}")))?;
         }
         let now = now_s();
         if expires_at.is_some_and(|at| at <= now) {
@@ -493,18 +500,17 @@ impl<S: EventStore> Security<S> {
         let _one = self.writes.lock().await;
         let data = serde_json::to_value(&new.stored).expect("serializable");
         self.store
-            .append(AppendRequest {
-                stream: system_stream(streams::KEYS),
-                expected: ExpectedRevision::Any,
-                condition: None,
-                events: vec![event("ApiKeyCreated", &data)],
-            })
+            .append(system_append(
+                streams::KEYS,
+                ExpectedRevision::Any,
+                vec![event("ApiKeyCreated", &data)],
+            ))
             .await?;
         self.keys
             .write()
             .expect("keys lock")
             .insert(new.stored.clone());
-        let info = KeyInfo::from(&new.stored);
+        let info = new.stored.info.clone();
         self.audit_now(
             "ApiKeyCreated",
             json!({"id": info.id, "name": info.name, "roles": info.roles, "expiresAt": info.expires_at, "by": by}),
@@ -524,23 +530,22 @@ impl<S: EventStore> Security<S> {
             return Err(AdminError::NotFound(format!("API key {id} does not exist")));
         };
         if key.revoked {
-            return Ok(KeyInfo::from(&key));
+            return Ok(key);
         }
         self.store
-            .append(AppendRequest {
-                stream: system_stream(streams::KEYS),
-                expected: ExpectedRevision::Any,
-                condition: None,
-                events: vec![event("ApiKeyRevoked", &json!({"id": id, "revokedBy": by}))],
-            })
+            .append(system_append(
+                streams::KEYS,
+                ExpectedRevision::Any,
+                vec![event("ApiKeyRevoked", &json!({"id": id, "revokedBy": by}))],
+            ))
             .await?;
-        let info = KeyInfo::from(
-            self.keys
-                .write()
-                .expect("keys lock")
-                .revoke(id)
-                .expect("the key exists"),
-        );
+        let info = self
+            .keys
+            .write()
+            .expect("keys lock")
+            .revoke(id)
+            .cloned()
+            .expect("the key exists");
         self.audit_now(
             "ApiKeyRevoked",
             json!({"id": id, "name": info.name, "by": by}),
@@ -567,12 +572,11 @@ impl<S: EventStore> Security<S> {
         let data = json!({ "rules": rules.rules, "by": by });
         let result = self
             .store
-            .append(AppendRequest {
-                stream: system_stream(streams::RULES),
-                expected: expected.unwrap_or(ExpectedRevision::Any),
-                condition: None,
-                events: vec![event("AccessRulesSet", &data)],
-            })
+            .append(system_append(
+                streams::RULES,
+                expected.unwrap_or(ExpectedRevision::Any),
+                vec![event("AccessRulesSet", &data)],
+            ))
             .await?;
         let revision = result.last_revision.0;
         *self.rules.0.write().expect("rules lock") = (Some(revision), Arc::new(rules.clone()));
@@ -700,12 +704,7 @@ async fn write_audit<S: EventStore>(
             .collect();
         let n = events.len() as u64;
         let appended = store
-            .append(AppendRequest {
-                stream: system_stream(streams::AUDIT),
-                expected: ExpectedRevision::Any,
-                condition: None,
-                events,
-            })
+            .append(system_append(streams::AUDIT, ExpectedRevision::Any, events))
             .await;
         match appended {
             Ok(_) => written.add(n),

@@ -67,10 +67,7 @@ pub fn matches(pattern: &str, name: &str) -> bool {
 
 /// Does `pattern` match every name that starts with `prefix` (whatever follows)?
 pub fn covers_prefix(pattern: &str, prefix: &str) -> bool {
-    if prefix.starts_with('$') != pattern.starts_with('$') && !prefix.is_empty() {
-        return false;
-    }
-    if prefix.is_empty() && pattern.starts_with('$') {
+    if prefix.starts_with('$') != pattern.starts_with('$') {
         return false;
     }
     // The pattern covers the prefix if some head of it matches the prefix exactly and the rest
@@ -147,6 +144,19 @@ fn everything() -> Vec<String> {
     vec!["*".to_owned()]
 }
 
+/// Checks a role name (in rules and on API keys); the error follows the word "role".
+pub fn check_role(role: &str) -> Result<(), String> {
+    if role.is_empty() || role.len() > MAX_NAME {
+        return Err(format!("must be 1 to {MAX_NAME} bytes long"));
+    }
+    if role.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "{role:?} contains whitespace or a control character"
+        ));
+    }
+    Ok(())
+}
+
 /// The whole set of rules in force.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,19 +175,7 @@ impl Rules {
         }
         for (i, rule) in self.rules.iter().enumerate() {
             let at = format!("rules[{i}]");
-            if rule.role.is_empty() || rule.role.len() > MAX_NAME {
-                return Err(format!("{at}.role must be 1 to {MAX_NAME} bytes long"));
-            }
-            if rule
-                .role
-                .chars()
-                .any(|c| c.is_control() || c.is_whitespace())
-            {
-                return Err(format!(
-                    "{at}.role {:?} contains whitespace or a control character",
-                    rule.role
-                ));
-            }
+            check_role(&rule.role).map_err(|e| format!("{at}.role {e}"))?;
             if rule.allow.is_empty() {
                 return Err(format!(
                     "{at}.allow is empty; list some of {}",
@@ -271,16 +269,12 @@ impl Principal {
     /// May do `permission` on the stream or saga `name`. Reserved streams: admin only.
     pub fn may(&self, rules: &Rules, permission: Permission, name: &str) -> bool {
         if RESERVED_STREAMS.contains(&name) && permission != Permission::Saga {
-            return self.is_admin() || self.holds_admin(rules);
+            return self.holds(rules, Permission::Admin);
         }
         match self.patterns(rules, permission) {
             None => true,
             Some(patterns) => patterns.iter().any(|p| matches(p, name)),
         }
-    }
-
-    fn holds_admin(&self, rules: &Rules) -> bool {
-        self.holds(rules, Permission::Admin)
     }
 
     /// May do `permission` on every name starting with `prefix` (and on `exact`, when given).

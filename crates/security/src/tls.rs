@@ -204,14 +204,13 @@ pub fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
-    let mut config = match identity {
+    // No ALPN here: hyper-rustls sets it for the connections it makes.
+    match identity {
         Some((cert, key)) => builder
             .with_client_auth_cert(read_certs(cert, "client certificate")?, read_key(key)?)
-            .map_err(|e| format!("client certificate {}: {e}", cert.display()))?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+            .map_err(|e| format!("client certificate {}: {e}", cert.display())),
+        None => Ok(builder.with_no_client_auth()),
+    }
 }
 
 /// Writes a development CA, a server certificate for localhost and a client certificate

@@ -87,7 +87,7 @@ impl Caller {
     }
 
     /// `permission` on at least one stream the source can hold (reads and subscriptions over
-    /// many streams, which then deliver only what [`Caller::may_read`] allows).
+    /// many streams, which then deliver only what [`Caller::retain`] keeps).
     pub fn require_some(&self, permission: Permission, scope: Scope<'_>) -> Result<(), Problem> {
         let Some(p) = &self.principal else {
             return Ok(());
@@ -131,11 +131,18 @@ impl Caller {
         }
     }
 
-    /// What a multi-stream read or subscription may hand this caller.
-    pub fn reader(&self) -> Reader {
-        Reader {
-            principal: self.principal.clone(),
-            rules: self.rules.clone(),
+    /// Authentication is off: every check passes, and lookups made only for a check can be
+    /// skipped.
+    pub fn is_unrestricted(&self) -> bool {
+        self.principal.is_none()
+    }
+
+    /// Keeps only the events (of any shape) the caller may read, against the rules in force
+    /// now: multi-stream reads and subscriptions call this at each delivery.
+    pub fn retain<T>(&self, events: &mut Vec<T>, stream: impl Fn(&T) -> &StreamName) {
+        if let Some(p) = &self.principal {
+            let rules = self.rules.current();
+            events.retain(|e| p.may(&rules, Permission::Read, stream(e).as_str()));
         }
     }
 }
@@ -175,24 +182,6 @@ impl<'a> From<&'a SourceSpec> for Scope<'a> {
             SourceSpec::Stream(s) => Scope::Stream(s),
             SourceSpec::Category(c) => Scope::Category(c),
             SourceSpec::All(_) | SourceSpec::Query(_) => Scope::All,
-        }
-    }
-}
-
-/// Filters delivered events down to the streams the caller may read, against the rules in
-/// force at each delivery.
-#[derive(Clone)]
-pub(crate) struct Reader {
-    principal: Option<Arc<Principal>>,
-    rules: LiveRules,
-}
-
-impl Reader {
-    /// Keeps only the events (of any shape) the caller may read.
-    pub fn retain<T>(&self, events: &mut Vec<T>, stream: impl Fn(&T) -> &StreamName) {
-        if let Some(p) = &self.principal {
-            let rules = self.rules.current();
-            events.retain(|e| p.may(&rules, Permission::Read, stream(e).as_str()));
         }
     }
 }

@@ -128,12 +128,13 @@ pub(crate) async fn set_rules<S: EventStore>(
     caller.require_held(Permission::Admin)?;
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let b: RulesBody = parse_json(&body, "request body")?;
+    let rules = Rules { rules: b.rules };
     let revision = app
         .security
-        .set_rules(caller.name(), Rules { rules: b.rules }, b.expected_revision)
+        .set_rules(caller.name(), rules.clone(), b.expected_revision)
         .await
         .map_err(admin_problem)?;
-    let (_, rules) = app.security.rules_with_revision();
+    // What was stored, with its revision (a later change may already be in force).
     Ok(json_ok(
         StatusCode::OK,
         &json!({ "revision": revision, "rules": rules.rules }),

@@ -45,11 +45,16 @@ pub(crate) fn allow_group(caller: &Caller, source: &SourceSpec) -> Result<(), Pr
 }
 
 /// Checks the caller against the source of the existing group `name`.
-async fn allow_existing<S: EventStore>(
+pub(crate) async fn allow_existing<S: EventStore>(
     app: &App<S>,
     caller: &Caller,
     name: &str,
 ) -> Result<(), Problem> {
+    // The group's source is looked up only to check it: polls and acks with authentication
+    // off skip the round trip to the group.
+    if caller.is_unrestricted() {
+        return Ok(());
+    }
     let info = app.groups.info(name).await.map_err(group_problem)?;
     allow_group(caller, &info.definition.source)
 }

@@ -108,7 +108,8 @@ impl HttpConfig {
         for origin in &self.cors_allowed_origins {
             if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 return Err(format!(
-                    "cors_allowed_origins: {origin:?} is not an origin such as                      https://app.example.com (or \"*\")"
+                    "cors_allowed_origins: {origin:?} is not an origin such as https://app.example.com \
+                     (or \"*\")"
                 ));
             }
         }
@@ -591,7 +592,7 @@ async fn respond_read<S: EventStore>(
 ) -> Result<Response, Problem> {
     caller.require_some(Permission::Read, Scope::from(&source))?;
     // A single stream was checked whole; many streams are filtered event by event.
-    let reader = caller.reader();
+    let reader = caller.clone();
     let request = ReadRequest {
         source,
         from: params.from,
@@ -653,14 +654,14 @@ fn ndjson_stream<S: EventStore>(
     store: Arc<S>,
     request: ReadRequest,
     limit: Option<usize>,
-    reader: access::Reader,
+    reader: Caller,
 ) -> Response {
     struct State<S> {
         store: Arc<S>,
         request: ReadRequest,
         remaining: usize,
         done: bool,
-        reader: access::Reader,
+        reader: Caller,
     }
     let state = State {
         store,

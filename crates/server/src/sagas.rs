@@ -48,7 +48,10 @@ pub(crate) async fn register<S: EventStore>(
     let text = std::str::from_utf8(&body)
         .map_err(|e| Problem::malformed(format!("the definition is not UTF-8 text: {e}")))?;
     caller.require_held(Permission::Saga)?;
-    if let Ok(definition) = skald_saga::parse(text) {
+    // Parsed here only to check the name (the engine parses it again to register it).
+    if !caller.is_unrestricted()
+        && let Ok(definition) = skald_saga::parse(text)
+    {
         caller.require(Permission::Saga, &definition.name)?;
     }
     let registration = app.sagas.register(text).await?;
@@ -145,6 +148,10 @@ async fn allow_instance<S: EventStore>(
     caller: &Caller,
     id: &str,
 ) -> Result<(), Problem> {
+    // The whole history is read only to learn the definition, so not with authentication off.
+    if caller.is_unrestricted() {
+        return Ok(());
+    }
     caller.require_held(Permission::Saga)?;
     let history = app.sagas.history(id).await?;
     caller.require(Permission::Saga, &history.summary.definition)

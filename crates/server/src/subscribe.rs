@@ -18,7 +18,7 @@ use skald_hub::groups::{Consumer, ConsumerEvent, NackAction};
 use skald_hub::{Delivery, Hub, SourceSpec, Start, Subscription, filter_of};
 use skald_security::Permission;
 
-use crate::access::{Caller, Reader, Scope};
+use crate::access::{Caller, Scope};
 use tokio::sync::mpsc;
 
 use crate::cloudevents::write_record;
@@ -228,7 +228,7 @@ async fn sse<S: EventStore>(
     tokio::spawn(
         pump_sse(
             subscription,
-            caller.reader(),
+            caller.clone(),
             tx,
             app.hub.clone(),
             app.config.subscriptions(),
@@ -263,7 +263,7 @@ async fn sse<S: EventStore>(
 /// server stops, or the client stalls.
 async fn pump_sse<S: EventStore>(
     mut subscription: Subscription<S>,
-    reader: Reader,
+    reader: Caller,
     tx: mpsc::Sender<Bytes>,
     hub: Hub<S>,
     settings: SubscriptionSettings,
@@ -725,13 +725,7 @@ impl<S: EventStore> Session<S> {
                 "prefetch must be 1 to {MAX_PREFETCH}, got {prefetch}"
             )));
         }
-        let info = self
-            .app
-            .groups
-            .info(&group)
-            .await
-            .map_err(crate::groups::group_problem)?;
-        crate::groups::allow_group(&self.caller, &info.definition.source)?;
+        crate::groups::allow_existing(&self.app, &self.caller, &group).await?;
         self.generation += 1;
         let name = consumer.unwrap_or_else(|| format!("websocket-{id}"));
         if name.is_empty() || name.len() > MAX_SUBSCRIPTION_ID {
@@ -777,7 +771,7 @@ impl<S: EventStore> Session<S> {
         let task = tokio::spawn(
             pump_ws(
                 subscription,
-                self.caller.reader(),
+                self.caller.clone(),
                 Arc::clone(&id),
                 self.generation,
                 self.tx.clone(),
@@ -857,7 +851,7 @@ async fn pump_group(
 
 async fn pump_ws<S: EventStore>(
     mut subscription: Subscription<S>,
-    reader: Reader,
+    reader: Caller,
     id: Arc<str>,
     generation: u64,
     tx: mpsc::Sender<Outgoing>,
