@@ -89,7 +89,8 @@ impl TlsConfig {
                 self.key_file.display()
             )
         })?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 carries the gRPC API (and any HTTP client that offers it); HTTP/1.1 the rest.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
 

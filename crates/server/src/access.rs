@@ -187,9 +187,25 @@ impl<'a> From<&'a SourceSpec> for Scope<'a> {
 }
 
 fn is_public(path: &str, method: &Method, public_metrics: bool) -> bool {
-    method == Method::GET
+    let get = method == Method::GET
         && (matches!(path, "/health/live" | "/health/ready" | "/v1/openapi.json")
-            || (path == "/metrics" && public_metrics))
+            || (path == "/metrics" && public_metrics));
+    // gRPC health checks and reflection, the counterparts of /health/* and the OpenAPI
+    // document.
+    let grpc = method == Method::POST
+        && path.strip_prefix('/').is_some_and(|p| {
+            [
+                crate::grpc::HEALTH,
+                crate::grpc::REFLECTION_V1,
+                crate::grpc::REFLECTION_V1ALPHA,
+            ]
+            .iter()
+            .any(|service| {
+                p.strip_prefix(service)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+        });
+    get || grpc
 }
 
 /// The guard as a tower layer: authenticates, rate-limits, answers CORS preflights, and adds
@@ -252,6 +268,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
+            let grpc = crate::grpc::is_grpc(request.headers());
             let origin = if app.config.cors_allowed_origins.is_empty() {
                 None
             } else {
@@ -260,13 +277,36 @@ where
                     .get(header::ORIGIN)
                     .and_then(|o| app.allowed_origin(o))
             };
-            if let Err(response) = admit(&app, &mut request, origin.clone()).await {
+            if let Err(refused) = admit(&app, &mut request, origin.clone()).await {
+                let response = match refused {
+                    Refused::Preflight(response) => response,
+                    Refused::Problem(problem) if grpc => problem.to_grpc_status().into_http(),
+                    Refused::Problem(problem) => problem.into_response(),
+                };
                 return Ok(finish(response, &app, origin));
             }
-            let response = inner.call(request).await?;
+            let path = grpc.then(|| request.uri().path().to_owned());
+            let mut response = inner.call(request).await?;
+            // Only the fallbacks answer a gRPC request with anything but gRPC.
+            if let Some(path) = path
+                && !crate::grpc::is_grpc(response.headers())
+            {
+                response = tonic::Status::unimplemented(format!(
+                    "no gRPC method {path} here; the services are in proto/skald/v1/skald.proto"
+                ))
+                .into_http();
+            }
             Ok(finish(response, &app, origin))
         })
     }
+}
+
+/// Why the guard answered a request itself.
+enum Refused {
+    /// A CORS preflight, answered whole.
+    Preflight(Response),
+    /// 401 or 429, as a problem document or a gRPC status.
+    Problem(Problem),
 }
 
 /// Lets the request in (with its `Caller`), or answers it: a CORS preflight, 401 or 429.
@@ -274,7 +314,7 @@ async fn admit<S: EventStore>(
     app: &App<S>,
     request: &mut Request,
     allowed_origin: Option<HeaderValue>,
-) -> Result<(), Response> {
+) -> Result<(), Refused> {
     if request.method() == Method::OPTIONS
         && request
             .headers()
@@ -300,7 +340,7 @@ async fn admit<S: EventStore>(
                 HeaderValue::from_static("600"),
             );
         }
-        return Err(response);
+        return Err(Refused::Preflight(response));
     }
     let security = &app.security;
     let connection = request.extensions().get::<Connection>();
@@ -313,7 +353,10 @@ async fn admit<S: EventStore>(
     if !path.starts_with("/health/")
         && let Err(wait) = security.limit_address(address)
     {
-        return Err(Problem::rate_limited("client address", wait).into_response());
+        return Err(Refused::Problem(Problem::rate_limited(
+            "client address",
+            wait,
+        )));
     }
     let principal = if !security.enabled() || public {
         None
@@ -327,14 +370,15 @@ async fn admit<S: EventStore>(
         match security.authenticate(credentials).await {
             Ok(principal) => {
                 if let Err(wait) = security.limit_principal(&principal) {
-                    return Err(Problem::rate_limited("principal", wait).into_response());
+                    return Err(Refused::Problem(Problem::rate_limited("principal", wait)));
                 }
                 Some(Arc::new(principal))
             }
             Err(refusal) => {
-                return Err(
-                    Problem::unauthenticated(refusal.reason, refusal.detail).into_response()
-                );
+                return Err(Refused::Problem(Problem::unauthenticated(
+                    refusal.reason,
+                    refusal.detail,
+                )));
             }
         }
     };

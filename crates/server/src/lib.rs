@@ -5,6 +5,7 @@ mod access;
 mod admin;
 mod cloudevents;
 mod groups;
+mod grpc;
 pub mod listener;
 mod observe;
 mod problem;
@@ -212,7 +213,8 @@ pub fn router_secured<S: EventStore>(
         metrics: Arc::new(observe::ApiMetrics::new()),
         security,
     });
-    Router::new()
+    let router = grpc::routes(Router::new(), &app);
+    router
         .route(
             "/v1/streams/{stream}",
             post(append::<S>).get(read_stream::<S>),
@@ -416,46 +418,21 @@ async fn append<S: EventStore>(
         }
         other => return Err(Problem::unsupported_media_type(other)),
     };
-    let mut events = events
+    let events = events
         .into_iter()
         .enumerate()
         .map(|(i, e)| e.into_event(&stream, &format!("events[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    // The append's span is stored in each event, so that subscribers and sagas join the trace.
-    let mut span = observe::current_trace().map(|trace| {
-        let mut span = skald_telemetry::start_span(
-            "store.append",
-            skald_telemetry::SpanKind::Internal,
-            Some(&trace.context),
-        );
-        span.set("skald.stream", stream.as_str());
-        span.set("skald.events", events.len() as u64);
-        for event in &mut events {
-            event.metadata = skald_core::Metadata::from_stored(skald_telemetry::inject(
-                event.metadata.as_str(),
-                &span.context(),
-                trace.tracestate.as_deref(),
-            ));
-        }
-        span
-    });
-    let appended = app
-        .store
-        .append(AppendRequest {
+    let result = append_traced(
+        &app,
+        AppendRequest {
             stream,
             expected,
             condition,
             events,
-        })
-        .await;
-    if let Some(span) = &mut span {
-        match &appended {
-            Ok(result) => span.set("skald.position", result.first_position.0),
-            Err(e) => span.fail(e.to_string()),
-        }
-    }
-    drop(span);
-    let result = appended?;
+        },
+    )
+    .await?;
     let status = if result.replayed {
         StatusCode::OK
     } else {
@@ -466,6 +443,40 @@ async fn append<S: EventStore>(
         json_response(serde_json::to_vec(&result).expect("serializable")),
     )
         .into_response())
+}
+
+/// Appends in a `store.append` span of the request's trace, when it has one. The span's
+/// context is stored in each event's metadata, so that subscribers and sagas join the trace.
+async fn append_traced<S: EventStore>(
+    app: &App<S>,
+    mut request: AppendRequest,
+) -> skald_core::Result<skald_core::AppendResult> {
+    let AppendRequest { stream, events, .. } = &mut request;
+    let mut span = observe::current_trace().map(|trace| {
+        let mut span = skald_telemetry::start_span(
+            "store.append",
+            skald_telemetry::SpanKind::Internal,
+            Some(&trace.context),
+        );
+        span.set("skald.stream", stream.as_str());
+        span.set("skald.events", events.len() as u64);
+        for event in events.iter_mut() {
+            event.metadata = skald_core::Metadata::from_stored(skald_telemetry::inject(
+                event.metadata.as_str(),
+                &span.context(),
+                trace.tracestate.as_deref(),
+            ));
+        }
+        span
+    });
+    let appended = app.store.append(request).await;
+    if let Some(span) = &mut span {
+        match &appended {
+            Ok(result) => span.set("skald.position", result.first_position.0),
+            Err(e) => span.fail(e.to_string()),
+        }
+    }
+    appended
 }
 
 fn json_response(body: Vec<u8>) -> impl IntoResponse {

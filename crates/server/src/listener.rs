@@ -1,5 +1,5 @@
-//! The accept loop: HTTP/1.1 connections (with upgrades, for WebSocket), over TCP or TLS,
-//! served by the router, each able to be closed from inside a handler, and a graceful shutdown
+//! The accept loop: HTTP/1.1 connections (with upgrades, for WebSocket) and HTTP/2 ones (for
+//! gRPC), over TCP or TLS, served by the router, each able to be closed from inside a handler, and a graceful shutdown
 //! that lets requests in flight finish. It also enforces the connection limit, the header size
 //! and the header-read timeout, and tells handlers the peer's address and client certificate.
 //!
@@ -7,6 +7,10 @@
 //! client that stopped reading is stuck behind a full socket, where hyper never polls its body
 //! again; the only way to free it is to drop the connection, which [`Connection::close_now`]
 //! asks this loop to do.
+//!
+//! The protocol is chosen per connection: by ALPN on TLS, and on plain TCP by whether the
+//! client opens with the HTTP/2 preface (prior knowledge, as gRPC clients do). Both waits fall
+//! under the header-read timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,16 +21,19 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skald_security::TlsSource;
 use skald_security::x509::Subject;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tower::ServiceExt;
 
 /// How long a graceful shutdown waits for open connections before it drops them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Most calls open at once on one HTTP/2 connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// A handle to the connection a request arrived on, in the request's extensions.
 #[derive(Clone, Debug, Default)]
@@ -125,7 +132,13 @@ pub async fn serve_with(
                 ..Connection::default()
             };
             match &options.tls {
-                None => serve_connection(tcp, connection, app, &options, stopping, open).await,
+                None => {
+                    let Some(h2) = opens_with_h2_preface(&tcp, options.header_read_timeout).await
+                    else {
+                        return;
+                    };
+                    serve_connection(tcp, h2, connection, app, &options, stopping, open).await
+                }
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                     let handshake =
@@ -146,7 +159,8 @@ pub async fn serve_with(
                         .and_then(|chain| chain.first())
                         .and_then(|leaf| skald_security::x509::subject(leaf))
                         .map(Arc::new);
-                    serve_connection(stream, connection, app, &options, stopping, open).await
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_connection(stream, h2, connection, app, &options, stopping, open).await
                 }
             }
         });
@@ -158,8 +172,38 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// Whether a plain-TCP client opens with the HTTP/2 preface (`PRI * HTTP/2.0...`) rather than
+/// an HTTP/1 request line, looking at its first bytes without taking them; `None` when it
+/// closes or sends nothing in time.
+async fn opens_with_h2_preface(tcp: &TcpStream, timeout: Duration) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI";
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Some(false);
+        }
+        if n == PREFACE.len() {
+            return Some(true);
+        }
+        // "P" or "PR" so far (it could still be POST): wait for the next bytes.
+        tokio::time::sleep_until(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(1)),
+        )
+        .await;
+    }
+}
+
 async fn serve_connection<T>(
     io: T,
+    h2: bool,
     connection: Connection,
     app: Router,
     options: &ListenOptions,
@@ -177,6 +221,28 @@ async fn serve_connection<T>(
             Ok::<_, Infallible>(response.unwrap_or_else(|never| match never {}))
         }
     });
+    if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(options.max_header_bytes as u32)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // A peer that vanished without a FIN is found by a ping it does not answer.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = close.notified() => return,
+            _ = stopping.wait_for(|stopping| *stopping) => {}
+        }
+        // GOAWAY: the calls in flight finish, no new ones start.
+        conn.as_mut().graceful_shutdown();
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            () = close.notified() => {}
+        }
+        return;
+    }
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)

@@ -35,9 +35,12 @@ pub(crate) struct ApiMetrics {
     pub sse: AtomicI64,
     pub websocket: AtomicI64,
     pub group_consumers: AtomicI64,
+    pub grpc: AtomicI64,
+    pub grpc_group_consumers: AtomicI64,
     /// Events handed to subscribers, by transport.
     pub sse_events: Counter,
     pub websocket_events: Counter,
+    pub grpc_events: Counter,
     /// Subscribers disconnected for reading nothing.
     pub stalled: Counter,
     id_base: u32,
@@ -56,8 +59,11 @@ impl ApiMetrics {
             sse: AtomicI64::new(0),
             websocket: AtomicI64::new(0),
             group_consumers: AtomicI64::new(0),
+            grpc: AtomicI64::new(0),
+            grpc_group_consumers: AtomicI64::new(0),
             sse_events: Counter::new(),
             websocket_events: Counter::new(),
+            grpc_events: Counter::new(),
             stalled: Counter::new(),
             // Ids differ across restarts of the same server.
             id_base: nanos ^ std::process::id().rotate_left(16),
@@ -170,12 +176,14 @@ impl ApiMetrics {
         out.by_label(
             "skald_subscriptions",
             Kind::Gauge,
-            "Open subscriptions by transport (group consumers on WebSockets counted apart).",
+            "Open subscriptions by transport (group consumers counted apart).",
             "transport",
             &[
                 ("sse", open(&self.sse)),
                 ("websocket", open(&self.websocket)),
                 ("group-websocket", open(&self.group_consumers)),
+                ("grpc", open(&self.grpc)),
+                ("group-grpc", open(&self.grpc_group_consumers)),
             ],
         );
         out.by_label(
@@ -186,6 +194,7 @@ impl ApiMetrics {
             &[
                 ("sse", self.sse_events.get() as f64),
                 ("websocket", self.websocket_events.get() as f64),
+                ("grpc", self.grpc_events.get() as f64),
             ],
         );
         out.single(

@@ -157,6 +157,48 @@ impl Problem {
         self.status
     }
 
+    /// The problem as a gRPC status: the code for its kind, the detail as the message, and a
+    /// `google.rpc.ErrorInfo` (domain `skald`, reason the kind) whose metadata holds the type
+    /// URI, the title and each extension member (strings as they are, other JSON as text).
+    pub fn to_grpc_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self.kind {
+            "wrong-expected-revision" | "append-condition-failed" => Code::Aborted,
+            "event-id-reused" | "group-exists" => Code::AlreadyExists,
+            "saga-conflict" => Code::FailedPrecondition,
+            "storage-full" | "rate-limited" | "payload-too-large" => Code::ResourceExhausted,
+            "corruption" => Code::DataLoss,
+            _ => match self.status.as_u16() {
+                400 | 415 | 422 => Code::InvalidArgument,
+                401 => Code::Unauthenticated,
+                403 => Code::PermissionDenied,
+                404 => Code::NotFound,
+                405 => Code::Unimplemented,
+                503 => Code::Unavailable,
+                _ => Code::Internal,
+            },
+        };
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert(
+            "type".to_owned(),
+            format!("urn:skald:problem:{}", self.kind),
+        );
+        metadata.insert("title".to_owned(), self.title.to_owned());
+        for (key, value) in &self.extensions {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            metadata.insert(key.clone(), text);
+        }
+        let details = tonic_types::ErrorDetails::with_error_info(self.kind, "skald", metadata);
+        <tonic::Status as tonic_types::StatusExt>::with_error_details(
+            code,
+            self.detail.clone(),
+            details,
+        )
+    }
+
     /// The problem as a JSON object.
     pub fn to_json(&self) -> Value {
         let mut body = Map::new();

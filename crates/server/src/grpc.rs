@@ -1,0 +1,914 @@
+//! The gRPC API (`proto/skald/v1/skald.proto`, `docs/grpc.md`): tonic services routed by the
+//! same router as the HTTP API, so that they share the port, TLS, the guard (authentication,
+//! rate limits) and the per-handler checks. Each method does what its HTTP endpoint does, with
+//! the same [`Problem`] for each error, carried as a gRPC status.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::{Stream, StreamExt, stream};
+use skald_core::{
+    AppendCondition, AppendRequest, Category, Direction, EventData, EventId, EventStore, EventType,
+    ExpectedRevision, MAX_READ_PAGE, Metadata, Position, ProposedEvent, Query, QueryItem,
+    ReadRequest, ReadSource, RecordedEvent, Revision, StreamName, Tag,
+};
+use skald_hub::groups::{ConsumerEvent, NackAction};
+use skald_hub::{Delivery, Start, Subscription, filter_of};
+use skald_proto::v1 as pb;
+use skald_security::Permission;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::access::{Caller, Scope};
+use crate::observe::Open;
+use crate::{App, Problem, VERSION};
+
+type Reply<T> = Result<Response<T>, Status>;
+type ReplyStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Responses waiting between a subscription or a consumer and its HTTP/2 stream. Kept small:
+/// HTTP/2 flow control holds the rest back, and a stalled client costs little memory.
+const QUEUE: usize = 4;
+/// Events are sent in messages of about this size (at least one event each): what waits for a
+/// slow client stays bounded in bytes, and no message nears a client's decoding limit (4 MiB by
+/// default in most gRPC libraries) unless one event does.
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Capacity of a consumer whose `Join` gives none.
+const DEFAULT_CAPACITY: usize = 100;
+/// The most a consumer may hold unacknowledged.
+const MAX_CAPACITY: usize = 10_000;
+/// Longest consumer name, in bytes.
+const MAX_CONSUMER_NAME: usize = 128;
+
+impl From<Problem> for Status {
+    fn from(problem: Problem) -> Self {
+        problem.to_grpc_status()
+    }
+}
+
+fn problem(e: skald_core::Error) -> Status {
+    Problem::from(e).to_grpc_status()
+}
+
+fn malformed(detail: impl Into<String>) -> Status {
+    Problem::malformed(detail).to_grpc_status()
+}
+
+/// The caller the guard attached to the request; its absence is a bug and fails closed.
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the request was not authenticated"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+
+fn stream_name(raw: String, field: &str) -> Result<StreamName, Status> {
+    if raw.is_empty() {
+        return Err(malformed(format!("{field} is required")));
+    }
+    StreamName::new(raw).map_err(problem)
+}
+
+fn names<T>(
+    field: &str,
+    values: Vec<String>,
+    parse: impl Fn(String) -> skald_core::Result<T>,
+) -> Result<Vec<T>, Status> {
+    values
+        .into_iter()
+        .map(|v| parse(v).map_err(|e| malformed(format!("{field}: {e}"))))
+        .collect()
+}
+
+fn query(q: Option<pb::Query>, field: &str) -> Result<Query, Status> {
+    let q = q.ok_or_else(|| malformed(format!("{field} is required")))?;
+    let items = q
+        .items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            Ok(QueryItem {
+                types: names(&format!("{field}.items[{i}].types"), item.types, |v| {
+                    EventType::new(v)
+                })?,
+                tags: names(&format!("{field}.items[{i}].tags"), item.tags, |v| {
+                    Tag::new(v)
+                })?,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let query = Query { items };
+    query
+        .validate()
+        .map_err(|e| malformed(format!("{field}: {e}")))?;
+    Ok(query)
+}
+
+/// A source as the hub's JSON-shaped spec (groups) and as a read source.
+fn source(source: Option<pb::Source>) -> Result<ReadSource, Status> {
+    let kind = source
+        .and_then(|s| s.kind)
+        .ok_or_else(|| malformed("source is required: a stream, all, a category or a query"))?;
+    Ok(match kind {
+        pb::source::Kind::Stream(name) => {
+            // System streams are readable as the rules allow, as over HTTP.
+            ReadSource::Stream(crate::readable_stream_name(name)?)
+        }
+        pb::source::Kind::All(filter) => ReadSource::All(filter_of(
+            names("source.all.types", filter.types, EventType::new)?,
+            names("source.all.tags", filter.tags, Tag::new)?,
+        )),
+        pb::source::Kind::Category(name) => ReadSource::Category(
+            Category::new(name).map_err(|e| malformed(format!("source.category: {e}")))?,
+        ),
+        pb::source::Kind::Query(q) => ReadSource::Query(query(Some(q), "source.query")?),
+    })
+}
+
+fn proposed(e: pb::ProposedEvent, at: &str) -> Result<ProposedEvent, Status> {
+    let id = if e.id.is_empty() {
+        EventId::generate()
+    } else {
+        EventId(
+            uuid::Uuid::parse_str(&e.id)
+                .map_err(|err| malformed(format!("{at}.id {:?} is not a UUID: {err}", e.id)))?,
+        )
+    };
+    let invalid = |err: skald_core::Error| -> Status {
+        match err {
+            skald_core::Error::InvalidEvent { reason } => {
+                problem(skald_core::Error::invalid(format!("{at}: {reason}")))
+            }
+            other => problem(other),
+        }
+    };
+    let event_type = EventType::new(e.r#type).map_err(invalid)?;
+    let tags = e
+        .tags
+        .into_iter()
+        .map(Tag::new)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let content_type = if e.content_type.is_empty() {
+        "application/json".to_owned()
+    } else {
+        e.content_type
+    };
+    let data = EventData::with_content_type(content_type, e.data)
+        .map_err(|err| malformed(format!("{at}.data: {err}")))?;
+    let metadata = if e.metadata.is_empty() {
+        Metadata::empty()
+    } else {
+        Metadata::new(e.metadata)
+            .map_err(|_| malformed(format!("{at}.metadata must be a JSON object")))?
+    };
+    Ok(ProposedEvent {
+        id,
+        event_type,
+        data,
+        metadata,
+        tags,
+        source: e.source,
+    })
+}
+
+fn expected(e: Option<pb::append_request::ExpectedRevision>) -> Result<ExpectedRevision, Status> {
+    use pb::append_request::ExpectedRevision as E;
+    Ok(match e {
+        None => ExpectedRevision::Any,
+        Some(E::ExpectedExact(r)) => ExpectedRevision::Exact(Revision(r)),
+        Some(E::ExpectedState(state)) => match pb::StreamState::try_from(state) {
+            Ok(pb::StreamState::Any) => ExpectedRevision::Any,
+            Ok(pb::StreamState::NoStream) => ExpectedRevision::NoStream,
+            Ok(pb::StreamState::Exists) => ExpectedRevision::StreamExists,
+            Err(_) => {
+                return Err(malformed(format!(
+                    "expected_state {state} is not a StreamState (0 any, 1 no stream, 2 exists)"
+                )));
+            }
+        },
+    })
+}
+
+/// A stored event on the wire.
+pub(crate) fn recorded(e: &RecordedEvent) -> pb::RecordedEvent {
+    pb::RecordedEvent {
+        id: e.id.0.to_string(),
+        stream: e.stream.as_str().to_owned(),
+        r#type: e.event_type.as_str().to_owned(),
+        content_type: e.data.content_type().to_owned(),
+        data: e.data.bytes().to_vec(),
+        metadata: e.metadata.as_str().to_owned(),
+        tags: e.tags.iter().map(|t| t.as_str().to_owned()).collect(),
+        source: e.source.clone(),
+        recorded_at_micros: e.recorded_at.0,
+        revision: e.revision.0,
+        position: e.position.0,
+    }
+}
+
+/// Splits events into messages of about [`CHUNK_BYTES`].
+fn chunks<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> Vec<Vec<pb::RecordedEvent>> {
+    let mut out = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for event in events {
+        bytes += event.data.bytes().len() + event.metadata.as_str().len() + 128;
+        chunk.push(recorded(event));
+        if bytes >= CHUNK_BYTES {
+            out.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        out.push(chunk);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams
+
+pub(crate) struct StreamsApi<S> {
+    pub app: App<S>,
+}
+
+#[tonic::async_trait]
+impl<S: EventStore> pb::streams_server::Streams for StreamsApi<S> {
+    async fn append(&self, request: Request<pb::AppendRequest>) -> Reply<pb::AppendResponse> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        // System streams (`$...`) are refused: only the server writes them.
+        let stream = stream_name(r.stream, "stream")?;
+        caller.require(Permission::Append, stream.as_str())?;
+        let expected = expected(r.expected_revision)?;
+        let condition = r
+            .condition
+            .map(|c| {
+                Ok::<_, Status>(AppendCondition {
+                    query: query(c.fail_if_events_match, "condition.fail_if_events_match")?,
+                    after: c.after.map(Position),
+                })
+            })
+            .transpose()?;
+        let events = r
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| proposed(e, &format!("events[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = crate::append_traced(
+            &self.app,
+            AppendRequest {
+                stream,
+                expected,
+                condition,
+                events,
+            },
+        )
+        .await
+        .map_err(problem)?;
+        Ok(Response::new(pb::AppendResponse {
+            first_position: result.first_position.0,
+            last_position: result.last_position.0,
+            first_revision: result.first_revision.0,
+            last_revision: result.last_revision.0,
+            replayed: result.replayed,
+        }))
+    }
+
+    type ReadStream = ReplyStream<pb::ReadResponse>;
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Reply<Self::ReadStream> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let source = source(r.source)?;
+        let direction = match pb::Direction::try_from(r.direction) {
+            Ok(pb::Direction::Forward) => Direction::Forward,
+            Ok(pb::Direction::Backward) => Direction::Backward,
+            Err(_) => {
+                return Err(malformed(format!(
+                    "direction {} is not a Direction (0 forward, 1 backward)",
+                    r.direction
+                )));
+            }
+        };
+        caller.require_some(Permission::Read, Scope::from(&source))?;
+        if let ReadSource::Stream(stream) = &source
+            && self
+                .app
+                .store
+                .stream_head(stream)
+                .await
+                .map_err(problem)?
+                .is_none()
+        {
+            return Err(problem(skald_core::Error::StreamNotFound(stream.clone())));
+        }
+        let request = ReadRequest {
+            source,
+            from: r.from,
+            direction,
+            limit: 0,
+        };
+        let remaining = if r.limit == 0 {
+            usize::MAX
+        } else {
+            usize::try_from(r.limit).unwrap_or(usize::MAX)
+        };
+        Ok(Response::new(read_pages(
+            Arc::clone(&self.app.store),
+            request,
+            remaining,
+            caller,
+        )))
+    }
+
+    async fn head(&self, request: Request<pb::HeadRequest>) -> Reply<pb::HeadResponse> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().stream;
+        if name.is_empty() {
+            return Err(malformed("stream is required"));
+        }
+        let stream = crate::readable_stream_name(name)?;
+        caller.require(Permission::Read, stream.as_str())?;
+        match self.app.store.stream_head(&stream).await.map_err(problem)? {
+            Some(head) => Ok(Response::new(pb::HeadResponse {
+                revision: head.revision.0,
+                position: head.position.0,
+            })),
+            None => Err(problem(skald_core::Error::StreamNotFound(stream))),
+        }
+    }
+
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Reply<pb::InfoResponse> {
+        let info = self.app.store.info().await.map_err(problem)?;
+        Ok(Response::new(pb::InfoResponse {
+            version: VERSION.to_owned(),
+            head_position: info.head_position.map(|p| p.0),
+            durability: info.durability.to_string(),
+            storage_bytes: info.storage_bytes,
+        }))
+    }
+}
+
+/// A read as a stream of pages, one store page at a time, so memory stays bounded by one page.
+fn read_pages<S: EventStore>(
+    store: Arc<S>,
+    request: ReadRequest,
+    remaining: usize,
+    reader: Caller,
+) -> ReplyStream<pb::ReadResponse> {
+    struct State<S> {
+        store: Arc<S>,
+        request: ReadRequest,
+        remaining: usize,
+        done: bool,
+        reader: Caller,
+    }
+    let state = State {
+        store,
+        request,
+        remaining,
+        done: false,
+        reader,
+    };
+    let pages = stream::unfold(state, |mut s| async move {
+        loop {
+            if s.done || s.remaining == 0 {
+                return None;
+            }
+            let page_request = ReadRequest {
+                limit: s.remaining.min(MAX_READ_PAGE),
+                ..s.request.clone()
+            };
+            match s.store.read(page_request).await {
+                Ok(mut page) => {
+                    let read = page.events.len();
+                    s.reader.retain(&mut page.events, |e| &e.stream);
+                    s.remaining = s.remaining.saturating_sub(page.events.len());
+                    match page.next {
+                        Some(next) if read > 0 => s.request.from = Some(next),
+                        _ => s.done = true,
+                    }
+                    // A page the rules emptied is skipped, not sent empty.
+                    if page.events.is_empty() {
+                        continue;
+                    }
+                    let messages: Vec<_> = chunks(&page.events)
+                        .into_iter()
+                        .map(|events| Ok(pb::ReadResponse { events }))
+                        .collect();
+                    return Some((stream::iter(messages), s));
+                }
+                Err(e) => {
+                    s.done = true;
+                    return Some((stream::iter(vec![Err(problem(e))]), s));
+                }
+            }
+        }
+    });
+    Box::pin(pages.flatten())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscriptions
+
+pub(crate) struct SubscriptionsApi<S> {
+    pub app: App<S>,
+}
+
+fn start(start: Option<pb::subscribe_request::Start>) -> Result<Start, Status> {
+    use pb::subscribe_request::Start as P;
+    Ok(match start {
+        None => Start::Beginning,
+        Some(P::Position(p)) => Start::Position(p),
+        Some(P::Revision(r)) => Start::Revision(r),
+        Some(P::At(at)) => match pb::StartAt::try_from(at) {
+            Ok(pb::StartAt::Beginning) => Start::Beginning,
+            Ok(pb::StartAt::Now) => Start::Now,
+            Err(_) => {
+                return Err(malformed(format!(
+                    "at {at} is not a StartAt (0 beginning, 1 now)"
+                )));
+            }
+        },
+    })
+}
+
+/// Ends a response stream: the receiver's items, then the reason the sender gave up, if any.
+struct Ending {
+    status: std::sync::Mutex<Option<Status>>,
+    set: AtomicBool,
+}
+
+impl Ending {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            status: std::sync::Mutex::new(None),
+            set: AtomicBool::new(false),
+        })
+    }
+
+    fn end(&self, status: Status) {
+        *self.status.lock().expect("not poisoned") = Some(status);
+        self.set.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<Status> {
+        if self.set.load(Ordering::Acquire) {
+            self.status.lock().expect("not poisoned").take()
+        } else {
+            None
+        }
+    }
+}
+
+/// The response stream over `rx`, ended by the status in `ending` once the sender is gone.
+fn response_stream<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+    ending: Arc<Ending>,
+) -> ReplyStream<T> {
+    Box::pin(stream::unfold(
+        (rx, ending, false),
+        |(mut rx, ending, done)| async move {
+            if done {
+                return None;
+            }
+            match rx.recv().await {
+                Some(item) => Some((Ok(item), (rx, ending, false))),
+                None => ending
+                    .take()
+                    .map(|status| (Err(status), (rx, ending, true))),
+            }
+        },
+    ))
+}
+
+#[tonic::async_trait]
+impl<S: EventStore> pb::subscriptions_server::Subscriptions for SubscriptionsApi<S> {
+    type SubscribeStream = ReplyStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Reply<Self::SubscribeStream> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let source = source(r.source)?;
+        let start = start(r.start)?;
+        caller.require_some(Permission::Subscribe, Scope::from(&source))?;
+        caller.require_some(Permission::Read, Scope::from(&source))?;
+        let subscription = self
+            .app
+            .hub
+            .subscribe(source, start)
+            .await
+            .map_err(problem)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let ending = Ending::new();
+        tokio::spawn(pump_subscription(
+            subscription,
+            caller,
+            tx,
+            Arc::clone(&ending),
+            self.app.clone(),
+        ));
+        Ok(Response::new(response_stream(rx, ending)))
+    }
+}
+
+/// Hands deliveries to the response until the client leaves, the server stops, or the client
+/// stalls for longer than the stall timeout.
+async fn pump_subscription<S: EventStore>(
+    mut subscription: Subscription<S>,
+    reader: Caller,
+    tx: mpsc::Sender<pb::SubscribeResponse>,
+    ending: Arc<Ending>,
+    app: App<S>,
+) {
+    let _open = Open::new(&app.metrics, |m| &m.grpc);
+    let stall = app.config.subscriptions().stall_timeout;
+    let stopping = app.hub.stopping();
+    tokio::pin!(stopping);
+    loop {
+        let delivery = tokio::select! {
+            () = &mut stopping => {
+                ending.end(Status::unavailable("the server is stopping; resubscribe from the last position + 1"));
+                return;
+            }
+            () = tx.closed() => return,
+            delivery = subscription.next() => delivery,
+        };
+        let mut _delivering = Vec::new();
+        let messages = match delivery {
+            Ok(Delivery::Events(mut events)) => {
+                reader.retain(&mut events, |e| &e.stream);
+                if events.is_empty() {
+                    continue;
+                }
+                app.metrics.grpc_events.add(events.len() as u64);
+                _delivering = crate::subscribe::deliver_spans("grpc", events.iter());
+                chunks(events.iter().map(|e| &**e))
+                    .into_iter()
+                    .map(|events| pb::subscribe_response::Kind::Events(pb::EventBatch { events }))
+                    .collect()
+            }
+            Ok(Delivery::CaughtUp { position }) => {
+                vec![pb::subscribe_response::Kind::CaughtUp(pb::CaughtUp {
+                    position,
+                })]
+            }
+            Err(e) => {
+                ending.end(problem(e));
+                return;
+            }
+        };
+        for kind in messages {
+            let message = pb::SubscribeResponse { kind: Some(kind) };
+            match tokio::time::timeout(stall, tx.send(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    app.metrics.stalled.add(1);
+                    ending.end(Status::resource_exhausted(format!(
+                        "the subscriber read nothing for {} ms while events waited; \
+                         resubscribe from the last position + 1",
+                        stall.as_millis()
+                    )));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups
+
+pub(crate) struct GroupsApi<S> {
+    pub app: App<S>,
+}
+
+fn group_status(e: skald_core::Error) -> Status {
+    crate::groups::group_problem(e).to_grpc_status()
+}
+
+#[tonic::async_trait]
+impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
+    type ConsumeStream = ReplyStream<pb::ConsumeResponse>;
+
+    async fn consume(
+        &self,
+        request: Request<Streaming<pb::ConsumeRequest>>,
+    ) -> Reply<Self::ConsumeStream> {
+        let caller = caller(&request)?;
+        let mut inbound = request.into_inner();
+        let join = match inbound.message().await? {
+            Some(pb::ConsumeRequest {
+                kind: Some(pb::consume_request::Kind::Join(join)),
+            }) => join,
+            Some(_) => return Err(malformed("the first message must be a Join")),
+            None => return Err(malformed("the call ended before its Join")),
+        };
+        let capacity = match join.capacity as usize {
+            0 => DEFAULT_CAPACITY,
+            n if n <= MAX_CAPACITY => n,
+            n => {
+                return Err(malformed(format!(
+                    "capacity must be 1 to {MAX_CAPACITY} (or 0 for {DEFAULT_CAPACITY}), got {n}"
+                )));
+            }
+        };
+        let name = if join.consumer.is_empty() {
+            "grpc".to_owned()
+        } else {
+            join.consumer
+        };
+        if name.len() > MAX_CONSUMER_NAME {
+            return Err(malformed(format!(
+                "a consumer name must be at most {MAX_CONSUMER_NAME} bytes long"
+            )));
+        }
+        let group = join.group;
+        crate::groups::allow_existing(&self.app, &caller, &group).await?;
+        let mut consumer = self
+            .app
+            .groups
+            .join(&group, &name, "grpc", capacity)
+            .await
+            .map_err(group_status)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let ending = Ending::new();
+        let _ = tx
+            .send(pb::ConsumeResponse {
+                kind: Some(pb::consume_response::Kind::Joined(pb::Joined {
+                    group: group.clone(),
+                })),
+            })
+            .await;
+        let app = self.app.clone();
+        let end = Arc::clone(&ending);
+        tokio::spawn(async move {
+            let _open = Open::new(&app.metrics, |m| &m.grpc_group_consumers);
+            let stopping = app.hub.stopping();
+            tokio::pin!(stopping);
+            loop {
+                let message = tokio::select! {
+                    () = &mut stopping => {
+                        end.end(Status::unavailable("the server is stopping; join again"));
+                        return;
+                    }
+                    () = tx.closed() => return,
+                    event = consumer.next() => match event {
+                        ConsumerEvent::Messages(messages) => {
+                            let _delivering = crate::subscribe::deliver_spans(
+                                "group-grpc",
+                                messages.iter().map(|m| &m.event),
+                            );
+                            pb::consume_response::Kind::Messages(pb::Messages {
+                                messages: messages
+                                    .iter()
+                                    .map(|m| pb::GroupMessage {
+                                        ack_id: m.ack_id.clone(),
+                                        deliveries: m.deliveries,
+                                        event: Some(recorded(&m.event)),
+                                    })
+                                    .collect(),
+                            })
+                        }
+                        ConsumerEvent::Ended(e) => {
+                            end.end(group_status(e));
+                            return;
+                        }
+                    },
+                    inbound = inbound.next() => match inbound {
+                        None => return,
+                        Some(Err(_)) => return,
+                        Some(Ok(request)) => match settle(&app, &group, request).await {
+                            Ok(outcome) => pb::consume_response::Kind::AckResult(outcome),
+                            Err(status) => {
+                                end.end(status);
+                                return;
+                            }
+                        },
+                    },
+                };
+                let response = pb::ConsumeResponse {
+                    kind: Some(message),
+                };
+                if tx.send(response).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(response_stream(rx, ending)))
+    }
+}
+
+/// Applies one Ack or Nack of a consumer's call.
+async fn settle<S: EventStore>(
+    app: &App<S>,
+    group: &str,
+    request: pb::ConsumeRequest,
+) -> Result<pb::AckResult, Status> {
+    let outcome = match request.kind {
+        Some(pb::consume_request::Kind::Ack(ack)) => app.groups.ack(group, ack.ack_ids).await,
+        Some(pb::consume_request::Kind::Nack(nack)) => {
+            let action = match pb::NackAction::try_from(nack.action) {
+                Ok(pb::NackAction::Retry) => NackAction::Retry,
+                Ok(pb::NackAction::Park) => NackAction::Park,
+                Ok(pb::NackAction::Skip) => NackAction::Skip,
+                Err(_) => {
+                    return Err(malformed(format!(
+                        "nack action {} is not a NackAction (0 retry, 1 park, 2 skip)",
+                        nack.action
+                    )));
+                }
+            };
+            app.groups
+                .nack(group, nack.ack_ids, action, nack.reason)
+                .await
+        }
+        Some(pb::consume_request::Kind::Join(_)) => {
+            return Err(malformed(
+                "a call joins one group once; open another call to join again",
+            ));
+        }
+        None => return Err(malformed("a ConsumeRequest needs an ack or a nack")),
+    }
+    .map_err(group_status)?;
+    Ok(pb::AckResult {
+        done: outcome.done as u64,
+        unknown: outcome.unknown,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health (grpc.health.v1), from the store's readiness
+
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+/// How often `Watch` looks at readiness again.
+const HEALTH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The services health checks know: the server as a whole ("") and each API service.
+const HEALTH_SERVICES: [&str; 4] = ["", STREAMS, SUBSCRIPTIONS, GROUPS];
+
+pub(crate) struct HealthApi<S> {
+    pub app: App<S>,
+}
+
+impl<S: EventStore> HealthApi<S> {
+    fn status(&self, service: &str) -> Result<ServingStatus, Status> {
+        if !HEALTH_SERVICES.contains(&service) {
+            return Err(Status::not_found(format!(
+                "no service {service:?} here; health is reported for \"\" and {}",
+                HEALTH_SERVICES[1..].join(", ")
+            )));
+        }
+        Ok(
+            if self.app.hub.is_stopping() || self.app.store.readiness().is_err() {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            },
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl<S: EventStore> tonic_health::pb::health_server::Health for HealthApi<S> {
+    async fn check(&self, request: Request<HealthCheckRequest>) -> Reply<HealthCheckResponse> {
+        let status = self.status(&request.into_inner().service)?;
+        Ok(Response::new(HealthCheckResponse {
+            status: status as i32,
+        }))
+    }
+
+    type WatchStream = ReplyStream<HealthCheckResponse>;
+
+    async fn watch(&self, request: Request<HealthCheckRequest>) -> Reply<Self::WatchStream> {
+        let service = request.into_inner().service;
+        let app = self.app.clone();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let health = HealthApi { app };
+            let mut last = None;
+            loop {
+                // An unknown service is reported, and the call stays open (as the protocol asks).
+                let status = health
+                    .status(&service)
+                    .unwrap_or(ServingStatus::ServiceUnknown);
+                if last != Some(status) {
+                    let response = HealthCheckResponse {
+                        status: status as i32,
+                    };
+                    if tx.send(response).await.is_err() {
+                        return;
+                    }
+                    last = Some(status);
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep(HEALTH_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(response_stream(rx, Ending::new())))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing
+
+use axum::Router;
+
+const STREAMS: &str = pb::streams_server::SERVICE_NAME;
+const SUBSCRIPTIONS: &str = pb::subscriptions_server::SERVICE_NAME;
+const GROUPS: &str = pb::groups_server::SERVICE_NAME;
+
+/// Adds the gRPC services to `router`, one route per method, so that metrics name each method
+/// and an unknown method falls through to the fallback (which a gRPC client reads as
+/// UNIMPLEMENTED). Messages may be as large as HTTP bodies.
+pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Router<App<S>> {
+    let limit = app.config.max_body_bytes;
+    let streams = pb::streams_server::StreamsServer::new(StreamsApi { app: app.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let subscriptions =
+        pb::subscriptions_server::SubscriptionsServer::new(SubscriptionsApi { app: app.clone() })
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX);
+    let groups = pb::groups_server::GroupsServer::new(GroupsApi { app: app.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let health = tonic_health::pb::health_server::HealthServer::new(HealthApi { app: app.clone() });
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(skald_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the descriptor sets are valid");
+    let router = add(
+        router,
+        STREAMS,
+        &["Append", "Read", "Head", "Info"],
+        streams,
+    );
+    let router = add(router, SUBSCRIPTIONS, &["Subscribe"], subscriptions);
+    let router = add(router, GROUPS, &["Consume"], groups);
+    let router = add(router, HEALTH, &["Check", "Watch"], health);
+    let router = add(
+        router,
+        REFLECTION_V1,
+        &["ServerReflectionInfo"],
+        reflection_v1,
+    );
+    add(
+        router,
+        REFLECTION_V1ALPHA,
+        &["ServerReflectionInfo"],
+        reflection_v1alpha,
+    )
+}
+
+/// The health service's name; its methods are public, like `/health/*`.
+pub(crate) const HEALTH: &str = "grpc.health.v1.Health";
+/// The reflection services' names; public, like the OpenAPI document.
+pub(crate) const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+pub(crate) const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+fn add<S, T>(router: Router<App<S>>, service: &str, methods: &[&str], svc: T) -> Router<App<S>>
+where
+    S: EventStore,
+    T: tower::Service<axum::http::Request<axum::body::Body>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    T::Response: axum::response::IntoResponse,
+    T::Future: Send + 'static,
+{
+    methods.iter().fold(router, |router, method| {
+        router.route_service(&format!("/{service}/{method}"), svc.clone())
+    })
+}
+
+/// Whether a request speaks gRPC (its errors are then gRPC statuses, not problem documents).
+pub(crate) fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
