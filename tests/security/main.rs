@@ -6,6 +6,7 @@
 mod support;
 
 mod common;
+mod grpc;
 mod limits;
 mod matrix;
 mod tokens;

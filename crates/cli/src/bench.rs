@@ -18,6 +18,9 @@ use skald_core::{
 use skald_storage::{Options, Store};
 
 use crate::client::{Connection, HttpClient, describe_problem};
+use skald_proto::v1 as pb;
+use skald_proto::v1::streams_client::StreamsClient;
+use tonic::transport::Channel;
 
 /// Which workload to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -37,6 +40,16 @@ pub enum Workload {
     /// A 3-step saga against a local HTTP target service: completed sagas per second and
     /// trigger-to-final latency, for the success path and the compensation path (embedded).
     Saga,
+}
+
+/// How the bench talks to a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The HTTP API over HTTP/1.1 keep-alive, one connection per writer.
+    Http,
+    /// The gRPC API over HTTP/2, the writers' calls shared over `--connections` connections.
+    Grpc,
 }
 
 /// How streams are chosen for each append.
@@ -59,6 +72,12 @@ pub struct BenchArgs {
     /// An API key or JWT for a server with authentication on.
     #[arg(long, env = "SKALD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The server's API to load: HTTP or gRPC (append, read and mixed workloads).
+    #[arg(long, value_enum, default_value = "http")]
+    pub protocol: Protocol,
+    /// HTTP/2 connections the gRPC writers share.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
     /// Run against an embedded store in this process instead of a server.
     #[arg(long)]
     pub embedded: bool,
@@ -145,6 +164,7 @@ impl From<DurabilityArg> for Durability {
 /// The system under test.
 pub(crate) enum Target {
     Http(HttpClient, String),
+    Grpc(Grpc),
     // The directory is held, not read: it is removed when the run ends and it drops.
     Embedded(Store, #[allow(dead_code)] Option<tempfile::TempDir>),
 }
@@ -199,10 +219,61 @@ struct ReadReport {
     events_per_sec: f64,
 }
 
+/// gRPC clients, one per connection, and the credentials to send.
+#[derive(Clone)]
+pub(crate) struct Grpc {
+    url: String,
+    clients: Vec<StreamsClient<Channel>>,
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Grpc {
+    async fn connect(url: &str, connections: usize, token: Option<&str>) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for _ in 0..connections.max(1) {
+            let channel = Channel::from_shared(url.to_owned())
+                .with_context(|| format!("{url} is not a server URL"))?
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {url} over HTTP/2"))?;
+            clients.push(StreamsClient::new(channel).max_decoding_message_size(64 << 20));
+        }
+        let authorization = token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .context("the token is not valid in a header")?;
+        Ok(Self {
+            url: url.to_owned(),
+            clients,
+            authorization,
+        })
+    }
+
+    fn client(&self, writer: usize) -> StreamsClient<Channel> {
+        self.clients[writer % self.clients.len()].clone()
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        request
+    }
+
+    async fn info(&self) -> anyhow::Result<pb::InfoResponse> {
+        let request = self.request(pb::InfoRequest {});
+        Ok(self.client(0).info(request).await?.into_inner())
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     workload: Workload,
     target: String,
+    protocol: Protocol,
     durability: String,
     writers: usize,
     events_per_append: usize,
@@ -288,6 +359,16 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn open_target(args: &BenchArgs) -> anyhow::Result<Target> {
+    if let Some(url) = &args.server
+        && args.protocol == Protocol::Grpc
+    {
+        if url.starts_with("https://") {
+            bail!("the gRPC bench speaks plain HTTP/2 only; bench a server without TLS");
+        }
+        return Ok(Target::Grpc(
+            Grpc::connect(url, args.connections, args.token.as_deref()).await?,
+        ));
+    }
     if let Some(url) = &args.server {
         let settings = crate::client::ClientSettings {
             token: args.token.clone(),
@@ -325,6 +406,7 @@ async fn describe_target(target: &Target) -> anyhow::Result<(String, String)> {
                 info["durability"].as_str().unwrap_or("?").to_owned(),
             ))
         }
+        Target::Grpc(grpc) => Ok((grpc.url.clone(), grpc.info().await?.durability)),
         Target::Embedded(store, _) => {
             let info = store.info().await?;
             Ok(("embedded".to_owned(), info.durability.to_string()))
@@ -342,6 +424,7 @@ fn payload(size: usize) -> String {
 struct Requests {
     http_ok: Bytes,
     http_wrong: Bytes,
+    grpc_event: pb::ProposedEvent,
     event: ProposedEvent,
     events_per_append: usize,
     /// `Bearer <token>` for a server with authentication on.
@@ -357,6 +440,11 @@ impl Requests {
         Ok(Self {
             http_ok: Bytes::from(format!("{{\"events\":[{events}]}}")),
             // No stream of a benchmark ever reaches this revision, so the append conflicts.
+            grpc_event: pb::ProposedEvent {
+                r#type: "BenchEvent".to_owned(),
+                data: data.clone().into_bytes(),
+                ..pb::ProposedEvent::default()
+            },
             http_wrong: Bytes::from(format!(
                 "{{\"expectedRevision\":{},\"events\":[{events}]}}",
                 u64::MAX / 2
@@ -371,10 +459,33 @@ impl Requests {
         &self,
         target: &Target,
         connection: &mut Option<Connection>,
+        writer: usize,
         stream: &str,
         wrong: bool,
     ) -> anyhow::Result<Outcome> {
         match target {
+            Target::Grpc(grpc) => {
+                let events = (0..self.events_per_append)
+                    .map(|_| pb::ProposedEvent {
+                        id: EventId::generate().0.to_string(),
+                        ..self.grpc_event.clone()
+                    })
+                    .collect();
+                let expected_revision = wrong.then_some(
+                    pb::append_request::ExpectedRevision::ExpectedExact(u64::MAX / 2),
+                );
+                let request = grpc.request(pb::AppendRequest {
+                    stream: stream.to_owned(),
+                    expected_revision,
+                    condition: None,
+                    events,
+                });
+                match grpc.client(writer).append(request).await {
+                    Ok(_) => Ok(Outcome::Ok),
+                    Err(status) if status.code() == tonic::Code::Aborted => Ok(Outcome::Conflict),
+                    Err(status) => bail!("{}: {}", status.code(), status.message()),
+                }
+            }
             Target::Http(_, url) => {
                 let body = if wrong {
                     &self.http_wrong
@@ -497,6 +608,7 @@ async fn run_appends(
     let duration = Duration::from_secs_f64(args.duration);
     let target = Arc::new(match target {
         Target::Http(c, u) => Target::Http(c.clone(), u.clone()),
+        Target::Grpc(g) => Target::Grpc(g.clone()),
         Target::Embedded(s, _) => Target::Embedded(s.clone(), None),
     });
     let start = Instant::now();
@@ -523,7 +635,7 @@ async fn run_appends(
                 let wrong = share > 0.0 && rng.f64() < share;
                 let t = Instant::now();
                 let outcome = requests
-                    .append(&target, &mut connection, &stream, wrong)
+                    .append(&target, &mut connection, w, &stream, wrong)
                     .await;
                 if outcome.is_err() {
                     connection = None;
@@ -636,6 +748,27 @@ async fn catch_up(
                 }
             }
         }
+        Target::Grpc(grpc) => {
+            let request = grpc.request(pb::ReadRequest {
+                source: Some(pb::Source {
+                    kind: Some(pb::source::Kind::All(pb::AllFilter::default())),
+                }),
+                from: Some(0),
+                direction: pb::Direction::Forward as i32,
+                limit: if max == u64::MAX { 0 } else { max },
+            });
+            let mut pages = grpc.client(0).read(request).await?.into_inner();
+            while let Some(page) = pages.message().await? {
+                let n = page.events.len() as u64;
+                read += n;
+                if let Some(c) = counter {
+                    c.fetch_add(n, Ordering::Relaxed);
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }
         Target::Http(client, _) => {
             let uri = if max == u64::MAX {
                 "/v1/all".to_owned()
@@ -667,6 +800,7 @@ async fn catch_up(
 async fn populate(args: &BenchArgs, target: &Target) -> anyhow::Result<()> {
     let head = match target {
         Target::Embedded(store, _) => store.head(),
+        Target::Grpc(grpc) => grpc.info().await?.head_position.map_or(0, |p| p + 1),
         Target::Http(client, _) => {
             let (_, body) = client
                 .call(Method::GET, "/v1/info", &[], Bytes::new())
@@ -686,11 +820,12 @@ async fn populate(args: &BenchArgs, target: &Target) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let target = Arc::new(match target {
         Target::Http(c, u) => Target::Http(c.clone(), u.clone()),
+        Target::Grpc(g) => Target::Grpc(g.clone()),
         Target::Embedded(s, _) => Target::Embedded(s.clone(), None),
     });
     let progress = Progress::new(appends, "appends of 1000 events");
     let mut tasks = Vec::new();
-    for _ in 0..8 {
+    for task in 0..8 {
         let (requests, next, target, bar) = (
             Arc::clone(&requests),
             Arc::clone(&next),
@@ -708,6 +843,7 @@ async fn populate(args: &BenchArgs, target: &Target) -> anyhow::Result<()> {
                     .append(
                         &target,
                         &mut connection,
+                        task,
                         &format!("fill-{}", i % 1000),
                         false,
                     )
@@ -765,6 +901,7 @@ fn report(
     let report = Report {
         workload: args.workload,
         target,
+        protocol: args.protocol,
         durability,
         writers: args.writers,
         events_per_append: args.events_per_append,
@@ -807,8 +944,13 @@ fn print_table(r: &Report) {
         print_latency("fdatasync", f);
         return;
     }
+    let over = match (r.target.as_str(), r.protocol) {
+        ("embedded", _) => "",
+        (_, Protocol::Http) => " over HTTP/1.1",
+        (_, Protocol::Grpc) => " over gRPC",
+    };
     println!(
-        "{:<12} {:?} against {} (durability {})",
+        "{:<12} {:?} against {}{over} (durability {})",
         "workload", r.workload, r.target, r.durability
     );
     if let Some(a) = &r.append {
@@ -848,6 +990,8 @@ mod tests {
             server: None,
             token: None,
             embedded: true,
+            protocol: Protocol::Http,
+            connections: 4,
             data_dir: None,
             durability: DurabilityArg::None,
             writers: 1,
