@@ -202,6 +202,40 @@ async fn grpc_calls_pass_the_same_guard_and_rules() {
         async move { client.consume(request).await.map(|_| ()) }
     };
     join("orders", &subscriber).await.unwrap();
+    let create = |name: &str, category: &str, token: &str| {
+        let request = authorized(
+            pb::CreateGroupRequest {
+                name: name.into(),
+                source: source(pb::source::Kind::Category(category.into())),
+                start: None,
+                settings: None,
+            },
+            Some(token),
+        );
+        let mut client = GroupsClient::new(channel.clone());
+        async move { client.create(request).await.map(|_| ()) }
+    };
+    create("mine", "order", &subscriber).await.unwrap();
+    assert_eq!(
+        create("theirs", "payment", &subscriber)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let listed = GroupsClient::new(channel.clone())
+        .list(authorized(pb::ListGroupsRequest {}, Some(&subscriber)))
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    let mut names: Vec<_> = listed.into_iter().map(|g| g.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["mine", "orders"],
+        "the list shows what the caller may use"
+    );
     assert_eq!(
         join("payments", &subscriber).await.unwrap_err().code(),
         Code::PermissionDenied

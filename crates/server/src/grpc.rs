@@ -13,8 +13,11 @@ use skald_core::{
     ExpectedRevision, MAX_READ_PAGE, Metadata, Position, ProposedEvent, Query, QueryItem,
     ReadRequest, ReadSource, RecordedEvent, Revision, StreamName, Tag,
 };
-use skald_hub::groups::{ConsumerEvent, NackAction};
-use skald_hub::{Delivery, Start, Subscription, filter_of};
+use skald_hub::groups::{
+    ConsumerEvent, GroupInfo, GroupSettings, GroupStart, NackAction, NewGroup, SettingsUpdate,
+    Strategy,
+};
+use skald_hub::{AllSpec, Delivery, SourceSpec, Start, Subscription, filter_of};
 use skald_proto::v1 as pb;
 use skald_security::Permission;
 use tokio::sync::mpsc;
@@ -425,20 +428,27 @@ pub(crate) struct SubscriptionsApi<S> {
 
 fn start(start: Option<pb::subscribe_request::Start>) -> Result<Start, Status> {
     use pb::subscribe_request::Start as P;
-    Ok(match start {
-        None => Start::Beginning,
-        Some(P::Position(p)) => Start::Position(p),
-        Some(P::Revision(r)) => Start::Revision(r),
-        Some(P::At(at)) => match pb::StartAt::try_from(at) {
-            Ok(pb::StartAt::Beginning) => Start::Beginning,
-            Ok(pb::StartAt::Now) => Start::Now,
-            Err(_) => {
-                return Err(malformed(format!(
-                    "at {at} is not a StartAt (0 beginning, 1 now)"
-                )));
-            }
-        },
+    start_at(match start {
+        None => None,
+        Some(P::At(at)) => Some(Err(at)),
+        Some(P::Position(p)) => Some(Ok(Start::Position(p))),
+        Some(P::Revision(r)) => Some(Ok(Start::Revision(r))),
     })
+}
+
+/// A start from a request's `start` oneof: `Err(at)` for a `StartAt` still to be checked.
+fn start_at(start: Option<Result<Start, i32>>) -> Result<Start, Status> {
+    match start {
+        None => Ok(Start::Beginning),
+        Some(Ok(start)) => Ok(start),
+        Some(Err(at)) => match pb::StartAt::try_from(at) {
+            Ok(pb::StartAt::Beginning) => Ok(Start::Beginning),
+            Ok(pb::StartAt::Now) => Ok(Start::Now),
+            Err(_) => Err(malformed(format!(
+                "at {at} is not a StartAt (0 beginning, 1 now)"
+            ))),
+        },
+    }
 }
 
 /// Ends a response stream: the receiver's items, then the reason the sender gave up, if any.
@@ -599,6 +609,116 @@ fn group_status(e: skald_core::Error) -> Status {
     crate::groups::group_problem(e).to_grpc_status()
 }
 
+/// A source as groups store it; names are checked when the group is made.
+fn source_spec(source: Option<pb::Source>) -> Result<SourceSpec, Status> {
+    let kind = source
+        .and_then(|s| s.kind)
+        .ok_or_else(|| malformed("source is required: a stream, all, a category or a query"))?;
+    Ok(match kind {
+        pb::source::Kind::Stream(name) => SourceSpec::Stream(name),
+        pb::source::Kind::Category(name) => SourceSpec::Category(name),
+        pb::source::Kind::All(filter) => SourceSpec::All(AllSpec {
+            types: names("source.all.types", filter.types, EventType::new)?,
+            tags: names("source.all.tags", filter.tags, Tag::new)?,
+        }),
+        pb::source::Kind::Query(q) => SourceSpec::Query(query(Some(q), "source.query")?),
+    })
+}
+
+fn source_message(spec: &SourceSpec) -> pb::Source {
+    let kind = match spec {
+        SourceSpec::Stream(name) => pb::source::Kind::Stream(name.clone()),
+        SourceSpec::Category(name) => pb::source::Kind::Category(name.clone()),
+        SourceSpec::All(all) => pb::source::Kind::All(pb::AllFilter {
+            types: all.types.iter().map(|t| t.as_str().to_owned()).collect(),
+            tags: all.tags.iter().map(|t| t.as_str().to_owned()).collect(),
+        }),
+        SourceSpec::Query(q) => pb::source::Kind::Query(pb::Query {
+            items: q
+                .items
+                .iter()
+                .map(|item| pb::QueryItem {
+                    types: item.types.iter().map(|t| t.as_str().to_owned()).collect(),
+                    tags: item.tags.iter().map(|t| t.as_str().to_owned()).collect(),
+                })
+                .collect(),
+        }),
+    };
+    pb::Source { kind: Some(kind) }
+}
+
+/// The settings a request gives, as a change to apply (to the defaults, on creation).
+fn settings_update(settings: Option<pb::GroupSettings>) -> Result<SettingsUpdate, Status> {
+    let s = settings.unwrap_or_default();
+    let strategy = s
+        .strategy
+        .map(|v| match pb::Strategy::try_from(v) {
+            Ok(pb::Strategy::RoundRobin) => Ok(Strategy::RoundRobin),
+            Ok(pb::Strategy::Pinned) => Ok(Strategy::Pinned),
+            Err(_) => Err(malformed(format!(
+                "settings.strategy {v} is not a Strategy (0 round robin, 1 pinned)"
+            ))),
+        })
+        .transpose()?;
+    Ok(SettingsUpdate {
+        strategy,
+        message_timeout_ms: s.message_timeout_ms,
+        max_deliveries: s.max_deliveries,
+        retry_delay_ms: s.retry_delay_ms,
+        max_retry_delay_ms: s.max_retry_delay_ms,
+        buffer_size: s
+            .buffer_size
+            .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
+        checkpoint_after_ms: s.checkpoint_after_ms,
+    })
+}
+
+fn group_message(info: &GroupInfo) -> pb::GroupInfo {
+    let d = &info.definition;
+    let s = &d.settings;
+    let stats = &info.stats;
+    pb::GroupInfo {
+        name: d.name.clone(),
+        source: Some(source_message(&d.source)),
+        start: Some(match d.start {
+            GroupStart::Position(p) => pb::group_info::Start::StartPosition(p),
+            GroupStart::Revision(r) => pb::group_info::Start::StartRevision(r),
+        }),
+        settings: Some(pb::GroupSettings {
+            strategy: Some(match s.strategy {
+                Strategy::RoundRobin => pb::Strategy::RoundRobin,
+                Strategy::Pinned => pb::Strategy::Pinned,
+            } as i32),
+            message_timeout_ms: Some(s.message_timeout_ms),
+            max_deliveries: Some(s.max_deliveries),
+            retry_delay_ms: Some(s.retry_delay_ms),
+            max_retry_delay_ms: Some(s.max_retry_delay_ms),
+            buffer_size: Some(s.buffer_size as u64),
+            checkpoint_after_ms: Some(s.checkpoint_after_ms),
+        }),
+        stats: Some(pb::GroupStats {
+            consumers: stats
+                .consumers
+                .iter()
+                .map(|c| pb::ConsumerStats {
+                    name: c.name.clone(),
+                    kind: c.kind.to_owned(),
+                    in_flight: c.in_flight as u64,
+                    capacity: c.capacity as u64,
+                })
+                .collect(),
+            in_flight: stats.in_flight as u64,
+            available: stats.available as u64,
+            checkpoint: stats.checkpoint,
+            head: stats.head,
+            lag: stats.lag,
+            parked: stats.parked,
+            delivered: stats.delivered,
+            delivery_rate: stats.delivery_rate,
+        }),
+    }
+}
+
 #[tonic::async_trait]
 impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
     type ConsumeStream = ReplyStream<pb::ConsumeResponse>;
@@ -708,6 +828,93 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
             }
         });
         Ok(Response::new(response_stream(rx, ending)))
+    }
+
+    async fn create(&self, request: Request<pb::CreateGroupRequest>) -> Reply<pb::GroupInfo> {
+        use pb::create_group_request::Start as P;
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let source = source_spec(r.source)?;
+        crate::groups::allow_group(&caller, &source)?;
+        let start = start_at(r.start.map(|s| match s {
+            P::At(at) => Err(at),
+            P::Position(p) => Ok(Start::Position(p)),
+            P::Revision(v) => Ok(Start::Revision(v)),
+        }))?;
+        let settings = settings_update(r.settings)?.apply(&GroupSettings::default());
+        let info = self
+            .app
+            .groups
+            .create(NewGroup {
+                name: r.name,
+                source,
+                start,
+                settings,
+            })
+            .await
+            .map_err(group_status)?;
+        Ok(Response::new(group_message(&info)))
+    }
+
+    async fn get(&self, request: Request<pb::GetGroupRequest>) -> Reply<pb::GroupInfo> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        crate::groups::allow_existing(&self.app, &caller, &name).await?;
+        let info = self.app.groups.info(&name).await.map_err(group_status)?;
+        Ok(Response::new(group_message(&info)))
+    }
+
+    async fn list(&self, request: Request<pb::ListGroupsRequest>) -> Reply<pb::ListGroupsResponse> {
+        let caller = caller(&request)?;
+        caller.require_held(Permission::Subscribe)?;
+        let groups = self.app.groups.list().await.map_err(group_status)?;
+        let groups = groups
+            .iter()
+            .filter(|g| crate::groups::allow_group(&caller, &g.definition.source).is_ok())
+            .map(group_message)
+            .collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn update(&self, request: Request<pb::UpdateGroupRequest>) -> Reply<pb::GroupInfo> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        crate::groups::allow_existing(&self.app, &caller, &r.name).await?;
+        let update = settings_update(r.settings)?;
+        let info = self
+            .app
+            .groups
+            .update(&r.name, &update)
+            .await
+            .map_err(group_status)?;
+        Ok(Response::new(group_message(&info)))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Reply<pb::DeleteGroupResponse> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        crate::groups::allow_existing(&self.app, &caller, &name).await?;
+        self.app.groups.delete(&name).await.map_err(group_status)?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
+    async fn replay_parked(
+        &self,
+        request: Request<pb::ReplayParkedRequest>,
+    ) -> Reply<pb::ReplayParkedResponse> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        crate::groups::allow_existing(&self.app, &caller, &name).await?;
+        let replaying = self
+            .app
+            .groups
+            .replay_parked(&name)
+            .await
+            .map_err(group_status)?;
+        Ok(Response::new(pb::ReplayParkedResponse { replaying }))
     }
 }
 
@@ -868,7 +1075,20 @@ pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Rou
         streams,
     );
     let router = add(router, SUBSCRIPTIONS, &["Subscribe"], subscriptions);
-    let router = add(router, GROUPS, &["Consume"], groups);
+    let router = add(
+        router,
+        GROUPS,
+        &[
+            "Consume",
+            "Create",
+            "Get",
+            "List",
+            "Update",
+            "Delete",
+            "ReplayParked",
+        ],
+        groups,
+    );
     let router = add(router, HEALTH, &["Check", "Watch"], health);
     let router = add(
         router,

@@ -1004,3 +1004,173 @@ async fn health_reflection_unknown_methods_and_http_on_the_same_port() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn groups_are_managed_over_grpc() {
+    let server = Server::start(HttpConfig::default()).await;
+    let channel = server.channel().await;
+    let mut streams = StreamsClient::new(channel.clone());
+    let mut groups = GroupsClient::new(channel.clone());
+    streams
+        .append(append("mail-1", vec![event("", "Queued", "{}", &[])]))
+        .await
+        .unwrap();
+    let create = |name: &str, settings: Option<pb::GroupSettings>| pb::CreateGroupRequest {
+        name: name.into(),
+        source: source(pb::source::Kind::Category("mail".into())),
+        start: None,
+        settings,
+    };
+    let created = groups
+        .create(create(
+            "mailers",
+            Some(pb::GroupSettings {
+                max_deliveries: Some(3),
+                strategy: Some(pb::Strategy::Pinned as i32),
+                ..Default::default()
+            }),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.name, "mailers");
+    assert_eq!(
+        created.source.unwrap().kind,
+        Some(pb::source::Kind::Category("mail".into()))
+    );
+    assert_eq!(created.start, Some(pb::group_info::Start::StartPosition(0)));
+    let settings = created.settings.unwrap();
+    assert_eq!(settings.max_deliveries, Some(3));
+    assert_eq!(settings.strategy, Some(pb::Strategy::Pinned as i32));
+    assert_eq!(
+        settings.message_timeout_ms,
+        Some(30_000),
+        "unset fields take their defaults"
+    );
+
+    // Taken names, bad names, bad settings.
+    let taken = groups.create(create("mailers", None)).await.unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists);
+    assert_eq!(info(&taken).0, "group-exists");
+    let bad = groups.create(create("no spaces", None)).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let bad = groups
+        .create(create(
+            "zero",
+            Some(pb::GroupSettings {
+                buffer_size: Some(0),
+                ..Default::default()
+            }),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("bufferSize"), "{bad:?}");
+    let bad = groups
+        .create(create(
+            "odd",
+            Some(pb::GroupSettings {
+                strategy: Some(7),
+                ..Default::default()
+            }),
+        ))
+        .await
+        .unwrap_err();
+    assert!(bad.message().contains("Strategy"), "{bad:?}");
+
+    // Update changes only what it names.
+    let updated = groups
+        .update(pb::UpdateGroupRequest {
+            name: "mailers".into(),
+            settings: Some(pb::GroupSettings {
+                retry_delay_ms: Some(5),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap();
+    assert_eq!(updated.retry_delay_ms, Some(5));
+    assert_eq!(updated.max_deliveries, Some(3));
+
+    // A parked message comes back after ReplayParked; the stats show it.
+    let mut consumer = Consumer::join(channel.clone(), "mailers", 5).await.unwrap();
+    let held = consumer.messages().await;
+    consumer
+        .send(pb::consume_request::Kind::Nack(pb::Nack {
+            ack_ids: vec![held[0].ack_id.clone()],
+            action: pb::NackAction::Park as i32,
+            reason: "bounced".into(),
+        }))
+        .await;
+    assert_eq!(consumer.result().await.done, 1);
+    let reader = groups.clone();
+    let get = || {
+        let mut groups = reader.clone();
+        async move {
+            groups
+                .get(pb::GetGroupRequest {
+                    name: "mailers".into(),
+                })
+                .await
+        }
+    };
+    let mut parked = 0;
+    for _ in 0..100 {
+        let stats = get().await.unwrap().into_inner().stats.unwrap();
+        assert_eq!(stats.consumers.len(), 1);
+        assert_eq!(stats.consumers[0].kind, "grpc");
+        parked = stats.parked;
+        if parked == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(parked, 1);
+    let replaying = groups
+        .replay_parked(pb::ReplayParkedRequest {
+            name: "mailers".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .replaying;
+    assert_eq!(replaying, 1);
+    let again = consumer.messages().await;
+    assert_eq!(again[0].event.as_ref().unwrap().stream, "mail-1");
+
+    let listed = groups
+        .list(pb::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert_eq!(
+        listed.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),
+        ["mailers"]
+    );
+
+    // Delete: the consumer's call ends, and the group is gone.
+    groups
+        .delete(pb::DeleteGroupRequest {
+            name: "mailers".into(),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match consumer.rx.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status.code()),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended, Some(Code::NotFound));
+    assert_eq!(get().await.unwrap_err().code(), Code::NotFound);
+    server.stop().await;
+}
