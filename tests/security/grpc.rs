@@ -245,6 +245,23 @@ async fn grpc_calls_pass_the_same_guard_and_rules() {
         Code::PermissionDenied
     );
 
+    // Sagas need the saga permission.
+    let denied = skald_proto::v1::sagas_client::SagasClient::new(channel.clone())
+        .list_instances(authorized(
+            pb::ListSagaInstancesRequest::default(),
+            Some(&reader),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    skald_proto::v1::sagas_client::SagasClient::new(channel.clone())
+        .list_instances(authorized(
+            pb::ListSagaInstancesRequest::default(),
+            Some(&admin),
+        ))
+        .await
+        .unwrap();
+
     // Health checks and reflection need no credentials, like /health/* and the OpenAPI document.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health

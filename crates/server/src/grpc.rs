@@ -957,6 +957,202 @@ async fn settle<S: EventStore>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sagas
+
+pub(crate) struct SagasApi<S> {
+    pub app: App<S>,
+}
+
+fn saga_state(state: skald_saga::SagaState) -> pb::SagaState {
+    use skald_saga::SagaState as S;
+    match state {
+        S::Running => pb::SagaState::Running,
+        S::Compensating => pb::SagaState::Compensating,
+        S::Completed => pb::SagaState::Completed,
+        S::Compensated => pb::SagaState::Compensated,
+        S::Stuck => pb::SagaState::Stuck,
+        S::Cancelled => pb::SagaState::Cancelled,
+    }
+}
+
+fn instance_summary(i: &skald_saga::InstanceSummary) -> pb::SagaInstanceSummary {
+    pb::SagaInstanceSummary {
+        saga_id: i.saga_id.clone(),
+        stream: i.stream.clone(),
+        definition: i.definition.clone(),
+        version: i.version,
+        correlation_key: i.correlation_key.clone(),
+        state: saga_state(i.state) as i32,
+        completed_steps: i.completed_steps.clone(),
+        compensated_steps: i.compensated_steps.clone(),
+        cancel_requested: i.cancel_requested,
+        last_error: i.last_error.clone(),
+        started_at_micros: i.started_at.0,
+        updated_at_micros: i.updated_at.0,
+    }
+}
+
+#[tonic::async_trait]
+impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterSagaRequest>,
+    ) -> Reply<pb::RegisterSagaResponse> {
+        let caller = caller(&request)?;
+        let text = request.into_inner().definition;
+        let r = crate::sagas::register_text(&self.app, &caller, &text).await?;
+        Ok(Response::new(pb::RegisterSagaResponse {
+            name: r.name,
+            version: r.version,
+            replayed: r.replayed,
+        }))
+    }
+
+    async fn list_definitions(
+        &self,
+        request: Request<pb::ListSagaDefinitionsRequest>,
+    ) -> Reply<pb::ListSagaDefinitionsResponse> {
+        let caller = caller(&request)?;
+        caller.require_held(Permission::Saga)?;
+        let definitions = self
+            .app
+            .sagas
+            .definitions()
+            .into_iter()
+            .filter(|d| caller.require(Permission::Saga, &d.name).is_ok())
+            .map(|d| pb::SagaDefinitionSummary {
+                name: d.name,
+                latest_version: d.latest_version,
+                versions: d.versions,
+                registered_at_micros: d.registered_at.0,
+                instances: d
+                    .instances
+                    .into_iter()
+                    .map(|(state, n)| (state.to_owned(), n))
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListSagaDefinitionsResponse {
+            definitions,
+        }))
+    }
+
+    async fn get_definition(
+        &self,
+        request: Request<pb::GetSagaDefinitionRequest>,
+    ) -> Reply<pb::SagaDefinition> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        caller.require(Permission::Saga, &r.name)?;
+        let definition = self
+            .app
+            .sagas
+            .definition(&r.name, r.version)
+            .map_err(problem)?;
+        Ok(Response::new(pb::SagaDefinition {
+            name: definition.name.clone(),
+            version: definition.version,
+            json: serde_json::to_string(&definition).expect("a definition serializes"),
+        }))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListSagaInstancesRequest>,
+    ) -> Reply<pb::ListSagaInstancesResponse> {
+        use skald_saga::SagaState as S;
+        let caller = caller(&request)?;
+        caller.require_held(Permission::Saga)?;
+        let r = request.into_inner();
+        let state = match pb::SagaState::try_from(r.state) {
+            Ok(pb::SagaState::Unspecified) => None,
+            Ok(pb::SagaState::Running) => Some(S::Running),
+            Ok(pb::SagaState::Compensating) => Some(S::Compensating),
+            Ok(pb::SagaState::Completed) => Some(S::Completed),
+            Ok(pb::SagaState::Compensated) => Some(S::Compensated),
+            Ok(pb::SagaState::Stuck) => Some(S::Stuck),
+            Ok(pb::SagaState::Cancelled) => Some(S::Cancelled),
+            Err(_) => return Err(malformed(format!("state {} is not a SagaState", r.state))),
+        };
+        let limit = match r.limit as usize {
+            0 => skald_saga::MAX_LISTED,
+            n if n <= skald_saga::MAX_LISTED => n,
+            n => {
+                return Err(malformed(format!(
+                    "limit must be 1 to {} (or 0 for all), got {n}",
+                    skald_saga::MAX_LISTED
+                )));
+            }
+        };
+        let filter = skald_saga::InstanceFilter {
+            state,
+            definition: (!r.definition.is_empty()).then_some(r.definition),
+            limit: Some(limit),
+        };
+        let instances = self
+            .app
+            .sagas
+            .instances(&filter)
+            .iter()
+            .filter(|i| caller.require(Permission::Saga, &i.definition).is_ok())
+            .map(instance_summary)
+            .collect();
+        Ok(Response::new(pb::ListSagaInstancesResponse { instances }))
+    }
+
+    async fn get_instance(
+        &self,
+        request: Request<pb::GetSagaInstanceRequest>,
+    ) -> Reply<pb::SagaInstance> {
+        let caller = caller(&request)?;
+        let id = request.into_inner().saga_id;
+        let history = self.app.sagas.history(&id).await.map_err(problem)?;
+        caller.require(Permission::Saga, &history.summary.definition)?;
+        Ok(Response::new(pb::SagaInstance {
+            summary: Some(instance_summary(&history.summary)),
+            history: history
+                .history
+                .iter()
+                .map(|h| pb::SagaHistoryEntry {
+                    revision: h.revision,
+                    position: h.position,
+                    time_micros: h.time.0,
+                    r#type: h.event_type.clone(),
+                    data_json: h.data.to_string(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn retry(
+        &self,
+        request: Request<pb::RetrySagaRequest>,
+    ) -> Reply<pb::SagaInstanceSummary> {
+        let caller = caller(&request)?;
+        let id = request.into_inner().saga_id;
+        crate::sagas::allow_instance(&self.app, &caller, &id).await?;
+        let summary = self.app.sagas.retry(&id).await.map_err(problem)?;
+        Ok(Response::new(instance_summary(&summary)))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelSagaRequest>,
+    ) -> Reply<pb::SagaInstanceSummary> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        crate::sagas::allow_instance(&self.app, &caller, &r.saga_id).await?;
+        let reason = if r.reason.is_empty() {
+            "cancelled through the API".to_owned()
+        } else {
+            r.reason
+        };
+        let summary = crate::sagas::cancel_audited(&self.app, &caller, &r.saga_id, &reason).await?;
+        Ok(Response::new(instance_summary(&summary)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Health (grpc.health.v1), from the store's readiness
 
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -966,7 +1162,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 const HEALTH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The services health checks know: the server as a whole ("") and each API service.
-const HEALTH_SERVICES: [&str; 4] = ["", STREAMS, SUBSCRIPTIONS, GROUPS];
+const HEALTH_SERVICES: [&str; 5] = ["", STREAMS, SUBSCRIPTIONS, GROUPS, SAGAS];
 
 pub(crate) struct HealthApi<S> {
     pub app: App<S>,
@@ -1040,6 +1236,7 @@ use axum::Router;
 const STREAMS: &str = pb::streams_server::SERVICE_NAME;
 const SUBSCRIPTIONS: &str = pb::subscriptions_server::SERVICE_NAME;
 const GROUPS: &str = pb::groups_server::SERVICE_NAME;
+const SAGAS: &str = pb::sagas_server::SERVICE_NAME;
 
 /// Adds the gRPC services to `router`, one route per method, so that metrics name each method
 /// and an unknown method falls through to the fallback (which a gRPC client reads as
@@ -1054,6 +1251,9 @@ pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Rou
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX);
     let groups = pb::groups_server::GroupsServer::new(GroupsApi { app: app.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let sagas = pb::sagas_server::SagasServer::new(SagasApi { app: app.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
     let health = tonic_health::pb::health_server::HealthServer::new(HealthApi { app: app.clone() });
@@ -1088,6 +1288,20 @@ pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Rou
             "ReplayParked",
         ],
         groups,
+    );
+    let router = add(
+        router,
+        SAGAS,
+        &[
+            "Register",
+            "ListDefinitions",
+            "GetDefinition",
+            "ListInstances",
+            "GetInstance",
+            "Retry",
+            "Cancel",
+        ],
+        sagas,
     );
     let router = add(router, HEALTH, &["Check", "Watch"], health);
     let router = add(

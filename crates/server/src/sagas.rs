@@ -47,6 +47,21 @@ pub(crate) async fn register<S: EventStore>(
     }
     let text = std::str::from_utf8(&body)
         .map_err(|e| Problem::malformed(format!("the definition is not UTF-8 text: {e}")))?;
+    let registration = register_text(&app, &caller, text).await?;
+    let status = if registration.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json_ok(status, &registration))
+}
+
+/// Registers a definition after checking `saga` on its name (HTTP and gRPC).
+pub(crate) async fn register_text<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    text: &str,
+) -> Result<skald_saga::Registration, Problem> {
     caller.require_held(Permission::Saga)?;
     // Parsed here only to check the name (the engine parses it again to register it).
     if !caller.is_unrestricted()
@@ -54,13 +69,7 @@ pub(crate) async fn register<S: EventStore>(
     {
         caller.require(Permission::Saga, &definition.name)?;
     }
-    let registration = app.sagas.register(text).await?;
-    let status = if registration.replayed {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    Ok(json_ok(status, &registration))
+    Ok(app.sagas.register(text).await?)
 }
 
 /// `GET /v1/sagas`: every definition with its versions and instance counts.
@@ -143,7 +152,7 @@ pub(crate) async fn history<S: EventStore>(
 }
 
 /// Checks `saga` on the definition of instance `id`.
-async fn allow_instance<S: EventStore>(
+pub(crate) async fn allow_instance<S: EventStore>(
     app: &App<S>,
     caller: &Caller,
     id: &str,
@@ -190,12 +199,23 @@ pub(crate) async fn cancel<S: EventStore>(
             }
         }
     };
-    let summary = app.sagas.cancel(&id, &reason).await?;
+    let summary = cancel_audited(&app, &caller, &id, &reason).await?;
+    Ok(json_ok(StatusCode::ACCEPTED, &summary))
+}
+
+/// Cancels instance `id` (already checked) and records who asked in the audit trail.
+pub(crate) async fn cancel_audited<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    id: &str,
+    reason: &str,
+) -> Result<skald_saga::InstanceSummary, Problem> {
+    let summary = app.sagas.cancel(id, reason).await?;
     app.security
         .audit_now(
             "SagaCancelRequested",
             json!({"instance": id, "definition": summary.definition, "reason": reason, "by": caller.name()}),
         )
         .await?;
-    Ok(json_ok(StatusCode::ACCEPTED, &summary))
+    Ok(summary)
 }

@@ -974,6 +974,7 @@ async fn health_reflection_unknown_methods_and_http_on_the_same_port() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "skald.v1.Groups",
+            "skald.v1.Sagas",
             "skald.v1.Streams",
             "skald.v1.Subscriptions"
         ]
@@ -1172,5 +1173,159 @@ async fn groups_are_managed_over_grpc() {
     .unwrap();
     assert_eq!(ended, Some(Code::NotFound));
     assert_eq!(get().await.unwrap_err().code(), Code::NotFound);
+    server.stop().await;
+}
+
+const SHIPMENT_SAGA: &str = r#"
+name: shipment
+version: 1
+trigger: {category: order, types: [Placed]}
+correlationKey: /stream
+steps:
+  - name: reserve
+    action: {append: {stream: "stock-{{saga.correlationKey}}", type: Reserve}}
+    compensation: {append: {stream: "stock-{{saga.correlationKey}}", type: Release}}
+  - name: ship
+    pivot: true
+    action: {append: {stream: "ship-{{saga.correlationKey}}", type: Ship}}
+"#;
+
+#[tokio::test]
+async fn sagas_are_registered_watched_and_steered_over_grpc() {
+    use skald_proto::v1::sagas_client::SagasClient;
+    let server = Server::start(HttpConfig::default()).await;
+    let channel = server.channel().await;
+    let mut sagas = SagasClient::new(channel.clone());
+    let register = |text: &str| pb::RegisterSagaRequest {
+        definition: text.to_owned(),
+    };
+    let created = sagas
+        .register(register(SHIPMENT_SAGA))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (created.name.as_str(), created.version, created.replayed),
+        ("shipment", 1, false)
+    );
+    assert!(
+        sagas
+            .register(register(SHIPMENT_SAGA))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
+    let broken = SHIPMENT_SAGA.replace(
+        "    compensation: {append: {stream: \"stock-{{saga.correlationKey}}\", type: Release}}\n",
+        "",
+    );
+    let invalid = sagas.register(register(&broken)).await.unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert_eq!(info(&invalid).0, "invalid-saga-definition");
+    assert!(
+        invalid.message().contains("line 7, column 5"),
+        "{invalid:?}"
+    );
+
+    let definition = sagas
+        .get_definition(pb::GetSagaDefinitionRequest {
+            name: "shipment".into(),
+            version: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let json: serde_json::Value = serde_json::from_str(&definition.json).unwrap();
+    assert_eq!(json["steps"][1]["name"], "ship");
+    let missing = sagas
+        .get_definition(pb::GetSagaDefinitionRequest {
+            name: "nope".into(),
+            version: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // A trigger runs an instance to completion.
+    StreamsClient::new(channel.clone())
+        .append(append("order-7", vec![event("", "Placed", "{}", &[])]))
+        .await
+        .unwrap();
+    let completed = || pb::ListSagaInstancesRequest {
+        state: pb::SagaState::Completed as i32,
+        definition: "shipment".into(),
+        limit: 0,
+    };
+    let mut instances = Vec::new();
+    for _ in 0..200 {
+        instances = sagas
+            .list_instances(completed())
+            .await
+            .unwrap()
+            .into_inner()
+            .instances;
+        if !instances.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(instances.len(), 1, "the instance completes");
+    let instance = &instances[0];
+    assert_eq!(instance.correlation_key, "order-7");
+    assert_eq!(instance.completed_steps, ["reserve", "ship"]);
+    let history = sagas
+        .get_instance(pb::GetSagaInstanceRequest {
+            saga_id: instance.saga_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history.summary.unwrap().state,
+        pb::SagaState::Completed as i32
+    );
+    assert!(history.history.len() >= 3, "{:?}", history.history);
+    assert!(history.history.iter().all(|h| h.data_json.starts_with('{')));
+    let listed = sagas
+        .list_definitions(pb::ListSagaDefinitionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .definitions;
+    assert_eq!(listed[0].name, "shipment");
+    assert_eq!(listed[0].instances.get("completed"), Some(&1));
+
+    // A completed instance can be neither retried nor cancelled; an unknown one is not found.
+    let id = || instance.saga_id.clone();
+    let retry = sagas
+        .retry(pb::RetrySagaRequest { saga_id: id() })
+        .await
+        .unwrap_err();
+    assert_eq!(retry.code(), Code::FailedPrecondition, "{retry:?}");
+    assert_eq!(info(&retry).0, "saga-conflict");
+    let cancel = sagas
+        .cancel(pb::CancelSagaRequest {
+            saga_id: id(),
+            reason: "changed my mind".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(cancel.code(), Code::FailedPrecondition, "{cancel:?}");
+    let unknown = sagas
+        .get_instance(pb::GetSagaInstanceRequest {
+            saga_id: "no-such-saga".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let bad = sagas
+        .list_instances(pb::ListSagaInstancesRequest {
+            limit: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
     server.stop().await;
 }
