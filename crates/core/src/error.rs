@@ -97,6 +97,16 @@ pub enum Error {
     /// Any other I/O failure of the backend.
     #[error("storage I/O error: {0}")]
     Io(String),
+
+    /// A remote store refused the caller: missing or wrong credentials, no rule that allows
+    /// the operation, or an exhausted rate limit. Only clients of a server see this.
+    #[error("{detail}")]
+    Refused {
+        /// The problem kind: `unauthenticated`, `forbidden` or `rate-limited`.
+        kind: String,
+        /// Why, as the server said it.
+        detail: String,
+    },
 }
 
 impl Error {

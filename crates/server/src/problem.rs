@@ -312,6 +312,14 @@ impl From<Error> for Problem {
                 "Storage error",
                 detail,
             ),
+            // Raised by clients of a server; a server relaying one answers as that server did.
+            Error::Refused { kind, detail } => match kind.as_str() {
+                "forbidden" => Self::forbidden(detail),
+                "rate-limited" => {
+                    Self::rate_limited("principal", std::time::Duration::from_secs(1))
+                }
+                _ => Self::unauthenticated("refused", detail),
+            },
         }
     }
 }

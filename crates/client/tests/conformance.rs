@@ -1,0 +1,515 @@
+//! One scenario, run against the embedded store directly and against a server through the
+//! client: both must answer every step the same way (results, positions, revisions, the kind
+//! and members of every error). Also: subscriptions and whole reads through the client, and
+//! calls retried across a server restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use skald_client::{Client, ClientOptions, Delivery, RetryPolicy, Start};
+use skald_core::{
+    AppendCondition, AppendRequest, Direction, Durability, Error, EventData, EventId, EventStore,
+    EventType, ExpectedRevision, Metadata, Position, ProposedEvent, Query, QueryItem, ReadRequest,
+    ReadSource, Revision, StreamName, Tag,
+};
+use skald_storage::{Options, Store};
+
+fn store(dir: &std::path::Path) -> Store {
+    Store::open(Options {
+        data_dir: dir.to_owned(),
+        durability: Durability::None,
+        ..Options::default()
+    })
+    .unwrap()
+    .0
+}
+
+/// A server over a store in `dir`, on `listener`; returns a handle that stops it.
+async fn serve(dir: &std::path::Path, listener: tokio::net::TcpListener) -> Running {
+    let store = store(dir);
+    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
+    let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
+    let sagas = skald_server::Sagas::start(
+        hub.clone(),
+        Default::default(),
+        Arc::new(skald_saga::WallClock),
+    )
+    .await
+    .unwrap();
+    let app = skald_server::router_with(groups, sagas, skald_server::HttpConfig::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_hub = hub.clone();
+    let task = tokio::spawn(async move {
+        skald_server::listener::serve(listener, app, async move {
+            let _ = stopped.await;
+            shutdown_hub.shutdown();
+        })
+        .await
+        .unwrap();
+    });
+    Running {
+        store,
+        hub,
+        stop,
+        task,
+    }
+}
+
+struct Running {
+    store: Store,
+    hub: skald_server::Hub<Store>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+        self.hub.stopped().await;
+        self.store.shutdown().await;
+    }
+}
+
+fn id(n: u128) -> EventId {
+    EventId(uuid::Uuid::from_u128(n))
+}
+
+fn event(n: u128, event_type: &str, data: &str, tags: &[&str]) -> ProposedEvent {
+    ProposedEvent {
+        id: id(n),
+        event_type: EventType::new(event_type).unwrap(),
+        data: EventData::json(data).unwrap(),
+        metadata: Metadata::new(r#"{"correlationId":"c-1"}"#).unwrap(),
+        tags: tags.iter().map(|t| Tag::new(*t).unwrap()).collect(),
+        source: None,
+    }
+}
+
+fn stream(name: &str) -> StreamName {
+    StreamName::new(name).unwrap()
+}
+
+fn append(name: &str, expected: ExpectedRevision, events: Vec<ProposedEvent>) -> AppendRequest {
+    AppendRequest {
+        stream: stream(name),
+        expected,
+        condition: None,
+        events,
+    }
+}
+
+fn placed_for(customer: &str) -> Query {
+    Query {
+        items: vec![QueryItem {
+            types: vec![EventType::new("Placed").unwrap()],
+            tags: vec![Tag::new(customer).unwrap()],
+        }],
+    }
+}
+
+/// An error as the transcript records it: its kind and structured members, not its wording
+/// (which says where in a request the problem is, and differs by transport).
+fn error_line(e: &Error) -> String {
+    match e {
+        Error::InvalidEvent { .. } => "InvalidEvent".to_owned(),
+        Error::IdReused { id, position, .. } => {
+            format!("IdReused {{ id: {id:?}, position: {position:?} }}")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// The scenario: every kind of append and read, each answer written down.
+async fn scenario<S: EventStore>(store: &S) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut note = |step: &str, line: String| out.push(format!("{step}: {line}"));
+    macro_rules! step {
+        ($name:expr, $call:expr) => {
+            match $call.await {
+                Ok(value) => note($name, format!("{value:?}")),
+                Err(e) => note($name, error_line(&e)),
+            }
+        };
+    }
+    use ExpectedRevision::*;
+    step!(
+        "first append",
+        store.append(append(
+            "order-1",
+            NoStream,
+            vec![
+                event(1, "Placed", r#"{"total":5}"#, &["customer:1"]),
+                event(2, "Paid", "{}", &["customer:1"])
+            ]
+        ))
+    );
+    step!(
+        "no stream, again",
+        store.append(append(
+            "order-1",
+            NoStream,
+            vec![event(3, "Shipped", "{}", &[])]
+        ))
+    );
+    step!(
+        "exact 1",
+        store.append(append(
+            "order-1",
+            Exact(Revision(1)),
+            vec![event(3, "Shipped", "{}", &[])]
+        ))
+    );
+    step!(
+        "exact 7",
+        store.append(append(
+            "order-1",
+            Exact(Revision(7)),
+            vec![event(4, "Lost", "{}", &[])]
+        ))
+    );
+    step!(
+        "exists, on a new stream",
+        store.append(append(
+            "order-2",
+            StreamExists,
+            vec![event(4, "Placed", "{}", &[])]
+        ))
+    );
+    step!(
+        "any",
+        store.append(append(
+            "order-2",
+            Any,
+            vec![event(4, "Placed", "{}", &["customer:2"])]
+        ))
+    );
+    step!(
+        "a retry of the first append",
+        store.append(append(
+            "order-1",
+            NoStream,
+            vec![
+                event(1, "Placed", r#"{"total":5}"#, &["customer:1"]),
+                event(2, "Paid", "{}", &["customer:1"])
+            ]
+        ))
+    );
+    step!(
+        "an id reused for other data",
+        store.append(append(
+            "order-3",
+            Any,
+            vec![event(1, "Placed", r#"{"total":6}"#, &[])]
+        ))
+    );
+    let mut conditioned = append(
+        "order-3",
+        Any,
+        vec![event(5, "Placed", "{}", &["customer:2"])],
+    );
+    conditioned.condition = Some(AppendCondition {
+        query: placed_for("customer:2"),
+        after: None,
+    });
+    step!("a condition that fails", store.append(conditioned.clone()));
+    conditioned.condition = Some(AppendCondition {
+        query: placed_for("customer:2"),
+        after: Some(Position(3)),
+    });
+    step!("a condition that holds", store.append(conditioned));
+    step!("no events", store.append(append("order-4", Any, vec![])));
+    let many_tags: Vec<String> = (0..100).map(|i| format!("t:{i}")).collect();
+    let tags: Vec<&str> = many_tags.iter().map(String::as_str).collect();
+    step!(
+        "too many tags",
+        store.append(append(
+            "order-4",
+            Any,
+            vec![event(6, "Placed", "{}", &tags)]
+        ))
+    );
+    step!(
+        "text data",
+        store.append(append(
+            "note-1",
+            Any,
+            vec![ProposedEvent {
+                data: EventData::with_content_type("text/plain", b"hello".to_vec()).unwrap(),
+                source: Some("urn:test".into()),
+                ..event(7, "Noted", "{}", &[])
+            }]
+        ))
+    );
+
+    // Reads: pages with their `next`, every source, both directions.
+    let read = |source: ReadSource, from: Option<u64>, direction: Direction, limit: usize| {
+        store.read(ReadRequest {
+            source,
+            from,
+            direction,
+            limit,
+        })
+    };
+    let order1 = || ReadSource::Stream(stream("order-1"));
+    step!(
+        "stream, first page",
+        read(order1(), None, Direction::Forward, 2)
+    );
+    step!(
+        "stream, second page",
+        read(order1(), Some(2), Direction::Forward, 2)
+    );
+    step!(
+        "stream, backward",
+        read(order1(), None, Direction::Backward, 2)
+    );
+    step!(
+        "stream, backward from 0",
+        read(order1(), Some(0), Direction::Backward, 5)
+    );
+    step!(
+        "stream, past the end",
+        read(order1(), Some(10), Direction::Forward, 5)
+    );
+    step!(
+        "a stream with no events",
+        read(
+            ReadSource::Stream(stream("nothing-1")),
+            None,
+            Direction::Forward,
+            5
+        )
+    );
+    step!(
+        "all",
+        read(ReadSource::All(None), None, Direction::Forward, 4)
+    );
+    step!(
+        "all, from 4",
+        read(ReadSource::All(None), Some(4), Direction::Forward, 100)
+    );
+    step!(
+        "all, filtered",
+        read(
+            ReadSource::All(Some(placed_for("customer:2"))),
+            None,
+            Direction::Forward,
+            100
+        )
+    );
+    step!(
+        "category",
+        read(
+            ReadSource::Category(skald_core::Category::new("order").unwrap()),
+            Some(1),
+            Direction::Forward,
+            2
+        )
+    );
+    step!(
+        "query",
+        read(
+            ReadSource::Query(Query {
+                items: vec![
+                    QueryItem {
+                        types: vec![],
+                        tags: vec![Tag::new("customer:1").unwrap()],
+                    },
+                    QueryItem {
+                        types: vec![EventType::new("Noted").unwrap()],
+                        tags: vec![],
+                    }
+                ],
+            }),
+            None,
+            Direction::Forward,
+            100
+        )
+    );
+    step!(
+        "backward over the global log",
+        read(ReadSource::All(None), None, Direction::Backward, 5)
+    );
+    step!("head", store.stream_head(&stream("order-1")));
+    step!("head of nothing", store.stream_head(&stream("nothing-1")));
+    step!("next position", store.next_position());
+    step!("head position", async {
+        store.info().await.map(|i| i.head_position)
+    });
+    out.into_iter().map(|line| normalize_times(&line)).collect()
+}
+
+/// Recorded times differ between two runs; everything else must not.
+fn normalize_times(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(i) = rest.find("recorded_at: Timestamp(") {
+        out.push_str(&rest[..i]);
+        out.push_str("recorded_at: T");
+        let after = &rest[i + "recorded_at: Timestamp(".len()..];
+        let end = after.find(')').unwrap();
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[tokio::test]
+async fn the_client_answers_every_step_as_the_embedded_store_does() {
+    let embedded_dir = tempfile::tempdir().unwrap();
+    let embedded = store(embedded_dir.path());
+    let expected = scenario(&embedded).await;
+    embedded.shutdown().await;
+
+    let server_dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = serve(server_dir.path(), listener).await;
+    let client = Client::connect(&url).await.unwrap();
+    let remote = scenario(&client).await;
+    for (i, (a, b)) in expected.iter().zip(&remote).enumerate() {
+        assert_eq!(a, b, "step {i} differs");
+    }
+    assert_eq!(expected.len(), remote.len());
+    // The scenario did reach the server: what it stored is what the embedded store stored.
+    assert_eq!(
+        server.store.next_position().await.unwrap(),
+        client.next_position().await.unwrap()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reads_and_subscriptions_stream_and_resume_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = serve(dir.path(), listener).await;
+    let client = Client::connect_with(
+        &format!("http://{addr}"),
+        ClientOptions {
+            retry: RetryPolicy {
+                attempts: 60,
+                first_delay: Duration::from_millis(50),
+                max_delay: Duration::from_millis(200),
+            },
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // 10,000 events in 100 appends; read back whole, across pages and messages.
+    for batch in 0..100u128 {
+        let events = (0..100)
+            .map(|i| event(batch * 100 + i + 1, "Tick", "{}", &[]))
+            .collect();
+        client
+            .append(append(
+                &format!("tick-{}", batch % 7),
+                ExpectedRevision::Any,
+                events,
+            ))
+            .await
+            .unwrap();
+    }
+    let all: Vec<_> = client
+        .read_events(ReadRequest {
+            source: ReadSource::All(None),
+            from: None,
+            direction: Direction::Forward,
+            limit: 0,
+        })
+        .collect()
+        .await;
+    assert_eq!(all.len(), 10_000);
+    assert!(
+        all.iter()
+            .enumerate()
+            .all(|(i, e)| e.as_ref().unwrap().position.0 == i as u64),
+        "gapless and in order"
+    );
+
+    // A subscription catches up, goes live, and survives a restart of the server.
+    let subscription = client.subscribe(
+        ReadSource::Category(skald_core::Category::new("tick").unwrap()),
+        Start::Position(9_990),
+    );
+    futures_util::pin_mut!(subscription);
+    let mut positions = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), subscription.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Delivery::Event(e) => positions.push(e.position.0),
+            Delivery::CaughtUp { position } => {
+                assert_eq!(position, 10_000);
+                break;
+            }
+        }
+    }
+    assert_eq!(positions, (9_990..10_000).collect::<Vec<_>>());
+    server.stop().await;
+
+    // The server restarts on the same port and data; the client retries its way back.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = serve(dir.path(), listener).await;
+    let appended = client
+        .append(append(
+            "tick-1",
+            ExpectedRevision::Any,
+            vec![event(20_001, "Tick", "{}", &[])],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(appended.first_position, Position(10_000));
+    let mut live = Vec::new();
+    while live.is_empty() {
+        match tokio::time::timeout(Duration::from_secs(20), subscription.next())
+            .await
+            .expect("the subscription resumes")
+            .unwrap()
+            .unwrap()
+        {
+            Delivery::Event(e) => live.push(e.position.0),
+            Delivery::CaughtUp { .. } => {}
+        }
+    }
+    assert_eq!(live, [10_000], "nothing missed, nothing twice");
+
+    // A retried append whose first try was stored is a replay, not a second copy.
+    let again = client
+        .append(append(
+            "tick-1",
+            ExpectedRevision::Any,
+            vec![event(20_001, "Tick", "{}", &[])],
+        ))
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.first_position, Position(10_000));
+    server.stop().await;
+
+    // With no server at all, calls give up with Unavailable once the retries are spent.
+    let impatient = Client::connect_with(
+        &format!("http://{addr}"),
+        ClientOptions {
+            retry: RetryPolicy {
+                attempts: 2,
+                first_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(10),
+            },
+            ..ClientOptions::default()
+        },
+    )
+    .await;
+    match impatient {
+        Err(Error::Unavailable(_)) => {}
+        Ok(c) => assert!(matches!(c.info().await, Err(Error::Unavailable(_)))),
+        Err(other) => panic!("expected Unavailable, got {other:?}"),
+    }
+}
