@@ -11,6 +11,7 @@
 //! with `replayed` set). Any other error is returned at once, as the embedded store would
 //! return it ([`skald_core::Error`]).
 
+pub mod aggregate;
 mod convert;
 
 use std::future::Future;

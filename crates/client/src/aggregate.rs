@@ -1,0 +1,379 @@
+//! Typed events, aggregates with a repository, a given-when-then test helper, and DCB
+//! decisions, over any [`EventStore`]: the embedded store or a [`crate::Client`].
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use skald_core::{
+    AppendCondition, AppendRequest, AppendResult, Direction, Error, EventData, EventStore,
+    EventType, ExpectedRevision, MAX_READ_PAGE, Position, ProposedEvent, Query, ReadRequest,
+    ReadSource, RecordedEvent, Revision, StreamName,
+};
+
+/// A domain event as a Rust type: an enum serialized by serde with
+/// `#[serde(tag = "type", content = "data")]`, so that each variant's name is the stored event
+/// type and its fields the stored data.
+///
+/// Old shapes of an event are rewritten by [`Event::upcast`] when they are read, so that
+/// the enum only has to know the current one.
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Rewrites a stored event (its type and data) into the current shape before it is
+    /// decoded. The default leaves it as stored.
+    fn upcast(event_type: &str, data: Value) -> (String, Value) {
+        (event_type.to_owned(), data)
+    }
+}
+
+/// Why a typed event could not be written or read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodecError(pub String);
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// The type and data a typed event is stored as.
+pub fn encode<E: Event>(event: &E) -> Result<(EventType, EventData), CodecError> {
+    let value = serde_json::to_value(event)
+        .map_err(|e| CodecError(format!("the event does not serialize: {e}")))?;
+    let Value::Object(mut fields) = value else {
+        return Err(CodecError(
+            "an event must serialize as {\"type\": .., \"data\": ..}: mark the enum \
+             #[serde(tag = \"type\", content = \"data\")]"
+                .to_owned(),
+        ));
+    };
+    let Some(Value::String(name)) = fields.remove("type") else {
+        return Err(CodecError(
+            "the event has no \"type\": mark the enum #[serde(tag = \"type\", content = \"data\")]"
+                .to_owned(),
+        ));
+    };
+    let data = fields
+        .remove("data")
+        .unwrap_or(Value::Object(Default::default()));
+    let event_type = EventType::new(name).map_err(|e| CodecError(e.to_string()))?;
+    let data = EventData::json(data.to_string()).map_err(|e| CodecError(e.to_string()))?;
+    Ok((event_type, data))
+}
+
+/// A new event to append, with a fresh id.
+pub fn propose<E: Event>(event: &E) -> Result<ProposedEvent, CodecError> {
+    let (event_type, data) = encode(event)?;
+    Ok(ProposedEvent::new(event_type, data))
+}
+
+/// A stored event as `E`, after [`Event::upcast`].
+pub fn decode<E: Event>(event: &RecordedEvent) -> Result<E, CodecError> {
+    let data: Value = if event.data.bytes().is_empty() {
+        Value::Object(Default::default())
+    } else {
+        serde_json::from_slice(event.data.bytes()).map_err(|e| {
+            CodecError(format!(
+                "event at position {} ({}) has data that is not JSON: {e}",
+                event.position.0,
+                event.event_type.as_str()
+            ))
+        })?
+    };
+    let (event_type, data) = E::upcast(event.event_type.as_str(), data);
+    serde_json::from_value(serde_json::json!({"type": event_type, "data": data})).map_err(|e| {
+        CodecError(format!(
+            "event at position {} of type {event_type:?} does not decode: {e}",
+            event.position.0
+        ))
+    })
+}
+
+/// A consistency boundary that decides commands against its state, rebuilt from its events.
+pub trait Aggregate: Default + Send + Sync + 'static {
+    /// Its events.
+    type Event: Event;
+    /// The commands it decides.
+    type Command: Send + Sync;
+    /// Why it turns a command down.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The stream of the instance with this id, such as `account-42`.
+    fn stream(id: &str) -> String;
+
+    /// Changes the state by one event. Must not fail: the event has happened.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Decides a command against the state: the events it causes, or why not.
+    fn decide(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+}
+
+/// What running a command can end in.
+#[derive(Debug)]
+pub enum CommandError<E> {
+    /// The aggregate turned the command down.
+    Rejected(E),
+    /// The stream was written by someone else each time the command was tried.
+    Conflict(Error),
+    /// The store failed, or refused the append.
+    Store(Error),
+    /// A stored event did not decode.
+    Codec(CodecError),
+}
+
+impl<E: fmt::Display> fmt::Display for CommandError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Rejected(e) => write!(f, "the command was rejected: {e}"),
+            Self::Conflict(e) => write!(f, "the command kept conflicting: {e}"),
+            Self::Store(e) => write!(f, "{e}"),
+            Self::Codec(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> std::error::Error for CommandError<E> {}
+
+/// An aggregate's state and the revision it was loaded at.
+#[derive(Debug)]
+pub struct Loaded<A> {
+    /// The state after every stored event.
+    pub state: A,
+    /// The stream's last revision, or `None` when it has no events.
+    pub revision: Option<Revision>,
+}
+
+/// Loads aggregates by replaying their streams and saves their new events with the revision
+/// they were decided at.
+pub struct Repository<'a, S, A> {
+    store: &'a S,
+    retries: u32,
+    aggregate: PhantomData<fn() -> A>,
+}
+
+impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
+    /// A repository over `store` that does not retry on conflict.
+    pub fn new(store: &'a S) -> Self {
+        Self {
+            store,
+            retries: 0,
+            aggregate: PhantomData,
+        }
+    }
+
+    /// On a conflict (another writer appended between load and save), loads again and decides
+    /// again, up to `retries` more times. Only for commands whose decision may be repeated on
+    /// newer state.
+    pub fn retry_on_conflict(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// The instance `id`, replayed from its stream page by page.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
+        let stream = StreamName::new(A::stream(id)).map_err(CommandError::Store)?;
+        let mut state = A::default();
+        let mut revision = None;
+        let mut from = 0;
+        loop {
+            let page = self
+                .store
+                .read(ReadRequest {
+                    source: ReadSource::Stream(stream.clone()),
+                    from: Some(from),
+                    direction: Direction::Forward,
+                    limit: MAX_READ_PAGE,
+                })
+                .await
+                .map_err(CommandError::Store)?;
+            for event in &page.events {
+                state.apply(&decode(event).map_err(CommandError::Codec)?);
+                revision = Some(event.revision);
+            }
+            match page.next {
+                Some(next) if !page.events.is_empty() => from = next,
+                _ => return Ok(Loaded { state, revision }),
+            }
+        }
+    }
+
+    /// Loads `id`, decides `command`, and appends the events at the revision it loaded. The
+    /// result is `None` when the command caused no events.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: &A::Command,
+    ) -> Result<Option<AppendResult>, CommandError<A::Error>> {
+        let stream = StreamName::new(A::stream(id)).map_err(CommandError::Store)?;
+        let mut tries = 0;
+        loop {
+            let loaded = self.load(id).await?;
+            let events = loaded
+                .state
+                .decide(command)
+                .map_err(CommandError::Rejected)?;
+            if events.is_empty() {
+                return Ok(None);
+            }
+            let events = events
+                .iter()
+                .map(propose)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CommandError::Codec)?;
+            let expected = match loaded.revision {
+                None => ExpectedRevision::NoStream,
+                Some(r) => ExpectedRevision::Exact(r),
+            };
+            let appended = self
+                .store
+                .append(AppendRequest {
+                    stream: stream.clone(),
+                    expected,
+                    condition: None,
+                    events,
+                })
+                .await;
+            match appended {
+                Ok(result) => return Ok(Some(result)),
+                Err(e @ Error::WrongExpectedRevision { .. }) => {
+                    if tries >= self.retries {
+                        return Err(CommandError::Conflict(e));
+                    }
+                    tries += 1;
+                }
+                Err(e) => return Err(CommandError::Store(e)),
+            }
+        }
+    }
+}
+
+/// Given-when-then for an aggregate, without a store: `given(events).when(command)` then
+/// `then(events)` or `then_rejected(check)`.
+pub fn given<A: Aggregate>(events: impl IntoIterator<Item = A::Event>) -> Given<A> {
+    let mut state = A::default();
+    for event in events {
+        state.apply(&event);
+    }
+    Given { state }
+}
+
+/// The state a given-when-then test starts from.
+pub struct Given<A> {
+    state: A,
+}
+
+impl<A: Aggregate> Given<A> {
+    /// Decides `command` against the state.
+    pub fn when(self, command: A::Command) -> Then<A> {
+        let outcome = self.state.decide(&command);
+        Then { outcome }
+    }
+}
+
+/// What a command decided, to be checked.
+pub struct Then<A: Aggregate> {
+    outcome: Result<Vec<A::Event>, A::Error>,
+}
+
+impl<A: Aggregate> Then<A>
+where
+    A::Event: PartialEq + fmt::Debug,
+    A::Error: fmt::Debug,
+{
+    /// Asserts the command caused exactly `expected`, and that each survives being stored and
+    /// read back.
+    #[track_caller]
+    pub fn then(self, expected: Vec<A::Event>) {
+        match self.outcome {
+            Ok(events) => {
+                assert_eq!(events, expected, "the command caused other events");
+                for event in &events {
+                    let (event_type, data) = encode(event).expect("the event encodes");
+                    let stored = RecordedEvent {
+                        id: skald_core::EventId::generate(),
+                        stream: StreamName::from_stored("test-1".to_owned()),
+                        event_type,
+                        data,
+                        metadata: skald_core::Metadata::empty(),
+                        tags: Vec::new(),
+                        source: None,
+                        recorded_at: skald_core::Timestamp(0),
+                        revision: Revision(0),
+                        position: Position(0),
+                    };
+                    assert_eq!(&decode::<A::Event>(&stored).expect("it decodes"), event);
+                }
+            }
+            Err(e) => panic!("the command was rejected: {e:?}; expected events {expected:?}"),
+        }
+    }
+
+    /// Asserts the command was turned down, and hands the error to `check`.
+    #[track_caller]
+    pub fn then_rejected(self, check: impl FnOnce(&A::Error)) {
+        match self.outcome {
+            Ok(events) => panic!("the command was accepted with {events:?}; expected a rejection"),
+            Err(e) => check(&e),
+        }
+    }
+}
+
+/// A DCB decision: the state folded from every event matching a query, and the position it was
+/// read to. Appending with [`Decision::condition`] fails if a matching event arrived since, so
+/// the decision holds without an aggregate (unique usernames, seat bookings).
+#[derive(Debug)]
+pub struct Decision<T> {
+    /// The folded state.
+    pub state: T,
+    query: Query,
+    after: Option<Position>,
+}
+
+impl<T> Decision<T> {
+    /// Reads every event matching `query` and folds it into `initial` with `fold`.
+    pub async fn build<S: EventStore>(
+        store: &S,
+        query: Query,
+        initial: T,
+        mut fold: impl FnMut(T, &RecordedEvent) -> T,
+    ) -> skald_core::Result<Self> {
+        let mut state = initial;
+        let mut after = None;
+        let mut from = 0;
+        loop {
+            let page = store
+                .read(ReadRequest {
+                    source: ReadSource::Query(query.clone()),
+                    from: Some(from),
+                    direction: Direction::Forward,
+                    limit: MAX_READ_PAGE,
+                })
+                .await?;
+            for event in &page.events {
+                state = fold(state, event);
+                after = Some(event.position);
+            }
+            match page.next {
+                Some(next) if !page.events.is_empty() => from = next,
+                _ => break,
+            }
+        }
+        // Nothing matched: the condition holds until anything matching appears.
+        Ok(Self {
+            state,
+            query,
+            after,
+        })
+    }
+
+    /// The condition that keeps this decision true: no new event matching the query.
+    pub fn condition(&self) -> AppendCondition {
+        AppendCondition {
+            query: self.query.clone(),
+            after: self.after,
+        }
+    }
+}

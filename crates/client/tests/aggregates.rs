@@ -1,0 +1,371 @@
+//! The aggregate framework on a bank account: given-when-then without a store, upcasting of an
+//! old event shape, the repository against the embedded store and against a server through
+//! the client (conflicts retried or reported), and a DCB decision keeping usernames unique
+//! without an aggregate.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use skald_client::Client;
+use skald_client::aggregate::{
+    Aggregate, CommandError, Decision, Event, Repository, decode, given, propose,
+};
+use skald_core::{
+    AppendRequest, Durability, Error, EventStore, EventType, ExpectedRevision, Query, QueryItem,
+    StreamName, Tag,
+};
+use skald_storage::{Options, Store};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+enum AccountEvent {
+    Opened { owner: String },
+    Deposited { amount: u64 },
+    Withdrawn { amount: u64 },
+}
+
+impl Event for AccountEvent {
+    /// Version 1 of `Deposited` was `MoneyDeposited` with `cents`.
+    fn upcast(event_type: &str, data: Value) -> (String, Value) {
+        match event_type {
+            "MoneyDeposited" => ("Deposited".to_owned(), json!({"amount": data["cents"]})),
+            other => (other.to_owned(), data),
+        }
+    }
+}
+
+enum AccountCommand {
+    Open { owner: String },
+    Deposit(u64),
+    Withdraw(u64),
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum AccountError {
+    #[error("the account is not open")]
+    NotOpen,
+    #[error("the account is open already")]
+    AlreadyOpen,
+    #[error("the balance is {balance}, less than {asked}")]
+    Insufficient { balance: u64, asked: u64 },
+}
+
+#[derive(Default)]
+struct Account {
+    open: bool,
+    balance: u64,
+}
+
+impl Aggregate for Account {
+    type Event = AccountEvent;
+    type Command = AccountCommand;
+    type Error = AccountError;
+
+    fn stream(id: &str) -> String {
+        format!("account-{id}")
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::Opened { .. } => self.open = true,
+            AccountEvent::Deposited { amount } => self.balance += amount,
+            AccountEvent::Withdrawn { amount } => self.balance -= amount,
+        }
+    }
+
+    fn decide(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        match command {
+            AccountCommand::Open { owner } if !self.open => Ok(vec![AccountEvent::Opened {
+                owner: owner.clone(),
+            }]),
+            AccountCommand::Open { .. } => Err(AccountError::AlreadyOpen),
+            _ if !self.open => Err(AccountError::NotOpen),
+            AccountCommand::Deposit(amount) => {
+                Ok(vec![AccountEvent::Deposited { amount: *amount }])
+            }
+            AccountCommand::Withdraw(asked) if *asked > self.balance => {
+                Err(AccountError::Insufficient {
+                    balance: self.balance,
+                    asked: *asked,
+                })
+            }
+            AccountCommand::Withdraw(amount) => {
+                Ok(vec![AccountEvent::Withdrawn { amount: *amount }])
+            }
+        }
+    }
+}
+
+#[test]
+fn given_when_then() {
+    given::<Account>([])
+        .when(AccountCommand::Open {
+            owner: "ada".into(),
+        })
+        .then(vec![AccountEvent::Opened {
+            owner: "ada".into(),
+        }]);
+    given::<Account>([
+        AccountEvent::Opened {
+            owner: "ada".into(),
+        },
+        AccountEvent::Deposited { amount: 10 },
+    ])
+    .when(AccountCommand::Withdraw(4))
+    .then(vec![AccountEvent::Withdrawn { amount: 4 }]);
+    given::<Account>([
+        AccountEvent::Opened {
+            owner: "ada".into(),
+        },
+        AccountEvent::Deposited { amount: 10 },
+    ])
+    .when(AccountCommand::Withdraw(11))
+    .then_rejected(|e| {
+        assert_eq!(
+            *e,
+            AccountError::Insufficient {
+                balance: 10,
+                asked: 11
+            }
+        )
+    });
+    given::<Account>([])
+        .when(AccountCommand::Deposit(1))
+        .then_rejected(|e| assert_eq!(*e, AccountError::NotOpen));
+}
+
+#[test]
+#[should_panic(expected = "the command caused other events")]
+fn given_when_then_fails_on_other_events() {
+    given::<Account>([AccountEvent::Opened {
+        owner: "ada".into(),
+    }])
+    .when(AccountCommand::Deposit(5))
+    .then(vec![AccountEvent::Deposited { amount: 6 }]);
+}
+
+fn embedded(dir: &std::path::Path) -> Store {
+    Store::open(Options {
+        data_dir: dir.to_owned(),
+        durability: Durability::None,
+        ..Options::default()
+    })
+    .unwrap()
+    .0
+}
+
+/// The repository's behaviour, the same over any store.
+async fn account_story<S: EventStore + Clone>(store: &S) {
+    let repo = Repository::<S, Account>::new(store);
+    repo.execute(
+        "1",
+        &AccountCommand::Open {
+            owner: "ada".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // An old-shaped event in the stream is upcast when loaded.
+    store
+        .append(AppendRequest {
+            stream: StreamName::new("account-1").unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![skald_core::ProposedEvent::new(
+                EventType::new("MoneyDeposited").unwrap(),
+                skald_core::EventData::json(r#"{"cents":25}"#).unwrap(),
+            )],
+        })
+        .await
+        .unwrap();
+    repo.execute("1", &AccountCommand::Deposit(5))
+        .await
+        .unwrap();
+    let loaded = repo.load("1").await.unwrap();
+    assert_eq!(loaded.state.balance, 30);
+    assert_eq!(loaded.revision, Some(skald_core::Revision(2)));
+    match repo.execute("1", &AccountCommand::Withdraw(31)).await {
+        Err(CommandError::Rejected(AccountError::Insufficient { balance: 30, .. })) => {}
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+
+    // Another writer appends between the load and the save: without retries the command
+    // fails with the conflict; with one retry it is decided again on the newer state.
+    let interloper = Interloper {
+        store: store.clone(),
+        armed: std::sync::atomic::AtomicBool::new(true),
+    };
+    let strict = Repository::<_, Account>::new(&interloper);
+    match strict.execute("1", &AccountCommand::Withdraw(1)).await {
+        Err(CommandError::Conflict(Error::WrongExpectedRevision { .. })) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(repo.load("1").await.unwrap().state.balance, 30 + 100);
+    interloper
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let patient = Repository::<_, Account>::new(&interloper).retry_on_conflict(1);
+    patient
+        .execute("1", &AccountCommand::Withdraw(1))
+        .await
+        .unwrap();
+    assert_eq!(repo.load("1").await.unwrap().state.balance, 30 + 200 - 1);
+    // Eight writers at once, each retrying until it lands.
+    let patient = Repository::<S, Account>::new(store).retry_on_conflict(10);
+    let results = futures_util::future::join_all(
+        (0..8).map(|_| patient.execute("1", &AccountCommand::Withdraw(1))),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(repo.load("1").await.unwrap().state.balance, 229 - 8);
+}
+
+/// A store that, once armed, deposits 100 into the stream just before the next append: a
+/// concurrent writer at the worst moment.
+struct Interloper<S> {
+    store: S,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl<S: EventStore> EventStore for Interloper<S> {
+    async fn append(&self, request: AppendRequest) -> skald_core::Result<skald_core::AppendResult> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.store
+                .append(AppendRequest {
+                    stream: request.stream.clone(),
+                    expected: ExpectedRevision::Any,
+                    condition: None,
+                    events: vec![propose(&AccountEvent::Deposited { amount: 100 }).unwrap()],
+                })
+                .await?;
+        }
+        self.store.append(request).await
+    }
+    async fn read(
+        &self,
+        request: skald_core::ReadRequest,
+    ) -> skald_core::Result<skald_core::ReadPage> {
+        self.store.read(request).await
+    }
+    async fn stream_head(
+        &self,
+        stream: &StreamName,
+    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
+        self.store.stream_head(stream).await
+    }
+    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
+        self.store.info().await
+    }
+    async fn next_position(&self) -> skald_core::Result<u64> {
+        self.store.next_position().await
+    }
+    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
+        self.store.wait_for_append(known).await
+    }
+    fn limits(&self) -> &skald_core::Limits {
+        self.store.limits()
+    }
+}
+
+/// Usernames are unique without a "usernames" aggregate: a decision over the events tagged
+/// with the name, and an append conditioned on it.
+async fn unique_usernames<S: EventStore>(store: &S) {
+    async fn register<S: EventStore>(store: &S, user: &str, name: &str) -> skald_core::Result<()> {
+        let tag = Tag::new(format!("username:{name}")).unwrap();
+        let query = Query {
+            items: vec![QueryItem {
+                types: vec![EventType::new("Registered").unwrap()],
+                tags: vec![tag.clone()],
+            }],
+        };
+        let decision = Decision::build(store, query, false, |_, _| true).await?;
+        if decision.state {
+            return Err(Error::invalid(format!("username {name} is taken")));
+        }
+        #[derive(Serialize, Deserialize)]
+        #[serde(tag = "type", content = "data")]
+        enum UserEvent {
+            Registered { name: String },
+        }
+        impl Event for UserEvent {}
+        let mut event = propose(&UserEvent::Registered { name: name.into() }).unwrap();
+        event.tags.push(tag);
+        store
+            .append(AppendRequest {
+                stream: StreamName::new(format!("user-{user}")).unwrap(),
+                expected: ExpectedRevision::NoStream,
+                condition: Some(decision.condition()),
+                events: vec![event],
+            })
+            .await
+            .map(|_| ())
+    }
+    register(store, "1", "ada").await.unwrap();
+    assert!(register(store, "2", "ada").await.is_err(), "taken");
+    register(store, "3", "grace").await.unwrap();
+    // Two users racing for one name: exactly one wins; the loser's append fails its condition
+    // (or sees the name taken, if it decided after the winner's append).
+    let (a, b) = tokio::join!(register(store, "4", "linus"), register(store, "5", "linus"));
+    assert_eq!(
+        [&a, &b].iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{a:?} {b:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_repository_and_decisions_over_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = embedded(dir.path());
+    account_story(&store).await;
+    unique_usernames(&store).await;
+    // What the repository wrote reads back as typed events.
+    let page = store
+        .read(skald_core::ReadRequest {
+            source: skald_core::ReadSource::Stream(StreamName::new("account-1").unwrap()),
+            from: None,
+            direction: skald_core::Direction::Forward,
+            limit: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        decode::<AccountEvent>(&page.events[0]).unwrap(),
+        AccountEvent::Opened {
+            owner: "ada".into()
+        }
+    );
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_repository_and_decisions_through_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = embedded(dir.path());
+    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
+    let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
+    let sagas = skald_server::Sagas::start(
+        hub.clone(),
+        Default::default(),
+        Arc::new(skald_saga::WallClock),
+    )
+    .await
+    .unwrap();
+    let app = skald_server::router_with(groups, sagas, skald_server::HttpConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = hub.clone();
+    let server = tokio::spawn(skald_server::listener::serve(listener, app, async move {
+        let _ = stopped.await;
+        shutdown.shutdown();
+    }));
+    let client = Client::connect(&url).await.unwrap();
+    account_story(&client).await;
+    unique_usernames(&client).await;
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    hub.stopped().await;
+    store.shutdown().await;
+}
