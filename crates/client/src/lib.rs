@@ -61,6 +61,18 @@ impl RetryPolicy {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.first_delay.saturating_mul(factor).min(self.max_delay)
     }
+
+    /// After try number `attempt` failed with `error`: waits and counts the next try when
+    /// another is worth it (the server was not reached, tries are left), or hands the error
+    /// back.
+    async fn again(&self, attempt: &mut u32, error: Error) -> Result<()> {
+        if !matches!(error, Error::Unavailable(_)) || *attempt >= self.attempts.max(1) {
+            return Err(error);
+        }
+        tokio::time::sleep(self.delay(*attempt)).await;
+        *attempt += 1;
+        Ok(())
+    }
 }
 
 /// How to reach a server. Every field has a default: plain HTTP/2, no credentials.
@@ -202,12 +214,9 @@ impl Client {
             match call().await {
                 Ok(value) => return Ok(value),
                 Err(status) => {
-                    let error = convert::error(status);
-                    if !is_transient(&error) || attempt >= self.retry.attempts.max(1) {
-                        return Err(error);
-                    }
-                    tokio::time::sleep(self.retry.delay(attempt)).await;
-                    attempt += 1;
+                    self.retry
+                        .again(&mut attempt, convert::error(status))
+                        .await?;
                 }
             }
         }
@@ -296,15 +305,12 @@ impl Client {
                     }
                     Ok(None) => s.done = true,
                     Err(status) => {
-                        let error = convert::error(status);
                         s.pages = None;
-                        if is_transient(&error) && s.attempt < s.client.retry.attempts.max(1) {
-                            tokio::time::sleep(s.client.retry.delay(s.attempt)).await;
-                            s.attempt += 1;
-                            continue;
+                        let error = convert::error(status);
+                        if let Err(error) = s.client.retry.again(&mut s.attempt, error).await {
+                            s.done = true;
+                            return Some((Err(error), s));
                         }
-                        s.done = true;
-                        return Some((Err(error), s));
                     }
                 }
             }
@@ -401,31 +407,16 @@ impl Client {
                         ));
                     }
                     Err(status) => {
-                        let error = convert::error(status);
                         s.messages = None;
-                        if is_transient(&error) && s.attempt < s.client.retry.attempts.max(1) {
-                            tokio::time::sleep(s.client.retry.delay(s.attempt)).await;
-                            s.attempt += 1;
-                            continue;
+                        let error = convert::error(status);
+                        if let Err(error) = s.client.retry.again(&mut s.attempt, error).await {
+                            s.done = true;
+                            return Some((Err(error), s));
                         }
-                        s.done = true;
-                        return Some((Err(error), s));
                     }
                 }
             }
         })
-    }
-
-    /// The server's version, as `Info` reports it.
-    pub async fn server_version(&self) -> Result<String> {
-        let info = self
-            .retried(|| {
-                let mut streams = self.streams();
-                let request = self.request(pb::InfoRequest {});
-                async move { streams.info(request).await }
-            })
-            .await?;
-        Ok(info.into_inner().version)
     }
 }
 
@@ -447,11 +438,6 @@ struct SubscribeState {
     buffered: std::collections::VecDeque<Delivery>,
     attempt: u32,
     done: bool,
-}
-
-/// Errors worth another try: the server was not reached, or is restarting.
-fn is_transient(error: &Error) -> bool {
-    matches!(error, Error::Unavailable(_))
 }
 
 impl EventStore for Client {

@@ -3,19 +3,20 @@
 //! the client (conflicts retried or reported), and a DCB decision keeping usernames unique
 //! without an aggregate.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+mod support;
+
 use skald_client::Client;
 use skald_client::aggregate::{
     Aggregate, CommandError, Decision, Event, Repository, decode, given, propose,
 };
+use support::{serve, store};
+
 use skald_core::{
-    AppendRequest, Durability, Error, EventStore, EventType, ExpectedRevision, Query, QueryItem,
-    StreamName, Tag,
+    AppendRequest, Error, EventStore, EventType, ExpectedRevision, Query, QueryItem, StreamName,
+    Tag,
 };
-use skald_storage::{Options, Store};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
@@ -143,16 +144,6 @@ fn given_when_then_fails_on_other_events() {
     }])
     .when(AccountCommand::Deposit(5))
     .then(vec![AccountEvent::Deposited { amount: 6 }]);
-}
-
-fn embedded(dir: &std::path::Path) -> Store {
-    Store::open(Options {
-        data_dir: dir.to_owned(),
-        durability: Durability::None,
-        ..Options::default()
-    })
-    .unwrap()
-    .0
 }
 
 /// The repository's behaviour, the same over any store.
@@ -317,7 +308,7 @@ async fn unique_usernames<S: EventStore>(store: &S) {
 #[tokio::test]
 async fn the_repository_and_decisions_over_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
-    let store = embedded(dir.path());
+    let store = store(dir.path());
     account_story(&store).await;
     unique_usernames(&store).await;
     // What the repository wrote reads back as typed events.
@@ -342,30 +333,11 @@ async fn the_repository_and_decisions_over_the_embedded_store() {
 #[tokio::test]
 async fn the_repository_and_decisions_through_the_client() {
     let dir = tempfile::tempdir().unwrap();
-    let store = embedded(dir.path());
-    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
-    let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
-    let sagas = skald_server::Sagas::start(
-        hub.clone(),
-        Default::default(),
-        Arc::new(skald_saga::WallClock),
-    )
-    .await
-    .unwrap();
-    let app = skald_server::router_with(groups, sagas, skald_server::HttpConfig::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = hub.clone();
-    let server = tokio::spawn(skald_server::listener::serve(listener, app, async move {
-        let _ = stopped.await;
-        shutdown.shutdown();
-    }));
+    let server = serve(dir.path(), listener).await;
     let client = Client::connect(&url).await.unwrap();
     account_story(&client).await;
     unique_usernames(&client).await;
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
-    hub.stopped().await;
-    store.shutdown().await;
+    server.stop().await;
 }

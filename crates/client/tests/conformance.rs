@@ -3,74 +3,19 @@
 //! and members of every error). Also: subscriptions and whole reads through the client, and
 //! calls retried across a server restart.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use skald_client::{Client, ClientOptions, Delivery, RetryPolicy, Start};
 use skald_core::{
-    AppendCondition, AppendRequest, Direction, Durability, Error, EventData, EventId, EventStore,
-    EventType, ExpectedRevision, Metadata, Position, ProposedEvent, Query, QueryItem, ReadRequest,
-    ReadSource, Revision, StreamName, Tag,
+    AppendCondition, AppendRequest, Direction, Error, EventData, EventId, EventStore, EventType,
+    ExpectedRevision, Metadata, Position, ProposedEvent, Query, QueryItem, ReadRequest, ReadSource,
+    Revision, StreamName, Tag,
 };
-use skald_storage::{Options, Store};
 
-fn store(dir: &std::path::Path) -> Store {
-    Store::open(Options {
-        data_dir: dir.to_owned(),
-        durability: Durability::None,
-        ..Options::default()
-    })
-    .unwrap()
-    .0
-}
+mod support;
 
-/// A server over a store in `dir`, on `listener`; returns a handle that stops it.
-async fn serve(dir: &std::path::Path, listener: tokio::net::TcpListener) -> Running {
-    let store = store(dir);
-    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
-    let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
-    let sagas = skald_server::Sagas::start(
-        hub.clone(),
-        Default::default(),
-        Arc::new(skald_saga::WallClock),
-    )
-    .await
-    .unwrap();
-    let app = skald_server::router_with(groups, sagas, skald_server::HttpConfig::default());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown_hub = hub.clone();
-    let task = tokio::spawn(async move {
-        skald_server::listener::serve(listener, app, async move {
-            let _ = stopped.await;
-            shutdown_hub.shutdown();
-        })
-        .await
-        .unwrap();
-    });
-    Running {
-        store,
-        hub,
-        stop,
-        task,
-    }
-}
-
-struct Running {
-    store: Store,
-    hub: skald_server::Hub<Store>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-        self.hub.stopped().await;
-        self.store.shutdown().await;
-    }
-}
+use support::{serve, store};
 
 fn id(n: u128) -> EventId {
     EventId(uuid::Uuid::from_u128(n))

@@ -187,25 +187,12 @@ impl<'a> From<&'a SourceSpec> for Scope<'a> {
 }
 
 fn is_public(path: &str, method: &Method, public_metrics: bool) -> bool {
-    let get = method == Method::GET
+    if method == Method::POST {
+        return crate::grpc::is_public(path);
+    }
+    method == Method::GET
         && (matches!(path, "/health/live" | "/health/ready" | "/v1/openapi.json")
-            || (path == "/metrics" && public_metrics));
-    // gRPC health checks and reflection, the counterparts of /health/* and the OpenAPI
-    // document.
-    let grpc = method == Method::POST
-        && path.strip_prefix('/').is_some_and(|p| {
-            [
-                crate::grpc::HEALTH,
-                crate::grpc::REFLECTION_V1,
-                crate::grpc::REFLECTION_V1ALPHA,
-            ]
-            .iter()
-            .any(|service| {
-                p.strip_prefix(service)
-                    .is_some_and(|rest| rest.starts_with('/'))
-            })
-        });
-    get || grpc
+            || (path == "/metrics" && public_metrics))
 }
 
 /// The guard as a tower layer: authenticates, rate-limits, answers CORS preflights, and adds

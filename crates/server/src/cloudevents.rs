@@ -48,20 +48,8 @@ impl CloudEventIn {
                 "{at}.subject is {subject:?} but the stream is {stream:?}; they must match"
             )));
         }
-        let id =
-            match &self.id {
-                None => EventId::generate(),
-                Some(text) => EventId(uuid::Uuid::parse_str(text).map_err(|e| {
-                    Problem::malformed(format!("{at}.id {text:?} is not a UUID: {e}"))
-                })?),
-            };
-        let invalid = |e: skald_core::Error| -> Problem {
-            let reason = match e {
-                skald_core::Error::InvalidEvent { reason } => format!("{at}: {reason}"),
-                other => other.to_string(),
-            };
-            skald_core::Error::invalid(reason).into()
-        };
+        let id = event_id(self.id.as_deref(), at)?;
+        let invalid = |e| invalid_at(at, e);
         let event_type = EventType::new(self.event_type).map_err(invalid)?;
         let tags = self
             .tags
@@ -84,6 +72,25 @@ impl CloudEventIn {
             source: self.source,
         })
     }
+}
+
+/// The event id a client gave (a UUID), or a new one when it gave none.
+pub(crate) fn event_id(text: Option<&str>, at: &str) -> Result<EventId, Problem> {
+    match text {
+        None => Ok(EventId::generate()),
+        Some(text) => Ok(EventId(uuid::Uuid::parse_str(text).map_err(|e| {
+            Problem::malformed(format!("{at}.id {text:?} is not a UUID: {e}"))
+        })?)),
+    }
+}
+
+/// A name that failed its check, as an invalid event whose reason says which event (`at`).
+pub(crate) fn invalid_at(at: &str, e: skald_core::Error) -> Problem {
+    let reason = match e {
+        skald_core::Error::InvalidEvent { reason } => format!("{at}: {reason}"),
+        other => other.to_string(),
+    };
+    skald_core::Error::invalid(reason).into()
 }
 
 fn parse_data(

@@ -5,13 +5,12 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::{Stream, StreamExt, stream};
 use skald_core::{
-    AppendCondition, AppendRequest, Category, Direction, EventData, EventId, EventStore, EventType,
-    ExpectedRevision, MAX_READ_PAGE, Metadata, Position, ProposedEvent, Query, QueryItem,
-    ReadRequest, ReadSource, RecordedEvent, Revision, StreamName, Tag,
+    AppendCondition, AppendRequest, Category, Direction, EventData, EventStore, EventType,
+    ExpectedRevision, Metadata, Position, ProposedEvent, Query, QueryItem, ReadRequest, ReadSource,
+    RecordedEvent, Revision, StreamName, Tag,
 };
 use skald_hub::groups::{
     ConsumerEvent, GroupInfo, GroupSettings, GroupStart, NackAction, NewGroup, SettingsUpdate,
@@ -96,12 +95,12 @@ fn query(q: Option<pb::Query>, field: &str) -> Result<Query, Status> {
         .enumerate()
         .map(|(i, item)| {
             Ok(QueryItem {
-                types: names(&format!("{field}.items[{i}].types"), item.types, |v| {
-                    EventType::new(v)
-                })?,
-                tags: names(&format!("{field}.items[{i}].tags"), item.tags, |v| {
-                    Tag::new(v)
-                })?,
+                types: names(
+                    &format!("{field}.items[{i}].types"),
+                    item.types,
+                    EventType::new,
+                )?,
+                tags: names(&format!("{field}.items[{i}].tags"), item.tags, Tag::new)?,
             })
         })
         .collect::<Result<Vec<_>, Status>>()?;
@@ -112,44 +111,22 @@ fn query(q: Option<pb::Query>, field: &str) -> Result<Query, Status> {
     Ok(query)
 }
 
-/// A source as the hub's JSON-shaped spec (groups) and as a read source.
+/// A source to read or subscribe to, with its names checked.
 fn source(source: Option<pb::Source>) -> Result<ReadSource, Status> {
-    let kind = source
-        .and_then(|s| s.kind)
-        .ok_or_else(|| malformed("source is required: a stream, all, a category or a query"))?;
-    Ok(match kind {
-        pb::source::Kind::Stream(name) => {
-            // System streams are readable as the rules allow, as over HTTP.
-            ReadSource::Stream(crate::readable_stream_name(name)?)
-        }
-        pb::source::Kind::All(filter) => ReadSource::All(filter_of(
-            names("source.all.types", filter.types, EventType::new)?,
-            names("source.all.tags", filter.tags, Tag::new)?,
-        )),
-        pb::source::Kind::Category(name) => ReadSource::Category(
+    Ok(match source_spec(source)? {
+        // System streams are readable as the rules allow, as over HTTP.
+        SourceSpec::Stream(name) => ReadSource::Stream(crate::readable_stream_name(name)?),
+        SourceSpec::All(all) => ReadSource::All(filter_of(all.types, all.tags)),
+        SourceSpec::Category(name) => ReadSource::Category(
             Category::new(name).map_err(|e| malformed(format!("source.category: {e}")))?,
         ),
-        pb::source::Kind::Query(q) => ReadSource::Query(query(Some(q), "source.query")?),
+        SourceSpec::Query(q) => ReadSource::Query(q),
     })
 }
 
 fn proposed(e: pb::ProposedEvent, at: &str) -> Result<ProposedEvent, Status> {
-    let id = if e.id.is_empty() {
-        EventId::generate()
-    } else {
-        EventId(
-            uuid::Uuid::parse_str(&e.id)
-                .map_err(|err| malformed(format!("{at}.id {:?} is not a UUID: {err}", e.id)))?,
-        )
-    };
-    let invalid = |err: skald_core::Error| -> Status {
-        match err {
-            skald_core::Error::InvalidEvent { reason } => {
-                problem(skald_core::Error::invalid(format!("{at}: {reason}")))
-            }
-            other => problem(other),
-        }
-    };
+    let id = crate::cloudevents::event_id(Some(e.id.as_str()).filter(|id| !id.is_empty()), at)?;
+    let invalid = |err| crate::cloudevents::invalid_at(at, err);
     let event_type = EventType::new(e.r#type).map_err(invalid)?;
     let tags = e
         .tags
@@ -319,17 +296,13 @@ impl<S: EventStore> pb::streams_server::Streams for StreamsApi<S> {
             direction,
             limit: 0,
         };
-        let remaining = if r.limit == 0 {
-            usize::MAX
-        } else {
-            usize::try_from(r.limit).unwrap_or(usize::MAX)
-        };
-        Ok(Response::new(read_pages(
+        let limit = (r.limit > 0).then(|| usize::try_from(r.limit).unwrap_or(usize::MAX));
+        Ok(Response::new(read_pages(crate::Pages::new(
             Arc::clone(&self.app.store),
             request,
-            remaining,
+            limit,
             caller,
-        )))
+        ))))
     }
 
     async fn head(&self, request: Request<pb::HeadRequest>) -> Reply<pb::HeadResponse> {
@@ -360,63 +333,23 @@ impl<S: EventStore> pb::streams_server::Streams for StreamsApi<S> {
     }
 }
 
-/// A read as a stream of pages, one store page at a time, so memory stays bounded by one page.
-fn read_pages<S: EventStore>(
-    store: Arc<S>,
-    request: ReadRequest,
-    remaining: usize,
-    reader: Caller,
-) -> ReplyStream<pb::ReadResponse> {
-    struct State<S> {
-        store: Arc<S>,
-        request: ReadRequest,
-        remaining: usize,
-        done: bool,
-        reader: Caller,
-    }
-    let state = State {
-        store,
-        request,
-        remaining,
-        done: false,
-        reader,
-    };
-    let pages = stream::unfold(state, |mut s| async move {
+/// A read as a stream of messages of about [`CHUNK_BYTES`], one store page at a time.
+fn read_pages<S: EventStore>(pages: crate::Pages<S>) -> ReplyStream<pb::ReadResponse> {
+    let messages = stream::unfold(pages, |mut pages| async move {
         loop {
-            if s.done || s.remaining == 0 {
-                return None;
-            }
-            let page_request = ReadRequest {
-                limit: s.remaining.min(MAX_READ_PAGE),
-                ..s.request.clone()
+            let messages: Vec<_> = match pages.next().await? {
+                // A page the rules emptied is skipped, not sent empty.
+                Ok(events) if events.is_empty() => continue,
+                Ok(events) => chunks(&events)
+                    .into_iter()
+                    .map(|events| Ok(pb::ReadResponse { events }))
+                    .collect(),
+                Err(e) => vec![Err(problem(e))],
             };
-            match s.store.read(page_request).await {
-                Ok(mut page) => {
-                    let read = page.events.len();
-                    s.reader.retain(&mut page.events, |e| &e.stream);
-                    s.remaining = s.remaining.saturating_sub(page.events.len());
-                    match page.next {
-                        Some(next) if read > 0 => s.request.from = Some(next),
-                        _ => s.done = true,
-                    }
-                    // A page the rules emptied is skipped, not sent empty.
-                    if page.events.is_empty() {
-                        continue;
-                    }
-                    let messages: Vec<_> = chunks(&page.events)
-                        .into_iter()
-                        .map(|events| Ok(pb::ReadResponse { events }))
-                        .collect();
-                    return Some((stream::iter(messages), s));
-                }
-                Err(e) => {
-                    s.done = true;
-                    return Some((stream::iter(vec![Err(problem(e))]), s));
-                }
-            }
+            return Some((stream::iter(messages), pages));
         }
     });
-    Box::pin(pages.flatten())
+    Box::pin(messages.flatten())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,30 +385,20 @@ fn start_at(start: Option<Result<Start, i32>>) -> Result<Start, Status> {
 }
 
 /// Ends a response stream: the receiver's items, then the reason the sender gave up, if any.
-struct Ending {
-    status: std::sync::Mutex<Option<Status>>,
-    set: AtomicBool,
-}
+/// It is set beside the channel, not sent through it: a stalled client's channel is full.
+struct Ending(std::sync::Mutex<Option<Status>>);
 
 impl Ending {
     fn new() -> Arc<Self> {
-        Arc::new(Self {
-            status: std::sync::Mutex::new(None),
-            set: AtomicBool::new(false),
-        })
+        Arc::new(Self(std::sync::Mutex::new(None)))
     }
 
     fn end(&self, status: Status) {
-        *self.status.lock().expect("not poisoned") = Some(status);
-        self.set.store(true, Ordering::Release);
+        *self.0.lock().expect("not poisoned") = Some(status);
     }
 
     fn take(&self) -> Option<Status> {
-        if self.set.load(Ordering::Acquire) {
-            self.status.lock().expect("not poisoned").take()
-        } else {
-            None
-        }
+        self.0.lock().expect("not poisoned").take()
     }
 }
 
@@ -609,7 +532,8 @@ fn group_status(e: skald_core::Error) -> Status {
     crate::groups::group_problem(e).to_grpc_status()
 }
 
-/// A source as groups store it; names are checked when the group is made.
+/// A source as groups store it: filters and queries checked, stream and category names left
+/// to whoever uses the source.
 fn source_spec(source: Option<pb::Source>) -> Result<SourceSpec, Status> {
     let kind = source
         .and_then(|s| s.kind)
@@ -1319,10 +1243,18 @@ pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Rou
 }
 
 /// The health service's name; its methods are public, like `/health/*`.
-pub(crate) const HEALTH: &str = "grpc.health.v1.Health";
+const HEALTH: &str = "grpc.health.v1.Health";
 /// The reflection services' names; public, like the OpenAPI document.
-pub(crate) const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
-pub(crate) const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// Whether `path` is a method of a service that needs no credentials: health checks and
+/// reflection.
+pub(crate) fn is_public(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .is_some_and(|(service, _)| [HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA].contains(&service))
+}
 
 fn add<S, T>(router: Router<App<S>>, service: &str, methods: &[&str], svc: T) -> Router<App<S>>
 where

@@ -26,7 +26,8 @@ use futures_util::stream;
 use serde::Deserialize;
 use skald_core::{
     AppendCondition, AppendRequest, Category, Direction, EventStore, EventType, ExpectedRevision,
-    MAX_READ_PAGE, Position, Query, QueryItem, ReadRequest, ReadSource, StreamName, Tag,
+    MAX_READ_PAGE, Position, Query, QueryItem, ReadRequest, ReadSource, RecordedEvent, StreamName,
+    Tag,
 };
 
 pub use problem::Problem;
@@ -611,12 +612,12 @@ async fn respond_read<S: EventStore>(
         limit: 0,
     };
     if wants_ndjson(headers) {
-        return Ok(ndjson_stream(
+        return Ok(ndjson_stream(Pages::new(
             Arc::clone(&app.store),
             request,
             params.limit,
             reader,
-        ));
+        )));
     }
     let limit = params.limit.unwrap_or(DEFAULT_JSON_LIMIT);
     if limit > MAX_READ_PAGE {
@@ -660,57 +661,79 @@ async fn respond_read<S: EventStore>(
     Ok(json_response(out).into_response())
 }
 
-/// Streams a read as NDJSON, one page at a time, so memory stays bounded by one page.
-fn ndjson_stream<S: EventStore>(
+/// A read's pages, one store page at a time, each filtered to what the caller may read. HTTP
+/// NDJSON and gRPC reads walk the same cursor, so memory stays bounded by one page.
+pub(crate) struct Pages<S> {
     store: Arc<S>,
     request: ReadRequest,
-    limit: Option<usize>,
+    remaining: usize,
+    done: bool,
     reader: Caller,
-) -> Response {
-    struct State<S> {
+}
+
+impl<S: EventStore> Pages<S> {
+    /// Pages of `request` (whose `limit` is ignored) until `limit` events, or all of them.
+    pub(crate) fn new(
         store: Arc<S>,
         request: ReadRequest,
-        remaining: usize,
-        done: bool,
+        limit: Option<usize>,
         reader: Caller,
+    ) -> Self {
+        Self {
+            store,
+            request,
+            remaining: limit.unwrap_or(usize::MAX),
+            done: false,
+            reader,
+        }
     }
-    let state = State {
-        store,
-        request,
-        reader,
-        remaining: limit.unwrap_or(usize::MAX),
-        done: false,
-    };
-    let body = stream::unfold(state, |mut s| async move {
-        if s.done || s.remaining == 0 {
+
+    /// The next page (empty when the rules filtered out all of it), or `None` at the end.
+    /// After an error there is no next page.
+    pub(crate) async fn next(&mut self) -> Option<skald_core::Result<Vec<RecordedEvent>>> {
+        if self.done || self.remaining == 0 {
             return None;
         }
         let page_request = ReadRequest {
-            limit: s.remaining.min(MAX_READ_PAGE),
-            ..s.request.clone()
+            limit: self.remaining.min(MAX_READ_PAGE),
+            ..self.request.clone()
         };
-        let mut out = Vec::new();
-        match s.store.read(page_request).await {
+        match self.store.read(page_request).await {
             Ok(mut page) => {
                 let read = page.events.len();
-                s.reader.retain(&mut page.events, |e| &e.stream);
-                for e in &page.events {
+                self.reader.retain(&mut page.events, |e| &e.stream);
+                self.remaining = self.remaining.saturating_sub(page.events.len());
+                match page.next {
+                    Some(next) if read > 0 => self.request.from = Some(next),
+                    _ => self.done = true,
+                }
+                Some(Ok(page.events))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Streams a read as NDJSON, one page at a time, so memory stays bounded by one page.
+fn ndjson_stream<S: EventStore>(pages: Pages<S>) -> Response {
+    let body = stream::unfold(pages, |mut pages| async move {
+        let mut out = Vec::new();
+        match pages.next().await? {
+            Ok(events) => {
+                for e in &events {
                     write_record(&mut out, e);
                     out.push(b'\n');
-                }
-                s.remaining = s.remaining.saturating_sub(page.events.len());
-                match page.next {
-                    Some(next) if read > 0 => s.request.from = Some(next),
-                    _ => s.done = true,
                 }
             }
             Err(e) => {
                 let problem = Problem::from(e);
                 out.extend_from_slice(format!("{{\"error\":{}}}\n", problem.to_json()).as_bytes());
-                s.done = true;
             }
         }
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), s))
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), pages))
     });
     (
         [(

@@ -1,0 +1,65 @@
+//! A store in a directory, and a server over one on a listener, for the client's tests.
+
+use std::sync::Arc;
+
+use skald_core::Durability;
+use skald_storage::{Options, Store};
+
+/// A store without fdatasync (tests only) in `dir`.
+pub fn store(dir: &std::path::Path) -> Store {
+    Store::open(Options {
+        data_dir: dir.to_owned(),
+        durability: Durability::None,
+        ..Options::default()
+    })
+    .unwrap()
+    .0
+}
+
+/// A server over a store in `dir`, on `listener`; returns a handle that stops it.
+pub async fn serve(dir: &std::path::Path, listener: tokio::net::TcpListener) -> Running {
+    let store = store(dir);
+    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
+    let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
+    let sagas = skald_server::Sagas::start(
+        hub.clone(),
+        Default::default(),
+        Arc::new(skald_saga::WallClock),
+    )
+    .await
+    .unwrap();
+    let app = skald_server::router_with(groups, sagas, skald_server::HttpConfig::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_hub = hub.clone();
+    let task = tokio::spawn(async move {
+        skald_server::listener::serve(listener, app, async move {
+            let _ = stopped.await;
+            shutdown_hub.shutdown();
+        })
+        .await
+        .unwrap();
+    });
+    Running {
+        store,
+        hub,
+        stop,
+        task,
+    }
+}
+
+/// A running server; `store` is the store it serves.
+pub struct Running {
+    pub store: Store,
+    hub: skald_server::Hub<Store>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+        self.hub.stopped().await;
+        self.store.shutdown().await;
+    }
+}
