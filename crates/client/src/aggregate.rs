@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use skald_core::{
-    AppendCondition, AppendRequest, AppendResult, Direction, Error, EventData, EventStore,
+    AppendCondition, AppendRequest, AppendResult, Direction, Error, EventData, EventId, EventStore,
     EventType, ExpectedRevision, MAX_READ_PAGE, Position, ProposedEvent, Query, ReadRequest,
     ReadSource, RecordedEvent, Revision, StreamName,
 };
@@ -151,7 +151,37 @@ pub struct Loaded<A> {
 pub struct Repository<'a, S, A> {
     store: &'a S,
     retries: u32,
+    snapshots: Option<Snapshots<A>>,
     aggregate: PhantomData<fn() -> A>,
+}
+
+/// The stream an aggregate's snapshots are kept in: `snapshot-` before its own stream's name,
+/// so that they fall in the `snapshot` category and never into the aggregate's.
+pub fn snapshot_stream(stream: &str) -> String {
+    format!("snapshot-{stream}")
+}
+
+/// The type of snapshot events.
+const SNAPSHOT_TYPE: &str = "Snapshot";
+
+/// How a repository keeps snapshots: every how many events, under which version of the
+/// state's shape, and the state's serde functions (so that only repositories with snapshots
+/// need a serializable state).
+struct Snapshots<A> {
+    every: u64,
+    version: u32,
+    write: fn(&A) -> Result<Value, CodecError>,
+    read: fn(Value) -> Result<A, CodecError>,
+}
+
+/// A snapshot event's data.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotData {
+    /// The version of the state's shape it was written under.
+    version: u32,
+    /// The revision of the aggregate's stream the state is at.
+    revision: u64,
+    state: Value,
 }
 
 impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
@@ -160,6 +190,7 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
         Self {
             store,
             retries: 0,
+            snapshots: None,
             aggregate: PhantomData,
         }
     }
@@ -172,12 +203,123 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
         self
     }
 
-    /// The instance `id`, replayed from its stream page by page.
+    /// The instance `id`: its latest usable snapshot, then the events after it, page by
+    /// page (all of them without snapshots).
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
         let stream = StreamName::new(A::stream(id)).map_err(CommandError::Store)?;
-        let mut state = A::default();
-        let mut revision = None;
-        let mut from = 0;
+        Ok(self.replay(&stream, None).await?.loaded)
+    }
+
+    /// Loads `id`, decides `command`, and appends the events at the revision it loaded. The
+    /// result is `None` when the command caused no events.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: &A::Command,
+    ) -> Result<Option<AppendResult>, CommandError<A::Error>> {
+        self.run(id, command, None).await
+    }
+
+    /// [`Repository::execute`] for a command that may be sent again, such as one a process
+    /// manager sends before a crash and again after it. The events get ids derived from
+    /// `key`, so the repeat is recognised and nothing is applied twice: the result is `None`
+    /// when the command's events are already stored (or it caused none).
+    ///
+    /// The repeat is found among the events loaded (after the latest snapshot) or by the
+    /// store's idempotency check on the ids. Should it be decided again on a state that
+    /// already holds its first effect, a rejection can come back for a command that was
+    /// applied once; it is never applied twice.
+    pub async fn execute_keyed(
+        &self,
+        id: &str,
+        command: &A::Command,
+        key: &CommandKey,
+    ) -> Result<Option<AppendResult>, CommandError<A::Error>> {
+        self.run(id, command, Some(key)).await
+    }
+
+    async fn run(
+        &self,
+        id: &str,
+        command: &A::Command,
+        key: Option<&CommandKey>,
+    ) -> Result<Option<AppendResult>, CommandError<A::Error>> {
+        let stream = StreamName::new(A::stream(id)).map_err(CommandError::Store)?;
+        let mut tries = 0;
+        loop {
+            let replayed = self.replay(&stream, key.map(|k| k.event_id(0))).await?;
+            if replayed.seen {
+                return Ok(None);
+            }
+            let mut loaded = replayed.loaded;
+            let events = loaded
+                .state
+                .decide(command)
+                .map_err(CommandError::Rejected)?;
+            if events.is_empty() {
+                return Ok(None);
+            }
+            let mut proposed = events
+                .iter()
+                .map(propose)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CommandError::Codec)?;
+            if let Some(key) = key {
+                for (i, event) in proposed.iter_mut().enumerate() {
+                    event.id = key.event_id(i);
+                }
+            }
+            let expected = match loaded.revision {
+                None => ExpectedRevision::NoStream,
+                Some(r) => ExpectedRevision::Exact(r),
+            };
+            let appended = self
+                .store
+                .append(AppendRequest {
+                    stream: stream.clone(),
+                    expected,
+                    condition: None,
+                    events: proposed,
+                })
+                .await;
+            match appended {
+                Ok(result) => {
+                    if !result.replayed {
+                        for event in &events {
+                            loaded.state.apply(event);
+                        }
+                        self.maybe_snapshot(&stream, replayed.snapshot, &loaded.state, &result)
+                            .await;
+                    }
+                    return Ok(Some(result));
+                }
+                // The key's ids are stored already, from the first time it was sent.
+                Err(Error::IdReused { .. }) if key.is_some() => return Ok(None),
+                Err(e @ Error::WrongExpectedRevision { .. }) => {
+                    if tries >= self.retries {
+                        return Err(CommandError::Conflict(e));
+                    }
+                    tries += 1;
+                }
+                Err(e) => return Err(CommandError::Store(e)),
+            }
+        }
+    }
+
+    /// Replays `stream` from the latest usable snapshot on, noting whether the event with id
+    /// `watch` went by.
+    async fn replay(
+        &self,
+        stream: &StreamName,
+        watch: Option<EventId>,
+    ) -> Result<Replayed<A>, CommandError<A::Error>> {
+        let snapshot = self.latest_snapshot(stream).await?;
+        let (mut state, mut revision, at) = match snapshot {
+            Some((state, at)) => (state, Some(at), Some(at)),
+            None => (A::default(), None, None),
+        };
+        let mut seen = false;
+        let mut from = revision.map_or(0, |r| r.0 + 1);
         loop {
             let page = self
                 .store
@@ -190,63 +332,165 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
                 .await
                 .map_err(CommandError::Store)?;
             for event in &page.events {
+                seen |= Some(event.id) == watch;
                 state.apply(&decode(event).map_err(CommandError::Codec)?);
                 revision = Some(event.revision);
             }
             match page.next {
                 Some(next) if !page.events.is_empty() => from = next,
-                _ => return Ok(Loaded { state, revision }),
+                _ => {
+                    return Ok(Replayed {
+                        loaded: Loaded { state, revision },
+                        snapshot: at,
+                        seen,
+                    });
+                }
             }
         }
     }
 
-    /// Loads `id`, decides `command`, and appends the events at the revision it loaded. The
-    /// result is `None` when the command caused no events.
-    pub async fn execute(
+    /// The newest snapshot of `stream` written under this repository's version, if there is
+    /// one. Any other (an older version, a state that no longer decodes) is passed over: a
+    /// snapshot only saves reading, the events are the truth.
+    async fn latest_snapshot(
         &self,
-        id: &str,
-        command: &A::Command,
-    ) -> Result<Option<AppendResult>, CommandError<A::Error>> {
-        let stream = StreamName::new(A::stream(id)).map_err(CommandError::Store)?;
-        let mut tries = 0;
-        loop {
-            let loaded = self.load(id).await?;
-            let events = loaded
-                .state
-                .decide(command)
-                .map_err(CommandError::Rejected)?;
-            if events.is_empty() {
-                return Ok(None);
-            }
-            let events = events
-                .iter()
-                .map(propose)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(CommandError::Codec)?;
-            let expected = match loaded.revision {
-                None => ExpectedRevision::NoStream,
-                Some(r) => ExpectedRevision::Exact(r),
-            };
-            let appended = self
-                .store
-                .append(AppendRequest {
-                    stream: stream.clone(),
-                    expected,
-                    condition: None,
-                    events,
-                })
-                .await;
-            match appended {
-                Ok(result) => return Ok(Some(result)),
-                Err(e @ Error::WrongExpectedRevision { .. }) => {
-                    if tries >= self.retries {
-                        return Err(CommandError::Conflict(e));
-                    }
-                    tries += 1;
-                }
-                Err(e) => return Err(CommandError::Store(e)),
-            }
+        stream: &StreamName,
+    ) -> Result<Option<(A, Revision)>, CommandError<A::Error>> {
+        let Some(snapshots) = &self.snapshots else {
+            return Ok(None);
+        };
+        let name =
+            StreamName::new(snapshot_stream(stream.as_str())).map_err(CommandError::Store)?;
+        let page = self
+            .store
+            .read(ReadRequest {
+                source: ReadSource::Stream(name),
+                from: None,
+                direction: Direction::Backward,
+                limit: 1,
+            })
+            .await
+            .map_err(CommandError::Store)?;
+        let Some(event) = page.events.first() else {
+            return Ok(None);
+        };
+        let Ok(data) = serde_json::from_slice::<SnapshotData>(event.data.bytes()) else {
+            return Ok(None);
+        };
+        if data.version != snapshots.version {
+            return Ok(None);
         }
+        Ok((snapshots.read)(data.state)
+            .ok()
+            .map(|state| (state, Revision(data.revision))))
+    }
+
+    /// Writes a snapshot of `state` when the append that brought the stream to it took the
+    /// stream `every` events or more past the snapshot it was loaded from. A snapshot that
+    /// cannot be written is left out: the command's events are stored, and the next command
+    /// tries again.
+    async fn maybe_snapshot(
+        &self,
+        stream: &StreamName,
+        loaded_from: Option<Revision>,
+        state: &A,
+        appended: &AppendResult,
+    ) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        let since = loaded_from.map_or(0, |r| r.0 + 1);
+        if appended.last_revision.0 + 1 - since < snapshots.every {
+            return;
+        }
+        let Ok(state) = (snapshots.write)(state) else {
+            return;
+        };
+        let data = SnapshotData {
+            version: snapshots.version,
+            revision: appended.last_revision.0,
+            state,
+        };
+        let (Ok(name), Ok(event_type), Ok(data)) = (
+            StreamName::new(snapshot_stream(stream.as_str())),
+            EventType::new(SNAPSHOT_TYPE),
+            serde_json::to_string(&data)
+                .map_err(|e| e.to_string())
+                .and_then(|json| EventData::json(json).map_err(|e| e.to_string())),
+        ) else {
+            return;
+        };
+        let _ = self
+            .store
+            .append(AppendRequest {
+                stream: name,
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![ProposedEvent::new(event_type, data)],
+            })
+            .await;
+    }
+}
+
+impl<S: EventStore, A: Aggregate + Serialize + DeserializeOwned> Repository<'_, S, A> {
+    /// Keeps a snapshot of the state in Skald (stream [`snapshot_stream`]) once a command
+    /// takes the stream `events` or more past the last one, and loads from the newest
+    /// snapshot on. `version` names the state's shape: raise it when the state type changes,
+    /// and older snapshots are passed over (the stream is replayed in full once, and a new
+    /// snapshot is written).
+    pub fn snapshot_every(mut self, events: u64, version: u32) -> Self {
+        self.snapshots = Some(Snapshots {
+            every: events.max(1),
+            version,
+            write: |state| {
+                serde_json::to_value(state)
+                    .map_err(|e| CodecError(format!("the state does not serialize: {e}")))
+            },
+            read: |value| {
+                serde_json::from_value(value)
+                    .map_err(|e| CodecError(format!("the snapshot does not decode: {e}")))
+            },
+        });
+        self
+    }
+}
+
+/// What a replay found: the state, the snapshot it started from, and whether the watched
+/// event id went by.
+struct Replayed<A> {
+    loaded: Loaded<A>,
+    snapshot: Option<Revision>,
+    seen: bool,
+}
+
+/// The identity of one command, the same each time the command is sent again (by a process
+/// manager after a crash). The ids of the events it causes are derived from it, so a repeat
+/// is recognised by the store instead of applied twice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CommandKey(String);
+
+/// The namespace of the name-based (v5) UUIDs derived from command keys.
+const COMMAND_KEY_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5a1d_c0de_7e1f_4b2a_9c6e_0d4f_8a3b_2e17);
+
+impl CommandKey {
+    /// A key from any text that identifies the command, such as the id of the event that
+    /// caused it and the command's index among those it caused.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key as text, for an `Idempotency-Key` header of an HTTP call.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id of the `index`th event the command appends: the same for the same key.
+    pub fn event_id(&self, index: usize) -> EventId {
+        EventId(uuid::Uuid::new_v5(
+            &COMMAND_KEY_NAMESPACE,
+            format!("{}/{index}", self.0).as_bytes(),
+        ))
     }
 }
 

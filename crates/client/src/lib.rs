@@ -13,6 +13,8 @@
 
 pub mod aggregate;
 mod convert;
+pub mod process;
+pub mod projection;
 
 use std::future::Future;
 use std::time::Duration;

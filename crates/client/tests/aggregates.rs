@@ -4,99 +4,19 @@
 //! without an aggregate.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+#[path = "support/account.rs"]
+mod account;
 mod support;
 
+use account::{Account, AccountCommand, AccountError, AccountEvent};
 use skald_client::Client;
-use skald_client::aggregate::{
-    Aggregate, CommandError, Decision, Event, Repository, decode, given, propose,
-};
+use skald_client::aggregate::{CommandError, Decision, Event, Repository, decode, given, propose};
 use support::{serve, store};
 
 use skald_core::{
     AppendRequest, Error, EventStore, EventType, ExpectedRevision, Query, QueryItem, StreamName,
     Tag,
 };
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", content = "data")]
-enum AccountEvent {
-    Opened { owner: String },
-    Deposited { amount: u64 },
-    Withdrawn { amount: u64 },
-}
-
-impl Event for AccountEvent {
-    /// Version 1 of `Deposited` was `MoneyDeposited` with `cents`.
-    fn upcast(event_type: &str, data: Value) -> (String, Value) {
-        match event_type {
-            "MoneyDeposited" => ("Deposited".to_owned(), json!({"amount": data["cents"]})),
-            other => (other.to_owned(), data),
-        }
-    }
-}
-
-enum AccountCommand {
-    Open { owner: String },
-    Deposit(u64),
-    Withdraw(u64),
-}
-
-#[derive(Debug, PartialEq, thiserror::Error)]
-enum AccountError {
-    #[error("the account is not open")]
-    NotOpen,
-    #[error("the account is open already")]
-    AlreadyOpen,
-    #[error("the balance is {balance}, less than {asked}")]
-    Insufficient { balance: u64, asked: u64 },
-}
-
-#[derive(Default)]
-struct Account {
-    open: bool,
-    balance: u64,
-}
-
-impl Aggregate for Account {
-    type Event = AccountEvent;
-    type Command = AccountCommand;
-    type Error = AccountError;
-
-    fn stream(id: &str) -> String {
-        format!("account-{id}")
-    }
-
-    fn apply(&mut self, event: &AccountEvent) {
-        match event {
-            AccountEvent::Opened { .. } => self.open = true,
-            AccountEvent::Deposited { amount } => self.balance += amount,
-            AccountEvent::Withdrawn { amount } => self.balance -= amount,
-        }
-    }
-
-    fn decide(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
-        match command {
-            AccountCommand::Open { owner } if !self.open => Ok(vec![AccountEvent::Opened {
-                owner: owner.clone(),
-            }]),
-            AccountCommand::Open { .. } => Err(AccountError::AlreadyOpen),
-            _ if !self.open => Err(AccountError::NotOpen),
-            AccountCommand::Deposit(amount) => {
-                Ok(vec![AccountEvent::Deposited { amount: *amount }])
-            }
-            AccountCommand::Withdraw(asked) if *asked > self.balance => {
-                Err(AccountError::Insufficient {
-                    balance: self.balance,
-                    asked: *asked,
-                })
-            }
-            AccountCommand::Withdraw(amount) => {
-                Ok(vec![AccountEvent::Withdrawn { amount: *amount }])
-            }
-        }
-    }
-}
 
 #[test]
 fn given_when_then() {

@@ -1,0 +1,185 @@
+//! Projections: events handled into a read model that keeps its own checkpoint, run from the
+//! checkpoint onwards, catch-up then live, over any [`EventStore`].
+//!
+//! The contract that makes the effects exactly-once: [`Projection::apply`] writes what a batch
+//! of events changes *and* the batch's checkpoint in one transaction of the read model's
+//! database. After a crash either both are there or neither is, and the [`Projector`] starts
+//! again after the checkpoint it reads back, so no event is applied twice or skipped.
+
+use std::fmt;
+use std::future::Future;
+
+use skald_core::{
+    Direction, Error, EventStore, MAX_READ_PAGE, Position, ReadRequest, ReadSource, RecordedEvent,
+};
+
+/// A read model fed by events. Its state and its checkpoint live in the same database.
+pub trait Projection: Send {
+    /// Why the read model could not be read or written.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The events it is built from: the global log, a category, a DCB query.
+    fn source(&self) -> ReadSource;
+
+    /// The position of the last event applied, as stored with the read model; `None` before
+    /// the first.
+    fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, Self::Error>> + Send;
+
+    /// Applies `events` (in log order, all after the checkpoint) and stores `checkpoint` (the
+    /// last one's position) in one transaction: both or neither.
+    fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        checkpoint: Position,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Empties the read model and forgets the checkpoint, in one transaction, so that a
+    /// rebuild starts from the first event.
+    fn reset(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Why a projection stopped.
+#[derive(Debug)]
+pub enum ProjectionError<E> {
+    /// The store failed, or refused the read.
+    Store(Error),
+    /// The read model failed; nothing of the batch it was applying is kept.
+    Projection(E),
+}
+
+impl<E: fmt::Display> fmt::Display for ProjectionError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Store(e) => write!(f, "reading events failed: {e}"),
+            Self::Projection(e) => write!(f, "the read model failed: {e}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> std::error::Error for ProjectionError<E> {}
+
+/// Runs a [`Projection`] over a store: reads from its checkpoint on and hands it the events in
+/// batches, one transaction each.
+pub struct Projector<'a, S, P> {
+    store: &'a S,
+    projection: P,
+    batch: usize,
+}
+
+impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
+    /// Runs `projection` over `store`, 256 events per transaction.
+    pub fn new(store: &'a S, projection: P) -> Self {
+        Self {
+            store,
+            projection,
+            batch: 256,
+        }
+    }
+
+    /// At most `events` per call of [`Projection::apply`] (one transaction); between 1 and
+    /// the read page limit.
+    pub fn batch(mut self, events: usize) -> Self {
+        self.batch = events.clamp(1, MAX_READ_PAGE);
+        self
+    }
+
+    /// The projection, to query the read model.
+    pub fn projection(&mut self) -> &mut P {
+        &mut self.projection
+    }
+
+    /// The projection, with the runner gone.
+    pub fn into_inner(self) -> P {
+        self.projection
+    }
+
+    /// Applies every event stored now after the checkpoint; returns the new checkpoint.
+    pub async fn catch_up(&mut self) -> Result<Option<Position>, ProjectionError<P::Error>> {
+        let checkpoint = self
+            .projection
+            .checkpoint()
+            .await
+            .map_err(ProjectionError::Projection)?;
+        self.drain(checkpoint).await
+    }
+
+    /// Empties the read model and applies every event from the first; returns the checkpoint.
+    pub async fn rebuild(&mut self) -> Result<Option<Position>, ProjectionError<P::Error>> {
+        self.projection
+            .reset()
+            .await
+            .map_err(ProjectionError::Projection)?;
+        self.catch_up().await
+    }
+
+    /// Catches up, then applies events as they are appended, until `stop` resolves (between
+    /// two transactions: a batch is never cut short) or something fails.
+    pub async fn run(
+        &mut self,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<Position>, ProjectionError<P::Error>> {
+        let mut checkpoint = self
+            .projection
+            .checkpoint()
+            .await
+            .map_err(ProjectionError::Projection)?;
+        tokio::pin!(stop);
+        loop {
+            // Taken before reading, so an append that lands while the read runs still wakes
+            // the wait below.
+            let known = self
+                .store
+                .next_position()
+                .await
+                .map_err(ProjectionError::Store)?;
+            checkpoint = self.drain(checkpoint).await?;
+            tokio::select! {
+                () = &mut stop => return Ok(checkpoint),
+                woke = self.store.wait_for_append(known) => {
+                    woke.map_err(ProjectionError::Store)?;
+                }
+            }
+        }
+    }
+
+    /// Applies what is stored after `checkpoint`, a batch at a time.
+    async fn drain(
+        &mut self,
+        mut checkpoint: Option<Position>,
+    ) -> Result<Option<Position>, ProjectionError<P::Error>> {
+        let source = self.projection.source();
+        let mut from = checkpoint.map_or(0, |p| p.0 + 1);
+        loop {
+            let asked = from;
+            let page = self
+                .store
+                .read(ReadRequest {
+                    source: source.clone(),
+                    from: Some(from),
+                    direction: Direction::Forward,
+                    limit: self.batch,
+                })
+                .await
+                .map_err(ProjectionError::Store)?;
+            // Never an event at or before the checkpoint, whatever the source returns.
+            let events: Vec<RecordedEvent> = page
+                .events
+                .into_iter()
+                .filter(|e| checkpoint.is_none_or(|c| e.position > c))
+                .collect();
+            if let Some(last) = events.last().map(|e| e.position) {
+                self.projection
+                    .apply(&events, last)
+                    .await
+                    .map_err(ProjectionError::Projection)?;
+                checkpoint = Some(last);
+                from = last.0 + 1;
+            }
+            match page.next {
+                // A filtered source may scan past events it does not return.
+                Some(next) if next > asked => from = from.max(next),
+                _ => return Ok(checkpoint),
+            }
+        }
+    }
+}

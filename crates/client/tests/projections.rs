@@ -1,0 +1,237 @@
+//! The projection runner over the embedded store and through the client: a read model that
+//! fails mid-way keeps only whole batches and resumes after its checkpoint without applying an
+//! event twice; live events arrive after catch-up; a rebuild starts from nothing.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skald_client::Client;
+use skald_client::projection::{Projection, ProjectionError, Projector};
+use skald_core::{
+    AppendRequest, Category, EventData, EventStore, EventType, ExpectedRevision, Position,
+    ProposedEvent, ReadSource, RecordedEvent, StreamName,
+};
+use support::{serve, store};
+
+/// What a transaction of the in-memory read model commits: totals, the events applied, and
+/// the checkpoint, all at once.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Committed {
+    totals: BTreeMap<String, u64>,
+    applied: u64,
+    checkpoint: Option<Position>,
+}
+
+/// Totals per account, kept in `db`; `fail_on` makes that call of `apply` fail after working
+/// on a copy, as a transaction that is rolled back (or a process killed before its commit).
+struct Totals {
+    db: Arc<Mutex<Committed>>,
+    calls: usize,
+    fail_on: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the read model failed on purpose")]
+struct Failed;
+
+impl Projection for Totals {
+    type Error = Failed;
+
+    fn source(&self) -> ReadSource {
+        ReadSource::Category(Category::new("account").unwrap())
+    }
+
+    async fn checkpoint(&mut self) -> Result<Option<Position>, Failed> {
+        Ok(self.db.lock().unwrap().checkpoint)
+    }
+
+    async fn apply(
+        &mut self,
+        events: &[RecordedEvent],
+        checkpoint: Position,
+    ) -> Result<(), Failed> {
+        self.calls += 1;
+        let mut draft = self.db.lock().unwrap().clone();
+        for event in events {
+            assert!(
+                draft.checkpoint.is_none_or(|c| event.position > c),
+                "event {} handed over again",
+                event.position.0
+            );
+            let amount: u64 = serde_json::from_slice::<serde_json::Value>(event.data.bytes())
+                .unwrap()["amount"]
+                .as_u64()
+                .unwrap();
+            *draft
+                .totals
+                .entry(event.stream.as_str().to_owned())
+                .or_default() += amount;
+            draft.applied += 1;
+        }
+        assert_eq!(Some(checkpoint), events.last().map(|e| e.position));
+        draft.checkpoint = Some(checkpoint);
+        if self.fail_on == Some(self.calls) {
+            return Err(Failed);
+        }
+        *self.db.lock().unwrap() = draft;
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), Failed> {
+        *self.db.lock().unwrap() = Committed::default();
+        Ok(())
+    }
+}
+
+async fn deposit<S: EventStore>(store: &S, account: u32, amount: u64) {
+    store
+        .append(AppendRequest {
+            stream: StreamName::new(format!("account-{account}")).unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![ProposedEvent::new(
+                EventType::new("Deposited").unwrap(),
+                EventData::json(format!(r#"{{"amount":{amount}}}"#)).unwrap(),
+            )],
+        })
+        .await
+        .unwrap();
+}
+
+/// Events of another category between the accounts', which the projection must skip.
+async fn noise<S: EventStore>(store: &S) {
+    store
+        .append(AppendRequest {
+            stream: StreamName::new("audit-1").unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![ProposedEvent::new(
+                EventType::new("Noted").unwrap(),
+                EventData::json(r#"{"amount":1000000}"#).unwrap(),
+            )],
+        })
+        .await
+        .unwrap();
+}
+
+fn expected_totals(deposits: &[(u32, u64)]) -> BTreeMap<String, u64> {
+    let mut totals = BTreeMap::new();
+    for (account, amount) in deposits {
+        *totals.entry(format!("account-{account}")).or_default() += amount;
+    }
+    totals
+}
+
+async fn projection_story<S: EventStore>(store: &S) {
+    let mut deposits = Vec::new();
+    for i in 0..600u32 {
+        let (account, amount) = (i % 7, u64::from(i % 13 + 1));
+        deposit(store, account, amount).await;
+        deposits.push((account, amount));
+        if i % 5 == 0 {
+            noise(store).await;
+        }
+    }
+    let db = Arc::new(Mutex::new(Committed::default()));
+
+    // The fifth transaction fails: the four before it stay, and nothing of the fifth.
+    let mut failing = Projector::new(
+        store,
+        Totals {
+            db: db.clone(),
+            calls: 0,
+            fail_on: Some(5),
+        },
+    )
+    .batch(50);
+    match failing.catch_up().await {
+        Err(ProjectionError::Projection(Failed)) => {}
+        other => panic!("expected the read model's failure, got {other:?}"),
+    }
+    assert_eq!(db.lock().unwrap().applied, 4 * 50);
+
+    // A new runner resumes after the checkpoint: every deposit counted exactly once.
+    let mut projector = Projector::new(
+        store,
+        Totals {
+            db: db.clone(),
+            calls: 0,
+            fail_on: None,
+        },
+    )
+    .batch(50);
+    let checkpoint = projector.catch_up().await.unwrap();
+    {
+        let committed = db.lock().unwrap();
+        assert_eq!(committed.applied, 600);
+        assert_eq!(committed.totals, expected_totals(&deposits));
+        assert_eq!(checkpoint, committed.checkpoint);
+    }
+    // Caught up: nothing more to apply.
+    let calls = projector.projection().calls;
+    assert_eq!(projector.catch_up().await.unwrap(), checkpoint);
+    assert_eq!(projector.projection().calls, calls);
+
+    // Live: catch-up, then each deposit as it is appended, until stopped.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let live = async {
+        projector
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    };
+    let feed = async {
+        for i in 0..20u32 {
+            deposit(store, 100 + i % 2, 5).await;
+            deposits.push((100 + i % 2, 5));
+            noise(store).await;
+        }
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
+            while db.lock().unwrap().applied < 620 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let _ = stop.send(());
+        waited
+    };
+    let (ran, waited) = tokio::join!(live, feed);
+    waited.expect("the live deposits were applied");
+    let checkpoint = ran.unwrap();
+    {
+        let committed = db.lock().unwrap();
+        assert_eq!(committed.applied, 620);
+        assert_eq!(committed.totals, expected_totals(&deposits));
+        assert_eq!(checkpoint, committed.checkpoint);
+    }
+
+    // A rebuild empties the model, damaged here, and applies everything again.
+    db.lock().unwrap().totals.insert("account-0".into(), 0);
+    assert_eq!(projector.rebuild().await.unwrap(), checkpoint);
+    let committed = db.lock().unwrap();
+    assert_eq!(committed.applied, 620);
+    assert_eq!(committed.totals, expected_totals(&deposits));
+}
+
+#[tokio::test]
+async fn projections_over_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    projection_story(&store).await;
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn projections_through_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = serve(dir.path(), listener).await;
+    let client = Client::connect(&url).await.unwrap();
+    projection_story(&client).await;
+    server.stop().await;
+}
