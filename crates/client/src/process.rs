@@ -23,6 +23,7 @@ use skald_core::{
 };
 
 use crate::aggregate::{CodecError, CommandKey};
+use crate::projection::{Cursor, stopped_or_appended};
 
 /// A process manager: state that follows events, and the commands it sends in response.
 pub trait ProcessManager:
@@ -178,39 +179,21 @@ where
 
     /// Handles every event stored now after the checkpoint; returns the new checkpoint.
     pub async fn catch_up(&mut self) -> Outcome<Option<Position>, D, P::Command> {
-        let source = P::source();
-        let mut from = self.checkpoint.map_or(0, |p| p.0 + 1);
-        loop {
-            let asked = from;
-            let page = self
-                .store
-                .read(ReadRequest {
-                    source: source.clone(),
-                    from: Some(from),
-                    direction: Direction::Forward,
-                    limit: self.batch,
-                })
-                .await
-                .map_err(ProcessError::Store)?;
+        let mut cursor = Cursor::after(P::source(), self.checkpoint);
+        while let Some(page) = cursor
+            .next(self.store, self.batch)
+            .await
+            .map_err(ProcessError::Store)?
+        {
             // Its own state events are never its input, whatever the source; a page of only
             // those is passed over without a save (which would be one more of them).
-            let events: Vec<&RecordedEvent> = page
-                .events
-                .iter()
-                .filter(|e| e.stream != self.stream)
-                .collect();
+            let events: Vec<&RecordedEvent> =
+                page.iter().filter(|e| e.stream != self.stream).collect();
             if let Some(last) = events.last().map(|e| e.position) {
                 self.handle(&events, last).await?;
             }
-            if let Some(last) = page.events.last() {
-                from = last.position.0 + 1;
-            }
-            match page.next {
-                // A filtered source may scan past events it does not return.
-                Some(next) if next > asked => from = from.max(next),
-                _ => return Ok(self.checkpoint),
-            }
         }
+        Ok(self.checkpoint)
     }
 
     /// Catches up, then handles events as they are appended, until `stop` resolves (between
@@ -227,11 +210,11 @@ where
                 .await
                 .map_err(ProcessError::Store)?;
             self.catch_up().await?;
-            tokio::select! {
-                () = &mut stop => return Ok(self.checkpoint),
-                woke = self.store.wait_for_append(known) => {
-                    woke.map_err(ProcessError::Store)?;
-                }
+            if stopped_or_appended(self.store, known, stop.as_mut())
+                .await
+                .map_err(ProcessError::Store)?
+            {
+                return Ok(self.checkpoint);
             }
         }
     }

@@ -125,19 +125,17 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
             .map_err(ProjectionError::Projection)?;
         tokio::pin!(stop);
         loop {
-            // Taken before reading, so an append that lands while the read runs still wakes
-            // the wait below.
             let known = self
                 .store
                 .next_position()
                 .await
                 .map_err(ProjectionError::Store)?;
             checkpoint = self.drain(checkpoint).await?;
-            tokio::select! {
-                () = &mut stop => return Ok(checkpoint),
-                woke = self.store.wait_for_append(known) => {
-                    woke.map_err(ProjectionError::Store)?;
-                }
+            if stopped_or_appended(self.store, known, stop.as_mut())
+                .await
+                .map_err(ProjectionError::Store)?
+            {
+                return Ok(checkpoint);
             }
         }
     }
@@ -147,23 +145,14 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
         &mut self,
         mut checkpoint: Option<Position>,
     ) -> Result<Option<Position>, ProjectionError<P::Error>> {
-        let source = self.projection.source();
-        let mut from = checkpoint.map_or(0, |p| p.0 + 1);
-        loop {
-            let asked = from;
-            let page = self
-                .store
-                .read(ReadRequest {
-                    source: source.clone(),
-                    from: Some(from),
-                    direction: Direction::Forward,
-                    limit: self.batch,
-                })
-                .await
-                .map_err(ProjectionError::Store)?;
+        let mut cursor = Cursor::after(self.projection.source(), checkpoint);
+        while let Some(page) = cursor
+            .next(self.store, self.batch)
+            .await
+            .map_err(ProjectionError::Store)?
+        {
             // Never an event at or before the checkpoint, whatever the source returns.
             let events: Vec<RecordedEvent> = page
-                .events
                 .into_iter()
                 .filter(|e| checkpoint.is_none_or(|c| e.position > c))
                 .collect();
@@ -173,13 +162,70 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
                     .await
                     .map_err(ProjectionError::Projection)?;
                 checkpoint = Some(last);
-                from = last.0 + 1;
-            }
-            match page.next {
-                // A filtered source may scan past events it does not return.
-                Some(next) if next > asked => from = from.max(next),
-                _ => return Ok(checkpoint),
             }
         }
+        Ok(checkpoint)
+    }
+}
+
+/// Reads a source forward, a page at a time, from just after a checkpoint to what is stored
+/// when it is read: the walk projections and process managers share.
+pub(crate) struct Cursor {
+    source: ReadSource,
+    from: u64,
+    done: bool,
+}
+
+impl Cursor {
+    /// From the first event after `checkpoint` (from the first event there is, without one).
+    pub(crate) fn after(source: ReadSource, checkpoint: Option<Position>) -> Self {
+        Self {
+            source,
+            from: checkpoint.map_or(0, |p| p.0 + 1),
+            done: false,
+        }
+    }
+
+    /// The next page of up to `limit` events (possibly none, when a filtered source scanned
+    /// past events it does not return), or `None` once the source held nothing more.
+    pub(crate) async fn next<S: EventStore>(
+        &mut self,
+        store: &S,
+        limit: usize,
+    ) -> skald_core::Result<Option<Vec<RecordedEvent>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let asked = self.from;
+        let page = store
+            .read(ReadRequest {
+                source: self.source.clone(),
+                from: Some(asked),
+                direction: Direction::Forward,
+                limit,
+            })
+            .await?;
+        if let Some(last) = page.events.last() {
+            self.from = last.position.0 + 1;
+        }
+        match page.next {
+            Some(next) if next > asked => self.from = self.from.max(next),
+            _ => self.done = true,
+        }
+        Ok(Some(page.events))
+    }
+}
+
+/// Waits until `stop` resolves (true) or the store holds more than `known` events (false).
+/// `known` is taken before the read that came up empty, so an append that landed while it
+/// ran still ends the wait.
+pub(crate) async fn stopped_or_appended<S: EventStore>(
+    store: &S,
+    known: u64,
+    stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> skald_core::Result<bool> {
+    tokio::select! {
+        () = stop => Ok(true),
+        woke = store.wait_for_append(known) => woke.map(|_| false),
     }
 }
