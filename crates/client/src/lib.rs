@@ -13,8 +13,10 @@
 
 pub mod aggregate;
 mod convert;
+mod groups;
 pub mod process;
 pub mod projection;
+mod sagas;
 
 use std::future::Future;
 use std::time::Duration;
@@ -31,7 +33,10 @@ use skald_proto::v1::subscriptions_client::SubscriptionsClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+pub use groups::{AckOutcome, Consumer, GroupMessage};
 pub use skald_core;
+/// The generated gRPC messages: group settings and state, saga definitions and instances.
+pub use skald_proto::v1 as proto;
 
 /// Messages this client accepts; the server sends events in messages of about 64 KiB, so this
 /// only matters for single events near the event-size limit.
