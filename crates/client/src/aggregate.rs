@@ -4,6 +4,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
+use crate::follow::{Cursor, last_event};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -361,17 +362,10 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
         };
         let name =
             StreamName::new(snapshot_stream(stream.as_str())).map_err(CommandError::Store)?;
-        let page = self
-            .store
-            .read(ReadRequest {
-                source: ReadSource::Stream(name),
-                from: None,
-                direction: Direction::Backward,
-                limit: 1,
-            })
+        let Some(event) = last_event(self.store, &name)
             .await
-            .map_err(CommandError::Store)?;
-        let Some(event) = page.events.first() else {
+            .map_err(CommandError::Store)?
+        else {
             return Ok(None);
         };
         let Ok(data) = serde_json::from_slice::<SnapshotData>(event.data.bytes()) else {
@@ -586,23 +580,11 @@ impl<T> Decision<T> {
     ) -> skald_core::Result<Self> {
         let mut state = initial;
         let mut after = None;
-        let mut from = 0;
-        loop {
-            let page = store
-                .read(ReadRequest {
-                    source: ReadSource::Query(query.clone()),
-                    from: Some(from),
-                    direction: Direction::Forward,
-                    limit: MAX_READ_PAGE,
-                })
-                .await?;
-            for event in &page.events {
+        let mut cursor = Cursor::after(ReadSource::Query(query.clone()), None);
+        while let Some(page) = cursor.next(store, MAX_READ_PAGE).await? {
+            for event in &page {
                 state = fold(state, event);
                 after = Some(event.position);
-            }
-            match page.next {
-                Some(next) if !page.events.is_empty() => from = next,
-                _ => break,
             }
         }
         // Nothing matched: the condition holds until anything matching appears.

@@ -13,6 +13,7 @@
 
 pub mod aggregate;
 mod convert;
+mod follow;
 mod groups;
 pub mod process;
 pub mod projection;

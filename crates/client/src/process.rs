@@ -17,13 +17,12 @@ use std::future::Future;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use skald_core::{
-    AppendRequest, Direction, Error, EventData, EventStore, EventType, ExpectedRevision,
-    MAX_READ_PAGE, Position, ProposedEvent, ReadRequest, ReadSource, RecordedEvent, Revision,
-    StreamName,
+    AppendRequest, Error, EventData, EventStore, EventType, ExpectedRevision, MAX_READ_PAGE,
+    Position, ProposedEvent, ReadSource, RecordedEvent, Revision, StreamName,
 };
 
 use crate::aggregate::{CodecError, CommandKey};
-use crate::projection::{Cursor, stopped_or_appended};
+use crate::follow::{Cursor, last_event, stopped_or_appended};
 
 /// A process manager: state that follows events, and the commands it sends in response.
 pub trait ProcessManager:
@@ -124,16 +123,10 @@ where
     pub async fn load(store: &'a S, dispatch: D) -> Outcome<Self, D, P::Command> {
         let stream =
             StreamName::new(format!("process-{}", P::name())).map_err(ProcessError::Store)?;
-        let page = store
-            .read(ReadRequest {
-                source: ReadSource::Stream(stream.clone()),
-                from: None,
-                direction: Direction::Backward,
-                limit: 1,
-            })
+        let last = last_event(store, &stream)
             .await
             .map_err(ProcessError::Store)?;
-        let (state, checkpoint, revision) = match page.events.first() {
+        let (state, checkpoint, revision) = match last {
             None => (P::default(), None, None),
             Some(event) => {
                 let saved: Saved<P> = serde_json::from_slice(event.data.bytes()).map_err(|e| {
