@@ -352,19 +352,16 @@ impl EventStore for Store {
     }
 
     async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamHead>, Error> {
-        let shared = Arc::clone(&self.shared);
-        let stream = stream.clone();
-        tokio::task::spawn_blocking(move || {
-            let view = Self::view(&shared)?;
-            Ok(view
-                .stream_last(stream.as_str())?
-                .map(|(revision, position)| StreamHead {
-                    revision: Revision(revision),
-                    position: Position(position),
-                }))
-        })
-        .await
-        .map_err(|e| Error::Io(format!("read task failed: {e}")))?
+        // A point lookup (memtables, then one B-tree search in pages that are almost always
+        // cached) runs on the caller's task: handing it to the blocking pool cost more than
+        // the lookup itself (a wake-up on each side; docs/benchmarks.md, "Ceilings").
+        let view = Self::view(&self.shared)?;
+        Ok(view
+            .stream_last(stream.as_str())?
+            .map(|(revision, position)| StreamHead {
+                revision: Revision(revision),
+                position: Position(position),
+            }))
     }
 
     async fn info(&self) -> Result<StoreInfo, Error> {
