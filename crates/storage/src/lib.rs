@@ -277,6 +277,28 @@ impl Store {
         View::open(&shared.db, shared.mem.snapshot(), end)
     }
 
+    /// A stream read that covers at most [`INLINE_READ_RECORDS`] records (loading a small
+    /// aggregate, the last event of a stream), answered on the caller's task: the hand-off to
+    /// the blocking pool costs more than such a read (docs/benchmarks.md). `None` for any
+    /// other read, which goes to the pool; the index is asked for one entry more than the
+    /// bound, so the work done here stays bounded whatever the stream's length.
+    fn read_short_stream(&self, request: &ReadRequest) -> Result<Option<ReadPage>, Error> {
+        let ReadSource::Stream(stream) = &request.source else {
+            return Ok(None);
+        };
+        let limit = request.limit.min(MAX_READ_PAGE);
+        let probe = limit.min(INLINE_READ_RECORDS + 1);
+        let view = Self::view(&self.shared)?;
+        let entries =
+            view.stream_events(stream.as_str(), request.from, request.direction, probe)?;
+        if entries.len() == probe && probe < limit {
+            return Ok(None);
+        }
+        let mut reader = RecordReader::new(self.shared.segments.snapshot());
+        let events = read::decode_stream(&mut reader, &entries, view.end)?;
+        Ok(Some(stream_page(events, limit, request.direction)))
+    }
+
     fn read_blocking(shared: &Shared, request: &ReadRequest) -> Result<ReadPage, Error> {
         let limit = request.limit.min(MAX_READ_PAGE);
         if request.direction == Direction::Backward
@@ -297,14 +319,7 @@ impl Store {
                     request.direction,
                     limit,
                 )?;
-                let next = (events.len() == limit && limit > 0)
-                    .then(|| events.last().map(|e| e.revision.0))
-                    .flatten()
-                    .and_then(|last| match request.direction {
-                        Direction::Forward => Some(last + 1),
-                        Direction::Backward => last.checked_sub(1),
-                    });
-                return Ok(ReadPage { events, next });
+                return Ok(stream_page(events, limit, request.direction));
             }
             ReadSource::All(None) => {
                 let mut out = Vec::new();
@@ -326,6 +341,26 @@ impl Store {
     }
 }
 
+/// The most records a stream read answers on the caller's task.
+const INLINE_READ_RECORDS: usize = 32;
+
+/// A page of a stream read: its events, and the revision the next page starts at when the
+/// page is full.
+fn stream_page(
+    events: Vec<skald_core::RecordedEvent>,
+    limit: usize,
+    direction: Direction,
+) -> ReadPage {
+    let next = (events.len() == limit && limit > 0)
+        .then(|| events.last().map(|e| e.revision.0))
+        .flatten()
+        .and_then(|last| match direction {
+            Direction::Forward => Some(last + 1),
+            Direction::Backward => last.checked_sub(1),
+        });
+    ReadPage { events, next }
+}
+
 impl EventStore for Store {
     async fn append(&self, request: AppendRequest) -> Result<AppendResult, Error> {
         self.limits.check_append(&request)?;
@@ -340,15 +375,21 @@ impl EventStore for Store {
     }
 
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
-        let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || {
-            let page = Self::read_blocking(&shared, &request)?;
-            shared.metrics.reads.inc();
-            shared.metrics.events_read.add(page.events.len() as u64);
-            Ok(page)
-        })
-        .await
-        .map_err(|e| Error::Io(format!("read task failed: {e}")))?
+        let page = match self.read_short_stream(&request)? {
+            Some(page) => page,
+            None => {
+                let shared = Arc::clone(&self.shared);
+                tokio::task::spawn_blocking(move || Self::read_blocking(&shared, &request))
+                    .await
+                    .map_err(|e| Error::Io(format!("read task failed: {e}")))??
+            }
+        };
+        self.shared.metrics.reads.inc();
+        self.shared
+            .metrics
+            .events_read
+            .add(page.events.len() as u64);
+        Ok(page)
     }
 
     async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamHead>, Error> {

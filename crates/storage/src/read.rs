@@ -168,11 +168,21 @@ pub fn scan_stream(
     direction: Direction,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
-    let mut out = Vec::new();
-    for (_, addr) in view.stream_events(stream, from, direction, limit)? {
+    let entries = view.stream_events(stream, from, direction, limit)?;
+    decode_stream(reader, &entries, view.end)
+}
+
+/// The events at a stream's index entries `(revision, address)`, leaving out any at or past
+/// `end`: the redb snapshot may hold an event flushed a moment after the head was read.
+pub fn decode_stream(
+    reader: &mut RecordReader,
+    entries: &[(u64, Address)],
+    end: u64,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let mut out = Vec::with_capacity(entries.len());
+    for &(_, addr) in entries {
         let event = decode_at(reader, addr)?;
-        // The redb snapshot may hold an event flushed a moment after the head was read.
-        if event.position.0 < view.end {
+        if event.position.0 < end {
             out.push(event);
         }
     }

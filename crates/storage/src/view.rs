@@ -1,9 +1,10 @@
 //! A consistent view of the indexes: a redb snapshot for positions below its
 //! `indexed_through`, the memtables for positions at or above it, and nothing at or past `end`.
 
+use std::cell::OnceCell;
 use std::sync::{Arc, RwLock};
 
-use redb::{ReadOnlyTable, ReadableDatabase};
+use redb::{Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition, Value};
 use skald_core::{Direction, Error};
 
 use crate::index;
@@ -19,18 +20,34 @@ pub enum Kind {
     Type,
 }
 
+/// The tables open on first use: a head lookup needs one of the seven, and opening them all
+/// cost a fifth of the server's CPU on one-event reads (docs/benchmarks.md).
 pub struct View {
     /// Positions at or past this are not visible.
     pub end: u64,
     redb_through: u64,
     mems: Vec<Arc<RwLock<Memtable>>>,
-    streams: ReadOnlyTable<&'static str, (u64, u64)>,
-    stream_events: ReadOnlyTable<(&'static str, u64), u64>,
-    categories: ReadOnlyTable<(&'static str, u64), u64>,
-    tags: ReadOnlyTable<(&'static str, u64), u64>,
-    types: ReadOnlyTable<(&'static str, u64), u64>,
-    ids: ReadOnlyTable<&'static [u8; 16], (u64, u64)>,
-    sparse: ReadOnlyTable<u64, u64>,
+    txn: ReadTransaction,
+    streams: OnceCell<ReadOnlyTable<&'static str, (u64, u64)>>,
+    stream_events: OnceCell<ReadOnlyTable<(&'static str, u64), u64>>,
+    categories: OnceCell<ReadOnlyTable<(&'static str, u64), u64>>,
+    tags: OnceCell<ReadOnlyTable<(&'static str, u64), u64>>,
+    types: OnceCell<ReadOnlyTable<(&'static str, u64), u64>>,
+    ids: OnceCell<ReadOnlyTable<&'static [u8; 16], (u64, u64)>>,
+    sparse: OnceCell<ReadOnlyTable<u64, u64>>,
+}
+
+/// The table in `cell`, opened in `txn` the first time.
+fn table<'c, K: Key + 'static, V: Value + 'static>(
+    txn: &ReadTransaction,
+    cell: &'c OnceCell<ReadOnlyTable<K, V>>,
+    definition: TableDefinition<'static, K, V>,
+) -> Result<&'c ReadOnlyTable<K, V>, Error> {
+    if let Some(table) = cell.get() {
+        return Ok(table);
+    }
+    let table = txn.open_table(definition).map_err(redb_error)?;
+    Ok(cell.get_or_init(|| table))
 }
 
 fn read_mem(m: &RwLock<Memtable>) -> std::sync::RwLockReadGuard<'_, Memtable> {
@@ -51,17 +68,19 @@ impl View {
             .get(index::INDEXED_THROUGH)
             .map_err(redb_error)?
             .map_or(0, |v| v.value());
+        drop(meta);
         Ok(Self {
             end,
             redb_through,
             mems,
-            streams: txn.open_table(index::STREAMS).map_err(redb_error)?,
-            stream_events: txn.open_table(index::STREAM_EVENTS).map_err(redb_error)?,
-            categories: txn.open_table(index::CATEGORIES).map_err(redb_error)?,
-            tags: txn.open_table(index::TAGS).map_err(redb_error)?,
-            types: txn.open_table(index::TYPES).map_err(redb_error)?,
-            ids: txn.open_table(index::IDS).map_err(redb_error)?,
-            sparse: txn.open_table(index::SPARSE).map_err(redb_error)?,
+            txn,
+            streams: OnceCell::new(),
+            stream_events: OnceCell::new(),
+            categories: OnceCell::new(),
+            tags: OnceCell::new(),
+            types: OnceCell::new(),
+            ids: OnceCell::new(),
+            sparse: OnceCell::new(),
         })
     }
 
@@ -79,7 +98,8 @@ impl View {
                 return Ok(Some((e.0, e.1)));
             }
         }
-        let v = self.streams.get(stream).map_err(redb_error)?;
+        let streams = table(&self.txn, &self.streams, index::STREAMS)?;
+        let v = streams.get(stream).map_err(redb_error)?;
         Ok(v.map(|v| v.value()))
     }
 
@@ -92,7 +112,8 @@ impl View {
                 return Ok(Some((p, a)));
             }
         }
-        let v = self.ids.get(id).map_err(redb_error)?;
+        let ids = table(&self.txn, &self.ids, index::IDS)?;
+        let v = ids.get(id).map_err(redb_error)?;
         Ok(v.map(|v| {
             let (p, a) = v.value();
             (p, Address(a))
@@ -122,8 +143,7 @@ impl View {
         match direction {
             Direction::Forward => {
                 let from = from.unwrap_or(0);
-                let range = self
-                    .stream_events
+                let range = table(&self.txn, &self.stream_events, index::STREAM_EVENTS)?
                     .range((stream, from)..=(stream, u64::MAX))
                     .map_err(redb_error)?;
                 for entry in range {
@@ -138,8 +158,7 @@ impl View {
             Direction::Backward => {
                 let from = from.unwrap_or(u64::MAX);
                 out.extend(recent.into_iter().rev().filter(|e| e.0 <= from));
-                let range = self
-                    .stream_events
+                let range = table(&self.txn, &self.stream_events, index::STREAM_EVENTS)?
                     .range((stream, 0)..=(stream, from))
                     .map_err(redb_error)?;
                 for entry in range.rev() {
@@ -164,9 +183,9 @@ impl View {
         from: u64,
     ) -> Result<impl Iterator<Item = Result<(u64, Address), Error>> + 'a, Error> {
         let table = match kind {
-            Kind::Category => &self.categories,
-            Kind::Tag => &self.tags,
-            Kind::Type => &self.types,
+            Kind::Category => table(&self.txn, &self.categories, index::CATEGORIES)?,
+            Kind::Tag => table(&self.txn, &self.tags, index::TAGS)?,
+            Kind::Type => table(&self.txn, &self.types, index::TYPES)?,
         };
         let stored_end = self.redb_through.min(self.end);
         let stored = table
@@ -194,7 +213,8 @@ impl View {
 
     /// The greatest sparse entry at or before `position`: where a scan of the global log starts.
     pub fn scan_start(&self, position: u64) -> Result<Option<(u64, Address)>, Error> {
-        let mut best = index::scan_start(&self.sparse, position).map_err(redb_error)?;
+        let sparse = table(&self.txn, &self.sparse, index::SPARSE)?;
+        let mut best = index::scan_start(sparse, position).map_err(redb_error)?;
         for m in &self.mems {
             let m = read_mem(m);
             let i = m.sparse.partition_point(|e| e.0 <= position);
