@@ -9,26 +9,8 @@ use std::time::Duration;
 
 use skald_client::proto::{GroupSettings, NackAction, SagaState};
 use skald_client::{Client, GroupMessage, Start};
-use skald_core::{
-    AppendRequest, Category, Error, EventData, EventStore, EventType, ExpectedRevision,
-    ProposedEvent, ReadSource, StreamName,
-};
-use support::serve;
-
-async fn append(client: &Client, stream: &str, event_type: &str) {
-    client
-        .append(AppendRequest {
-            stream: StreamName::new(stream).unwrap(),
-            expected: ExpectedRevision::Any,
-            condition: None,
-            events: vec![ProposedEvent::new(
-                EventType::new(event_type).unwrap(),
-                EventData::json("{}").unwrap(),
-            )],
-        })
-        .await
-        .unwrap();
-}
+use skald_core::{Category, Error, ReadSource};
+use support::{append_json, serve};
 
 /// The next `n` messages, however they are batched.
 async fn take(consumer: &mut skald_client::Consumer, n: usize) -> Vec<GroupMessage> {
@@ -53,7 +35,7 @@ async fn groups_through_the_client() {
     let server = serve(dir.path(), listener).await;
     let client = Client::connect(&url).await.unwrap();
     for i in 1..=5 {
-        append(&client, &format!("job-{i}"), "Queued").await;
+        append_json(&client, &format!("job-{i}"), "Queued", "{}").await;
     }
     let source = ReadSource::Category(Category::new("job").unwrap());
     let settings = GroupSettings {
@@ -202,7 +184,7 @@ async fn sagas_through_the_client() {
         definition.json
     );
 
-    append(&client, "order-7", "Placed").await;
+    append_json(&client, "order-7", "Placed", "{}").await;
     let finished = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let done = client

@@ -16,25 +16,9 @@ use skald_client::Client;
 use skald_client::aggregate::{CommandError, CommandKey, Repository, snapshot_stream};
 use skald_client::process::{Dispatch, ProcessError, ProcessManager, ProcessRunner};
 use skald_core::{
-    AppendRequest, Category, Direction, EventData, EventStore, EventType, ExpectedRevision,
-    ProposedEvent, ReadRequest, ReadSource, RecordedEvent, StreamName,
+    Category, Direction, EventStore, ReadRequest, ReadSource, RecordedEvent, StreamName,
 };
-use support::{serve, store};
-
-async fn append_raw<S: EventStore>(store: &S, stream: &str, event_type: &str, data: String) {
-    store
-        .append(AppendRequest {
-            stream: StreamName::new(stream).unwrap(),
-            expected: ExpectedRevision::Any,
-            condition: None,
-            events: vec![ProposedEvent::new(
-                EventType::new(event_type).unwrap(),
-                EventData::json(data).unwrap(),
-            )],
-        })
-        .await
-        .unwrap();
-}
+use support::{append_json, serve, store};
 
 async fn read_stream<S: EventStore>(store: &S, stream: &str) -> Vec<RecordedEvent> {
     store
@@ -82,29 +66,29 @@ async fn snapshots<S: EventStore>(store: &S) {
         (24, Some(skald_core::Revision(24)))
     );
     // The snapshot is what a load starts from: one that claims more is believed...
-    append_raw(
+    append_json(
         store,
         &snapshot_stream("account-s1"),
         "Snapshot",
-        r#"{"version":1,"revision":24,"state":{"open":true,"balance":1000}}"#.into(),
+        r#"{"version":1,"revision":24,"state":{"open":true,"balance":1000}}"#,
     )
     .await;
     assert_eq!(repo.load("s1").await.unwrap().state.balance, 1000);
     // ...one of another version, or one that does not decode, is passed over: the stream is
     // replayed from the start.
-    append_raw(
+    append_json(
         store,
         &snapshot_stream("account-s1"),
         "Snapshot",
-        r#"{"version":2,"revision":24,"state":{"open":true,"balance":5}}"#.into(),
+        r#"{"version":2,"revision":24,"state":{"open":true,"balance":5}}"#,
     )
     .await;
     assert_eq!(repo.load("s1").await.unwrap().state.balance, 24);
-    append_raw(
+    append_json(
         store,
         &snapshot_stream("account-s1"),
         "Snapshot",
-        r#"{"version":1,"revision":24,"state":{"shape":"changed"}}"#.into(),
+        r#"{"version":1,"revision":24,"state":{"shape":"changed"}}"#,
     )
     .await;
     assert_eq!(repo.load("s1").await.unwrap().state.balance, 24);
@@ -230,7 +214,7 @@ async fn register<S: EventStore>(store: &S, user: u32) {
         .execute(&user.to_string(), &open("someone"))
         .await
         .unwrap();
-    append_raw(store, &format!("user-{user}"), "Registered", "{}".into()).await;
+    append_json(store, &format!("user-{user}"), "Registered", "{}").await;
 }
 
 async fn process_manager<S: EventStore>(store: &S) {
@@ -238,7 +222,7 @@ async fn process_manager<S: EventStore>(store: &S) {
         register(store, user).await;
     }
     // Registered twice: credited once all the same.
-    append_raw(store, "user-3", "Registered", "{}".into()).await;
+    append_json(store, "user-3", "Registered", "{}").await;
 
     // The 13th credit fails: the first batch of 8 is saved, the second is not.
     let mut failing = ProcessRunner::<_, Welcome, _>::load(store, bank(store, Some(13)))

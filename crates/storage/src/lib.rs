@@ -282,13 +282,16 @@ impl Store {
     /// the blocking pool costs more than such a read (docs/benchmarks.md). `None` for any
     /// other read, which goes to the pool; the index is asked for one entry more than the
     /// bound, so the work done here stays bounded whatever the stream's length.
-    fn read_short_stream(&self, request: &ReadRequest) -> Result<Option<ReadPage>, Error> {
+    fn read_short_stream(
+        &self,
+        view: &View,
+        request: &ReadRequest,
+    ) -> Result<Option<ReadPage>, Error> {
         let ReadSource::Stream(stream) = &request.source else {
             return Ok(None);
         };
         let limit = request.limit.min(MAX_READ_PAGE);
         let probe = limit.min(INLINE_READ_RECORDS + 1);
-        let view = Self::view(&self.shared)?;
         let entries =
             view.stream_events(stream.as_str(), request.from, request.direction, probe)?;
         if entries.len() == probe && probe < limit {
@@ -299,20 +302,24 @@ impl Store {
         Ok(Some(stream_page(events, limit, request.direction)))
     }
 
-    fn read_blocking(shared: &Shared, request: &ReadRequest) -> Result<ReadPage, Error> {
+    /// A read of any size, through `view`, on the blocking pool.
+    fn read_blocking(
+        shared: &Shared,
+        view: &View,
+        request: &ReadRequest,
+    ) -> Result<ReadPage, Error> {
         let limit = request.limit.min(MAX_READ_PAGE);
         if request.direction == Direction::Backward
             && !matches!(request.source, ReadSource::Stream(_))
         {
             return Err(Error::invalid("only stream reads can go backward"));
         }
-        let view = Self::view(shared)?;
         let mut reader = RecordReader::new(shared.segments.snapshot());
         let from = request.from.unwrap_or(0);
         let events = match &request.source {
             ReadSource::Stream(stream) => {
                 let events = read::scan_stream(
-                    &view,
+                    view,
                     &mut reader,
                     stream.as_str(),
                     request.from,
@@ -323,15 +330,15 @@ impl Store {
             }
             ReadSource::All(None) => {
                 let mut out = Vec::new();
-                read::scan_global(&view, &mut reader, from, limit, |_| true, &mut out)?;
+                read::scan_global(view, &mut reader, from, limit, |_| true, &mut out)?;
                 out
             }
             ReadSource::All(Some(query)) | ReadSource::Query(query) => {
                 query.validate()?;
-                read::scan_query(&view, &mut reader, query, from, limit)?
+                read::scan_query(view, &mut reader, query, from, limit)?
             }
             ReadSource::Category(category) => {
-                read::scan_category(&view, &mut reader, category.as_str(), from, limit)?
+                read::scan_category(view, &mut reader, category.as_str(), from, limit)?
             }
         };
         let next = (events.len() == limit && limit > 0)
@@ -375,11 +382,14 @@ impl EventStore for Store {
     }
 
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
-        let page = match self.read_short_stream(&request)? {
+        // One view serves the probe for a short stream read and, when the read is longer,
+        // the whole read on the pool.
+        let view = Self::view(&self.shared)?;
+        let page = match self.read_short_stream(&view, &request)? {
             Some(page) => page,
             None => {
                 let shared = Arc::clone(&self.shared);
-                tokio::task::spawn_blocking(move || Self::read_blocking(&shared, &request))
+                tokio::task::spawn_blocking(move || Self::read_blocking(&shared, &view, &request))
                     .await
                     .map_err(|e| Error::Io(format!("read task failed: {e}")))??
             }

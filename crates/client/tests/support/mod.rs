@@ -2,8 +2,28 @@
 
 use std::sync::Arc;
 
-use skald_core::Durability;
+use skald_core::{
+    AppendRequest, Durability, EventData, EventStore, EventType, ExpectedRevision, ProposedEvent,
+    StreamName,
+};
 use skald_storage::{Options, Store};
+
+/// Appends one event of `event_type` with JSON `data` to `stream`, at any revision.
+#[allow(dead_code)] // not every test binary appends bare events
+pub async fn append_json<S: EventStore>(store: &S, stream: &str, event_type: &str, data: &str) {
+    store
+        .append(AppendRequest {
+            stream: StreamName::new(stream).unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![ProposedEvent::new(
+                EventType::new(event_type).unwrap(),
+                EventData::json(data).unwrap(),
+            )],
+        })
+        .await
+        .unwrap();
+}
 
 /// A store without fdatasync (tests only) in `dir`.
 pub fn store(dir: &std::path::Path) -> Store {
