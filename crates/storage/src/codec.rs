@@ -14,26 +14,41 @@ pub const FRAME_HEADER_LEN: usize = 8;
 pub const MAX_RECORD_BODY: usize = 64 << 20;
 /// The record kind of an event.
 const KIND_EVENT: u8 = 1;
+/// The record kind of a batch end (version 2): written after the last event of a group commit.
+const KIND_BATCH_END: u8 = 2;
 /// Flag bit: this record is the last event of its append.
 pub const FLAG_COMMIT: u8 = 1;
 const SEGMENT_MAGIC: &[u8; 8] = b"SKALDSEG";
-const FORMAT_VERSION: u32 = 1;
-/// Bytes of the fixed part of a body, before the variable-length fields.
-const BODY_FIXED_LEN: usize = 1 + 1 + 2 + 8 + 8 + 8 + 16;
+/// The format this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format, still read: no `batch_start` in events, no batch ends.
+pub const FORMAT_V1: u32 = 1;
+/// Bytes of a batch end's body, the smallest body there is.
+const BATCH_END_LEN: usize = 1 + 1 + 2 + 8 + 8 + 8;
 
-/// Encodes a segment header for a segment whose first record has `first_position`.
+/// Encodes a segment header of the current format for a segment whose first record has
+/// `first_position`.
 pub fn encode_segment_header(first_position: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+    encode_segment_header_version(first_position, FORMAT_VERSION)
+}
+
+/// Encodes a segment header of any format (tests write version 1 with it).
+pub fn encode_segment_header_version(
+    first_position: u64,
+    version: u32,
+) -> [u8; SEGMENT_HEADER_LEN as usize] {
     let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
     h[0..8].copy_from_slice(SEGMENT_MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[16..24].copy_from_slice(&first_position.to_le_bytes());
     let crc = crc32c::crc32c(&h[0..24]);
     h[24..28].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-/// Decodes a segment header, returning the first position, or what is wrong with it.
-pub fn decode_segment_header(h: &[u8]) -> Result<u64, String> {
+/// Decodes a segment header, returning the first position and the format version, or what is
+/// wrong with it.
+pub fn decode_segment_header(h: &[u8]) -> Result<(u64, u32), String> {
     if h.len() < SEGMENT_HEADER_LEN as usize {
         return Err(format!("segment header is {} bytes, expected 32", h.len()));
     }
@@ -45,12 +60,16 @@ pub fn decode_segment_header(h: &[u8]) -> Result<u64, String> {
         return Err("segment header checksum mismatch".to_owned());
     }
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
+    if !(FORMAT_V1..=FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "segment format version {version} is not supported (this build reads {FORMAT_VERSION})"
+            "segment format version {version} is not supported (this build reads 1 to \
+             {FORMAT_VERSION})"
         ));
     }
-    Ok(u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")))
+    Ok((
+        u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")),
+        version,
+    ))
 }
 
 /// What is needed to write one event record.
@@ -63,6 +82,8 @@ pub struct RecordToWrite<'a> {
     pub recorded_at: Timestamp,
     /// Whether this is the last event of its append.
     pub commit: bool,
+    /// The segment offset of the first record of this record's group commit.
+    pub batch_start: u64,
     /// The stream.
     pub stream: &'a StreamName,
     /// The event.
@@ -81,8 +102,14 @@ fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// Appends one framed record to `out` and returns the frame's length in bytes.
+/// Appends one framed event record of the current format to `out` and returns the frame's
+/// length in bytes.
 pub fn encode_record(out: &mut Vec<u8>, r: &RecordToWrite<'_>) -> usize {
+    encode_record_version(out, r, FORMAT_VERSION)
+}
+
+/// [`encode_record`] in any format (tests write version 1 with it).
+pub fn encode_record_version(out: &mut Vec<u8>, r: &RecordToWrite<'_>, version: u32) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
     let body_start = out.len();
@@ -93,6 +120,9 @@ pub fn encode_record(out: &mut Vec<u8>, r: &RecordToWrite<'_>) -> usize {
     out.extend_from_slice(&r.revision.to_le_bytes());
     out.extend_from_slice(&r.recorded_at.0.to_le_bytes());
     out.extend_from_slice(r.event.id.0.as_bytes());
+    if version >= 2 {
+        out.extend_from_slice(&r.batch_start.to_le_bytes());
+    }
     put_str16(out, r.stream.as_str());
     put_str16(out, r.event.event_type.as_str());
     put_str16(out, r.event.data.content_type());
@@ -109,10 +139,40 @@ pub fn encode_record(out: &mut Vec<u8>, r: &RecordToWrite<'_>) -> usize {
         body_len <= MAX_RECORD_BODY,
         "record body over the format maximum"
     );
+    seal_frame(out, start, body_start)
+}
+
+/// Fills in the frame header of the record whose frame starts at `start` in `out`.
+fn seal_frame(out: &mut [u8], start: usize, body_start: usize) -> usize {
+    let body_len = out.len() - body_start;
     let crc = crc32c::crc32c(&out[body_start..]);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     out.len() - start
+}
+
+/// The end of a group commit: where it started in its segment and the positions it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchEnd {
+    /// The segment offset of the batch's first record.
+    pub batch_start: u64,
+    /// The position of the batch's first event.
+    pub first_position: u64,
+    /// The position after the batch's last event.
+    pub end_position: u64,
+}
+
+/// Appends a framed batch end to `out` and returns the frame's length in bytes.
+pub fn encode_batch_end(out: &mut Vec<u8>, end: &BatchEnd) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    let body_start = out.len();
+    out.extend_from_slice(&[KIND_BATCH_END, 0, 0, 0]);
+    out.extend_from_slice(&end.batch_start.to_le_bytes());
+    out.extend_from_slice(&end.first_position.to_le_bytes());
+    out.extend_from_slice(&end.end_position.to_le_bytes());
+    debug_assert_eq!(out.len() - body_start, BATCH_END_LEN);
+    seal_frame(out, start, body_start)
 }
 
 /// The result of checking the frame at the start of a buffer.
@@ -136,7 +196,7 @@ pub fn check_frame(buf: &[u8]) -> Frame {
         };
     }
     let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-    if !(BODY_FIXED_LEN..=MAX_RECORD_BODY).contains(&len) {
+    if !(BATCH_END_LEN..=MAX_RECORD_BODY).contains(&len) {
         return Frame::BadLength;
     }
     let total = FRAME_HEADER_LEN + len;
@@ -150,13 +210,24 @@ pub fn check_frame(buf: &[u8]) -> Frame {
     Frame::Valid { body_len: len }
 }
 
-/// A decoded record body.
+/// A decoded event record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded {
     /// Whether it is the last event of its append.
     pub commit: bool,
+    /// The segment offset where its group commit starts (version 2; `None` in version 1).
+    pub batch_start: Option<u64>,
     /// The event.
     pub event: RecordedEvent,
+}
+
+/// Any decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// An event.
+    Event(Box<Decoded>),
+    /// The end of a group commit.
+    BatchEnd(BatchEnd),
 }
 
 struct Cursor<'a> {
@@ -193,8 +264,35 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Decodes a record body whose checksum has been verified.
-pub fn decode_body(body: &[u8]) -> Result<Decoded, String> {
+/// Decodes an event record's body (checksum verified) of a segment of format `version`. A
+/// batch end is an error here: nothing that expects an event may point at one.
+pub fn decode_body(body: &[u8], version: u32) -> Result<Decoded, String> {
+    if body.first() == Some(&KIND_BATCH_END) && version >= 2 {
+        return Err("a batch end where an event record was expected".to_owned());
+    }
+    decode_event(body, version)
+}
+
+/// Decodes any record body (checksum verified) of a segment of format `version`.
+pub fn decode_record(body: &[u8], version: u32) -> Result<Record, String> {
+    let mut c = Cursor { buf: body, at: 0 };
+    let head = c.take(4)?;
+    if head[0] == KIND_BATCH_END && version >= 2 {
+        let end = BatchEnd {
+            batch_start: c.u64()?,
+            first_position: c.u64()?,
+            end_position: c.u64()?,
+        };
+        if c.at != body.len() || end.end_position <= end.first_position {
+            return Err("malformed batch end".to_owned());
+        }
+        return Ok(Record::BatchEnd(end));
+    }
+    decode_event(body, version).map(|decoded| Record::Event(Box::new(decoded)))
+}
+
+/// Decodes an event body of a segment of format `version`.
+fn decode_event(body: &[u8], version: u32) -> Result<Decoded, String> {
     let mut c = Cursor { buf: body, at: 0 };
     let head = c.take(4)?;
     if head[0] != KIND_EVENT {
@@ -205,6 +303,7 @@ pub fn decode_body(body: &[u8]) -> Result<Decoded, String> {
     let revision = c.u64()?;
     let recorded_at = c.u64()? as i64;
     let id = uuid::Uuid::from_slice(c.take(16)?).expect("16 bytes");
+    let batch_start = if version >= 2 { Some(c.u64()?) } else { None };
     let stream = c.str16()?;
     let event_type = c.str16()?;
     let content_type = c.str16()?;
@@ -226,6 +325,7 @@ pub fn decode_body(body: &[u8]) -> Result<Decoded, String> {
     }
     Ok(Decoded {
         commit,
+        batch_start,
         event: RecordedEvent {
             id: EventId(id),
             stream: StreamName::from_stored(stream),
@@ -241,9 +341,22 @@ pub fn decode_body(body: &[u8]) -> Result<Decoded, String> {
     })
 }
 
-/// Reads just the position of a body (bytes 4..12), for skipping without decoding.
-pub fn body_position(body: &[u8]) -> u64 {
-    u64::from_le_bytes(body[4..12].try_into().expect("checked frames are longer"))
+/// The position of an event body (bytes 4..12), read without decoding; `None` for any other
+/// record.
+pub fn body_position(body: &[u8]) -> Option<u64> {
+    (body.first() == Some(&KIND_EVENT))
+        .then(|| u64::from_le_bytes(body[4..12].try_into().expect("checked frames are longer")))
+}
+
+/// The group-commit start of a version-2 record (an event or a batch end), read without
+/// decoding.
+pub fn body_batch_start(body: &[u8]) -> Option<u64> {
+    let at = match *body.first()? {
+        KIND_EVENT => 44,
+        KIND_BATCH_END => 4,
+        _ => return None,
+    };
+    Some(u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?))
 }
 
 #[cfg(test)]
@@ -276,6 +389,7 @@ mod tests {
                 revision: 3,
                 recorded_at: Timestamp(1_700_000_000_000_000),
                 commit: true,
+                batch_start: 4096,
                 stream: &stream,
                 event: &e,
             },
@@ -285,13 +399,71 @@ mod tests {
             panic!("frame invalid")
         };
         let body = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len];
-        assert_eq!(body_position(body), 12);
-        let d = decode_body(body).unwrap();
+        assert_eq!(body_position(body), Some(12));
+        assert_eq!(body_batch_start(body), Some(4096));
+        let d = decode_body(body, FORMAT_VERSION).unwrap();
         assert!(d.commit);
+        assert_eq!(d.batch_start, Some(4096));
         assert_eq!(d.event.position, Position(12));
         assert_eq!(d.event.revision, Revision(3));
         assert_eq!(d.event.stream, stream);
         assert_eq!(e.differs_from(&d.event), None);
+    }
+
+    #[test]
+    fn a_version_1_record_decodes_without_a_batch_start() {
+        let stream = StreamName::new("order-9").unwrap();
+        let e = event();
+        let mut buf = Vec::new();
+        encode_record_version(
+            &mut buf,
+            &RecordToWrite {
+                position: 5,
+                revision: 0,
+                recorded_at: Timestamp(0),
+                commit: true,
+                batch_start: 999,
+                stream: &stream,
+                event: &e,
+            },
+            FORMAT_V1,
+        );
+        let Frame::Valid { body_len } = check_frame(&buf) else {
+            panic!("frame invalid")
+        };
+        let body = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len];
+        let d = decode_body(body, FORMAT_V1).unwrap();
+        assert_eq!(d.batch_start, None);
+        assert_eq!(d.event.position, Position(5));
+        assert_eq!(e.differs_from(&d.event), None);
+        assert!(
+            decode_body(body, FORMAT_VERSION).is_err(),
+            "the layouts differ"
+        );
+    }
+
+    #[test]
+    fn a_batch_end_round_trips_and_is_not_an_event() {
+        let end = BatchEnd {
+            batch_start: 32,
+            first_position: 7,
+            end_position: 9,
+        };
+        let mut buf = Vec::new();
+        let len = encode_batch_end(&mut buf, &end);
+        assert_eq!(len, buf.len());
+        let Frame::Valid { body_len } = check_frame(&buf) else {
+            panic!("frame invalid")
+        };
+        let body = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len];
+        assert_eq!(decode_record(body, 2), Ok(Record::BatchEnd(end)));
+        assert_eq!(body_position(body), None);
+        assert_eq!(body_batch_start(body), Some(32));
+        assert!(decode_body(body, 2).is_err());
+        assert!(
+            decode_record(body, 1).is_err(),
+            "version 1 has no batch ends"
+        );
     }
 
     #[test]
@@ -306,6 +478,7 @@ mod tests {
                 revision: 0,
                 recorded_at: Timestamp(0),
                 commit: false,
+                batch_start: 32,
                 stream: &stream,
                 event: &e,
             },
@@ -329,7 +502,11 @@ mod tests {
     #[test]
     fn segment_headers_are_checked() {
         let h = encode_segment_header(4096);
-        assert_eq!(decode_segment_header(&h), Ok(4096));
+        assert_eq!(decode_segment_header(&h), Ok((4096, FORMAT_VERSION)));
+        let v1 = encode_segment_header_version(4096, FORMAT_V1);
+        assert_eq!(decode_segment_header(&v1), Ok((4096, FORMAT_V1)));
+        let v3 = encode_segment_header_version(4096, 3);
+        assert!(decode_segment_header(&v3).is_err());
         let mut bad = h;
         bad[17] ^= 1;
         assert!(decode_segment_header(&bad).is_err());

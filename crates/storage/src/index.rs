@@ -1,7 +1,13 @@
 //! The derived indexes, kept in redb. Everything here can be rebuilt from the segments.
 
-use redb::{ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
+use redb::{Database, ReadableTable, TableDefinition};
+use skald_core::Error;
+
+use crate::io::{FileIo, Fs, IndexBackend, Open};
+use crate::io_error;
 use crate::segments::Address;
 
 /// `"indexed_through"`: the next position to index (everything before it is indexed).
@@ -88,4 +94,106 @@ pub fn scan_start(
         }
         None => None,
     })
+}
+
+/// The index file's name in the data directory.
+pub const INDEX_FILE: &str = "index.redb";
+/// A file whose presence makes the next open delete the index and rebuild it from the segments:
+/// left by the writer when it finds the index disagreeing with the log.
+pub const REBUILD_MARKER: &str = "index.rebuild";
+/// The redb page cache; bounded so that resident memory stays predictable.
+const INDEX_CACHE_BYTES: usize = 64 << 20;
+
+/// The index database, reached through the I/O seam, and able to open itself again: redb
+/// refuses every operation on a handle after one I/O error, so the flusher replaces the handle
+/// after a failed flush (redb then rolls back to its last durable commit).
+pub struct IndexDb {
+    fs: Arc<dyn Fs>,
+    path: PathBuf,
+    current: RwLock<Handle>,
+}
+
+/// A redb handle and the file under it.
+type Handle = (Arc<Database>, Arc<dyn FileIo>);
+
+/// How the index was opened.
+pub enum Opened {
+    /// The file was there and passed redb's integrity check.
+    Existing(IndexDb),
+    /// It was missing, or was damaged and has been replaced by an empty one (the reason is
+    /// given), to be rebuilt from the segments.
+    Empty(IndexDb, Option<String>),
+}
+
+impl IndexDb {
+    /// Opens `dir/index.redb`, checking every page (inside `catch_unwind`: redb may panic on a
+    /// file damaged outside it). A file that fails is deleted and an empty one made in its place.
+    pub fn open(fs: Arc<dyn Fs>, dir: &Path) -> Result<Opened, Error> {
+        let path = dir.join(INDEX_FILE);
+        let existed = fs.exists(&path).map_err(|e| io_error(&path, e))?;
+        let damage = if existed {
+            match Self::open_file(fs.as_ref(), &path, true) {
+                Ok(current) => {
+                    return Ok(Opened::Existing(Self::new(fs, path, current)));
+                }
+                Err(reason) => Some(reason),
+            }
+        } else {
+            None
+        };
+        if existed {
+            fs.remove_file(&path).map_err(|e| io_error(&path, e))?;
+        }
+        let current = Self::open_file(fs.as_ref(), &path, false)
+            .map_err(|reason| Error::Io(format!("cannot create {}: {reason}", path.display())))?;
+        fs.sync_dir(dir).map_err(|e| io_error(dir, e))?;
+        Ok(Opened::Empty(Self::new(fs, path, current), damage))
+    }
+
+    fn new(fs: Arc<dyn Fs>, path: PathBuf, current: Handle) -> Self {
+        Self {
+            fs,
+            path,
+            current: RwLock::new(current),
+        }
+    }
+
+    /// One redb handle on the file; `Err` says why it cannot be trusted.
+    fn open_file(fs: &dyn Fs, path: &Path, check: bool) -> Result<Handle, String> {
+        let file = fs
+            .open(path, Open::CreateOrOpen)
+            .map_err(|e| e.to_string())?;
+        let backend = IndexBackend(Arc::clone(&file));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Database::builder()
+                .set_cache_size(INDEX_CACHE_BYTES)
+                .set_check_integrity_on_open(check)
+                .create_with_backend(backend)
+        }));
+        match opened {
+            Ok(Ok(db)) => Ok((Arc::new(db), file)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_panic) => Err("redb panicked while opening it".to_owned()),
+        }
+    }
+
+    /// The handle in use: views keep the one they opened with.
+    pub fn get(&self) -> Arc<Database> {
+        Arc::clone(&self.current.read().expect("index lock poisoned").0)
+    }
+
+    /// The index file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        let file = Arc::clone(&self.current.read().expect("index lock poisoned").1);
+        file.len().unwrap_or(0)
+    }
+
+    /// Replaces the handle with a new one on the same file (after an I/O error latched the old
+    /// one). Readers still holding the old handle finish with it; it writes nothing more.
+    pub fn reopen(&self) -> Result<(), Error> {
+        let fresh = Self::open_file(self.fs.as_ref(), &self.path, false)
+            .map_err(|reason| Error::Io(format!("reopening {}: {reason}", self.path.display())))?;
+        *self.current.write().expect("index lock poisoned") = fresh;
+        Ok(())
+    }
 }

@@ -6,16 +6,16 @@
 
 mod codec;
 mod index;
+pub mod io;
 mod memtable;
 mod metrics;
 mod read;
 mod recovery;
 mod segments;
+pub mod sim;
 mod view;
 mod writer;
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,8 @@ use skald_core::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::index::IndexDb;
+use crate::io::{Fs, RealFs};
 use crate::segments::{RecordReader, Segments};
 use crate::view::View;
 use crate::writer::{Command, Writer, WriterConfig};
@@ -84,7 +86,9 @@ impl Clock for SystemClock {
 /// State shared by the writer and readers.
 pub(crate) struct Shared {
     pub dir: PathBuf,
-    pub db: redb::Database,
+    /// Every file operation goes through it.
+    pub fs: Arc<dyn Fs>,
+    pub index: IndexDb,
     pub segments: Segments,
     /// The next position: every event before it is durable, indexed and visible.
     pub head: AtomicU64,
@@ -97,7 +101,7 @@ pub(crate) struct Shared {
     /// shutting down.
     pub unavailable: Mutex<Option<String>>,
     pub metrics: metrics::StorageMetrics,
-    _lock: File,
+    _lock: Box<dyn std::any::Any + Send + Sync>,
 }
 
 /// The embedded store. Cheap to clone; every clone talks to the same writer.
@@ -139,23 +143,18 @@ pub(crate) fn redb_error(e: impl Into<redb::Error>) -> Error {
     }
 }
 
-fn lock_data_dir(dir: &Path) -> Result<File, Error> {
+fn lock_data_dir(fs: &dyn Fs, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>, Error> {
     let path = dir.join("LOCK");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| io_error(&path, e))?;
-    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(Error::Unavailable(format!(
-            "data directory {} is in use by another Skald process",
-            dir.display()
-        )));
-    }
-    Ok(file)
+    fs.lock(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            Error::Unavailable(format!(
+                "data directory {} is in use by another Skald process",
+                dir.display()
+            ))
+        } else {
+            io_error(&path, e)
+        }
+    })
 }
 
 impl Store {
@@ -170,6 +169,16 @@ impl Store {
         options: Options,
         clock: Arc<dyn Clock>,
     ) -> Result<(Self, OpenReport), Error> {
+        Self::open_with(options, clock, Arc::new(RealFs))
+    }
+
+    /// [`Store::open`] with an injected clock and file system (tests pass a
+    /// [`sim::SimFs`]).
+    pub fn open_with(
+        options: Options,
+        clock: Arc<dyn Clock>,
+        fs: Arc<dyn Fs>,
+    ) -> Result<(Self, OpenReport), Error> {
         options.limits.validate()?;
         if options.write_queue_capacity == 0 || options.max_batch_events == 0 {
             return Err(Error::invalid(
@@ -177,12 +186,13 @@ impl Store {
             ));
         }
         let dir = options.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
-        let lock = lock_data_dir(&dir)?;
-        let recovered = recovery::recover(&dir)?;
+        io::create_dir_all_durably(fs.as_ref(), &dir).map_err(|e| io_error(&dir, e))?;
+        let lock = lock_data_dir(fs.as_ref(), &dir)?;
+        let recovered = recovery::recover(&fs, &dir)?;
         let shared = Arc::new(Shared {
             dir,
-            db: recovered.db,
+            fs,
+            index: recovered.index,
             segments: Segments::new(recovered.segments),
             head: AtomicU64::new(recovered.next_position),
             head_watch: tokio::sync::watch::Sender::new(recovered.next_position),
@@ -255,10 +265,7 @@ impl Store {
 
     /// Bytes of segments and index on disk.
     fn storage_bytes(&self) -> u64 {
-        let index_bytes = std::fs::metadata(self.shared.dir.join("index.redb"))
-            .map(|m| m.len())
-            .unwrap_or(0);
-        self.shared.segments.total_bytes() + index_bytes
+        self.shared.segments.total_bytes() + self.shared.index.file_len()
     }
 
     /// The data directory.
@@ -274,7 +281,7 @@ impl Store {
     /// A view of everything visible now: the head first, then the memtables, then redb.
     fn view(shared: &Shared) -> Result<View, Error> {
         let end = shared.head.load(Ordering::Acquire);
-        View::open(&shared.db, shared.mem.snapshot(), end)
+        View::open(shared.index.get(), shared.mem.snapshot(), end)
     }
 
     /// A stream read that covers at most [`INLINE_READ_RECORDS`] records (loading a small
@@ -432,7 +439,7 @@ impl EventStore for Store {
             out,
             self.head(),
             self.storage_bytes(),
-            metrics::disk(&self.shared.dir).map(|d| d.free),
+            self.shared.fs.disk_space(&self.shared.dir).map(|d| d.free),
         );
     }
 
@@ -449,8 +456,8 @@ impl EventStore for Store {
         if let Some(e) = &self.shared.mem.state.lock().expect("memtable lock").failed {
             return Err(format!("the index cannot be written: {e}"));
         }
-        match metrics::disk(&self.shared.dir) {
-            Some(disk) if disk.low() => Err(format!(
+        match self.shared.fs.disk_space(&self.shared.dir) {
+            Some(disk) if metrics::disk_low(&disk) => Err(format!(
                 "only {} KiB free on the disk of {}; appends fail once it is full",
                 disk.free >> 10,
                 self.shared.dir.display()
@@ -482,9 +489,14 @@ pub mod fuzzing {
         let _ = crate::codec::decode_segment_header(bytes);
         if let crate::codec::Frame::Valid { body_len } = crate::codec::check_frame(bytes) {
             let body = &bytes[8..8 + body_len];
-            let _ = crate::codec::decode_body(body);
+            for version in [crate::codec::FORMAT_V1, crate::codec::FORMAT_VERSION] {
+                let _ = crate::codec::decode_record(body, version);
+            }
         }
         // Bodies without a valid frame too, so that the fuzzer need not forge CRCs.
-        let _ = crate::codec::decode_body(bytes);
+        for version in [crate::codec::FORMAT_V1, crate::codec::FORMAT_VERSION] {
+            let _ = crate::codec::decode_record(bytes, version);
+            let _ = crate::codec::body_batch_start(bytes);
+        }
     }
 }

@@ -1,7 +1,5 @@
 //! What the embedded engine counts for `GET /metrics`, and its readiness checks.
 
-use std::path::Path;
-
 use skald_core::metrics::{Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, SIZE_BOUNDS};
 
 /// Below this much free space on the data directory's disk (or 5% of a disk smaller than
@@ -9,17 +7,9 @@ use skald_core::metrics::{Counter, DURATION_BOUNDS, Exposition, Histogram, Kind,
 /// `storage-full`.
 pub(crate) const MIN_FREE_BYTES: u64 = 64 << 20;
 
-/// Free and total bytes of the disk holding `dir`, for an unprivileged writer.
-pub(crate) struct Disk {
-    pub free: u64,
-    pub total: u64,
-}
-
-impl Disk {
-    /// Whether the disk is too full to call the store ready.
-    pub fn low(&self) -> bool {
-        self.free < MIN_FREE_BYTES.min(self.total / 20)
-    }
+/// Whether the disk is too full to call the store ready.
+pub(crate) fn disk_low(disk: &crate::io::DiskSpace) -> bool {
+    disk.free < MIN_FREE_BYTES.min(disk.total / 20)
 }
 
 /// Counters updated by the writer and readers; read when `/metrics` is scraped.
@@ -141,17 +131,4 @@ impl StorageMetrics {
             );
         }
     }
-}
-
-/// The space on the disk holding `dir`.
-pub(crate) fn disk(dir: &Path) -> Option<Disk> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
-    (rc == 0).then(|| Disk {
-        free: stat.f_bavail as u64 * stat.f_frsize as u64,
-        total: stat.f_blocks as u64 * stat.f_frsize as u64,
-    })
 }

@@ -9,8 +9,9 @@ use crate::view::{Kind, View};
 
 /// Decodes the record at `addr`, turning a malformed body into a corruption error.
 pub fn decode_at(reader: &mut RecordReader, addr: Address) -> Result<RecordedEvent, Error> {
+    let version = reader.version(addr.ordinal());
     let body = reader.body_at(addr)?;
-    codec::decode_body(body)
+    codec::decode_body(body, version)
         .map(|d| d.event)
         .map_err(|reason| Error::Corruption {
             file: format!("segment {}", addr.ordinal()),
@@ -41,9 +42,14 @@ pub fn scan_global(
     };
     let mut kept = 0;
     while position < view.end && kept < limit {
+        let version = reader.version(addr.ordinal());
         let body = reader.body_at(addr)?;
         let body_len = body.len();
-        let found = codec::body_position(body);
+        let Some(found) = codec::body_position(body) else {
+            // A batch end: it holds no event.
+            addr = reader.next_address(addr, body_len);
+            continue;
+        };
         if found != position {
             return Err(Error::Corruption {
                 file: format!("segment {}", addr.ordinal()),
@@ -52,7 +58,7 @@ pub fn scan_global(
             });
         }
         if position >= from {
-            let event = codec::decode_body(body)
+            let event = codec::decode_body(body, version)
                 .map(|d| d.event)
                 .map_err(|reason| Error::Corruption {
                     file: format!("segment {}", addr.ordinal()),

@@ -1,96 +1,139 @@
-//! Opening a data directory: checking segments, finding the end of the log, cutting a torn
-//! tail, and bringing the index up to date. See "Recovery on open" in `docs/storage.md`.
+//! Opening a data directory: checking segments, making the tail durable, finding the end of the
+//! log, cutting a torn tail, and bringing the index up to date. See "Recovery on open" and "The
+//! durability contract" in `docs/storage.md`.
 
-use std::fs::{self, File, OpenOptions};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase};
 
-use crate::codec::{self, FRAME_HEADER_LEN, Frame, SEGMENT_HEADER_LEN};
-use crate::index::{self, IndexEntry};
+use crate::codec::{self, FORMAT_VERSION, FRAME_HEADER_LEN, Frame, Record, SEGMENT_HEADER_LEN};
+use crate::index::{self, IndexDb, IndexEntry, Opened, REBUILD_MARKER};
+use crate::io::{self, FileIo, Fs, Open, read_full_uncached_at, write_all_at};
 use crate::memtable::Memtable;
-use crate::segments::{Address, RecordReader, Segment, read_full_at, segment_path};
+use crate::segments::{Address, RecordReader, Segment, segment_path};
 use crate::{Error, io_error, redb_error};
 
 /// Bytes read at a time while scanning the tail.
 const SCAN_CHUNK: usize = 4 << 20;
 /// Events replayed into the index per (non-durable) index transaction.
 const REPLAY_BATCH: usize = 50_000;
-/// The redb page cache; bounded so that resident memory stays predictable.
-const INDEX_CACHE_BYTES: usize = 64 << 20;
+/// The suffix of a segment being created; renamed away once its header is durable.
+const CREATING: &str = ".tmp";
 
 /// What opening found and did.
 pub struct Recovered {
     pub segments: Vec<Arc<Segment>>,
-    pub db: Database,
+    pub index: IndexDb,
     /// The next position to assign.
     pub next_position: u64,
     /// Human-readable notes on repairs made (a cut tail, a rebuilt index).
     pub notes: Vec<String>,
 }
 
-/// Opens (or creates) the segments and the index in `dir` and makes them consistent.
-pub fn recover(dir: &Path) -> Result<Recovered, Error> {
+/// Opens (or creates) the segments and the index in `dir` and makes them consistent and
+/// durable. Nothing is committed to the index, and nothing served, before every byte the index
+/// will point at is synced.
+pub fn recover(fs: &Arc<dyn Fs>, dir: &Path) -> Result<Recovered, Error> {
     let seg_dir = dir.join("segments");
-    fs::create_dir_all(&seg_dir).map_err(|e| io_error(&seg_dir, e))?;
+    io::create_dir_all_durably(fs.as_ref(), &seg_dir).map_err(|e| io_error(&seg_dir, e))?;
     let mut notes = Vec::new();
-    let mut segments = open_segments(&seg_dir, &mut notes)?;
+    remove_unfinished_segments(fs.as_ref(), &seg_dir, &mut notes)?;
+    let mut segments = open_segments(fs.as_ref(), &seg_dir, &mut notes)?;
     if segments.is_empty() {
-        segments.push(Arc::new(create_segment(&seg_dir, 0, 0)?));
+        segments.push(Arc::new(create_segment(fs.as_ref(), &seg_dir, 0, 0)?));
     }
-    let index_path = dir.join("index.redb");
-    let mut db = open_index(&index_path, &mut notes)?;
-    let mut indexed = indexed_through(&db)?;
-    let start = match find_address(&db, &segments, indexed)? {
-        Some(addr) => addr,
+    let marker = dir.join(REBUILD_MARKER);
+    let rebuild_asked = fs.exists(&marker).map_err(|e| io_error(&marker, e))?;
+    if rebuild_asked {
+        let index_path = dir.join(index::INDEX_FILE);
+        if fs
+            .exists(&index_path)
+            .map_err(|e| io_error(&index_path, e))?
+        {
+            fs.remove_file(&index_path)
+                .map_err(|e| io_error(&index_path, e))?;
+        }
+        notes.push(format!(
+            "{} asked for the index to be rebuilt; rebuilding it",
+            marker.display()
+        ));
+    }
+    let (mut index, mut indexed) = open_index(fs, dir, &mut notes)?;
+    let start = match find_address(&index.get(), &segments, indexed)? {
+        Some(address) => address,
         None => {
             notes.push(format!(
                 "the index claims {indexed} events but the segments hold fewer; rebuilding it"
             ));
-            drop(db);
-            fs::remove_file(&index_path).map_err(|e| io_error(&index_path, e))?;
-            db = open_index(&index_path, &mut notes)?;
-            indexed = 0;
+            drop(index);
+            let path = dir.join(index::INDEX_FILE);
+            fs.remove_file(&path).map_err(|e| io_error(&path, e))?;
+            (index, indexed) = open_index(fs, dir, &mut notes)?;
             Address::new(0, SEGMENT_HEADER_LEN)
         }
     };
-    let next_position = replay_tail(&db, &segments, start, indexed, &mut notes)?;
+    // D1 of issue 23: the tail may be in the page cache only (a crash between write and
+    // fdatasync). Sync it before anything is indexed or served, then read it from the disk.
+    for segment in &segments[start.ordinal() as usize..] {
+        segment
+            .file
+            .sync_data()
+            .map_err(|e| io_error(&segment.path, e))?;
+    }
+    fs.sync_dir(&seg_dir).map_err(|e| io_error(&seg_dir, e))?;
+    let db = index.get();
+    let next_position = Replay::new(&db, &segments, indexed, &mut notes).run(start)?;
+    if rebuild_asked {
+        fs.remove_file(&marker).map_err(|e| io_error(&marker, e))?;
+        fs.sync_dir(dir).map_err(|e| io_error(dir, e))?;
+    }
     for s in &segments {
-        let len = s.file.metadata().map_err(|e| io_error(&s.path, e))?.len();
-        s.committed_len
-            .store(len, std::sync::atomic::Ordering::Release);
+        let len = s.file.len().map_err(|e| io_error(&s.path, e))?;
+        s.committed_len.store(len, Ordering::Release);
+    }
+    let last = Arc::clone(segments.last().expect("a store always has a segment"));
+    if last.version < FORMAT_VERSION {
+        // The writer writes only the current format; a file never mixes two.
+        let next = create_segment(fs.as_ref(), &seg_dir, last.ordinal + 1, next_position)?;
+        notes.push(format!(
+            "started {} in format {FORMAT_VERSION} after {} (format {})",
+            next.path.display(),
+            last.path.display(),
+            last.version
+        ));
+        segments.push(Arc::new(next));
     }
     Ok(Recovered {
         segments,
-        db,
+        index,
         next_position,
         notes,
     })
 }
 
-fn open_index(path: &Path, notes: &mut Vec<String>) -> Result<Database, Error> {
-    let open = || {
-        Database::builder()
-            .set_cache_size(INDEX_CACHE_BYTES)
-            .create(path)
-    };
-    match open() {
-        Ok(db) => Ok(db),
-        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(Error::Unavailable(format!(
-            "{} is already open in another process",
-            path.display()
-        ))),
-        Err(e) => {
-            // The index is derived data: a damaged one is rebuilt, never trusted.
-            notes.push(format!(
-                "the index could not be opened ({e}); rebuilding it"
-            ));
-            fs::remove_file(path).map_err(|e| io_error(path, e))?;
-            open().map_err(redb_error)
+/// Opens the index, returning it with its `indexed_through`.
+fn open_index(
+    fs: &Arc<dyn Fs>,
+    dir: &Path,
+    notes: &mut Vec<String>,
+) -> Result<(IndexDb, u64), Error> {
+    let index = match IndexDb::open(Arc::clone(fs), dir)? {
+        Opened::Existing(index) => index,
+        Opened::Empty(index, damage) => {
+            if let Some(reason) = damage {
+                // The index is derived data: a damaged one is rebuilt, never trusted.
+                notes.push(format!(
+                    "the index could not be opened ({reason}); rebuilding it"
+                ));
+            }
+            index
         }
-    }
+    };
+    let indexed = indexed_through(&index.get())?;
+    Ok((index, indexed))
 }
 
 fn indexed_through(db: &Database) -> Result<u64, Error> {
@@ -107,7 +150,8 @@ fn indexed_through(db: &Database) -> Result<u64, Error> {
 }
 
 /// The address where position `target` is (or would be written, when it is the end of the
-/// log), or `None` when the log ends before `target`.
+/// log), past the batch end that closes the batch before it; `None` when the log ends before
+/// `target` or the index does not agree with it.
 fn find_address(
     db: &Database,
     segments: &[Arc<Segment>],
@@ -121,93 +165,119 @@ fn find_address(
     let Some((mut pos, mut addr)) = index::scan_start(&sparse, target).map_err(redb_error)? else {
         return Ok(None);
     };
-    let mut reader = RecordReader::new(segments.to_vec());
     for s in segments {
-        let len = s.file.metadata().map_err(|e| io_error(&s.path, e))?.len();
-        s.committed_len
-            .store(len, std::sync::atomic::Ordering::Release);
+        let len = s.file.len().map_err(|e| io_error(&s.path, e))?;
+        s.committed_len.store(len, Ordering::Release);
     }
-    while pos < target {
-        let seg = &segments[addr.ordinal() as usize];
-        let len = seg.committed_len.load(std::sync::atomic::Ordering::Acquire);
-        if addr.offset() >= len {
+    let mut reader = RecordReader::new(segments.to_vec());
+    loop {
+        let Some(seg) = segments.get(addr.ordinal() as usize) else {
             return Ok(None);
+        };
+        if addr.offset() >= seg.committed_len.load(Ordering::Acquire) {
+            return Ok((pos == target).then_some(addr));
         }
         // Damage here is below the indexed mark, in events that were acknowledged: it is
         // corruption, reported as such, not a torn tail.
-        let body_len = reader.body_at(addr)?.len();
+        let body = reader.body_at(addr)?;
+        let body_len = body.len();
+        match codec::body_position(body) {
+            // A batch end: no position; the one closing the last indexed batch is stepped over.
+            None => {}
+            Some(_) if pos == target => return Ok(Some(addr)),
+            Some(found) if found != pos => return Ok(None),
+            Some(_) => pos += 1,
+        }
         addr = reader.next_address(addr, body_len);
-        pos += 1;
     }
-    Ok(Some(addr))
 }
 
-fn open_segments(seg_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<Arc<Segment>>, Error> {
-    let mut ordinals = Vec::new();
-    for entry in fs::read_dir(seg_dir).map_err(|e| io_error(seg_dir, e))? {
-        let entry = entry.map_err(|e| io_error(seg_dir, e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if let Some(stem) = name.strip_suffix(".seg")
-            && let Ok(ordinal) = stem.parse::<u32>()
-        {
-            ordinals.push(ordinal);
-        }
+/// Removes segments whose creation a crash interrupted (`NNN.seg.tmp`): nothing was ever
+/// written to them.
+fn remove_unfinished_segments(
+    fs: &dyn Fs,
+    seg_dir: &Path,
+    notes: &mut Vec<String>,
+) -> Result<(), Error> {
+    let names = fs.list_dir(seg_dir).map_err(|e| io_error(seg_dir, e))?;
+    let mut removed = false;
+    for name in names.iter().filter(|n| n.ends_with(CREATING)) {
+        let path = seg_dir.join(name);
+        fs.remove_file(&path).map_err(|e| io_error(&path, e))?;
+        notes.push(format!(
+            "removed {} (cut off while it was created)",
+            path.display()
+        ));
+        removed = true;
     }
+    if removed {
+        fs.sync_dir(seg_dir).map_err(|e| io_error(seg_dir, e))?;
+    }
+    Ok(())
+}
+
+fn open_segments(
+    fs: &dyn Fs,
+    seg_dir: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Arc<Segment>>, Error> {
+    let mut ordinals: Vec<u32> = fs
+        .list_dir(seg_dir)
+        .map_err(|e| io_error(seg_dir, e))?
+        .iter()
+        .filter_map(|name| name.strip_suffix(".seg")?.parse().ok())
+        .collect();
     ordinals.sort_unstable();
     let mut segments: Vec<Arc<Segment>> = Vec::new();
     for (i, &ordinal) in ordinals.iter().enumerate() {
         let path = segment_path(seg_dir, ordinal);
         if ordinal as usize != i {
-            return Err(Error::Corruption {
-                file: path.display().to_string(),
-                offset: 0,
-                reason: format!(
-                    "segment {i} is missing; segments must be numbered from 0 without gaps"
-                ),
-            });
+            return Err(corruption(
+                &path,
+                0,
+                format!("segment {i} is missing; segments must be numbered from 0 without gaps"),
+            ));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let file = fs
+            .open(&path, Open::ReadWrite)
             .map_err(|e| io_error(&path, e))?;
         let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-        let n = read_full_at(&file, &mut header, 0).map_err(|e| io_error(&path, e))?;
+        let n = io::read_full_at(file.as_ref(), &mut header, 0).map_err(|e| io_error(&path, e))?;
         let is_last = i + 1 == ordinals.len();
-        let first_position = match codec::decode_segment_header(&header[..n]) {
-            Ok(p) => p,
-            // A crash while a new segment was being started leaves a short header and no
-            // records: the segment never held anything, so it is removed.
-            Err(_) if is_last && i > 0 && n < SEGMENT_HEADER_LEN as usize => {
+        let (first_position, version) = match codec::decode_segment_header(&header[..n]) {
+            Ok(decoded) => decoded,
+            // A segment is created under another name and renamed once its header is synced;
+            // one made before that rule, cut off while created, holds a header (or less) of
+            // zeros and no records, and is removed.
+            Err(_)
+                if is_last
+                    && i > 0
+                    && file.len().map_err(|e| io_error(&path, e))? <= SEGMENT_HEADER_LEN =>
+            {
                 notes.push(format!(
                     "removed {} (cut off while it was created)",
                     path.display()
                 ));
-                fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
+                fs.remove_file(&path).map_err(|e| io_error(&path, e))?;
+                fs.sync_dir(seg_dir).map_err(|e| io_error(seg_dir, e))?;
                 break;
             }
-            Err(reason) => {
-                return Err(Error::Corruption {
-                    file: path.display().to_string(),
-                    offset: 0,
-                    reason,
-                });
-            }
+            Err(reason) => return Err(corruption(&path, 0, reason)),
         };
         let ordered = segments
             .last()
             .is_none_or(|p| p.first_position <= first_position);
         if (i == 0 && first_position != 0) || !ordered {
-            return Err(Error::Corruption {
-                file: path.display().to_string(),
-                offset: 16,
-                reason: format!("segment starts at position {first_position}, out of order"),
-            });
+            return Err(corruption(
+                &path,
+                16,
+                format!("segment starts at position {first_position}, out of order"),
+            ));
         }
         segments.push(Arc::new(Segment {
             ordinal,
             first_position,
+            version,
             path,
             file,
             committed_len: AtomicU64::new(0),
@@ -216,199 +286,506 @@ fn open_segments(seg_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<Arc<Segm
     Ok(segments)
 }
 
-/// Creates a new, empty segment and makes its existence durable.
-pub fn create_segment(seg_dir: &Path, ordinal: u32, first_position: u64) -> Result<Segment, Error> {
+/// Creates a new, empty segment of the current format and makes its existence durable: written
+/// under a temporary name, synced, renamed, and the directory synced. On failure (a full disk)
+/// nothing is left behind.
+pub fn create_segment(
+    fs: &dyn Fs,
+    seg_dir: &Path,
+    ordinal: u32,
+    first_position: u64,
+) -> Result<Segment, Error> {
     let path = segment_path(seg_dir, ordinal);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| io_error(&path, e))?;
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(&codec::encode_segment_header(first_position), 0)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_error(&path, e))?;
-    File::open(seg_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(seg_dir, e))?;
-    Ok(Segment {
-        ordinal,
-        first_position,
-        path,
-        file,
-        committed_len: AtomicU64::new(SEGMENT_HEADER_LEN),
-    })
+    let mut creating = path.clone().into_os_string();
+    creating.push(CREATING);
+    let creating = std::path::PathBuf::from(creating);
+    let made = (|| {
+        let file = fs.open(&creating, Open::CreateNew)?;
+        write_all_at(
+            file.as_ref(),
+            &codec::encode_segment_header(first_position),
+            0,
+        )?;
+        file.sync_all()?;
+        fs.rename(&creating, &path)?;
+        fs.sync_dir(seg_dir)?;
+        // Reopened under its own name, so that its path in messages is the segment's.
+        fs.open(&path, Open::ReadWrite)
+    })();
+    match made {
+        Ok(file) => Ok(Segment {
+            ordinal,
+            first_position,
+            version: FORMAT_VERSION,
+            path,
+            file,
+            committed_len: AtomicU64::new(SEGMENT_HEADER_LEN),
+        }),
+        Err(e) => {
+            // Best effort: the next open removes a leftover `.tmp` anyway.
+            let _ = fs.remove_file(&creating);
+            let _ = fs.sync_dir(seg_dir);
+            Err(io_error(&path, e))
+        }
+    }
 }
 
-/// One event read during the tail scan, waiting for the commit mark of its append.
+fn corruption(path: &Path, offset: u64, reason: impl Into<String>) -> Error {
+    Error::Corruption {
+        file: path.display().to_string(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// One event read during the tail scan.
 struct Pending {
     event: skald_core::RecordedEvent,
     address: Address,
 }
 
-/// Scans from `start` (position `position`) to the end of the log, indexing every whole
-/// append, cutting a torn tail and failing on damage anywhere else. Returns the end position.
-fn replay_tail(
-    db: &Database,
-    segments: &[Arc<Segment>],
-    start: Address,
-    mut position: u64,
-    notes: &mut Vec<String>,
-) -> Result<u64, Error> {
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut batch: Vec<Pending> = Vec::new();
-    let mut replayed = 0u64;
-    // Where the last whole append ends: (segment index, offset).
-    let mut committed_end = (start.ordinal() as usize, start.offset());
-    for (i, seg) in segments.iter().enumerate().skip(start.ordinal() as usize) {
-        let is_last = i + 1 == segments.len();
-        let mut offset = if i == start.ordinal() as usize {
-            start.offset()
-        } else {
-            SEGMENT_HEADER_LEN
+/// The scan of the log from the index's end: indexing every whole batch (version 2) or append
+/// (version 1), cutting a torn tail, and failing on damage anywhere else.
+struct Replay<'a> {
+    db: &'a Database,
+    segments: &'a [Arc<Segment>],
+    /// The next position expected.
+    position: u64,
+    /// Events read but not yet known to be kept: their batch (append, in version 1) is not
+    /// known to be complete.
+    uncommitted: Vec<Pending>,
+    /// Whether the last event read carries its append's commit mark.
+    last_commit: bool,
+    /// Events known to be kept, waiting for an index transaction.
+    batch: Vec<Pending>,
+    /// The last revision of each stream read since the last index transaction; older ones are
+    /// in the index.
+    revisions: HashMap<String, u64>,
+    replayed: u64,
+    notes: &'a mut Vec<String>,
+}
+
+/// Where the scan of one segment is.
+struct SegmentScan {
+    /// The next record's offset.
+    offset: u64,
+    /// Where the group commit in progress started, and its first position (version 2); `None`
+    /// between batches.
+    open_batch: Option<(u64, u64)>,
+    /// The end of the last complete batch (version 2) or append (version 1): where a torn tail
+    /// is cut.
+    safe_end: u64,
+}
+
+/// A checked frame read during the scan.
+enum Step {
+    Record { body: Vec<u8>, len: u64 },
+    End,
+    Damage(&'static str),
+}
+
+impl<'a> Replay<'a> {
+    fn new(
+        db: &'a Database,
+        segments: &'a [Arc<Segment>],
+        indexed: u64,
+        notes: &'a mut Vec<String>,
+    ) -> Self {
+        Self {
+            db,
+            segments,
+            position: indexed,
+            uncommitted: Vec::new(),
+            last_commit: true,
+            batch: Vec::new(),
+            revisions: HashMap::new(),
+            replayed: 0,
+            notes,
+        }
+    }
+
+    /// Scans from `start` to the end of the log; returns the end position.
+    fn run(mut self, start: Address) -> Result<u64, Error> {
+        for seg in &self.segments[start.ordinal() as usize..] {
+            let offset = if seg.ordinal == start.ordinal() {
+                start.offset()
+            } else {
+                SEGMENT_HEADER_LEN
+            };
+            if offset == SEGMENT_HEADER_LEN && seg.first_position != self.position {
+                return Err(corruption(
+                    &seg.path,
+                    16,
+                    format!(
+                        "segment starts at position {}, but the previous one ends at {}",
+                        seg.first_position, self.position
+                    ),
+                ));
+            }
+            self.scan_segment(seg, offset)?;
+        }
+        self.replayed += self.batch.len() as u64;
+        self.index_batch(true)?;
+        if self.replayed > 0 {
+            self.notes.push(format!(
+                "indexed {} events found after the last index checkpoint",
+                self.replayed
+            ));
+        }
+        Ok(self.position)
+    }
+
+    fn scan_segment(&mut self, seg: &Segment, offset: u64) -> Result<(), Error> {
+        let is_last = seg.ordinal as usize + 1 == self.segments.len();
+        let v2 = seg.version >= FORMAT_VERSION;
+        let file_len = seg.file.len().map_err(|e| io_error(&seg.path, e))?;
+        let mut reader = TailReader::new(seg.file.as_ref(), file_len);
+        let mut at = SegmentScan {
+            offset,
+            open_batch: None,
+            safe_end: offset,
         };
-        if seg.first_position != position && offset == SEGMENT_HEADER_LEN {
-            return Err(Error::Corruption {
-                file: seg.path.display().to_string(),
-                offset: 16,
-                reason: format!(
-                    "segment starts at position {}, but the previous one ends at {position}",
-                    seg.first_position
+        let damage = loop {
+            match reader.next(at.offset).map_err(|e| io_error(&seg.path, e))? {
+                Step::End => break None,
+                Step::Damage(reason) => break Some(reason),
+                Step::Record { body, len } => {
+                    let record = codec::decode_record(&body, seg.version)
+                        .map_err(|reason| corruption(&seg.path, at.offset, reason))?;
+                    self.take(seg, &mut at, record, len)?;
+                    at.offset += len;
+                }
+            }
+        };
+        let unfinished = if v2 {
+            at.open_batch.is_some()
+        } else {
+            !self.uncommitted.is_empty()
+        };
+        match damage {
+            None if !unfinished => Ok(()),
+            // A later segment proves this one's last batch was synced whole.
+            None if !is_last && v2 => self.commit_batch(seg),
+            None if !is_last => Err(corruption(
+                &seg.path,
+                at.offset,
+                "an append without its commit mark ends a segment that is not the last",
+            )),
+            None if v2 => self.cut(seg, &at, "a group commit without its end"),
+            None => self.cut(seg, &at, "an append without its commit mark"),
+            Some(reason) => {
+                if !is_last || self.damage_is_inside_synced_data(seg, at.offset, file_len)? {
+                    Err(corruption(&seg.path, at.offset, reason))
+                } else {
+                    self.cut(seg, &at, reason)
+                }
+            }
+        }
+    }
+
+    /// Whether anything valid written after `bad` proves the damaged data was synced: in
+    /// version 2, a record of a later batch; in version 1, any record of a later position.
+    fn damage_is_inside_synced_data(
+        &self,
+        seg: &Segment,
+        bad: u64,
+        file_len: u64,
+    ) -> Result<bool, Error> {
+        let v2 = seg.version >= FORMAT_VERSION;
+        let position = self.position;
+        let later = |body: &[u8]| {
+            if v2 {
+                codec::body_batch_start(body).is_some_and(|start| start > bad)
+            } else {
+                codec::body_position(body).is_some_and(|p| p >= position)
+            }
+        };
+        valid_record_after(seg, bad, file_len, position, later)
+    }
+
+    /// Cuts the segment back to the end of the last whole batch (append, in version 1) and
+    /// syncs the cut before anything is indexed.
+    fn cut(&mut self, seg: &Segment, at: &SegmentScan, reason: &str) -> Result<(), Error> {
+        let file_len = seg.file.len().map_err(|e| io_error(&seg.path, e))?;
+        let dropped = self.uncommitted.len();
+        self.position -= dropped as u64;
+        self.uncommitted.clear();
+        self.last_commit = true;
+        self.notes.push(format!(
+            "cut a torn tail of {} bytes from {} at offset {} ({reason} at offset {}; {dropped} \
+             unacknowledged events dropped)",
+            file_len - at.safe_end,
+            seg.path.display(),
+            at.safe_end,
+            at.offset,
+        ));
+        seg.file
+            .set_len(at.safe_end)
+            .and_then(|()| seg.file.sync_data())
+            .map_err(|e| io_error(&seg.path, e))
+    }
+
+    /// Takes one record into the scan, checking it against what came before.
+    fn take(
+        &mut self,
+        seg: &Segment,
+        at: &mut SegmentScan,
+        record: Record,
+        len: u64,
+    ) -> Result<(), Error> {
+        let here = at.offset;
+        match record {
+            Record::BatchEnd(end) => {
+                let expected = at
+                    .open_batch
+                    .map(|(start, first)| (start, first, self.position));
+                if expected != Some((end.batch_start, end.first_position, end.end_position)) {
+                    return Err(corruption(
+                        &seg.path,
+                        here,
+                        format!(
+                            "a batch end for positions {}..{} of the group commit at {}, but \
+                             the one in progress (start, first position, end) is {expected:?}",
+                            end.first_position, end.end_position, end.batch_start
+                        ),
+                    ));
+                }
+                self.commit_batch(seg)?;
+                at.open_batch = None;
+                at.safe_end = here + len;
+            }
+            Record::Event(decoded) => {
+                match (decoded.batch_start, at.open_batch) {
+                    (None, _) => {}
+                    (Some(start), Some((open, _))) if start == open => {}
+                    (Some(start), open) if start == here => {
+                        if open.is_some() {
+                            // A new batch proves the one before it was synced whole.
+                            self.commit_batch(seg)?;
+                            at.safe_end = here;
+                        }
+                        at.open_batch = Some((here, self.position));
+                    }
+                    (Some(start), open) => {
+                        return Err(corruption(
+                            &seg.path,
+                            here,
+                            format!(
+                                "the record names its group commit at offset {start}, but the \
+                                 one in progress started at {:?}",
+                                open.map(|o| o.0)
+                            ),
+                        ));
+                    }
+                }
+                let commit = decoded.commit;
+                self.event(seg, here, decoded.event, commit)?;
+                if commit && decoded.batch_start.is_none() {
+                    // Version 1: every whole append is kept.
+                    self.commit_batch(seg)?;
+                    at.safe_end = here + len;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks an event's position and revision, and holds it until its batch is complete.
+    fn event(
+        &mut self,
+        seg: &Segment,
+        here: u64,
+        event: skald_core::RecordedEvent,
+        commit: bool,
+    ) -> Result<(), Error> {
+        if event.position.0 != self.position {
+            return Err(corruption(
+                &seg.path,
+                here,
+                format!(
+                    "record has position {}, expected {}",
+                    event.position, self.position
                 ),
+            ));
+        }
+        let previous = self.last_revision(event.stream.as_str())?;
+        let expected = previous.map_or(0, |r| r + 1);
+        if event.revision.0 != expected {
+            return Err(corruption(
+                &seg.path,
+                here,
+                format!(
+                    "stream {} has revision {} here, but its previous event has revision {}",
+                    event.stream,
+                    event.revision,
+                    previous.map_or_else(|| "none".to_owned(), |r| r.to_string())
+                ),
+            ));
+        }
+        self.revisions
+            .insert(event.stream.as_str().to_owned(), event.revision.0);
+        self.last_commit = commit;
+        self.uncommitted.push(Pending {
+            event,
+            address: Address::new(seg.ordinal, here),
+        });
+        self.position += 1;
+        Ok(())
+    }
+
+    /// The last revision of a stream: read in this scan, or in the index.
+    fn last_revision(&self, stream: &str) -> Result<Option<u64>, Error> {
+        if let Some(&revision) = self.revisions.get(stream) {
+            return Ok(Some(revision));
+        }
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let streams = match txn.open_table(index::STREAMS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(redb_error(e)),
+        };
+        let last = streams.get(stream).map_err(redb_error)?;
+        Ok(last.map(|v| v.value().0))
+    }
+
+    /// The events read so far belong to complete appends of a complete batch: keep them.
+    fn commit_batch(&mut self, seg: &Segment) -> Result<(), Error> {
+        if let Some(last) = self.uncommitted.last()
+            && !self.last_commit
+            && seg.version >= FORMAT_VERSION
+        {
+            return Err(corruption(
+                &seg.path,
+                last.address.offset(),
+                "a group commit ends inside an append (its last event has no commit mark)",
+            ));
+        }
+        self.last_commit = true;
+        self.batch.append(&mut self.uncommitted);
+        if self.batch.len() >= REPLAY_BATCH {
+            self.replayed += self.batch.len() as u64;
+            self.index_batch(false)?;
+        }
+        Ok(())
+    }
+
+    /// Indexes the kept events in one transaction, durable or not (the last one is).
+    fn index_batch(&mut self, durable: bool) -> Result<(), Error> {
+        let base = self
+            .batch
+            .first()
+            .map_or(self.position, |p| p.event.position.0);
+        let mut memtable = Memtable::new(base);
+        for p in &self.batch {
+            let e = &p.event;
+            let seg = &self.segments[p.address.ordinal() as usize];
+            memtable.insert(&IndexEntry {
+                stream: e.stream.as_str(),
+                category: e.stream.category().as_str(),
+                event_type: e.event_type.as_str(),
+                tags: &e.tags,
+                id: e.id.0.as_bytes(),
+                revision: e.revision.0,
+                position: e.position.0,
+                address: p.address,
+                first_in_segment: e.position.0 == seg.first_position,
             });
         }
-        let file_len = seg
-            .file
-            .metadata()
-            .map_err(|e| io_error(&seg.path, e))?
-            .len();
-        let mut buf = vec![0u8; SCAN_CHUNK];
-        let mut buf_offset = u64::MAX;
-        let mut buf_len = 0usize;
-        let damage = loop {
-            if offset >= file_len {
-                break None;
+        memtable.commit_to(self.db, durable)?;
+        self.batch.clear();
+        // What the map held is in the index now, except the events still held back.
+        self.revisions.clear();
+        for p in &self.uncommitted {
+            self.revisions
+                .insert(p.event.stream.as_str().to_owned(), p.event.revision.0);
+        }
+        Ok(())
+    }
+}
+
+/// Reads the frames of a segment's tail in order, past the page cache.
+struct TailReader<'f> {
+    file: &'f dyn FileIo,
+    file_len: u64,
+    buf: Vec<u8>,
+    buf_offset: u64,
+    buf_len: usize,
+}
+
+impl<'f> TailReader<'f> {
+    fn new(file: &'f dyn FileIo, file_len: u64) -> Self {
+        Self {
+            file,
+            file_len,
+            buf: Vec::new(),
+            buf_offset: 0,
+            buf_len: 0,
+        }
+    }
+
+    /// The checked frame at `offset`.
+    fn next(&mut self, offset: u64) -> std::io::Result<Step> {
+        loop {
+            if offset >= self.file_len {
+                return Ok(Step::End);
             }
-            let rel = offset.wrapping_sub(buf_offset) as usize;
-            let have = if buf_offset <= offset && rel < buf_len {
-                &buf[rel..buf_len]
+            let in_buf =
+                offset >= self.buf_offset && offset - self.buf_offset < self.buf_len as u64;
+            let have = if in_buf {
+                &self.buf[(offset - self.buf_offset) as usize..self.buf_len]
             } else {
                 &[][..]
             };
             match codec::check_frame(have) {
                 Frame::Valid { body_len } => {
-                    let body = &have[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len];
-                    let decoded = codec::decode_body(body).map_err(|reason| Error::Corruption {
-                        file: seg.path.display().to_string(),
-                        offset,
-                        reason,
-                    })?;
-                    if decoded.event.position.0 != position {
-                        return Err(Error::Corruption {
-                            file: seg.path.display().to_string(),
-                            offset,
-                            reason: format!(
-                                "record has position {}, expected {position}",
-                                decoded.event.position
-                            ),
-                        });
-                    }
-                    pending.push(Pending {
-                        event: decoded.event,
-                        address: Address::new(seg.ordinal, offset),
-                    });
-                    position += 1;
-                    offset += (FRAME_HEADER_LEN + body_len) as u64;
-                    if decoded.commit {
-                        batch.append(&mut pending);
-                        committed_end = (i, offset);
-                        if batch.len() >= REPLAY_BATCH {
-                            replayed += batch.len() as u64;
-                            index_batch(db, segments, &mut batch, position, false)?;
-                        }
-                    }
+                    let body = have[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len].to_vec();
+                    let len = (FRAME_HEADER_LEN + body_len) as u64;
+                    return Ok(Step::Record { body, len });
                 }
-                Frame::Incomplete { needed } if offset + needed as u64 <= file_len => {
+                Frame::Incomplete { needed } if offset + needed as u64 <= self.file_len => {
                     let want = needed.max(SCAN_CHUNK);
-                    if buf.len() < want {
-                        buf.resize(want, 0);
+                    if self.buf.len() < want {
+                        self.buf.resize(want, 0);
                     }
-                    buf_len = read_full_at(&seg.file, &mut buf[..want], offset)
-                        .map_err(|e| io_error(&seg.path, e))?;
-                    buf_offset = offset;
+                    let n = read_full_uncached_at(self.file, &mut self.buf[..want], offset)?;
+                    if n < needed {
+                        // The file is shorter than its length said: cut short.
+                        return Ok(Step::Damage("record is cut short"));
+                    }
+                    self.buf_len = n;
+                    self.buf_offset = offset;
                 }
-                Frame::Incomplete { .. } => break Some((offset, "record is cut short")),
-                Frame::BadLength => break Some((offset, "record length is invalid")),
-                Frame::BadChecksum => break Some((offset, "record checksum mismatch")),
+                Frame::Incomplete { .. } => return Ok(Step::Damage("record is cut short")),
+                Frame::BadLength => return Ok(Step::Damage("record length is invalid")),
+                Frame::BadChecksum => return Ok(Step::Damage("record checksum mismatch")),
             }
-        };
-        let torn = damage.is_some() || !pending.is_empty();
-        if torn {
-            let (bad_offset, reason) = damage.unwrap_or((offset, "append without its commit mark"));
-            let first_pending = pending
-                .first()
-                .map(|p| p.address.offset())
-                .unwrap_or(bad_offset);
-            if !is_last || valid_frame_after(seg, bad_offset, file_len, position)? {
-                return Err(Error::Corruption {
-                    file: seg.path.display().to_string(),
-                    offset: bad_offset,
-                    reason: reason.to_owned(),
-                });
-            }
-            let keep = if committed_end.0 == i {
-                committed_end.1
-            } else {
-                SEGMENT_HEADER_LEN
-            };
-            debug_assert!(keep <= first_pending);
-            position -= pending.len() as u64;
-            notes.push(format!(
-                "cut a torn tail of {} bytes from {} at offset {keep} ({reason} at offset {bad_offset}; \
-                 {} unacknowledged events dropped)",
-                file_len - keep,
-                seg.path.display(),
-                pending.len()
-            ));
-            pending.clear();
-            seg.file
-                .set_len(keep)
-                .and_then(|()| seg.file.sync_all())
-                .map_err(|e| io_error(&seg.path, e))?;
         }
     }
-    replayed += batch.len() as u64;
-    index_batch(db, segments, &mut batch, position, true)?;
-    if replayed > 0 {
-        notes.push(format!(
-            "indexed {replayed} events found after the last index checkpoint"
-        ));
-    }
-    Ok(position)
 }
 
-/// Whether any whole record with a position after `min_position` starts after `bad_offset`:
-/// if one does, the damage is in the middle of the log, not a torn tail.
-fn valid_frame_after(
+/// Whether a valid record that `later` accepts starts anywhere after `bad_offset`.
+fn valid_record_after(
     seg: &Segment,
     bad_offset: u64,
     file_len: u64,
     min_position: u64,
+    later: impl Fn(&[u8]) -> bool,
 ) -> Result<bool, Error> {
     let mut at = bad_offset + 1;
     let mut buf = vec![0u8; SCAN_CHUNK];
     while at + FRAME_HEADER_LEN as u64 <= file_len {
-        let n = read_full_at(&seg.file, &mut buf, at).map_err(|e| io_error(&seg.path, e))?;
+        let n = read_full_uncached_at(seg.file.as_ref(), &mut buf, at)
+            .map_err(|e| io_error(&seg.path, e))?;
         for i in 0..n.saturating_sub(FRAME_HEADER_LEN + 12) {
             let body = &buf[i + FRAME_HEADER_LEN..];
-            // Cheap filters before the checksum: the record kind, the reserved bytes and a
-            // plausible position.
-            if body[0] != 1 || body[2] != 0 || body[3] != 0 {
+            // Cheap filters before the checksum: the record kind, the reserved bytes and, for
+            // an event, a plausible position.
+            if !matches!(body[0], 1 | 2) || body[2] != 0 || body[3] != 0 {
                 continue;
             }
-            let pos = codec::body_position(body);
-            if pos < min_position || pos > min_position + (1 << 32) {
+            if let Some(pos) = codec::body_position(body)
+                && (pos < min_position || pos > min_position + (1 << 32))
+            {
                 continue;
             }
             let frame_start = at + i as u64;
@@ -417,8 +794,11 @@ fn valid_frame_after(
                 continue;
             }
             let mut frame = vec![0u8; FRAME_HEADER_LEN + len as usize];
-            read_full_at(&seg.file, &mut frame, frame_start).map_err(|e| io_error(&seg.path, e))?;
-            if matches!(codec::check_frame(&frame), Frame::Valid { .. }) {
+            read_full_uncached_at(seg.file.as_ref(), &mut frame, frame_start)
+                .map_err(|e| io_error(&seg.path, e))?;
+            if matches!(codec::check_frame(&frame), Frame::Valid { .. })
+                && later(&frame[FRAME_HEADER_LEN..])
+            {
                 return Ok(true);
             }
         }
@@ -428,31 +808,113 @@ fn valid_frame_after(
     Ok(false)
 }
 
-fn index_batch(
-    db: &Database,
-    segments: &[Arc<Segment>],
-    batch: &mut Vec<Pending>,
-    next_position: u64,
-    durable: bool,
-) -> Result<(), Error> {
-    let base = batch.first().map_or(next_position, |p| p.event.position.0);
-    let mut memtable = Memtable::new(base);
-    for p in batch.iter() {
-        let e = &p.event;
-        let seg = &segments[p.address.ordinal() as usize];
-        memtable.insert(&IndexEntry {
-            stream: e.stream.as_str(),
-            category: e.stream.category().as_str(),
-            event_type: e.event_type.as_str(),
-            tags: &e.tags,
-            id: e.id.0.as_bytes(),
-            revision: e.revision.0,
-            position: e.position.0,
-            address: p.address,
-            first_in_segment: e.position.0 == seg.first_position,
-        });
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use skald_core::{
+        AppendRequest, Direction, EventData, EventStore, EventType, ExpectedRevision,
+        ProposedEvent, ReadRequest, ReadSource, StreamName, Timestamp,
+    };
+
+    use super::*;
+    use crate::codec::{
+        FORMAT_V1, RecordToWrite, encode_record_version, encode_segment_header_version,
+    };
+    use crate::sim::{Restart, SimFs};
+    use crate::{Options, Store, SystemClock};
+
+    /// A segment in format 1 (no batch starts, no batch ends): `appends` appends of two events
+    /// to `s-1`.
+    fn version_1_segment(appends: u64) -> Vec<u8> {
+        let stream = StreamName::new("s-1").unwrap();
+        let mut bytes = encode_segment_header_version(0, FORMAT_V1).to_vec();
+        for position in 0..appends * 2 {
+            let event = ProposedEvent::new(
+                EventType::new("Old").unwrap(),
+                EventData::json(format!("{{\"n\":{position}}}")).unwrap(),
+            );
+            encode_record_version(
+                &mut bytes,
+                &RecordToWrite {
+                    position,
+                    revision: position,
+                    recorded_at: Timestamp(0),
+                    commit: position % 2 == 1,
+                    batch_start: 0,
+                    stream: &stream,
+                    event: &event,
+                },
+                FORMAT_V1,
+            );
+        }
+        bytes
     }
-    memtable.commit_to(db, durable)?;
-    batch.clear();
-    Ok(())
+
+    fn read_all(rt: &tokio::runtime::Runtime, store: &Store) -> Vec<u64> {
+        let page = rt.block_on(store.read(ReadRequest {
+            source: ReadSource::All(None),
+            from: None,
+            direction: Direction::Forward,
+            limit: 1000,
+        }));
+        page.unwrap().events.iter().map(|e| e.position.0).collect()
+    }
+
+    #[test]
+    fn a_store_written_in_format_1_opens_and_appends_go_to_a_new_format_2_segment() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let fs = SimFs::new();
+        let dir = PathBuf::from("/old");
+        io::create_dir_all_durably(&fs, &dir.join("segments")).unwrap();
+        let mut bytes = version_1_segment(3);
+        // A torn last append (its first event only) is cut by the format-1 rule.
+        let whole = bytes.len();
+        bytes.extend_from_slice(&version_1_segment(4)[whole..whole + 40]);
+        let file = fs
+            .open(&segment_path(&dir.join("segments"), 0), Open::CreateNew)
+            .unwrap();
+        write_all_at(file.as_ref(), &bytes, 0).unwrap();
+        let options = Options {
+            data_dir: dir.clone(),
+            ..Options::default()
+        };
+        let open = |fs: &SimFs| {
+            Store::open_with(options.clone(), Arc::new(SystemClock), Arc::new(fs.clone())).unwrap()
+        };
+
+        let (store, report) = open(&fs);
+        assert!(
+            report.notes.iter().any(|n| n.contains("torn tail")),
+            "{:?}",
+            report.notes
+        );
+        assert!(report.notes.iter().any(|n| n.contains("format 2")));
+        assert_eq!(read_all(&rt, &store), (0..6).collect::<Vec<_>>());
+        let appended = rt
+            .block_on(store.append(AppendRequest {
+                stream: StreamName::new("s-1").unwrap(),
+                expected: ExpectedRevision::Exact(skald_core::Revision(5)),
+                condition: None,
+                events: vec![ProposedEvent::new(
+                    EventType::new("New").unwrap(),
+                    EventData::json("{}").unwrap(),
+                )],
+            }))
+            .unwrap();
+        assert_eq!(appended.first_position.0, 6);
+        rt.block_on(store.shutdown());
+        drop(store);
+
+        // And again, from the segments alone.
+        let fs = fs.restart(Restart::ProcessCrash);
+        fs.remove_file(&dir.join(index::INDEX_FILE)).unwrap();
+        let (store, _) = open(&fs);
+        assert_eq!(read_all(&rt, &store), (0..7).collect::<Vec<_>>());
+        let names = fs.list_dir(&dir.join("segments")).unwrap();
+        assert_eq!(names, vec!["0000000000.seg", "0000000001.seg"]);
+    }
 }

@@ -1,13 +1,12 @@
 //! Segment files and reading records from them by address.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::Error;
 use crate::codec::{self, FRAME_HEADER_LEN, Frame, SEGMENT_HEADER_LEN};
+use crate::io::{FileIo, read_full_at};
 
 /// Bits of an address that hold the byte offset within a segment.
 const OFFSET_BITS: u32 = 40;
@@ -46,10 +45,12 @@ pub struct Segment {
     pub ordinal: u32,
     /// The global position of its first record.
     pub first_position: u64,
+    /// Its record format (`codec::FORMAT_VERSION`, or 1 for segments written before it).
+    pub version: u32,
     /// Its path, for error messages.
     pub path: PathBuf,
     /// The file, read and written with positional I/O only.
-    pub file: File,
+    pub file: Arc<dyn FileIo>,
     /// Bytes that hold records visible to readers (everything up to the published head).
     pub committed_len: AtomicU64,
 }
@@ -99,20 +100,6 @@ impl Segments {
     }
 }
 
-/// Reads `buf.len()` bytes at `offset`, or fewer at the end of the file. Returns the count.
-pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
 /// Reads records by address through a window buffer, so that records read in file order
 /// cost one system call per window rather than one per record, while a record far from the
 /// last one costs one small read.
@@ -140,6 +127,13 @@ impl RecordReader {
             window_len: 0,
             next_window: MIN_WINDOW,
         }
+    }
+
+    /// The record format of a segment (for decoding what [`RecordReader::body_at`] returns).
+    pub fn version(&self, ordinal: u32) -> u32 {
+        self.segments
+            .get(ordinal as usize)
+            .map_or(codec::FORMAT_VERSION, |s| s.version)
     }
 
     /// The segment an address points into.
@@ -196,7 +190,7 @@ impl RecordReader {
             self.window.resize(len, 0);
         }
         // `read_full_at` reads all `len` bytes unless the file ends first.
-        let n = read_full_at(&segment.file, &mut self.window[..len], offset)
+        let n = read_full_at(segment.file.as_ref(), &mut self.window[..len], offset)
             .map_err(|e| Error::Io(format!("reading {}: {e}", segment.path.display())))?;
         self.window_ordinal = ordinal;
         self.window_offset = offset;
@@ -254,6 +248,7 @@ fn check_frame_or_corrupt(
 mod tests {
     use super::*;
     use crate::codec::{RecordToWrite, body_position, encode_record, encode_segment_header};
+    use crate::io::{Fs, Open, RealFs};
     use skald_core::{EventData, EventType, ProposedEvent, StreamName, Timestamp};
 
     /// A segment of `sizes.len()` records whose data are `sizes[i]` bytes long, and the address
@@ -279,6 +274,7 @@ mod tests {
                     revision: position as u64,
                     recorded_at: Timestamp(0),
                     commit: true,
+                    batch_start: addresses.last().map_or(32, |a: &Address| a.offset()),
                     stream: &stream,
                     event: &event,
                 },
@@ -289,15 +285,16 @@ mod tests {
         let segment = Segment {
             ordinal: 0,
             first_position: 0,
+            version: codec::FORMAT_VERSION,
             path: path.clone(),
-            file: File::open(&path).unwrap(),
+            file: RealFs.open(&path, Open::ReadWrite).unwrap(),
             committed_len: AtomicU64::new(bytes.len() as u64),
         };
         (Arc::new(segment), addresses)
     }
 
     fn position_at(reader: &mut RecordReader, address: Address) -> u64 {
-        body_position(reader.body_at(address).unwrap())
+        body_position(reader.body_at(address).unwrap()).unwrap()
     }
 
     #[test]
@@ -349,13 +346,9 @@ mod tests {
     fn a_record_cut_short_by_the_end_of_the_file_is_corruption_whatever_the_window() {
         let dir = tempfile::tempdir().unwrap();
         let (segment, addresses) = segment(dir.path(), &[300, 300, 3 * MIN_WINDOW]);
-        let len = segment.file.metadata().unwrap().len();
+        let len = segment.file.len().unwrap();
         // Cut the last record (larger than the first window) in half.
-        let cut = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&segment.path)
-            .unwrap();
-        cut.set_len(len - (MIN_WINDOW as u64)).unwrap();
+        segment.file.set_len(len - (MIN_WINDOW as u64)).unwrap();
         let mut reader = RecordReader::new(vec![segment]);
         assert_eq!(position_at(&mut reader, addresses[0]), 0);
         assert_eq!(position_at(&mut reader, addresses[1]), 1);

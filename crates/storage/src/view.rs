@@ -4,7 +4,9 @@
 use std::cell::OnceCell;
 use std::sync::{Arc, RwLock};
 
-use redb::{Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition, Value};
+use redb::{
+    Database, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, TableDefinition, Value,
+};
 use skald_core::{Direction, Error};
 
 use crate::index;
@@ -28,6 +30,9 @@ pub struct View {
     redb_through: u64,
     mems: Vec<Arc<RwLock<Memtable>>>,
     txn: ReadTransaction,
+    /// The handle the transaction came from: kept while the view lives, even if the flusher
+    /// replaces it after an I/O error.
+    _db: Arc<Database>,
     streams: OnceCell<ReadOnlyTable<&'static str, (u64, u64)>>,
     stream_events: OnceCell<ReadOnlyTable<(&'static str, u64), u64>>,
     categories: OnceCell<ReadOnlyTable<(&'static str, u64), u64>>,
@@ -58,7 +63,7 @@ impl View {
     /// Opens a view. `mems` must be taken before the redb transaction begins (see the module
     /// documentation of `memtable`).
     pub fn open(
-        db: &redb::Database,
+        db: Arc<Database>,
         mems: Vec<Arc<RwLock<Memtable>>>,
         end: u64,
     ) -> Result<Self, Error> {
@@ -74,6 +79,7 @@ impl View {
             redb_through,
             mems,
             txn,
+            _db: db,
             streams: OnceCell::new(),
             stream_events: OnceCell::new(),
             categories: OnceCell::new(),
@@ -90,17 +96,36 @@ impl View {
 
     /// The last `(revision, position)` of a stream.
     pub fn stream_last(&self, stream: &str) -> Result<Option<(u64, u64)>, Error> {
+        Ok(self
+            .stream_end(stream)?
+            .map(|(revision, position, _)| (revision, position)))
+    }
+
+    /// The last `(revision, position)` of a stream, and whether redb (rather than a memtable)
+    /// answered: what redb says is read from a file that may be damaged, so the writer checks
+    /// it against the log before deciding an append.
+    pub fn stream_end(&self, stream: &str) -> Result<Option<(u64, u64, bool)>, Error> {
         for m in self.mems.iter().rev() {
             let m = read_mem(m);
             if let Some(list) = m.streams.get(stream)
                 && let Some(e) = list.iter().rev().find(|e| self.visible(e.1))
             {
-                return Ok(Some((e.0, e.1)));
+                return Ok(Some((e.0, e.1, false)));
             }
         }
         let streams = table(&self.txn, &self.streams, index::STREAMS)?;
         let v = streams.get(stream).map_err(redb_error)?;
-        Ok(v.map(|v| v.value()))
+        Ok(v.map(|v| {
+            let (revision, position) = v.value();
+            (revision, position, true)
+        }))
+    }
+
+    /// The address redb holds for one revision of a stream.
+    pub fn indexed_address(&self, stream: &str, revision: u64) -> Result<Option<Address>, Error> {
+        let table = table(&self.txn, &self.stream_events, index::STREAM_EVENTS)?;
+        let v = table.get((stream, revision)).map_err(redb_error)?;
+        Ok(v.map(|v| Address(v.value())))
     }
 
     /// Where the event with this id is.
@@ -240,7 +265,7 @@ mod tests {
     #[test]
     fn a_flushed_memtable_still_listed_is_not_read_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let db = redb::Database::create(dir.path().join("i.redb")).unwrap();
+        let db = Arc::new(redb::Database::create(dir.path().join("i.redb")).unwrap());
         let tag = [Tag::new("t").unwrap()];
         let mut flushed = Memtable::new(0);
         for p in 0..3u64 {
@@ -273,7 +298,7 @@ mod tests {
             Arc::new(RwLock::new(flushed)),
             Arc::new(RwLock::new(active)),
         ];
-        let view = View::open(&db, mems, 4).unwrap();
+        let view = View::open(Arc::clone(&db), mems, 4).unwrap();
 
         for kind in [Kind::Category, Kind::Tag, Kind::Type] {
             let name = match kind {
@@ -307,7 +332,7 @@ mod tests {
         assert_eq!(view.scan_start(2).unwrap(), Some((0, Address(100))));
 
         // A view whose end is before the active memtable's event does not see it.
-        let early = View::open(&db, view.mems.clone(), 3).unwrap();
+        let early = View::open(db, view.mems.clone(), 3).unwrap();
         assert_eq!(early.stream_last("s-1").unwrap(), Some((2, 2)));
     }
 }

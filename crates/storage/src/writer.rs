@@ -3,7 +3,6 @@
 //! `fdatasync` (group commit), publishes the new head, and answers. Index entries go to the
 //! active memtable; the flusher thread writes frozen memtables to redb.
 
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -13,14 +12,14 @@ use skald_core::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Shared;
-use crate::codec::{self, RecordToWrite, SEGMENT_HEADER_LEN};
-use crate::index::IndexEntry;
+use crate::codec::{self, BatchEnd, RecordToWrite, SEGMENT_HEADER_LEN};
+use crate::index::{IndexEntry, REBUILD_MARKER};
+use crate::io::{self, Open};
 use crate::memtable::{MAX_FROZEN, Memtable};
-use crate::read;
 use crate::recovery::create_segment;
 use crate::segments::{Address, RecordReader, Segment};
 use crate::view::View;
+use crate::{Shared, io_error, read};
 
 /// The write buffer is written out once it holds this much, so a batch of large events does
 /// not hold them all in memory.
@@ -55,6 +54,11 @@ pub struct Writer {
     segment_len: u64,
     /// Bytes of the active segment actually written to the file; `buf` holds the rest.
     written_len: u64,
+    /// Where the batch being written starts in the active segment: every record of it says so
+    /// (docs/storage.md, "Group commits are framed").
+    batch_start: u64,
+    /// Whether a write to the file was attempted in this batch (so a failure must cut it back).
+    wrote_in_batch: bool,
     next_position: u64,
     last_time: i64,
     /// The memtable the writer adds to; replaced when it is frozen.
@@ -87,6 +91,8 @@ impl Writer {
             segment,
             segment_len,
             written_len: segment_len,
+            batch_start: segment_len,
+            wrote_in_batch: false,
             next_position,
             last_time: i64::MIN,
             active,
@@ -244,7 +250,18 @@ impl Writer {
         }
         let base_len = self.segment_len;
         let base_position = self.next_position;
-        let mut view = View::open(&self.shared.db, self.shared.mem.snapshot(), base_position)?;
+        debug_assert_eq!(
+            self.written_len, self.segment_len,
+            "the buffer is empty between batches"
+        );
+        debug_assert_eq!(self.shared.head.load(Ordering::Acquire), base_position);
+        self.batch_start = base_len;
+        self.wrote_in_batch = false;
+        let mut view = View::open(
+            self.shared.index.get(),
+            self.shared.mem.snapshot(),
+            base_position,
+        )?;
         let mut reader = RecordReader::new(self.shared.segments.snapshot());
         let mut outcomes = Vec::new();
         for request in requests {
@@ -258,6 +275,7 @@ impl Writer {
         if self.next_position == base_position {
             return Ok(outcomes);
         }
+        self.end_batch(base_position);
         if let Err(e) = self.write_pending() {
             return Err(self.undo(base_len, base_position, e));
         }
@@ -269,29 +287,58 @@ impl Writer {
                 .fsync_seconds
                 .observe_duration(started.elapsed());
             if let Err(e) = synced {
-                self.poison(format!(
-                    "fdatasync of {} failed: {e}",
-                    self.segment.path.display()
+                let reason = format!("fdatasync of {} failed: {e}", self.segment.path.display());
+                self.poison(reason.clone());
+                let unknown = Error::Unavailable(format!(
+                    "{reason}; the events of this request may or may not be stored: after a \
+                     restart, retry with the same event ids to find out"
                 ));
-                return Err(self.undo(base_len, base_position, Error::Io(e.to_string())));
+                return Err(self.undo(base_len, base_position, unknown));
             }
         }
+        self.publish(base_len, base_position);
+        Ok(outcomes)
+    }
+
+    /// Closes the batch with its batch end, in the buffer.
+    fn end_batch(&mut self, base_position: u64) {
+        let before = self.buf.len();
+        codec::encode_batch_end(
+            &mut self.buf,
+            &BatchEnd {
+                batch_start: self.batch_start,
+                first_position: base_position,
+                end_position: self.next_position,
+            },
+        );
+        self.segment_len += (self.buf.len() - before) as u64;
+    }
+
+    /// Makes a durable batch visible: the segment's readable length, then the head.
+    fn publish(&mut self, base_len: u64, base_position: u64) {
+        assert_eq!(
+            self.written_len, self.segment_len,
+            "a batch is published only once all of it is written"
+        );
+        let written = self.next_position - base_position;
+        assert_eq!(
+            self.active.read().expect("memtable lock").end,
+            self.next_position,
+            "the memtable covers every event written"
+        );
         let metrics = &self.shared.metrics;
-        metrics
-            .batch_events
-            .observe((self.next_position - base_position) as f64);
-        metrics
-            .events_written
-            .add(self.next_position - base_position);
+        metrics.batch_events.observe(written as f64);
+        metrics.events_written.add(written);
         metrics.bytes_written.add(self.segment_len - base_len);
         self.segment
             .committed_len
             .store(self.segment_len, Ordering::Release);
-        self.shared
-            .head
-            .store(self.next_position, Ordering::Release);
+        let previous = self.shared.head.swap(self.next_position, Ordering::AcqRel);
+        assert_eq!(
+            previous, base_position,
+            "the head moves only by whole batches"
+        );
         self.shared.head_watch.send_replace(self.next_position);
-        Ok(outcomes)
     }
 
     /// Refuses appends until a restart, and says why to readiness checks.
@@ -301,29 +348,47 @@ impl Writer {
         self.poisoned = Some(reason);
     }
 
-    /// Cuts the segment back to before the failed batch and turns the error into what the
-    /// client sees.
+    /// Cuts the segment back to before the failed batch, syncs the cut (so that a crash cannot
+    /// bring back what was answered as not stored), and turns the error into what the client
+    /// sees.
     fn undo(&mut self, base_len: u64, base_position: u64, error: Error) -> Error {
         self.next_position = base_position;
         self.active
             .write()
             .expect("memtable lock")
             .rollback(base_position);
-        if let Err(e) = self.segment.file.set_len(base_len) {
-            self.poison(format!(
-                "could not cut {} back after a failed write: {e}",
-                self.segment.path.display()
-            ));
-        }
+        let written = self.wrote_in_batch;
         self.segment_len = base_len;
         self.written_len = base_len;
         self.buf.clear();
-        error
+        if !written {
+            return error;
+        }
+        let file = &self.segment.file;
+        match file.set_len(base_len).and_then(|()| file.sync_data()) {
+            Ok(()) => error,
+            Err(e) => {
+                let reason = format!(
+                    "could not cut {} back after a failed write: {e}",
+                    self.segment.path.display()
+                );
+                self.poison(reason.clone());
+                Error::Unavailable(format!(
+                    "{error}; then {reason}: the events of this request may or may not be \
+                     stored; after a restart, retry with the same event ids to find out"
+                ))
+            }
+        }
     }
 
     fn roll_segment(&mut self) -> Result<(), Error> {
         let seg_dir = self.shared.dir.join("segments");
-        let segment = create_segment(&seg_dir, self.segment.ordinal + 1, self.next_position)?;
+        let segment = create_segment(
+            self.shared.fs.as_ref(),
+            &seg_dir,
+            self.segment.ordinal + 1,
+            self.next_position,
+        )?;
         let segment = Arc::new(segment);
         self.shared.segments.push(Arc::clone(&segment));
         self.segment = segment;
@@ -337,13 +402,10 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.segment.file.write_all_at(&self.buf, self.written_len) {
-            let message = format!("writing {}: {e}", self.segment.path.display());
-            return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
-                Error::StorageFull(message)
-            } else {
-                Error::Io(message)
-            });
+        self.wrote_in_batch = true;
+        if let Err(e) = io::write_all_at(self.segment.file.as_ref(), &self.buf, self.written_len) {
+            // Whatever part was written is cut back by `undo`.
+            return Err(io_error(&self.segment.path, e));
         }
         self.written_len += self.buf.len() as u64;
         debug_assert_eq!(self.written_len, self.segment_len);
@@ -368,9 +430,11 @@ impl Writer {
         if let Some(outcome) = check_idempotency(view, reader, request, || self.write_pending())? {
             return Ok(outcome);
         }
-        let current = view
-            .stream_last(request.stream.as_str())?
-            .map(|(revision, _)| Revision(revision));
+        let end = view.stream_end(request.stream.as_str())?;
+        if let Some((revision, position, true)) = end {
+            self.check_index_against_log(view, reader, request, revision, position)?;
+        }
+        let current = end.map(|(revision, _, _)| Revision(revision));
         if !request.expected.is_satisfied_by(current) {
             return Ok(Err(Error::WrongExpectedRevision {
                 stream: request.stream.clone(),
@@ -390,6 +454,79 @@ impl Writer {
             }
         }
         self.write_events(request, current).map(Ok)
+    }
+
+    /// Checks what the index (redb) says of a stream's end against the log: the record it
+    /// points at must be that stream's event at that revision and position, and the index must
+    /// hold nothing after it. A disagreement means a damaged index: appends are refused until a
+    /// restart, which rebuilds it (docs/storage.md, "Index damage").
+    fn check_index_against_log(
+        &mut self,
+        view: &View,
+        reader: &mut RecordReader,
+        request: &AppendRequest,
+        revision: u64,
+        position: u64,
+    ) -> Result<(), Error> {
+        let stream = request.stream.as_str();
+        let disagreement = match view.indexed_address(stream, revision)? {
+            None => Some(format!("it has no address for revision {revision}")),
+            Some(address) => match read::decode_at(reader, address) {
+                Err(e) => Some(format!("the record it points at cannot be read: {e}")),
+                Ok(e)
+                    if e.stream.as_str() != stream
+                        || e.revision.0 != revision
+                        || e.position.0 != position =>
+                {
+                    Some(format!(
+                        "the record it points at is stream {} revision {} at position {}",
+                        e.stream, e.revision, e.position
+                    ))
+                }
+                Ok(_) => view
+                    .indexed_address(stream, revision + 1)?
+                    .map(|_| format!("it also holds revision {}", revision + 1)),
+            },
+        };
+        let Some(disagreement) = disagreement else {
+            return Ok(());
+        };
+        let reason = format!(
+            "the index says stream {stream} ends at revision {revision} (position {position}), \
+             but {disagreement}; appends are refused until a restart, which rebuilds the index"
+        );
+        self.ask_for_rebuild();
+        self.poison(reason.clone());
+        Err(Error::Corruption {
+            file: self
+                .shared
+                .dir
+                .join(crate::index::INDEX_FILE)
+                .display()
+                .to_string(),
+            offset: 0,
+            reason,
+        })
+    }
+
+    /// Leaves the marker that makes the next open rebuild the index. Best effort: if it cannot
+    /// be written, the writer is refusing appends anyway, and says why.
+    fn ask_for_rebuild(&self) {
+        let marker = self.shared.dir.join(REBUILD_MARKER);
+        let written = self
+            .shared
+            .fs
+            .open(&marker, Open::CreateOrOpen)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| self.shared.fs.sync_dir(&self.shared.dir));
+        if let Err(e) = written {
+            let mut unavailable = self.shared.unavailable.lock().expect("unavailable lock");
+            *unavailable = Some(format!(
+                "the index is damaged and {} could not be written ({e}): delete {} and restart",
+                marker.display(),
+                self.shared.dir.join(crate::index::INDEX_FILE).display()
+            ));
+        }
     }
 
     fn write_events(
@@ -416,6 +553,7 @@ impl Writer {
                     revision: first_revision + i as u64,
                     recorded_at,
                     commit: i + 1 == count,
+                    batch_start: self.batch_start,
                     stream: &request.stream,
                     event,
                 },
@@ -487,6 +625,17 @@ fn check_idempotency(
     let mut revisions = (0, 0);
     for (i, &(event, position, address)) in stored.iter().enumerate() {
         let recorded = read::decode_at(reader, address)?;
+        if recorded.id != event.id || recorded.position.0 != position {
+            return Err(Error::Corruption {
+                file: format!("segment {}", address.ordinal()),
+                offset: address.offset(),
+                reason: format!(
+                    "the id index places event {} at position {position} here, but the record \
+                     is event {} at position {}; delete index.redb and restart to rebuild it",
+                    event.id, recorded.id, recorded.position
+                ),
+            });
+        }
         if recorded.stream != request.stream {
             return reused(
                 event.id,
@@ -543,7 +692,13 @@ pub fn run_flusher(shared: Arc<Shared>) {
         let result = next
             .read()
             .expect("memtable lock")
-            .commit_to(&shared.db, true);
+            .commit_to(&shared.index.get(), true);
+        if result.is_err() {
+            // redb refuses every later call on a handle that met an I/O error ("Previous I/O
+            // error occurred"): open it again, at its last durable commit, for the retry and
+            // for readers. If that fails too, the next retry tries again.
+            let _ = shared.index.reopen();
+        }
         let mut state = mem.state.lock().expect("memtable lock");
         match result {
             Ok(()) => {
