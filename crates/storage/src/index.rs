@@ -188,12 +188,17 @@ impl IndexDb {
         file.len().unwrap_or(0)
     }
 
-    /// Replaces the handle with a new one on the same file (after an I/O error latched the old
-    /// one). Readers still holding the old handle finish with it; it writes nothing more.
-    pub fn reopen(&self) -> Result<(), Error> {
-        let fresh = Self::open_file(self.fs.as_ref(), &self.path, false)
+    /// Replaces `stale`, a handle that met an I/O error (redb then refuses every later call on
+    /// it), with a new one on the same file, at its last durable commit; returns the handle to
+    /// use. When someone else replaced it already, that one is returned. Views still holding
+    /// the stale handle finish with it; it writes nothing more.
+    pub fn replace(&self, stale: &Arc<Database>) -> Result<Arc<Database>, Error> {
+        let mut current = self.current.write().expect("index lock poisoned");
+        if !Arc::ptr_eq(&current.0, stale) {
+            return Ok(Arc::clone(&current.0));
+        }
+        *current = Self::open_file(self.fs.as_ref(), &self.path, false)
             .map_err(|reason| Error::Io(format!("reopening {}: {reason}", self.path.display())))?;
-        *self.current.write().expect("index lock poisoned") = fresh;
-        Ok(())
+        Ok(Arc::clone(&current.0))
     }
 }

@@ -130,8 +130,21 @@ pub(crate) fn io_error(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// What a call on an index handle that an earlier I/O error spoiled answers (redb refuses every
+/// call on it from then on). The handle is replaced; the call can be made again.
+const SPOILED_INDEX: &str = "index: the index handle refused the call after an earlier I/O error";
+
+/// Whether `e` is the answer of a spoiled index handle, so that the operation may be run once
+/// more on a fresh one.
+pub(crate) fn spoiled_index(e: &Error) -> bool {
+    matches!(e, Error::Io(message) if message == SPOILED_INDEX)
+}
+
 pub(crate) fn redb_error(e: impl Into<redb::Error>) -> Error {
     let e = e.into();
+    if matches!(e, redb::Error::PreviousIo) {
+        return Error::Io(SPOILED_INDEX.to_owned());
+    }
     let full = match &e {
         redb::Error::Io(io) => io.raw_os_error() == Some(libc::ENOSPC),
         _ => false,
@@ -281,7 +294,7 @@ impl Store {
     /// A view of everything visible now: the head first, then the memtables, then redb.
     fn view(shared: &Shared) -> Result<View, Error> {
         let end = shared.head.load(Ordering::Acquire);
-        View::open(shared.index.get(), shared.mem.snapshot(), end)
+        View::open(&shared.index, shared.mem.snapshot(), end)
     }
 
     /// A stream read that covers at most [`INLINE_READ_RECORDS`] records (loading a small
@@ -307,6 +320,19 @@ impl Store {
         let mut reader = RecordReader::new(self.shared.segments.snapshot());
         let events = read::decode_stream(&mut reader, &entries, view.end)?;
         Ok(Some(stream_page(events, limit, request.direction)))
+    }
+
+    /// One attempt at a read. One view serves the probe for a short stream read and, when the
+    /// read is longer, the whole read on the pool.
+    async fn read_once(&self, request: ReadRequest) -> Result<ReadPage, Error> {
+        let view = Self::view(&self.shared)?;
+        if let Some(page) = self.read_short_stream(&view, &request)? {
+            return Ok(page);
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || Self::read_blocking(&shared, &view, &request))
+            .await
+            .map_err(|e| Error::Io(format!("read task failed: {e}")))?
     }
 
     /// A read of any size, through `view`, on the blocking pool.
@@ -389,17 +415,10 @@ impl EventStore for Store {
     }
 
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
-        // One view serves the probe for a short stream read and, when the read is longer,
-        // the whole read on the pool.
-        let view = Self::view(&self.shared)?;
-        let page = match self.read_short_stream(&view, &request)? {
-            Some(page) => page,
-            None => {
-                let shared = Arc::clone(&self.shared);
-                tokio::task::spawn_blocking(move || Self::read_blocking(&shared, &view, &request))
-                    .await
-                    .map_err(|e| Error::Io(format!("read task failed: {e}")))??
-            }
+        let page = match self.read_once(request.clone()).await {
+            // A failed index flush spoiled the handle during the read: once more, on a fresh one.
+            Err(e) if spoiled_index(&e) => self.read_once(request).await?,
+            other => other?,
         };
         self.shared.metrics.reads.inc();
         self.shared
@@ -413,13 +432,14 @@ impl EventStore for Store {
         // A point lookup (memtables, then one B-tree search in pages that are almost always
         // cached) runs on the caller's task: handing it to the blocking pool cost more than
         // the lookup itself (a wake-up on each side; docs/benchmarks.md, "Ceilings").
-        let view = Self::view(&self.shared)?;
-        Ok(view
-            .stream_last(stream.as_str())?
-            .map(|(revision, position)| StreamHead {
-                revision: Revision(revision),
-                position: Position(position),
-            }))
+        let last = match Self::view(&self.shared)?.stream_last(stream.as_str()) {
+            Err(e) if spoiled_index(&e) => Self::view(&self.shared)?.stream_last(stream.as_str()),
+            other => other,
+        };
+        Ok(last?.map(|(revision, position)| StreamHead {
+            revision: Revision(revision),
+            position: Position(position),
+        }))
     }
 
     async fn info(&self) -> Result<StoreInfo, Error> {

@@ -177,9 +177,14 @@ fn find_address(
         if addr.offset() >= seg.committed_len.load(Ordering::Acquire) {
             return Ok((pos == target).then_some(addr));
         }
-        // Damage here is below the indexed mark, in events that were acknowledged: it is
-        // corruption, reported as such, not a torn tail.
-        let body = reader.body_at(addr)?;
+        let body = match reader.body_at(addr) {
+            Ok(body) => body,
+            // At the index's end: the unindexed tail, which the scan judges (it may be torn).
+            Err(_) if pos == target => return Ok(Some(addr)),
+            // Below the indexed mark, in events that were acknowledged: corruption, reported
+            // as such, not a torn tail.
+            Err(e) => return Err(e),
+        };
         let body_len = body.len();
         match codec::body_position(body) {
             // A batch end: no position; the one closing the last indexed batch is stepped over.

@@ -9,7 +9,7 @@ use redb::{
 };
 use skald_core::{Direction, Error};
 
-use crate::index;
+use crate::index::{self, IndexDb};
 use crate::memtable::{Memtable, Postings};
 use crate::redb_error;
 use crate::segments::Address;
@@ -60,19 +60,33 @@ fn read_mem(m: &RwLock<Memtable>) -> std::sync::RwLockReadGuard<'_, Memtable> {
 }
 
 impl View {
-    /// Opens a view. `mems` must be taken before the redb transaction begins (see the module
-    /// documentation of `memtable`).
+    /// Opens a view on the index in use. `mems` must be taken before the redb transaction
+    /// begins (see the module documentation of `memtable`). A handle that a failed flush left
+    /// refusing every call is replaced, once.
     pub fn open(
-        db: Arc<Database>,
+        index: &IndexDb,
         mems: Vec<Arc<RwLock<Memtable>>>,
         end: u64,
     ) -> Result<Self, Error> {
-        let txn = db.begin_read().map_err(redb_error)?;
-        let meta = txn.open_table(index::META).map_err(redb_error)?;
-        let redb_through = meta
-            .get(index::INDEXED_THROUGH)
-            .map_err(redb_error)?
-            .map_or(0, |v| v.value());
+        let db = index.get();
+        match Self::open_on(Arc::clone(&db), mems.clone(), end) {
+            Err(redb::Error::PreviousIo) => {
+                let fresh = index.replace(&db)?;
+                Self::open_on(fresh, mems, end).map_err(redb_error)
+            }
+            opened => opened.map_err(redb_error),
+        }
+    }
+
+    /// Opens a view on one redb handle.
+    pub fn open_on(
+        db: Arc<Database>,
+        mems: Vec<Arc<RwLock<Memtable>>>,
+        end: u64,
+    ) -> Result<Self, redb::Error> {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(index::META)?;
+        let redb_through = meta.get(index::INDEXED_THROUGH)?.map_or(0, |v| v.value());
         drop(meta);
         Ok(Self {
             end,
@@ -298,7 +312,7 @@ mod tests {
             Arc::new(RwLock::new(flushed)),
             Arc::new(RwLock::new(active)),
         ];
-        let view = View::open(Arc::clone(&db), mems, 4).unwrap();
+        let view = View::open_on(Arc::clone(&db), mems, 4).unwrap();
 
         for kind in [Kind::Category, Kind::Tag, Kind::Type] {
             let name = match kind {
@@ -332,7 +346,7 @@ mod tests {
         assert_eq!(view.scan_start(2).unwrap(), Some((0, Address(100))));
 
         // A view whose end is before the active memtable's event does not see it.
-        let early = View::open(db, view.mems.clone(), 3).unwrap();
+        let early = View::open_on(db, view.mems.clone(), 3).unwrap();
         assert_eq!(early.stream_last("s-1").unwrap(), Some((2, 2)));
     }
 }

@@ -19,7 +19,7 @@ use crate::memtable::{MAX_FROZEN, Memtable};
 use crate::recovery::create_segment;
 use crate::segments::{Address, RecordReader, Segment};
 use crate::view::View;
-use crate::{Shared, io_error, read};
+use crate::{Shared, io_error, read, spoiled_index};
 
 /// The write buffer is written out once it holds this much, so a batch of large events does
 /// not hold them all in memory.
@@ -205,7 +205,13 @@ impl Writer {
             Some(reason) => Err(Error::Unavailable(format!(
                 "appends are refused until a restart: {reason}; reads still work"
             ))),
-            None => self.apply_batch(batch.iter().map(|(r, _)| r)),
+            None => match self.apply_batch(batch.iter().map(|(r, _)| r)) {
+                // A failed index flush spoiled the handle while the batch was being decided:
+                // nothing of it is published and the file was cut back, so decide it once more
+                // on a fresh handle.
+                Err(e) if spoiled_index(&e) => self.apply_batch(batch.iter().map(|(r, _)| r)),
+                decided => decided,
+            },
         };
         match outcomes {
             Ok(outcomes) => {
@@ -258,7 +264,7 @@ impl Writer {
         self.batch_start = base_len;
         self.wrote_in_batch = false;
         let mut view = View::open(
-            self.shared.index.get(),
+            &self.shared.index,
             self.shared.mem.snapshot(),
             base_position,
         )?;
@@ -668,8 +674,10 @@ fn check_idempotency(
     })))
 }
 
-/// How long the flusher waits before retrying a failed flush.
+/// How often the flusher looks whether a failed flush may be retried.
 const FLUSH_RETRY: Duration = Duration::from_millis(500);
+/// The longest a failed flush waits for the disk to have more room before it is retried anyway.
+const FLUSH_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// The flusher: writes each frozen memtable into redb as one sorted, durable transaction, then
 /// drops it. A failed flush is retried; it stops when the store closes and nothing is left to
@@ -689,15 +697,13 @@ pub fn run_flusher(shared: Arc<Shared>) {
                 state = mem.changed.wait(state).expect("memtable lock");
             }
         };
-        let result = next
-            .read()
-            .expect("memtable lock")
-            .commit_to(&shared.index.get(), true);
+        let db = shared.index.get();
+        let result = next.read().expect("memtable lock").commit_to(&db, true);
         if result.is_err() {
             // redb refuses every later call on a handle that met an I/O error ("Previous I/O
             // error occurred"): open it again, at its last durable commit, for the retry and
-            // for readers. If that fails too, the next retry tries again.
-            let _ = shared.index.reopen();
+            // for readers. If that fails too, readers and the retry try again.
+            let _ = shared.index.replace(&db);
         }
         let mut state = mem.state.lock().expect("memtable lock");
         match result {
@@ -708,19 +714,41 @@ pub fn run_flusher(shared: Arc<Shared>) {
             Err(e) => {
                 state.failed = Some(e);
                 mem.changed.notify_all();
-                // Retry after a pause: a full disk may get room again. At shutdown, give up;
-                // the next open replays these events from the segments.
+                // At shutdown, give up; the next open replays these events from the segments.
                 if state.closing {
                     return;
                 }
-                let (s, _) = mem
-                    .changed
-                    .wait_timeout(state, FLUSH_RETRY)
-                    .expect("memtable lock");
-                state = s;
+                state = wait_for_room(&shared, state);
+                if state.closing {
+                    return;
+                }
             }
         }
         drop(state);
         mem.changed.notify_all();
+    }
+}
+
+/// After a failed flush: waits until the disk has more room than it had then (or
+/// `FLUSH_RETRY_MAX` passed, for failures that are not a full disk). Every failed commit
+/// spoils the handle readers share, so a full disk is not hammered with retries.
+fn wait_for_room<'m>(
+    shared: &Shared,
+    mut state: std::sync::MutexGuard<'m, crate::memtable::MemState>,
+) -> std::sync::MutexGuard<'m, crate::memtable::MemState> {
+    let free = || shared.fs.disk_space(&shared.dir).map(|d| d.free);
+    let free_at_failure = free();
+    let failed_at = Instant::now();
+    loop {
+        let (s, _) = shared
+            .mem
+            .changed
+            .wait_timeout(state, FLUSH_RETRY)
+            .expect("memtable lock");
+        state = s;
+        let more_room = matches!((free(), free_at_failure), (Some(now), Some(then)) if now > then);
+        if state.closing || more_room || failed_at.elapsed() >= FLUSH_RETRY_MAX {
+            return state;
+        }
     }
 }
