@@ -24,6 +24,9 @@ use crate::{Shared, io_error, read, spoiled_index};
 /// The write buffer is written out once it holds this much, so a batch of large events does
 /// not hold them all in memory.
 const WRITE_BUFFER_BYTES: usize = 4 << 20;
+/// Streams whose end the writer remembers as known to match the log (`Writer::verified`); the
+/// memory is cleared when it holds this many.
+const VERIFIED_STREAMS: usize = 65_536;
 
 /// A request to the writer.
 pub enum Command {
@@ -59,6 +62,10 @@ pub struct Writer {
     batch_start: u64,
     /// Whether a write to the file was attempted in this batch (so a failure must cut it back).
     wrote_in_batch: bool,
+    /// Stream ends (revision, position) known to match the log: written by this writer, or
+    /// given by redb and confirmed by the log. The log never changes, so when redb gives the
+    /// same end it needs no check; a different one (a damaged page read again) is checked.
+    verified: std::collections::HashMap<Box<str>, (u64, u64)>,
     next_position: u64,
     last_time: i64,
     /// The memtable the writer adds to; replaced when it is frozen.
@@ -93,6 +100,7 @@ impl Writer {
             written_len: segment_len,
             batch_start: segment_len,
             wrote_in_batch: false,
+            verified: std::collections::HashMap::new(),
             next_position,
             last_time: i64::MIN,
             active,
@@ -358,6 +366,10 @@ impl Writer {
     /// bring back what was answered as not stored), and turns the error into what the client
     /// sees.
     fn undo(&mut self, base_len: u64, base_position: u64, error: Error) -> Error {
+        if self.next_position > base_position {
+            // Ends of events that are no longer written: forget them all (a rare path).
+            self.verified.clear();
+        }
         self.next_position = base_position;
         self.active
             .write()
@@ -475,6 +487,9 @@ impl Writer {
         position: u64,
     ) -> Result<(), Error> {
         let stream = request.stream.as_str();
+        if self.verified.get(stream) == Some(&(revision, position)) {
+            return Ok(());
+        }
         let disagreement = match view.indexed_address(stream, revision)? {
             None => Some(format!("it has no address for revision {revision}")),
             Some(address) => match read::decode_at(reader, address) {
@@ -495,6 +510,7 @@ impl Writer {
             },
         };
         let Some(disagreement) = disagreement else {
+            self.remember_end(stream, revision, position);
             return Ok(());
         };
         let reason = format!(
@@ -513,6 +529,18 @@ impl Writer {
             offset: 0,
             reason,
         })
+    }
+
+    /// Remembers a stream end known to match the log.
+    fn remember_end(&mut self, stream: &str, revision: u64, position: u64) {
+        if let Some(end) = self.verified.get_mut(stream) {
+            *end = (revision, position);
+            return;
+        }
+        if self.verified.len() >= VERIFIED_STREAMS {
+            self.verified.clear();
+        }
+        self.verified.insert(stream.into(), (revision, position));
     }
 
     /// Leaves the marker that makes the next open rebuild the index. Best effort: if it cannot
@@ -583,6 +611,12 @@ impl Writer {
         }
         drop(memtable);
         self.next_position += count as u64;
+        let last = count as u64 - 1;
+        self.remember_end(
+            request.stream.as_str(),
+            first_revision + last,
+            first_position + last,
+        );
         Ok(AppendResult {
             first_position: Position(first_position),
             last_position: Position(first_position + count as u64 - 1),
