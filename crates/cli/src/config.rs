@@ -49,6 +49,7 @@ pub struct StorageConfig {
     pub write_queue_capacity: usize,
     pub max_batch_events: usize,
     pub checkpoint_interval_ms: u64,
+    pub verify_index_on_open: bool,
 }
 
 impl Default for StorageConfig {
@@ -59,6 +60,7 @@ impl Default for StorageConfig {
             write_queue_capacity: o.write_queue_capacity,
             max_batch_events: o.max_batch_events,
             checkpoint_interval_ms: o.checkpoint_interval.as_millis() as u64,
+            verify_index_on_open: o.verify_index_on_open,
         }
     }
 }
@@ -155,6 +157,7 @@ pub fn merge(
             write_queue_capacity: s.write_queue_capacity,
             max_batch_events: s.max_batch_events,
             checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms.max(1)),
+            verify_index_on_open: s.verify_index_on_open,
             ..skald_storage::Options::default()
         },
     })

@@ -126,13 +126,14 @@ pub enum Opened {
 }
 
 impl IndexDb {
-    /// Opens `dir/index.redb`, checking every page (inside `catch_unwind`: redb may panic on a
-    /// file damaged outside it). A file that fails is deleted and an empty one made in its place.
-    pub fn open(fs: Arc<dyn Fs>, dir: &Path) -> Result<Opened, Error> {
+    /// Opens `dir/index.redb`, checking every page when `verify` (redb's integrity check), inside
+    /// `catch_unwind` (redb may panic on a file damaged outside it). A file that fails is deleted
+    /// and an empty one made in its place.
+    pub fn open(fs: Arc<dyn Fs>, dir: &Path, verify: bool) -> Result<Opened, Error> {
         let path = dir.join(INDEX_FILE);
         let existed = fs.exists(&path).map_err(|e| io_error(&path, e))?;
         let damage = if existed {
-            match Self::open_file(fs.as_ref(), &path, true) {
+            match Self::open_file(fs.as_ref(), &path, verify) {
                 Ok(current) => {
                     return Ok(Opened::Existing(Self::new(fs, path, current)));
                 }

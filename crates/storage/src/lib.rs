@@ -54,6 +54,12 @@ pub struct Options {
     pub checkpoint_interval: Duration,
     /// Events indexed in memory before they are written to redb in one batch.
     pub memtable_events: u64,
+    /// Whether opening reads the whole index to verify every page's checksum (rebuilding it on
+    /// any damage). On by default; it costs about a second per 500 MB of index read from a cold
+    /// cache (docs/benchmarks.md). Off, damage is still caught where it would matter: the writer
+    /// checks the index against the log before deciding an append, and reads check each record
+    /// against the index entry that led to it.
+    pub verify_index_on_open: bool,
 }
 
 impl Default for Options {
@@ -67,6 +73,7 @@ impl Default for Options {
             max_batch_events: 8192,
             checkpoint_interval: Duration::from_secs(1),
             memtable_events: memtable::MEMTABLE_EVENTS,
+            verify_index_on_open: true,
         }
     }
 }
@@ -102,6 +109,35 @@ pub(crate) struct Shared {
     pub unavailable: Mutex<Option<String>>,
     pub metrics: metrics::StorageMetrics,
     _lock: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Shared {
+    /// The index disagrees with the log: leaves `index.rebuild` so that the next open rebuilds
+    /// it from the segments, and says so to readiness checks.
+    pub(crate) fn index_is_damaged(&self, reason: &str) {
+        let marker = self.dir.join(index::REBUILD_MARKER);
+        let written = self
+            .fs
+            .open(&marker, io::Open::CreateOrOpen)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| self.fs.sync_dir(&self.dir));
+        let mut unavailable = self.unavailable.lock().expect("unavailable lock");
+        match written {
+            Ok(()) => {
+                unavailable.get_or_insert_with(|| {
+                    format!("the index is damaged ({reason}); restart to rebuild it")
+                });
+            }
+            Err(e) => {
+                *unavailable = Some(format!(
+                    "the index is damaged ({reason}) and {} could not be written ({e}): delete \
+                     {} and restart",
+                    marker.display(),
+                    self.dir.join(index::INDEX_FILE).display()
+                ));
+            }
+        }
+    }
 }
 
 /// The embedded store. Cheap to clone; every clone talks to the same writer.
@@ -201,7 +237,7 @@ impl Store {
         let dir = options.data_dir.clone();
         io::create_dir_all_durably(fs.as_ref(), &dir).map_err(|e| io_error(&dir, e))?;
         let lock = lock_data_dir(fs.as_ref(), &dir)?;
-        let recovered = recovery::recover(&fs, &dir)?;
+        let recovered = recovery::recover(&fs, &dir, options.verify_index_on_open)?;
         let shared = Arc::new(Shared {
             dir,
             fs,
@@ -318,7 +354,7 @@ impl Store {
             return Ok(None);
         }
         let mut reader = RecordReader::new(self.shared.segments.snapshot());
-        let events = read::decode_stream(&mut reader, &entries, view.end)?;
+        let events = read::decode_stream(&mut reader, stream.as_str(), &entries, view.end)?;
         Ok(Some(stream_page(events, limit, request.direction)))
     }
 
@@ -417,9 +453,16 @@ impl EventStore for Store {
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
         let page = match self.read_once(request.clone()).await {
             // A failed index flush spoiled the handle during the read: once more, on a fresh one.
-            Err(e) if spoiled_index(&e) => self.read_once(request).await?,
-            other => other?,
+            Err(e) if spoiled_index(&e) => self.read_once(request).await,
+            other => other,
         };
+        let page = page.inspect_err(|e| {
+            if let Error::Corruption { file, reason, .. } = e
+                && file == index::INDEX_FILE
+            {
+                self.shared.index_is_damaged(reason);
+            }
+        })?;
         self.shared.metrics.reads.inc();
         self.shared
             .metrics

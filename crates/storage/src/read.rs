@@ -20,6 +20,43 @@ pub fn decode_at(reader: &mut RecordReader, addr: Address) -> Result<RecordedEve
         })
 }
 
+/// The answer when a record is not what the index said it is: the index is damaged. Reads
+/// refuse rather than serve another event (docs/storage.md, "Index damage").
+pub fn index_disagrees(addr: Address, what: String) -> Error {
+    Error::Corruption {
+        file: crate::index::INDEX_FILE.to_owned(),
+        offset: 0,
+        reason: format!(
+            "the index points at segment {} offset {} for {what}; the index is damaged and the \
+             next start rebuilds it from the segments",
+            addr.ordinal(),
+            addr.offset()
+        ),
+    }
+}
+
+/// Decodes the record the index places at `position`, checking it is that position and that
+/// `belongs` accepts it (the index key it was found under).
+fn decode_indexed(
+    reader: &mut RecordReader,
+    (position, addr): (u64, Address),
+    key: &str,
+    belongs: impl FnOnce(&RecordedEvent) -> bool,
+) -> Result<RecordedEvent, Error> {
+    let event = decode_at(reader, addr)?;
+    if event.position.0 != position || !belongs(&event) {
+        return Err(index_disagrees(
+            addr,
+            format!(
+                "{key} at position {position}, but the record there is position {} of stream {} \
+                 (type {})",
+                event.position, event.stream, event.event_type
+            ),
+        ));
+    }
+    Ok(event)
+}
+
 /// Scans the global log for positions `from..view.end`, keeping the events `keep` accepts,
 /// until `limit` are kept.
 pub fn scan_global(
@@ -91,8 +128,8 @@ fn scan_item(
             if out.len() >= limit {
                 break;
             }
-            let (_, addr) = entry?;
-            let event = decode_at(reader, addr)?;
+            let key = format!("tag {tag}");
+            let event = decode_indexed(reader, entry?, &key, |e| e.tags.contains(tag))?;
             if item.matches(&event.event_type, &event.tags) {
                 out.push(event);
             }
@@ -109,8 +146,11 @@ fn scan_item(
         }
         addresses.sort_unstable();
         addresses.dedup();
-        for (_, addr) in addresses.into_iter().take(limit) {
-            out.push(decode_at(reader, addr)?);
+        for entry in addresses.into_iter().take(limit) {
+            let event = decode_indexed(reader, entry, "one of the query's types", |e| {
+                item.types.contains(&e.event_type)
+            })?;
+            out.push(event);
         }
     } else {
         scan_global(view, reader, from, limit, |_| true, out)?;
@@ -158,9 +198,11 @@ pub fn scan_category(
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::new();
+    let key = format!("category {category}");
     for entry in view.postings(Kind::Category, category, from)?.take(limit) {
-        let (_, addr) = entry?;
-        out.push(decode_at(reader, addr)?);
+        out.push(decode_indexed(reader, entry?, &key, |e| {
+            e.stream.category().as_str() == category
+        })?);
     }
     Ok(out)
 }
@@ -175,19 +217,30 @@ pub fn scan_stream(
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let entries = view.stream_events(stream, from, direction, limit)?;
-    decode_stream(reader, &entries, view.end)
+    decode_stream(reader, stream, &entries, view.end)
 }
 
 /// The events at a stream's index entries `(revision, address)`, leaving out any at or past
 /// `end`: the redb snapshot may hold an event flushed a moment after the head was read.
 pub fn decode_stream(
     reader: &mut RecordReader,
+    stream: &str,
     entries: &[(u64, Address)],
     end: u64,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::with_capacity(entries.len());
-    for &(_, addr) in entries {
+    for &(revision, addr) in entries {
         let event = decode_at(reader, addr)?;
+        if event.stream.as_str() != stream || event.revision.0 != revision {
+            return Err(index_disagrees(
+                addr,
+                format!(
+                    "revision {revision} of stream {stream}, but the record there is revision {} \
+                     of stream {}",
+                    event.revision, event.stream
+                ),
+            ));
+        }
         if event.position.0 < end {
             out.push(event);
         }

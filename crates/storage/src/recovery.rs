@@ -36,7 +36,7 @@ pub struct Recovered {
 /// Opens (or creates) the segments and the index in `dir` and makes them consistent and
 /// durable. Nothing is committed to the index, and nothing served, before every byte the index
 /// will point at is synced.
-pub fn recover(fs: &Arc<dyn Fs>, dir: &Path) -> Result<Recovered, Error> {
+pub fn recover(fs: &Arc<dyn Fs>, dir: &Path, verify_index: bool) -> Result<Recovered, Error> {
     let seg_dir = dir.join("segments");
     io::create_dir_all_durably(fs.as_ref(), &seg_dir).map_err(|e| io_error(&seg_dir, e))?;
     let mut notes = Vec::new();
@@ -61,7 +61,7 @@ pub fn recover(fs: &Arc<dyn Fs>, dir: &Path) -> Result<Recovered, Error> {
             marker.display()
         ));
     }
-    let (mut index, mut indexed) = open_index(fs, dir, &mut notes)?;
+    let (mut index, mut indexed) = open_index(fs, dir, verify_index, &mut notes)?;
     let start = match find_address(&index.get(), &segments, indexed)? {
         Some(address) => address,
         None => {
@@ -71,7 +71,7 @@ pub fn recover(fs: &Arc<dyn Fs>, dir: &Path) -> Result<Recovered, Error> {
             drop(index);
             let path = dir.join(index::INDEX_FILE);
             fs.remove_file(&path).map_err(|e| io_error(&path, e))?;
-            (index, indexed) = open_index(fs, dir, &mut notes)?;
+            (index, indexed) = open_index(fs, dir, verify_index, &mut notes)?;
             Address::new(0, SEGMENT_HEADER_LEN)
         }
     };
@@ -118,9 +118,10 @@ pub fn recover(fs: &Arc<dyn Fs>, dir: &Path) -> Result<Recovered, Error> {
 fn open_index(
     fs: &Arc<dyn Fs>,
     dir: &Path,
+    verify: bool,
     notes: &mut Vec<String>,
 ) -> Result<(IndexDb, u64), Error> {
-    let index = match IndexDb::open(Arc::clone(fs), dir)? {
+    let index = match IndexDb::open(Arc::clone(fs), dir, verify)? {
         Opened::Existing(index) => index,
         Opened::Empty(index, damage) => {
             if let Some(reason) = damage {

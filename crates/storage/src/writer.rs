@@ -13,8 +13,8 @@ use skald_core::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{self, BatchEnd, RecordToWrite, SEGMENT_HEADER_LEN};
-use crate::index::{IndexEntry, REBUILD_MARKER};
-use crate::io::{self, Open};
+use crate::index::IndexEntry;
+use crate::io;
 use crate::memtable::{MAX_FROZEN, Memtable};
 use crate::recovery::create_segment;
 use crate::segments::{Address, RecordReader, Segment};
@@ -517,8 +517,8 @@ impl Writer {
             "the index says stream {stream} ends at revision {revision} (position {position}), \
              but {disagreement}; appends are refused until a restart, which rebuilds the index"
         );
-        self.ask_for_rebuild();
         self.poison(reason.clone());
+        self.shared.index_is_damaged(&reason);
         Err(Error::Corruption {
             file: self
                 .shared
@@ -541,26 +541,6 @@ impl Writer {
             self.verified.clear();
         }
         self.verified.insert(stream.into(), (revision, position));
-    }
-
-    /// Leaves the marker that makes the next open rebuild the index. Best effort: if it cannot
-    /// be written, the writer is refusing appends anyway, and says why.
-    fn ask_for_rebuild(&self) {
-        let marker = self.shared.dir.join(REBUILD_MARKER);
-        let written = self
-            .shared
-            .fs
-            .open(&marker, Open::CreateOrOpen)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| self.shared.fs.sync_dir(&self.shared.dir));
-        if let Err(e) = written {
-            let mut unavailable = self.shared.unavailable.lock().expect("unavailable lock");
-            *unavailable = Some(format!(
-                "the index is damaged and {} could not be written ({e}): delete {} and restart",
-                marker.display(),
-                self.shared.dir.join(crate::index::INDEX_FILE).display()
-            ));
-        }
     }
 
     fn write_events(

@@ -5,6 +5,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use redb::ReadableTable;
 use skald_core::*;
 use skald_storage::{Options, Store};
 
@@ -544,4 +545,90 @@ fn a_last_segment_holding_only_a_header_of_zeros_is_removed() {
     );
     assert_eq!(read_all(&store).unwrap().len(), 3);
     assert_eq!(head_revision(&store), Some(Revision(2)));
+}
+
+/// An index entry that points at another record (written through redb, so redb's checks pass):
+/// a read refuses to serve the wrong event, readiness says the index is damaged, and the next
+/// start rebuilds it.
+#[test]
+fn a_read_through_an_index_entry_that_points_elsewhere_is_refused_and_the_index_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    write_order_log(dir.path());
+    {
+        let db = redb::Database::create(dir.path().join("index.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let stream_events: redb::TableDefinition<(&str, u64), u64> =
+                redb::TableDefinition::new("stream_events");
+            let mut table = txn.open_table(stream_events).unwrap();
+            let first = table.get(("order-1", 0)).unwrap().unwrap().value();
+            table.insert(("order-1", 1), first).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let (store, _) = Store::open(options(dir.path())).unwrap();
+    let read = rt().block_on(store.read(ReadRequest {
+        source: ReadSource::Stream(StreamName::new("order-1").unwrap()),
+        from: None,
+        direction: Direction::Forward,
+        limit: 10,
+    }));
+    match read {
+        Err(Error::Corruption { file, reason, .. }) => {
+            assert_eq!(file, "index.redb");
+            assert!(reason.contains("revision 1 of stream order-1"), "{reason}");
+        }
+        other => panic!("expected the damaged index to be refused, got {other:?}"),
+    }
+    let not_ready = store.readiness().unwrap_err();
+    assert!(not_ready.contains("index is damaged"), "{not_ready}");
+    rt().block_on(store.shutdown());
+    drop(store);
+
+    let (store, report) = Store::open(options(dir.path())).unwrap();
+    assert!(
+        report.notes.iter().any(|n| n.contains("rebuilt")),
+        "{:?}",
+        report.notes
+    );
+    let events = rt()
+        .block_on(store.read(ReadRequest {
+            source: ReadSource::Stream(StreamName::new("order-1").unwrap()),
+            from: None,
+            direction: Direction::Forward,
+            limit: 10,
+        }))
+        .unwrap()
+        .events;
+    let revisions: Vec<u64> = events.iter().map(|e| e.revision.0).collect();
+    assert_eq!(revisions, vec![0, 1, 2]);
+    assert_eq!(store.readiness(), Ok(()));
+}
+
+/// With the check at open turned off, the changed byte of
+/// `a_changed_byte_in_the_index_is_found_at_open_and_the_index_rebuilt` is still caught before
+/// it decides anything: the writer checks the index against the log.
+#[test]
+fn with_the_check_at_open_off_a_changed_byte_is_caught_before_an_append_is_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    write_order_log(dir.path());
+    let index = dir.path().join("index.redb");
+    let mut bytes = std::fs::read(&index).unwrap();
+    let value = [2u64.to_le_bytes(), 1002u64.to_le_bytes()].concat();
+    let found = find_all(&bytes, &value);
+    assert_eq!(found.len(), 1, "the streams table's value for order-1");
+    bytes[found[0]] = 1;
+    std::fs::write(&index, &bytes).unwrap();
+
+    let (store, report) = Store::open(Options {
+        verify_index_on_open: false,
+        ..options(dir.path())
+    })
+    .unwrap();
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    match append_order(&store, 1) {
+        Err(Error::Corruption { file, .. }) => assert!(file.ends_with("index.redb"), "{file}"),
+        other => panic!("expected the index to be found damaged, got {other:?}"),
+    }
 }
