@@ -18,6 +18,9 @@ const KIND_EVENT: u8 = 1;
 const KIND_BATCH_END: u8 = 2;
 /// Flag bit: this record is the last event of its append.
 pub const FLAG_COMMIT: u8 = 1;
+/// Flag bit (version 2): written with durability `none`, so the group commits before it were
+/// not synced before it was written, and its presence proves nothing about them.
+pub const FLAG_UNSYNCED: u8 = 2;
 const SEGMENT_MAGIC: &[u8; 8] = b"SKALDSEG";
 /// The format this build writes.
 pub const FORMAT_VERSION: u32 = 2;
@@ -82,6 +85,8 @@ pub struct RecordToWrite<'a> {
     pub recorded_at: Timestamp,
     /// Whether this is the last event of its append.
     pub commit: bool,
+    /// Whether it is written without waiting for the earlier group commits' `fdatasync`.
+    pub unsynced: bool,
     /// The segment offset of the first record of this record's group commit.
     pub batch_start: u64,
     /// The stream.
@@ -114,7 +119,12 @@ pub fn encode_record_version(out: &mut Vec<u8>, r: &RecordToWrite<'_>, version: 
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
     let body_start = out.len();
     out.push(KIND_EVENT);
-    out.push(if r.commit { FLAG_COMMIT } else { 0 });
+    let unsynced = if r.unsynced && version >= 2 {
+        FLAG_UNSYNCED
+    } else {
+        0
+    };
+    out.push(if r.commit { FLAG_COMMIT } else { 0 } | unsynced);
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&r.position.to_le_bytes());
     out.extend_from_slice(&r.revision.to_le_bytes());
@@ -154,6 +164,8 @@ fn seal_frame(out: &mut [u8], start: usize, body_start: usize) -> usize {
 /// The end of a group commit: where it started in its segment and the positions it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchEnd {
+    /// Written with durability `none` (see [`FLAG_UNSYNCED`]).
+    pub unsynced: bool,
     /// The segment offset of the batch's first record.
     pub batch_start: u64,
     /// The position of the batch's first event.
@@ -167,7 +179,8 @@ pub fn encode_batch_end(out: &mut Vec<u8>, end: &BatchEnd) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
     let body_start = out.len();
-    out.extend_from_slice(&[KIND_BATCH_END, 0, 0, 0]);
+    let flags = if end.unsynced { FLAG_UNSYNCED } else { 0 };
+    out.extend_from_slice(&[KIND_BATCH_END, flags, 0, 0]);
     out.extend_from_slice(&end.batch_start.to_le_bytes());
     out.extend_from_slice(&end.first_position.to_le_bytes());
     out.extend_from_slice(&end.end_position.to_le_bytes());
@@ -279,6 +292,7 @@ pub fn decode_record(body: &[u8], version: u32) -> Result<Record, String> {
     let head = c.take(4)?;
     if head[0] == KIND_BATCH_END && version >= 2 {
         let end = BatchEnd {
+            unsynced: head[1] & FLAG_UNSYNCED != 0,
             batch_start: c.u64()?,
             first_position: c.u64()?,
             end_position: c.u64()?,
@@ -348,6 +362,11 @@ pub fn body_position(body: &[u8]) -> Option<u64> {
         .then(|| u64::from_le_bytes(body[4..12].try_into().expect("checked frames are longer")))
 }
 
+/// Whether a version-2 record was written with durability `none` ([`FLAG_UNSYNCED`]).
+pub fn body_unsynced(body: &[u8]) -> bool {
+    body.get(1).is_some_and(|flags| flags & FLAG_UNSYNCED != 0)
+}
+
 /// The group-commit start of a version-2 record (an event or a batch end), read without
 /// decoding.
 pub fn body_batch_start(body: &[u8]) -> Option<u64> {
@@ -389,6 +408,7 @@ mod tests {
                 revision: 3,
                 recorded_at: Timestamp(1_700_000_000_000_000),
                 commit: true,
+                unsynced: false,
                 batch_start: 4096,
                 stream: &stream,
                 event: &e,
@@ -422,6 +442,7 @@ mod tests {
                 revision: 0,
                 recorded_at: Timestamp(0),
                 commit: true,
+                unsynced: false,
                 batch_start: 999,
                 stream: &stream,
                 event: &e,
@@ -445,6 +466,7 @@ mod tests {
     #[test]
     fn a_batch_end_round_trips_and_is_not_an_event() {
         let end = BatchEnd {
+            unsynced: true,
             batch_start: 32,
             first_position: 7,
             end_position: 9,
@@ -459,6 +481,7 @@ mod tests {
         assert_eq!(decode_record(body, 2), Ok(Record::BatchEnd(end)));
         assert_eq!(body_position(body), None);
         assert_eq!(body_batch_start(body), Some(32));
+        assert!(body_unsynced(body));
         assert!(decode_body(body, 2).is_err());
         assert!(
             decode_record(body, 1).is_err(),
@@ -478,6 +501,7 @@ mod tests {
                 revision: 0,
                 recorded_at: Timestamp(0),
                 commit: false,
+                unsynced: true,
                 batch_start: 32,
                 stream: &stream,
                 event: &e,

@@ -1,7 +1,8 @@
 //! The derived indexes, kept in redb. Everything here can be rebuilt from the segments.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use skald_core::Error;
@@ -111,6 +112,11 @@ pub struct IndexDb {
     fs: Arc<dyn Fs>,
     path: PathBuf,
     current: RwLock<Handle>,
+    /// Set by the backend when an `fdatasync` of the file fails.
+    sync_failed: Arc<AtomicBool>,
+    /// Why the index may not be opened again in this process (a failed `fdatasync`, damage,
+    /// a panic in redb): the next start rebuilds it.
+    condemned: Mutex<Option<String>>,
 }
 
 /// A redb handle and the file under it.
@@ -132,10 +138,12 @@ impl IndexDb {
     pub fn open(fs: Arc<dyn Fs>, dir: &Path, verify: bool) -> Result<Opened, Error> {
         let path = dir.join(INDEX_FILE);
         let existed = fs.exists(&path).map_err(|e| io_error(&path, e))?;
+        let sync_failed = Arc::new(AtomicBool::new(false));
         let damage = if existed {
-            match Self::open_file(fs.as_ref(), &path, verify) {
+            match Self::open_file(fs.as_ref(), &path, verify, &sync_failed) {
                 Ok(current) => {
-                    return Ok(Opened::Existing(Self::new(fs, path, current)));
+                    let index = Self::new(fs, path, current, sync_failed);
+                    return Ok(Opened::Existing(index));
                 }
                 Err(reason) => Some(reason),
             }
@@ -145,26 +153,37 @@ impl IndexDb {
         if existed {
             fs.remove_file(&path).map_err(|e| io_error(&path, e))?;
         }
-        let current = Self::open_file(fs.as_ref(), &path, false)
+        let current = Self::open_file(fs.as_ref(), &path, false, &sync_failed)
             .map_err(|reason| Error::Io(format!("cannot create {}: {reason}", path.display())))?;
         fs.sync_dir(dir).map_err(|e| io_error(dir, e))?;
-        Ok(Opened::Empty(Self::new(fs, path, current), damage))
+        let index = Self::new(fs, path, current, sync_failed);
+        Ok(Opened::Empty(index, damage))
     }
 
-    fn new(fs: Arc<dyn Fs>, path: PathBuf, current: Handle) -> Self {
+    fn new(fs: Arc<dyn Fs>, path: PathBuf, current: Handle, sync_failed: Arc<AtomicBool>) -> Self {
         Self {
             fs,
             path,
             current: RwLock::new(current),
+            sync_failed,
+            condemned: Mutex::new(None),
         }
     }
 
     /// One redb handle on the file; `Err` says why it cannot be trusted.
-    fn open_file(fs: &dyn Fs, path: &Path, check: bool) -> Result<Handle, String> {
+    fn open_file(
+        fs: &dyn Fs,
+        path: &Path,
+        check: bool,
+        sync_failed: &Arc<AtomicBool>,
+    ) -> Result<Handle, String> {
         let file = fs
             .open(path, Open::CreateOrOpen)
             .map_err(|e| e.to_string())?;
-        let backend = IndexBackend(Arc::clone(&file));
+        let backend = IndexBackend {
+            file: Arc::clone(&file),
+            sync_failed: Arc::clone(sync_failed),
+        };
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Database::builder()
                 .set_cache_size(INDEX_CACHE_BYTES)
@@ -194,12 +213,35 @@ impl IndexDb {
     /// use. When someone else replaced it already, that one is returned. Views still holding
     /// the stale handle finish with it; it writes nothing more.
     pub fn replace(&self, stale: &Arc<Database>) -> Result<Arc<Database>, Error> {
+        if let Some(reason) = self.condemned() {
+            return Err(Error::Unavailable(format!(
+                "the index cannot be used until a restart rebuilds it: {reason}"
+            )));
+        }
         let mut current = self.current.write().expect("index lock poisoned");
         if !Arc::ptr_eq(&current.0, stale) {
             return Ok(Arc::clone(&current.0));
         }
-        *current = Self::open_file(self.fs.as_ref(), &self.path, false)
+        *current = Self::open_file(self.fs.as_ref(), &self.path, false, &self.sync_failed)
             .map_err(|reason| Error::Io(format!("reopening {}: {reason}", self.path.display())))?;
         Ok(Arc::clone(&current.0))
+    }
+
+    /// Whether an `fdatasync` of the index failed since it was opened.
+    pub fn sync_failed(&self) -> bool {
+        self.sync_failed.load(Ordering::Acquire)
+    }
+
+    /// Forbids opening the file again in this process (see `condemned`).
+    pub fn condemn(&self, reason: &str) {
+        self.condemned
+            .lock()
+            .expect("index lock poisoned")
+            .get_or_insert_with(|| reason.to_owned());
+    }
+
+    /// Why the index may not be opened again, if it may not.
+    pub fn condemned(&self) -> Option<String> {
+        self.condemned.lock().expect("index lock poisoned").clone()
     }
 }

@@ -364,23 +364,28 @@ impl Drop for AlignedBuf {
 
 /// redb's file, reached through the seam: redb's own page checksums and commit protocol on top
 /// of whatever [`FileIo`] the store was opened with. It takes no lock; the store's `LOCK` file
-/// keeps other processes out.
+/// keeps other processes out. A failed `fdatasync` is remembered in `sync_failed`: after one,
+/// the page cache may hold index pages the disk never got, so the file must not be opened
+/// again in this process (`index::IndexDb`).
 #[derive(Debug)]
-pub struct IndexBackend(pub Arc<dyn FileIo>);
+pub struct IndexBackend {
+    pub file: Arc<dyn FileIo>,
+    pub sync_failed: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl redb::StorageBackend for IndexBackend {
     fn len(&self) -> Result<u64, io::Error> {
-        self.0.len()
+        self.file.len()
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        let n = read_full_at(self.0.as_ref(), out, offset)?;
+        let n = read_full_at(self.file.as_ref(), out, offset)?;
         if n < out.len() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
                     "{} ends at byte {}",
-                    self.0.path().display(),
+                    self.file.path().display(),
                     offset + n as u64
                 ),
             ));
@@ -389,15 +394,20 @@ impl redb::StorageBackend for IndexBackend {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
-        self.0.sync_data()
+        let synced = self.file.sync_data();
+        if synced.is_err() {
+            self.sync_failed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        synced
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        write_all_at(self.0.as_ref(), data, offset)
+        write_all_at(self.file.as_ref(), data, offset)
     }
 }
 

@@ -95,6 +95,7 @@ pub(crate) struct Shared {
     pub dir: PathBuf,
     /// Every file operation goes through it.
     pub fs: Arc<dyn Fs>,
+    pub durability: Durability,
     pub index: IndexDb,
     pub segments: Segments,
     /// The next position: every event before it is durable, indexed and visible.
@@ -107,11 +108,25 @@ pub(crate) struct Shared {
     /// Why appends are refused, once the writer stopped trusting the files or the store is
     /// shutting down.
     pub unavailable: Mutex<Option<String>>,
+    /// Set when the files can no longer be trusted (a failed `fdatasync` of a segment, by the
+    /// writer or the flusher; a damaged index): appends are refused until a restart, reads go
+    /// on.
+    pub poisoned: Mutex<Option<String>>,
     pub metrics: metrics::StorageMetrics,
     _lock: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl Shared {
+    /// Refuses appends until a restart, and says why to readiness checks.
+    pub(crate) fn poison(&self, reason: String) {
+        *self.unavailable.lock().expect("unavailable lock") =
+            Some(format!("appends are refused until a restart: {reason}"));
+        self.poisoned
+            .lock()
+            .expect("poison lock")
+            .get_or_insert(reason);
+    }
+
     /// The index disagrees with the log: leaves `index.rebuild` so that the next open rebuilds
     /// it from the segments, and says so to readiness checks.
     pub(crate) fn index_is_damaged(&self, reason: &str) {
@@ -241,12 +256,14 @@ impl Store {
         let shared = Arc::new(Shared {
             dir,
             fs,
+            durability: options.durability,
             index: recovered.index,
             segments: Segments::new(recovered.segments),
             head: AtomicU64::new(recovered.next_position),
             head_watch: tokio::sync::watch::Sender::new(recovered.next_position),
             mem: memtable::Memtables::new(recovered.next_position),
             unavailable: Mutex::new(None),
+            poisoned: Mutex::new(None),
             metrics: metrics::StorageMetrics::new(),
             _lock: lock,
         });
@@ -457,8 +474,8 @@ impl EventStore for Store {
             other => other,
         };
         let page = page.inspect_err(|e| {
-            if let Error::Corruption { file, reason, .. } = e
-                && file == index::INDEX_FILE
+            if let Error::Corruption { reason, .. } = e
+                && read::is_index_damage(e)
             {
                 self.shared.index_is_damaged(reason);
             }

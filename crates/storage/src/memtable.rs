@@ -28,6 +28,8 @@ pub struct Memtable {
     pub types: HashMap<String, Postings>,
     pub ids: HashMap<[u8; 16], (u64, Address)>,
     pub sparse: Postings,
+    /// The first and last segment ordinal of its events.
+    ordinals: Option<(u32, u32)>,
 }
 
 fn push_posting(map: &mut HashMap<String, Postings>, key: &str, position: u64, address: Address) {
@@ -51,6 +53,7 @@ impl Memtable {
             types: HashMap::new(),
             ids: HashMap::new(),
             sparse: Vec::new(),
+            ordinals: None,
         }
     }
 
@@ -66,6 +69,10 @@ impl Memtable {
             "memtable entries arrive in position order"
         );
         let (p, a) = (e.position, e.address);
+        let ordinal = a.ordinal();
+        self.ordinals = Some(self.ordinals.map_or((ordinal, ordinal), |(first, last)| {
+            (first.min(ordinal), last.max(ordinal))
+        }));
         match self.streams.get_mut(e.stream) {
             Some(list) => list.push((e.revision, p, a)),
             None => {
@@ -124,18 +131,28 @@ impl Memtable {
     /// `end`: durable (the flusher, the end of recovery) or not (recovery's intermediate
     /// batches, made durable by the last one).
     pub fn commit_to(&self, db: &redb::Database, durable: bool) -> Result<(), skald_core::Error> {
-        let mut txn = db.begin_write().map_err(redb_error)?;
+        self.commit_raw(db, durable).map_err(redb_error)
+    }
+
+    /// [`Memtable::commit_to`] with redb's own error, for the flusher to tell a full disk from
+    /// worse.
+    pub fn commit_raw(&self, db: &redb::Database, durable: bool) -> Result<(), redb::Error> {
+        let mut txn = db.begin_write()?;
         if durable {
             txn.set_quick_repair(true);
         } else {
-            txn.set_durability(redb::Durability::None)
-                .map_err(redb_error)?;
+            txn.set_durability(redb::Durability::None)?;
         }
         {
-            let mut tables = Tables::open(&txn).map_err(redb_error)?;
-            self.flush_into(&mut tables).map_err(redb_error)?;
+            let mut tables = Tables::open(&txn)?;
+            self.flush_into(&mut tables)?;
         }
-        txn.commit().map_err(redb_error)
+        Ok(txn.commit()?)
+    }
+
+    /// The segments its events are in (first and last ordinal), if it holds any.
+    pub fn ordinals(&self) -> Option<(u32, u32)> {
+        self.ordinals
     }
 
     /// Writes every entry into redb, table by table in key order (sorted inserts are several

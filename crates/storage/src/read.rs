@@ -35,6 +35,28 @@ pub fn index_disagrees(addr: Address, what: String) -> Error {
     }
 }
 
+/// Decodes the record at an address the index gave for `key`. A record that cannot be read
+/// there (cut short, a batch end, a checksum that fails) is index damage too: the rebuild that
+/// follows reads every segment, and reports damage in them as what it is.
+pub fn decode_index_target(
+    reader: &mut RecordReader,
+    addr: Address,
+    key: &str,
+) -> Result<RecordedEvent, Error> {
+    decode_at(reader, addr).map_err(|e| match e {
+        Error::Corruption { reason, .. } => index_disagrees(
+            addr,
+            format!("{key}, where no event can be read ({reason})"),
+        ),
+        other => other,
+    })
+}
+
+/// Whether `e` says the index is damaged.
+pub fn is_index_damage(e: &Error) -> bool {
+    matches!(e, Error::Corruption { file, .. } if file.ends_with(crate::index::INDEX_FILE))
+}
+
 /// Decodes the record the index places at `position`, checking it is that position and that
 /// `belongs` accepts it (the index key it was found under).
 fn decode_indexed(
@@ -43,7 +65,7 @@ fn decode_indexed(
     key: &str,
     belongs: impl FnOnce(&RecordedEvent) -> bool,
 ) -> Result<RecordedEvent, Error> {
-    let event = decode_at(reader, addr)?;
+    let event = decode_index_target(reader, addr, key)?;
     if event.position.0 != position || !belongs(&event) {
         return Err(index_disagrees(
             addr,
@@ -230,7 +252,8 @@ pub fn decode_stream(
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::with_capacity(entries.len());
     for &(revision, addr) in entries {
-        let event = decode_at(reader, addr)?;
+        let key = format!("revision {revision} of stream {stream}");
+        let event = decode_index_target(reader, addr, &key)?;
         if event.stream.as_str() != stream || event.revision.0 != revision {
             return Err(index_disagrees(
                 addr,

@@ -287,6 +287,7 @@ fn open_segments(
             path,
             file,
             committed_len: AtomicU64::new(0),
+            sync_failure: std::sync::Mutex::new(None),
         }));
     }
     Ok(segments)
@@ -326,6 +327,7 @@ pub fn create_segment(
             path,
             file,
             committed_len: AtomicU64::new(SEGMENT_HEADER_LEN),
+            sync_failure: std::sync::Mutex::new(None),
         }),
         Err(e) => {
             // Best effort: the next open removes a leftover `.tmp` anyway.
@@ -381,6 +383,9 @@ struct SegmentScan {
     /// The end of the last complete batch (version 2) or append (version 1): where a torn tail
     /// is cut.
     safe_end: u64,
+    /// Where the scan of this segment began when it resumed from the index's end (rather than
+    /// a segment's start): the batch end of the last indexed batch may be found there.
+    resumed_at: Option<u64>,
 }
 
 /// A checked frame read during the scan.
@@ -450,6 +455,7 @@ impl<'a> Replay<'a> {
             offset,
             open_batch: None,
             safe_end: offset,
+            resumed_at: (offset > SEGMENT_HEADER_LEN).then_some(offset),
         };
         let damage = loop {
             match reader.next(at.offset).map_err(|e| io_error(&seg.path, e))? {
@@ -490,7 +496,8 @@ impl<'a> Replay<'a> {
     }
 
     /// Whether anything valid written after `bad` proves the damaged data was synced: in
-    /// version 2, a record of a later batch; in version 1, any record of a later position.
+    /// version 2, a record of a later batch written after the earlier ones were synced (not
+    /// one written with durability `none`); in version 1, any record of a later position.
     fn damage_is_inside_synced_data(
         &self,
         seg: &Segment,
@@ -499,14 +506,18 @@ impl<'a> Replay<'a> {
     ) -> Result<bool, Error> {
         let v2 = seg.version >= FORMAT_VERSION;
         let position = self.position;
-        let later = |body: &[u8]| {
+        // Judged on a candidate's first bytes, before its checksum is computed.
+        let candidate = |frame_start: u64, body: &[u8]| {
             if v2 {
-                codec::body_batch_start(body).is_some_and(|start| start > bad)
+                codec::body_batch_start(body)
+                    .is_some_and(|start| bad < start && start <= frame_start)
+                    && !codec::body_unsynced(body)
             } else {
-                codec::body_position(body).is_some_and(|p| p >= position)
+                codec::body_position(body)
+                    .is_some_and(|p| (position..position + (1 << 32)).contains(&p))
             }
         };
-        valid_record_after(seg, bad, file_len, position, later)
+        valid_record_after(seg, bad, file_len, candidate)
     }
 
     /// Cuts the segment back to the end of the last whole batch (append, in version 1) and
@@ -541,6 +552,15 @@ impl<'a> Replay<'a> {
     ) -> Result<(), Error> {
         let here = at.offset;
         match record {
+            Record::BatchEnd(end)
+                if at.open_batch.is_none()
+                    && at.resumed_at == Some(here)
+                    && end.end_position == self.position =>
+            {
+                // The end of the last indexed batch, which the step to the index's end could
+                // not read through the page cache: it closes what is already indexed.
+                at.safe_end = here + len;
+            }
             Record::BatchEnd(end) => {
                 let expected = at
                     .open_batch
@@ -769,47 +789,70 @@ impl<'f> TailReader<'f> {
     }
 }
 
-/// Whether a valid record that `later` accepts starts anywhere after `bad_offset`.
+/// The smallest event body of any format (the fixed fields and the empty variable ones).
+const MIN_EVENT_BODY: usize = 62;
+/// The body of a batch end.
+const BATCH_END_BODY: usize = 28;
+
+/// Whether a whole, valid record that `candidate` accepts (given its frame offset and the first
+/// bytes of its body) starts anywhere after `bad_offset`. Lengths, kinds and `candidate` are
+/// checked on the bytes in hand; only what passes is checksummed, from the buffer when the
+/// frame is in it.
 fn valid_record_after(
     seg: &Segment,
     bad_offset: u64,
     file_len: u64,
-    min_position: u64,
-    later: impl Fn(&[u8]) -> bool,
+    candidate: impl Fn(u64, &[u8]) -> bool,
 ) -> Result<bool, Error> {
+    /// Bytes of a frame looked at before its checksum: the header and the fixed body fields.
+    const PEEK: usize = FRAME_HEADER_LEN + 52;
     let mut at = bad_offset + 1;
     let mut buf = vec![0u8; SCAN_CHUNK];
-    while at + FRAME_HEADER_LEN as u64 <= file_len {
+    while at + (FRAME_HEADER_LEN + BATCH_END_BODY) as u64 <= file_len {
         let n = read_full_uncached_at(seg.file.as_ref(), &mut buf, at)
             .map_err(|e| io_error(&seg.path, e))?;
-        for i in 0..n.saturating_sub(FRAME_HEADER_LEN + 12) {
-            let body = &buf[i + FRAME_HEADER_LEN..];
-            // Cheap filters before the checksum: the record kind, the reserved bytes and, for
-            // an event, a plausible position.
-            if !matches!(body[0], 1 | 2) || body[2] != 0 || body[3] != 0 {
-                continue;
-            }
-            if let Some(pos) = codec::body_position(body)
-                && (pos < min_position || pos > min_position + (1 << 32))
-            {
-                continue;
-            }
+        if n < FRAME_HEADER_LEN + BATCH_END_BODY {
+            break;
+        }
+        // Every start looked at here has its first PEEK bytes in the buffer, unless the file
+        // ends first; the next window starts where this one stopped looking.
+        let last = if at + n as u64 >= file_len {
+            n - (FRAME_HEADER_LEN + BATCH_END_BODY)
+        } else {
+            n.saturating_sub(PEEK)
+        };
+        for i in 0..=last {
+            let head = &buf[i..n.min(i + PEEK)];
+            let body = &head[FRAME_HEADER_LEN..];
+            let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+            let plausible = match body[0] {
+                1 => (MIN_EVENT_BODY..=codec::MAX_RECORD_BODY).contains(&len),
+                2 => len == BATCH_END_BODY,
+                _ => false,
+            };
             let frame_start = at + i as u64;
-            let len = u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes")) as u64;
-            if frame_start + FRAME_HEADER_LEN as u64 + len > file_len {
+            if !plausible
+                || body[2] != 0
+                || body[3] != 0
+                || frame_start + (FRAME_HEADER_LEN + len) as u64 > file_len
+                || !candidate(frame_start, body)
+            {
                 continue;
             }
-            let mut frame = vec![0u8; FRAME_HEADER_LEN + len as usize];
-            read_full_uncached_at(seg.file.as_ref(), &mut frame, frame_start)
-                .map_err(|e| io_error(&seg.path, e))?;
-            if matches!(codec::check_frame(&frame), Frame::Valid { .. })
-                && later(&frame[FRAME_HEADER_LEN..])
-            {
+            let whole = if i + FRAME_HEADER_LEN + len <= n {
+                codec::check_frame(&buf[i..i + FRAME_HEADER_LEN + len])
+            } else {
+                let mut frame = vec![0u8; FRAME_HEADER_LEN + len];
+                read_full_uncached_at(seg.file.as_ref(), &mut frame, frame_start)
+                    .map_err(|e| io_error(&seg.path, e))?;
+                codec::check_frame(&frame)
+            };
+            if matches!(whole, Frame::Valid { .. }) {
                 return Ok(true);
             }
         }
         // Overlap the windows so that a frame header across the boundary is still seen.
-        at += (n.saturating_sub(FRAME_HEADER_LEN + 12)).max(1) as u64;
+        at += (last + 1) as u64;
     }
     Ok(false)
 }
@@ -847,6 +890,7 @@ mod tests {
                     revision: position,
                     recorded_at: Timestamp(0),
                     commit: position % 2 == 1,
+                    unsynced: false,
                     batch_start: 0,
                     stream: &stream,
                     event: &event,

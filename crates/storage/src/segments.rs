@@ -53,6 +53,32 @@ pub struct Segment {
     pub file: Arc<dyn FileIo>,
     /// Bytes that hold records visible to readers (everything up to the published head).
     pub committed_len: AtomicU64,
+    /// The first failed `fdatasync` of this file, if any; also serializes them (see
+    /// [`Segment::sync`]).
+    pub sync_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Segment {
+    /// `fdatasync` of the file, for every thread that needs one. After one failure every later
+    /// call fails too: Linux may have marked the pages it could not write clean, so a later
+    /// `fdatasync` would succeed without writing them, and only the thread that met the error
+    /// would know.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let mut failure = self
+            .sync_failure
+            .lock()
+            .expect("segment sync lock poisoned");
+        if let Some(earlier) = &*failure {
+            return Err(std::io::Error::other(format!(
+                "an earlier fdatasync of this file failed: {earlier}"
+            )));
+        }
+        let synced = self.file.sync_data();
+        if let Err(e) = &synced {
+            *failure = Some(e.to_string());
+        }
+        synced
+    }
 }
 
 /// The file name of a segment.
@@ -274,6 +300,7 @@ mod tests {
                     revision: position as u64,
                     recorded_at: Timestamp(0),
                     commit: true,
+                    unsynced: false,
                     batch_start: addresses.last().map_or(32, |a: &Address| a.offset()),
                     stream: &stream,
                     event: &event,
@@ -289,6 +316,7 @@ mod tests {
             path: path.clone(),
             file: RealFs.open(&path, Open::ReadWrite).unwrap(),
             committed_len: AtomicU64::new(bytes.len() as u64),
+            sync_failure: std::sync::Mutex::new(None),
         };
         (Arc::new(segment), addresses)
     }

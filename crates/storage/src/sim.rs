@@ -31,6 +31,9 @@ pub enum PageFate {
     Old,
     /// The first `n` sectors reached the disk, the rest did not.
     Torn(usize),
+    /// The sectors whose bit is set reached the disk (a device may write a page's sectors in
+    /// any order).
+    Sectors(u8),
 }
 
 /// Chooses the fate of one unsynced page: (file path, page index).
@@ -42,7 +45,9 @@ pub enum PowerLoss {
     KeepNothing,
     /// Everything reached the disk (as if the page cache had been written back just in time).
     KeepEverything,
-    /// Pages, sizes and directory changes chosen from a seed.
+    /// Pages, sizes and directory changes chosen from a seed: a size anywhere between the
+    /// synced and the latest, any subset of a page's sectors, and stale bytes of other files
+    /// in blocks the file had not synced.
     Random(u64),
     /// Each unsynced page as the function says (file path, page index); sizes as the pages
     /// imply, directory changes all kept.
@@ -545,22 +550,35 @@ impl World {
         // Then each file's size and unsynced pages.
         for (ino, inode) in &mut self.inodes {
             let path = &paths_of[ino];
-            let mut disk = std::mem::take(&mut inode.disk);
+            let mut disk = inode.disk.clone();
             let new_len = inode.data.len();
             let len = chooser.file_len(disk.len(), new_len);
             disk.resize(len, 0);
+            let synced_len = inode.disk.len();
             for &page in &inode.dirty {
                 let start = (page * PAGE) as usize;
                 let end = (start + PAGE as usize).min(len).min(new_len);
                 if start >= end {
                     continue;
                 }
-                let end = match chooser.page(path, page) {
-                    PageFate::New => end,
-                    PageFate::Old => start,
-                    PageFate::Torn(n) => (start + n * SECTOR).min(end),
-                };
-                disk[start..end].copy_from_slice(&inode.data[start..end]);
+                match chooser.page(path, page) {
+                    PageFate::New => disk[start..end].copy_from_slice(&inode.data[start..end]),
+                    PageFate::Old if start >= synced_len => chooser.stale(&mut disk[start..end]),
+                    PageFate::Old => {}
+                    PageFate::Torn(n) => {
+                        let cut = (start + n * SECTOR).min(end);
+                        disk[start..cut].copy_from_slice(&inode.data[start..cut]);
+                    }
+                    PageFate::Sectors(mask) => {
+                        for sector in 0..(PAGE as usize / SECTOR) {
+                            let from = start + sector * SECTOR;
+                            let to = (from + SECTOR).min(end);
+                            if from < to && mask & (1 << sector) != 0 {
+                                disk[from..to].copy_from_slice(&inode.data[from..to]);
+                            }
+                        }
+                    }
+                }
             }
             let len = disk.len() as u64;
             inode.allocated.retain(|&page| page * PAGE < len);
@@ -589,17 +607,32 @@ impl Chooser {
         }
     }
 
-    /// A file's size after the loss: the synced one or the latest.
+    /// A file's size after the loss: the synced one, the latest, or (chosen by a seed) one
+    /// between them at a sector boundary, as a file system that commits a size part way does.
     fn file_len(&mut self, synced: usize, latest: usize) -> usize {
         match self {
             Self::Nothing => synced,
             Self::Everything | Self::Pages(_) => latest,
-            Self::Random(rng) => {
-                if rng.below(2) == 0 {
-                    latest
-                } else {
-                    synced
+            Self::Random(rng) => match rng.below(3) {
+                0 => latest,
+                1 => synced,
+                _ => {
+                    let (low, high) = (synced.min(latest), synced.max(latest));
+                    let between = low + rng.below((high - low) as u64 + 1) as usize;
+                    (between / SECTOR * SECTOR).clamp(low, high)
                 }
+            },
+        }
+    }
+
+    /// What a block the file had not synced holds after the loss: zeros, or (chosen by a seed)
+    /// stale bytes of whatever used the block before.
+    fn stale(&mut self, bytes: &mut [u8]) {
+        if let Self::Random(rng) = self
+            && rng.below(3) == 0
+        {
+            for b in bytes.iter_mut() {
+                *b = rng.next() as u8;
             }
         }
     }
@@ -608,10 +641,11 @@ impl Chooser {
         match self {
             Self::Nothing => PageFate::Old,
             Self::Everything => PageFate::New,
-            Self::Random(rng) => match rng.below(3) {
+            Self::Random(rng) => match rng.below(4) {
                 0 => PageFate::New,
                 1 => PageFate::Old,
-                _ => PageFate::Torn(rng.below(PAGE / SECTOR as u64) as usize),
+                2 => PageFate::Torn(rng.below(PAGE / SECTOR as u64) as usize),
+                _ => PageFate::Sectors(rng.next() as u8),
             },
             Self::Pages(f) => f(path, page),
         }

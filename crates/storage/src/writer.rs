@@ -71,9 +71,6 @@ pub struct Writer {
     /// The memtable the writer adds to; replaced when it is frozen.
     active: Arc<RwLock<Memtable>>,
     active_since: Instant,
-    /// Set when the writer can no longer trust the state of the files (a failed fdatasync or
-    /// index commit): appends are refused until a restart, reads go on.
-    poisoned: Option<String>,
     buf: Vec<u8>,
     /// Joined at shutdown, after the last memtable was handed over.
     flusher: Option<std::thread::JoinHandle<()>>,
@@ -105,7 +102,6 @@ impl Writer {
             last_time: i64::MIN,
             active,
             active_since: Instant::now(),
-            poisoned: None,
             buf: Vec::with_capacity(1 << 20),
             flusher: Some(flusher),
         }
@@ -209,7 +205,8 @@ impl Writer {
     }
 
     fn write_batch(&mut self, batch: Vec<(AppendRequest, oneshot::Sender<Outcome>)>) {
-        let outcomes = match &self.poisoned {
+        let poisoned = self.shared.poisoned.lock().expect("poison lock").clone();
+        let outcomes = match &poisoned {
             Some(reason) => Err(Error::Unavailable(format!(
                 "appends are refused until a restart: {reason}; reads still work"
             ))),
@@ -221,6 +218,14 @@ impl Writer {
                 decided => decided,
             },
         };
+        if let Err(e @ Error::Corruption { reason, .. }) = &outcomes
+            && read::is_index_damage(e)
+        {
+            // Whatever found it, the index may have decided other appends wrongly: none until
+            // a restart rebuilds it.
+            self.poison(reason.clone());
+            self.shared.index_is_damaged(reason);
+        }
         match outcomes {
             Ok(outcomes) => {
                 for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
@@ -295,7 +300,7 @@ impl Writer {
         }
         if self.config.durability == Durability::Fsync {
             let started = Instant::now();
-            let synced = self.segment.file.sync_data();
+            let synced = self.segment.sync();
             self.shared
                 .metrics
                 .fsync_seconds
@@ -320,6 +325,7 @@ impl Writer {
         codec::encode_batch_end(
             &mut self.buf,
             &BatchEnd {
+                unsynced: self.config.durability == Durability::None,
                 batch_start: self.batch_start,
                 first_position: base_position,
                 end_position: self.next_position,
@@ -357,9 +363,7 @@ impl Writer {
 
     /// Refuses appends until a restart, and says why to readiness checks.
     fn poison(&mut self, reason: String) {
-        *self.shared.unavailable.lock().expect("unavailable lock") =
-            Some(format!("appends are refused until a restart: {reason}"));
-        self.poisoned = Some(reason);
+        self.shared.poison(reason);
     }
 
     /// Cuts the segment back to before the failed batch, syncs the cut (so that a crash cannot
@@ -382,8 +386,8 @@ impl Writer {
         if !written {
             return error;
         }
-        let file = &self.segment.file;
-        match file.set_len(base_len).and_then(|()| file.sync_data()) {
+        let segment = &self.segment;
+        match segment.file.set_len(base_len).and_then(|()| segment.sync()) {
             Ok(()) => error,
             Err(e) => {
                 let reason = format!(
@@ -400,6 +404,15 @@ impl Writer {
     }
 
     fn roll_segment(&mut self) -> Result<(), Error> {
+        if self.config.durability == Durability::None {
+            // Recovery trusts a segment that a later one follows to be whole: make it so, even
+            // when appends do not wait for the disk.
+            if let Err(e) = self.segment.sync() {
+                let reason = format!("fdatasync of {} failed: {e}", self.segment.path.display());
+                self.poison(reason.clone());
+                return Err(Error::Unavailable(reason));
+            }
+        }
         let seg_dir = self.shared.dir.join("segments");
         let segment = create_segment(
             self.shared.fs.as_ref(),
@@ -449,8 +462,12 @@ impl Writer {
             return Ok(outcome);
         }
         let end = view.stream_end(request.stream.as_str())?;
-        if let Some((revision, position, true)) = end {
-            self.check_index_against_log(view, reader, request, revision, position)?;
+        match end {
+            Some((revision, position, true)) => {
+                self.check_index_against_log(view, reader, request, revision, position)?;
+            }
+            None => self.check_stream_is_new(view, request)?,
+            Some(_) => {}
         }
         let current = end.map(|(revision, _, _)| Revision(revision));
         if !request.expected.is_satisfied_by(current) {
@@ -531,6 +548,38 @@ impl Writer {
         })
     }
 
+    /// redb says the stream has no events: check that the writer wrote none since open and
+    /// that the index has no first revision either (a damaged `streams` table would otherwise
+    /// let revision 0 be written twice).
+    fn check_stream_is_new(&mut self, view: &View, request: &AppendRequest) -> Result<(), Error> {
+        let stream = request.stream.as_str();
+        let disagreement = if let Some((revision, _)) = self.verified.get(stream) {
+            Some(format!("this process wrote its revision {revision}"))
+        } else {
+            view.indexed_address(stream, 0)?
+                .map(|_| "the index holds its revision 0".to_owned())
+        };
+        let Some(disagreement) = disagreement else {
+            return Ok(());
+        };
+        let reason = format!(
+            "the index says stream {stream} has no events, but {disagreement}; appends are \
+             refused until a restart, which rebuilds the index"
+        );
+        self.poison(reason.clone());
+        self.shared.index_is_damaged(&reason);
+        Err(Error::Corruption {
+            file: self
+                .shared
+                .dir
+                .join(crate::index::INDEX_FILE)
+                .display()
+                .to_string(),
+            offset: 0,
+            reason,
+        })
+    }
+
     /// Remembers a stream end known to match the log.
     fn remember_end(&mut self, stream: &str, revision: u64, position: u64) {
         if let Some(end) = self.verified.get_mut(stream) {
@@ -567,6 +616,7 @@ impl Writer {
                     revision: first_revision + i as u64,
                     recorded_at,
                     commit: i + 1 == count,
+                    unsynced: self.config.durability == Durability::None,
                     batch_start: self.batch_start,
                     stream: &request.stream,
                     event,
@@ -644,17 +694,17 @@ fn check_idempotency(
     write_pending()?;
     let mut revisions = (0, 0);
     for (i, &(event, position, address)) in stored.iter().enumerate() {
-        let recorded = read::decode_at(reader, address)?;
+        let key = format!("event {}", event.id);
+        let recorded = read::decode_index_target(reader, address, &key)?;
         if recorded.id != event.id || recorded.position.0 != position {
-            return Err(Error::Corruption {
-                file: format!("segment {}", address.ordinal()),
-                offset: address.offset(),
-                reason: format!(
-                    "the id index places event {} at position {position} here, but the record \
-                     is event {} at position {}; delete index.redb and restart to rebuild it",
+            return Err(read::index_disagrees(
+                address,
+                format!(
+                    "event {} at position {position}, but the record there is event {} at \
+                     position {}",
                     event.id, recorded.id, recorded.position
                 ),
-            });
+            ));
         }
         if recorded.stream != request.stream {
             return reused(
@@ -694,8 +744,11 @@ const FLUSH_RETRY: Duration = Duration::from_millis(500);
 const FLUSH_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// The flusher: writes each frozen memtable into redb as one sorted, durable transaction, then
-/// drops it. A failed flush is retried; it stops when the store closes and nothing is left to
-/// flush (or a flush fails during shutdown).
+/// drops it. A flush that meets a full disk is retried once there is room; one whose handle
+/// another thread's read error spoiled is retried at once on a fresh handle; anything else (a
+/// failed `fdatasync` of the index, damage, a panic in redb) condemns the index until a restart
+/// rebuilds it, because opening it again could read pages the disk never got. It stops when
+/// the store closes and nothing is left to flush (or a flush fails during shutdown).
 pub fn run_flusher(shared: Arc<Shared>) {
     let mem = &shared.mem;
     loop {
@@ -711,28 +764,35 @@ pub fn run_flusher(shared: Arc<Shared>) {
                 state = mem.changed.wait(state).expect("memtable lock");
             }
         };
-        let db = shared.index.get();
-        let result = next.read().expect("memtable lock").commit_to(&db, true);
-        if result.is_err() {
-            // redb refuses every later call on a handle that met an I/O error ("Previous I/O
-            // error occurred"): open it again, at its last durable commit, for the retry and
-            // for readers. If that fails too, readers and the retry try again.
-            let _ = shared.index.replace(&db);
-        }
+        let outcome = flush_one(&shared, &next.read().expect("memtable lock"));
         let mut state = mem.state.lock().expect("memtable lock");
-        match result {
+        match outcome {
             Ok(()) => {
                 state.frozen.pop_front();
                 state.failed = None;
             }
-            Err(e) => {
-                state.failed = Some(e);
+            Err(failure) => {
+                state.failed = Some(failure.error().clone());
                 mem.changed.notify_all();
                 // At shutdown, give up; the next open replays these events from the segments.
                 if state.closing {
                     return;
                 }
-                state = wait_for_room(&shared, state);
+                state = match failure {
+                    FlushFailure::NeedsRoom(_) => wait_for_room(&shared, state),
+                    FlushFailure::Spoiled(_) => {
+                        mem.changed
+                            .wait_timeout(state, FLUSH_RETRY)
+                            .expect("memtable lock")
+                            .0
+                    }
+                    FlushFailure::Condemned(_) => {
+                        while !state.closing {
+                            state = mem.changed.wait(state).expect("memtable lock");
+                        }
+                        state
+                    }
+                };
                 if state.closing {
                     return;
                 }
@@ -741,6 +801,75 @@ pub fn run_flusher(shared: Arc<Shared>) {
         drop(state);
         mem.changed.notify_all();
     }
+}
+
+/// Why a flush failed, and so what comes next.
+enum FlushFailure {
+    /// The disk is full: retried once it has more room.
+    NeedsRoom(Error),
+    /// The handle was spoiled by someone else's I/O error: retried on a fresh one.
+    Spoiled(Error),
+    /// The index cannot be trusted until a restart rebuilds it.
+    Condemned(Error),
+}
+
+impl FlushFailure {
+    fn error(&self) -> &Error {
+        match self {
+            Self::NeedsRoom(e) | Self::Spoiled(e) | Self::Condemned(e) => e,
+        }
+    }
+}
+
+/// Writes one memtable into redb, durably. With durability `none` the segments its events are
+/// in are synced first: the index covers only synced events, whatever the durability.
+fn flush_one(shared: &Shared, memtable: &Memtable) -> Result<(), FlushFailure> {
+    if shared.durability == Durability::None
+        && let Some((first, last)) = memtable.ordinals()
+    {
+        let segments = shared.segments.snapshot();
+        for segment in &segments[first as usize..=(last as usize).min(segments.len() - 1)] {
+            if let Err(e) = segment.sync() {
+                // As after a failed fdatasync in the writer: Linux may have marked the pages
+                // clean without writing them, and the writer's next fdatasync of this file
+                // would succeed. Nothing more may be appended behind them.
+                let reason = format!("fdatasync of {} failed: {e}", segment.path.display());
+                shared.poison(reason.clone());
+                return Err(condemn(shared, &reason));
+            }
+        }
+    }
+    let db = shared.index.get();
+    let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        memtable.commit_raw(&db, true)
+    }));
+    let error = match committed {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_panic) => return Err(condemn(shared, "redb panicked while writing the index")),
+    };
+    let full = matches!(&error, redb::Error::Io(e) if e.raw_os_error() == Some(libc::ENOSPC));
+    if shared.index.sync_failed() || !(full || matches!(error, redb::Error::PreviousIo)) {
+        return Err(condemn(shared, &format!("index: {error}")));
+    }
+    // redb refuses every later call on a handle that met an I/O error: open it again, at its
+    // last durable commit, for the retry and for readers.
+    let _ = shared.index.replace(&db);
+    let error = crate::redb_error(error);
+    Err(if full {
+        FlushFailure::NeedsRoom(error)
+    } else {
+        FlushFailure::Spoiled(error)
+    })
+}
+
+/// Marks the index unusable until a restart, which rebuilds it.
+fn condemn(shared: &Shared, reason: &str) -> FlushFailure {
+    shared.index.condemn(reason);
+    shared.index_is_damaged(reason);
+    FlushFailure::Condemned(Error::Unavailable(format!(
+        "the index cannot be written ({reason}); restart to rebuild it"
+    )))
 }
 
 /// After a failed flush: waits until the disk has more room than it had then (or

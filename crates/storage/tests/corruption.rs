@@ -632,3 +632,133 @@ fn with_the_check_at_open_off_a_changed_byte_is_caught_before_an_append_is_decid
         other => panic!("expected the index to be found damaged, got {other:?}"),
     }
 }
+
+/// Runs `damage` on the index of a closed store (through redb, so its checks pass).
+fn damage_index(dir: &Path, damage: impl FnOnce(&redb::WriteTransaction)) {
+    let db = redb::Database::create(dir.join("index.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    damage(&txn);
+    txn.commit().unwrap();
+}
+
+/// A `streams` table that lost a stream: redb says it has no events, so an append expecting
+/// no stream would write revision 0 a second time. The writer finds revision 0 in the index
+/// and refuses; the restart rebuilds.
+#[test]
+fn a_stream_missing_from_the_index_is_not_taken_for_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write_order_log(dir.path());
+    damage_index(dir.path(), |txn| {
+        let streams: redb::TableDefinition<&str, (u64, u64)> =
+            redb::TableDefinition::new("streams");
+        txn.open_table(streams).unwrap().remove("order-1").unwrap();
+    });
+    let (store, _) = Store::open(options(dir.path())).unwrap();
+    let created = rt().block_on(store.append(AppendRequest {
+        stream: StreamName::new("order-1").unwrap(),
+        expected: ExpectedRevision::NoStream,
+        condition: None,
+        events: vec![event(8000)],
+    }));
+    match created {
+        Err(Error::Corruption { file, reason, .. }) => {
+            assert!(file.ends_with("index.redb"), "{file}");
+            assert!(reason.contains("revision 0"), "{reason}");
+        }
+        other => panic!("expected the index to be found damaged, got {other:?}"),
+    }
+    rt().block_on(store.shutdown());
+    drop(store);
+    let (store, _) = Store::open(options(dir.path())).unwrap();
+    assert_eq!(head_revision_of(&store, "order-1"), Some(Revision(2)));
+}
+
+/// An index entry that points into the middle of a record: the read cannot find an event
+/// there, and the damage is the index's (the rebuild will read every segment and report
+/// damage in them as what it is).
+#[test]
+fn an_index_entry_pointing_into_a_record_is_index_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    write_order_log(dir.path());
+    damage_index(dir.path(), |txn| {
+        let stream_events: redb::TableDefinition<(&str, u64), u64> =
+            redb::TableDefinition::new("stream_events");
+        let mut table = txn.open_table(stream_events).unwrap();
+        let address = table.get(("order-1", 1)).unwrap().unwrap().value();
+        table.insert(("order-1", 1), address + 3).unwrap();
+    });
+    let (store, _) = Store::open(options(dir.path())).unwrap();
+    let read = rt().block_on(store.read(ReadRequest {
+        source: ReadSource::Stream(StreamName::new("order-1").unwrap()),
+        from: None,
+        direction: Direction::Forward,
+        limit: 10,
+    }));
+    match read {
+        Err(Error::Corruption { file, .. }) => assert_eq!(file, "index.redb"),
+        other => panic!("expected index damage, got {other:?}"),
+    }
+    assert!(dir.path().join("index.rebuild").exists());
+}
+
+/// An id entry that points at another event: an append resending that id must not be judged
+/// on the wrong record. Appends stop until the restart rebuilds the index.
+#[test]
+fn an_id_entry_pointing_at_another_event_stops_appends_until_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    write_order_log(dir.path());
+    let (store, _) = Store::open(options(dir.path())).unwrap();
+    let last = rt()
+        .block_on(store.read(ReadRequest {
+            source: ReadSource::Stream(StreamName::new("order-1").unwrap()),
+            from: None,
+            direction: Direction::Forward,
+            limit: 10,
+        }))
+        .unwrap()
+        .events;
+    rt().block_on(store.shutdown());
+    drop(store);
+    let (first_id, second) = (last[0].id, last[1].clone());
+    damage_index(dir.path(), |txn| {
+        let ids: redb::TableDefinition<&[u8; 16], (u64, u64)> = redb::TableDefinition::new("ids");
+        let mut table = txn.open_table(ids).unwrap();
+        let other = table.get(second.id.0.as_bytes()).unwrap().unwrap().value();
+        table.insert(first_id.0.as_bytes(), other).unwrap();
+    });
+
+    let (store, _) = Store::open(options(dir.path())).unwrap();
+    let mut resent = event(5000);
+    resent.id = first_id;
+    let retried = rt().block_on(store.append(AppendRequest {
+        stream: StreamName::new("order-1").unwrap(),
+        expected: ExpectedRevision::Any,
+        condition: None,
+        events: vec![resent],
+    }));
+    assert!(
+        matches!(&retried, Err(e @ Error::Corruption { .. }) if e.to_string().contains("index")),
+        "{retried:?}"
+    );
+    let refused = rt()
+        .block_on(store.append(AppendRequest {
+            stream: StreamName::new("other-1").unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![event(7001)],
+        }))
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("refused until a restart"),
+        "{refused}"
+    );
+    rt().block_on(store.shutdown());
+    drop(store);
+    let (store, report) = Store::open(options(dir.path())).unwrap();
+    assert!(
+        report.notes.iter().any(|n| n.contains("rebuilt")),
+        "{:?}",
+        report.notes
+    );
+    assert_eq!(head_revision_of(&store, "order-1"), Some(Revision(2)));
+}

@@ -489,3 +489,95 @@ fn a_torn_first_record_just_past_the_index_end_is_cut() {
         acknowledged.iter().map(|e| e.id).collect::<Vec<_>>()
     );
 }
+
+/// With durability `none` nothing waits for the disk, so after a power loss an earlier group
+/// commit may be missing while a later one is there, and a segment may be cut short under the
+/// next one. The store loses recent appends (what `none` means) but always opens, and what it
+/// keeps is a prefix of what was acknowledged.
+#[test]
+fn with_durability_none_a_power_loss_loses_a_suffix_and_the_store_opens() {
+    let rt = rt();
+    for seed in 0..24 {
+        let fs = SimFs::new();
+        let options = Options {
+            durability: Durability::None,
+            segment_bytes: 4096,
+            memtable_events: 8,
+            ..options()
+        };
+        let (store, _) = open_with(&fs, options.clone()).unwrap();
+        let mut acknowledged = Vec::new();
+        for n in 0..60u128 {
+            let e = events(n, 1, 200);
+            append(&rt, &store, "order-1", &e).unwrap();
+            acknowledged.extend(e);
+        }
+        fs.crash();
+        drop(store);
+        let policy = if seed % 3 == 0 {
+            PowerLoss::KeepNothing
+        } else {
+            PowerLoss::Random(seed)
+        };
+        let fs = fs.restart(Restart::PowerLoss(policy));
+        let (store, report) = open_with(&fs, options)
+            .unwrap_or_else(|e| panic!("seed {seed}: the store does not open: {e}"));
+        let kept = ids(&read_all(&rt, &store));
+        let sent: Vec<EventId> = acknowledged.iter().map(|e| e.id).collect();
+        assert_eq!(
+            kept[..],
+            sent[..kept.len()],
+            "seed {seed}: not a prefix ({:?})",
+            report.notes
+        );
+    }
+}
+
+/// After a failed fdatasync of `index.redb` the page cache may hold index pages the disk never
+/// got: the index must not be opened again in this process. The store says so, leaves the
+/// rebuild marker, and the restart rebuilds the index: nothing acknowledged is lost, even to
+/// a power loss.
+#[test]
+fn a_failed_fdatasync_of_the_index_condemns_it_until_a_restart() {
+    let rt = rt();
+    let fs = SimFs::new();
+    let options = Options {
+        memtable_events: 4,
+        ..options()
+    };
+    let (store, _) = open_with(&fs, options.clone()).unwrap();
+    fs.inject(Fault::once(
+        Op::Sync,
+        "index.redb",
+        0,
+        Action::Fail(libc::EIO),
+    ));
+    let mut acknowledged = Vec::new();
+    for n in 0..8u128 {
+        let e = events(n, 1, 50);
+        append(&rt, &store, "order-1", &e).unwrap();
+        acknowledged.extend(e);
+    }
+    eventually("the failed flush shows in readiness", || {
+        store.readiness().is_err_and(|r| r.contains("restart"))
+    });
+    assert!(
+        fs.exists(&Path::new(DIR).join("index.rebuild")).unwrap(),
+        "the rebuild marker is left"
+    );
+    fs.crash();
+    drop(store);
+
+    let fs = fs.restart(Restart::PowerLoss(PowerLoss::KeepNothing));
+    let (store, report) = open_with(&fs, options).unwrap();
+    assert!(
+        report.notes.iter().any(|n| n.contains("rebuil")),
+        "{:?}",
+        report.notes
+    );
+    assert_eq!(
+        ids(&read_all(&rt, &store)),
+        acknowledged.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    assert_eq!(store.readiness(), Ok(()));
+}

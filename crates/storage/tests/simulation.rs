@@ -86,14 +86,26 @@ struct Simulation {
     sent: Vec<AppendRequest>,
     /// What happened so far, printed when a check fails.
     trace: Vec<String>,
+    /// Every fourth seed runs with durability `none`, every third without the index check at
+    /// open.
+    options: Options,
+    /// Whether an `fdatasync` was failed since the last restart: with durability `none` the
+    /// kernel may then have dropped acknowledged events, whatever ends the process.
+    sync_failed: bool,
 }
 
-fn options() -> Options {
+fn options_for(seed: u64) -> Options {
     Options {
         data_dir: PathBuf::from("/data"),
         // Small segments and memtables, so that runs cross segment rolls and index flushes.
         segment_bytes: 4096,
         memtable_events: 4,
+        durability: if seed % 4 == 3 {
+            Durability::None
+        } else {
+            Durability::Fsync
+        },
+        verify_index_on_open: seed % 3 != 2,
         ..Options::default()
     }
 }
@@ -136,14 +148,21 @@ impl Simulation {
             model: Model::default(),
             sent: Vec::new(),
             trace: Vec::new(),
+            options: options_for(seed),
+            sync_failed: false,
         };
+        sim.trace.push(format!(
+            "durability {:?}, index check at open {}",
+            sim.options.durability, sim.options.verify_index_on_open
+        ));
         sim.open();
         sim
     }
 
     fn fail(&self, what: String) -> ! {
-        let tail: Vec<&String> = self.trace.iter().rev().take(12).collect();
-        let dir = options().data_dir.join("segments");
+        let keep = std::env::var("SKALD_SIM_TRACE").map_or(12, |v| v.parse().unwrap_or(12));
+        let tail: Vec<&String> = self.trace.iter().rev().take(keep).collect();
+        let dir = self.options.data_dir.join("segments");
         let files: Vec<String> = self
             .fs
             .list_dir(&dir)
@@ -158,7 +177,12 @@ impl Simulation {
     }
 
     fn open(&mut self) {
-        match Store::open_with(options(), Arc::new(FixedClock), Arc::new(self.fs.clone())) {
+        let opened = Store::open_with(
+            self.options.clone(),
+            Arc::new(FixedClock),
+            Arc::new(self.fs.clone()),
+        );
+        match opened {
             Ok((store, report)) => {
                 if !report.notes.is_empty() {
                     self.trace.push(format!("opened: {:?}", report.notes));
@@ -179,9 +203,10 @@ impl Simulation {
                 0..55 => self.append_step(),
                 55..68 => self.read_step(),
                 68..72 => self.reopen(),
-                72..84 => self.crash_step(),
-                84..90 => self.failed_fsync_step(),
-                90..96 => self.full_disk_step(),
+                72..82 => self.crash_step(),
+                82..88 => self.failed_fsync_step(),
+                88..91 => self.index_fault_step(),
+                91..96 => self.full_disk_step(),
                 _ => self.short_reads_step(),
             }
             self.check(step);
@@ -380,6 +405,28 @@ impl Simulation {
         None
     }
 
+    /// The index fails to be written (a failed fdatasync or write of `index.redb`) while appends
+    /// run: appends go on until memory for index entries runs out, the index is rebuilt at the
+    /// restart, and nothing acknowledged is lost.
+    fn index_fault_step(&mut self) {
+        let action = match self.rng.below(2) {
+            0 => Fault::once(Op::Sync, "index.redb", 0, Action::Fail(libc::EIO)),
+            _ => Fault::once(
+                Op::Write,
+                "index.redb",
+                self.rng.below(3),
+                Action::Fail(libc::EIO),
+            ),
+        };
+        self.trace.push(format!("an index fault ({action:?})"));
+        self.sync_failed = true;
+        self.fs.inject(action);
+        let count = 4 + self.rng.index(20);
+        let in_flight = self.appends_until_the_crash(count);
+        self.fs.clear_faults();
+        self.restart(in_flight);
+    }
+
     /// Ends the process (a kill -9 or a power loss), reopens, and checks what survived.
     fn restart(&mut self, in_flight: InFlight) {
         self.fs.crash();
@@ -397,9 +444,39 @@ impl Simulation {
                 Restart::PowerLoss(_) => "power loss, chosen by seed".to_owned(),
             }
         ));
+        let power_loss = matches!(how, Restart::PowerLoss(_));
         self.fs = self.fs.restart(how);
         self.open();
+        if (power_loss || std::mem::take(&mut self.sync_failed))
+            && self.options.durability == Durability::None
+        {
+            self.forget_unsynced();
+        }
         self.reconcile(in_flight);
+    }
+
+    /// With durability `none` a power loss, or a failed `fdatasync` (after which the kernel may
+    /// drop the pages it could not write), may take the newest acknowledged appends: what is
+    /// stored must be a prefix of the model's log (or all of it), and the model keeps that
+    /// prefix.
+    fn forget_unsynced(&mut self) {
+        let stored = self.read_everything();
+        let kept = stored.len().min(self.model.log.len());
+        if stored[..kept] != self.model.log[..kept] {
+            self.fail(format!(
+                "after a power loss with durability none the log is not a prefix of what was \
+                 acknowledged ({} stored, {} acknowledged)",
+                stored.len(),
+                self.model.log.len()
+            ));
+        }
+        if kept < self.model.log.len() {
+            self.trace.push(format!(
+                "the power loss took {} acknowledged events (durability none)",
+                self.model.log.len() - kept
+            ));
+            self.model.log.truncate(kept);
+        }
     }
 
     /// Every acknowledged event is there; beyond them, only the in-flight append, whole.
@@ -461,6 +538,7 @@ impl Simulation {
     /// restart, and the restart finds the append whole or not at all.
     fn failed_fsync_step(&mut self) {
         self.trace.push("a failed fdatasync".to_owned());
+        self.sync_failed = true;
         self.fs
             .inject(Fault::once(Op::Sync, ".seg", 0, Action::Fail(libc::EIO)));
         let in_flight = self.appends_until_the_crash(2);
