@@ -241,6 +241,8 @@ struct World {
     /// Bytes of allocated pages beyond which writes fail with `ENOSPC`.
     capacity: Option<u64>,
     faults: Vec<(Fault, u64)>,
+    /// How many times a fault has fired.
+    fired: u64,
     locks: BTreeSet<PathBuf>,
     syncs: u64,
 }
@@ -332,6 +334,7 @@ impl SimFs {
                 next_inode: 1,
                 capacity: None,
                 faults: Vec::new(),
+                fired: 0,
                 locks: BTreeSet::new(),
                 syncs: 0,
             })),
@@ -384,6 +387,11 @@ impl SimFs {
         if w.generation == self.generation {
             w.crashed = true;
         }
+    }
+
+    /// How many times an injected fault fired so far.
+    pub fn faults_fired(&self) -> u64 {
+        self.world().fired
     }
 
     /// How many file `fdatasync`/`fsync` calls succeeded so far.
@@ -439,6 +447,7 @@ impl SimFs {
             }
             *seen += 1;
             if *seen > fault.skip && *seen - fault.skip <= fault.times {
+                w.fired += 1;
                 return Some(fault.action);
             }
         }

@@ -210,13 +210,21 @@ impl Writer {
             Some(reason) => Err(Error::Unavailable(format!(
                 "appends are refused until a restart: {reason}; reads still work"
             ))),
-            None => match self.apply_batch(batch.iter().map(|(r, _)| r)) {
+            None => {
+                let mut decided = self.apply_batch(batch.iter().map(|(r, _)| r));
                 // A failed index flush spoiled the handle while the batch was being decided:
-                // nothing of it is published and the file was cut back, so decide it once more
-                // on a fresh handle.
-                Err(e) if spoiled_index(&e) => self.apply_batch(batch.iter().map(|(r, _)| r)),
-                decided => decided,
-            },
+                // nothing of it is published and the file was cut back, so decide it again on
+                // a fresh handle.
+                for _ in 0..SPOILED_RETRIES {
+                    match &decided {
+                        Err(e) if spoiled_index(e) => {
+                            decided = self.apply_batch(batch.iter().map(|(r, _)| r));
+                        }
+                        _ => break,
+                    }
+                }
+                decided
+            }
         };
         if let Err(e @ Error::Corruption { reason, .. }) = &outcomes
             && read::is_index_damage(e)
@@ -740,8 +748,12 @@ fn check_idempotency(
 
 /// How often the flusher looks whether a failed flush may be retried.
 const FLUSH_RETRY: Duration = Duration::from_millis(500);
-/// The longest a failed flush waits for the disk to have more room before it is retried anyway.
+/// How long a flush that met a full disk waits before it is retried, when free space cannot be
+/// known.
 const FLUSH_RETRY_MAX: Duration = Duration::from_secs(10);
+/// How many times a batch is decided on a fresh index handle after a failed flush spoiled the
+/// one it used.
+const SPOILED_RETRIES: usize = 3;
 
 /// The flusher: writes each frozen memtable into redb as one sorted, durable transaction, then
 /// drops it. A flush that meets a full disk is retried once there is room; one whose handle
@@ -839,6 +851,17 @@ fn flush_one(shared: &Shared, memtable: &Memtable) -> Result<(), FlushFailure> {
             }
         }
     }
+    if let Some(disk) = shared.fs.disk_space(&shared.dir)
+        && crate::metrics::disk_low(&disk)
+    {
+        // A commit that meets a full disk spoils the handle every reader shares: do not try
+        // one until there is room.
+        return Err(FlushFailure::NeedsRoom(Error::StorageFull(format!(
+            "only {} KiB free on the disk of {}",
+            disk.free >> 10,
+            shared.dir.display()
+        ))));
+    }
     let db = shared.index.get();
     let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         memtable.commit_raw(&db, true)
@@ -872,15 +895,14 @@ fn condemn(shared: &Shared, reason: &str) -> FlushFailure {
     )))
 }
 
-/// After a failed flush: waits until the disk has more room than it had then (or
-/// `FLUSH_RETRY_MAX` passed, for failures that are not a full disk). Every failed commit
-/// spoils the handle readers share, so a full disk is not hammered with retries.
+/// After a flush that met a full disk: waits until the disk is no longer low (the threshold
+/// readiness uses), or, when free space cannot be known, `FLUSH_RETRY_MAX`. Every failed commit
+/// spoils the handle readers and the writer share, so a full disk is not retried at the first
+/// page that frees up.
 fn wait_for_room<'m>(
     shared: &Shared,
     mut state: std::sync::MutexGuard<'m, crate::memtable::MemState>,
 ) -> std::sync::MutexGuard<'m, crate::memtable::MemState> {
-    let free = || shared.fs.disk_space(&shared.dir).map(|d| d.free);
-    let free_at_failure = free();
     let failed_at = Instant::now();
     loop {
         let (s, _) = shared
@@ -889,8 +911,11 @@ fn wait_for_room<'m>(
             .wait_timeout(state, FLUSH_RETRY)
             .expect("memtable lock");
         state = s;
-        let more_room = matches!((free(), free_at_failure), (Some(now), Some(then)) if now > then);
-        if state.closing || more_room || failed_at.elapsed() >= FLUSH_RETRY_MAX {
+        let room = match shared.fs.disk_space(&shared.dir) {
+            Some(disk) => !crate::metrics::disk_low(&disk),
+            None => failed_at.elapsed() >= FLUSH_RETRY_MAX,
+        };
+        if state.closing || room {
             return state;
         }
     }

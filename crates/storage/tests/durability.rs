@@ -581,3 +581,38 @@ fn a_failed_fdatasync_of_the_index_condemns_it_until_a_restart() {
     );
     assert_eq!(store.readiness(), Ok(()));
 }
+
+/// The disk looks fine but a write of the index fails with ENOSPC (it filled between the check
+/// and the commit): redb refuses everything on that handle afterwards, so the store opens it
+/// again; reads go on, and the flush succeeds on the retry.
+#[test]
+fn an_index_write_that_meets_enospc_is_retried_on_a_fresh_handle() {
+    let rt = rt();
+    let fs = SimFs::new();
+    let options = Options {
+        memtable_events: 4,
+        ..options()
+    };
+    let (store, _) = open_with(&fs, options.clone()).unwrap();
+    fs.inject(Fault::once(
+        Op::Write,
+        "index.redb",
+        0,
+        Action::Fail(libc::ENOSPC),
+    ));
+    for n in 0..12 {
+        append(&rt, &store, "order-1", &events(n, 1, 50)).unwrap();
+        assert_eq!(read_all(&rt, &store).len() as u128, n + 1, "reads go on");
+    }
+    eventually("a flush met the full disk", || fs.faults_fired() == 1);
+    eventually("the index is written again", || store.readiness().is_ok());
+    rt.block_on(store.shutdown());
+    drop(store);
+    let (store, report) = open_with(&fs, options).unwrap();
+    assert!(
+        !report.notes.iter().any(|n| n.contains("indexed")),
+        "the index held everything: {:?}",
+        report.notes
+    );
+    assert_eq!(read_all(&rt, &store).len(), 12);
+}
