@@ -9,5 +9,6 @@ mod common;
 mod grpc;
 mod limits;
 mod matrix;
+mod sagas;
 mod tokens;
 mod transport;

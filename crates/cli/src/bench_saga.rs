@@ -108,12 +108,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let calls = Arc::new(AtomicUsize::new(0));
     let base = start_target(Arc::clone(&calls)).await?;
     let hub = Hub::start(Arc::new(store.clone()), Default::default());
-    let sagas = Sagas::start(
-        hub.clone(),
-        SagaOptions::default(),
-        Arc::new(skald_storage::SystemClock),
-    )
-    .await?;
+    // The bench's own target listens on loopback, which the egress policy refuses by default.
+    let mut options = SagaOptions::default();
+    options.egress.allow.push("127.0.0.1".to_owned());
+    let sagas = Sagas::start(hub.clone(), options, Arc::new(skald_storage::SystemClock)).await?;
     sagas
         .register(&definition("bench-ok", "OrderPlaced", &base, "/ship"))
         .await?;

@@ -140,6 +140,8 @@ pub fn merge(
              least 1"
         );
     }
+    skald_saga::egress::Egress::new(&sagas.egress)
+        .map_err(|e| anyhow::anyhow!("config [sagas.egress] {e}"))?;
     Ok(ServeConfig {
         listen,
         sagas,

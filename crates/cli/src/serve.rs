@@ -87,10 +87,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let groups = skald_server::Groups::start(hub.clone())
         .await
         .context("cannot start the persistent subscriptions")?;
-    let sagas = skald_server::Sagas::start(
+    let sagas = skald_server::Sagas::start_with(
         hub.clone(),
         config.sagas,
         Arc::new(skald_storage::SystemClock),
+        Arc::new(skald_server::SagaAuthority::new(Arc::clone(&security))),
     )
     .await
     .context("cannot start the saga engine")?;

@@ -164,7 +164,8 @@ fn run_skald(args: Vec<String>) -> (bool, String, String) {
 async fn saga_commands_register_show_list_history_and_retry() {
     let dir = tempfile::tempdir().unwrap();
     let (target, base) = Target::start(Duration::ZERO).await;
-    let server = Server::start(dir.path(), &[]);
+    let config = support::loopback_targets_config(dir.path());
+    let server = Server::start(dir.path(), &["--config", &config]);
     let http = Http::new(&server.url);
     let s = format!("--server={}", server.url);
     let file = dir.path().join("order.yaml");
@@ -295,7 +296,8 @@ async fn sagas_survive_kill_9_in_the_middle_of_their_steps() {
     let file = dir.path().join("order.yaml");
     std::fs::write(&file, saga_yaml(&base)).unwrap();
     let data = dir.path().join("data");
-    let server = tokio::task::block_in_place(|| Server::start(&data, &[]));
+    let config = support::loopback_targets_config(&data);
+    let server = tokio::task::block_in_place(|| Server::start(&data, &["--config", &config]));
     let http = Http::new(&server.url);
     let (ok, _, err) = tokio::task::block_in_place(|| {
         run_skald(vec![
@@ -323,7 +325,7 @@ async fn sagas_survive_kill_9_in_the_middle_of_their_steps() {
         }
         tokio::task::block_in_place(|| server.kill9());
         let at_kill = target.calls().len();
-        server = tokio::task::block_in_place(|| Server::start(&data, &[]));
+        server = tokio::task::block_in_place(|| Server::start(&data, &["--config", &config]));
         let deadline = Instant::now() + Duration::from_secs(30);
         while target.calls().len() == at_kill && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -445,7 +447,10 @@ async fn the_order_fulfillment_example_runs_as_its_readme_says() {
         .replace("127.0.0.1:8083", &format!("127.0.0.1:{}", base + 2));
     let file = dir.path().join("order-fulfillment.yaml");
     std::fs::write(&file, definition).unwrap();
-    let server = tokio::task::block_in_place(|| Server::start(&dir.path().join("data"), &[]));
+    let data = dir.path().join("data");
+    // The example's own configuration, as its README runs it.
+    let config = root.join("skald.toml").to_string_lossy().into_owned();
+    let server = tokio::task::block_in_place(|| Server::start(&data, &["--config", &config]));
     let s = format!("--server={}", server.url);
     let cli = |args: &[&str]| {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();

@@ -79,10 +79,11 @@ async fn one_trace_covers_an_append_its_delivery_and_a_saga_http_step() {
     .await;
 
     let dir = tempfile::tempdir().unwrap();
+    let config = support::loopback_targets_config(dir.path());
     let server = tokio::task::block_in_place(|| {
         Server::start_with_env(
             dir.path(),
-            &[],
+            &["--config", &config],
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.as_str()),
                 ("OTEL_BSP_SCHEDULE_DELAY", "50"),

@@ -1,5 +1,6 @@
 //! Running one attempt of a step's action: an HTTP call, an append, or a wait for an event.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use crate::breaker::Breakers;
 use crate::definition::{
     AppendAction, AwaitAction, HttpAction, RetryOn, Selection, event_json, key_at,
 };
+use crate::egress::{Egress, EgressResolver, Refused};
 use crate::template::{Template, render_value};
 
 /// The most bytes of a response body a step takes as its output. It is stored in the step's
@@ -46,6 +48,9 @@ pub enum Failure {
     Store(Error),
     /// An await ran past its deadline.
     AwaitTimedOut,
+    /// The registrant may no longer do this, or the egress policy refuses the target: never
+    /// retried.
+    Forbidden(String),
 }
 
 impl std::fmt::Display for Failure {
@@ -63,6 +68,7 @@ impl std::fmt::Display for Failure {
             Self::Render(e) | Self::Unusable(e) => f.write_str(e),
             Self::Store(e) => write!(f, "append failed: {e}"),
             Self::AwaitTimedOut => f.write_str("no matching event arrived before the deadline"),
+            Self::Forbidden(why) => write!(f, "forbidden: {why}"),
         }
     }
 }
@@ -80,22 +86,31 @@ impl Failure {
                     || ((400..500).contains(code) && retry_on.contains(&RetryOn::ClientErrors))
             }
             Self::Store(Error::Unavailable(_) | Error::StorageFull(_) | Error::Io(_)) => true,
-            Self::Render(_) | Self::Unusable(_) | Self::Store(_) | Self::AwaitTimedOut => false,
+            Self::Render(_)
+            | Self::Unusable(_)
+            | Self::Store(_)
+            | Self::AwaitTimedOut
+            | Self::Forbidden(_) => false,
         }
     }
 }
 
-/// The HTTP client steps call targets with: keep-alive connections, pooled per host.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The HTTP client steps call targets with: keep-alive connections, pooled per host, every
+/// resolved address checked against the egress policy.
+pub struct HttpClient {
+    client: Client<HttpConnector<EgressResolver>, Full<Bytes>>,
+    egress: Arc<Egress>,
+}
 
 /// A client for saga steps.
-pub fn http_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
+pub fn http_client(egress: Arc<Egress>) -> HttpClient {
+    let mut connector = HttpConnector::new_with_resolver(EgressResolver::new(Arc::clone(&egress)));
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
+    let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
+        .build(connector);
+    HttpClient { client, egress }
 }
 
 fn render_text(text: &str, context: &Value) -> Result<String, Failure> {
@@ -122,6 +137,19 @@ pub async fn call_http(
         .authority()
         .map(|a| a.as_str().to_owned())
         .ok_or_else(|| Failure::Render(format!("url {url:?} has no host")))?;
+    // A literal address is never resolved, so the resolver's check does not see it.
+    let literal = uri
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'));
+    if let Some(address) = literal.and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        && !client.egress.allows(literal.unwrap_or_default(), address)
+    {
+        let refused = Refused(format!(
+            "the egress policy refuses {address}: private, loopback and link-local addresses \
+             need an entry in [sagas.egress] allow, and metadata addresses are never reached"
+        ));
+        return Err(Failure::Forbidden(refused.0));
+    }
     let mut request = hyper::Request::builder()
         .method(action.method.as_str())
         .uri(uri)
@@ -149,9 +177,13 @@ pub async fn call_http(
         .map_err(|r| Failure::BreakerOpen(host.clone(), r.retry_in))?;
     let outcome = tokio::time::timeout(timeout, async {
         let response = client
+            .client
             .request(request)
             .await
-            .map_err(|e| Failure::Connection(error_chain(&e)))?;
+            .map_err(|e| match refusal(&e) {
+                Some(refused) => Failure::Forbidden(refused.0.clone()),
+                None => Failure::Connection(error_chain(&e)),
+            })?;
         let status = response.status().as_u16();
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
@@ -174,6 +206,7 @@ pub async fn call_http(
     .await
     .unwrap_or(Err(Failure::Timeout(timeout)));
     let (status, bytes) = match outcome {
+        Err(Failure::Forbidden(why)) => return Err(Failure::Forbidden(why)),
         Ok(answer) => {
             breakers.record(&host, answer.0 < 500);
             answer
@@ -200,6 +233,18 @@ pub async fn call_http(
     })
 }
 
+/// The egress policy's refusal, if that is why the connection failed.
+fn refusal<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e Refused> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(refused) = s.downcast_ref::<Refused>() {
+            return Some(refused);
+        }
+        source = s.source();
+    }
+    None
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -219,9 +264,11 @@ pub async fn append<S: EventStore>(
     context: &Value,
     event_id: uuid::Uuid,
     metadata: &Value,
+    may_append: impl Fn(&str) -> Result<(), String>,
 ) -> Result<Value, Failure> {
     let stream = render_text(&action.stream, context)?;
     let stream = StreamName::new(stream).map_err(|e| Failure::Render(e.to_string()))?;
+    may_append(stream.as_str()).map_err(Failure::Forbidden)?;
     let data = render_value(&action.data, context).map_err(Failure::Render)?;
     let data = if data.is_null() { json!({}) } else { data };
     let mut tags = Vec::with_capacity(action.tags.len());
@@ -256,8 +303,8 @@ pub async fn append<S: EventStore>(
     }))
 }
 
-/// Waits for the first event after `after` that `selection` matches and whose value at
-/// `pointer` is `key`, until `deadline`. Output: the event.
+/// Waits for the first event after `after` that `selection` matches, that `may_read` admits,
+/// and whose value at `pointer` is `key`, until `deadline`. Output: the event.
 pub async fn await_event<S: EventStore>(
     hub: &Hub<S>,
     action: &AwaitAction,
@@ -265,6 +312,7 @@ pub async fn await_event<S: EventStore>(
     key: &str,
     after: u64,
     deadline: tokio::time::Instant,
+    may_read: impl Fn(&str) -> bool,
 ) -> Result<Value, Failure> {
     let selection = Selection::new(
         action.category.as_deref(),
@@ -280,7 +328,7 @@ pub async fn await_event<S: EventStore>(
             match subscription.next().await.map_err(Failure::Store)? {
                 Delivery::Events(events) => {
                     for event in events {
-                        if !selection.matches(&event) {
+                        if !selection.matches(&event) || !may_read(event.stream.as_str()) {
                             continue;
                         }
                         let json = event_json(&event);

@@ -40,7 +40,61 @@ pub struct SagaDefinition {
     pub steps: Vec<Step>,
 }
 
+/// The streams a trigger or an await can match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach<'a> {
+    /// The streams of one category (`c` and `c-...`).
+    Category(&'a str),
+    /// Any stream (types only, or a DCB query).
+    Anything,
+}
+
 impl SagaDefinition {
+    /// What the saga reads, with where in the definition: the trigger, then each await (action
+    /// or compensation).
+    pub fn reads(&self) -> Vec<(String, Reach<'_>)> {
+        fn reach<'d>(category: &'d Option<String>, query: &Option<Vec<QueryItem>>) -> Reach<'d> {
+            match (category, query) {
+                (Some(c), None) => Reach::Category(c.as_str()),
+                _ => Reach::Anything,
+            }
+        }
+        let mut out = vec![(
+            "the trigger".to_owned(),
+            reach(&self.trigger.category, &self.trigger.query),
+        )];
+        for (step, action) in self.actions() {
+            if let Action::Await(wait) = action {
+                out.push((
+                    format!("the await of step {step}"),
+                    reach(&wait.category, &wait.query),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The stream templates of its appends, with where in the definition.
+    pub fn appended_streams(&self) -> Vec<(String, &str)> {
+        self.actions()
+            .filter_map(|(step, action)| match action {
+                Action::Append(append) => {
+                    Some((format!("the append of step {step}"), append.stream.as_str()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every action and compensation, with its step's name.
+    fn actions(&self) -> impl Iterator<Item = (&str, &Action)> {
+        self.steps.iter().flat_map(|step| {
+            std::iter::once(&step.action)
+                .chain(step.compensation.as_ref())
+                .map(move |action| (step.name.as_str(), action))
+        })
+    }
+
     /// The index of the first pivot or retriable step: once it has run, nothing before it is
     /// undone (every step after it is retriable, which validation ensures).
     pub fn point_of_no_return(&self) -> Option<usize> {
@@ -639,7 +693,9 @@ fn check_action(
             }
             match Template::parse(&http.url) {
                 Ok(t) => {
-                    if let Err(why) = check_url(&t.with_placeholder("x")) {
+                    let checked = check_url(&t.with_placeholder("x"))
+                        .and_then(|()| check_url_target_is_fixed(&http.url));
+                    if let Err(why) = checked {
                         problem(format!("{at}/url"), format!("url {:?} {why}", http.url));
                     }
                 }
@@ -717,6 +773,22 @@ fn check_action(
             Err(e) => problem(pointer, e),
         }
     }
+}
+
+/// Templates may not choose where a step connects: none in the scheme, host or port.
+fn check_url_target_is_fixed(url: &str) -> Result<(), String> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after_scheme + i);
+    if url[..end].contains("{{") {
+        return Err(
+            "has a template in its scheme, host or port: a step connects to a fixed target \
+             (templates may go in the path, the query, the headers and the body)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn check_url(url: &str) -> Result<(), String> {

@@ -21,7 +21,7 @@ use crate::breaker::Breakers;
 use crate::definition::{self, Action, Policy, SagaDefinition, Selection, key_at};
 use crate::history::{Instance, Phase, SagaEvent, SagaState};
 use crate::metrics::Metrics;
-use crate::{SagaOptions, streams};
+use crate::{Authority, Need, SagaOptions, Unrestricted, streams};
 
 /// A registered definition, compiled for matching triggers.
 struct Registered {
@@ -29,10 +29,18 @@ struct Registered {
     trigger: Selection,
     position: u64,
     registered_at: Timestamp,
+    /// Who registered it, as the server recorded them; its triggers and steps act with their
+    /// rights (`Authority`).
+    registrant: Option<Arc<Value>>,
 }
 
 impl Registered {
-    fn new(definition: SagaDefinition, position: u64, registered_at: Timestamp) -> Self {
+    fn new(
+        definition: SagaDefinition,
+        position: u64,
+        registered_at: Timestamp,
+        registrant: Option<Value>,
+    ) -> Self {
         let trigger = Selection::new(
             definition.trigger.category.as_deref(),
             &definition.trigger.types,
@@ -43,6 +51,7 @@ impl Registered {
             trigger,
             position,
             registered_at,
+            registrant: registrant.map(Arc::new),
         }
     }
 }
@@ -59,6 +68,8 @@ struct Catalog {
 struct Live {
     stream: StreamName,
     definition: Arc<SagaDefinition>,
+    /// The registrant of its definition's version.
+    registrant: Option<Arc<Value>>,
     state: Mutex<Instance>,
     /// Serializes appends to the instance's stream, which go at exact expected revisions.
     writes: tokio::sync::Mutex<()>,
@@ -70,6 +81,7 @@ pub(crate) struct Inner<S> {
     hub: Hub<S>,
     options: SagaOptions,
     clock: Arc<dyn Clock>,
+    authority: Arc<dyn Authority>,
     catalog: Mutex<Catalog>,
     definition_writes: tokio::sync::Mutex<()>,
     instances: Mutex<HashMap<String, Arc<Live>>>,
@@ -139,6 +151,8 @@ pub struct InstanceSummary {
     pub version: u32,
     /// The correlation key.
     pub correlation_key: String,
+    /// The trigger's stream.
+    pub trigger_stream: String,
     /// Where it is.
     pub state: SagaState,
     /// Steps whose action succeeded, in order.
@@ -265,16 +279,30 @@ impl<S: EventStore> Sagas<S> {
     /// Loads definitions and instances from the store, resumes every unfinished instance and
     /// starts following triggers.
     pub async fn start(hub: Hub<S>, options: SagaOptions, clock: Arc<dyn Clock>) -> Result<Self> {
+        Self::start_with(hub, options, clock, Arc::new(Unrestricted)).await
+    }
+
+    /// [`Sagas::start`] with the authority that decides what each definition's registrant
+    /// may still do.
+    pub async fn start_with(
+        hub: Hub<S>,
+        options: SagaOptions,
+        clock: Arc<dyn Clock>,
+        authority: Arc<dyn Authority>,
+    ) -> Result<Self> {
+        let egress = crate::egress::Egress::new(&options.egress)
+            .map_err(|e| Error::invalid(format!("[sagas.egress] {e}")))?;
         let inner = Arc::new(Inner {
             running: Arc::new(Semaphore::new(options.max_running)),
             breakers: Breakers::new(options.breaker.clone()),
+            http: actions::http_client(Arc::new(egress)),
             hub,
             options,
             clock,
+            authority,
             catalog: Mutex::new(Catalog::default()),
             definition_writes: tokio::sync::Mutex::new(()),
             instances: Mutex::new(HashMap::new()),
-            http: actions::http_client(),
             metrics: Metrics::default(),
             trigger_loop: Mutex::new(None),
             registered: Notify::new(),
@@ -380,7 +408,7 @@ impl<S: EventStore> Sagas<S> {
         .await?;
         let mut resumed = 0;
         for (stream, state) in folded {
-            let Some(definition) = self.definition_version(&state.definition, state.version) else {
+            let Some(registered) = self.definition_version(&state.definition, state.version) else {
                 tracing::error!(
                     saga = %state.saga_id,
                     "saga definition {} version {} is not registered; the instance is left as it is",
@@ -396,7 +424,8 @@ impl<S: EventStore> Sagas<S> {
             }
             let live = Arc::new(Live {
                 stream,
-                definition,
+                definition: Arc::clone(&registered.definition),
+                registrant: registered.registrant.clone(),
                 state: Mutex::new(state),
                 writes: tokio::sync::Mutex::new(()),
                 wake: Notify::new(),
@@ -418,20 +447,30 @@ impl<S: EventStore> Sagas<S> {
         Ok(())
     }
 
-    fn definition_version(&self, name: &str, version: u32) -> Option<Arc<SagaDefinition>> {
+    fn definition_version(&self, name: &str, version: u32) -> Option<Arc<Registered>> {
         let catalog = self.inner.catalog.lock().expect("catalog lock");
         catalog
             .by_name
             .get(name)?
             .iter()
             .find(|r| r.definition.version == version)
-            .map(|r| Arc::clone(&r.definition))
+            .cloned()
     }
 
     /// Registers a definition from YAML or JSON text. Registering the same text again is a
     /// no-op; a version already registered with other content is a conflict.
     pub async fn register(&self, text: &str) -> Result<Registration> {
         let definition = definition::parse(text).map_err(|e| Error::InvalidSaga(e.to_string()))?;
+        self.register_as(definition, None).await
+    }
+
+    /// Registers a parsed definition for `registrant` (recorded as given, read back by the
+    /// [`Authority`] whenever a trigger or a step of it runs).
+    pub async fn register_as(
+        &self,
+        definition: SagaDefinition,
+        registrant: Option<Value>,
+    ) -> Result<Registration> {
         let _writes = self.inner.definition_writes.lock().await;
         let (revision, latest) = {
             let catalog = self.inner.catalog.lock().expect("catalog lock");
@@ -470,7 +509,11 @@ impl<S: EventStore> Sagas<S> {
                 definition.name
             )));
         }
-        let data = json!({ "definition": definition }).to_string();
+        let mut data = json!({ "definition": definition });
+        if let Some(registrant) = &registrant {
+            data["registrant"] = registrant.clone();
+        }
+        let data = data.to_string();
         let event = ProposedEvent::new(
             EventType::from_stored("SagaRegistered".into()),
             EventData::json(data)?,
@@ -493,6 +536,7 @@ impl<S: EventStore> Sagas<S> {
             definition.clone(),
             result.first_position.0,
             self.inner.clock.now(),
+            registrant,
         );
         let mut catalog = self.inner.catalog.lock().expect("catalog lock");
         catalog.revision = Some(result.last_revision.0);
@@ -725,6 +769,7 @@ fn registered_of(event: &RecordedEvent) -> Option<Registered> {
         definition,
         event.position.0,
         event.recorded_at,
+        data.get("registrant").cloned(),
     ))
 }
 
@@ -735,6 +780,7 @@ fn summary_of(live: &Live, state: &Instance) -> InstanceSummary {
         definition: state.definition.clone(),
         version: state.version,
         correlation_key: state.correlation_key.clone(),
+        trigger_stream: state.trigger_stream.clone(),
         state: state.state,
         completed_steps: live
             .definition
@@ -826,6 +872,22 @@ impl<S: EventStore> Inner<S> {
                 } else if !event.stream.is_system() {
                     for registered in active.values() {
                         if !registered.trigger.matches(&event) {
+                            continue;
+                        }
+                        let need = Need::Read(event.stream.as_str());
+                        if let Err(why) = inner
+                            .authority
+                            .check(registered.registrant.as_deref(), need)
+                        {
+                            inner
+                                .metrics
+                                .refused_triggers
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                saga = %registered.definition.name,
+                                position = event.position.0,
+                                "the trigger starts no saga: its registrant may not read it: {why}"
+                            );
                             continue;
                         }
                         let permit = tokio::select! {
@@ -989,6 +1051,7 @@ impl<S: EventStore> Inner<S> {
                 let live = Arc::new(Live {
                     stream,
                     definition: Arc::clone(def),
+                    registrant: registered.registrant.clone(),
                     state: Mutex::new(state),
                     writes: tokio::sync::Mutex::new(()),
                     wake: Notify::new(),
@@ -1106,7 +1169,16 @@ impl<S: EventStore> Inner<S> {
             span.set("skald.saga.attempt", u64::from(attempt));
             let traceparent =
                 (parent.is_some() || span.is_recording()).then(|| span.context().to_header());
+            let registrant = live.registrant.as_deref();
+            let authority = &self.authority;
+            let trigger_stream = context["trigger"]["stream"].as_str().unwrap_or_default();
             let outcome = match action {
+                Action::Http(_)
+                    if let Err(why) = authority.check(registrant, Need::Read(trigger_stream)) =>
+                {
+                    // The call may carry the trigger's data out.
+                    Err(Failure::Forbidden(why))
+                }
                 Action::Http(http) => {
                     let key = format!("{saga_id}:{}:{}", step.name, phase.as_str());
                     actions::call_http(
@@ -1137,7 +1209,14 @@ impl<S: EventStore> Inner<S> {
                     }
                     tokio::time::timeout(
                         policy.timeout,
-                        actions::append(self.hub.store().as_ref(), append, &context, id, &metadata),
+                        actions::append(
+                            self.hub.store().as_ref(),
+                            append,
+                            &context,
+                            id,
+                            &metadata,
+                            |stream| authority.check(registrant, Need::Append(stream)),
+                        ),
                     )
                     .await
                     .unwrap_or(Err(Failure::Timeout(policy.timeout)))
@@ -1148,7 +1227,15 @@ impl<S: EventStore> Inner<S> {
                         + Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
                     let pointer = wait.correlation.as_deref().unwrap_or(&def.correlation_key);
                     tokio::select! {
-                        r = actions::await_event(&self.hub, wait, pointer, &key, trigger_position, until) => r,
+                        r = actions::await_event(
+                            &self.hub,
+                            wait,
+                            pointer,
+                            &key,
+                            trigger_position,
+                            until,
+                            |stream| authority.check(registrant, Need::Read(stream)).is_ok(),
+                        ) => r,
                         // A cancel ends the wait; `run` then starts the compensation.
                         _ = live.wake.notified() => return Ok(()),
                         _ = self.hub.stopping() => return Ok(()),

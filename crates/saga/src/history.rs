@@ -167,6 +167,9 @@ pub struct Instance {
     pub correlation_key: String,
     /// The trigger event, as JSON.
     pub trigger: Value,
+    /// The trigger's stream (kept when the instance is compacted): who may read it may see the
+    /// trigger's data and the steps' outputs.
+    pub trigger_stream: String,
     /// Where it is.
     pub state: SagaState,
     /// The state to return to when a stuck instance is retried.
@@ -212,6 +215,7 @@ impl Instance {
             version: *version,
             correlation_key: correlation_key.clone(),
             trigger: trigger.clone(),
+            trigger_stream: trigger["stream"].as_str().unwrap_or_default().to_owned(),
             state: SagaState::Running,
             resume: SagaState::Running,
             outputs: BTreeMap::new(),

@@ -10,6 +10,7 @@
 mod actions;
 pub mod breaker;
 pub mod definition;
+pub mod egress;
 mod engine;
 pub mod history;
 mod metrics;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use breaker::{BreakerSettings, BreakerState};
 pub use definition::{SagaDefinition, parse};
+pub use egress::EgressPolicy;
 pub use engine::{
     DefinitionSummary, HistoryEntry, InstanceFilter, InstanceHistory, InstanceSummary, MAX_HISTORY,
     MAX_LISTED, Registration, Sagas, saga_id,
@@ -38,6 +40,8 @@ pub struct SagaOptions {
     pub max_starting: usize,
     /// Circuit-breaker thresholds, shared by every target host.
     pub breaker: BreakerSettings,
+    /// Where `http` steps may connect beyond the public internet.
+    pub egress: EgressPolicy,
     /// How often the trigger loop records how far it has come.
     #[serde(skip)]
     pub checkpoint_every: Duration,
@@ -49,8 +53,37 @@ impl Default for SagaOptions {
             max_running: 10_000,
             max_starting: 256,
             breaker: BreakerSettings::default(),
+            egress: EgressPolicy::default(),
             checkpoint_every: Duration::from_secs(1),
         }
+    }
+}
+
+/// What a trigger or a step asks of its definition's registrant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need<'a> {
+    /// Reading this stream's events (a trigger, an awaited event, an `http` step that may send
+    /// the trigger's data).
+    Read(&'a str),
+    /// Appending to this stream.
+    Append(&'a str),
+}
+
+/// Whether a definition's registrant (as recorded at registration, an opaque JSON value the
+/// server gives and reads back) may still do what a trigger or a step needs. The server
+/// answers from its keys and rules; without authentication everything is allowed.
+pub trait Authority: Send + Sync + 'static {
+    /// `Err` says why not.
+    fn check(&self, registrant: Option<&serde_json::Value>, need: Need<'_>) -> Result<(), String>;
+}
+
+/// Everything is allowed (authentication off, embedded use, tests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unrestricted;
+
+impl Authority for Unrestricted {
+    fn check(&self, _: Option<&serde_json::Value>, _: Need<'_>) -> Result<(), String> {
+        Ok(())
     }
 }
 

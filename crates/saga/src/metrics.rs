@@ -29,6 +29,7 @@ pub(crate) struct Metrics {
     durations: Mutex<BTreeMap<(String, Phase), Histogram>>,
     pub(crate) duplicates: AtomicU64,
     pub(crate) no_key: AtomicU64,
+    pub(crate) refused_triggers: AtomicU64,
 }
 
 impl Metrics {
@@ -132,6 +133,13 @@ pub(crate) fn write<S: EventStore>(sagas: &Sagas<S>, inner: &Inner<S>, out: &mut
         Kind::Counter,
         "Trigger events with no value at the definition's correlation key pointer.",
         m.no_key.load(Ordering::Relaxed) as f64,
+    );
+    out.single(
+        "skald_saga_triggers_refused_total",
+        Kind::Counter,
+        "Trigger events that started no saga because the definition's registrant may not read \
+         their stream.",
+        m.refused_triggers.load(Ordering::Relaxed) as f64,
     );
     out.family(
         "skald_saga_step_attempts_total",

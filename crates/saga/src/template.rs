@@ -91,6 +91,18 @@ impl Template {
         })
     }
 
+    /// The text in pieces, `None` for each template (which may render to any characters): what
+    /// the access rules are checked against for a stream name template.
+    pub fn pieces(&self) -> Vec<Option<&str>> {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => Some(t.as_str()),
+                Part::Path(_) => None,
+            })
+            .collect()
+    }
+
     /// The text with every template replaced by `placeholder`: used to validate URLs and
     /// names before any value is known.
     pub fn with_placeholder(&self, placeholder: &str) -> String {

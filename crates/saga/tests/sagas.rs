@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use skald_core::Error;
+use skald_core::{Error, EventStore};
 use skald_saga::{BreakerSettings, InstanceFilter, SagaOptions, SagaState};
 use support::{Engine, Reply, Target, story};
 
@@ -639,5 +639,101 @@ async fn a_stop_while_triggers_wait_for_room_loses_none_and_one_event_can_start_
             engine.wait_for(definition, order, "completed").await;
         }
     }
+    engine.stop().await;
+}
+
+/// An authority that refuses what its list names (reads or appends of a stream).
+struct Refusing(Vec<skald_saga::Need<'static>>);
+
+impl skald_saga::Authority for Refusing {
+    fn check(
+        &self,
+        _registrant: Option<&serde_json::Value>,
+        need: skald_saga::Need<'_>,
+    ) -> Result<(), String> {
+        if self.0.contains(&need) {
+            Err(format!("{need:?} is not allowed"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_step_to_an_address_the_egress_policy_refuses_fails_for_good_without_a_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    // No entry for loopback: the default policy.
+    let engine = Engine::open_with(
+        dir.path(),
+        SagaOptions::default(),
+        std::sync::Arc::new(skald_saga::Unrestricted),
+    )
+    .await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    place_order(&engine, "o-1").await;
+    let h = engine.wait_for("order", "o-1", "compensated").await;
+    assert_eq!(
+        story(&h),
+        [
+            "SagaStarted",
+            "StepFailed:reserve:action",
+            "SagaCompensating:reserve:",
+            "SagaCompensated"
+        ]
+    );
+    let error = h.history[1].data["error"].as_str().unwrap();
+    assert!(error.contains("egress policy refuses"), "{error}");
+    assert_eq!(h.history[1].data["retryable"], json!(false));
+    assert!(target.calls().is_empty(), "nothing reached the target");
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn steps_run_with_their_registrants_rights_checked_when_they_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let mut options = SagaOptions::default();
+    options.egress.allow.push("127.0.0.1".to_owned());
+    let authority = Refusing(vec![
+        skald_saga::Need::Append("hr-salary-o-1"),
+        skald_saga::Need::Read("order-secret"),
+    ]);
+    let engine = Engine::open_with(dir.path(), options, std::sync::Arc::new(authority)).await;
+    let text = order_saga(
+        &target,
+        r#"  - name: pay
+    action: {append: {stream: "hr-salary-{{saga.correlationKey}}", type: SalarySet}}
+    compensation: {append: {stream: "hr-log", type: Undone}}"#,
+    );
+    engine.sagas.register(&text).await.unwrap();
+    // A trigger its registrant may not read starts nothing; the next one does.
+    place_order(&engine, "secret").await;
+    place_order(&engine, "o-1").await;
+    let h = engine.wait_for("order", "o-1", "compensated").await;
+    let failed = h
+        .history
+        .iter()
+        .find(|e| e.event_type == "StepFailed")
+        .expect("the append step failed");
+    assert_eq!(failed.data["step"], json!("pay"));
+    let error = failed.data["error"].as_str().unwrap();
+    assert!(error.contains("forbidden"), "{error}");
+    let salary = engine
+        .hub
+        .store()
+        .stream_head(&skald_core::StreamName::new("hr-salary-o-1").unwrap())
+        .await
+        .unwrap();
+    assert!(salary.is_none(), "nothing was appended");
+    let secret = engine.sagas.instances(&InstanceFilter::default());
+    assert!(
+        secret.iter().all(|i| i.correlation_key != "secret"),
+        "no saga for a trigger its registrant may not read"
+    );
     engine.stop().await;
 }

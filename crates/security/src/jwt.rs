@@ -120,6 +120,11 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
+    /// The issuer tokens must name.
+    pub fn issuer(&self) -> &str {
+        &self.config.issuer
+    }
+
     /// Loads the keys: from the file, or by fetching (a failed fetch is retried when a token
     /// arrives; a bad file is an error now).
     pub async fn new(config: JwtConfig) -> Result<Self, String> {

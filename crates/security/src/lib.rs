@@ -290,6 +290,41 @@ impl<S: EventStore> Security<S> {
         self.tls.as_ref()
     }
 
+    /// Whether a principal recorded earlier (a saga's registrant) may still do `permission` on
+    /// `name`, against the rules in force now; for an API key, the key must also still be
+    /// known, unrevoked and unexpired. `Err` says why not. (A JWT's or certificate's roles are
+    /// those it had when it was recorded: nothing tells the server that a token expired or a
+    /// certificate was revoked since.)
+    pub fn recorded_may(
+        &self,
+        principal: &Principal,
+        permission: Permission,
+        name: &str,
+    ) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if let Some(id) = principal.key_id() {
+            let ring = self.keys.read().expect("keys lock");
+            match ring.get(id) {
+                None => return Err(format!("API key {id} is unknown")),
+                Some(key) if key.revoked => return Err(format!("API key {id} was revoked")),
+                Some(key) if key.expires_at.is_some_and(|at| now_s() >= at) => {
+                    return Err(format!("API key {id} has expired"));
+                }
+                Some(_) => {}
+            }
+        }
+        if principal.may(&self.rules.current(), permission, name) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} may not {permission} {name:?} under the rules in force",
+                principal.id
+            ))
+        }
+    }
+
     /// A handle that always sees the rules in force, for checks made later (subscriptions).
     pub fn live_rules(&self) -> LiveRules {
         self.rules.clone()
@@ -309,7 +344,7 @@ impl<S: EventStore> Security<S> {
     pub fn limit_principal(&self, principal: &Principal) -> Result<(), Duration> {
         match &self.by_principal {
             Some(l) => l
-                .take(&principal.name, Instant::now())
+                .take(&principal.id, Instant::now())
                 .inspect_err(|_| self.metrics.limited_principal.inc()),
             None => Ok(()),
         }
@@ -344,6 +379,7 @@ impl<S: EventStore> Security<S> {
                 let ring = self.keys.read().expect("keys lock");
                 return match ring.verify(token, now_s()) {
                     Ok(key) => Ok(Principal {
+                        id: format!("key:{}", key.id),
                         name: key.name.clone(),
                         roles: key.roles.clone(),
                         method: Method::ApiKey,
@@ -359,6 +395,7 @@ impl<S: EventStore> Security<S> {
             return match &self.jwt {
                 Some(verifier) => match verifier.verify(token).await {
                     Ok(identity) => Ok(Principal {
+                        id: format!("jwt:{}:{}", verifier.issuer(), identity.subject),
                         name: identity.subject,
                         roles: identity.roles,
                         method: Method::Jwt,
@@ -389,6 +426,7 @@ impl<S: EventStore> Security<S> {
         {
             return match subject.common_names.first() {
                 Some(cn) if !cn.is_empty() => Ok(Principal {
+                    id: format!("cert:{cn}"),
                     name: cn.clone(),
                     roles: subject.organizations.iter().cloned().collect(),
                     method: Method::Certificate,

@@ -93,6 +93,55 @@ pub fn may_match_prefix(pattern: &str, prefix: &str) -> bool {
     }
 }
 
+/// Does `pattern` match every name a template can render? `pieces` is the template's text, with
+/// `None` for each placeholder, which may become any characters: only a `*` of the pattern may
+/// stand for one (a `?` or a literal cannot). Never true of a `$` pattern (a rendered name is
+/// never a system stream).
+pub fn covers_template(pattern: &str, pieces: &[Option<&str>]) -> bool {
+    if pattern.starts_with('$') {
+        return false;
+    }
+    // The template as symbols: `Some(byte)` for its text, `None` for a placeholder.
+    let name: Vec<Option<u8>> = pieces
+        .iter()
+        .flat_map(|piece| match piece {
+            Some(text) => text.bytes().map(Some).collect::<Vec<_>>(),
+            None => vec![None],
+        })
+        .collect();
+    let p = pattern.as_bytes();
+    let (mut i, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        let literal = i < p.len()
+            && p[i] != b'*'
+            && match name[n] {
+                Some(c) => p[i] == b'?' || p[i] == c,
+                None => false,
+            };
+        if literal {
+            // `?` is one character: a whole UTF-8 sequence.
+            n += if p[i] == b'?' {
+                utf8_len(name[n].unwrap_or(0))
+            } else {
+                1
+            };
+            i += 1;
+        } else if i < p.len() && p[i] == b'*' {
+            star = Some((i, n));
+            i += 1;
+        } else if let Some((si, sn)) = star {
+            let next = sn + name[sn].map_or(1, utf8_len);
+            star = Some((si, next));
+            i = si + 1;
+            n = next;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == b'*')
+}
+
 /// Iterative glob matching with one backtrack point: linear in practice, never exponential.
 fn glob(pattern: &[u8], name: &[u8]) -> bool {
     let (mut p, mut n) = (0, 0);
@@ -201,7 +250,7 @@ impl Rules {
 }
 
 /// How a principal proved who it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Authentication is off: everyone is an anonymous admin.
@@ -223,8 +272,13 @@ impl Method {
 }
 
 /// Who is calling.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
+    /// Unique across the ways of authenticating: `key:ID` (an API key), `jwt:ISSUER:SUBJECT`,
+    /// `cert:CN`, or `anonymous`. Rate limits and saga registrants are keyed by it, so a JWT
+    /// subject cannot pass for an API key of the same name.
+    pub id: String,
+    /// What the credential calls itself (the key's name, the token's subject, the CN).
     pub name: String,
     pub roles: BTreeSet<String>,
     pub method: Method,
@@ -234,9 +288,32 @@ impl Principal {
     /// The caller when authentication is off.
     pub fn anonymous() -> Self {
         Self {
+            id: "anonymous".to_owned(),
             name: "anonymous".to_owned(),
             roles: BTreeSet::from([ADMIN_ROLE.to_owned()]),
             method: Method::None,
+        }
+    }
+
+    /// The API key it authenticated with, if it did.
+    pub fn key_id(&self) -> Option<&str> {
+        match self.method {
+            Method::ApiKey => self.id.strip_prefix("key:"),
+            _ => None,
+        }
+    }
+
+    /// May do `permission` on every stream a template can render: `pieces` is its text, with
+    /// `None` for each `{{...}}` (any characters).
+    pub fn may_template(
+        &self,
+        rules: &Rules,
+        permission: Permission,
+        pieces: &[Option<&str>],
+    ) -> bool {
+        match self.patterns(rules, permission) {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| covers_template(p, pieces)),
         }
     }
 
@@ -309,9 +386,46 @@ mod tests {
 
     fn principal(roles: &[&str]) -> Principal {
         Principal {
+            id: "key:p".into(),
             name: "p".into(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
             method: Method::ApiKey,
+        }
+    }
+
+    #[test]
+    fn a_template_is_covered_only_by_patterns_that_match_every_rendering() {
+        let salary = [Some("hr-salary-"), None];
+        assert!(covers_template("hr-salary-*", &salary));
+        assert!(covers_template("hr-*", &salary));
+        assert!(covers_template("*", &salary));
+        assert!(
+            !covers_template("hr-salary-?", &salary),
+            "? is one character"
+        );
+        assert!(
+            !covers_template("hr-salary-?*", &salary),
+            "the key may be empty"
+        );
+        assert!(!covers_template("hr-salary-1*", &salary));
+        assert!(!covers_template("evil-*", &salary));
+        assert!(!covers_template("$*", &salary));
+        let leading = [None, Some("-audit")];
+        assert!(!covers_template("order-*", &leading));
+        assert!(covers_template("*-audit", &leading));
+        assert!(covers_template("*", &leading));
+        let fixed = [Some("shipping-1")];
+        assert!(covers_template("shipping-?", &fixed));
+        assert!(covers_template("shipping-1", &fixed));
+        assert!(!covers_template("shipping-2", &fixed));
+        let two = [Some("a-"), None, Some("-b-"), None];
+        assert!(covers_template("a-*-b-*", &two));
+        assert!(covers_template("a-*", &two));
+        assert!(!covers_template("a-*-c-*", &two));
+        // Every rendering a covering pattern admits is matched by it.
+        for value in ["", "1", "x-y", "é"] {
+            let rendered = format!("hr-salary-{value}");
+            assert!(matches("hr-salary-*", &rendered));
         }
     }
 

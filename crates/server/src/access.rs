@@ -98,7 +98,7 @@ impl Caller {
             Scope::Category(c) => {
                 p.may(&rules, permission, c) || p.may_some(&rules, permission, &format!("{c}-"))
             }
-            Scope::All => p.may_some(&rules, permission, ""),
+            Scope::All | Scope::AllUser => p.may_some(&rules, permission, ""),
         };
         if ok {
             Ok(())
@@ -119,6 +119,7 @@ impl Caller {
             Scope::Category(c) => p.may_all(&rules, permission, &format!("{c}-"), Some(c)),
             // The global log and queries reach system streams too.
             Scope::All => p.is_admin(),
+            Scope::AllUser => p.may_all(&rules, permission, "", None),
         };
         if ok {
             Ok(())
@@ -129,6 +130,37 @@ impl Caller {
                 &format!("every stream of {}", scope.describe()),
             ))
         }
+    }
+
+    /// `permission` on every stream a name template can render (`pieces`: its text, `None` for
+    /// each placeholder); `what` says where the template is, for the refusal.
+    pub fn require_template(
+        &self,
+        permission: Permission,
+        template: &str,
+        pieces: &[Option<&str>],
+        what: &str,
+    ) -> Result<(), Problem> {
+        match &self.principal {
+            None => Ok(()),
+            Some(p) if p.may_template(&self.rules.current(), permission, pieces) => Ok(()),
+            Some(p) => Err(denied(
+                p,
+                permission,
+                &format!(
+                    "every stream {what} can produce ({template:?}, a placeholder standing for \
+                     any characters)"
+                ),
+            )),
+        }
+    }
+
+    /// Who the caller is, as a saga definition records its registrant (`None` with
+    /// authentication off).
+    pub fn registrant(&self) -> Option<serde_json::Value> {
+        self.principal
+            .as_ref()
+            .and_then(|p| serde_json::to_value(&**p).ok())
     }
 
     /// Authentication is off: every check passes, and lookups made only for a check can be
@@ -154,6 +186,8 @@ pub(crate) enum Scope<'a> {
     Category(&'a str),
     /// The global log, filtered or not, and queries.
     All,
+    /// Every stream that is not a system stream (a saga trigger by types or by query).
+    AllUser,
 }
 
 impl Scope<'_> {
@@ -162,6 +196,7 @@ impl Scope<'_> {
             Scope::Stream(s) => format!("stream {s:?}"),
             Scope::Category(c) => format!("category {c:?}"),
             Scope::All => "the global log".to_owned(),
+            Scope::AllUser => "every stream".to_owned(),
         }
     }
 }

@@ -1017,9 +1017,12 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
             .app
             .sagas
             .instances(&filter)
-            .iter()
+            .into_iter()
             .filter(|i| caller.require(Permission::Saga, &i.definition).is_ok())
-            .map(instance_summary)
+            .map(|mut i| {
+                crate::sagas::redact_summary(&caller, &mut i);
+                instance_summary(&i)
+            })
             .collect();
         Ok(Response::new(pb::ListSagaInstancesResponse { instances }))
     }
@@ -1030,8 +1033,9 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
     ) -> Reply<pb::SagaInstance> {
         let caller = caller(&request)?;
         let id = request.into_inner().saga_id;
-        let history = self.app.sagas.history(&id).await.map_err(problem)?;
+        let mut history = self.app.sagas.history(&id).await.map_err(problem)?;
         caller.require(Permission::Saga, &history.summary.definition)?;
+        crate::sagas::redact_history(&caller, &mut history);
         Ok(Response::new(pb::SagaInstance {
             summary: Some(instance_summary(&history.summary)),
             history: history

@@ -31,6 +31,7 @@ use skald_core::{
 };
 
 pub use problem::Problem;
+pub use sagas::SagaAuthority;
 pub use skald_hub::{Groups, Hub};
 pub use skald_saga::{SagaOptions, Sagas};
 pub use skald_security::Security;

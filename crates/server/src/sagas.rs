@@ -9,11 +9,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 use skald_core::EventStore;
-use skald_saga::{InstanceFilter, MAX_LISTED, SagaState};
+use skald_saga::definition::Reach;
+use skald_saga::{
+    Authority, InstanceFilter, InstanceHistory, InstanceSummary, MAX_LISTED, Need, SagaDefinition,
+    SagaState,
+};
 
-use skald_security::Permission;
+use skald_security::{Permission, Principal, Security};
 
-use crate::access::Caller;
+use crate::access::{Caller, Scope};
 use crate::groups::json_ok;
 use crate::{App, Problem, body_bytes, parse_json, query_pairs};
 
@@ -56,20 +60,96 @@ pub(crate) async fn register<S: EventStore>(
     Ok(json_ok(status, &registration))
 }
 
-/// Registers a definition after checking `saga` on its name (HTTP and gRPC).
+/// Registers a definition for the caller after checking that it holds every right the
+/// definition will use (HTTP and gRPC; `docs/security.md`, "Sagas run with their registrant's
+/// rights").
 pub(crate) async fn register_text<S: EventStore>(
     app: &App<S>,
     caller: &Caller,
     text: &str,
 ) -> Result<skald_saga::Registration, Problem> {
     caller.require_held(Permission::Saga)?;
-    // Parsed here only to check the name (the engine parses it again to register it).
-    if !caller.is_unrestricted()
-        && let Ok(definition) = skald_saga::parse(text)
-    {
-        caller.require(Permission::Saga, &definition.name)?;
+    let definition = skald_saga::parse(text)
+        .map_err(|e| Problem::from(skald_core::Error::InvalidSaga(e.to_string())))?;
+    require_rights(caller, &definition)?;
+    Ok(app
+        .sagas
+        .register_as(definition, caller.registrant())
+        .await?)
+}
+
+/// `saga` on the name; `read` and `subscribe` on everything its trigger and awaits can match;
+/// `append` on every stream its append templates can produce.
+fn require_rights(caller: &Caller, definition: &SagaDefinition) -> Result<(), Problem> {
+    caller.require(Permission::Saga, &definition.name)?;
+    for (_where, reach) in definition.reads() {
+        let scope = match reach {
+            Reach::Category(c) => Scope::Category(c),
+            Reach::Anything => Scope::AllUser,
+        };
+        for permission in [Permission::Read, Permission::Subscribe] {
+            caller.require_all(permission, scope)?;
+        }
     }
-    Ok(app.sagas.register(text).await?)
+    for (what, stream) in definition.appended_streams() {
+        let template = skald_saga::template::Template::parse(stream)
+            .map_err(|e| Problem::malformed(format!("{what}: {e}")))?;
+        caller.require_template(Permission::Append, stream, &template.pieces(), &what)?;
+    }
+    Ok(())
+}
+
+/// Who may see a saga's data: the trigger's data, step outputs and errors are shown only to
+/// callers who may read the trigger's stream.
+pub(crate) fn may_see_data(caller: &Caller, summary: &InstanceSummary) -> bool {
+    caller
+        .require(Permission::Read, &summary.trigger_stream)
+        .is_ok()
+}
+
+/// What a caller who may not read the trigger's stream sees instead of data.
+const HIDDEN: &str = "hidden: you may not read the trigger's stream";
+
+/// Removes what the caller may not see from a summary.
+pub(crate) fn redact_summary(caller: &Caller, summary: &mut InstanceSummary) {
+    if !may_see_data(caller, summary) && summary.last_error.is_some() {
+        summary.last_error = Some(HIDDEN.to_owned());
+    }
+}
+
+/// Removes what the caller may not see from a history: the trigger's data (its id, stream, type
+/// and position stay), step outputs, errors and reasons.
+pub(crate) fn redact_history(caller: &Caller, history: &mut InstanceHistory) {
+    if may_see_data(caller, &history.summary) {
+        // An await's output is another stream's event: shown only to its readers.
+        for entry in &mut history.history {
+            let stream = entry.data["output"]["stream"].as_str().map(str::to_owned);
+            if entry.event_type == "StepSucceeded"
+                && let Some(stream) = stream
+                && entry.data["output"]["data"].is_object()
+                && caller.require(Permission::Read, &stream).is_err()
+            {
+                entry.data["output"] = json!(HIDDEN);
+            }
+        }
+        return;
+    }
+    redact_summary(caller, &mut history.summary);
+    for entry in &mut history.history {
+        let data = &mut entry.data;
+        match entry.event_type.as_str() {
+            "SagaStarted" => {
+                let t = &data["trigger"];
+                data["trigger"] = json!({
+                    "id": t["id"], "stream": t["stream"], "type": t["type"], "position": t["position"],
+                });
+            }
+            "StepSucceeded" => data["output"] = json!(HIDDEN),
+            "StepFailed" | "SagaStuck" => data["error"] = json!(HIDDEN),
+            "SagaCompensating" => data["reason"] = json!(HIDDEN),
+            _ => {}
+        }
+    }
 }
 
 /// `GET /v1/sagas`: every definition with its versions and instance counts.
@@ -137,6 +217,9 @@ pub(crate) async fn instances<S: EventStore>(
     }
     let mut instances = app.sagas.instances(&filter);
     instances.retain(|i| caller.require(Permission::Saga, &i.definition).is_ok());
+    for summary in &mut instances {
+        redact_summary(&caller, summary);
+    }
     Ok(json_ok(StatusCode::OK, &json!({ "instances": instances })))
 }
 
@@ -146,8 +229,9 @@ pub(crate) async fn history<S: EventStore>(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let history = app.sagas.history(&id).await?;
+    let mut history = app.sagas.history(&id).await?;
     caller.require(Permission::Saga, &history.summary.definition)?;
+    redact_history(&caller, &mut history);
     Ok(json_ok(StatusCode::OK, &history))
 }
 
@@ -218,4 +302,38 @@ pub(crate) async fn cancel_audited<S: EventStore>(
         )
         .await?;
     Ok(summary)
+}
+
+/// What a saga's registrant may still do, from the keys and rules in force (the engine asks at
+/// each trigger and step).
+pub struct SagaAuthority<S> {
+    security: std::sync::Arc<Security<S>>,
+}
+
+impl<S> SagaAuthority<S> {
+    pub fn new(security: std::sync::Arc<Security<S>>) -> Self {
+        Self { security }
+    }
+}
+
+impl<S: EventStore> Authority for SagaAuthority<S> {
+    fn check(&self, registrant: Option<&Value>, need: Need<'_>) -> Result<(), String> {
+        if !self.security.enabled() {
+            return Ok(());
+        }
+        let Some(registrant) = registrant else {
+            return Err(
+                "the definition was registered before registrants were recorded; \
+                 register it again so that it runs with its registrant's rights"
+                    .to_owned(),
+            );
+        };
+        let principal: Principal = serde_json::from_value(registrant.clone())
+            .map_err(|e| format!("the recorded registrant cannot be read: {e}"))?;
+        let (permission, name) = match need {
+            Need::Read(stream) => (Permission::Read, stream),
+            Need::Append(stream) => (Permission::Append, stream),
+        };
+        self.security.recorded_may(&principal, permission, name)
+    }
 }

@@ -27,6 +27,14 @@ pub fn skald(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A config file beside `data_dir` that lets saga steps reach targets on loopback (the egress
+/// policy refuses them by default); pass it with `--config`.
+pub fn loopback_targets_config(data_dir: &Path) -> String {
+    let path = data_dir.with_extension("toml");
+    std::fs::write(&path, "[sagas.egress]\nallow = [\"127.0.0.1\"]\n").expect("config written");
+    path.to_string_lossy().into_owned()
+}
+
 /// A running server; killed with SIGKILL when dropped if still running.
 pub struct Server {
     pub child: Child,

@@ -182,7 +182,20 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub async fn open(dir: &Path, options: SagaOptions) -> Self {
+    /// Opens the store and the engine; the test targets listen on loopback, so the egress
+    /// policy lets steps reach it.
+    pub async fn open(dir: &Path, mut options: SagaOptions) -> Self {
+        options.egress.allow.push("127.0.0.0/8".to_owned());
+        Self::open_with(dir, options, Arc::new(skald_saga::Unrestricted)).await
+    }
+
+    /// [`Engine::open`] with the options as given (loopback refused unless they list it) and an
+    /// authority for the registrants.
+    pub async fn open_with(
+        dir: &Path,
+        options: SagaOptions,
+        authority: Arc<dyn skald_saga::Authority>,
+    ) -> Self {
         let mut attempts = 0;
         let store = loop {
             let opened = Store::open(Options {
@@ -200,7 +213,7 @@ impl Engine {
             }
         };
         let hub = Hub::start(Arc::new(store.clone()), HubOptions::default());
-        let sagas = Sagas::start(hub.clone(), options, Arc::new(WallClock))
+        let sagas = Sagas::start_with(hub.clone(), options, Arc::new(WallClock), authority)
             .await
             .unwrap();
         Self { store, hub, sagas }
