@@ -13,8 +13,14 @@ for target in $(cargo fuzz list); do
     echo "fuzzing $target for ${seconds}s"
     log=$(mktemp)
     status=0
-    cargo fuzz run -s none "$target" -- -max_total_time="$seconds" -print_final_stats=1 \
-        > "$log" 2>&1 || status=$?
+    # Hand-written seeds (hostile shapes found by reviews) join the generated corpus.
+    corpora=("corpus/$target")
+    mkdir -p "corpus/$target"
+    if [ -d "seeds/$target" ]; then
+        corpora+=("seeds/$target")
+    fi
+    cargo fuzz run -s none "$target" "${corpora[@]}" -- -max_total_time="$seconds" \
+        -print_final_stats=1 -rss_limit_mb=1024 > "$log" 2>&1 || status=$?
     # libFuzzer's progress lines are left out; its summary and any crash are shown.
     grep -E "^(Done|stat::number_of_executed_units)|panicked|ERROR|SUMMARY|deadly" "$log" || true
     if [ "$status" -ne 0 ]; then

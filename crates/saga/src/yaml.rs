@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr::{Scalar, ScalarStyle, Tag};
+use saphyr_parser::{Event, Parser};
 use serde_json::{Map, Number, Value};
 
 /// The largest definition accepted, in bytes.
 pub const MAX_DEFINITION_BYTES: usize = 256 * 1024;
 
-/// How deep a definition may nest: bounds recursion on hostile input.
+/// How deep a definition may nest.
 const MAX_DEPTH: usize = 64;
 
 /// A line and column, both from 1.
@@ -54,8 +55,31 @@ impl Document {
     }
 }
 
+/// Most nodes (scalars, sequences, mappings) in one definition.
+const MAX_NODES: usize = 20_000;
+
+/// A container being built.
+enum Open {
+    Sequence {
+        items: Vec<Value>,
+        pointer: String,
+    },
+    Mapping {
+        entries: Map<String, Value>,
+        pointer: String,
+        /// The key whose value comes next, once read.
+        key: Option<String>,
+    },
+}
+
+type Failure = (Location, String);
+
 /// Parses YAML (or JSON) text into a [`Document`]. Errors name the line and column.
-pub fn parse(text: &str) -> Result<Document, (Location, String)> {
+///
+/// Built from the parser's events with an explicit stack, never as a tree first: depth
+/// (`MAX_DEPTH`) and node count (`MAX_NODES`) are checked as the events arrive, and aliases are
+/// refused, so neither deep nesting nor an alias bomb can exhaust the stack or the memory.
+pub fn parse(text: &str) -> Result<Document, Failure> {
     if text.len() > MAX_DEFINITION_BYTES {
         return Err((
             Location { line: 1, column: 1 },
@@ -65,102 +89,206 @@ pub fn parse(text: &str) -> Result<Document, (Location, String)> {
             ),
         ));
     }
-    let docs = MarkedYaml::load_from_str(text).map_err(|e| {
-        let marker = e.marker();
+    let mut builder = Builder::default();
+    let mut parser = Parser::new_from_str(text);
+    while let Some(next) = parser.next_event() {
+        let (event, span) = next.map_err(|e| {
+            let marker = e.marker();
+            (
+                Location {
+                    line: marker.line(),
+                    column: marker.col() + 1,
+                },
+                e.info().to_owned(),
+            )
+        })?;
+        let here = Location {
+            line: span.start.line(),
+            column: span.start.col() + 1,
+        };
+        if builder.take(event, here)? {
+            break;
+        }
+    }
+    let value = builder.root.ok_or_else(|| {
         (
-            Location {
-                line: marker.line(),
-                column: marker.col() + 1,
-            },
-            e.info().to_owned(),
+            Location { line: 1, column: 1 },
+            "the definition is empty".to_owned(),
         )
     })?;
-    let mut docs = docs.into_iter();
-    let Some(root) = docs.next() else {
-        return Err((
-            Location { line: 1, column: 1 },
-            "the definition is empty".into(),
-        ));
-    };
-    if let Some(extra) = docs.next() {
-        return Err((
-            location_of(&extra),
-            "only one YAML document is allowed; remove the `---` and what follows".into(),
-        ));
-    }
-    let mut locations = HashMap::new();
-    let value = convert(&root, String::new(), &mut locations, 0)?;
-    Ok(Document { value, locations })
+    Ok(Document {
+        value,
+        locations: builder.locations,
+    })
 }
 
-fn location_of(node: &MarkedYaml) -> Location {
-    Location {
-        line: node.span.start.line(),
-        column: node.span.start.col() + 1,
-    }
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Open>,
+    root: Option<Value>,
+    locations: HashMap<String, Location>,
+    documents: usize,
+    nodes: usize,
 }
 
-fn convert(
-    node: &MarkedYaml,
-    pointer: String,
-    locations: &mut HashMap<String, Location>,
-    depth: usize,
-) -> Result<Value, (Location, String)> {
-    let here = location_of(node);
-    if depth > MAX_DEPTH {
-        return Err((here, format!("nested more than {MAX_DEPTH} levels deep")));
-    }
-    let value = match &node.data {
-        YamlData::Value(scalar) => scalar_value(scalar).ok_or_else(|| {
-            (
-                here,
-                "this number is not finite; JSON cannot hold it".to_owned(),
-            )
-        })?,
-        YamlData::Sequence(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                out.push(convert(
-                    item,
-                    format!("{pointer}/{i}"),
-                    locations,
-                    depth + 1,
-                )?);
+impl Builder {
+    /// Takes one event; `true` at the end of the stream.
+    fn take(&mut self, event: Event<'_>, here: Location) -> Result<bool, Failure> {
+        match event {
+            Event::StreamEnd => return Ok(true),
+            Event::Nothing | Event::StreamStart | Event::DocumentEnd => {}
+            Event::DocumentStart(_) => {
+                self.documents += 1;
+                if self.documents > 1 {
+                    return Err((
+                        here,
+                        "only one YAML document is allowed; remove the `---` and what follows"
+                            .into(),
+                    ));
+                }
             }
-            Value::Array(out)
-        }
-        YamlData::Mapping(entries) => {
-            let mut out = Map::new();
-            for (key, item) in entries {
-                let key = match &key.data {
-                    YamlData::Value(Scalar::String(s)) => s.to_string(),
-                    YamlData::Value(Scalar::Integer(i)) => i.to_string(),
-                    YamlData::Value(Scalar::Boolean(b)) => b.to_string(),
-                    _ => {
-                        return Err((
-                            location_of(key),
-                            "a mapping key must be a plain string".into(),
-                        ));
-                    }
+            Event::Alias(_) => {
+                return Err((
+                    here,
+                    "YAML aliases (*name) are not supported: write the value out".into(),
+                ));
+            }
+            Event::Scalar(text, style, _anchor, tag) => {
+                self.count(here)?;
+                let scalar = scalar_of(text, style, tag.as_ref(), here)?;
+                if let Some(Open::Mapping {
+                    key: key @ None, ..
+                }) = self.stack.last_mut()
+                {
+                    *key = Some(key_of(&scalar).ok_or_else(|| {
+                        (here, "a mapping key must be a plain string".to_owned())
+                    })?);
+                    return Ok(false);
+                }
+                let value = scalar_value(&scalar).ok_or_else(|| {
+                    (
+                        here,
+                        "this number is not finite; JSON cannot hold it".to_owned(),
+                    )
+                })?;
+                let pointer = self.child_pointer(here)?;
+                self.locations.insert(pointer, here);
+                self.complete(value, here)?;
+            }
+            Event::SequenceStart(_, tag) | Event::MappingStart(_, tag) if tag.is_some() => {
+                return Err((here, "YAML tags (`!tag`) are not supported".into()));
+            }
+            Event::SequenceStart(..) => {
+                let pointer = self.open(here)?;
+                self.stack.push(Open::Sequence {
+                    items: Vec::new(),
+                    pointer,
+                });
+            }
+            Event::MappingStart(..) => {
+                let pointer = self.open(here)?;
+                self.stack.push(Open::Mapping {
+                    entries: Map::new(),
+                    pointer,
+                    key: None,
+                });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let value = match self.stack.pop() {
+                    Some(Open::Sequence { items, .. }) => Value::Array(items),
+                    Some(Open::Mapping { entries, .. }) => Value::Object(entries),
+                    None => return Err((here, "a collection ends that never began".into())),
                 };
-                let child = format!("{pointer}/{}", escape(&key));
-                let value = convert(item, child, locations, depth + 1)?;
-                out.insert(key, value);
+                self.complete(value, here)?;
             }
-            Value::Object(out)
         }
-        YamlData::Alias(_) => {
-            return Err((here, "this alias names no anchor".into()));
+        Ok(false)
+    }
+
+    fn count(&mut self, here: Location) -> Result<(), Failure> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err((
+                here,
+                format!("more than {MAX_NODES} values in one definition"),
+            ));
         }
-        YamlData::Tagged(..) => {
-            return Err((here, "YAML tags (`!tag`) are not supported".into()));
+        Ok(())
+    }
+
+    /// A sequence or mapping begins: checks the limits and where it may stand, and records
+    /// its location; returns its pointer.
+    fn open(&mut self, here: Location) -> Result<String, Failure> {
+        self.count(here)?;
+        if self.stack.len() >= MAX_DEPTH {
+            return Err((here, format!("nested more than {MAX_DEPTH} levels deep")));
         }
-        YamlData::Representation(..) | YamlData::BadValue => {
-            return Err((here, "this value cannot be read".into()));
+        if let Some(Open::Mapping { key: None, .. }) = self.stack.last() {
+            return Err((here, "a mapping key must be a plain string".into()));
         }
-    };
-    locations.insert(pointer, here);
-    Ok(value)
+        let pointer = self.child_pointer(here)?;
+        self.locations.insert(pointer.clone(), here);
+        Ok(pointer)
+    }
+
+    /// The pointer of the node that comes next in the open container.
+    fn child_pointer(&self, here: Location) -> Result<String, Failure> {
+        Ok(match self.stack.last() {
+            None if self.root.is_some() => {
+                return Err((here, "only one value is allowed at the top".into()));
+            }
+            None => String::new(),
+            Some(Open::Sequence { items, pointer }) => format!("{pointer}/{}", items.len()),
+            Some(Open::Mapping {
+                pointer,
+                key: Some(key),
+                ..
+            }) => format!("{pointer}/{}", escape(key)),
+            Some(Open::Mapping { key: None, .. }) => {
+                return Err((here, "a mapping key must be a plain string".into()));
+            }
+        })
+    }
+
+    /// A node is whole: it goes into its container, or becomes the document.
+    fn complete(&mut self, value: Value, here: Location) -> Result<(), Failure> {
+        match self.stack.last_mut() {
+            None => self.root = Some(value),
+            Some(Open::Sequence { items, .. }) => items.push(value),
+            Some(Open::Mapping { entries, key, .. }) => {
+                let key = key.take().expect("a value in a mapping follows its key");
+                if entries.contains_key(&key) {
+                    return Err((here, format!("key {key:?} appears twice in this mapping")));
+                }
+                entries.insert(key, value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A scalar as YAML 1.2's core schema reads it; tags other than the core ones are refused.
+fn scalar_of<'t>(
+    text: std::borrow::Cow<'t, str>,
+    style: ScalarStyle,
+    tag: Option<&std::borrow::Cow<'t, Tag>>,
+    here: Location,
+) -> Result<Scalar<'t>, Failure> {
+    if tag.is_some_and(|t| !t.is_yaml_core_schema()) {
+        return Err((here, "YAML tags (`!tag`) are not supported".into()));
+    }
+    Scalar::parse_from_cow_and_metadata(text, style, tag)
+        .ok_or_else(|| (here, "this value does not match its tag".to_owned()))
+}
+
+/// A mapping key as text: strings, integers and booleans.
+fn key_of(scalar: &Scalar<'_>) -> Option<String> {
+    match scalar {
+        Scalar::String(s) => Some(s.to_string()),
+        Scalar::Integer(i) => Some(i.to_string()),
+        Scalar::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 fn scalar_value(scalar: &Scalar) -> Option<Value> {
@@ -208,12 +336,49 @@ mod tests {
     fn syntax_errors_and_aliases_name_the_place() {
         let (at, why) = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(at.line >= 2, "{at} {why}");
-        // Aliases are resolved to the anchored value.
-        let doc = parse("a: &x 1\nb: *x\n").unwrap();
-        assert_eq!(doc.value, serde_json::json!({"a": 1, "b": 1}));
-        let (at, _) = parse("a: 1\nb: *nope\n").unwrap_err();
+        // Aliases are refused, where they are.
+        let (at, why) = parse("a: &x 1\nb: *x\n").unwrap_err();
         assert_eq!(at.line, 2);
+        assert!(why.contains("aliases"), "{why}");
         assert!(parse("").is_err());
         assert!(parse("a: 1\n---\nb: 2\n").is_err());
+        assert!(parse("a: 1\na: 2\n").unwrap_err().1.contains("twice"));
+        assert!(parse("a: !custom 1\n").is_err());
+        assert_eq!(
+            parse("a: !!str 12\n").unwrap().value,
+            serde_json::json!({"a": "12"})
+        );
+    }
+
+    /// Runs `f` on a thread with a small stack: a parser that recursed per level of nesting
+    /// would overflow it (and abort the process) on these inputs.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .expect("no stack overflow")
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_quickly_and_on_a_small_stack() {
+        let nested_block = format!("{}x", "- ".repeat(5000));
+        let (_, why) = on_small_stack(move || parse(&nested_block)).unwrap_err();
+        assert!(why.contains("nested"), "{why}");
+        let nested_flow = "[".repeat(100_000);
+        assert!(on_small_stack(move || parse(&nested_flow)).is_err());
+        // The 399-byte alias bomb of issue 25: 7 levels of 9-way anchors.
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..7 {
+            let prev = format!("*a{}", level - 1);
+            let refs = [prev.as_str(); 9].join(", ");
+            bomb.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+        }
+        let (_, why) = on_small_stack(move || parse(&bomb)).unwrap_err();
+        assert!(why.contains("aliases"), "{why}");
+        let wide = format!("[{}]", vec!["1"; MAX_NODES + 1].join(","));
+        let (_, why) = parse(&wide).unwrap_err();
+        assert!(why.contains("values"), "{why}");
     }
 }
