@@ -134,10 +134,14 @@ pub fn merge(
         );
     }
     let sagas = file.sagas;
-    if sagas.max_running == 0 || sagas.max_starting == 0 || sagas.breaker.failure_threshold == 0 {
+    if sagas.max_running == 0
+        || sagas.max_starting == 0
+        || sagas.max_starts_per_second == 0
+        || sagas.breaker.failure_threshold == 0
+    {
         anyhow::bail!(
-            "config [sagas]: max_running, max_starting and breaker.failure_threshold must be at \
-             least 1"
+            "config [sagas]: max_running, max_starting, max_starts_per_second and \
+             breaker.failure_threshold must be at least 1"
         );
     }
     skald_saga::egress::Egress::new(&sagas.egress)

@@ -479,6 +479,7 @@ pub fn validate(def: &SagaDefinition) -> Vec<(String, String)> {
             ),
         );
     }
+    check_self_trigger(def, &mut problem);
     let mut seen = HashSet::new();
     let mut point_of_no_return: Option<&str> = None;
     for (i, step) in def.steps.iter().enumerate() {
@@ -775,6 +776,92 @@ fn check_action(
     }
 }
 
+/// Refuses an append that can write an event the saga's own trigger matches: each instance
+/// would start another, without end. "Can" is judged from the templates' text alone, so a
+/// stream whose category depends on a template counts as matching.
+fn check_self_trigger(def: &SagaDefinition, problem: &mut impl FnMut(String, String)) {
+    for (i, step) in def.steps.iter().enumerate() {
+        let phases = [
+            ("action", Some(&step.action)),
+            ("compensation", step.compensation.as_ref()),
+        ];
+        for (phase, action) in phases {
+            if let Some(Action::Append(append)) = action
+                && could_trigger(&def.trigger, append)
+            {
+                problem(
+                    format!("/steps/{i}/{phase}/append"),
+                    format!(
+                        "this append can write an event the saga's own trigger matches (type \
+                         {:?} to stream {:?}): each instance would start another without end; \
+                         append another type, or to a stream the trigger cannot match",
+                        append.event_type, append.stream
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Whether an event written by `append` can match `trigger`.
+fn could_trigger(trigger: &Trigger, append: &AppendAction) -> bool {
+    if let Some(items) = &trigger.query {
+        return items.iter().any(|item| {
+            let typed =
+                item.types.is_empty() || item.types.iter().any(|t| t.as_str() == append.event_type);
+            typed
+                && item.tags.iter().all(|tag| {
+                    append
+                        .tags
+                        .iter()
+                        .any(|template| could_render(template, tag.as_str()))
+                })
+        });
+    }
+    let typed = trigger.types.is_empty() || trigger.types.contains(&append.event_type);
+    let categorized = trigger
+        .category
+        .as_deref()
+        .is_none_or(|c| could_be_in_category(&append.stream, c));
+    typed && categorized
+}
+
+/// Whether a stream name template can render a name of `category` (the part before the first
+/// `-`, or the whole name without one).
+fn could_be_in_category(stream: &str, category: &str) -> bool {
+    let Ok(template) = Template::parse(stream) else {
+        return false;
+    };
+    let pieces = template.pieces();
+    let templated = pieces.iter().any(Option::is_none);
+    let prefix = match pieces.first() {
+        Some(Some(text)) => *text,
+        _ => "",
+    };
+    match prefix.find('-') {
+        Some(dash) if dash > 0 => &prefix[..dash] == category,
+        _ if !templated => prefix == category,
+        // The category ends inside a template's value: it may be this one.
+        _ => category.starts_with(prefix),
+    }
+}
+
+/// Whether a tag template can render `value`.
+fn could_render(template: &str, value: &str) -> bool {
+    let Ok(template) = Template::parse(template) else {
+        return false;
+    };
+    let pieces = template.pieces();
+    if pieces.iter().all(Option::is_some) {
+        return pieces.iter().flatten().copied().collect::<String>() == value;
+    }
+    let prefix = match pieces.first() {
+        Some(Some(text)) => *text,
+        _ => "",
+    };
+    value.starts_with(prefix)
+}
+
 /// Templates may not choose where a step connects: none in the scheme, host or port.
 fn check_url_target_is_fixed(url: &str) -> Result<(), String> {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
@@ -1019,6 +1106,71 @@ steps:
     retriable: true
     action: {http: {method: POST, url: "http://127.0.0.1:1/n"}}
 "#;
+
+    /// A one-step definition triggered by `trigger` whose pivot appends `append`.
+    fn appending(trigger: &str, append: &str) -> String {
+        format!(
+            "name: loop\nversion: 1\ntrigger: {trigger}\ncorrelationKey: /data/id\nsteps:\n  - \
+             name: again\n    pivot: true\n    action: {{append: {append}}}\n"
+        )
+    }
+
+    #[test]
+    fn an_append_its_own_trigger_can_match_is_refused() {
+        let refused = [
+            // The issue's loop: category loopy, appended to loopy-{{saga.id}}.
+            (
+                "{category: loopy}",
+                r#"{stream: "loopy-{{saga.id}}", type: Again}"#,
+            ),
+            (
+                "{category: loopy, types: [Again]}",
+                r#"{stream: "loopy-1", type: Again}"#,
+            ),
+            (
+                "{types: [Again]}",
+                r#"{stream: "elsewhere-1", type: Again}"#,
+            ),
+            // The category is decided by a template's value: it may be this one.
+            (
+                "{category: loopy}",
+                r#"{stream: "loop{{saga.id}}", type: Again}"#,
+            ),
+            (
+                "{category: loopy}",
+                r#"{stream: "{{saga.id}}", type: Again}"#,
+            ),
+            (
+                "{query: [{types: [Again], tags: [\"k:1\"]}]}",
+                r#"{stream: "x-1", type: Again, tags: ["k:{{saga.correlationKey}}"]}"#,
+            ),
+        ];
+        for (trigger, append) in refused {
+            let text = appending(trigger, append);
+            let error = parse(&text).expect_err(&text).to_string();
+            assert!(error.contains("own trigger matches"), "{text}: {error}");
+        }
+        let accepted = [
+            (
+                "{category: order, types: [OrderPlaced]}",
+                r#"{stream: "order-{{saga.correlationKey}}", type: OrderConfirmed}"#,
+            ),
+            (
+                "{category: loopy}",
+                r#"{stream: "audit-{{saga.id}}", type: Again}"#,
+            ),
+            ("{category: loopy}", r#"{stream: "loopyx", type: Again}"#),
+            ("{types: [Placed]}", r#"{stream: "any-1", type: Again}"#),
+            (
+                "{query: [{types: [Again], tags: [\"k:1\"]}]}",
+                r#"{stream: "x-1", type: Again, tags: ["other:{{saga.correlationKey}}"]}"#,
+            ),
+        ];
+        for (trigger, append) in accepted {
+            let text = appending(trigger, append);
+            parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
 
     #[test]
     fn a_good_definition_parses_and_round_trips_through_json() {

@@ -835,6 +835,7 @@ impl<S: EventStore> Inner<S> {
             .subscribe(ReadSource::All(None), Start::Position(from))
             .await?;
         let starting = Arc::new(Semaphore::new(inner.options.max_starting));
+        let mut rate = StartRate::new(inner.options.max_starts_per_second);
         // Positions whose starts are not all stored yet (several definitions may start from one
         // event), with how many are under way; the checkpoint stays before the oldest.
         let in_flight: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::new(Mutex::new(BTreeMap::new()));
@@ -889,6 +890,13 @@ impl<S: EventStore> Inner<S> {
                                 "the trigger starts no saga: its registrant may not read it: {why}"
                             );
                             continue;
+                        }
+                        while let Some(wait) = rate.take(&registered.definition.name, Instant::now()) {
+                            inner.metrics.start_waits.fetch_add(1, Ordering::Relaxed);
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = inner.hub.stopping() => break 'follow,
+                            }
                         }
                         let permit = tokio::select! {
                             p = Arc::clone(&inner.running).acquire_owned() => p.expect("never closed"),
@@ -1381,6 +1389,39 @@ impl<S: EventStore> Inner<S> {
             self.metrics.transition(&live.definition.name, state);
         }
         Ok(())
+    }
+}
+
+/// Token buckets of instance starts, one per definition (`SagaOptions::max_starts_per_second`,
+/// with a burst of one second's worth).
+struct StartRate {
+    per_second: f64,
+    buckets: HashMap<String, (f64, Instant)>,
+}
+
+impl StartRate {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second: f64::from(per_second.max(1)),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes a start for `definition`: `None` when it may start now, else how long to wait.
+    fn take(&mut self, definition: &str, now: Instant) -> Option<Duration> {
+        let per_second = self.per_second;
+        let (tokens, at) = self
+            .buckets
+            .entry(definition.to_owned())
+            .or_insert((per_second, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(per_second);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - *tokens) / per_second))
+        }
     }
 }
 

@@ -38,6 +38,9 @@ pub struct SagaOptions {
     pub max_running: usize,
     /// Most instance starts (appends of `SagaStarted`) in flight at once.
     pub max_starting: usize,
+    /// Most instances one definition starts per second (with a burst of as many); beyond it
+    /// the trigger loop waits, so a definition that fans out cannot flood the store.
+    pub max_starts_per_second: u32,
     /// Circuit-breaker thresholds, shared by every target host.
     pub breaker: BreakerSettings,
     /// Where `http` steps may connect beyond the public internet.
@@ -52,6 +55,7 @@ impl Default for SagaOptions {
         Self {
             max_running: 10_000,
             max_starting: 256,
+            max_starts_per_second: 1000,
             breaker: BreakerSettings::default(),
             egress: EgressPolicy::default(),
             checkpoint_every: Duration::from_secs(1),

@@ -30,6 +30,7 @@ pub(crate) struct Metrics {
     pub(crate) duplicates: AtomicU64,
     pub(crate) no_key: AtomicU64,
     pub(crate) refused_triggers: AtomicU64,
+    pub(crate) start_waits: AtomicU64,
 }
 
 impl Metrics {
@@ -140,6 +141,12 @@ pub(crate) fn write<S: EventStore>(sagas: &Sagas<S>, inner: &Inner<S>, out: &mut
         "Trigger events that started no saga because the definition's registrant may not read \
          their stream.",
         m.refused_triggers.load(Ordering::Relaxed) as f64,
+    );
+    out.single(
+        "skald_saga_start_waits_total",
+        Kind::Counter,
+        "Times the trigger loop waited because a definition reached max_starts_per_second.",
+        m.start_waits.load(Ordering::Relaxed) as f64,
     );
     out.family(
         "skald_saga_step_attempts_total",

@@ -737,3 +737,43 @@ async fn steps_run_with_their_registrants_rights_checked_when_they_run() {
     );
     engine.stop().await;
 }
+
+#[tokio::test]
+async fn a_definition_starts_at_most_its_rate_and_every_trigger_still_starts_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SagaOptions {
+        max_starts_per_second: 2,
+        ..SagaOptions::default()
+    };
+    let engine = Engine::open(dir.path(), options).await;
+    let text = r#"
+name: audit
+version: 1
+trigger: {category: order, types: [OrderPlaced]}
+correlationKey: /data/orderId
+steps:
+  - name: note
+    pivot: true
+    action: {append: {stream: "audit-{{saga.correlationKey}}", type: Noted}}
+"#;
+    engine.sagas.register(text).await.unwrap();
+    let orders: Vec<String> = (1..=6).map(|i| format!("r-{i}")).collect();
+    for order in &orders {
+        place_order(&engine, order).await;
+    }
+    for order in &orders {
+        engine.wait_for("audit", order, "completed").await;
+    }
+    // A burst of two, then the loop waited for the other four.
+    let mut out = skald_core::metrics::Exposition::new();
+    engine.sagas.write_metrics(&mut out);
+    let text = out.finish();
+    let waits: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("skald_saga_start_waits_total "))
+        .expect("the metric is exposed")
+        .parse()
+        .unwrap();
+    assert!(waits >= 4.0, "{text}");
+    engine.stop().await;
+}
