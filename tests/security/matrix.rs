@@ -68,6 +68,14 @@ async fn operate(api: &Api, op: &str, role: &str, token: &str) -> StatusCode {
         "list groups" => get("/v1/groups").await,
         "list sagas" => get("/v1/sagas").await,
         "list saga instances" => get("/v1/saga-instances").await,
+        "disable saga" => {
+            api.call(Method::POST, "/v1/sagas/order-flow/disable", t, "")
+                .await
+        }
+        "enable saga" => {
+            api.call(Method::POST, "/v1/sagas/order-flow/enable", t, "")
+                .await
+        }
         "list keys" => get("/v1/admin/keys").await,
         "get rules" => get("/v1/admin/rules").await,
         "metrics" => get("/metrics").await,
@@ -186,6 +194,23 @@ async fn every_role_against_every_endpoint() {
         StatusCode::CREATED
     );
 
+    let flow = json!({
+        "name": "order-flow", "version": 1,
+        "trigger": {"category": "order", "types": ["OrderPlaced"]},
+        "correlationKey": "/data/id",
+        "steps": [{"name": "note", "pivot": true,
+                   "action": {"append": {"stream": "ledger-{{saga.correlationKey}}", "type": "Noted"}}}]
+    });
+    let registered = api
+        .call(Method::POST, "/v1/sagas", Some(&admin), &flow.to_string())
+        .await;
+    assert_eq!(
+        registered.status,
+        StatusCode::CREATED,
+        "{:?}",
+        registered.body
+    );
+
     let mut tokens = std::collections::BTreeMap::new();
     for role in ROLES {
         let token = api.key(&admin, &format!("{role}-key"), &[role]).await;
@@ -210,6 +235,8 @@ async fn every_role_against_every_endpoint() {
         ("list groups", &["admin", "subscriber"]),
         ("list sagas", &["admin", "sagaop"]),
         ("list saga instances", &["admin", "sagaop"]),
+        ("disable saga", &["admin", "sagaop"]),
+        ("enable saga", &["admin", "sagaop"]),
         ("list keys", &["admin", "ops"]),
         ("get rules", &["admin", "ops"]),
         ("metrics", &["admin", "ops"]),

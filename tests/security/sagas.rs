@@ -323,3 +323,197 @@ async fn instance_details_show_data_only_to_readers_of_the_trigger() {
         "{output}"
     );
 }
+
+/// Instances of `definition` the admin sees (at most 1000).
+async fn instances_of(s: &Setup, definition: &str) -> Vec<Value> {
+    let listed = s
+        .api
+        .call(
+            Method::GET,
+            &format!("/v1/saga-instances?definition={definition}&limit=1000"),
+            Some(&s.admin),
+            "",
+        )
+        .await
+        .json();
+    listed["instances"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until an instance of `definition` with `key` exists, and returns it.
+async fn instance_with_key(s: &Setup, definition: &str, key: &str) -> Value {
+    for _ in 0..200 {
+        if let Some(i) = instances_of(s, definition)
+            .await
+            .into_iter()
+            .find(|i| i["correlationKey"] == key)
+        {
+            return i;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no instance of {definition} for key {key}");
+}
+
+/// Two definitions that trigger each other, each instance under a new key: a loop no single
+/// definition shows.
+fn ping_pong(name: &str, from: &str, to: &str) -> String {
+    json!({
+        "name": name,
+        "version": 1,
+        "trigger": {"category": from},
+        "correlationKey": "/data/id",
+        "steps": [{"name": "bounce", "pivot": true,
+                   "action": {"append": {"stream": format!("{to}-1"), "type": "Bounced",
+                                         "data": {"id": "{{saga.id}}"}}}}]
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_that_loop_are_refused_rate_limited_and_can_be_disabled_and_deleted() {
+    let s = setup(
+        "[auth]\napi_keys = true\n[sagas]\nmax_starts_per_second = 5\n",
+        json!({"rules": [
+            {"role": "loopy", "allow": ["saga"], "on": ["x-*"]},
+            {"role": "loopy", "allow": ["read", "subscribe", "append"], "on": ["loopy*"]}
+        ]}),
+    )
+    .await;
+    // The issue's loop, by a key that holds every right it uses: refused for what it is.
+    let loopy = s.api.key(&s.admin, "loopy-bot", &["loopy"]).await;
+    let looping = json!({
+        "name": "x-loop", "version": 1, "trigger": {"category": "loopy"},
+        "correlationKey": "/data/id",
+        "steps": [{"name": "again", "pivot": true,
+                   "action": {"append": {"stream": "loopy-{{saga.id}}", "type": "Again"}}}]
+    })
+    .to_string();
+    let (status, answer) = register(&s.api, &loopy, &looping).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        answer["detail"].as_str().unwrap().contains("own trigger"),
+        "{answer}"
+    );
+
+    // A loop through two definitions is held to the start rate.
+    for (name, from, to) in [("ping", "ping", "pong"), ("pong", "pong", "ping")] {
+        let (status, answer) = register(&s.api, &s.admin, &ping_pong(name, from, to)).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let serve = r#"{"events":[{"type":"Served","data":{"id":"0"}}]}"#;
+    s.api
+        .call(Method::POST, "/v1/streams/ping-0", Some(&s.admin), serve)
+        .await;
+    for _ in 0..400 {
+        if instances_of(&s, "ping").await.len() > 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = s
+        .api
+        .call(Method::GET, "/metrics", Some(&s.admin), "")
+        .await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("skald_saga_start_waits_total") && !l.ends_with(" 0")),
+        "the loop waited for the start rate"
+    );
+
+    // Disabling one side ends the loop: a pong written after it starts nothing.
+    let refused = s
+        .api
+        .call(Method::POST, "/v1/sagas/pong/disable", Some(&loopy), "")
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let disabled = s
+        .api
+        .call(Method::POST, "/v1/sagas/pong/disable", Some(&s.admin), "")
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK, "{:?}", disabled.body);
+    assert_eq!(disabled.json()["changed"], true);
+    let listed = s
+        .api
+        .call(Method::GET, "/v1/sagas", Some(&s.admin), "")
+        .await
+        .json();
+    let pong = listed["sagas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "pong")
+        .unwrap();
+    assert_eq!(pong["enabled"], false, "{listed}");
+    let marker = |id: &str| format!(r#"{{"events":[{{"type":"Served","data":{{"id":"{id}"}}}}]}}"#);
+    s.api
+        .call(
+            Method::POST,
+            "/v1/streams/ping-m",
+            Some(&s.admin),
+            &marker("m1"),
+        )
+        .await;
+    let first = instance_with_key(&s, "ping", "m1").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while instance_with_key(&s, "ping", "m1").await["state"] != "completed" {
+        assert!(std::time::Instant::now() < deadline, "m1 does not complete");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The trigger loop passes m1's pong before it starts m2.
+    s.api
+        .call(
+            Method::POST,
+            "/v1/streams/ping-m",
+            Some(&s.admin),
+            &marker("m2"),
+        )
+        .await;
+    instance_with_key(&s, "ping", "m2").await;
+    let answered = first["sagaId"].as_str().unwrap();
+    assert!(
+        instances_of(&s, "pong")
+            .await
+            .iter()
+            .all(|i| i["correlationKey"] != answered),
+        "a disabled definition started an instance"
+    );
+
+    // Deleted once its instances have ended; audited.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let deleted = s
+            .api
+            .call(Method::DELETE, "/v1/sagas/pong", Some(&s.admin), "")
+            .await;
+        if deleted.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(deleted.status, StatusCode::CONFLICT, "{:?}", deleted.body);
+        assert!(std::time::Instant::now() < deadline, "pong never ends");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = s
+        .api
+        .call(Method::GET, "/v1/sagas/pong", Some(&s.admin), "")
+        .await;
+    assert_eq!(shown.status, StatusCode::NOT_FOUND);
+    let audit = s
+        .api
+        .call(
+            Method::GET,
+            "/v1/streams/$audit?limit=1000",
+            Some(&s.admin),
+            "",
+        )
+        .await
+        .json();
+    let changes: Vec<&Value> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "SagaDisabled" || e["type"] == "SagaDeleted")
+        .collect();
+    assert_eq!(changes.len(), 2, "{audit}");
+    assert!(changes.iter().all(|e| e["data"]["definition"] == "pong"));
+}

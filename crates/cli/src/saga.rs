@@ -1,5 +1,5 @@
-//! `skald saga register | list | show | instances | history | retry | cancel`: sagas on a
-//! running server, through `/v1/sagas` and `/v1/saga-instances`.
+//! `skald saga register | list | show | instances | history | retry | cancel | disable | enable |
+//! delete`: sagas on a running server, through `/v1/sagas` and `/v1/saga-instances`.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -58,6 +58,22 @@ pub enum SagaCommand {
         /// The saga id.
         id: String,
     },
+    /// Stop a definition's triggers from starting instances (those started run to their end).
+    Disable {
+        /// The definition's name.
+        name: String,
+    },
+    /// Let a disabled definition's triggers start instances again, from now on.
+    Enable {
+        /// The definition's name.
+        name: String,
+    },
+    /// Delete a definition (refused while an instance of it is running, compensating or
+    /// stuck); its instances' histories stay.
+    Delete {
+        /// The definition's name.
+        name: String,
+    },
     /// Cancel a running instance: its completed steps are compensated.
     Cancel {
         /// The saga id.
@@ -77,7 +93,10 @@ pub async fn run(client: &HttpClient, command: SagaCommand) -> anyhow::Result<()
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 return Ok(());
             }
-            println!("{:<32} {:>7}  instances", "name", "version");
+            println!(
+                "{:<32} {:>7}  {:<8}  instances",
+                "name", "version", "status"
+            );
             for saga in answer["sagas"].as_array().into_iter().flatten() {
                 let counts: Vec<String> = saga["instances"]
                     .as_object()
@@ -86,9 +105,14 @@ pub async fn run(client: &HttpClient, command: SagaCommand) -> anyhow::Result<()
                     .map(|(state, n)| format!("{state} {n}"))
                     .collect();
                 println!(
-                    "{:<32} {:>7}  {}",
+                    "{:<32} {:>7}  {:<8}  {}",
                     saga["name"].as_str().unwrap_or(""),
                     saga["latestVersion"],
+                    if saga["enabled"] == false {
+                        "disabled"
+                    } else {
+                        "enabled"
+                    },
                     if counts.is_empty() {
                         "none".to_owned()
                     } else {
@@ -165,6 +189,13 @@ pub async fn run(client: &HttpClient, command: SagaCommand) -> anyhow::Result<()
             println!("{id} is {} again", answer["state"].as_str().unwrap_or("?"));
             Ok(())
         }
+        SagaCommand::Disable { name } => {
+            change(client, Method::POST, &name, "/disable", "disabled").await
+        }
+        SagaCommand::Enable { name } => {
+            change(client, Method::POST, &name, "/enable", "enabled").await
+        }
+        SagaCommand::Delete { name } => change(client, Method::DELETE, &name, "", "deleted").await,
         SagaCommand::Cancel { id, reason } => {
             let path = format!("/v1/saga-instances/{}/cancel", encode(&id));
             let body = reason.map(|r| json!({ "reason": r }));
@@ -173,6 +204,23 @@ pub async fn run(client: &HttpClient, command: SagaCommand) -> anyhow::Result<()
             Ok(())
         }
     }
+}
+
+async fn change(
+    client: &HttpClient,
+    method: Method,
+    name: &str,
+    suffix: &str,
+    done: &str,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/sagas/{}{suffix}", encode(name));
+    let answer = call(client, method, &path, None).await?;
+    if answer["changed"] == true {
+        println!("{name} is {done}");
+    } else {
+        println!("{name} was {done} already; nothing changed");
+    }
+    Ok(())
 }
 
 async fn register(client: &HttpClient, file: &str) -> anyhow::Result<()> {

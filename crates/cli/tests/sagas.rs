@@ -280,6 +280,22 @@ async fn saga_commands_register_show_list_history_and_retry() {
         "{paths:?}"
     );
     assert_eq!(paths.last().unwrap(), "/unreserve");
+
+    // Disable, enable and delete.
+    let (ok, out, err) = cli(&["disable", "order"]);
+    assert!(ok && out.trim() == "order is disabled", "{out}{err}");
+    let (ok, out, _) = cli(&["disable", "order"]);
+    assert!(ok && out.contains("already"), "{out}");
+    let (ok, out, _) = cli(&["list"]);
+    assert!(ok && out.contains("disabled"), "{out}");
+    let (ok, out, err) = cli(&["enable", "order"]);
+    assert!(ok && out.trim() == "order is enabled", "{out}{err}");
+    let (ok, out, err) = cli(&["delete", "order"]);
+    assert!(ok && out.trim() == "order is deleted", "{out}{err}");
+    let (ok, out, _) = cli(&["list"]);
+    assert!(ok && !out.contains("order"), "{out}");
+    let (ok, _, err) = cli(&["enable", "order"]);
+    assert!(!ok && err.contains("was deleted"), "{err}");
     let (status, _) = server.terminate();
     assert!(status.success());
 }

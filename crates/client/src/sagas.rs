@@ -1,7 +1,8 @@
 //! Sagas through the client: definitions, instances, retry and cancel.
 //!
-//! Reads, and registering a definition (the same text again is a replay), are retried like
-//! every call that is safe to repeat. Retrying and cancelling an instance are sent once: a
+//! Reads, registering a definition (the same text again is a replay), and disabling, enabling
+//! or deleting one (a repeat finds it so already) are retried like every call that is safe to
+//! repeat. Retrying and cancelling an instance are sent once: a
 //! repeat after a lost answer would fail on the first attempt's effect. Answers are the
 //! generated messages of [`crate::proto`].
 
@@ -94,6 +95,52 @@ impl Client {
             let mut sagas = self.sagas();
             let request = self.request(message.clone());
             async move { sagas.get_instance(request).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// Stops definition `name`'s triggers from starting instances; those started run to their
+    /// end. `changed` is false when it was disabled already (a retry after a lost answer
+    /// reports the first attempt's change that way).
+    pub async fn disable_saga(&self, name: &str) -> Result<pb::ChangeSagaResponse> {
+        let message = pb::ChangeSagaRequest {
+            name: name.to_owned(),
+        };
+        self.retried(|| {
+            let mut sagas = self.sagas();
+            let request = self.request(message.clone());
+            async move { sagas.disable(request).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// Lets disabled definition `name`'s triggers start instances again, from now on.
+    pub async fn enable_saga(&self, name: &str) -> Result<pb::ChangeSagaResponse> {
+        let message = pb::ChangeSagaRequest {
+            name: name.to_owned(),
+        };
+        self.retried(|| {
+            let mut sagas = self.sagas();
+            let request = self.request(message.clone());
+            async move { sagas.enable(request).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// Deletes definition `name`: no longer listed, starts nothing, its instances' histories
+    /// stay. [`skald_core::Error::SagaConflict`] while an instance of it is running,
+    /// compensating or stuck.
+    pub async fn delete_saga(&self, name: &str) -> Result<pb::ChangeSagaResponse> {
+        let message = pb::ChangeSagaRequest {
+            name: name.to_owned(),
+        };
+        self.retried(|| {
+            let mut sagas = self.sagas();
+            let request = self.request(message.clone());
+            async move { sagas.delete(request).await }
         })
         .await
         .map(tonic::Response::into_inner)

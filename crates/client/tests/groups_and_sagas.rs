@@ -221,5 +221,16 @@ async fn sagas_through_the_client() {
         client.saga_instance("no-such-saga").await,
         Err(Error::SagaNotFound(_))
     ));
+
+    assert!(client.disable_saga("shipment").await.unwrap().changed);
+    assert!(!client.disable_saga("shipment").await.unwrap().changed);
+    assert!(!client.saga_definitions().await.unwrap()[0].enabled);
+    assert!(client.enable_saga("shipment").await.unwrap().changed);
+    assert!(client.delete_saga("shipment").await.unwrap().changed);
+    assert!(client.saga_definitions().await.unwrap().is_empty());
+    assert!(matches!(
+        client.enable_saga("shipment").await,
+        Err(Error::SagaNotFound(_))
+    ));
     server.stop().await;
 }

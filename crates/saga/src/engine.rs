@@ -56,12 +56,113 @@ impl Registered {
     }
 }
 
+/// Whether a definition starts instances for its triggers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Enabled,
+    Disabled,
+    /// Hidden from listings; its instances' histories stay. Registering the name again (at a
+    /// higher version) brings it back, enabled.
+    Deleted,
+}
+
+impl Status {
+    fn event_type(self) -> &'static str {
+        match self {
+            Status::Enabled => "SagaEnabled",
+            Status::Disabled => "SagaDisabled",
+            Status::Deleted => "SagaDeleted",
+        }
+    }
+}
+
+/// One event of `$sagas-definitions`, read.
+#[derive(Clone)]
+enum Entry {
+    Registered(Arc<Registered>),
+    Status(String, Status),
+}
+
+/// Which definitions start instances, as of a position in the log: the newest version of
+/// each name and its status. The trigger loop keeps one, fed in log order.
+#[derive(Default)]
+struct Triggering {
+    newest: BTreeMap<String, Arc<Registered>>,
+    status: HashMap<String, Status>,
+}
+
+impl Triggering {
+    fn apply(&mut self, entry: &Entry) {
+        match entry {
+            Entry::Registered(r) => {
+                let name = &r.definition.name;
+                self.newest.insert(name.clone(), Arc::clone(r));
+                if self.status.get(name) == Some(&Status::Deleted) {
+                    self.status.remove(name);
+                }
+            }
+            Entry::Status(name, status) => {
+                self.status.insert(name.clone(), *status);
+            }
+        }
+    }
+
+    fn enabled(&self) -> impl Iterator<Item = &Arc<Registered>> {
+        self.newest.values().filter(|r| {
+            self.status
+                .get(&r.definition.name)
+                .is_none_or(|s| *s == Status::Enabled)
+        })
+    }
+}
+
 #[derive(Default)]
 struct Catalog {
-    /// Versions of each definition, oldest first.
+    /// Versions of each definition, oldest first (deleted ones too: their instances' histories
+    /// name them).
     by_name: BTreeMap<String, Vec<Arc<Registered>>>,
+    /// Every entry of `$sagas-definitions` with its position, in order.
+    log: Vec<(u64, Entry)>,
+    /// The status of each definition now.
+    now: Triggering,
     /// The last revision of `$sagas-definitions`.
     revision: Option<u64>,
+}
+
+impl Catalog {
+    fn add(&mut self, position: u64, entry: Entry) {
+        if let Entry::Registered(r) = &entry {
+            self.by_name
+                .entry(r.definition.name.clone())
+                .or_default()
+                .push(Arc::clone(r));
+        }
+        self.now.apply(&entry);
+        self.log.push((position, entry));
+    }
+
+    fn status(&self, name: &str) -> Option<Status> {
+        self.by_name.contains_key(name).then(|| {
+            self.now
+                .status
+                .get(name)
+                .copied()
+                .unwrap_or(Status::Enabled)
+        })
+    }
+
+    /// The versions of a definition that is not deleted.
+    fn visible(&self, name: &str) -> Result<&Vec<Arc<Registered>>> {
+        match (self.by_name.get(name), self.status(name)) {
+            (Some(_), Some(Status::Deleted)) => Err(Error::SagaNotFound(format!(
+                "saga definition {name:?} was deleted; GET /v1/sagas lists the others"
+            ))),
+            (Some(versions), _) => Ok(versions),
+            (None, _) => Err(Error::SagaNotFound(format!(
+                "no saga definition is named {name:?}; GET /v1/sagas lists them"
+            ))),
+        }
+    }
 }
 
 /// One instance the engine knows, running or not.
@@ -127,6 +228,8 @@ pub struct Registration {
 pub struct DefinitionSummary {
     /// The name.
     pub name: String,
+    /// Whether its triggers start instances (`disable` stops them, `enable` resumes them).
+    pub enabled: bool,
     /// The newest version.
     pub latest_version: u32,
     /// Every version, oldest first.
@@ -312,15 +415,13 @@ impl<S: EventStore> Sagas<S> {
         sagas.load_definitions().await?;
         let from = sagas.trigger_start().await?;
         sagas.load_instances().await?;
-        let preloaded: Vec<Arc<Registered>> = {
+        let preloaded = {
             let catalog = sagas.inner.catalog.lock().expect("catalog lock");
-            catalog
-                .by_name
-                .values()
-                .flatten()
-                .filter(|r| r.position < from)
-                .cloned()
-                .collect()
+            let mut triggering = Triggering::default();
+            for (_, entry) in catalog.log.iter().filter(|(p, _)| *p < from) {
+                triggering.apply(entry);
+            }
+            triggering
         };
         sagas.inner.trigger_next.store(from, Ordering::Relaxed);
         let inner = Arc::clone(&sagas.inner);
@@ -343,12 +444,8 @@ impl<S: EventStore> Sagas<S> {
         let mut catalog = Catalog::default();
         self.read_all(ReadSource::Stream(streams::definitions()), |event| {
             catalog.revision = Some(event.revision.0);
-            match registered_of(event) {
-                Some(r) => catalog
-                    .by_name
-                    .entry(r.definition.name.clone())
-                    .or_default()
-                    .push(Arc::new(r)),
+            match entry_of(event) {
+                Some(entry) => catalog.add(event.position.0, entry),
                 None => tracing::warn!(
                     position = event.position.0,
                     "a saga definition event cannot be read and is ignored"
@@ -475,26 +572,34 @@ impl<S: EventStore> Sagas<S> {
         let (revision, latest) = {
             let catalog = self.inner.catalog.lock().expect("catalog lock");
             let versions = catalog.by_name.get(&definition.name);
+            let deleted = catalog.status(&definition.name) == Some(Status::Deleted);
             if let Some(same) = versions.and_then(|v| {
                 v.iter()
                     .find(|r| r.definition.version == definition.version)
             }) {
-                if *same.definition == definition {
+                if *same.definition == definition && !deleted {
                     return Ok(Registration {
                         name: definition.name,
                         version: definition.version,
                         replayed: true,
                     });
                 }
-                return Err(Error::SagaConflict(format!(
-                    "saga {} version {} is already registered with different content; \
-                     register it as version {}",
-                    definition.name,
-                    definition.version,
-                    versions
-                        .and_then(|v| v.last())
-                        .map_or(1, |r| r.definition.version + 1)
-                )));
+                let next = versions
+                    .and_then(|v| v.last())
+                    .map_or(1, |r| r.definition.version + 1);
+                return Err(Error::SagaConflict(if deleted {
+                    format!(
+                        "saga {} version {} was registered before it was deleted; register it \
+                         again as version {next}",
+                        definition.name, definition.version
+                    )
+                } else {
+                    format!(
+                        "saga {} version {} is already registered with different content; \
+                         register it as version {next}",
+                        definition.name, definition.version
+                    )
+                }));
             }
             (
                 catalog.revision,
@@ -540,11 +645,10 @@ impl<S: EventStore> Sagas<S> {
         );
         let mut catalog = self.inner.catalog.lock().expect("catalog lock");
         catalog.revision = Some(result.last_revision.0);
-        catalog
-            .by_name
-            .entry(definition.name.clone())
-            .or_default()
-            .push(Arc::new(registered));
+        catalog.add(
+            result.first_position.0,
+            Entry::Registered(Arc::new(registered)),
+        );
         drop(catalog);
         self.inner.registered.notify_waiters();
         tracing::info!(saga = %definition.name, version = definition.version, "saga definition registered");
@@ -553,6 +657,87 @@ impl<S: EventStore> Sagas<S> {
             version: definition.version,
             replayed: false,
         })
+    }
+
+    /// Stops a definition's triggers from starting instances, from this point in the log on;
+    /// instances already started run to their end. `Ok(false)` when it was disabled already.
+    /// `by` is recorded with the event, as the registrant is.
+    pub async fn disable(&self, name: &str, by: Option<Value>) -> Result<bool> {
+        self.set_status(name, Status::Disabled, by).await
+    }
+
+    /// Lets a disabled definition's triggers start instances again, from this point in the log
+    /// on (triggers while it was disabled start none). `Ok(false)` when it was enabled already.
+    pub async fn enable(&self, name: &str, by: Option<Value>) -> Result<bool> {
+        self.set_status(name, Status::Enabled, by).await
+    }
+
+    /// Deletes a definition: it is no longer listed and starts no instances; its instances'
+    /// histories stay. Refused while any instance of it is running, compensating or stuck.
+    /// `Ok(false)` when it was deleted already.
+    pub async fn delete(&self, name: &str, by: Option<Value>) -> Result<bool> {
+        self.set_status(name, Status::Deleted, by).await
+    }
+
+    async fn set_status(&self, name: &str, status: Status, by: Option<Value>) -> Result<bool> {
+        let _writes = self.inner.definition_writes.lock().await;
+        let revision = {
+            let catalog = self.inner.catalog.lock().expect("catalog lock");
+            match catalog.status(name) {
+                Some(Status::Deleted) if status == Status::Deleted => return Ok(false),
+                Some(now) if now == status => return Ok(false),
+                _ => {
+                    catalog.visible(name)?;
+                }
+            }
+            catalog.revision
+        };
+        if status == Status::Deleted {
+            let unfinished: Vec<String> = self
+                .state_counts()
+                .into_iter()
+                .filter(|((d, s), _)| d == name && !s.is_final())
+                .map(|((_, s), n)| format!("{n} {}", s.as_str()))
+                .collect();
+            if !unfinished.is_empty() {
+                return Err(Error::SagaConflict(format!(
+                    "saga {name} has unfinished instances ({}); disable it so that no more \
+                     start, let them end (retry or cancel the stuck ones), then delete it",
+                    unfinished.join(", ")
+                )));
+            }
+        }
+        let mut data = json!({ "name": name });
+        if let Some(by) = by {
+            data["by"] = by;
+        }
+        let event = ProposedEvent::new(
+            EventType::from_stored(status.event_type().into()),
+            EventData::json(data.to_string())?,
+        );
+        let result = self
+            .inner
+            .hub
+            .store()
+            .append(AppendRequest {
+                stream: streams::definitions(),
+                expected: match revision {
+                    Some(r) => ExpectedRevision::Exact(Revision(r)),
+                    None => ExpectedRevision::NoStream,
+                },
+                condition: None,
+                events: vec![event],
+            })
+            .await?;
+        let mut catalog = self.inner.catalog.lock().expect("catalog lock");
+        catalog.revision = Some(result.last_revision.0);
+        catalog.add(
+            result.first_position.0,
+            Entry::Status(name.to_owned(), status),
+        );
+        drop(catalog);
+        tracing::info!(saga = %name, "saga definition {}", status.event_type());
+        Ok(true)
     }
 
     /// Every definition, with its versions and instance counts.
@@ -564,7 +749,12 @@ impl<S: EventStore> Sagas<S> {
             .iter()
             .filter_map(|(name, versions)| {
                 let latest = versions.last()?;
+                let status = catalog.status(name)?;
+                if status == Status::Deleted {
+                    return None;
+                }
                 Some(DefinitionSummary {
+                    enabled: status == Status::Enabled,
                     name: name.clone(),
                     latest_version: latest.definition.version,
                     versions: versions.iter().map(|r| r.definition.version).collect(),
@@ -582,11 +772,7 @@ impl<S: EventStore> Sagas<S> {
     /// One definition: a version, or the newest.
     pub fn definition(&self, name: &str, version: Option<u32>) -> Result<SagaDefinition> {
         let catalog = self.inner.catalog.lock().expect("catalog lock");
-        let versions = catalog.by_name.get(name).ok_or_else(|| {
-            Error::SagaNotFound(format!(
-                "no saga definition is named {name:?}; GET /v1/sagas lists them"
-            ))
-        })?;
+        let versions = catalog.visible(name)?;
         let found = match version {
             Some(v) => versions.iter().find(|r| r.definition.version == v),
             None => versions.last(),
@@ -761,15 +947,28 @@ impl<S: EventStore> Sagas<S> {
     }
 }
 
-fn registered_of(event: &RecordedEvent) -> Option<Registered> {
+/// An event of `$sagas-definitions`, read; `None` when it cannot be.
+fn entry_of(event: &RecordedEvent) -> Option<Entry> {
     let data: Value = serde_json::from_slice(event.data.bytes()).ok()?;
-    let definition: SagaDefinition =
-        serde_json::from_value(data.get("definition")?.clone()).ok()?;
-    Some(Registered::new(
-        definition,
-        event.position.0,
-        event.recorded_at,
-        data.get("registrant").cloned(),
+    let status = match event.event_type.as_str() {
+        "SagaRegistered" => {
+            let definition: SagaDefinition =
+                serde_json::from_value(data.get("definition")?.clone()).ok()?;
+            return Some(Entry::Registered(Arc::new(Registered::new(
+                definition,
+                event.position.0,
+                event.recorded_at,
+                data.get("registrant").cloned(),
+            ))));
+        }
+        "SagaEnabled" => Status::Enabled,
+        "SagaDisabled" => Status::Disabled,
+        "SagaDeleted" => Status::Deleted,
+        _ => return None,
+    };
+    Some(Entry::Status(
+        data.get("name")?.as_str()?.to_owned(),
+        status,
     ))
 }
 
@@ -811,18 +1010,10 @@ fn proposed(event: &SagaEvent, metadata: &str) -> Result<ProposedEvent> {
 
 impl<S: EventStore> Inner<S> {
     /// Follows the global log: definitions as they are registered, and trigger events.
-    async fn follow_triggers(
-        inner: &Arc<Self>,
-        from: u64,
-        preloaded: Vec<Arc<Registered>>,
-    ) -> Result<()> {
-        let mut active: BTreeMap<String, Arc<Registered>> = BTreeMap::new();
-        for r in preloaded {
-            // Oldest first, so the newest version of each name wins.
-            active.insert(r.definition.name.clone(), r);
-        }
+    async fn follow_triggers(inner: &Arc<Self>, from: u64, preloaded: Triggering) -> Result<()> {
+        let mut active = preloaded;
         let mut from = from;
-        if active.is_empty() {
+        if active.newest.is_empty() {
             // Nothing can trigger before the first definition: a store without sagas does not
             // pay for following its log.
             match inner.first_registration(from).await {
@@ -867,11 +1058,11 @@ impl<S: EventStore> Inner<S> {
             // would move `seen` past the event whose start never happened.
             for event in events {
                 if event.stream == streams::definitions() {
-                    if let Some(r) = registered_of(&event) {
-                        active.insert(r.definition.name.clone(), Arc::new(r));
+                    if let Some(entry) = entry_of(&event) {
+                        active.apply(&entry);
                     }
                 } else if !event.stream.is_system() {
-                    for registered in active.values() {
+                    for registered in active.enabled() {
                         if !registered.trigger.matches(&event) {
                             continue;
                         }
@@ -891,7 +1082,9 @@ impl<S: EventStore> Inner<S> {
                             );
                             continue;
                         }
-                        while let Some(wait) = rate.take(&registered.definition.name, Instant::now()) {
+                        while let Some(wait) =
+                            rate.take(&registered.definition.name, Instant::now())
+                        {
                             inner.metrics.start_waits.fetch_add(1, Ordering::Relaxed);
                             tokio::select! {
                                 _ = tokio::time::sleep(wait) => {}

@@ -777,3 +777,136 @@ steps:
     assert!(waits >= 4.0, "{text}");
     engine.stop().await;
 }
+
+const AUDIT: &str = r#"
+name: audit
+version: 1
+trigger: {category: order, types: [OrderPlaced]}
+correlationKey: /data/orderId
+steps:
+  - name: note
+    pivot: true
+    action: {append: {stream: "audit-{{saga.correlationKey}}", type: Noted}}
+"#;
+
+/// A definition whose instances wait an hour for an event: they stay running.
+const HELD: &str = r#"
+name: held
+version: 1
+trigger: {category: order, types: [OrderPlaced]}
+correlationKey: /data/orderId
+steps:
+  - name: wait
+    action: {await: {category: payment, types: [Paid], timeout: 1h}}
+"#;
+
+/// Places an order and waits until the trigger loop has passed it.
+async fn place_and_pass(engine: &Engine, order: &str) {
+    let position = engine
+        .append(
+            &format!("order-{order}"),
+            "OrderPlaced",
+            json!({"orderId": order}),
+        )
+        .await
+        .first_position
+        .0;
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while engine.sagas.trigger_position() <= position {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trigger loop stalls"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn has_instance(engine: &Engine, definition: &str, key: &str) -> bool {
+    engine
+        .sagas
+        .instances(&InstanceFilter::default())
+        .iter()
+        .any(|i| i.definition == definition && i.correlation_key == key)
+}
+
+#[tokio::test]
+async fn a_disabled_definition_starts_nothing_until_enabled_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine.sagas.register(AUDIT).await.unwrap();
+    place_order(&engine, "a-1").await;
+    engine.wait_for("audit", "a-1", "completed").await;
+    assert!(engine.sagas.disable("audit", None).await.unwrap());
+    assert!(!engine.sagas.disable("audit", None).await.unwrap(), "once");
+    assert!(!engine.sagas.definitions()[0].enabled);
+    place_and_pass(&engine, "a-2").await;
+    assert!(!has_instance(&engine, "audit", "a-2"));
+    engine.stop().await;
+
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    assert!(!engine.sagas.definitions()[0].enabled, "it stays disabled");
+    place_and_pass(&engine, "a-3").await;
+    assert!(engine.sagas.enable("audit", None).await.unwrap());
+    place_order(&engine, "a-4").await;
+    engine.wait_for("audit", "a-4", "completed").await;
+    for skipped in ["a-2", "a-3"] {
+        assert!(!has_instance(&engine, "audit", skipped), "{skipped}");
+    }
+    let missing = engine.sagas.disable("nothing", None).await.unwrap_err();
+    assert!(matches!(missing, Error::SagaNotFound(_)), "{missing}");
+    engine.stop().await;
+
+    // Skipped triggers stay skipped after a restart.
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    assert!(engine.sagas.definitions()[0].enabled);
+    for skipped in ["a-2", "a-3"] {
+        assert!(!has_instance(&engine, "audit", skipped), "{skipped}");
+    }
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_definition_is_deleted_only_once_its_instances_have_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine.sagas.register(HELD).await.unwrap();
+    place_order(&engine, "h-1").await;
+    let held = engine.wait_for("held", "h-1", "running").await;
+    let refused = engine.sagas.delete("held", None).await.unwrap_err();
+    assert!(matches!(refused, Error::SagaConflict(_)), "{refused}");
+    assert!(refused.to_string().contains("1 running"), "{refused}");
+    engine
+        .sagas
+        .cancel(&held.summary.saga_id, "test")
+        .await
+        .unwrap();
+    engine.wait_for("held", "h-1", "cancelled").await;
+    assert!(engine.sagas.delete("held", None).await.unwrap());
+    assert!(!engine.sagas.delete("held", None).await.unwrap(), "once");
+    assert!(engine.sagas.definitions().is_empty());
+    let gone = engine.sagas.definition("held", None).unwrap_err();
+    assert!(gone.to_string().contains("was deleted"), "{gone}");
+    let enable = engine.sagas.enable("held", None).await.unwrap_err();
+    assert!(matches!(enable, Error::SagaNotFound(_)), "{enable}");
+    // Its history stays; its triggers start nothing.
+    engine.sagas.history(&held.summary.saga_id).await.unwrap();
+    place_and_pass(&engine, "h-2").await;
+    assert!(!has_instance(&engine, "held", "h-2"));
+    // The same version again is refused; the next one brings the name back, enabled.
+    let again = engine.sagas.register(HELD).await.unwrap_err();
+    assert!(again.to_string().contains("as version 2"), "{again}");
+    engine.stop().await;
+
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    assert!(engine.sagas.definitions().is_empty(), "it stays deleted");
+    engine
+        .sagas
+        .register(&HELD.replace("version: 1", "version: 2"))
+        .await
+        .unwrap();
+    let listed = engine.sagas.definitions();
+    assert_eq!((listed[0].latest_version, listed[0].enabled), (2, true));
+    place_order(&engine, "h-3").await;
+    engine.wait_for("held", "h-3", "running").await;
+    engine.stop().await;
+}

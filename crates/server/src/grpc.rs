@@ -916,6 +916,19 @@ fn instance_summary(i: &skald_saga::InstanceSummary) -> pb::SagaInstanceSummary 
     }
 }
 
+impl<S: EventStore> SagasApi<S> {
+    async fn change(
+        &self,
+        request: Request<pb::ChangeSagaRequest>,
+        change: crate::sagas::Change,
+    ) -> Reply<pb::ChangeSagaResponse> {
+        let caller = caller(&request)?;
+        let name = request.into_inner().name;
+        let changed = crate::sagas::change_audited(&self.app, &caller, &name, change).await?;
+        Ok(Response::new(pb::ChangeSagaResponse { changed }))
+    }
+}
+
 #[tonic::async_trait]
 impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
     async fn register(
@@ -949,6 +962,7 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
                 latest_version: d.latest_version,
                 versions: d.versions,
                 registered_at_micros: d.registered_at.0,
+                enabled: d.enabled,
                 instances: d
                     .instances
                     .into_iter()
@@ -1077,6 +1091,27 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
         };
         let summary = crate::sagas::cancel_audited(&self.app, &caller, &r.saga_id, &reason).await?;
         Ok(Response::new(instance_summary(&summary)))
+    }
+
+    async fn disable(
+        &self,
+        request: Request<pb::ChangeSagaRequest>,
+    ) -> Reply<pb::ChangeSagaResponse> {
+        self.change(request, crate::sagas::Change::Disable).await
+    }
+
+    async fn enable(
+        &self,
+        request: Request<pb::ChangeSagaRequest>,
+    ) -> Reply<pb::ChangeSagaResponse> {
+        self.change(request, crate::sagas::Change::Enable).await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::ChangeSagaRequest>,
+    ) -> Reply<pb::ChangeSagaResponse> {
+        self.change(request, crate::sagas::Change::Delete).await
     }
 }
 
@@ -1228,6 +1263,9 @@ pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Rou
             "GetInstance",
             "Retry",
             "Cancel",
+            "Disable",
+            "Enable",
+            "Delete",
         ],
         sagas,
     );

@@ -259,7 +259,12 @@ pub fn router_secured<S: EventStore>(
             "/v1/sagas",
             post(sagas::register::<S>).get(sagas::list::<S>),
         )
-        .route("/v1/sagas/{name}", get(sagas::show::<S>))
+        .route(
+            "/v1/sagas/{name}",
+            get(sagas::show::<S>).delete(sagas::delete::<S>),
+        )
+        .route("/v1/sagas/{name}/disable", post(sagas::disable::<S>))
+        .route("/v1/sagas/{name}/enable", post(sagas::enable::<S>))
         .route("/v1/saga-instances", get(sagas::instances::<S>))
         .route("/v1/saga-instances/{id}", get(sagas::history::<S>))
         .route("/v1/saga-instances/{id}/retry", post(sagas::retry::<S>))

@@ -185,6 +185,89 @@ pub(crate) async fn show<S: EventStore>(
     ))
 }
 
+/// What can be done to a definition besides registering it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Change {
+    Disable,
+    Enable,
+    Delete,
+}
+
+impl Change {
+    fn audited_as(self) -> &'static str {
+        match self {
+            Change::Disable => "SagaDisabled",
+            Change::Enable => "SagaEnabled",
+            Change::Delete => "SagaDeleted",
+        }
+    }
+}
+
+/// Disables, enables or deletes definition `name` for the caller (`saga` on the name) and
+/// records who did it in the audit trail. `Ok(false)` when it was so already (nothing written).
+pub(crate) async fn change_audited<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    name: &str,
+    change: Change,
+) -> Result<bool, Problem> {
+    caller.require(Permission::Saga, name)?;
+    let by = caller.registrant();
+    let changed = match change {
+        Change::Disable => app.sagas.disable(name, by).await?,
+        Change::Enable => app.sagas.enable(name, by).await?,
+        Change::Delete => app.sagas.delete(name, by).await?,
+    };
+    if changed {
+        app.security
+            .audit_now(
+                change.audited_as(),
+                json!({"definition": name, "by": caller.name()}),
+            )
+            .await?;
+    }
+    Ok(changed)
+}
+
+/// `POST /v1/sagas/{name}/disable`: its triggers start no more instances.
+pub(crate) async fn disable<S: EventStore>(
+    State(app): State<App<S>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    let changed = change_audited(&app, &caller, &name, Change::Disable).await?;
+    Ok(json_ok(
+        StatusCode::OK,
+        &json!({"name": name, "enabled": false, "changed": changed}),
+    ))
+}
+
+/// `POST /v1/sagas/{name}/enable`: its triggers start instances again, from now on.
+pub(crate) async fn enable<S: EventStore>(
+    State(app): State<App<S>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    let changed = change_audited(&app, &caller, &name, Change::Enable).await?;
+    Ok(json_ok(
+        StatusCode::OK,
+        &json!({"name": name, "enabled": true, "changed": changed}),
+    ))
+}
+
+/// `DELETE /v1/sagas/{name}`: refused (409) while an instance of it is unfinished.
+pub(crate) async fn delete<S: EventStore>(
+    State(app): State<App<S>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, Problem> {
+    let changed = change_audited(&app, &caller, &name, Change::Delete).await?;
+    Ok(json_ok(
+        StatusCode::OK,
+        &json!({"name": name, "deleted": true, "changed": changed}),
+    ))
+}
+
 /// `GET /v1/saga-instances?state=&definition=&limit=`: instances, newest first.
 pub(crate) async fn instances<S: EventStore>(
     State(app): State<App<S>>,
