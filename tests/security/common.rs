@@ -115,6 +115,35 @@ impl Api {
         (status, text)
     }
 
+    /// The status of a streaming answer (SSE), and what it sends until `needle` shows up, it
+    /// ends, or `wait` passes.
+    pub async fn stream_until(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        needle: &str,
+        wait: Duration,
+    ) -> (StatusCode, String) {
+        let response = self
+            .client
+            .request(self.request(Method::GET, path, token, ""))
+            .await
+            .unwrap();
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+            if let Ok(data) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+            if text.contains(needle) {
+                break;
+            }
+        }
+        (status, text)
+    }
+
     /// Creates an API key with `roles` as `admin` and returns the token.
     pub async fn key(&self, admin: &str, name: &str, roles: &[&str]) -> String {
         let a = self

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -171,6 +171,41 @@ async fn tokens_are_checked_and_every_wrong_one_says_why() {
         );
     }
     assert_eq!(fetches.load(Ordering::SeqCst), before + 1);
+    // A stream lasts as long as its token: one that expires (with the 5 s of leeway) in
+    // 2 s ends at its first delivery after that, saying why.
+    let mut short = good();
+    short["exp"] = json!(now() - 3);
+    let short = sign(&a, "a", &short);
+    let streaming = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            api.stream_until(
+                "/v1/subscribe/all?from=now",
+                Some(&short),
+                "event: error",
+                Duration::from_secs(20),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let appended = api
+        .call(
+            Method::POST,
+            "/v1/streams/late-1",
+            Some(&sign(&a, "a", &good())),
+            r#"{"events":[{"type":"Late","data":{}}]}"#,
+        )
+        .await;
+    assert_eq!(appended.status, StatusCode::CREATED);
+    let (status, text) = streaming.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        text.contains("event: error") && text.contains("expired"),
+        "{text}"
+    );
+    assert!(!text.contains("\"Late\""), "delivered after expiry: {text}");
+
     // The logs say why tokens failed, and never hold a token.
     let token = sign(&a, "a", &good());
     let signature = token.rsplit('.').next().unwrap().to_owned();

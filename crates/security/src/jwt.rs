@@ -102,6 +102,8 @@ fn refuse(reason: &'static str, detail: impl Into<String>) -> TokenRefusal {
 pub struct TokenIdentity {
     pub subject: String,
     pub roles: BTreeSet<String>,
+    /// The token's `exp` (seconds since the epoch), with the configured leeway added.
+    pub expires_at: Option<i64>,
 }
 
 struct Keys {
@@ -328,6 +330,13 @@ impl JwtVerifier {
             Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
             _ => BTreeSet::new(),
         };
-        Ok(TokenIdentity { subject, roles })
+        let expires_at = claims["exp"]
+            .as_i64()
+            .map(|exp| exp.saturating_add(i64::try_from(self.config.leeway_s).unwrap_or(0)));
+        Ok(TokenIdentity {
+            subject,
+            roles,
+            expires_at,
+        })
     }
 }

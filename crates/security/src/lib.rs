@@ -125,6 +125,9 @@ pub struct Security<S> {
     audit: mpsc::Sender<(String, Value)>,
     metrics: Metrics,
     tls: Option<Arc<TlsSource>>,
+    /// Moves whenever access can have shrunk (a key revoked, the rules replaced): long-lived
+    /// streams check their caller again when it differs from what they saw.
+    access_generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -243,6 +246,7 @@ impl<S: EventStore> Security<S> {
             audit,
             metrics: Metrics::default(),
             tls,
+            access_generation: std::sync::atomic::AtomicU64::new(0),
         };
         (security, queue)
     }
@@ -304,17 +308,7 @@ impl<S: EventStore> Security<S> {
         if !self.enabled() {
             return Ok(());
         }
-        if let Some(id) = principal.key_id() {
-            let ring = self.keys.read().expect("keys lock");
-            match ring.get(id) {
-                None => return Err(format!("API key {id} is unknown")),
-                Some(key) if key.revoked => return Err(format!("API key {id} was revoked")),
-                Some(key) if key.expires_at.is_some_and(|at| now_s() >= at) => {
-                    return Err(format!("API key {id} has expired"));
-                }
-                Some(_) => {}
-            }
-        }
+        self.key_in_force(principal)?;
         if principal.may(&self.rules.current(), permission, name) {
             Ok(())
         } else {
@@ -383,6 +377,7 @@ impl<S: EventStore> Security<S> {
                         name: key.name.clone(),
                         roles: key.roles.clone(),
                         method: Method::ApiKey,
+                        expires_at: key.expires_at,
                     }),
                     Err(refusal) => Err(Refusal {
                         method: Method::ApiKey,
@@ -399,6 +394,7 @@ impl<S: EventStore> Security<S> {
                         name: identity.subject,
                         roles: identity.roles,
                         method: Method::Jwt,
+                        expires_at: identity.expires_at,
                     }),
                     Err(refusal) => Err(Refusal {
                         method: Method::Jwt,
@@ -430,6 +426,7 @@ impl<S: EventStore> Security<S> {
                     name: cn.clone(),
                     roles: subject.organizations.iter().cloned().collect(),
                     method: Method::Certificate,
+                    expires_at: None,
                 }),
                 _ => Err(Refusal {
                     method: Method::Certificate,
@@ -584,12 +581,65 @@ impl<S: EventStore> Security<S> {
             .revoke(id)
             .cloned()
             .expect("the key exists");
+        self.access_changed();
         self.audit_now(
             "ApiKeyRevoked",
             json!({"id": id, "name": info.name, "by": by}),
         )
         .await?;
         Ok(info)
+    }
+
+    /// For a principal that authenticated with an API key: whether the key is still known,
+    /// unrevoked and unexpired. `Err` says why not.
+    fn key_in_force(&self, principal: &Principal) -> Result<(), String> {
+        let Some(id) = principal.key_id() else {
+            return Ok(());
+        };
+        let ring = self.keys.read().expect("keys lock");
+        match ring.get(id) {
+            None => Err(format!("API key {id} is unknown")),
+            Some(key) if key.revoked => Err(format!("API key {id} was revoked")),
+            Some(key) if key.expires_at.is_some_and(|at| now_s() >= at) => {
+                Err(format!("API key {id} has expired"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether the credential a caller authenticated with is still in force: not past its
+    /// expiry (a key's, a token's `exp`), and for an API key, not revoked since. Long-lived
+    /// streams ask at each delivery once [`Security::access_generation`] moved or the expiry
+    /// came; `Err` is the reason to end them with (`revoked`, `expired`).
+    pub fn still_in_force(&self, principal: &Principal) -> Result<(), (&'static str, String)> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if principal.expires_at.is_some_and(|at| now_s() >= at) {
+            return Err((
+                "expired",
+                format!("the credential of {} has expired", principal.name),
+            ));
+        }
+        self.key_in_force(principal).map_err(|why| {
+            let reason = if why.ends_with("expired") {
+                "expired"
+            } else {
+                "revoked"
+            };
+            (reason, why)
+        })
+    }
+
+    /// A number that moves whenever access can have shrunk: a key revoked, the rules replaced.
+    pub fn access_generation(&self) -> u64 {
+        self.access_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn access_changed(&self) {
+        self.access_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The rules in force and their revision (`None` before any were set).
@@ -618,6 +668,7 @@ impl<S: EventStore> Security<S> {
             .await?;
         let revision = result.last_revision.0;
         *self.rules.0.write().expect("rules lock") = (Some(revision), Arc::new(rules.clone()));
+        self.access_changed();
         self.audit_now(
             "AccessRulesChanged",
             json!({ "revision": revision, "rules": rules.rules, "by": by }),

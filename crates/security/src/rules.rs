@@ -282,6 +282,11 @@ pub struct Principal {
     pub name: String,
     pub roles: BTreeSet<String>,
     pub method: Method,
+    /// When the credential stops being valid (seconds since the epoch): a key's expiry, a
+    /// token's `exp`. Long-lived streams end then. Not recorded with a saga's registrant,
+    /// whose rights are checked against its key's state instead.
+    #[serde(skip)]
+    pub expires_at: Option<i64>,
 }
 
 impl Principal {
@@ -292,6 +297,7 @@ impl Principal {
             name: "anonymous".to_owned(),
             roles: BTreeSet::from([ADMIN_ROLE.to_owned()]),
             method: Method::None,
+            expires_at: None,
         }
     }
 
@@ -390,6 +396,7 @@ mod tests {
             name: "p".into(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
             method: Method::ApiKey,
+            expires_at: None,
         }
     }
 

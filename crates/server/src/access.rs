@@ -179,6 +179,69 @@ impl Caller {
     }
 }
 
+/// What a long-lived stream needs of its caller, checked again as it runs.
+pub(crate) type Needs = Box<dyn Fn(&Caller) -> Result<(), Problem> + Send + Sync>;
+
+/// A caller on a long-lived stream (SSE, a WebSocket and what it carries, gRPC subscriptions
+/// and group consumers), checked again before each delivery and heartbeat: whether its
+/// credential is still in force (a key not revoked; a key or token not expired) and whether
+/// the rules in force still allow what the stream needs. Cheap while nothing changed: one
+/// atomic load (and a clock read for a credential that expires).
+pub(crate) struct Recheck<S> {
+    security: Arc<skald_security::Security<S>>,
+    caller: Caller,
+    needs: Needs,
+    /// The access generation of the last full check; `None` before the first.
+    seen: Option<u64>,
+}
+
+impl<S: EventStore> Recheck<S> {
+    /// The first [`Recheck::check`] is a full one, so that a change between the request's
+    /// own checks and the stream's start is not missed.
+    pub fn new(security: Arc<skald_security::Security<S>>, caller: Caller, needs: Needs) -> Self {
+        Self {
+            security,
+            caller,
+            needs,
+            seen: None,
+        }
+    }
+
+    /// The caller, for the filtering each delivery does.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// `Err` is the problem to end the stream with: 401 for a credential no longer in force,
+    /// 403 for rules that no longer allow the stream.
+    pub fn check(&mut self) -> Result<(), Problem> {
+        let Some(principal) = self.caller.principal.as_deref() else {
+            return Ok(());
+        };
+        let generation = self.security.access_generation();
+        let expiring = principal.expires_at.is_some_and(|at| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+                >= at
+        });
+        if self.seen == Some(generation) && !expiring {
+            return Ok(());
+        }
+        self.security
+            .still_in_force(principal)
+            .map_err(|(reason, detail)| {
+                Problem::unauthenticated(
+                    reason,
+                    format!("{detail}; the stream ends: connect again with a valid credential"),
+                )
+            })?;
+        (self.needs)(&self.caller)?;
+        self.seen = Some(generation);
+        Ok(())
+    }
+}
+
 /// The streams a read, a subscription or a group reaches.
 #[derive(Clone, Copy)]
 pub(crate) enum Scope<'a> {

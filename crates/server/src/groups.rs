@@ -59,6 +59,29 @@ pub(crate) async fn allow_existing<S: EventStore>(
     allow_group(caller, &info.definition.source)
 }
 
+/// Checks the caller against the source of the existing group `name`, for a consumer that
+/// stays: the check it repeats as it runs.
+pub(crate) async fn allow_consumer<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    name: &str,
+) -> Result<crate::access::Recheck<S>, Problem> {
+    if caller.is_unrestricted() {
+        return Ok(crate::access::Recheck::new(
+            std::sync::Arc::clone(&app.security),
+            caller.clone(),
+            Box::new(|_| Ok(())),
+        ));
+    }
+    let info = app.groups.info(name).await.map_err(group_problem)?;
+    allow_group(caller, &info.definition.source)?;
+    Ok(crate::subscribe::recheck_group(
+        app,
+        caller,
+        info.definition.source,
+    ))
+}
+
 /// A JSON answer with `status`.
 pub(crate) fn json_ok(status: StatusCode, value: &impl serde::Serialize) -> Response {
     (

@@ -22,7 +22,7 @@ use skald_security::Permission;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::{Caller, Scope};
+use crate::access::{Caller, Recheck, Scope};
 use crate::observe::Open;
 use crate::{App, Problem, VERSION};
 
@@ -435,8 +435,8 @@ impl<S: EventStore> pb::subscriptions_server::Subscriptions for SubscriptionsApi
         let r = request.into_inner();
         let source = source(r.source)?;
         let start = start(r.start)?;
-        caller.require_some(Permission::Subscribe, Scope::from(&source))?;
-        caller.require_some(Permission::Read, Scope::from(&source))?;
+        crate::subscribe::allow_subscription(&caller, &source)?;
+        let access = crate::subscribe::recheck_subscription(&self.app, &caller, &source);
         let subscription = self
             .app
             .hub
@@ -447,7 +447,7 @@ impl<S: EventStore> pb::subscriptions_server::Subscriptions for SubscriptionsApi
         let ending = Ending::new();
         tokio::spawn(pump_subscription(
             subscription,
-            caller,
+            access,
             tx,
             Arc::clone(&ending),
             self.app.clone(),
@@ -460,7 +460,7 @@ impl<S: EventStore> pb::subscriptions_server::Subscriptions for SubscriptionsApi
 /// stalls for longer than the stall timeout.
 async fn pump_subscription<S: EventStore>(
     mut subscription: Subscription<S>,
-    reader: Caller,
+    mut access: Recheck<S>,
     tx: mpsc::Sender<pb::SubscribeResponse>,
     ending: Arc<Ending>,
     app: App<S>,
@@ -478,10 +478,14 @@ async fn pump_subscription<S: EventStore>(
             () = tx.closed() => return,
             delivery = subscription.next() => delivery,
         };
+        if let Err(problem) = access.check() {
+            ending.end(problem.to_grpc_status());
+            return;
+        }
         let mut _delivering = Vec::new();
         let messages = match delivery {
             Ok(Delivery::Events(mut events)) => {
-                reader.retain(&mut events, |e| &e.stream);
+                access.caller().retain(&mut events, |e| &e.stream);
                 if events.is_empty() {
                     continue;
                 }
@@ -680,7 +684,7 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
             )));
         }
         let group = join.group;
-        crate::groups::allow_existing(&self.app, &caller, &group).await?;
+        let mut access = crate::groups::allow_consumer(&self.app, &caller, &group).await?;
         let mut consumer = self
             .app
             .groups
@@ -709,8 +713,13 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
                         return;
                     }
                     () = tx.closed() => return,
-                    event = consumer.next() => match event {
-                        ConsumerEvent::Messages(messages) => {
+                    event = consumer.next() => match (access.check(), event) {
+                        (Err(problem), _) => {
+                            // Dropping the consumer hands what it holds back to the group.
+                            end.end(problem.to_grpc_status());
+                            return;
+                        }
+                        (Ok(()), ConsumerEvent::Messages(messages)) => {
                             let _delivering = crate::subscribe::deliver_spans(
                                 "group-grpc",
                                 messages.iter().map(|m| &m.event),
@@ -726,7 +735,7 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
                                     .collect(),
                             })
                         }
-                        ConsumerEvent::Ended(e) => {
+                        (Ok(()), ConsumerEvent::Ended(e)) => {
                             end.end(group_status(e));
                             return;
                         }
@@ -734,6 +743,10 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
                     inbound = inbound.next() => match inbound {
                         None => return,
                         Some(Err(_)) => return,
+                        Some(Ok(_)) if let Err(problem) = access.check() => {
+                            end.end(problem.to_grpc_status());
+                            return;
+                        }
                         Some(Ok(request)) => match settle(&app, &group, request).await {
                             Ok(outcome) => pb::consume_response::Kind::AckResult(outcome),
                             Err(status) => {

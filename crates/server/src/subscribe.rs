@@ -18,7 +18,7 @@ use skald_hub::groups::{Consumer, ConsumerEvent, NackAction};
 use skald_hub::{Delivery, Hub, SourceSpec, Start, Subscription, filter_of};
 use skald_security::Permission;
 
-use crate::access::{Caller, Scope};
+use crate::access::{Caller, Recheck, Scope};
 use tokio::sync::mpsc;
 
 use crate::cloudevents::write_record;
@@ -223,12 +223,13 @@ async fn sse<S: EventStore>(
 ) -> Result<Response, Problem> {
     allow_subscription(caller, &source)?;
     let start = last_event_id(headers)?.unwrap_or(start);
+    let access = recheck_subscription(&app, caller, &source);
     let subscription = app.hub.subscribe(source, start).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(SSE_QUEUE);
     tokio::spawn(
         pump_sse(
             subscription,
-            caller.clone(),
+            access,
             tx,
             app.hub.clone(),
             app.config.subscriptions(),
@@ -263,7 +264,7 @@ async fn sse<S: EventStore>(
 /// server stops, or the client stalls.
 async fn pump_sse<S: EventStore>(
     mut subscription: Subscription<S>,
-    reader: Caller,
+    mut access: Recheck<S>,
     tx: mpsc::Sender<Bytes>,
     hub: Hub<S>,
     settings: SubscriptionSettings,
@@ -298,6 +299,18 @@ async fn pump_sse<S: EventStore>(
         heartbeat
             .as_mut()
             .reset(tokio::time::Instant::now() + settings.heartbeat);
+        if let Err(problem) = access.check() {
+            let chunk = format!("event: error\ndata: {}\n\n", problem.to_json());
+            send_sse(
+                &tx,
+                Bytes::from(chunk),
+                &settings,
+                connection.as_ref(),
+                &metrics,
+            )
+            .await;
+            return;
+        }
         let sent = match delivery {
             Err(_) => {
                 send_sse(
@@ -310,7 +323,7 @@ async fn pump_sse<S: EventStore>(
                 .await
             }
             Ok(Ok(Delivery::Events(mut events))) => {
-                reader.retain(&mut events, |e| &e.stream);
+                access.caller().retain(&mut events, |e| &e.stream);
                 if events.is_empty() {
                     continue;
                 }
@@ -521,6 +534,12 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>, caller: C
     let settings = app.config.subscriptions();
     let (tx, mut rx) = mpsc::channel::<Outgoing>(WS_QUEUE);
     let hub = app.hub.clone();
+    // The socket itself lasts only as long as the credential it was opened with.
+    let mut access = Recheck::new(
+        Arc::clone(&app.security),
+        caller.clone(),
+        Box::new(|_| Ok(())),
+    );
     let mut session = Session {
         app,
         caller,
@@ -544,8 +563,9 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>, caller: C
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                 Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                    let next = match message {
-                        Message::Text(text) => session.handle(text.as_str()).await,
+                    let next = match (access.check(), message) {
+                        (Err(problem), _) => protocol_error(problem),
+                        (Ok(()), Message::Text(text)) => session.handle(text.as_str()).await,
                         _ => protocol_error(Problem::malformed(
                             "binary messages are not understood; send JSON text messages",
                         )),
@@ -572,7 +592,17 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>, caller: C
                 }
                 Message::Text(out.text.into())
             }
-            _ = heartbeat.tick() => Message::Ping(Bytes::new()),
+            _ = heartbeat.tick() => match access.check() {
+                Ok(()) => Message::Ping(Bytes::new()),
+                Err(problem) => {
+                    let (value, reason) = closing(problem);
+                    let error = Message::Text(value.to_string().into());
+                    let _ = tokio::time::timeout(settings.stall_timeout, socket.send(error)).await;
+                    let close = close_message(1008, &reason);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+                    break;
+                }
+            },
         };
         match tokio::time::timeout(settings.stall_timeout, socket.send(outgoing)).await {
             Ok(Ok(())) => {}
@@ -725,7 +755,7 @@ impl<S: EventStore> Session<S> {
                 "prefetch must be 1 to {MAX_PREFETCH}, got {prefetch}"
             )));
         }
-        crate::groups::allow_existing(&self.app, &self.caller, &group).await?;
+        let access = crate::groups::allow_consumer(&self.app, &self.caller, &group).await?;
         self.generation += 1;
         let name = consumer.unwrap_or_else(|| format!("websocket-{id}"));
         if name.is_empty() || name.len() > MAX_SUBSCRIPTION_ID {
@@ -743,6 +773,7 @@ impl<S: EventStore> Session<S> {
         let task = tokio::spawn(
             pump_group(
                 consumer,
+                access,
                 Arc::clone(&id),
                 self.generation,
                 self.tx.clone(),
@@ -765,13 +796,14 @@ impl<S: EventStore> Session<S> {
         let source = source.to_read_source().map_err(Problem::from)?;
         let start = start_from_json(from, matches!(source, ReadSource::Stream(_)))?;
         allow_subscription(&self.caller, &source)?;
+        let access = recheck_subscription(&self.app, &self.caller, &source);
         let subscription = self.app.hub.subscribe(source, start).await?;
         self.generation += 1;
         let id: Arc<str> = Arc::from(id);
         let task = tokio::spawn(
             pump_ws(
                 subscription,
-                self.caller.clone(),
+                access,
                 Arc::clone(&id),
                 self.generation,
                 self.tx.clone(),
@@ -786,18 +818,51 @@ impl<S: EventStore> Session<S> {
 
 /// A live subscription needs `subscribe` on the source (all of one stream, some stream of
 /// many) and `read` likewise; what it delivers is then filtered by `read`.
-fn allow_subscription(caller: &Caller, source: &ReadSource) -> Result<(), Problem> {
+pub(crate) fn allow_subscription(caller: &Caller, source: &ReadSource) -> Result<(), Problem> {
     caller.require_some(Permission::Subscribe, Scope::from(source))?;
     caller.require_some(Permission::Read, Scope::from(source))
 }
 
+/// The check a subscription to `source` repeats as it runs.
+pub(crate) fn recheck_subscription<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    source: &ReadSource,
+) -> Recheck<S> {
+    let source = source.clone();
+    Recheck::new(
+        Arc::clone(&app.security),
+        caller.clone(),
+        Box::new(move |caller| allow_subscription(caller, &source)),
+    )
+}
+
+/// The check a consumer of a group reading `source` repeats as it runs.
+pub(crate) fn recheck_group<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    source: SourceSpec,
+) -> Recheck<S> {
+    Recheck::new(
+        Arc::clone(&app.security),
+        caller.clone(),
+        Box::new(move |caller| crate::groups::allow_group(caller, &source)),
+    )
+}
+
 /// Input that is not a message: an error with no id, then the socket closes with the detail.
 fn protocol_error(problem: Problem) -> Next {
+    let (error, reason) = closing(problem);
+    Next::Close(error, reason)
+}
+
+/// The error message with no id that precedes closing the socket, and the close reason.
+fn closing(problem: Problem) -> (Value, String) {
     let reason = problem.to_json()["detail"]
         .as_str()
         .unwrap_or("bad message")
         .to_owned();
-    Next::Close(error_reply(None, problem), reason)
+    (error_reply(None, problem), reason)
 }
 
 fn error_reply(id: Option<&str>, problem: Problem) -> Value {
@@ -805,8 +870,9 @@ fn error_reply(id: Option<&str>, problem: Problem) -> Value {
 }
 
 /// Hands a group consumer's messages to the socket until it leaves or the group ends it.
-async fn pump_group(
+async fn pump_group<S: EventStore>(
     mut consumer: Consumer,
+    mut access: Recheck<S>,
     id: Arc<str>,
     generation: u64,
     tx: mpsc::Sender<Outgoing>,
@@ -814,7 +880,20 @@ async fn pump_group(
 ) {
     let quoted_id = serde_json::to_string(&*id).expect("a string serializes");
     loop {
-        let text = match consumer.next().await {
+        let event = consumer.next().await;
+        if let Err(problem) = access.check() {
+            // Dropping the consumer hands what it holds back to the group.
+            let text = error_reply(Some(&id), problem).to_string();
+            let _ = tx
+                .send(Outgoing {
+                    id: Arc::clone(&id),
+                    generation,
+                    text,
+                })
+                .await;
+            return;
+        }
+        let text = match event {
             ConsumerEvent::Messages(messages) => {
                 let mut out = format!("{{\"type\":\"messages\",\"id\":{quoted_id},\"messages\":")
                     .into_bytes();
@@ -851,7 +930,7 @@ async fn pump_group(
 
 async fn pump_ws<S: EventStore>(
     mut subscription: Subscription<S>,
-    reader: Caller,
+    mut access: Recheck<S>,
     id: Arc<str>,
     generation: u64,
     tx: mpsc::Sender<Outgoing>,
@@ -867,9 +946,14 @@ async fn pump_ws<S: EventStore>(
         })
     };
     loop {
-        match subscription.next().await {
+        let delivery = subscription.next().await;
+        if let Err(problem) = access.check() {
+            let _ = send(error_reply(Some(&id), problem).to_string()).await;
+            return;
+        }
+        match delivery {
             Ok(Delivery::Events(mut events)) => {
-                reader.retain(&mut events, |e| &e.stream);
+                access.caller().retain(&mut events, |e| &e.stream);
                 if events.is_empty() {
                     continue;
                 }
