@@ -274,3 +274,74 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
     assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_requests_grows_neither_the_metrics_nor_the_audit_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with_config(dir.path(), "[auth]\napi_keys = true\n");
+    let api = Api::new(&server.url);
+    let admin = std::fs::read_to_string(dir.path().join("data/initial-admin-key")).unwrap();
+    let admin = admin.trim().to_owned();
+    // Invented methods of 1 KiB each, without credentials: each answered 401.
+    const FLOOD: usize = 300;
+    for i in 0..FLOOD {
+        let name = format!("X{i:04}{}", "M".repeat(1024));
+        let method = Method::from_bytes(name.as_bytes()).unwrap();
+        let a = api.call(method, "/v1/info", None, "").await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    }
+    let metrics = api.call(Method::GET, "/metrics", Some(&admin), "").await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(!text.contains("MMMM"), "a made-up method became a label");
+    assert!(text.contains("method=\"_OTHER\""), "{text}");
+    assert!(
+        text.len() < 200_000,
+        "the exposition is {} bytes",
+        text.len()
+    );
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    assert!(value("skald_auth_failures_total") >= FLOOD as f64, "{text}");
+    let suppressed = value("skald_auth_failures_suppressed_total");
+    assert!(suppressed > 0.0, "{text}");
+
+    // After a pause the next failure is audited and says how many were not.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let a = api
+        .call(Method::GET, "/v1/info", Some("skald_zz"), "")
+        .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (failures, told) = loop {
+        let audit = api
+            .call(
+                Method::GET,
+                "/v1/streams/$audit?limit=1000",
+                Some(&admin),
+                "",
+            )
+            .await
+            .json();
+        let failed: Vec<Value> = audit["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "AuthenticationFailed")
+            .cloned()
+            .collect();
+        let told: f64 = failed
+            .iter()
+            .filter_map(|e| e["data"]["suppressedBefore"].as_f64())
+            .sum();
+        if told > 0.0 || Instant::now() > deadline {
+            break (failed.len(), told);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(failures < 60, "{failures} failures audited one by one");
+    assert_eq!(told, suppressed, "the audit trail counts what it left out");
+}

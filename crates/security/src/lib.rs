@@ -125,6 +125,9 @@ pub struct Security<S> {
     audit: mpsc::Sender<(String, Value)>,
     metrics: Metrics,
     tls: Option<Arc<TlsSource>>,
+    /// How many failed authentications each client address may have logged and audited one
+    /// by one (beyond it they are only counted), and all addresses together.
+    failure_budget: (ratelimit::Limiter<IpAddr>, ratelimit::Limiter<()>),
     /// Moves whenever access can have shrunk (a key revoked, the rules replaced): long-lived
     /// streams check their caller again when it differs from what they saw.
     access_generation: std::sync::atomic::AtomicU64,
@@ -137,7 +140,23 @@ struct Metrics {
     limited_address: Counter,
     audit_written: Arc<Counter>,
     audit_dropped: Counter,
+    /// Failed authentications beyond the budget: neither logged nor audited one by one.
+    failures_suppressed: Counter,
+    /// Of those, how many since the last `AuthenticationFailed` written (which then says so).
+    suppressed_since_audit: std::sync::atomic::AtomicU64,
 }
+
+/// Failed authentications logged and audited one by one, per client address.
+const FAILURES_LOGGED_PER_ADDRESS: ratelimit::Bucket = ratelimit::Bucket {
+    rate: 1.0,
+    burst: 20.0,
+};
+
+/// Failed authentications logged and audited one by one, from all addresses together.
+const FAILURES_LOGGED: ratelimit::Bucket = ratelimit::Bucket {
+    rate: 100.0,
+    burst: 200.0,
+};
 
 fn now_s() -> i64 {
     SystemTime::now()
@@ -247,6 +266,10 @@ impl<S: EventStore> Security<S> {
             metrics: Metrics::default(),
             tls,
             access_generation: std::sync::atomic::AtomicU64::new(0),
+            failure_budget: (
+                ratelimit::Limiter::new(FAILURES_LOGGED_PER_ADDRESS),
+                ratelimit::Limiter::new(FAILURES_LOGGED),
+            ),
         };
         (security, queue)
     }
@@ -465,6 +488,21 @@ impl<S: EventStore> Security<S> {
             .expect("metrics lock")
             .entry((refusal.method.as_str(), refusal.reason))
             .or_default() += 1;
+        // A flood of bad credentials must not flood the log and `$audit` too: beyond the
+        // budget, failures are only counted, and the next one audited says how many were not.
+        let now = std::time::Instant::now();
+        let (per_address, overall) = &self.failure_budget;
+        if per_address.take(&address, now).is_err() || overall.take(&(), now).is_err() {
+            self.metrics.failures_suppressed.inc();
+            self.metrics
+                .suppressed_since_audit
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self
+            .metrics
+            .suppressed_since_audit
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             method = refusal.method.as_str(),
             reason = refusal.reason,
@@ -480,6 +518,9 @@ impl<S: EventStore> Security<S> {
         });
         if let Some(id) = &refusal.key_id {
             data["keyId"] = json!(id);
+        }
+        if suppressed > 0 {
+            data["suppressedBefore"] = json!(suppressed);
         }
         self.audit_later("AuthenticationFailed", data);
     }
@@ -740,6 +781,13 @@ impl<S: EventStore> Security<S> {
             Kind::Counter,
             "Audit events dropped because the audit queue was full.",
             self.metrics.audit_dropped.get() as f64,
+        );
+        out.single(
+            "skald_auth_failures_suppressed_total",
+            Kind::Counter,
+            "Failed authentications beyond the logging budget (20 per address, then 1 a second; \
+             200, then 100 a second, overall): counted, not logged or audited one by one.",
+            self.metrics.failures_suppressed.get() as f64,
         );
         out.family(
             "skald_tls_reloads_total",

@@ -268,6 +268,27 @@ fn client_trace(request: &Request) -> Option<(TraceContext, Option<String>)> {
 }
 
 /// A request id from the client is kept when it is short and printable.
+/// The request's method when HTTP defines it, else `_OTHER` (as OpenTelemetry names it): the
+/// method is a metric label, a span name and a log field, and made-up ones must not grow them.
+fn known_method(method: &Method) -> Method {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    if KNOWN.contains(method) {
+        method.clone()
+    } else {
+        Method::from_bytes(b"_OTHER").expect("a valid method token")
+    }
+}
+
 fn client_request_id(request: &Request) -> Option<String> {
     let id = request.headers().get(REQUEST_ID)?.to_str().ok()?;
     let ok = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic());
@@ -318,7 +339,7 @@ where
         let metrics = Arc::clone(&self.metrics);
         let id = client_request_id(&request).unwrap_or_else(|| metrics.request_id());
         let matched = request.extensions().get::<MatchedPath>().cloned();
-        let method = request.method().clone();
+        let method = known_method(request.method());
         // A span costs several percent of a small append's CPU (measured), so ordinary
         // requests name their id in their own log line instead; subscriptions, which live
         // long and log from their own tasks, get one, and so does every request while debug
