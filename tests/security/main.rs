@@ -9,6 +9,7 @@ mod common;
 mod grpc;
 mod limits;
 mod matrix;
+mod oracles;
 mod revocation;
 mod sagas;
 mod tokens;

@@ -166,6 +166,7 @@ pub(crate) fn error(status: Status) -> Error {
             ),
             position: Position(number("position").unwrap_or(0)),
             reason: detail,
+            stream: m.get("stream").map(|s| StreamName::from_stored(s.clone())),
         },
         "stream-not-found" => Error::StreamNotFound(StreamName::from_stored(
             m.get("stream").cloned().unwrap_or_default(),

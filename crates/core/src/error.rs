@@ -48,6 +48,9 @@ pub enum Error {
         position: Position,
         /// How the stored event differs from the one sent.
         reason: String,
+        /// The stream that holds the stored event, when the store knows it: an API shows the
+        /// position and the reason only to callers who may read it.
+        stream: Option<StreamName>,
     },
 
     /// The stream has no events.

@@ -132,6 +132,44 @@ impl Caller {
         }
     }
 
+    /// The problem an append's error becomes for this caller: a reused event id whose stored
+    /// event is in a stream the caller may not read is one generic conflict, without the
+    /// stream, the position or how the events differ (which would confirm its content).
+    pub fn append_problem(&self, error: skald_core::Error) -> Problem {
+        match error {
+            skald_core::Error::IdReused {
+                id,
+                stream: Some(stream),
+                ..
+            } if self.require(Permission::Read, stream.as_str()).is_err() => Problem::new(
+                StatusCode::CONFLICT,
+                "event-id-reused",
+                "Event id reused",
+                format!("event id {id} is already used by another event; use a new id"),
+            )
+            .with("id", serde_json::json!(id)),
+            other => Problem::from(other),
+        }
+    }
+
+    /// An append condition (DCB) looks at the events of every user stream and answers with the
+    /// position of one that matches, so it needs `read` on every user stream.
+    pub fn require_condition(&self) -> Result<(), Problem> {
+        let Some(p) = &self.principal else {
+            return Ok(());
+        };
+        self.require_all(Permission::Read, Scope::AllUser)
+            .map_err(|_| {
+                Problem::forbidden(format!(
+                    "{} may not append with a condition: a condition looks at the events of \
+                     every stream and answers with the position of one that matches, so it \
+                     needs read on every stream (a rule with on: [\"*\"]); append with an \
+                     expected revision instead, or ask an admin for that rule",
+                    p.name
+                ))
+            })
+    }
+
     /// `permission` on every stream a name template can render (`pieces`: its text, `None` for
     /// each placeholder); `what` says where the template is, for the refusal.
     pub fn require_template(

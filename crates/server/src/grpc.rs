@@ -227,6 +227,9 @@ impl<S: EventStore> pb::streams_server::Streams for StreamsApi<S> {
         let stream = stream_name(r.stream, "stream")?;
         caller.require(Permission::Append, stream.as_str())?;
         let expected = expected(r.expected_revision)?;
+        if r.condition.is_some() {
+            caller.require_condition()?;
+        }
         let condition = r
             .condition
             .map(|c| {
@@ -252,7 +255,7 @@ impl<S: EventStore> pb::streams_server::Streams for StreamsApi<S> {
             },
         )
         .await
-        .map_err(problem)?;
+        .map_err(|e| caller.append_problem(e).to_grpc_status())?;
         Ok(Response::new(pb::AppendResponse {
             first_position: result.first_position.0,
             last_position: result.last_position.0,

@@ -417,6 +417,9 @@ async fn append<S: EventStore>(
                 query: c.fail_if_events_match,
                 after: c.after,
             });
+            if condition.is_some() {
+                caller.require_condition()?;
+            }
             (b.expected_revision, condition, b.events)
         }
         "application/cloudevents-batch+json" => {
@@ -439,7 +442,8 @@ async fn append<S: EventStore>(
             events,
         },
     )
-    .await?;
+    .await
+    .map_err(|e| caller.append_problem(e))?;
     let status = if result.replayed {
         StatusCode::OK
     } else {
@@ -639,7 +643,7 @@ async fn respond_read<S: EventStore>(
             Some(&trace.context),
         )
     });
-    let read = app.store.read(ReadRequest { limit, ..request }).await;
+    let read = filtered_page(&app, &reader, request, limit).await;
     if let Some(span) = &mut span {
         match &read {
             Ok(page) => span.set("skald.events", page.events.len() as u64),
@@ -647,8 +651,7 @@ async fn respond_read<S: EventStore>(
         }
     }
     drop(span);
-    let mut page = read?;
-    reader.retain(&mut page.events, |e| &e.stream);
+    let page = read?;
     let mut out = Vec::with_capacity(page.events.len() * 512 + 32);
     out.extend_from_slice(b"{\"events\":[");
     for (i, e) in page.events.iter().enumerate() {
@@ -665,6 +668,65 @@ async fn respond_read<S: EventStore>(
     );
     out.push(b'}');
     Ok(json_response(out).into_response())
+}
+
+/// Most events one JSON page looks at to fill itself with events the caller may read.
+const FILTERED_SCAN_BUDGET: usize = 16 * MAX_READ_PAGE;
+
+/// One JSON page of `request` with up to `limit` events the caller may read. Its `next` says
+/// nothing of the events the caller may not read: the page reads on past them until it is full
+/// or reaches the end, and then `next` follows its last event (or is `None` at the end, as it
+/// would be without them). Only when [`FILTERED_SCAN_BUDGET`] events were looked at without
+/// filling the page does `next` move past what was skipped, so that paging goes on.
+async fn filtered_page<S: EventStore>(
+    app: &App<S>,
+    reader: &Caller,
+    mut request: ReadRequest,
+    limit: usize,
+) -> skald_core::Result<skald_core::ReadPage> {
+    let mut events = Vec::new();
+    let mut scanned = 0;
+    loop {
+        let mut page = app
+            .store
+            .read(ReadRequest {
+                limit: limit - events.len(),
+                ..request.clone()
+            })
+            .await?;
+        let read = page.events.len();
+        scanned += read;
+        reader.retain(&mut page.events, |e| &e.stream);
+        let hidden = read - page.events.len();
+        events.append(&mut page.events);
+        if hidden == 0 && scanned == read {
+            // Nothing skipped (a stream read always ends here): the store's page as it is.
+            return Ok(skald_core::ReadPage {
+                events,
+                next: page.next,
+            });
+        }
+        // Only reads over many streams, forward by position, get here.
+        let next = match page.next {
+            Some(next) if read > 0 => next,
+            // The end: `None` whether or not events were skipped.
+            _ => return Ok(skald_core::ReadPage { events, next: None }),
+        };
+        if events.len() >= limit {
+            let last = events.last().expect("a full page").position.0;
+            return Ok(skald_core::ReadPage {
+                events,
+                next: Some(last + 1),
+            });
+        }
+        if scanned >= FILTERED_SCAN_BUDGET {
+            return Ok(skald_core::ReadPage {
+                events,
+                next: Some(next),
+            });
+        }
+        request.from = Some(next);
+    }
 }
 
 /// A read's pages, one store page at a time, each filtered to what the caller may read. HTTP

@@ -83,7 +83,7 @@ impl Problem {
         )
     }
 
-    fn with(mut self, key: &str, value: Value) -> Self {
+    pub(crate) fn with(mut self, key: &str, value: Value) -> Self {
         self.extensions.insert(key.to_owned(), value);
         self
     }
@@ -244,14 +244,25 @@ impl From<Error> for Problem {
                 detail,
             )
             .with("position", json!(position)),
-            Error::IdReused { id, position, .. } => Self::new(
-                StatusCode::CONFLICT,
-                "event-id-reused",
-                "Event id reused",
-                detail,
-            )
-            .with("id", json!(id))
-            .with("position", json!(position)),
+            Error::IdReused {
+                id,
+                position,
+                stream,
+                ..
+            } => {
+                let p = Self::new(
+                    StatusCode::CONFLICT,
+                    "event-id-reused",
+                    "Event id reused",
+                    detail,
+                )
+                .with("id", json!(id))
+                .with("position", json!(position));
+                match stream {
+                    Some(stream) => p.with("stream", json!(stream)),
+                    None => p,
+                }
+            }
             Error::StreamNotFound(stream) => Self::new(
                 StatusCode::NOT_FOUND,
                 "stream-not-found",
@@ -370,6 +381,7 @@ mod tests {
                     id: EventId::generate(),
                     position: Position(1),
                     reason: "r".into(),
+                    stream: None,
                 },
                 409,
                 "event-id-reused",

@@ -200,15 +200,26 @@ pub fn scan_query(
     Ok(out)
 }
 
-/// The position of the first event matching `query` from `from`: the DCB condition check.
+/// The position of the first event of a user stream matching `query` from `from`: the DCB
+/// condition check. Events of system streams (`$...`: keys, rules, audit, saga histories) never
+/// decide a condition, so that one cannot learn of them that way.
 pub fn first_match(
     view: &View,
     reader: &mut RecordReader,
     query: &Query,
     from: u64,
 ) -> Result<Option<u64>, Error> {
-    let found = scan_query(view, reader, query, from, 1)?;
-    Ok(found.first().map(|e| e.position.0))
+    let mut from = from;
+    loop {
+        let found = scan_query(view, reader, query, from, 64)?;
+        if let Some(event) = found.iter().find(|e| !e.stream.is_system()) {
+            return Ok(Some(event.position.0));
+        }
+        match found.last() {
+            Some(last) => from = last.position.0 + 1,
+            None => return Ok(None),
+        }
+    }
 }
 
 /// The events of a category from position `from`.

@@ -682,22 +682,14 @@ fn check_idempotency(
     let Some(&(first_event, first_position, _)) = stored.first() else {
         return Ok(None);
     };
-    let reused = |id, position, reason: String| {
+    let reused = |id, position, reason: String, stream: &skald_core::StreamName| {
         Ok(Some(Err(Error::IdReused {
             id,
             position: Position(position),
             reason,
+            stream: Some(stream.clone()),
         })))
     };
-    if stored.len() < request.events.len() {
-        return reused(
-            first_event.id,
-            first_position,
-            "the append mixes stored and new event ids; resend the original append unchanged, \
-             or use new ids"
-                .to_owned(),
-        );
-    }
     // The stored events may be this batch's, still in the write buffer.
     write_pending()?;
     let mut revisions = (0, 0);
@@ -714,11 +706,22 @@ fn check_idempotency(
                 ),
             ));
         }
+        if stored.len() < request.events.len() {
+            return reused(
+                first_event.id,
+                first_position,
+                "the append mixes stored and new event ids; resend the original append \
+                 unchanged, or use new ids"
+                    .to_owned(),
+                &recorded.stream,
+            );
+        }
         if recorded.stream != request.stream {
             return reused(
                 event.id,
                 position,
                 format!("it belongs to stream {}", recorded.stream),
+                &recorded.stream,
             );
         }
         if position != first_position + i as u64 {
@@ -726,10 +729,11 @@ fn check_idempotency(
                 event.id,
                 position,
                 "the ids were stored in a different order or in different appends".to_owned(),
+                &recorded.stream,
             );
         }
         if let Some(difference) = event.differs_from(&recorded) {
-            return reused(event.id, position, difference.to_owned());
+            return reused(event.id, position, difference.to_owned(), &recorded.stream);
         }
         if i == 0 {
             revisions.0 = recorded.revision.0;

@@ -66,6 +66,7 @@ impl Model {
                     id,
                     position: p,
                     reason: String::new(),
+                    stream: None,
                 })
             };
             if stored.len() < r.events.len() {
