@@ -274,6 +274,47 @@ async fn grpc_calls_pass_the_same_guard_and_rules() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+
+    // Watches, which need no credentials and never end by themselves, are bounded per address.
+    let mut watches = Vec::new();
+    let refused = loop {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        match health
+            .watch(tonic_health::pb::HealthCheckRequest::default())
+            .await
+        {
+            Ok(watch) => {
+                let mut watch = watch.into_inner();
+                assert!(watch.message().await.unwrap().is_some(), "a first status");
+                watches.push(watch);
+            }
+            Err(status) => break status,
+        }
+        assert!(watches.len() <= 16, "more than 16 watches from one address");
+    };
+    assert_eq!(watches.len(), 16);
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("health watches"), "{refused:?}");
+    // Closing one makes room for another.
+    drop(watches.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        match health
+            .watch(tonic_health::pb::HealthCheckRequest::default())
+            .await
+        {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the closed watch still counts"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
     drop(server);
 }
 

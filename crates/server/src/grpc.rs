@@ -1145,6 +1145,66 @@ const HEALTH_SERVICES: [&str; 5] = ["", STREAMS, SUBSCRIPTIONS, GROUPS, SAGAS];
 
 pub(crate) struct HealthApi<S> {
     pub app: App<S>,
+    pub watches: Arc<Watches>,
+}
+
+/// Most `Health/Watch` calls open at once from one client address, and from all together: the
+/// health service needs no credentials, so its open calls are bounded here.
+const MAX_WATCHES_PER_ADDRESS: usize = 16;
+const MAX_WATCHES: usize = 1024;
+
+/// The `Health/Watch` calls open, by client address.
+#[derive(Default)]
+pub(crate) struct Watches {
+    open: std::sync::Mutex<(
+        usize,
+        std::collections::HashMap<Option<std::net::IpAddr>, usize>,
+    )>,
+}
+
+impl Watches {
+    /// Counts one more watch from `address`, or says why not; dropping the guard uncounts it.
+    fn open(self: &Arc<Self>, address: Option<std::net::IpAddr>) -> Result<WatchGuard, Status> {
+        let mut open = self.open.lock().expect("watches lock");
+        let (total, by_address) = &mut *open;
+        let mine = by_address.get(&address).copied().unwrap_or(0);
+        if mine >= MAX_WATCHES_PER_ADDRESS {
+            return Err(Status::resource_exhausted(format!(
+                "this address has {mine} health watches open, the most allowed; close one, or \
+                 poll with Check"
+            )));
+        }
+        if *total >= MAX_WATCHES {
+            return Err(Status::resource_exhausted(format!(
+                "the server has {total} health watches open, the most allowed; poll with Check"
+            )));
+        }
+        *total += 1;
+        *by_address.entry(address).or_default() += 1;
+        Ok(WatchGuard {
+            watches: Arc::clone(self),
+            address,
+        })
+    }
+}
+
+struct WatchGuard {
+    watches: Arc<Watches>,
+    address: Option<std::net::IpAddr>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let mut open = self.watches.open.lock().expect("watches lock");
+        let (total, by_address) = &mut *open;
+        *total -= 1;
+        if let Some(n) = by_address.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
 }
 
 impl<S: EventStore> HealthApi<S> {
@@ -1177,11 +1237,19 @@ impl<S: EventStore> tonic_health::pb::health_server::Health for HealthApi<S> {
     type WatchStream = ReplyStream<HealthCheckResponse>;
 
     async fn watch(&self, request: Request<HealthCheckRequest>) -> Reply<Self::WatchStream> {
+        let address = request
+            .extensions()
+            .get::<crate::listener::Connection>()
+            .and_then(|c| c.peer)
+            .map(|p| p.ip());
+        let guard = self.watches.open(address)?;
         let service = request.into_inner().service;
         let app = self.app.clone();
+        let watches = Arc::clone(&self.watches);
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(async move {
-            let health = HealthApi { app };
+            let _counted = guard;
+            let health = HealthApi { app, watches };
             let mut last = None;
             loop {
                 // An unknown service is reported, and the call stays open (as the protocol asks).
@@ -1235,7 +1303,10 @@ pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Rou
     let sagas = pb::sagas_server::SagasServer::new(SagasApi { app: app.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
-    let health = tonic_health::pb::health_server::HealthServer::new(HealthApi { app: app.clone() });
+    let health = tonic_health::pb::health_server::HealthServer::new(HealthApi {
+        app: app.clone(),
+        watches: Arc::default(),
+    });
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(skald_proto::FILE_DESCRIPTOR_SET)
