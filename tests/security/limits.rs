@@ -345,3 +345,44 @@ async fn a_flood_of_bad_requests_grows_neither_the_metrics_nor_the_audit_trail()
     assert!(failures < 60, "{failures} failures audited one by one");
     assert_eq!(told, suppressed, "the audit trail counts what it left out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secrets_that_cost_a_hash_are_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with_config(dir.path(), "[auth]\napi_keys = true\n");
+    let api = Api::new(&server.url);
+    let admin = std::fs::read_to_string(dir.path().join("data/initial-admin-key")).unwrap();
+    let admin = admin.trim().to_owned();
+    let used = api.key(&admin, "used", &[]).await;
+    let unused = api.key(&admin, "unused", &[]).await;
+    let wrong = |token: &str| {
+        let (prefix, _) = token.rsplit_once('_').unwrap();
+        format!("{prefix}_wrongsecret")
+    };
+    let reason = |a: &crate::common::Answer| a.json()["reason"].as_str().unwrap_or("").to_owned();
+    // A key verified once is checked against its cached digest: wrong secrets cost nothing.
+    // (A key with no roles learns the version from /v1/info, nothing more.)
+    let info = api.call(Method::GET, "/v1/info", Some(&used), "").await;
+    assert_eq!(info.status, StatusCode::OK);
+    assert_eq!(
+        info.json().as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["version"]
+    );
+    for _ in 0..15 {
+        let a = api
+            .call(Method::GET, "/v1/info", Some(&wrong(&used)), "")
+            .await;
+        assert_eq!(reason(&a), "wrong-secret");
+    }
+    // A key not verified since the start costs argon2 per guess: ten, then throttled.
+    let mut reasons = Vec::new();
+    for _ in 0..12 {
+        let a = api
+            .call(Method::GET, "/v1/info", Some(&wrong(&unused)), "")
+            .await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        reasons.push(reason(&a));
+    }
+    assert_eq!(reasons[..10], vec!["wrong-secret"; 10][..], "{reasons:?}");
+    assert_eq!(reasons[10..], ["throttled", "throttled"], "{reasons:?}");
+}

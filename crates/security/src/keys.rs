@@ -97,6 +97,28 @@ pub enum KeyRefusal {
     Revoked(String),
     Expired(String),
     WrongSecret(String),
+    /// Too many wrong secrets for this key id or from this address: refused without checking.
+    Throttled(String),
+}
+
+/// What checking a key without its hash found: accepted from the cache of verified secrets,
+/// or the argon2 hash to verify the secret against (slow: off the lock, off the runtime).
+pub enum Check<'a> {
+    Accepted(&'a KeyInfo),
+    Hash {
+        id: String,
+        hash: String,
+        digest: [u8; 32],
+    },
+}
+
+/// Whether `secret` is the one `hash` (a PHC string) was made from: argon2, about 25 ms.
+pub fn secret_matches(secret: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|hash| {
+        argon2::Argon2::default()
+            .verify_password(secret.as_bytes(), &hash)
+            .is_ok()
+    })
 }
 
 impl KeyRefusal {
@@ -107,6 +129,7 @@ impl KeyRefusal {
             KeyRefusal::Revoked(_) => "revoked",
             KeyRefusal::Expired(_) => "expired",
             KeyRefusal::WrongSecret(_) => "wrong-secret",
+            KeyRefusal::Throttled(_) => "throttled",
         }
     }
 
@@ -116,7 +139,8 @@ impl KeyRefusal {
             KeyRefusal::Unknown(id)
             | KeyRefusal::Revoked(id)
             | KeyRefusal::Expired(id)
-            | KeyRefusal::WrongSecret(id) => Some(id),
+            | KeyRefusal::WrongSecret(id)
+            | KeyRefusal::Throttled(id) => Some(id),
         }
     }
 
@@ -129,6 +153,10 @@ impl KeyRefusal {
             KeyRefusal::Revoked(id) => format!("API key {id} was revoked"),
             KeyRefusal::Expired(id) => format!("API key {id} has expired"),
             KeyRefusal::WrongSecret(id) => format!("the secret of API key {id} is wrong"),
+            KeyRefusal::Throttled(id) => format!(
+                "too many wrong secrets for API key {id} or from this address; wait a few \
+                 seconds and retry"
+            ),
         }
     }
 }
@@ -172,8 +200,34 @@ impl KeyRing {
         keys
     }
 
-    /// Checks a bearer token that starts with [`PREFIX`].
+    /// Checks a bearer token that starts with [`PREFIX`], all at once (argon2 included).
     pub fn verify(&self, token: &str, now: i64) -> Result<&KeyInfo, KeyRefusal> {
+        match self.check(token, now)? {
+            Check::Accepted(info) => Ok(info),
+            Check::Hash { id, hash, digest } => {
+                let (_, secret) = split(token).ok_or(KeyRefusal::Malformed)?;
+                if !secret_matches(secret, &hash) {
+                    return Err(KeyRefusal::WrongSecret(id));
+                }
+                self.remember(&id, digest);
+                Ok(&self.keys[&id].info)
+            }
+        }
+    }
+
+    /// Remembers that argon2 accepted the secret whose SHA-256 is `digest` for key `id`.
+    pub fn remember(&self, id: &str, digest: [u8; 32]) {
+        if self.keys.contains_key(id) {
+            self.verified
+                .lock()
+                .expect("key cache")
+                .insert(id.to_owned(), digest);
+        }
+    }
+
+    /// Checks a bearer token that starts with [`PREFIX`] as far as it can without argon2: its
+    /// form, the key's state, and the cache of verified secrets.
+    pub fn check(&self, token: &str, now: i64) -> Result<Check<'_>, KeyRefusal> {
         let (id, secret) = split(token).ok_or(KeyRefusal::Malformed)?;
         let key = self
             .keys
@@ -190,21 +244,16 @@ impl KeyRing {
         let cached = self.verified.lock().expect("key cache").get(id).copied();
         if let Some(known) = cached {
             return if same(&known, &digest) {
-                Ok(&key.info)
+                Ok(Check::Accepted(&key.info))
             } else {
                 Err(KeyRefusal::WrongSecret(id.to_owned()))
             };
         }
-        let hash =
-            PasswordHash::new(&key.hash).map_err(|_| KeyRefusal::WrongSecret(id.to_owned()))?;
-        argon2::Argon2::default()
-            .verify_password(secret.as_bytes(), &hash)
-            .map_err(|_| KeyRefusal::WrongSecret(id.to_owned()))?;
-        self.verified
-            .lock()
-            .expect("key cache")
-            .insert(id.to_owned(), digest);
-        Ok(&key.info)
+        Ok(Check::Hash {
+            id: id.to_owned(),
+            hash: key.hash.clone(),
+            digest,
+        })
     }
 }
 

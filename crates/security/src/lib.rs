@@ -128,6 +128,11 @@ pub struct Security<S> {
     /// How many failed authentications each client address may have logged and audited one
     /// by one (beyond it they are only counted), and all addresses together.
     failure_budget: (ratelimit::Limiter<IpAddr>, ratelimit::Limiter<()>),
+    /// Wrong secrets that needed argon2, per key id and per address: beyond them, keys are
+    /// refused as throttled without hashing.
+    wrong_secrets: (ratelimit::Limiter<String>, ratelimit::Limiter<IpAddr>),
+    /// Argon2 verifications under way (each takes about 19 MiB and 25 ms of a core).
+    hashing: tokio::sync::Semaphore,
     /// Moves whenever access can have shrunk (a key revoked, the rules replaced): long-lived
     /// streams check their caller again when it differs from what they saw.
     access_generation: std::sync::atomic::AtomicU64,
@@ -157,6 +162,16 @@ const FAILURES_LOGGED: ratelimit::Bucket = ratelimit::Bucket {
     rate: 100.0,
     burst: 200.0,
 };
+
+/// Wrong API key secrets that cost an argon2 verification, per key id and per client address:
+/// 10, then one every 2 seconds. Beyond them the key is refused (`throttled`) unchecked.
+const WRONG_SECRETS: ratelimit::Bucket = ratelimit::Bucket {
+    rate: 0.5,
+    burst: 10.0,
+};
+
+/// Argon2 verifications at once.
+const HASHES_AT_ONCE: usize = 2;
 
 fn now_s() -> i64 {
     SystemTime::now()
@@ -270,6 +285,11 @@ impl<S: EventStore> Security<S> {
                 ratelimit::Limiter::new(FAILURES_LOGGED_PER_ADDRESS),
                 ratelimit::Limiter::new(FAILURES_LOGGED),
             ),
+            wrong_secrets: (
+                ratelimit::Limiter::new(WRONG_SECRETS),
+                ratelimit::Limiter::new(WRONG_SECRETS),
+            ),
+            hashing: tokio::sync::Semaphore::new(HASHES_AT_ONCE),
         };
         (security, queue)
     }
@@ -393,22 +413,22 @@ impl<S: EventStore> Security<S> {
                     key_id: None,
                 })?;
             if token.starts_with(keys::PREFIX) && self.config.api_keys {
-                let ring = self.keys.read().expect("keys lock");
-                return match ring.verify(token, now_s()) {
-                    Ok(key) => Ok(Principal {
+                return self
+                    .verify_key(token, credentials.address)
+                    .await
+                    .map(|key| Principal {
                         id: format!("key:{}", key.id),
-                        name: key.name.clone(),
-                        roles: key.roles.clone(),
+                        name: key.name,
+                        roles: key.roles,
                         method: Method::ApiKey,
                         expires_at: key.expires_at,
-                    }),
-                    Err(refusal) => Err(Refusal {
+                    })
+                    .map_err(|refusal| Refusal {
                         method: Method::ApiKey,
                         reason: refusal.reason(),
                         detail: refusal.detail(),
                         key_id: refusal.key_id().map(str::to_owned),
-                    }),
-                };
+                    });
             }
             return match &self.jwt {
                 Some(verifier) => match verifier.verify(token).await {
@@ -478,6 +498,48 @@ impl<S: EventStore> Security<S> {
             ),
             key_id: None,
         })
+    }
+
+    /// Verifies an API key. The first use of a key since the start needs argon2 (about 25 ms):
+    /// it runs on the blocking pool, at most [`HASHES_AT_ONCE`] at a time, without the key
+    /// ring's lock, and only while the key id and the address have not failed too often.
+    async fn verify_key(&self, token: &str, address: IpAddr) -> Result<KeyInfo, keys::KeyRefusal> {
+        let (id, hash, digest) = {
+            let ring = self.keys.read().expect("keys lock");
+            match ring.check(token, now_s())? {
+                keys::Check::Accepted(info) => return Ok(info.clone()),
+                keys::Check::Hash { id, hash, digest } => (id, hash, digest),
+            }
+        };
+        let now = std::time::Instant::now();
+        let (by_key, by_address) = &self.wrong_secrets;
+        if by_key.would_take(&id, now).is_err() || by_address.would_take(&address, now).is_err() {
+            return Err(keys::KeyRefusal::Throttled(id));
+        }
+        let _slot = self
+            .hashing
+            .acquire()
+            .await
+            .expect("the hashing semaphore is never closed");
+        let secret = keys::split(token)
+            .map(|(_, secret)| secret.to_owned())
+            .ok_or(keys::KeyRefusal::Malformed)?;
+        let matches = tokio::task::spawn_blocking(move || keys::secret_matches(&secret, &hash))
+            .await
+            .unwrap_or(false);
+        if !matches {
+            let now = std::time::Instant::now();
+            let _ = by_key.take(&id, now);
+            let _ = by_address.take(&address, now);
+            return Err(keys::KeyRefusal::WrongSecret(id));
+        }
+        // The key may have been revoked while argon2 ran: check it again.
+        let ring = self.keys.read().expect("keys lock");
+        ring.remember(&id, digest);
+        match ring.check(token, now_s())? {
+            keys::Check::Accepted(info) => Ok(info.clone()),
+            keys::Check::Hash { id, .. } => Err(keys::KeyRefusal::WrongSecret(id)),
+        }
     }
 
     fn refused(&self, refusal: &Refusal, address: IpAddr) {

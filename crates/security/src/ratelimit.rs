@@ -68,6 +68,15 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
 
     /// Takes one token for `key`: `Ok` or `Err(wait until one is there)`.
     pub fn take(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        self.settle(key, now, true)
+    }
+
+    /// Whether a token is there for `key`, without taking it.
+    pub fn would_take(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        self.settle(key, now, false)
+    }
+
+    fn settle(&self, key: &K, now: Instant, take: bool) -> Result<(), Duration> {
         let index = (fixed_hash(key) as usize) % SHARDS;
         let mut shard = self.shards[index].lock().expect("limiter lock");
         if now.duration_since(shard.swept) > FORGET_AFTER {
@@ -86,7 +95,9 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
             .min(self.bucket.burst);
         *at = now;
         if *tokens >= 1.0 {
-            *tokens -= 1.0;
+            if take {
+                *tokens -= 1.0;
+            }
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - *tokens) / self.bucket.rate))

@@ -325,7 +325,15 @@ impl<S: EventStore> pb::streams_server::Streams for StreamsApi<S> {
         }
     }
 
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Reply<pb::InfoResponse> {
+    async fn info(&self, request: Request<pb::InfoRequest>) -> Reply<pb::InfoResponse> {
+        // As over HTTP: only the version for callers who may read nothing.
+        let caller = caller(&request)?;
+        if caller.require_some(Permission::Read, Scope::All).is_err() {
+            return Ok(Response::new(pb::InfoResponse {
+                version: VERSION.to_owned(),
+                ..Default::default()
+            }));
+        }
         let info = self.app.store.info().await.map_err(problem)?;
         Ok(Response::new(pb::InfoResponse {
             version: VERSION.to_owned(),

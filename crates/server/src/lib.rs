@@ -908,7 +908,19 @@ async fn stream_head<S: EventStore>(
     }
 }
 
-async fn info<S: EventStore>(State(app): State<App<S>>) -> Result<Response, Problem> {
+/// `GET /v1/info`: the version to anyone authenticated; the log's head, durability and size
+/// only to callers who may read some stream.
+async fn info<S: EventStore>(
+    State(app): State<App<S>>,
+    caller: Caller,
+) -> Result<Response, Problem> {
+    if caller
+        .require_some(Permission::Read, access::Scope::All)
+        .is_err()
+    {
+        let body = serde_json::json!({ "version": VERSION });
+        return Ok(json_response(body.to_string().into_bytes()).into_response());
+    }
     let info = app.store.info().await?;
     let body = serde_json::json!({
         "version": VERSION,
