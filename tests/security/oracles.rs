@@ -98,6 +98,24 @@ async fn streams_a_caller_may_not_read_answer_nothing_about_their_events() {
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    // A condition's size is bounded: it is checked while the writer waits.
+    let many: Vec<String> = (0..65).map(|i| format!("T{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let (status, answer) = post(
+        &api,
+        &wide,
+        "/v1/streams/order-1",
+        json!({"events": placed, "condition": salary_condition(&many, &[])}),
+    )
+    .await;
+    assert!(status.is_client_error(), "{status} {answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the maximum is 64"),
+        "{answer}"
+    );
 
     // A filtered page reads on past what it hides; `next` never points just past it.
     let query = json!({"query": {"items": [{"types": ["SalarySet", "Placed"]}]}, "limit": 1});

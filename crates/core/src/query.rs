@@ -6,6 +6,11 @@ use crate::{Error, EventType, RecordedEvent, Result, Tag};
 
 /// The most items a query may have; each item costs an index scan.
 pub const MAX_QUERY_ITEMS: usize = 64;
+/// The most types one item may list; each costs an index lookup (an append condition's are
+/// made while the writer waits).
+pub const MAX_ITEM_TYPES: usize = 64;
+/// The most tags one item may list.
+pub const MAX_ITEM_TAGS: usize = 16;
 
 /// One alternative of a query. It matches an event whose type is one of `types` (or any type
 /// when `types` is empty) and that carries every tag in `tags`.
@@ -51,7 +56,8 @@ impl Query {
         }
     }
 
-    /// Checks the item count (deserialization checks each type and tag).
+    /// Checks the item count, and the types and tags per item (deserialization checks each
+    /// type and tag).
     pub fn validate(&self) -> Result<()> {
         if self.items.is_empty() {
             return Err(Error::invalid(
@@ -63,6 +69,20 @@ impl Query {
                 "query has {} items; the maximum is {MAX_QUERY_ITEMS}",
                 self.items.len()
             )));
+        }
+        for (i, item) in self.items.iter().enumerate() {
+            if item.types.len() > MAX_ITEM_TYPES {
+                return Err(Error::invalid(format!(
+                    "query item {i} lists {} types; the maximum is {MAX_ITEM_TYPES}",
+                    item.types.len()
+                )));
+            }
+            if item.tags.len() > MAX_ITEM_TAGS {
+                return Err(Error::invalid(format!(
+                    "query item {i} lists {} tags; the maximum is {MAX_ITEM_TAGS}",
+                    item.tags.len()
+                )));
+            }
         }
         Ok(())
     }
@@ -104,6 +124,18 @@ mod tests {
         };
         assert!(any_type.matches(&ty("Z"), &[t("x")]));
         assert!(QueryItem::default().matches(&ty("Z"), &[]));
+    }
+
+    #[test]
+    fn items_with_too_many_types_or_tags_are_refused() {
+        let types = |n: usize| (0..n).map(|i| ty(&format!("T{i}"))).collect::<Vec<_>>();
+        let tags = |n: usize| (0..n).map(|i| t(&format!("k:{i}"))).collect::<Vec<_>>();
+        let item = |types, tags| Query::new(vec![QueryItem { types, tags }]);
+        item(types(MAX_ITEM_TYPES), tags(MAX_ITEM_TAGS)).unwrap();
+        let error = item(types(MAX_ITEM_TYPES + 1), vec![]).unwrap_err();
+        assert!(error.to_string().contains("the maximum is 64"), "{error}");
+        let error = item(vec![], tags(MAX_ITEM_TAGS + 1)).unwrap_err();
+        assert!(error.to_string().contains("the maximum is 16"), "{error}");
     }
 
     #[test]
