@@ -613,25 +613,39 @@ steps:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!id.is_empty(), "the saga did not start");
+    // Another role's instance is answered as one that does not exist, naming nothing.
     let path = format!("/v1/saga-instances/{id}/cancel");
     let body = r#"{"reason":"customer called"}"#;
-    assert_eq!(
-        api.call(Method::POST, &path, Some(&other), body)
-            .await
-            .status,
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(
-        api.call(
+    let missing = api
+        .call(
             Method::GET,
-            &format!("/v1/saga-instances/{id}"),
+            "/v1/saga-instances/no-such-id",
             Some(&other),
-            ""
+            "",
         )
-        .await
-        .status,
-        StatusCode::FORBIDDEN
-    );
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    for (method, path, body) in [
+        (Method::POST, path.clone(), body),
+        (Method::GET, format!("/v1/saga-instances/{id}"), ""),
+        (Method::POST, format!("/v1/saga-instances/{id}/retry"), ""),
+    ] {
+        let a = api.call(method, &path, Some(&other), body).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            !String::from_utf8_lossy(&a.body).contains("trip"),
+            "{path}: {:?}",
+            a.body
+        );
+        assert_eq!(
+            a.json()["detail"]
+                .as_str()
+                .unwrap()
+                .replace(&id, "no-such-id"),
+            missing.json()["detail"].as_str().unwrap(),
+            "the same answer as for no instance"
+        );
+    }
     assert_eq!(
         api.call(Method::POST, &path, Some(&trips), body)
             .await

@@ -835,11 +835,22 @@ impl<S: EventStore> Sagas<S> {
             .expect("instances lock")
             .get(saga_id)
             .cloned()
-            .ok_or_else(|| {
-                Error::SagaNotFound(format!(
-                    "no saga instance has id {saga_id:?}; GET /v1/saga-instances lists them"
-                ))
-            })
+            .ok_or_else(|| Self::not_found(saga_id))
+    }
+
+    /// One instance's summary, without reading its history.
+    pub fn summary(&self, saga_id: &str) -> Result<InstanceSummary> {
+        let live = self.live(saga_id)?;
+        let state = live.state.lock().expect("state lock");
+        Ok(summary_of(&live, &state))
+    }
+
+    /// The answer for an instance a caller may not see: the same as for one that does not
+    /// exist, so that neither its existence nor its definition is told.
+    pub fn not_found(saga_id: &str) -> Error {
+        Error::SagaNotFound(format!(
+            "no saga instance has id {saga_id:?}; GET /v1/saga-instances lists them"
+        ))
     }
 
     /// One instance with its history.
