@@ -91,11 +91,26 @@ async fn tokens_are_checked_and_every_wrong_one_says_why() {
     let fetches = Arc::new(AtomicUsize::new(0));
     let iss = issuer(Arc::clone(&jwks), Arc::clone(&fetches)).await;
     let dir = tempfile::tempdir().unwrap();
+    let jwt = format!(
+        "[auth.jwt]\nissuer = \"{iss}\"\naudience = \"skald\"\nalgorithms = [\"ES256\"]\nroles_claim = \"realm_access.roles\"\nleeway_s = 5\n"
+    );
+    // The test issuer speaks plain HTTP: refused unless the config names it as insecure.
+    let config = dir.path().join("plain.toml");
+    std::fs::write(&config, &jwt).unwrap();
+    let data = dir.path().join("plain-data");
+    let (ok, _, err) = crate::support::skald(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("over plain HTTP"), "{err}");
     let server = serve_with_config(
         dir.path(),
-        &format!(
-            "[auth.jwt]\nissuer = \"{iss}\"\naudience = \"skald\"\nalgorithms = [\"ES256\"]\nroles_claim = \"realm_access.roles\"\nleeway_s = 5\n"
-        ),
+        &format!("{jwt}insecure_http_issuer = \"{iss}\"\n"),
     );
     let api = Api::new(&server.url);
     let good = || {

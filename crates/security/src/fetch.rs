@@ -14,11 +14,14 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Fetcher {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<bytes::Bytes>>,
+    /// Plain `http://` URLs are fetched too (a development issuer named in the config).
+    allow_http: bool,
 }
 
 impl Fetcher {
-    /// Trusts the PEM roots in `ca_file`, or the system's.
-    pub fn new(ca_file: Option<&Path>) -> Result<Self, String> {
+    /// Trusts the PEM roots in `ca_file`, or the system's; fetches only `https://` URLs unless
+    /// `allow_http`.
+    pub fn new(ca_file: Option<&Path>, allow_http: bool) -> Result<Self, String> {
         let config = crate::tls::client_config(ca_file, None)?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
@@ -27,6 +30,7 @@ impl Fetcher {
             .build();
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
+            allow_http,
         })
     }
 
@@ -34,6 +38,16 @@ impl Fetcher {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| format!("{url} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if self.allow_http => {}
+            _ => {
+                return Err(format!(
+                    "{url} is not an https:// URL; the issuer's documents are fetched over \
+                     TLS only (insecure_http_issuer allows http:// for a development issuer)"
+                ));
+            }
+        }
         let request = hyper::Request::get(uri)
             .header("accept", "application/json")
             .body(Empty::new())

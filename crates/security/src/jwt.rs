@@ -33,6 +33,10 @@ pub struct JwtConfig {
     pub roles_claim: String,
     #[serde(default = "default_leeway")]
     pub leeway_s: u64,
+    /// Fetch the discovery document and the JWKS over plain HTTP: only when it names the
+    /// issuer exactly (a local development issuer), never by default.
+    #[serde(default)]
+    pub insecure_http_issuer: Option<String>,
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -52,10 +56,35 @@ const ACCEPTABLE: [&str; 9] = [
 ];
 
 impl JwtConfig {
+    /// Whether the issuer's documents may be fetched over plain HTTP.
+    pub fn http_allowed(&self) -> bool {
+        self.insecure_http_issuer.as_deref() == Some(self.issuer.as_str())
+    }
+
     /// Checks the settings; errors name the key.
     pub fn validate(&self) -> Result<Vec<Algorithm>, String> {
         if self.issuer.is_empty() || self.audience.is_empty() {
             return Err("[auth.jwt] issuer and audience are required".to_owned());
+        }
+        if let Some(named) = &self.insecure_http_issuer
+            && named != &self.issuer
+        {
+            return Err(format!(
+                "[auth.jwt] insecure_http_issuer is {named:?} but the issuer is {:?}; it must \
+                 name the issuer exactly",
+                self.issuer
+            ));
+        }
+        if self.jwks_file.is_none() && !self.http_allowed() {
+            let fetched = self.jwks_url.as_deref().unwrap_or(&self.issuer);
+            if fetched.to_ascii_lowercase().starts_with("http://") {
+                return Err(format!(
+                    "[auth.jwt] the keys would be fetched from {fetched} over plain HTTP, where \
+                     anyone on the path can replace them; use https, or jwks_file, or (for a \
+                     local development issuer only) insecure_http_issuer = {:?}",
+                    self.issuer
+                ));
+            }
         }
         if self.jwks_url.is_some() && self.jwks_file.is_some() {
             return Err("[auth.jwt] give jwks_url or jwks_file, not both".to_owned());
@@ -132,7 +161,10 @@ impl JwtVerifier {
     pub async fn new(config: JwtConfig) -> Result<Self, String> {
         let algorithms = config.validate()?;
         let fetcher = if config.jwks_file.is_none() {
-            Some(Fetcher::new(config.ca_file.as_deref())?)
+            Some(Fetcher::new(
+                config.ca_file.as_deref(),
+                config.http_allowed(),
+            )?)
         } else {
             None
         };
