@@ -7,6 +7,7 @@ mod support;
 
 mod common;
 mod grpc;
+mod held;
 mod limits;
 mod matrix;
 mod oracles;

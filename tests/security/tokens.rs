@@ -230,3 +230,62 @@ async fn tokens_are_checked_and_every_wrong_one_says_why() {
     assert!(stderr.contains("the token has expired"), "{stderr}");
     assert!(!stderr.contains(&signature));
 }
+
+/// What held in the review of issue 25, kept holding: an HMAC (`oct`) key in the JWKS, a
+/// token without `kid`, and a `jku` header pointing at the attacker's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hmac_keys_missing_kids_and_jku_headers_get_nowhere() {
+    let a = key("a");
+    let evil = key("a");
+    let secret = b"a shared secret of thirty-two by";
+    let jwks = Arc::new(Mutex::new(json!({"keys": [
+        a.jwk,
+        {"kty": "oct", "kid": "h", "alg": "HS256", "k": URL_SAFE_NO_PAD.encode(secret)}
+    ]})));
+    let iss = issuer(jwks, Arc::new(AtomicUsize::new(0))).await;
+    // The attacker's own JWKS, which must never be fetched.
+    let evil_fetches = Arc::new(AtomicUsize::new(0));
+    let evil_iss = issuer(
+        Arc::new(Mutex::new(json!({"keys": [evil.jwk]}))),
+        Arc::clone(&evil_fetches),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[auth.jwt]\nissuer = \"{iss}\"\naudience = \"skald\"\nalgorithms = [\"ES256\"]\ninsecure_http_issuer = \"{iss}\"\n"
+        ),
+    );
+    let api = Api::new(&server.url);
+    let claims = json!({"iss": iss, "aud": "skald", "sub": "mallory", "exp": now() + 300,
+                        "roles": ["admin"]});
+    let info = |token: String| {
+        let api = api.clone();
+        async move {
+            api.call(Method::GET, "/v1/admin/keys", Some(&token), "")
+                .await
+        }
+    };
+    assert_eq!(info(sign(&a, "a", &claims)).await.status, StatusCode::OK);
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some("h".into());
+    let hmac = jsonwebtoken::encode(&hs, &claims, &EncodingKey::from_secret(secret)).unwrap();
+    assert_refused(&info(hmac).await, "algorithm");
+    let mut no_kid = Header::new(Algorithm::ES256);
+    no_kid.kid = None;
+    let token =
+        jsonwebtoken::encode(&no_kid, &claims, &EncodingKey::from_ec_der(&evil.pkcs8)).unwrap();
+    assert_eq!(info(token).await.status, StatusCode::UNAUTHORIZED);
+    let mut jku = Header::new(Algorithm::ES256);
+    jku.kid = Some("a".into());
+    jku.jku = Some(format!("{evil_iss}/jwks"));
+    let token =
+        jsonwebtoken::encode(&jku, &claims, &EncodingKey::from_ec_der(&evil.pkcs8)).unwrap();
+    assert_refused(&info(token).await, "signature");
+    assert_eq!(
+        evil_fetches.load(Ordering::SeqCst),
+        0,
+        "the jku was fetched"
+    );
+}
