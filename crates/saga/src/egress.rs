@@ -118,6 +118,24 @@ fn internal(address: IpAddr) -> bool {
     }
 }
 
+/// The IPv4 address an IPv6 address reaches through a translator or tunnel, judged as that
+/// IPv4 address: NAT64 (`64:ff9b::/96`), 6to4 (`2002::/16`) and the old IPv4-compatible form
+/// (`::a.b.c.d`).
+fn embedded_v4(a: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let o = a.octets();
+    let s = a.segments();
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    if s[0] == 0x2002 {
+        return Some(std::net::Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    if s[..6] == [0; 6] && !a.is_loopback() && !a.is_unspecified() {
+        return Some(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    None
+}
+
 /// The policy, parsed.
 #[derive(Clone, Debug)]
 pub struct Egress {
@@ -140,7 +158,10 @@ impl Egress {
 
     /// Whether a step may connect to `address`, reached by the name `host`.
     pub fn allows(&self, host: &str, address: IpAddr) -> bool {
-        let address = address.to_canonical();
+        let address = match address.to_canonical() {
+            IpAddr::V6(a) => embedded_v4(a).map_or(IpAddr::V6(a), IpAddr::V4),
+            v4 => v4,
+        };
         if METADATA.contains(&address) {
             return false;
         }
@@ -258,6 +279,11 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
+            "64:ff9b::a00:5",
+            "64:ff9b::7f00:1",
+            "2002:a00:1::1",
+            "::10.0.0.1",
+            "::169.254.169.254",
         ] {
             assert!(!none.allows("host", ip(internal)), "{internal}");
         }
@@ -271,6 +297,11 @@ mod tests {
         let wide = egress(&["169.254.0.0/16", "0.0.0.0/0", "metadata"]);
         assert!(!wide.allows("metadata", ip("169.254.169.254")));
         assert!(!wide.allows("x", ip("::ffff:169.254.169.254")));
+        assert!(!wide.allows("x", ip("64:ff9b::a9fe:a9fe")));
+        assert!(
+            none.allows("x", ip("64:ff9b::5db8:d822")),
+            "a public IPv4 through NAT64"
+        );
         assert!(wide.allows("x", ip("169.254.1.1")));
     }
 

@@ -1063,6 +1063,10 @@ impl<S: EventStore> Inner<S> {
                 }
                 Err(e) => return Err(e),
             };
+            // A disable or delete stops starts at once, also of triggers logged before it that
+            // the loop has not reached yet (a backlog must not outlast the kill switch); an
+            // enable takes effect from its position only.
+            let stopped = inner.stopped_now();
             // `seen` moves past an event only once every start it triggers is under way, so
             // that a shutdown while waiting for room cannot checkpoint past a trigger. Such a
             // shutdown ends the whole loop: were a later delivery taken after it, its starts
@@ -1074,7 +1078,9 @@ impl<S: EventStore> Inner<S> {
                     }
                 } else if !event.stream.is_system() {
                     for registered in active.enabled() {
-                        if !registered.trigger.matches(&event) {
+                        if !registered.trigger.matches(&event)
+                            || stopped.contains(&registered.definition.name)
+                        {
                             continue;
                         }
                         let need = Need::Read(event.stream.as_str());
@@ -1144,6 +1150,18 @@ impl<S: EventStore> Inner<S> {
             .await;
         inner.write_checkpoint(seen, &in_flight, written).await;
         Ok(())
+    }
+
+    /// The definitions disabled or deleted now.
+    fn stopped_now(&self) -> std::collections::HashSet<String> {
+        let catalog = self.catalog.lock().expect("catalog lock");
+        catalog
+            .now
+            .status
+            .iter()
+            .filter(|(_, status)| **status != Status::Enabled)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// The position of the first definition registered at or after `from`.

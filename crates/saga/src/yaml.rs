@@ -58,6 +58,13 @@ impl Document {
 /// Most nodes (scalars, sequences, mappings) in one definition.
 const MAX_NODES: usize = 20_000;
 
+/// The longest mapping key.
+const MAX_KEY_BYTES: usize = 1024;
+
+/// Most bytes of JSON pointers kept for locating errors: each node's pointer repeats its
+/// ancestors' keys, so long keys nested deep would otherwise cost far more than the text.
+const MAX_LOCATION_BYTES: usize = 4 * 1024 * 1024;
+
 /// A container being built.
 enum Open {
     Sequence {
@@ -129,6 +136,7 @@ struct Builder {
     locations: HashMap<String, Location>,
     documents: usize,
     nodes: usize,
+    location_bytes: usize,
 }
 
 impl Builder {
@@ -160,9 +168,15 @@ impl Builder {
                     key: key @ None, ..
                 }) = self.stack.last_mut()
                 {
-                    *key = Some(key_of(&scalar).ok_or_else(|| {
-                        (here, "a mapping key must be a plain string".to_owned())
-                    })?);
+                    let text = key_of(&scalar)
+                        .ok_or_else(|| (here, "a mapping key must be a plain string".to_owned()))?;
+                    if text.len() > MAX_KEY_BYTES {
+                        return Err((
+                            here,
+                            format!("a mapping key is longer than {MAX_KEY_BYTES} bytes"),
+                        ));
+                    }
+                    *key = Some(text);
                     return Ok(false);
                 }
                 let value = scalar_value(&scalar).ok_or_else(|| {
@@ -172,7 +186,7 @@ impl Builder {
                     )
                 })?;
                 let pointer = self.child_pointer(here)?;
-                self.locations.insert(pointer, here);
+                self.locate(pointer, here)?;
                 self.complete(value, here)?;
             }
             Event::SequenceStart(_, tag) | Event::MappingStart(_, tag) if tag.is_some() => {
@@ -227,8 +241,21 @@ impl Builder {
             return Err((here, "a mapping key must be a plain string".into()));
         }
         let pointer = self.child_pointer(here)?;
-        self.locations.insert(pointer.clone(), here);
+        self.locate(pointer.clone(), here)?;
         Ok(pointer)
+    }
+
+    /// Remembers where the node at `pointer` began, within [`MAX_LOCATION_BYTES`].
+    fn locate(&mut self, pointer: String, here: Location) -> Result<(), Failure> {
+        self.location_bytes += pointer.len();
+        if self.location_bytes > MAX_LOCATION_BYTES {
+            return Err((
+                here,
+                "the definition nests too many long keys too deep; shorten them".to_owned(),
+            ));
+        }
+        self.locations.insert(pointer, here);
+        Ok(())
     }
 
     /// The pointer of the node that comes next in the open container.
@@ -380,5 +407,20 @@ mod tests {
         let wide = format!("[{}]", vec!["1"; MAX_NODES + 1].join(","));
         let (_, why) = parse(&wide).unwrap_err();
         assert!(why.contains("values"), "{why}");
+        // Long keys repeat in every pointer below them (a `/` escapes to two bytes): in JSON
+        // flow style the parser's own key limit does not apply.
+        let key = "/".repeat(200_000);
+        let long = format!("{{\"{key}\": [{}]}}", vec!["0"; 19_998].join(","));
+        let (_, why) = parse(&long).unwrap_err();
+        assert!(why.contains("longer than"), "{why}");
+        let key = "/".repeat(MAX_KEY_BYTES);
+        let mut deep = String::new();
+        for _ in 0..MAX_DEPTH - 2 {
+            deep.push_str(&format!("{{\"{key}\": "));
+        }
+        deep.push_str(&format!("[{}]", vec!["0"; 15_000].join(",")));
+        deep.push_str(&"}".repeat(MAX_DEPTH - 2));
+        let (_, why) = parse(&deep).unwrap_err();
+        assert!(why.contains("too deep"), "{why}");
     }
 }

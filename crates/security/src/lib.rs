@@ -130,9 +130,12 @@ pub struct Security<S> {
     failure_budget: (ratelimit::Limiter<IpAddr>, ratelimit::Limiter<()>),
     /// Wrong secrets that needed argon2, per key id and per address: beyond them, keys are
     /// refused as throttled without hashing.
-    wrong_secrets: (ratelimit::Limiter<String>, ratelimit::Limiter<IpAddr>),
+    wrong_secrets: (
+        ratelimit::Limiter<(String, IpAddr)>,
+        ratelimit::Limiter<IpAddr>,
+    ),
     /// Argon2 verifications under way (each takes about 19 MiB and 25 ms of a core).
-    hashing: tokio::sync::Semaphore,
+    hashing: Arc<tokio::sync::Semaphore>,
     /// Moves whenever access can have shrunk (a key revoked, the rules replaced): long-lived
     /// streams check their caller again when it differs from what they saw.
     access_generation: std::sync::atomic::AtomicU64,
@@ -163,8 +166,10 @@ const FAILURES_LOGGED: ratelimit::Bucket = ratelimit::Bucket {
     burst: 200.0,
 };
 
-/// Wrong API key secrets that cost an argon2 verification, per key id and per client address:
-/// 10, then one every 2 seconds. Beyond them the key is refused (`throttled`) unchecked.
+/// API key verifications that cost argon2 (a key's first use since the start, and every
+/// wrong guess at one not yet verified), per key id and client address and per client
+/// address: 10, then one every 2 seconds; a right secret does not count. Beyond them the key
+/// is refused (`throttled`) unchecked.
 const WRONG_SECRETS: ratelimit::Bucket = ratelimit::Bucket {
     rate: 0.5,
     burst: 10.0,
@@ -289,7 +294,7 @@ impl<S: EventStore> Security<S> {
                 ratelimit::Limiter::new(WRONG_SECRETS),
                 ratelimit::Limiter::new(WRONG_SECRETS),
             ),
-            hashing: tokio::sync::Semaphore::new(HASHES_AT_ONCE),
+            hashing: Arc::new(tokio::sync::Semaphore::new(HASHES_AT_ONCE)),
         };
         (security, queue)
     }
@@ -511,28 +516,38 @@ impl<S: EventStore> Security<S> {
                 keys::Check::Hash { id, hash, digest } => (id, hash, digest),
             }
         };
+        // Each hash is paid for before it runs, so neither concurrent guesses nor ones that
+        // hang up early escape the budget; a secret that turns out right gets it back.
         let now = std::time::Instant::now();
         let (by_key, by_address) = &self.wrong_secrets;
-        if by_key.would_take(&id, now).is_err() || by_address.would_take(&address, now).is_err() {
+        let pair = (id.clone(), address);
+        if by_key.take(&pair, now).is_err() {
             return Err(keys::KeyRefusal::Throttled(id));
         }
-        let _slot = self
-            .hashing
-            .acquire()
+        if by_address.take(&address, now).is_err() {
+            by_key.give_back(&pair);
+            return Err(keys::KeyRefusal::Throttled(id));
+        }
+        // The permit goes with the hash, so that a request given up while it runs still holds
+        // its place until argon2 finishes.
+        let slot = Arc::clone(&self.hashing)
+            .acquire_owned()
             .await
             .expect("the hashing semaphore is never closed");
         let secret = keys::split(token)
             .map(|(_, secret)| secret.to_owned())
             .ok_or(keys::KeyRefusal::Malformed)?;
-        let matches = tokio::task::spawn_blocking(move || keys::secret_matches(&secret, &hash))
-            .await
-            .unwrap_or(false);
+        let matches = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            keys::secret_matches(&secret, &hash)
+        })
+        .await
+        .unwrap_or(false);
         if !matches {
-            let now = std::time::Instant::now();
-            let _ = by_key.take(&id, now);
-            let _ = by_address.take(&address, now);
             return Err(keys::KeyRefusal::WrongSecret(id));
         }
+        by_key.give_back(&pair);
+        by_address.give_back(&address);
         // The key may have been revoked while argon2 ran: check it again.
         let ring = self.keys.read().expect("keys lock");
         ring.remember(&id, digest);

@@ -68,15 +68,6 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
 
     /// Takes one token for `key`: `Ok` or `Err(wait until one is there)`.
     pub fn take(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        self.settle(key, now, true)
-    }
-
-    /// Whether a token is there for `key`, without taking it.
-    pub fn would_take(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        self.settle(key, now, false)
-    }
-
-    fn settle(&self, key: &K, now: Instant, take: bool) -> Result<(), Duration> {
         let index = (fixed_hash(key) as usize) % SHARDS;
         let mut shard = self.shards[index].lock().expect("limiter lock");
         if now.duration_since(shard.swept) > FORGET_AFTER {
@@ -95,12 +86,19 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
             .min(self.bucket.burst);
         *at = now;
         if *tokens >= 1.0 {
-            if take {
-                *tokens -= 1.0;
-            }
+            *tokens -= 1.0;
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - *tokens) / self.bucket.rate))
+        }
+    }
+
+    /// Returns a token taken for `key` (up to the burst).
+    pub fn give_back(&self, key: &K) {
+        let index = (fixed_hash(key) as usize) % SHARDS;
+        let mut shard = self.shards[index].lock().expect("limiter lock");
+        if let Some((tokens, _)) = shard.tokens.get_mut(key) {
+            *tokens = (*tokens + 1.0).min(self.bucket.burst);
         }
     }
 }

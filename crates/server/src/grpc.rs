@@ -300,11 +300,12 @@ impl<S: EventStore> pb::streams_server::Streams for StreamsApi<S> {
             limit: 0,
         };
         let limit = (r.limit > 0).then(|| usize::try_from(r.limit).unwrap_or(usize::MAX));
+        let access = crate::recheck_read(&self.app, &caller, &request.source);
         Ok(Response::new(read_pages(crate::Pages::new(
             Arc::clone(&self.app.store),
             request,
             limit,
-            caller,
+            access,
         ))))
     }
 
@@ -355,7 +356,7 @@ fn read_pages<S: EventStore>(pages: crate::Pages<S>) -> ReplyStream<pb::ReadResp
                     .into_iter()
                     .map(|events| Ok(pb::ReadResponse { events }))
                     .collect(),
-                Err(e) => vec![Err(problem(e))],
+                Err(e) => vec![Err(e.to_grpc_status())],
             };
             return Some((stream::iter(messages), pages));
         }

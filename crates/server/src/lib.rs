@@ -622,11 +622,12 @@ async fn respond_read<S: EventStore>(
         limit: 0,
     };
     if wants_ndjson(headers) {
+        let access = recheck_read(&app, caller, &request.source);
         return Ok(ndjson_stream(Pages::new(
             Arc::clone(&app.store),
             request,
             params.limit,
-            reader,
+            access,
         )));
     }
     let limit = params.limit.unwrap_or(DEFAULT_JSON_LIMIT);
@@ -687,10 +688,11 @@ async fn filtered_page<S: EventStore>(
     let mut events = Vec::new();
     let mut scanned = 0;
     loop {
+        // The first read asks for the page; reading on past hidden events, whole store pages.
         let mut page = app
             .store
             .read(ReadRequest {
-                limit: limit - events.len(),
+                limit: if scanned == 0 { limit } else { MAX_READ_PAGE },
                 ..request.clone()
             })
             .await?;
@@ -706,13 +708,22 @@ async fn filtered_page<S: EventStore>(
                 next: page.next,
             });
         }
-        // Only reads over many streams, forward by position, get here.
+        // Only reads over many streams, forward by position, get here. A later read asks
+        // for a whole store page, so it may bring more than the page still needs.
+        if events.len() > limit {
+            events.truncate(limit);
+            let last = events.last().expect("a full page").position.0;
+            return Ok(skald_core::ReadPage {
+                events,
+                next: Some(last + 1),
+            });
+        }
         let next = match page.next {
             Some(next) if read > 0 => next,
             // The end: `None` whether or not events were skipped.
             _ => return Ok(skald_core::ReadPage { events, next: None }),
         };
-        if events.len() >= limit {
+        if events.len() == limit {
             let last = events.last().expect("a full page").position.0;
             return Ok(skald_core::ReadPage {
                 events,
@@ -729,14 +740,30 @@ async fn filtered_page<S: EventStore>(
     }
 }
 
+/// The check a streamed read repeats before each page: it may run for long.
+pub(crate) fn recheck_read<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    source: &ReadSource,
+) -> access::Recheck<S> {
+    let source = source.clone();
+    access::Recheck::new(
+        Arc::clone(&app.security),
+        caller.clone(),
+        Box::new(move |caller| caller.require_some(Permission::Read, Scope::from(&source))),
+    )
+}
+
 /// A read's pages, one store page at a time, each filtered to what the caller may read. HTTP
-/// NDJSON and gRPC reads walk the same cursor, so memory stays bounded by one page.
+/// NDJSON and gRPC reads walk the same cursor, so memory stays bounded by one page. Before
+/// each page the caller is checked again ([`access::Recheck`]): a streamed read ends when its
+/// credential or its rules do.
 pub(crate) struct Pages<S> {
     store: Arc<S>,
     request: ReadRequest,
     remaining: usize,
     done: bool,
-    reader: Caller,
+    access: access::Recheck<S>,
 }
 
 impl<S: EventStore> Pages<S> {
@@ -745,22 +772,26 @@ impl<S: EventStore> Pages<S> {
         store: Arc<S>,
         request: ReadRequest,
         limit: Option<usize>,
-        reader: Caller,
+        access: access::Recheck<S>,
     ) -> Self {
         Self {
             store,
             request,
             remaining: limit.unwrap_or(usize::MAX),
             done: false,
-            reader,
+            access,
         }
     }
 
     /// The next page (empty when the rules filtered out all of it), or `None` at the end.
     /// After an error there is no next page.
-    pub(crate) async fn next(&mut self) -> Option<skald_core::Result<Vec<RecordedEvent>>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<Vec<RecordedEvent>, Problem>> {
         if self.done || self.remaining == 0 {
             return None;
+        }
+        if let Err(problem) = self.access.check() {
+            self.done = true;
+            return Some(Err(problem));
         }
         let page_request = ReadRequest {
             limit: self.remaining.min(MAX_READ_PAGE),
@@ -769,7 +800,7 @@ impl<S: EventStore> Pages<S> {
         match self.store.read(page_request).await {
             Ok(mut page) => {
                 let read = page.events.len();
-                self.reader.retain(&mut page.events, |e| &e.stream);
+                self.access.caller().retain(&mut page.events, |e| &e.stream);
                 self.remaining = self.remaining.saturating_sub(page.events.len());
                 match page.next {
                     Some(next) if read > 0 => self.request.from = Some(next),
@@ -779,7 +810,7 @@ impl<S: EventStore> Pages<S> {
             }
             Err(e) => {
                 self.done = true;
-                Some(Err(e))
+                Some(Err(Problem::from(e)))
             }
         }
     }
@@ -796,8 +827,7 @@ fn ndjson_stream<S: EventStore>(pages: Pages<S>) -> Response {
                     out.push(b'\n');
                 }
             }
-            Err(e) => {
-                let problem = Problem::from(e);
+            Err(problem) => {
                 out.extend_from_slice(format!("{{\"error\":{}}}\n", problem.to_json()).as_bytes());
             }
         }

@@ -110,11 +110,16 @@ pub(crate) fn may_see_data(caller: &Caller, summary: &InstanceSummary) -> bool {
 /// What a caller who may not read the trigger's stream sees instead of data.
 const HIDDEN: &str = "hidden: you may not read the trigger's stream";
 
-/// Removes what the caller may not see from a summary.
+/// Removes what the caller may not see from a summary: the last error, and the correlation key
+/// (a value of the trigger's data).
 pub(crate) fn redact_summary(caller: &Caller, summary: &mut InstanceSummary) {
-    if !may_see_data(caller, summary) && summary.last_error.is_some() {
+    if may_see_data(caller, summary) {
+        return;
+    }
+    if summary.last_error.is_some() {
         summary.last_error = Some(HIDDEN.to_owned());
     }
+    summary.correlation_key = HIDDEN.to_owned();
 }
 
 /// Removes what the caller may not see from a history: the trigger's data (its id, stream, type
@@ -126,7 +131,6 @@ pub(crate) fn redact_history(caller: &Caller, history: &mut InstanceHistory) {
             let stream = entry.data["output"]["stream"].as_str().map(str::to_owned);
             if entry.event_type == "StepSucceeded"
                 && let Some(stream) = stream
-                && entry.data["output"]["data"].is_object()
                 && caller.require(Permission::Read, &stream).is_err()
             {
                 entry.data["output"] = json!(HIDDEN);
@@ -143,6 +147,7 @@ pub(crate) fn redact_history(caller: &Caller, history: &mut InstanceHistory) {
                 data["trigger"] = json!({
                     "id": t["id"], "stream": t["stream"], "type": t["type"], "position": t["position"],
                 });
+                data["correlationKey"] = json!(HIDDEN);
             }
             "StepSucceeded" => data["output"] = json!(HIDDEN),
             "StepFailed" | "SagaStuck" => data["error"] = json!(HIDDEN),

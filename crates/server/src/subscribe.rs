@@ -699,6 +699,10 @@ impl<S: EventStore> Session<S> {
                 )),
             ));
         };
+        // The rules may have changed since the join.
+        if let Err(problem) = crate::groups::allow_existing(&self.app, &self.caller, &group).await {
+            return Next::Reply(error_reply(Some(&id), problem));
+        }
         let outcome = match nack {
             None => self.app.groups.ack(&group, ack_ids).await,
             Some((action, reason)) => self.app.groups.nack(&group, ack_ids, action, reason).await,

@@ -202,25 +202,40 @@ pub fn scan_query(
 
 /// The position of the first event of a user stream matching `query` from `from`: the DCB
 /// condition check. Events of system streams (`$...`: keys, rules, audit, saga histories) never
-/// decide a condition, so that one cannot learn of them that way.
+/// decide a condition, so that one cannot learn of them that way. The inner `Err` refuses the
+/// condition (it finds too many system events); the outer one is a failure to read.
 pub fn first_match(
     view: &View,
     reader: &mut RecordReader,
     query: &Query,
     from: u64,
-) -> Result<Option<u64>, Error> {
+) -> Result<Result<Option<u64>, Error>, Error> {
     let mut from = from;
+    let mut skipped = 0;
     loop {
         let found = scan_query(view, reader, query, from, 64)?;
         if let Some(event) = found.iter().find(|e| !e.stream.is_system()) {
-            return Ok(Some(event.position.0));
+            return Ok(Ok(Some(event.position.0)));
+        }
+        skipped += found.len();
+        // The writer waits while a condition is checked: one that only finds system events
+        // is refused before it can hold every append for long.
+        if skipped > MAX_SYSTEM_EVENTS_SKIPPED {
+            return Ok(Err(Error::invalid(format!(
+                "the condition matches more than {MAX_SYSTEM_EVENTS_SKIPPED} events of system \
+                 streams (which never decide a condition) before any other; narrow it with \
+                 tags, other types or `after`"
+            ))));
         }
         match found.last() {
             Some(last) => from = last.position.0 + 1,
-            None => return Ok(None),
+            None => return Ok(Ok(None)),
         }
     }
 }
+
+/// Most events of system streams a condition check passes over.
+const MAX_SYSTEM_EVENTS_SKIPPED: usize = 4096;
 
 /// The events of a category from position `from`.
 pub fn scan_category(

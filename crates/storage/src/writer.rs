@@ -489,11 +489,14 @@ impl Writer {
             // The check may read this batch's earlier records back from the file.
             self.write_pending()?;
             let from = condition.after.map_or(0, |p| p.0 + 1);
-            let found = read::first_match(view, reader, &condition.query, from)?;
-            if let Some(position) = found {
-                return Ok(Err(Error::ConditionFailed {
-                    position: Position(position),
-                }));
+            match read::first_match(view, reader, &condition.query, from)? {
+                Ok(Some(position)) => {
+                    return Ok(Err(Error::ConditionFailed {
+                        position: Position(position),
+                    }));
+                }
+                Ok(None) => {}
+                Err(refused) => return Ok(Err(refused)),
             }
         }
         self.write_events(request, current).map(Ok)

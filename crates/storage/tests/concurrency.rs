@@ -144,3 +144,60 @@ async fn concurrent_copies_of_one_append_store_it_once() {
     assert_eq!(store.head(), 202);
     store.shutdown().await;
 }
+
+/// Conditions never look at system streams (`$...`), and one that finds only their events for
+/// long is refused rather than holding the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_pass_over_system_streams_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let secret = |n: usize| AppendRequest {
+        stream: StreamName::system("$security-keys").unwrap(),
+        expected: ExpectedRevision::Any,
+        condition: None,
+        events: (0..n)
+            .map(|_| {
+                ProposedEvent::new(
+                    EventType::new("ApiKeyCreated").unwrap(),
+                    EventData::json("{}").unwrap(),
+                )
+            })
+            .collect(),
+    };
+    let guarded = |after: Option<Position>| AppendRequest {
+        stream: StreamName::new("order-1").unwrap(),
+        expected: ExpectedRevision::Any,
+        condition: Some(AppendCondition {
+            query: Query::new(vec![QueryItem {
+                types: vec![EventType::new("ApiKeyCreated").unwrap()],
+                tags: vec![],
+            }])
+            .unwrap(),
+            after,
+        }),
+        events: vec![ProposedEvent::new(
+            EventType::new("Placed").unwrap(),
+            EventData::json("{}").unwrap(),
+        )],
+    };
+    store.append(secret(3)).await.unwrap();
+    store
+        .append(guarded(None))
+        .await
+        .expect("system events decide nothing");
+    for _ in 0..5 {
+        store.append(secret(1000)).await.unwrap();
+    }
+    match store.append(guarded(None)).await {
+        Err(Error::InvalidEvent { reason }) => {
+            assert!(reason.contains("system streams"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let head = Position(store.head() - 1);
+    store
+        .append(guarded(Some(head)))
+        .await
+        .expect("after the system events there is nothing to pass over");
+    store.shutdown().await;
+}
