@@ -289,3 +289,98 @@ async fn hmac_keys_missing_kids_and_jku_headers_get_nowhere() {
         "the jku was fetched"
     );
 }
+
+/// Replaces a file by a rename, as deployment tools do (never half-written).
+fn replace(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_file_is_read_again_and_keys_are_taken_one_by_one() {
+    let (r1, r2, r3) = (key("r1"), key("r2"), key("r3"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    // Beside r1: a key for encryption, keys this server cannot use (ES512, secp256k1,
+    // X25519): skipped one by one, they do not keep the server from starting.
+    let mut enc = r2.jwk.clone();
+    enc["use"] = json!("enc");
+    let unusable = [
+        json!({"kty": "EC", "crv": "P-521", "kid": "e512", "alg": "ES512",
+               "x": "AekpBQ8ST8a8VcfVOTNl353vSrDCLL", "y": "ADSmRA43Z1DSNx_RvcLI87cdL07l6j"}),
+        json!({"kty": "EC", "crv": "secp256k1", "kid": "k1", "x": "AA", "y": "AA"}),
+        json!({"kty": "OKP", "crv": "X25519", "kid": "x", "x": "AA"}),
+    ];
+    let mut keys = vec![r1.jwk.clone(), enc];
+    keys.extend(unusable);
+    replace(&file, &json!({ "keys": keys }).to_string());
+    let iss = "https://issuer.example";
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[auth.jwt]\nissuer = \"{iss}\"\naudience = \"skald\"\nalgorithms = [\"ES256\"]\njwks_file = \"{}\"\n",
+            file.display()
+        ),
+    );
+    let api = Api::new(&server.url);
+    let claims =
+        json!({"iss": iss, "aud": "skald", "sub": "ops", "exp": now() + 600, "roles": ["admin"]});
+    let call = |token: String| {
+        let api = api.clone();
+        async move {
+            api.call(Method::GET, "/v1/admin/keys", Some(&token), "")
+                .await
+        }
+    };
+    assert_eq!(call(sign(&r1, "r1", &claims)).await.status, StatusCode::OK);
+    // A key marked for encryption verifies no signature.
+    assert_refused(&call(sign(&r2, "r2", &claims)).await, "unknown-key");
+    // A header that names critical extensions this server does not know is refused.
+    // jsonwebtoken's Header has no `crit`, so this token is put together and signed here.
+    let header = json!({"alg": "ES256", "typ": "JWT", "kid": "r1", "crit": ["exp-ext"]});
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let rng = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &r1.pkcs8, &rng).unwrap();
+    let signature = pair.sign(&rng, input.as_bytes()).unwrap();
+    let crit = format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()));
+    assert_refused(&call(crit).await, "unsupported");
+
+    // r1 leaked: the file is rewritten without it and with r3. The watcher sees the change
+    // on its own, without a signal and without a restart.
+    replace(&file, &json!({"keys": [r3.jwk]}).to_string());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while call(sign(&r3, "r3", &claims)).await.status != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rewritten JWKS file was not read within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_refused(&call(sign(&r1, "r1", &claims)).await, "unknown-key");
+
+    // A broken file keeps the keys in use; SIGHUP reads a good one at once.
+    replace(&file, "{\"keys\": [");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(call(sign(&r3, "r3", &claims)).await.status, StatusCode::OK);
+    replace(&file, &json!({"keys": [r1.jwk]}).to_string());
+    // SAFETY: a signal to the child this test started, by its id.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while call(sign(&r1, "r1", &claims)).await.status != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the JWKS file"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_refused(&call(sign(&r3, "r3", &claims)).await, "unknown-key");
+    let (status, stderr) = server.terminate();
+    assert!(status.success());
+    assert!(stderr.contains("a JWKS key is skipped"), "{stderr}");
+    assert!(stderr.contains("JWKS reload failed"), "{stderr}");
+}

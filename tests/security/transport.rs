@@ -210,3 +210,224 @@ async fn mtls_with_certificate_rotation() {
     assert!(status.success());
     assert!(stderr.contains("TLS reload failed"), "{stderr}");
 }
+
+/// A CA of the test's own, which issues certificates with chosen dates.
+struct Pki {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "test CA");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_pem = ca.self_signed(&key).unwrap().pem();
+        Self {
+            issuer: rcgen::Issuer::new(ca, key),
+            ca_pem,
+        }
+    }
+
+    /// (certificate PEM, key PEM), valid from `from` to `until` seconds from now.
+    fn issue(&self, cn: &str, server: bool, from: i64, until: i64) -> (String, String) {
+        let names = if server {
+            vec!["localhost".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if !server {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, "admin");
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(until);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn write_pair(dir: &Path, name: &str, (cert, key): &(String, String)) {
+    for (file, text) in [
+        (format!("{name}.pem"), cert),
+        (format!("{name}-key.pem"), key),
+    ] {
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(file)).unwrap();
+    }
+}
+
+/// Connects with a client configuration kept across connections (so that rustls offers to
+/// resume the session of the previous one) and GETs `path`.
+async fn get_with(
+    config: &Arc<rustls::ClientConfig>,
+    addr: &str,
+    path: &str,
+) -> Result<(StatusCode, String, Option<rustls::HandshakeKind>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let kind = stream.get_ref().1.handshake_kind();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut tls = Tls {
+        sender,
+        server_certificate: Vec::new(),
+    };
+    let (status, body) = get(&mut tls, path).await?;
+    Ok((status, body, kind))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificates_neither_resume_nor_rotate_in_and_refusals_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let pki = Pki::new();
+    std::fs::write(live.join("ca.pem"), &pki.ca_pem).unwrap();
+    let served = pki.issue("localhost", true, -60, 86_400 * 30);
+    write_pair(&live, "server", &served);
+    write_pair(&live, "admin", &pki.issue("ops", false, -60, 86_400));
+    write_pair(&live, "brief", &pki.issue("brief", false, -60, 4));
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[tls]\ncert_file = \"{0}/server.pem\"\nkey_file = \"{0}/server-key.pem\"\nclient_ca_file = \"{0}/ca.pem\"\n[auth]\nmtls = true\n",
+            live.display()
+        ),
+    );
+    let addr = server.url.trim_start_matches("https://").to_owned();
+    let client = |name: &str| {
+        Arc::new(
+            skald_security::tls::client_config(
+                Some(&live.join("ca.pem")),
+                Some((
+                    &live.join(format!("{name}.pem")),
+                    &live.join(format!("{name}-key.pem")),
+                )),
+            )
+            .unwrap(),
+        )
+    };
+    let (admin, brief) = (client("admin"), client("brief"));
+
+    // While the brief certificate is valid it gets in, each time with a full handshake.
+    for _ in 0..2 {
+        let (status, body, kind) = get_with(&brief, &addr, "/v1/admin/keys").await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            kind,
+            Some(rustls::HandshakeKind::Full),
+            "a TLS session was resumed"
+        );
+    }
+    // Once it has expired, the session it could resume does not let it in either.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = get_with(&brief, &addr, "/v1/admin/keys").await;
+    assert!(
+        after.is_err(),
+        "an expired client certificate was served: {after:?}"
+    );
+
+    // The refusal is counted by reason and audited.
+    let (status, metrics, _) = get_with(&admin, &addr, "/metrics").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let expired = metrics
+        .lines()
+        .find(|l| l.starts_with("skald_tls_handshake_failures_total{reason=\"expired\"}"))
+        .unwrap_or_else(|| panic!("no expired handshakes counted:\n{metrics}"));
+    assert!(!expired.ends_with(" 0"), "{expired}");
+    let not_after = CertificateDer::from_pem_slice(served.0.as_bytes()).unwrap();
+    let not_after = skald_security::x509::validity(&not_after).unwrap().1;
+    assert!(
+        metrics.contains(&format!(
+            "skald_tls_certificate_expiry_timestamp_seconds {not_after}"
+        )),
+        "{metrics}"
+    );
+    let (_, audit, _) = get_with(&admin, &addr, "/v1/streams/$audit?limit=1000")
+        .await
+        .unwrap();
+    assert!(
+        audit.contains("\"method\":\"certificate\"") && audit.contains("\"reason\":\"expired\""),
+        "{audit}"
+    );
+
+    // An expired server certificate is not rotated in: clients would all refuse it.
+    write_pair(&live, "server", &pki.issue("localhost", true, -86_400, -60));
+    // SAFETY: a signal to the child this test started, by its id.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (status, _, _) = get_with(&admin, &addr, "/v1/info").await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the expired server certificate went in"
+    );
+
+    // A replacement of the same size whose modification time was set back is still seen.
+    let current = std::fs::read(live.join("server.pem")).unwrap();
+    let mtime = std::fs::metadata(live.join("server.pem"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let replacement = loop {
+        let pair = pki.issue("localhost", true, -60, 86_400 * 7);
+        if pair.0.len() == current.len() {
+            break pair;
+        }
+    };
+    write_pair(&live, "server", &replacement);
+    for file in ["server.pem", "server-key.pem"] {
+        std::fs::File::options()
+            .write(true)
+            .open(live.join(file))
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    }
+    let want = CertificateDer::from_pem_slice(replacement.0.as_bytes())
+        .unwrap()
+        .to_vec();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::clone(&admin))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        if stream.get_ref().1.peer_certificates().unwrap()[0].as_ref() == want.as_slice() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a same-size replacement with the old mtime was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, stderr) = server.terminate();
+    assert!(status.success());
+    assert!(stderr.contains("expired at"), "{stderr}");
+}

@@ -2,17 +2,18 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::fetch::Fetcher;
+use crate::tls::FileStamp;
 
 /// A JWKS is fetched again for an unknown `kid` at most this often.
 pub const MIN_REFRESH: Duration = Duration::from_secs(30);
@@ -148,6 +149,8 @@ pub struct JwtVerifier {
     keys: RwLock<Keys>,
     last_refresh: tokio::sync::Mutex<Option<Instant>>,
     fetcher: Option<Fetcher>,
+    /// The `jwks_file` as last read, to see when it changes.
+    file_seen: Mutex<Option<FileStamp>>,
 }
 
 impl JwtVerifier {
@@ -177,30 +180,93 @@ impl JwtVerifier {
             }),
             last_refresh: tokio::sync::Mutex::new(None),
             fetcher,
+            file_seen: Mutex::new(None),
         };
-        if let Some(file) = &verifier.config.jwks_file {
-            let bytes = std::fs::read(file)
-                .map_err(|e| format!("[auth.jwt] cannot read jwks_file {}: {e}", file.display()))?;
+        if verifier.config.jwks_file.is_some() {
             verifier
-                .install(&bytes)
-                .map_err(|e| format!("[auth.jwt] jwks_file {}: {e}", file.display()))?;
+                .read_file()
+                .map_err(|e| format!("[auth.jwt] {e}"))?;
         } else if let Err(e) = verifier.refresh().await {
             tracing::warn!(error = %e, "cannot fetch the JWKS yet; will retry when a token arrives");
         }
         Ok(verifier)
     }
 
+    /// Reads `jwks_file` and installs its keys; a file that cannot be read or is not a JWK
+    /// set is an error and the keys in use stay.
+    fn read_file(&self) -> Result<usize, String> {
+        let file = self.config.jwks_file.as_ref().expect("keys from a file");
+        let stamp = FileStamp::of(file);
+        let bytes = std::fs::read(file)
+            .map_err(|e| format!("cannot read jwks_file {}: {e}", file.display()))?;
+        let installed = self
+            .install(&bytes)
+            .map_err(|e| format!("jwks_file {}: {e}", file.display()));
+        // A broken file is not read again until it changes.
+        *self.file_seen.lock().expect("jwks lock") = stamp;
+        installed
+    }
+
+    /// Whether the keys come from a file (which `reload_file` re-reads).
+    pub fn from_file(&self) -> bool {
+        self.config.jwks_file.is_some()
+    }
+
+    /// Reads `jwks_file` again if it changed (or always, when `force`: SIGHUP). A file that
+    /// cannot be used keeps the keys in use, and is logged.
+    pub fn reload_file(&self, force: bool) {
+        let Some(file) = &self.config.jwks_file else {
+            return;
+        };
+        if !force && *self.file_seen.lock().expect("jwks lock") == FileStamp::of(file) {
+            return;
+        }
+        match self.read_file() {
+            Ok(n) => tracing::info!(file = %file.display(), keys = n, "JWKS file reloaded"),
+            Err(e) => tracing::error!(error = %e, "JWKS reload failed; the keys in use stay"),
+        }
+    }
+
     fn install(&self, bytes: &[u8]) -> Result<usize, String> {
-        let set: JwkSet =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))?;
+        #[derive(Deserialize)]
+        struct Set {
+            keys: Vec<Value>,
+        }
+        let set: Set = serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))?;
         let mut keys = Keys {
             by_kid: HashMap::new(),
             anonymous: Vec::new(),
         };
-        for jwk in &set.keys {
-            // Keys of other kinds (HMAC, or ones this build cannot use) are skipped.
-            let Ok(key) = DecodingKey::from_jwk(jwk) else {
-                continue;
+        for raw in &set.keys {
+            let kid = raw["kid"].as_str().unwrap_or("(none)");
+            // Key by key: one this build cannot use (ES512, secp256k1, X25519, HMAC) is
+            // skipped, and the others still work.
+            let usable = serde_json::from_value::<Jwk>(raw.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|jwk| {
+                    if matches!(
+                        jwk.common.public_key_use,
+                        Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+                    ) {
+                        return Err("its use is not sig".to_owned());
+                    }
+                    if jwk
+                        .common
+                        .key_operations
+                        .as_ref()
+                        .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+                    {
+                        return Err("its key_ops do not include verify".to_owned());
+                    }
+                    let key = DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?;
+                    Ok((jwk, key))
+                });
+            let (jwk, key) = match usable {
+                Ok(usable) => usable,
+                Err(why) => {
+                    tracing::warn!(kid, "a JWKS key is skipped: {why}");
+                    continue;
+                }
             };
             let alg = jwk
                 .common
@@ -220,7 +286,7 @@ impl JwtVerifier {
 
     async fn refresh(&self) -> Result<usize, String> {
         let Some(fetcher) = &self.fetcher else {
-            return Err("the keys come from a file".to_owned());
+            return self.read_file();
         };
         let url = match &self.config.jwks_url {
             Some(url) => url.clone(),
@@ -263,6 +329,15 @@ impl JwtVerifier {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| refuse("malformed", "the bearer token is not a JWT"))?;
+        // No critical extension is understood here, so a token that names one is refused
+        // (RFC 7515 4.1.11).
+        if header.get("crit").is_some() {
+            return Err(refuse(
+                "unsupported",
+                "the token's header names critical extensions (crit), which this server does \
+                 not understand",
+            ));
+        }
         let alg_name = header["alg"].as_str().unwrap_or("");
         let alg = self
             .algorithms

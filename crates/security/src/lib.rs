@@ -243,6 +243,27 @@ impl<S: EventStore> Security<S> {
         };
         let (security, queue) = Self::assemble(Arc::clone(&store), config, jwt, rate_limit, tls);
         let security = Arc::new(security);
+        if let Some(tls) = &security.tls {
+            // Handshakes refused for the client's certificate are authentication failures:
+            // counted, logged and audited like the others, within the same budget.
+            let weak = Arc::downgrade(&security);
+            tls.on_refused(Box::new(move |reason, detail, address| {
+                if let Some(security) = weak.upgrade() {
+                    security.refused(
+                        &Refusal {
+                            method: Method::Certificate,
+                            reason,
+                            detail: format!("TLS handshake refused: {detail}"),
+                            key_id: None,
+                        },
+                        address,
+                    );
+                }
+            }));
+        }
+        if security.jwt.as_ref().is_some_and(|j| j.from_file()) {
+            watch_jwks_file(Arc::downgrade(&security));
+        }
         security.load().await.map_err(|e| e.to_string())?;
         tokio::spawn(write_audit(
             store,
@@ -883,7 +904,57 @@ impl<S: EventStore> Security<S> {
                 tls.reload_failures.get() as f64,
             );
         }
+        out.family(
+            "skald_tls_handshake_failures_total",
+            Kind::Counter,
+            "TLS handshakes refused, by reason (no-certificate, unknown-issuer, expired, \
+             not-yet-valid, bad-signature, wrong-purpose, revoked... for client certificates; \
+             incompatible, malformed, alert, io... for the rest).",
+        );
+        if let Some(tls) = &self.tls {
+            for (reason, n) in tls.refused_handshakes() {
+                out.sample(
+                    "skald_tls_handshake_failures_total",
+                    &[("reason", reason)],
+                    n as f64,
+                );
+            }
+        }
+        out.family(
+            "skald_tls_certificate_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "When the served TLS certificate expires (its notAfter), in seconds since the epoch.",
+        );
+        if let Some(not_after) = self.tls.as_ref().and_then(|t| t.not_after()) {
+            out.sample(
+                "skald_tls_certificate_expiry_timestamp_seconds",
+                &[],
+                not_after as f64,
+            );
+        }
     }
+}
+
+/// Re-reads `[auth.jwt] jwks_file` when it changes (checked as often as the TLS files) and
+/// on SIGHUP, so that a key removed from it stops being trusted without a restart.
+fn watch_jwks_file<S: EventStore>(security: std::sync::Weak<Security<S>>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(tls::WATCH_INTERVAL);
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async { match &mut hup { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            };
+            let Some(security) = security.upgrade() else {
+                return;
+            };
+            if let Some(jwt) = &security.jwt {
+                jwt.reload_file(forced);
+            }
+        }
+    });
 }
 
 fn apply_key_event(ring: &mut keys::KeyRing, e: &skald_core::RecordedEvent) {

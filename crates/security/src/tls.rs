@@ -1,8 +1,11 @@
 //! TLS material from PEM files: the server's configuration (with optional mTLS), reloaded when
 //! the files change or on SIGHUP, and client configurations for the CLI and the JWKS fetch.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
@@ -62,10 +65,68 @@ fn roots(path: &Path, what: &str) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// Why a server certificate cannot be served now: expired or not valid yet (`None` when it is
+/// valid, or its dates cannot be read, which rustls will then refuse on its own).
+fn out_of_date(leaf: &CertificateDer<'_>, path: &Path, now: i64) -> Option<String> {
+    let (not_before, not_after) = crate::x509::validity(leaf)?;
+    if now > not_after {
+        Some(format!(
+            "certificate file {} expired at {} (now {})",
+            path.display(),
+            crate::x509::format_time(not_after),
+            crate::x509::format_time(now)
+        ))
+    } else if now < not_before {
+        Some(format!(
+            "certificate file {} is not valid before {} (now {})",
+            path.display(),
+            crate::x509::format_time(not_before),
+            crate::x509::format_time(now)
+        ))
+    } else {
+        None
+    }
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A private key file others may read or change: worth a warning, not a refusal (container
+/// platforms often mount secrets 0644).
+fn key_file_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "key file {} has mode {mode:o}: users other than its owner may read it; chmod 600 it",
+            path.display()
+        )
+    })
+}
+
+/// What a load found besides the configuration.
+pub struct Loaded {
+    pub config: ServerConfig,
+    /// The served certificate's notAfter (seconds since the epoch), when it can be read.
+    pub not_after: Option<i64>,
+    /// Why the served certificate is not valid now, if it is not.
+    pub out_of_date: Option<String>,
+}
+
 impl TlsConfig {
     /// Reads the files and builds a server configuration; errors name the file.
     pub fn load(&self) -> Result<ServerConfig, String> {
+        self.load_checked().map(|loaded| loaded.config)
+    }
+
+    /// Like `load`, and says whether the certificate is valid now.
+    pub fn load_checked(&self) -> Result<Loaded, String> {
         let chain = read_certs(&self.cert_file, "certificate file")?;
+        let not_after = crate::x509::validity(&chain[0]).map(|(_, after)| after);
+        let out_of_date = out_of_date(&chain[0], &self.cert_file, now_s());
         let key = read_key(&self.key_file)?;
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -91,7 +152,18 @@ impl TlsConfig {
         })?;
         // HTTP/2 carries the gRPC API (and any HTTP client that offers it); HTTP/1.1 the rest.
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(config)
+        if self.client_ca_file.is_some() {
+            // A resumed session skips the client certificate's verification: a certificate
+            // that expired, or whose CA was replaced, would go on working through it. With
+            // mTLS every connection verifies the certificate again (no cache, no tickets).
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
+        Ok(Loaded {
+            config,
+            not_after,
+            out_of_date,
+        })
     }
 
     fn files(&self) -> Vec<&Path> {
@@ -100,15 +172,38 @@ impl TlsConfig {
         files
     }
 
-    fn fingerprint(&self) -> Vec<Option<(u64, SystemTime)>> {
-        self.files()
-            .iter()
-            .map(|f| {
-                std::fs::metadata(f)
-                    .ok()
-                    .and_then(|m| Some((m.len(), m.modified().ok()?)))
-            })
-            .collect()
+    /// What tells a change of the files: the inode, size, times and a hash of the contents,
+    /// so that a replacement of the same size with the old modification time is seen too.
+    fn fingerprint(&self) -> Vec<Option<FileStamp>> {
+        self.files().iter().map(|f| FileStamp::of(f)).collect()
+    }
+}
+
+/// One file's identity and contents, as far as a change of it matters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    inode: (u64, u64),
+    len: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+    digest: Vec<u8>,
+}
+
+impl FileStamp {
+    /// `None` when the file cannot be read.
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        let bytes = std::fs::read(path).ok()?;
+        Some(Self {
+            inode: (meta.dev(), meta.ino()),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            digest: ring::digest::digest(&ring::digest::SHA256, &bytes)
+                .as_ref()
+                .to_vec(),
+        })
     }
 }
 
@@ -117,23 +212,112 @@ impl TlsConfig {
 pub struct TlsSource {
     config: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
-    seen: RwLock<Vec<Option<(u64, SystemTime)>>>,
+    seen: RwLock<Vec<Option<FileStamp>>>,
+    /// The served certificate's notAfter (seconds since the epoch), 0 when unknown.
+    not_after: AtomicI64,
     pub reloaded: Counter,
     pub reload_failures: Counter,
+    /// Handshakes refused, by reason.
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Told of each handshake refused for a certificate reason (the audit, within its budget).
+    on_refused: OnceLock<RefusalSink>,
+}
+
+/// Receives (reason, detail, peer address) of a handshake refused for its certificate.
+pub type RefusalSink = Box<dyn Fn(&'static str, String, IpAddr) + Send + Sync>;
+
+/// The reason a handshake was refused, for the count and the audit, and whether it was about
+/// the client's certificate (rather than a protocol the client offered).
+pub fn handshake_reason(error: &std::io::Error) -> (&'static str, bool) {
+    use rustls::{CertificateError, Error};
+    let Some(error) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+        return ("io", false);
+    };
+    match error {
+        Error::NoCertificatesPresented => ("no-certificate", true),
+        Error::InvalidCertificate(e) => (
+            match e {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    "not-yet-valid"
+                }
+                CertificateError::UnknownIssuer => "unknown-issuer",
+                CertificateError::BadSignature => "bad-signature",
+                CertificateError::Revoked => "revoked",
+                CertificateError::InvalidPurpose
+                | CertificateError::InvalidPurposeContext { .. } => "wrong-purpose",
+                CertificateError::BadEncoding => "bad-encoding",
+                _ => "invalid-certificate",
+            },
+            true,
+        ),
+        Error::PeerIncompatible(_) => ("incompatible", false),
+        Error::PeerMisbehaved(_) => ("misbehaved", false),
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => ("malformed", false),
+        Error::AlertReceived(_) => ("alert", false),
+        _ => ("other", false),
+    }
 }
 
 impl TlsSource {
-    /// Loads the files now; a bad file is an error at start.
+    /// Loads the files now; a bad file is an error at start. A certificate that is expired
+    /// or not valid yet is served with a warning (refusing to start helps no one then); the
+    /// same file is refused by a reload, which keeps the certificate in use.
     pub fn new(config: TlsConfig) -> Result<Arc<Self>, String> {
         let seen = config.fingerprint();
-        let current = config.load()?;
+        let loaded = config.load_checked()?;
+        if let Some(why) = &loaded.out_of_date {
+            tracing::warn!("{why}: clients will refuse it; replace it (a reload picks it up)");
+        }
+        if let Some(why) = key_file_warning(&config.key_file) {
+            tracing::warn!("{why}");
+        }
         Ok(Arc::new(Self {
             config,
-            current: RwLock::new(Arc::new(current)),
+            current: RwLock::new(Arc::new(loaded.config)),
             seen: RwLock::new(seen),
+            not_after: AtomicI64::new(loaded.not_after.unwrap_or(0)),
             reloaded: Counter::new(),
             reload_failures: Counter::new(),
+            refused: Mutex::new(BTreeMap::new()),
+            on_refused: OnceLock::new(),
         }))
+    }
+
+    /// The served certificate's notAfter, seconds since the epoch.
+    pub fn not_after(&self) -> Option<i64> {
+        Some(self.not_after.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    /// Sets who hears of handshakes refused for a certificate reason (once).
+    pub fn on_refused(&self, sink: RefusalSink) {
+        let _ = self.on_refused.set(sink);
+    }
+
+    /// Counts a failed handshake and, when the client's certificate was the reason, tells
+    /// the sink. Other failures (scanners, old protocols) are counted and logged at debug.
+    pub fn handshake_failed(&self, peer: IpAddr, error: &std::io::Error) {
+        let (reason, certificate) = handshake_reason(error);
+        *self
+            .refused
+            .lock()
+            .expect("tls lock")
+            .entry(reason)
+            .or_default() += 1;
+        tracing::debug!(peer = %peer, error = %error, reason, "TLS handshake failed");
+        if certificate && let Some(sink) = self.on_refused.get() {
+            sink(reason, error.to_string(), peer);
+        }
+    }
+
+    /// Handshakes refused so far, by reason.
+    pub fn refused_handshakes(&self) -> Vec<(&'static str, u64)> {
+        self.refused
+            .lock()
+            .expect("tls lock")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
     }
 
     pub fn current(&self) -> Arc<ServerConfig> {
@@ -151,12 +335,24 @@ impl TlsSource {
         if !force && *self.seen.read().expect("tls lock") == now {
             return;
         }
-        match self.config.load() {
-            Ok(config) => {
-                *self.current.write().expect("tls lock") = Arc::new(config);
+        match self
+            .config
+            .load_checked()
+            .and_then(|loaded| match loaded.out_of_date {
+                // Rotating in a certificate clients will refuse would take every one of them down.
+                Some(why) => Err(why),
+                None => Ok(loaded),
+            }) {
+            Ok(loaded) => {
+                *self.current.write().expect("tls lock") = Arc::new(loaded.config);
                 *self.seen.write().expect("tls lock") = now;
+                self.not_after
+                    .store(loaded.not_after.unwrap_or(0), Ordering::Relaxed);
                 self.reloaded.inc();
                 tracing::info!("TLS certificate and key reloaded");
+                if let Some(why) = key_file_warning(&self.config.key_file) {
+                    tracing::warn!("{why}");
+                }
             }
             Err(e) => {
                 // Do not retry the same broken files every tick; wait for the next change.

@@ -82,6 +82,85 @@ pub fn subject(der: &[u8]) -> Option<Subject> {
     Some(subject)
 }
 
+/// Reads a certificate's validity: (notBefore, notAfter) in seconds since the epoch.
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (cert, _) = expect(der, SEQUENCE)?;
+    let (tbs, _) = expect(cert, SEQUENCE)?;
+    let mut fields = tbs;
+    if fields.first() == Some(&0xA0) {
+        fields = tlv(fields)?.2;
+    }
+    // serialNumber, signature, issuer, then validity.
+    for _ in 0..3 {
+        fields = tlv(fields)?.2;
+    }
+    let (validity, _) = expect(fields, SEQUENCE)?;
+    let (tag, before, rest) = tlv(validity)?;
+    let not_before = time(tag, before)?;
+    let (tag, after, _) = tlv(rest)?;
+    Some((not_before, time(tag, after)?))
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
+fn time(tag: u8, text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?;
+    let digits = text.strip_suffix('Z')?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (year, rest) = match (tag, digits.len()) {
+        (0x17, 12) => {
+            let yy: i64 = digits[..2].parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
+        }
+        (0x18, 14) => (digits[..4].parse().ok()?, &digits[4..]),
+        _ => return None,
+    };
+    let field = |i: usize| rest[i..i + 2].parse::<i64>().ok();
+    let (month, day, hour, minute, second) =
+        (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Seconds since the epoch as an RFC 3339 time, for messages.
+pub fn format_time(seconds: i64) -> String {
+    let (days, secs) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // The inverse of `days_from_civil`.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +183,20 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_validity_of_a_generated_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["svc".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2001, 2, 28);
+        // After 2049 the certificate carries a GeneralizedTime.
+        params.not_after = rcgen::date_time_ymd(2051, 3, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (before, after) = validity(cert.der()).unwrap();
+        assert_eq!(format_time(before), "2001-02-28T00:00:00Z");
+        assert_eq!(format_time(after), "2051-03-01T00:00:00Z");
+        assert_eq!(before, 983_318_400);
+    }
+
+    #[test]
     fn garbage_is_none_never_a_panic() {
         assert_eq!(subject(b""), None);
         assert_eq!(subject(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
@@ -115,11 +208,13 @@ mod tests {
         let der = cert.der().to_vec();
         for cut in 0..der.len() {
             let _ = subject(&der[..cut]);
+            let _ = validity(&der[..cut]);
         }
         for i in 0..der.len() {
             let mut bad = der.clone();
             bad[i] ^= 0xFF;
             let _ = subject(&bad);
+            let _ = validity(&bad);
         }
     }
 }

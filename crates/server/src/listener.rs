@@ -146,7 +146,7 @@ pub async fn serve_with(
                     let stream = match handshake.await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            tls.handshake_failed(peer.ip(), &e);
                             return;
                         }
                         Err(_) => return,
