@@ -237,19 +237,30 @@ impl Pki {
 
     /// (certificate PEM, key PEM), valid from `from` to `until` seconds from now.
     fn issue(&self, cn: &str, server: bool, from: i64, until: i64) -> (String, String) {
+        let mut name = rcgen::DistinguishedName::new();
+        name.push(rcgen::DnType::CommonName, cn);
+        if !server {
+            name.push(rcgen::DnType::OrganizationName, "admin");
+        }
+        self.issue_to(name, server, from, until)
+    }
+
+    /// Like `issue`, with the whole subject given.
+    fn issue_to(
+        &self,
+        subject: rcgen::DistinguishedName,
+        server: bool,
+        from: i64,
+        until: i64,
+    ) -> (String, String) {
         let names = if server {
             vec!["localhost".to_owned()]
         } else {
             Vec::new()
         };
         let mut params = rcgen::CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
+        params.distinguished_name = subject;
         if !server {
-            params
-                .distinguished_name
-                .push(rcgen::DnType::OrganizationName, "admin");
             params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         }
         let now = time::OffsetDateTime::now_utc();
@@ -430,4 +441,149 @@ async fn expired_certificates_neither_resume_nor_rotate_in_and_refusals_are_coun
     let (status, stderr) = server.terminate();
     assert!(status.success());
     assert!(stderr.contains("expired at"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_names_exactly_one_principal_within_the_name_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let pki = Pki::new();
+    std::fs::write(live.join("ca.pem"), &pki.ca_pem).unwrap();
+    write_pair(&live, "server", &pki.issue("localhost", true, -60, 86_400));
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[tls]\ncert_file = \"{0}/server.pem\"\nkey_file = \"{0}/server-key.pem\"\nclient_ca_file = \"{0}/ca.pem\"\n[auth]\nmtls = true\n",
+            live.display()
+        ),
+    );
+    let addr = server.url.trim_start_matches("https://").to_owned();
+    let client = |file: &str| {
+        Arc::new(
+            skald_security::tls::client_config(
+                Some(&live.join("ca.pem")),
+                Some((
+                    &live.join(format!("{file}.pem")),
+                    &live.join(format!("{file}-key.pem")),
+                )),
+            )
+            .unwrap(),
+        )
+    };
+    // The CN's OID written as a custom attribute type: rcgen keeps one value per type.
+    let second_cn = || rcgen::DnType::CustomDnType(vec![2, 5, 4, 3]);
+    let subject = |entries: Vec<(rcgen::DnType, rcgen::DnValue)>| {
+        let mut name = rcgen::DistinguishedName::new();
+        for (kind, value) in entries {
+            name.push(kind, value);
+        }
+        name.push(rcgen::DnType::OrganizationName, "admin");
+        name
+    };
+    let utf8 = |s: &str| rcgen::DnValue::Utf8String(s.to_owned());
+    let cases = [
+        (
+            "two CNs",
+            subject(vec![
+                (rcgen::DnType::CommonName, utf8("alice")),
+                (second_cn(), utf8("root")),
+            ]),
+            "2 common names",
+        ),
+        (
+            "a BMPString CN before a readable one",
+            subject(vec![
+                (
+                    rcgen::DnType::CommonName,
+                    rcgen::DnValue::BmpString("mallory".try_into().unwrap()),
+                ),
+                (second_cn(), utf8("admin-user")),
+            ]),
+            "BMPString",
+        ),
+        (
+            "a newline",
+            subject(vec![(rcgen::DnType::CommonName, utf8("ops\nadmin"))]),
+            r"'\\n'",
+        ),
+        (
+            "a NUL",
+            subject(vec![(rcgen::DnType::CommonName, utf8("ops\0"))]),
+            r"'\\0'",
+        ),
+        (
+            "markup",
+            subject(vec![(rcgen::DnType::CommonName, utf8("<img src=x>"))]),
+            "'<'",
+        ),
+        (
+            "5,000 characters",
+            subject(vec![(rcgen::DnType::CommonName, utf8(&"a".repeat(5000)))]),
+            "128 bytes",
+        ),
+        ("no CN", subject(vec![]), "no common name"),
+    ];
+    for (what, name, says) in cases {
+        let file = what.replace([' ', ','], "-");
+        write_pair(&live, &file, &pki.issue_to(name, false, -60, 86_400));
+        let (status, body, _) = get_with(&client(&file), &addr, "/v1/admin/keys")
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert!(body.contains(says), "{what}: {body}");
+    }
+
+    // One readable CN within the rules names the principal; an O that is no role name adds
+    // no role and does not refuse the certificate.
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, "orders-service");
+    name.push(rcgen::DnType::OrganizationName, "admin");
+    name.push(
+        rcgen::DnType::CustomDnType(vec![2, 5, 4, 10]),
+        "Example Corp",
+    );
+    write_pair(&live, "good", &pki.issue_to(name, false, -60, 86_400));
+    let (status, body, _) = get_with(&client("good"), &addr, "/v1/admin/keys")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(server);
+}
+
+/// A peer that accepts connections and never answers (a wrong port, a stuck proxy) does not
+/// hold the CLI forever, over http:// or https://.
+#[test]
+fn the_cli_gives_up_on_a_peer_that_never_answers() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    // Accept and keep every connection open, reading nothing and writing nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            match stream {
+                Ok(stream) => held.push(stream),
+                Err(_) => break,
+            }
+        }
+    });
+    for scheme in ["http", "https"] {
+        let started = Instant::now();
+        let url = format!("{scheme}://{addr}");
+        let (ok, _, stderr) = skald(&["info", "--server", &url, "--timeout", "1.5"]);
+        assert!(!ok, "{scheme}: {stderr}");
+        assert!(
+            stderr.contains(&format!("no answer from {url} within 1.5 s"))
+                && stderr.contains("--timeout"),
+            "{scheme}: {stderr}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{scheme}: the CLI waited {:?}",
+            started.elapsed()
+        );
+    }
+    let (ok, _, stderr) = skald(&["info", "--server", "http://127.0.0.1:1", "--timeout", "0"]);
+    assert!(!ok);
+    assert!(stderr.contains("not a number of seconds"), "{stderr}");
 }

@@ -1,7 +1,9 @@
 //! A small HTTP/1.1 client for the CLI commands and the HTTP benchmark, with keep-alive
 //! connection pooling.
 
-use anyhow::{Context, bail};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -10,6 +12,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+/// How long a request may take to connect, finish its TLS handshake and get its response
+/// headers (and, for a whole answer, its body), unless `--timeout` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A client for one Skald server.
 #[derive(Clone)]
 pub struct HttpClient {
@@ -17,6 +23,7 @@ pub struct HttpClient {
     base: String,
     /// `Bearer <token>`, sent with every request.
     authorization: Option<hyper::header::HeaderValue>,
+    timeout: Duration,
 }
 
 /// Credentials and TLS trust for a client.
@@ -28,6 +35,8 @@ pub struct ClientSettings {
     pub ca_cert: Option<std::path::PathBuf>,
     /// Client certificate and key files, for mTLS.
     pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// See `DEFAULT_TIMEOUT` (the default when `None`).
+    pub timeout: Option<Duration>,
 }
 
 impl HttpClient {
@@ -44,8 +53,10 @@ impl HttpClient {
         }
         base.parse::<hyper::Uri>()
             .with_context(|| format!("server URL {base:?} is not a valid URL"))?;
+        let timeout = settings.timeout.unwrap_or(DEFAULT_TIMEOUT);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
         connector.enforce_http(false);
         let identity = settings
             .identity
@@ -72,6 +83,7 @@ impl HttpClient {
             client,
             base,
             authorization,
+            timeout,
         })
     }
 
@@ -95,12 +107,22 @@ impl HttpClient {
         let request = request
             .body(Full::new(body))
             .context("building the request")?;
-        let response = self
-            .client
-            .request(request)
+        // A peer that accepts the connection and never answers (a wrong port, a stuck proxy)
+        // would otherwise hold the command forever.
+        let response = tokio::time::timeout(self.timeout, self.client.request(request))
             .await
+            .map_err(|_| self.no_answer("no answer"))?
             .with_context(|| format!("cannot reach the Skald server at {}", self.base))?;
         Ok((response.status(), response.into_body()))
+    }
+
+    fn no_answer(&self, what: &str) -> anyhow::Error {
+        anyhow!(
+            "{what} from {} within {} s (connection, TLS handshake and response); check that \
+             the URL names a Skald server, or give --timeout SECONDS to wait longer",
+            self.base,
+            self.timeout.as_secs_f64()
+        )
     }
 
     /// `GET`s a read endpoint as NDJSON; the body streams one record per line.
@@ -122,10 +144,11 @@ impl HttpClient {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let (status, body) = self.send(method, path, headers, body).await?;
-        let bytes = body
-            .collect()
+        let bytes = tokio::time::timeout_at(deadline, body.collect())
             .await
+            .map_err(|_| self.no_answer("no whole answer"))?
             .context("reading the response")?
             .to_bytes();
         Ok((status, bytes))
@@ -193,9 +216,18 @@ impl Connection {
             .with_context(|| format!("server URL {base:?} is not valid"))?;
         let host = uri.host().context("the server URL has no host")?;
         let port = uri.port_u16().unwrap_or(80);
-        let stream = tokio::net::TcpStream::connect((host, port))
-            .await
-            .with_context(|| format!("cannot reach the Skald server at {base}"))?;
+        let stream = tokio::time::timeout(
+            DEFAULT_TIMEOUT,
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "cannot connect to the Skald server at {base} within {} s",
+                DEFAULT_TIMEOUT.as_secs()
+            )
+        })?
+        .with_context(|| format!("cannot reach the Skald server at {base}"))?;
         stream.set_nodelay(true)?;
         let (sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;

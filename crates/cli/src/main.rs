@@ -143,6 +143,19 @@ struct ServerArg {
     /// The client certificate's private key (PEM).
     #[arg(long, global = true, env = "SKALD_CLIENT_KEY")]
     client_key: Option<PathBuf>,
+    /// Seconds a request may take to connect, shake hands and be answered (a follow that is
+    /// already streaming may stay idle for longer).
+    #[arg(long, global = true, env = "SKALD_TIMEOUT", default_value_t = 30.0, value_parser = parse_timeout)]
+    timeout: f64,
+}
+
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds between 0 and 86400"
+        )),
+    }
 }
 
 impl ServerArg {
@@ -169,6 +182,7 @@ impl ServerArg {
                 token,
                 ca_cert: self.ca_cert.clone(),
                 identity,
+                timeout: Some(std::time::Duration::from_secs_f64(self.timeout)),
             },
         )
     }

@@ -184,6 +184,49 @@ fn now_s() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// The rules for a principal's name (an API key's, a client certificate's CN): 1 to 128 bytes,
+/// no control characters and no markup characters, since names end up in logs, audit events
+/// and pages.
+pub fn check_principal_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err(format!(
+            "must be 1 to 128 bytes long (this one is {})",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| c.is_control() || matches!(c, '<' | '>' | '&' | '"' | '\'' | '`'))
+    {
+        return Err(format!(
+            "must be printable characters without < > & \" ' or ` (it contains {:?})",
+            c
+        ));
+    }
+    Ok(())
+}
+
+/// The principal a client certificate names: its one common name, within the name rules.
+fn certificate_name(subject: &x509::Subject) -> Result<&str, String> {
+    if let Some(kind) = subject.unreadable_common_names.first() {
+        return Err(format!(
+            "the client certificate's subject has a common name (CN) in {kind}, which is not \
+             read; issue it with the CN as a UTF8String or PrintableString"
+        ));
+    }
+    match subject.common_names.as_slice() {
+        [cn] => check_principal_name(cn)
+            .map(|()| cn.as_str())
+            .map_err(|e| format!("the client certificate's common name (CN) {e}")),
+        [] => Err("the client certificate's subject has no common name (CN)".to_owned()),
+        many => Err(format!(
+            "the client certificate's subject has {} common names (CN); exactly one must name \
+             the principal",
+            many.len()
+        )),
+    }
+}
+
 fn system_stream(name: &str) -> StreamName {
     StreamName::system(name).expect("system stream names are valid")
 }
@@ -489,18 +532,24 @@ impl<S: EventStore> Security<S> {
         if self.config.mtls
             && let Some(subject) = credentials.certificate
         {
-            return match subject.common_names.first() {
-                Some(cn) if !cn.is_empty() => Ok(Principal {
+            return match certificate_name(subject) {
+                Ok(cn) => Ok(Principal {
                     id: format!("cert:{cn}"),
-                    name: cn.clone(),
-                    roles: subject.organizations.iter().cloned().collect(),
+                    name: cn.to_owned(),
+                    // An O that is not a valid role name could match no rule: it gives nothing.
+                    roles: subject
+                        .organizations
+                        .iter()
+                        .filter(|o| rules::check_role(o).is_ok())
+                        .cloned()
+                        .collect(),
                     method: Method::Certificate,
                     expires_at: None,
                 }),
-                _ => Err(Refusal {
+                Err(detail) => Err(Refusal {
                     method: Method::Certificate,
                     reason: "certificate",
-                    detail: "the client certificate's subject has no common name (CN)".to_owned(),
+                    detail,
                     key_id: None,
                 }),
             };
@@ -656,11 +705,7 @@ impl<S: EventStore> Security<S> {
         roles: BTreeSet<String>,
         expires_at: Option<i64>,
     ) -> Result<CreatedKey, AdminError> {
-        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-            return Err(AdminError::Invalid(
-                "name must be 1 to 128 printable characters".to_owned(),
-            ));
-        }
+        check_principal_name(name).map_err(|e| AdminError::Invalid(format!("name {e}")))?;
         for role in &roles {
             rules::check_role(role).map_err(|e| AdminError::Invalid(format!("role {e}")))?;
         }

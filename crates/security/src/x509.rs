@@ -12,6 +12,22 @@ const OID_O: &[u8] = &[0x55, 0x04, 0x0A];
 pub struct Subject {
     pub common_names: Vec<String>,
     pub organizations: Vec<String>,
+    /// Common names that could not be read as text (in a string type this reader does not
+    /// take, or not valid in the one it names): the principal cannot be named safely then.
+    pub unreadable_common_names: Vec<String>,
+}
+
+/// The name of a DER string type, for messages.
+fn string_type(tag: u8) -> String {
+    match tag {
+        0x0C => "UTF8String".to_owned(),
+        0x13 => "PrintableString".to_owned(),
+        0x14 => "TeletexString".to_owned(),
+        0x16 => "IA5String".to_owned(),
+        0x1C => "UniversalString".to_owned(),
+        0x1E => "BMPString".to_owned(),
+        other => format!("a value of tag 0x{other:02x}"),
+    }
 }
 
 /// One TLV: the tag, the contents, and what follows.
@@ -68,9 +84,16 @@ pub fn subject(der: &[u8]) -> Option<Subject> {
             let (tag, text, _) = tlv(value)?;
             // UTF8String, PrintableString, IA5String, TeletexString (read as Latin-1 text).
             let text = match tag {
-                0x0C | 0x13 | 0x16 => String::from_utf8(text.to_vec()).ok()?,
-                0x14 => text.iter().map(|&b| b as char).collect(),
-                _ => continue,
+                0x0C | 0x13 | 0x16 => String::from_utf8(text.to_vec()).ok(),
+                0x14 => Some(text.iter().map(|&b| b as char).collect()),
+                _ => None,
+            };
+            let Some(text) = text else {
+                // A CN this reader skipped would let the next one name the principal.
+                if oid == OID_CN {
+                    subject.unreadable_common_names.push(string_type(tag));
+                }
+                continue;
             };
             if oid == OID_CN {
                 subject.common_names.push(text);
@@ -180,6 +203,25 @@ mod tests {
         let s = subject(cert.der()).unwrap();
         assert_eq!(s.common_names, vec!["orders-service"]);
         assert_eq!(s.organizations, vec!["writer"]);
+        assert!(s.unreadable_common_names.is_empty());
+    }
+
+    #[test]
+    fn a_common_name_in_another_string_type_is_reported_not_skipped() {
+        let mut params = rcgen::CertificateParams::new(vec!["svc".into()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            rcgen::DnValue::BmpString("someone".try_into().unwrap()),
+        );
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CustomDnType(vec![2, 5, 4, 3]), "admin");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let s = subject(cert.der()).unwrap();
+        assert_eq!(s.common_names, vec!["admin"]);
+        assert_eq!(s.unreadable_common_names, vec!["BMPString"]);
     }
 
     #[test]
