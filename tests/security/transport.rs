@@ -163,9 +163,15 @@ async fn mtls_with_certificate_rotation() {
         pem_der(&second.join("server.pem"))
     );
     assert_eq!(get(&mut fresh, "/v1/info").await.unwrap().0, StatusCode::OK);
-    // The connection opened before the rotation still works.
-    let (status, _) = get(&mut old, "/v1/info").await.unwrap();
-    assert_eq!(status, StatusCode::OK);
+    // The connection opened before the rotation presented a certificate of the replaced CA:
+    // it is closed (a connection whose certificate stays trusted is kept: see
+    // `revoked_or_distrusted_client_certificates_are_refused_and_their_connections_closed`).
+    closed_within(
+        &mut old,
+        "a certificate of the replaced CA",
+        Duration::from_secs(10),
+    )
+    .await;
     // And clients of the old CA are now refused.
     let old_ca = match connect(&addr, &first, true).await {
         Err(_) => true,
@@ -215,6 +221,8 @@ async fn mtls_with_certificate_rotation() {
 struct Pki {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     ca_pem: String,
+    /// The serial number the last certificate issued got.
+    serial: std::sync::atomic::AtomicU64,
 }
 
 impl Pki {
@@ -232,6 +240,7 @@ impl Pki {
         Self {
             issuer: rcgen::Issuer::new(ca, key),
             ca_pem,
+            serial: std::sync::atomic::AtomicU64::new(1000),
         }
     }
 
@@ -260,6 +269,11 @@ impl Pki {
         };
         let mut params = rcgen::CertificateParams::new(names).unwrap();
         params.distinguished_name = subject;
+        let serial = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        params.serial_number = Some(serial.into());
         if !server {
             params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         }
@@ -270,6 +284,61 @@ impl Pki {
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
+}
+
+impl Pki {
+    /// The serial number of the last certificate issued.
+    fn last_serial(&self) -> u64 {
+        self.serial.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A PEM CRL of this CA that revokes `serials`.
+    fn crl(&self, serials: &[u64]) -> String {
+        let now = time::OffsetDateTime::now_utc();
+        rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(7),
+            crl_number: now.unix_timestamp_nanos().to_be_bytes()[8..]
+                .to_vec()
+                .into(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: serial.into(),
+                    revocation_time: now - time::Duration::seconds(30),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
+    }
+}
+
+/// Opens a keep-alive HTTP/1.1 connection over TLS with `config`.
+async fn open_with(config: &Arc<rustls::ClientConfig>, addr: &str) -> Result<Tls, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let server_certificate = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    Ok(Tls {
+        sender,
+        server_certificate,
+    })
 }
 
 fn write_pair(dir: &Path, name: &str, (cert, key): &(String, String)) {
@@ -586,4 +655,149 @@ fn the_cli_gives_up_on_a_peer_that_never_answers() {
     let (ok, _, stderr) = skald(&["info", "--server", "http://127.0.0.1:1", "--timeout", "0"]);
     assert!(!ok);
     assert!(stderr.contains("not a number of seconds"), "{stderr}");
+}
+
+/// Waits until a GET on an open connection fails (the server closed it), or panics.
+async fn closed_within(tls: &mut Tls, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if get(tls, "/v1/info").await.is_err() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connections_closed() {
+    // A revocation list needs the client CA it belongs to.
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let config = skald_security::tls::TlsConfig {
+        cert_file: live.join("server.pem"),
+        key_file: live.join("server-key.pem"),
+        client_ca_file: None,
+        crl_file: Some(live.join("crl.pem")),
+    };
+    let pki = Pki::new();
+    write_pair(&live, "server", &pki.issue("localhost", true, -60, 86_400));
+    let refused = config.load().err().unwrap();
+    assert!(
+        refused.contains("crl_file needs client_ca_file"),
+        "{refused}"
+    );
+
+    std::fs::write(live.join("ca.pem"), &pki.ca_pem).unwrap();
+    write_pair(&live, "alice", &pki.issue("alice", false, -60, 86_400));
+    let alice_serial = pki.last_serial();
+    write_pair(&live, "bob", &pki.issue("bob", false, -60, 86_400));
+    std::fs::write(live.join("crl.pem"), pki.crl(&[])).unwrap();
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[tls]\ncert_file = \"{0}/server.pem\"\nkey_file = \"{0}/server-key.pem\"\nclient_ca_file = \"{0}/ca.pem\"\ncrl_file = \"{0}/crl.pem\"\n[auth]\nmtls = true\n",
+            live.display()
+        ),
+    );
+    let addr = server.url.trim_start_matches("https://").to_owned();
+    let client = |name: &str| {
+        Arc::new(
+            skald_security::tls::client_config(
+                Some(&live.join("ca.pem")),
+                Some((
+                    &live.join(format!("{name}.pem")),
+                    &live.join(format!("{name}-key.pem")),
+                )),
+            )
+            .unwrap(),
+        )
+    };
+    let (alice, bob) = (client("alice"), client("bob"));
+    let mut alice_open = open_with(&alice, &addr).await.unwrap();
+    let mut bob_open = open_with(&bob, &addr).await.unwrap();
+    assert_eq!(
+        get(&mut alice_open, "/v1/info").await.unwrap().0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&mut bob_open, "/v1/info").await.unwrap().0,
+        StatusCode::OK
+    );
+
+    // Alice's key leaked: her certificate is revoked. New handshakes refuse it, and the
+    // connection she already holds is closed; Bob's is not.
+    let tmp = live.join(".crl.tmp");
+    std::fs::write(&tmp, pki.crl(&[alice_serial])).unwrap();
+    std::fs::rename(&tmp, live.join("crl.pem")).unwrap();
+    closed_within(
+        &mut alice_open,
+        "a revoked certificate",
+        Duration::from_secs(10),
+    )
+    .await;
+    let again = open_with(&alice, &addr).await;
+    let again = match again {
+        Err(e) => e,
+        // TLS 1.3: the client learns of the refusal at its first read.
+        Ok(mut tls) => get(&mut tls, "/v1/info").await.err().unwrap(),
+    };
+    assert!(!again.is_empty());
+    assert_eq!(
+        get(&mut bob_open, "/v1/info").await.unwrap().0,
+        StatusCode::OK
+    );
+    let (_, metrics) = get(&mut bob_open, "/metrics").await.unwrap();
+    let revoked = metrics
+        .lines()
+        .find(|l| l.starts_with("skald_tls_handshake_failures_total{reason=\"revoked\"}"))
+        .unwrap_or_else(|| panic!("no revocation counted:\n{metrics}"));
+    assert!(
+        revoked.ends_with(" 2"),
+        "one open connection and one handshake: {revoked}"
+    );
+    let (_, audit) = get(&mut bob_open, "/v1/streams/$audit?limit=1000")
+        .await
+        .unwrap();
+    assert!(
+        audit.contains("no longer accepted") && audit.contains("\"reason\":\"revoked\""),
+        "{audit}"
+    );
+
+    // The client CA is replaced: connections made with certificates of the old one close.
+    let other = Pki::new();
+    write_pair(&live, "carol", &other.issue("carol", false, -60, 86_400));
+    std::fs::write(live.join(".crl.tmp"), other.crl(&[])).unwrap();
+    std::fs::write(live.join(".ca.tmp"), &other.ca_pem).unwrap();
+    std::fs::rename(live.join(".crl.tmp"), live.join("crl.pem")).unwrap();
+    std::fs::rename(live.join(".ca.tmp"), live.join("ca.pem")).unwrap();
+    // SAFETY: a signal to the child this test started, by its id.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    closed_within(
+        &mut bob_open,
+        "a certificate of a CA no longer trusted",
+        Duration::from_secs(10),
+    )
+    .await;
+    // The server certificate is still signed by the first CA, which the client trusts.
+    std::fs::write(
+        live.join("ca.pem"),
+        format!("{}{}", pki.ca_pem, other.ca_pem),
+    )
+    .unwrap();
+    let carol = Arc::new(
+        skald_security::tls::client_config(
+            Some(&live.join("ca.pem")),
+            Some((&live.join("carol.pem"), &live.join("carol-key.pem"))),
+        )
+        .unwrap(),
+    );
+    let mut carol_open = open_with(&carol, &addr).await.unwrap();
+    let (status, body) = get(&mut carol_open, "/v1/admin/keys").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(server);
 }

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use serde::Deserialize;
 use skald_core::metrics::Counter;
@@ -26,6 +27,9 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// With it, clients must present a certificate signed by this CA (mTLS).
     pub client_ca_file: Option<PathBuf>,
+    /// PEM certificate revocation lists of the client CAs (needs `client_ca_file`): a client
+    /// certificate they list is refused, and so is one whose issuer has no list here.
+    pub crl_file: Option<PathBuf>,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -53,6 +57,20 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
             path.display()
         )
     })
+}
+
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read crl_file {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("crl_file {} is not valid PEM: {e}", path.display()))?;
+    if crls.is_empty() {
+        return Err(format!(
+            "crl_file {} holds no X509 CRL block",
+            path.display()
+        ));
+    }
+    Ok(crls)
 }
 
 fn roots(path: &Path, what: &str) -> Result<RootCertStore, String> {
@@ -110,6 +128,9 @@ fn key_file_warning(path: &Path) -> Option<String> {
 /// What a load found besides the configuration.
 pub struct Loaded {
     pub config: ServerConfig,
+    /// The client certificate verifier inside `config`, with mTLS: open connections are
+    /// checked again with it after a reload.
+    pub verifier: Option<Arc<dyn ClientCertVerifier>>,
     /// The served certificate's notAfter (seconds since the epoch), when it can be read.
     pub not_after: Option<i64>,
     /// Why the served certificate is not valid now, if it is not.
@@ -131,17 +152,43 @@ impl TlsConfig {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
-        let builder = match &self.client_ca_file {
+        let (builder, verifier) = match &self.client_ca_file {
             Some(ca) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(
+                let mut verifier = WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots(ca, "client CA file")?),
                     provider(),
+                );
+                if let Some(crl) = &self.crl_file {
+                    // The client's own certificate is looked up in its issuer's list; an
+                    // issuer without a list here makes its certificates' status unknown,
+                    // which is refused too.
+                    verifier = verifier
+                        .with_crls(read_crls(crl)?)
+                        .only_check_end_entity_revocation();
+                }
+                let verifier = verifier.build().map_err(|e| {
+                    format!(
+                        "client CA file {}{}: {e}",
+                        ca.display(),
+                        self.crl_file
+                            .as_ref()
+                            .map(|c| format!(" with crl_file {}", c.display()))
+                            .unwrap_or_default()
+                    )
+                })?;
+                (
+                    builder.with_client_cert_verifier(Arc::clone(&verifier)),
+                    Some(verifier),
                 )
-                .build()
-                .map_err(|e| format!("client CA file {}: {e}", ca.display()))?;
-                builder.with_client_cert_verifier(verifier)
             }
-            None => builder.with_no_client_auth(),
+            None if self.crl_file.is_some() => {
+                return Err(
+                    "[tls] crl_file needs client_ca_file: revocation lists are for \
+                            client certificates"
+                        .to_owned(),
+                );
+            }
+            None => (builder.with_no_client_auth(), None),
         };
         let mut config = builder.with_single_cert(chain, key).map_err(|e| {
             format!(
@@ -161,6 +208,7 @@ impl TlsConfig {
         }
         Ok(Loaded {
             config,
+            verifier,
             not_after,
             out_of_date,
         })
@@ -169,6 +217,7 @@ impl TlsConfig {
     fn files(&self) -> Vec<&Path> {
         let mut files = vec![self.cert_file.as_path(), self.key_file.as_path()];
         files.extend(self.client_ca_file.as_deref());
+        files.extend(self.crl_file.as_deref());
         files
     }
 
@@ -212,6 +261,10 @@ impl FileStamp {
 pub struct TlsSource {
     config: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
+    /// The client certificate verifier of `current`, with mTLS.
+    verifier: RwLock<Option<Arc<dyn ClientCertVerifier>>>,
+    /// Counts successful reloads: open connections check their certificate again on each.
+    generation: tokio::sync::watch::Sender<u64>,
     seen: RwLock<Vec<Option<FileStamp>>>,
     /// The served certificate's notAfter (seconds since the epoch), 0 when unknown.
     not_after: AtomicI64,
@@ -229,10 +282,18 @@ pub type RefusalSink = Box<dyn Fn(&'static str, String, IpAddr) + Send + Sync>;
 /// The reason a handshake was refused, for the count and the audit, and whether it was about
 /// the client's certificate (rather than a protocol the client offered).
 pub fn handshake_reason(error: &std::io::Error) -> (&'static str, bool) {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(error) => error_reason(error),
+        None => ("io", false),
+    }
+}
+
+/// `handshake_reason` for a rustls error.
+fn error_reason(error: &rustls::Error) -> (&'static str, bool) {
     use rustls::{CertificateError, Error};
-    let Some(error) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
-        return ("io", false);
-    };
     match error {
         Error::NoCertificatesPresented => ("no-certificate", true),
         Error::InvalidCertificate(e) => (
@@ -244,6 +305,7 @@ pub fn handshake_reason(error: &std::io::Error) -> (&'static str, bool) {
                 CertificateError::UnknownIssuer => "unknown-issuer",
                 CertificateError::BadSignature => "bad-signature",
                 CertificateError::Revoked => "revoked",
+                CertificateError::UnknownRevocationStatus => "unknown-revocation-status",
                 CertificateError::InvalidPurpose
                 | CertificateError::InvalidPurposeContext { .. } => "wrong-purpose",
                 CertificateError::BadEncoding => "bad-encoding",
@@ -275,6 +337,8 @@ impl TlsSource {
         Ok(Arc::new(Self {
             config,
             current: RwLock::new(Arc::new(loaded.config)),
+            verifier: RwLock::new(loaded.verifier),
+            generation: tokio::sync::watch::channel(0).0,
             seen: RwLock::new(seen),
             not_after: AtomicI64::new(loaded.not_after.unwrap_or(0)),
             reloaded: Counter::new(),
@@ -307,6 +371,52 @@ impl TlsSource {
         tracing::debug!(peer = %peer, error = %error, reason, "TLS handshake failed");
         if certificate && let Some(sink) = self.on_refused.get() {
             sink(reason, error.to_string(), peer);
+        }
+    }
+
+    /// Tells of each successful reload (a new value), after which a connection's client
+    /// certificate is checked again.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Checks a client certificate chain (leaf first) against the CA, the revocation lists
+    /// and the clock of now, as a new handshake would: `Err((reason, detail))` when a
+    /// connection that presented it may no longer be used.
+    pub fn verify_client(
+        &self,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<(), (&'static str, String)> {
+        let Some(verifier) = self.verifier.read().expect("tls lock").clone() else {
+            return Ok(());
+        };
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(("no-certificate", "no client certificate".to_owned()));
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| (error_reason(&e).0, e.to_string()))
+    }
+
+    /// Counts (and tells the sink of) an open connection closed because its client
+    /// certificate is no longer accepted.
+    pub fn connection_distrusted(&self, peer: IpAddr, reason: &'static str, detail: String) {
+        *self
+            .refused
+            .lock()
+            .expect("tls lock")
+            .entry(reason)
+            .or_default() += 1;
+        tracing::info!(peer = %peer, reason, "TLS connection closed: {detail}");
+        if let Some(sink) = self.on_refused.get() {
+            sink(
+                reason,
+                format!(
+                    "open connection closed, its client certificate is no longer accepted: {detail}"
+                ),
+                peer,
+            );
         }
     }
 
@@ -345,7 +455,9 @@ impl TlsSource {
             }) {
             Ok(loaded) => {
                 *self.current.write().expect("tls lock") = Arc::new(loaded.config);
+                *self.verifier.write().expect("tls lock") = loaded.verifier;
                 *self.seen.write().expect("tls lock") = now;
+                self.generation.send_modify(|g| *g += 1);
                 self.not_after
                     .store(loaded.not_after.unwrap_or(0), Ordering::Relaxed);
                 self.reloaded.inc();

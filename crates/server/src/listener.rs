@@ -137,7 +137,9 @@ pub async fn serve_with(
                     else {
                         return;
                     };
-                    serve_connection(tcp, h2, connection, app, &options, stopping, open).await
+                    let trusted = std::future::pending();
+                    serve_connection(tcp, h2, connection, app, &options, stopping, open, trusted)
+                        .await
                 }
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
@@ -152,15 +154,22 @@ pub async fn serve_with(
                         Err(_) => return,
                     };
                     connection.tls = true;
-                    connection.certificate = stream
+                    let chain = stream
                         .get_ref()
                         .1
                         .peer_certificates()
-                        .and_then(|chain| chain.first())
+                        .map(<[_]>::to_vec)
+                        .unwrap_or_default();
+                    connection.certificate = chain
+                        .first()
                         .and_then(|leaf| skald_security::x509::subject(leaf))
                         .map(Arc::new);
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    serve_connection(stream, h2, connection, app, &options, stopping, open).await
+                    let trusted = while_trusted(Arc::clone(tls), chain, peer.ip());
+                    serve_connection(
+                        stream, h2, connection, app, &options, stopping, open, trusted,
+                    )
+                    .await
                 }
             }
         });
@@ -201,6 +210,47 @@ async fn opens_with_h2_preface(tcp: &TcpStream, timeout: Duration) -> Option<boo
     }
 }
 
+/// Returns when the client certificate a connection presented is no longer accepted: after
+/// a reload of the TLS files that revokes it or no longer trusts its CA, or when it expires.
+/// Pending forever without a client certificate.
+async fn while_trusted(
+    tls: Arc<TlsSource>,
+    chain: Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    peer: std::net::IpAddr,
+) {
+    if chain.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut reloads = tls.reloads();
+    let mut not_after = skald_security::x509::validity(&chain[0]).map(|(_, after)| after);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        // Long waits are cut into days: the timer does not take centuries.
+        let wait = not_after.map_or(86_400, |t| (t + 1 - now).clamp(0, 86_400)) as u64;
+        tokio::select! {
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_secs(wait)) => {
+                if not_after.is_none_or(|t| t >= now + wait as i64) {
+                    continue;
+                }
+                // Checked once at expiry; should the clock say otherwise, again in a minute.
+                not_after = Some(now + wait as i64 + 60);
+            }
+        }
+        if let Err((reason, detail)) = tls.verify_client(&chain) {
+            tls.connection_distrusted(peer, reason, detail);
+            return;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<T>(
     io: T,
     h2: bool,
@@ -209,9 +259,11 @@ async fn serve_connection<T>(
     options: &ListenOptions,
     mut stopping: watch::Receiver<bool>,
     _open: mpsc::Sender<()>,
+    trusted: impl std::future::Future<Output = ()>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    tokio::pin!(trusted);
     let close = Arc::clone(&connection.close);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(connection.clone());
@@ -233,6 +285,7 @@ async fn serve_connection<T>(
         tokio::select! {
             _ = conn.as_mut() => return,
             () = close.notified() => return,
+            () = &mut trusted => return,
             _ = stopping.wait_for(|stopping| *stopping) => {}
         }
         // GOAWAY: the calls in flight finish, no new ones start.
@@ -240,6 +293,7 @@ async fn serve_connection<T>(
         tokio::select! {
             _ = conn.as_mut() => {}
             () = close.notified() => {}
+            () = &mut trusted => {}
         }
         return;
     }
@@ -253,6 +307,7 @@ async fn serve_connection<T>(
     tokio::select! {
         _ = conn.as_mut() => return,
         () = close.notified() => return,
+        () = &mut trusted => return,
         _ = stopping.wait_for(|stopping| *stopping) => {}
     }
     // Finish the request in flight (if any), then close.
@@ -260,5 +315,6 @@ async fn serve_connection<T>(
     tokio::select! {
         _ = conn.as_mut() => {}
         () = close.notified() => {}
+        () = &mut trusted => {}
     }
 }
