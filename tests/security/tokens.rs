@@ -350,6 +350,25 @@ async fn a_jwks_file_is_read_again_and_keys_are_taken_one_by_one() {
     let crit = format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()));
     assert_refused(&call(crit).await, "unsupported");
 
+    // A stream opened with a token r1 signed.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let sse = hyper::Request::get(format!(
+        "{}/v1/subscribe/categories/order?from=now",
+        server.url
+    ))
+    .header(
+        "authorization",
+        format!("Bearer {}", sign(&r1, "r1", &claims)),
+    )
+    .body(http_body_util::Full::default())
+    .unwrap();
+    let sse = client.request(sse).await.unwrap();
+    assert_eq!(sse.status(), StatusCode::OK);
+    let mut sse_body = sse.into_body();
+    let mut sse_text = String::new();
+    assert!(sse_until(&mut sse_body, &mut sse_text, "retry:").await);
+
     // r1 leaked: the file is rewritten without it and with r3. The watcher sees the change
     // on its own, without a signal and without a restart.
     replace(&file, &json!({"keys": [r3.jwk]}).to_string());
@@ -362,6 +381,21 @@ async fn a_jwks_file_is_read_again_and_keys_are_taken_one_by_one() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_refused(&call(sign(&r1, "r1", &claims)).await, "unknown-key");
+    // The stream opened with r1's token ends at its next delivery, without delivering it.
+    let appended = api
+        .call(
+            Method::POST,
+            "/v1/streams/order-1",
+            Some(&sign(&r3, "r3", &claims)),
+            &json!({"events": [{"type": "Happened", "data": {"marker": "after-removal"}}]})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(appended.status, StatusCode::CREATED, "{:?}", appended.body);
+    let ended = sse_until(&mut sse_body, &mut sse_text, "event: error").await;
+    assert!(ended, "the SSE stream ended without a reason: {sse_text}");
+    assert!(sse_text.contains("no longer in the JWKS"), "{sse_text}");
+    assert!(!sse_text.contains("after-removal"), "{sse_text}");
 
     // A broken file keeps the keys in use; SIGHUP reads a good one at once.
     replace(&file, "{\"keys\": [");
@@ -383,4 +417,25 @@ async fn a_jwks_file_is_read_again_and_keys_are_taken_one_by_one() {
     assert!(status.success());
     assert!(stderr.contains("a JWKS key is skipped"), "{stderr}");
     assert!(stderr.contains("JWKS reload failed"), "{stderr}");
+}
+
+/// Reads an SSE body until `needle` shows up; false when the body ends first.
+async fn sse_until(body: &mut hyper::body::Incoming, text: &mut String, needle: &str) -> bool {
+    use http_body_util::BodyExt;
+    loop {
+        if text.contains(needle) {
+            return true;
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the SSE stream moves within 10 s");
+        match frame {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(&String::from_utf8_lossy(&data));
+                }
+            }
+            _ => return false,
+        }
+    }
 }

@@ -582,6 +582,11 @@ async fn a_client_certificate_names_exactly_one_principal_within_the_name_rules(
             r"'\\0'",
         ),
         (
+            "a right-to-left override",
+            subject(vec![(rcgen::DnType::CommonName, utf8("ops\u{202E}nimda"))]),
+            r"'\\u{202e}'",
+        ),
+        (
             "markup",
             subject(vec![(rcgen::DnType::CommonName, utf8("<img src=x>"))]),
             "'<'",
@@ -652,6 +657,34 @@ fn the_cli_gives_up_on_a_peer_that_never_answers() {
             started.elapsed()
         );
     }
+    // A server that sends its headers and then stalls, in an error's body or in a read.
+    let stalling = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = stalling.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut held = Vec::new();
+        for stream in stalling.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut head = [0u8; 4096];
+            let n = stream.read(&mut head).unwrap_or(0);
+            let answer: &[u8] = if head[..n].starts_with(b"GET /v1/info") {
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/problem+json\r\ncontent-length: 100\r\n\r\n{\"detail\":"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+            };
+            let _ = stream.write_all(answer);
+            held.push(stream);
+        }
+    });
+    let url = format!("http://{addr}");
+    let (ok, _, stderr) = skald(&["info", "--server", &url, "--timeout", "1"]);
+    assert!(!ok && stderr.contains("no whole answer"), "{stderr}");
+    let (ok, _, stderr) = skald(&["read", "order-1", "--server", &url, "--timeout", "1"]);
+    assert!(
+        !ok && stderr.contains("stopped sending for 1 s"),
+        "{stderr}"
+    );
+
     let (ok, _, stderr) = skald(&["info", "--server", "http://127.0.0.1:1", "--timeout", "0"]);
     assert!(!ok);
     assert!(stderr.contains("not a number of seconds"), "{stderr}");
@@ -696,6 +729,8 @@ async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connect
     write_pair(&live, "alice", &pki.issue("alice", false, -60, 86_400));
     let alice_serial = pki.last_serial();
     write_pair(&live, "bob", &pki.issue("bob", false, -60, 86_400));
+    let bob_serial = pki.last_serial();
+    write_pair(&live, "dave", &pki.issue("dave", false, -60, 86_400));
     std::fs::write(live.join("crl.pem"), pki.crl(&[])).unwrap();
     let server = serve_with_config(
         dir.path(),
@@ -717,9 +752,38 @@ async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connect
             .unwrap(),
         )
     };
-    let (alice, bob) = (client("alice"), client("bob"));
+    let (alice, bob, dave) = (client("alice"), client("bob"), client("dave"));
     let mut alice_open = open_with(&alice, &addr).await.unwrap();
     let mut bob_open = open_with(&bob, &addr).await.unwrap();
+    // Alice also holds a WebSocket: after the upgrade hyper no longer owns that connection.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::clone(&alice))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut alice_ws, _) = tokio_tungstenite::client_async("wss://localhost/v1/ws", tls)
+        .await
+        .unwrap();
+    let ws_alive = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> bool {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        if ws
+            .send(Message::Ping(b"alive?".to_vec().into()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Pong(_)))) => return true,
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return false,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => panic!("the WebSocket neither answered nor closed within 10 s"),
+            }
+        }
+    };
+    assert!(ws_alive(&mut alice_ws).await);
     assert_eq!(
         get(&mut alice_open, "/v1/info").await.unwrap().0,
         StatusCode::OK
@@ -740,6 +804,14 @@ async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connect
         Duration::from_secs(10),
     )
     .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ws_alive(&mut alice_ws).await {
+        assert!(
+            Instant::now() < deadline,
+            "a WebSocket of a revoked certificate stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let again = open_with(&alice, &addr).await;
     let again = match again {
         Err(e) => e,
@@ -757,8 +829,8 @@ async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connect
         .find(|l| l.starts_with("skald_tls_handshake_failures_total{reason=\"revoked\"}"))
         .unwrap_or_else(|| panic!("no revocation counted:\n{metrics}"));
     assert!(
-        revoked.ends_with(" 2"),
-        "one open connection and one handshake: {revoked}"
+        revoked.ends_with(" 3"),
+        "two open connections and one handshake: {revoked}"
     );
     let (_, audit) = get(&mut bob_open, "/v1/streams/$audit?limit=1000")
         .await
@@ -766,6 +838,28 @@ async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connect
     assert!(
         audit.contains("no longer accepted") && audit.contains("\"reason\":\"revoked\""),
         "{audit}"
+    );
+
+    // A renewed server certificate that is already expired arrives with a new list that
+    // revokes Bob: the certificate is refused, the list still applies.
+    let served = pem_der(&live.join("server.pem"));
+    write_pair(&live, "server", &pki.issue("localhost", true, -86_400, -60));
+    std::fs::write(live.join(".crl.tmp"), pki.crl(&[alice_serial, bob_serial])).unwrap();
+    std::fs::rename(live.join(".crl.tmp"), live.join("crl.pem")).unwrap();
+    closed_within(
+        &mut bob_open,
+        "a certificate revoked beside an expired server certificate",
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut dave_open = open_with(&dave, &addr).await.unwrap();
+    assert_eq!(
+        dave_open.server_certificate, served,
+        "the expired certificate went in"
+    );
+    assert_eq!(
+        get(&mut dave_open, "/v1/info").await.unwrap().0,
+        StatusCode::OK
     );
 
     // The client CA is replaced: connections made with certificates of the old one close.
@@ -778,7 +872,7 @@ async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connect
     // SAFETY: a signal to the child this test started, by its id.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
     closed_within(
-        &mut bob_open,
+        &mut dave_open,
         "a certificate of a CA no longer trusted",
         Duration::from_secs(10),
     )

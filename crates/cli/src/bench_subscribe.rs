@@ -140,7 +140,12 @@ async fn run_sse_subscriber(base: String, stream: String, sink: Arc<Sink>) -> an
 async fn run_ws_subscriber(base: String, stream: String, sink: Arc<Sink>) -> anyhow::Result<()> {
     let url = format!("ws://{}/v1/ws", base.trim_start_matches("http://"));
     let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+    let (mut ws, _) = tokio::time::timeout(
+        crate::client::DEFAULT_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the WebSocket at {url} did not open within 30 s"))??;
     let subscribe =
         json!({"type": "subscribe", "id": "s", "source": {"stream": stream}, "from": "now"});
     ws.send(Message::Text(subscribe.to_string().into())).await?;
@@ -251,7 +256,12 @@ async fn catch_up(base: &str, events: u64) -> anyhow::Result<(u64, f64)> {
         }
     }
     let url = format!("ws://{}/v1/ws", base.trim_start_matches("http://"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (mut ws, _) = tokio::time::timeout(
+        crate::client::DEFAULT_TIMEOUT,
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the WebSocket at {url} did not open within 30 s"))??;
     let started = Instant::now();
     ws.send(Message::Text(
         json!({"type": "subscribe", "id": "c", "source": {"all": {}}})

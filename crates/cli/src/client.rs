@@ -116,6 +116,33 @@ impl HttpClient {
         Ok((response.status(), response.into_body()))
     }
 
+    /// Collects a whole body (an error's problem document, say) within the time-out.
+    pub async fn collect(&self, body: Incoming) -> anyhow::Result<Bytes> {
+        Ok(tokio::time::timeout(self.timeout, body.collect())
+            .await
+            .map_err(|_| self.no_answer("no whole answer"))?
+            .context("reading the response")?
+            .to_bytes())
+    }
+
+    /// The next frame of a body that must keep coming (a read that ends, unlike a follow):
+    /// an error when nothing arrives within the time-out.
+    pub async fn next_frame(
+        &self,
+        body: &mut Incoming,
+    ) -> anyhow::Result<Option<hyper::body::Frame<Bytes>>> {
+        match tokio::time::timeout(self.timeout, body.frame()).await {
+            Ok(Some(frame)) => Ok(Some(frame.context("reading the response")?)),
+            Ok(None) => Ok(None),
+            Err(_) => Err(anyhow!(
+                "the Skald server at {} stopped sending for {} s in the middle of its answer; \
+                 give --timeout SECONDS to wait longer",
+                self.base,
+                self.timeout.as_secs_f64()
+            )),
+        }
+    }
+
     fn no_answer(&self, what: &str) -> anyhow::Error {
         anyhow!(
             "{what} from {} within {} s (connection, TLS handshake and response); check that \
@@ -255,23 +282,33 @@ impl Connection {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        self.sender.ready().await.context("the connection closed")?;
-        let response = self
-            .sender
-            .send_request(
-                request
-                    .body(Full::new(body))
-                    .context("building the request")?,
-            )
+        let request = request
+            .body(Full::new(body))
+            .context("building the request")?;
+        let exchange = async {
+            self.sender.ready().await.context("the connection closed")?;
+            let response = self
+                .sender
+                .send_request(request)
+                .await
+                .context("the request failed")?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .context("reading the response")?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(DEFAULT_TIMEOUT, exchange)
             .await
-            .context("the request failed")?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .context("reading the response")?
-            .to_bytes();
-        Ok((status, bytes))
+            .map_err(|_| {
+                anyhow!(
+                    "no answer from the Skald server at {} within {} s",
+                    self.base,
+                    DEFAULT_TIMEOUT.as_secs()
+                )
+            })?
     }
 }

@@ -4,7 +4,6 @@ use std::io::Write;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{Value, json};
 
@@ -159,13 +158,13 @@ pub async fn read(client: &HttpClient, args: ReadArgs) -> anyhow::Result<()> {
     };
     let (status, mut body) = client.get_ndjson(&uri).await?;
     if !status.is_success() {
-        let bytes = body.collect().await?.to_bytes();
+        let bytes = client.collect(body).await?;
         return expect_success(status, &bytes);
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.context("reading the response")?.into_data() else {
+    while let Some(frame) = client.next_frame(&mut body).await? {
+        let Ok(data) = frame.into_data() else {
             continue;
         };
         if let Err(e) = out.write_all(&data) {

@@ -172,11 +172,7 @@ pub async fn run(client: &HttpClient, args: TailArgs) -> anyhow::Result<()> {
         )
         .await?;
     if !status.is_success() {
-        let bytes = body
-            .collect()
-            .await
-            .context("reading the response")?
-            .to_bytes();
+        let bytes = client.collect(body).await?;
         bail!("{}", describe_problem(status, &bytes));
     }
     let stdout = std::io::stdout();

@@ -134,12 +134,18 @@ pub struct TokenIdentity {
     pub roles: BTreeSet<String>,
     /// The token's `exp` (seconds since the epoch), with the configured leeway added.
     pub expires_at: Option<i64>,
+    /// Which key verified it (see [`JwtVerifier::has_key`]).
+    pub key: String,
 }
 
+/// A usable key: what decodes, the algorithm it is for, and its identity (a SHA-256 of its
+/// JWK), by which a stream opened with a token learns that its key was removed.
+type Key = (DecodingKey, Option<Algorithm>, String);
+
 struct Keys {
-    by_kid: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+    by_kid: HashMap<String, Key>,
     /// Keys without a `kid`, usable only when they are the only key.
-    anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
+    anonymous: Vec<Key>,
 }
 
 /// Verifies JWTs for one issuer.
@@ -151,6 +157,11 @@ pub struct JwtVerifier {
     fetcher: Option<Fetcher>,
     /// The `jwks_file` as last read, to see when it changes.
     file_seen: Mutex<Option<FileStamp>>,
+    /// Held while the file is read and installed, so that two reads cannot install in the
+    /// wrong order.
+    file_lock: Mutex<()>,
+    /// Moves at each install of keys: streams then check that their token's key is still in.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl JwtVerifier {
@@ -181,6 +192,8 @@ impl JwtVerifier {
             last_refresh: tokio::sync::Mutex::new(None),
             fetcher,
             file_seen: Mutex::new(None),
+            file_lock: Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         if verifier.config.jwks_file.is_some() {
             verifier
@@ -196,6 +209,7 @@ impl JwtVerifier {
     /// set is an error and the keys in use stay.
     fn read_file(&self) -> Result<usize, String> {
         let file = self.config.jwks_file.as_ref().expect("keys from a file");
+        let _reading = self.file_lock.lock().expect("jwks lock");
         let stamp = FileStamp::of(file);
         let bytes = std::fs::read(file)
             .map_err(|e| format!("cannot read jwks_file {}: {e}", file.display()))?;
@@ -272,15 +286,22 @@ impl JwtVerifier {
                 .common
                 .key_algorithm
                 .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+            let identity = ring::digest::digest(&ring::digest::SHA256, raw.to_string().as_bytes())
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>();
             match &jwk.common.key_id {
                 Some(kid) => {
-                    keys.by_kid.insert(kid.clone(), (key, alg));
+                    keys.by_kid.insert(kid.clone(), (key, alg, identity));
                 }
-                None => keys.anonymous.push((key, alg)),
+                None => keys.anonymous.push((key, alg, identity)),
             }
         }
         let n = keys.by_kid.len() + keys.anonymous.len();
         *self.keys.write().expect("jwks lock") = keys;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(n)
     }
 
@@ -308,7 +329,21 @@ impl JwtVerifier {
         self.install(&bytes).map_err(|e| format!("{url}: {e}"))
     }
 
-    fn key_for(&self, kid: Option<&str>) -> Option<(DecodingKey, Option<Algorithm>)> {
+    /// Whether the key of this identity (`TokenIdentity::key`) is still in the JWKS.
+    pub fn has_key(&self, identity: &str) -> bool {
+        let keys = self.keys.read().expect("jwks lock");
+        keys.by_kid
+            .values()
+            .chain(keys.anonymous.iter())
+            .any(|key| key.2 == identity)
+    }
+
+    /// Moves whenever keys are installed (a file read, a fetch).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn key_for(&self, kid: Option<&str>) -> Option<Key> {
         let keys = self.keys.read().expect("jwks lock");
         match kid {
             Some(kid) => keys.by_kid.get(kid).cloned(),
@@ -367,7 +402,7 @@ impl JwtVerifier {
                 found = self.key_for(kid);
             }
         }
-        let (key, key_alg) = found.ok_or_else(|| match kid {
+        let (key, key_alg, identity) = found.ok_or_else(|| match kid {
             Some(kid) => refuse(
                 "unknown-key",
                 format!(
@@ -444,6 +479,7 @@ impl JwtVerifier {
             subject,
             roles,
             expires_at,
+            key: identity,
         })
     }
 }

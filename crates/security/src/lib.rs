@@ -194,16 +194,23 @@ pub fn check_principal_name(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|&c| c.is_control() || matches!(c, '<' | '>' | '&' | '"' | '\'' | '`'))
-    {
+    if let Some(c) = name.chars().find(|&c| {
+        c.is_control() || invisible(c) || matches!(c, '<' | '>' | '&' | '"' | '\'' | '`')
+    }) {
         return Err(format!(
-            "must be printable characters without < > & \" ' or ` (it contains {:?})",
+            "must be printable, visible characters without < > & \" ' or ` (it contains {:?})",
             c
         ));
     }
     Ok(())
+}
+
+/// Characters that change how a name reads without being seen: soft hyphen, format controls
+/// (zero-width, bidirectional overrides and isolates), line and paragraph separators, tags.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E007F}')
 }
 
 /// The principal a client certificate names: its one common name, within the name rules.
@@ -491,6 +498,7 @@ impl<S: EventStore> Security<S> {
                         roles: key.roles,
                         method: Method::ApiKey,
                         expires_at: key.expires_at,
+                        signed_by: None,
                     })
                     .map_err(|refusal| Refusal {
                         method: Method::ApiKey,
@@ -507,6 +515,7 @@ impl<S: EventStore> Security<S> {
                         roles: identity.roles,
                         method: Method::Jwt,
                         expires_at: identity.expires_at,
+                        signed_by: Some(identity.key),
                     }),
                     Err(refusal) => Err(Refusal {
                         method: Method::Jwt,
@@ -544,7 +553,8 @@ impl<S: EventStore> Security<S> {
                         .cloned()
                         .collect(),
                     method: Method::Certificate,
-                    expires_at: None,
+                    expires_at: subject.not_after.map(|t| t + 1),
+                    signed_by: None,
                 }),
                 Err(detail) => Err(Refusal {
                     method: Method::Certificate,
@@ -805,6 +815,17 @@ impl<S: EventStore> Security<S> {
                 format!("the credential of {} has expired", principal.name),
             ));
         }
+        if let (Some(key), Some(jwt)) = (&principal.signed_by, &self.jwt)
+            && !jwt.has_key(key)
+        {
+            return Err((
+                "revoked",
+                format!(
+                    "the key that signed the token of {} is no longer in the JWKS",
+                    principal.name
+                ),
+            ));
+        }
         self.key_in_force(principal).map_err(|why| {
             let reason = if why.ends_with("expired") {
                 "expired"
@@ -817,8 +838,10 @@ impl<S: EventStore> Security<S> {
 
     /// A number that moves whenever access can have shrunk: a key revoked, the rules replaced.
     pub fn access_generation(&self) -> u64 {
+        // A JWKS that loses a key shrinks access too.
         self.access_generation
             .load(std::sync::atomic::Ordering::Acquire)
+            .wrapping_add(self.jwt.as_ref().map_or(0, |jwt| jwt.generation()))
     }
 
     fn access_changed(&self) {
@@ -995,9 +1018,13 @@ fn watch_jwks_file<S: EventStore>(security: std::sync::Weak<Security<S>>) {
             let Some(security) = security.upgrade() else {
                 return;
             };
-            if let Some(jwt) = &security.jwt {
-                jwt.reload_file(forced);
-            }
+            // Reading and hashing the file is blocking work.
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(jwt) = &security.jwt {
+                    jwt.reload_file(forced);
+                }
+            })
+            .await;
         }
     });
 }

@@ -287,6 +287,10 @@ pub struct Principal {
     /// whose rights are checked against its key's state instead.
     #[serde(skip)]
     pub expires_at: Option<i64>,
+    /// For a JWT, which key of the JWKS verified it (`TokenIdentity::key`): a stream opened
+    /// with the token ends when that key is removed.
+    #[serde(skip)]
+    pub signed_by: Option<String>,
 }
 
 impl Principal {
@@ -298,6 +302,7 @@ impl Principal {
             roles: BTreeSet::from([ADMIN_ROLE.to_owned()]),
             method: Method::None,
             expires_at: None,
+            signed_by: None,
         }
     }
 
@@ -397,6 +402,7 @@ mod tests {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             method: Method::ApiKey,
             expires_at: None,
+            signed_by: None,
         }
     }
 

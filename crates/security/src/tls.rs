@@ -125,12 +125,22 @@ fn key_file_warning(path: &Path) -> Option<String> {
     })
 }
 
+/// A server certificate chain and its key.
+pub struct Served {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
 /// What a load found besides the configuration.
 pub struct Loaded {
     pub config: ServerConfig,
     /// The client certificate verifier inside `config`, with mTLS: open connections are
     /// checked again with it after a reload.
     pub verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// The certificate chain and key served.
+    pub served: Served,
+    /// The served certificate's notBefore (seconds since the epoch), when it can be read.
+    pub not_before: Option<i64>,
     /// The served certificate's notAfter (seconds since the epoch), when it can be read.
     pub not_after: Option<i64>,
     /// Why the served certificate is not valid now, if it is not.
@@ -145,10 +155,27 @@ impl TlsConfig {
 
     /// Like `load`, and says whether the certificate is valid now.
     pub fn load_checked(&self) -> Result<Loaded, String> {
-        let chain = read_certs(&self.cert_file, "certificate file")?;
-        let not_after = crate::x509::validity(&chain[0]).map(|(_, after)| after);
+        self.load_serving(None)
+    }
+
+    /// Like `load_checked`, serving `served` (a chain and its key) instead of what the
+    /// certificate and key files hold when given: the client side is read from its files.
+    fn load_serving(&self, served: Option<&Served>) -> Result<Loaded, String> {
+        let (chain, key) = match served {
+            Some(served) => (served.chain.clone(), served.key.clone_key()),
+            None => (
+                read_certs(&self.cert_file, "certificate file")?,
+                read_key(&self.key_file)?,
+            ),
+        };
+        let validity = crate::x509::validity(&chain[0]);
+        let not_after = validity.map(|(_, after)| after);
+        let not_before = validity.map(|(before, _)| before);
         let out_of_date = out_of_date(&chain[0], &self.cert_file, now_s());
-        let key = read_key(&self.key_file)?;
+        let served = Served {
+            chain: chain.clone(),
+            key: key.clone_key(),
+        };
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
@@ -209,6 +236,8 @@ impl TlsConfig {
         Ok(Loaded {
             config,
             verifier,
+            served,
+            not_before,
             not_after,
             out_of_date,
         })
@@ -268,6 +297,12 @@ pub struct TlsSource {
     seen: RwLock<Vec<Option<FileStamp>>>,
     /// The served certificate's notAfter (seconds since the epoch), 0 when unknown.
     not_after: AtomicI64,
+    /// What is served now: a reload that finds an out-of-date certificate keeps it, and
+    /// still applies a new client CA or revocation list.
+    served: Mutex<Served>,
+    /// When a refused certificate that is not valid yet becomes valid (0: none): the files
+    /// are read again then, though they have not changed.
+    retry_at: AtomicI64,
     pub reloaded: Counter,
     pub reload_failures: Counter,
     /// Handshakes refused, by reason.
@@ -287,6 +322,7 @@ pub fn handshake_reason(error: &std::io::Error) -> (&'static str, bool) {
         .and_then(|e| e.downcast_ref::<rustls::Error>())
     {
         Some(error) => error_reason(error),
+        None if error.kind() == std::io::ErrorKind::TimedOut => ("timeout", false),
         None => ("io", false),
     }
 }
@@ -341,6 +377,8 @@ impl TlsSource {
             generation: tokio::sync::watch::channel(0).0,
             seen: RwLock::new(seen),
             not_after: AtomicI64::new(loaded.not_after.unwrap_or(0)),
+            served: Mutex::new(loaded.served),
+            retry_at: AtomicI64::new(0),
             reloaded: Counter::new(),
             reload_failures: Counter::new(),
             refused: Mutex::new(BTreeMap::new()),
@@ -443,36 +481,68 @@ impl TlsSource {
     pub fn reload(&self, force: bool) {
         let now = self.config.fingerprint();
         if !force && *self.seen.read().expect("tls lock") == now {
-            return;
-        }
-        match self
-            .config
-            .load_checked()
-            .and_then(|loaded| match loaded.out_of_date {
-                // Rotating in a certificate clients will refuse would take every one of them down.
-                Some(why) => Err(why),
-                None => Ok(loaded),
-            }) {
-            Ok(loaded) => {
-                *self.current.write().expect("tls lock") = Arc::new(loaded.config);
-                *self.verifier.write().expect("tls lock") = loaded.verifier;
-                *self.seen.write().expect("tls lock") = now;
-                self.generation.send_modify(|g| *g += 1);
-                self.not_after
-                    .store(loaded.not_after.unwrap_or(0), Ordering::Relaxed);
-                self.reloaded.inc();
-                tracing::info!("TLS certificate and key reloaded");
-                if let Some(why) = key_file_warning(&self.config.key_file) {
-                    tracing::warn!("{why}");
-                }
+            // Unchanged, unless a refused certificate has become valid since.
+            let retry_at = self.retry_at.load(Ordering::Relaxed);
+            if retry_at == 0 || now_s() < retry_at {
+                return;
             }
+        }
+        self.retry_at.store(0, Ordering::Relaxed);
+        // Whatever happens, the same files are not read again every tick: only when they
+        // change, on SIGHUP, or when a certificate not valid yet becomes valid.
+        *self.seen.write().expect("tls lock") = now;
+        let loaded = match self.config.load_checked() {
+            Ok(loaded) => loaded,
             Err(e) => {
-                // Do not retry the same broken files every tick; wait for the next change.
-                *self.seen.write().expect("tls lock") = now;
                 self.reload_failures.inc();
                 tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use");
+                return;
             }
+        };
+        let Some(why) = loaded.out_of_date else {
+            self.apply(loaded);
+            self.reloaded.inc();
+            tracing::info!("TLS certificate and key reloaded");
+            if let Some(why) = key_file_warning(&self.config.key_file) {
+                tracing::warn!("{why}");
+            }
+            return;
+        };
+        // Rotating in a certificate clients will refuse would take every one of them down:
+        // the served one stays. A new client CA or revocation list still applies, with it.
+        self.reload_failures.inc();
+        if let Some(before) = loaded.not_before.filter(|&before| before > now_s()) {
+            self.retry_at.store(before, Ordering::Relaxed);
         }
+        let kept = {
+            let served = self.served.lock().expect("tls lock");
+            self.config.load_serving(Some(&served))
+        };
+        match kept {
+            Ok(kept) => {
+                self.apply(kept);
+                tracing::error!(
+                    error = %why,
+                    "TLS reload failed; the previous certificate stays in use (the client CA \
+                     and revocation list files were applied)"
+                );
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{why}; {e}"),
+                "TLS reload failed; the previous certificate stays in use"
+            ),
+        }
+    }
+
+    /// Puts loaded material in force, and tells open connections to check their client
+    /// certificate against it.
+    fn apply(&self, loaded: Loaded) {
+        *self.current.write().expect("tls lock") = Arc::new(loaded.config);
+        *self.verifier.write().expect("tls lock") = loaded.verifier;
+        self.not_after
+            .store(loaded.not_after.unwrap_or(0), Ordering::Relaxed);
+        *self.served.lock().expect("tls lock") = loaded.served;
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Watches the files (and SIGHUP) until the process ends.
@@ -487,7 +557,9 @@ impl TlsSource {
                     _ = tick.tick() => false,
                     Some(()) = async { match &mut hup { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
                 };
-                source.reload(forced);
+                // Reading and hashing the files is blocking work.
+                let source = Arc::clone(&source);
+                let _ = tokio::task::spawn_blocking(move || source.reload(forced)).await;
             }
         });
     }

@@ -15,6 +15,9 @@ pub struct Subject {
     /// Common names that could not be read as text (in a string type this reader does not
     /// take, or not valid in the one it names): the principal cannot be named safely then.
     pub unreadable_common_names: Vec<String>,
+    /// The certificate's notAfter, when the reader set it (the listener does): a principal
+    /// it names expires then.
+    pub not_after: Option<i64>,
 }
 
 /// The name of a DER string type, for messages.

@@ -15,7 +15,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::Router;
@@ -137,11 +140,12 @@ pub async fn serve_with(
                     else {
                         return;
                     };
-                    let trusted = std::future::pending();
-                    serve_connection(tcp, h2, connection, app, &options, stopping, open, trusted)
-                        .await
+                    serve_connection(tcp, h2, connection, app, &options, stopping, open).await
                 }
                 Some(tls) => {
+                    // Taken before the material the handshake uses: a reload during the
+                    // handshake then counts as one to check the client certificate against.
+                    let reloads = tls.reloads();
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                     let handshake =
                         tokio::time::timeout(options.header_read_timeout, acceptor.accept(tcp));
@@ -151,7 +155,11 @@ pub async fn serve_with(
                             tls.handshake_failed(peer.ip(), &e);
                             return;
                         }
-                        Err(_) => return,
+                        Err(_) => {
+                            let timeout = std::io::Error::from(std::io::ErrorKind::TimedOut);
+                            tls.handshake_failed(peer.ip(), &timeout);
+                            return;
+                        }
                     };
                     connection.tls = true;
                     let chain = stream
@@ -160,16 +168,32 @@ pub async fn serve_with(
                         .peer_certificates()
                         .map(<[_]>::to_vec)
                         .unwrap_or_default();
-                    connection.certificate = chain
-                        .first()
-                        .and_then(|leaf| skald_security::x509::subject(leaf))
-                        .map(Arc::new);
+                    connection.certificate = chain.first().and_then(|leaf| {
+                        let mut subject = skald_security::x509::subject(leaf)?;
+                        subject.not_after =
+                            skald_security::x509::validity(leaf).map(|(_, after)| after);
+                        Some(Arc::new(subject))
+                    });
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let trusted = while_trusted(Arc::clone(tls), chain, peer.ip());
-                    serve_connection(
-                        stream, h2, connection, app, &options, stopping, open, trusted,
-                    )
-                    .await
+                    if chain.is_empty() {
+                        return serve_connection(
+                            stream, h2, connection, app, &options, stopping, open,
+                        )
+                        .await;
+                    }
+                    // The watcher cuts the connection (and whatever an upgrade handed it to)
+                    // when the certificate is no longer accepted; it ends with the connection.
+                    let wire = Arc::new(Tripwire::default());
+                    let watcher = Arc::clone(&wire);
+                    let tls = Arc::clone(tls);
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = while_trusted(tls, chain, peer.ip(), reloads) => watcher.trip(),
+                            () = watcher.gone.notified() => {}
+                        }
+                    });
+                    let io = Guarded { io: stream, wire };
+                    serve_connection(io, h2, connection, app, &options, stopping, open).await
                 }
             }
         });
@@ -210,18 +234,131 @@ async fn opens_with_h2_preface(tcp: &TcpStream, timeout: Duration) -> Option<boo
     }
 }
 
+/// Cuts an IO: once tripped, every read and write of the `Guarded` IO fails, and whoever
+/// waits on one is woken. A connection whose client certificate is no longer accepted is cut
+/// this way, which also reaches a WebSocket that an upgrade took out of hyper's hands.
+#[derive(Default)]
+struct Tripwire {
+    tripped: AtomicBool,
+    /// The tasks waiting to read and to write.
+    wakers: Mutex<[Option<Waker>; 2]>,
+    /// Told when the IO is dropped, so that its watcher ends too.
+    gone: Notify,
+}
+
+impl Tripwire {
+    fn trip(&self) {
+        self.tripped.store(true, Ordering::SeqCst);
+        for waker in self.wakers.lock().expect("tripwire lock").iter_mut() {
+            if let Some(waker) = waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// `Err` once tripped; otherwise remembers who to wake (slot 0 reads, 1 writes).
+    fn check(&self, slot: usize, cx: &Context<'_>) -> std::io::Result<()> {
+        let cut = || {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the client certificate is no longer accepted",
+            )
+        };
+        if self.tripped.load(Ordering::SeqCst) {
+            return Err(cut());
+        }
+        {
+            let mut wakers = self.wakers.lock().expect("tripwire lock");
+            match &mut wakers[slot] {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                waker => *waker = Some(cx.waker().clone()),
+            }
+        }
+        // Tripped after the first look: `trip` either saw the waker or is seen here.
+        if self.tripped.load(Ordering::SeqCst) {
+            return Err(cut());
+        }
+        Ok(())
+    }
+}
+
+/// An IO behind a [`Tripwire`].
+struct Guarded<T> {
+    io: T,
+    wire: Arc<Tripwire>,
+}
+
+impl<T> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        self.wire.gone.notify_one();
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.wire.check(0, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.wire.check(1, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.wire.check(1, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.wire.check(1, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// Returns when the client certificate a connection presented is no longer accepted: after
-/// a reload of the TLS files that revokes it or no longer trusts its CA, or when it expires.
-/// Pending forever without a client certificate.
+/// a reload of the TLS files (one during the handshake included) that revokes it or no
+/// longer trusts its CA, or when it expires.
 async fn while_trusted(
     tls: Arc<TlsSource>,
     chain: Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
     peer: std::net::IpAddr,
+    mut reloads: watch::Receiver<u64>,
 ) {
-    if chain.is_empty() {
-        return std::future::pending().await;
-    }
-    let mut reloads = tls.reloads();
     let mut not_after = skald_security::x509::validity(&chain[0]).map(|(_, after)| after);
     loop {
         let now = std::time::SystemTime::now()
@@ -250,7 +387,6 @@ async fn while_trusted(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve_connection<T>(
     io: T,
     h2: bool,
@@ -259,11 +395,9 @@ async fn serve_connection<T>(
     options: &ListenOptions,
     mut stopping: watch::Receiver<bool>,
     _open: mpsc::Sender<()>,
-    trusted: impl std::future::Future<Output = ()>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::pin!(trusted);
     let close = Arc::clone(&connection.close);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(connection.clone());
@@ -285,7 +419,6 @@ async fn serve_connection<T>(
         tokio::select! {
             _ = conn.as_mut() => return,
             () = close.notified() => return,
-            () = &mut trusted => return,
             _ = stopping.wait_for(|stopping| *stopping) => {}
         }
         // GOAWAY: the calls in flight finish, no new ones start.
@@ -293,7 +426,6 @@ async fn serve_connection<T>(
         tokio::select! {
             _ = conn.as_mut() => {}
             () = close.notified() => {}
-            () = &mut trusted => {}
         }
         return;
     }
@@ -307,7 +439,6 @@ async fn serve_connection<T>(
     tokio::select! {
         _ = conn.as_mut() => return,
         () = close.notified() => return,
-        () = &mut trusted => return,
         _ = stopping.wait_for(|stopping| *stopping) => {}
     }
     // Finish the request in flight (if any), then close.
@@ -315,6 +446,5 @@ async fn serve_connection<T>(
     tokio::select! {
         _ = conn.as_mut() => {}
         () = close.notified() => {}
-        () = &mut trusted => {}
     }
 }
