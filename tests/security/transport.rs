@@ -895,3 +895,211 @@ async fn revoked_or_distrusted_client_certificates_are_refused_and_their_connect
     assert_eq!(status, StatusCode::OK, "{body}");
     drop(server);
 }
+
+/// What held in the issue 28 review, kept holding: TLS 1.0 and 1.1 refused; only ECDHE with
+/// AES-GCM or ChaCha20; ALPN h2 and http/1.1; HSTS; client certificates of another CA, with
+/// a fake intermediate, signed by a leaf, or for servers only, refused; the CLI's TLS errors
+/// clear, with no fallback to plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_protocols_weak_ciphers_and_wrong_certificates_stay_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let pki = Pki::new();
+    std::fs::write(live.join("ca.pem"), &pki.ca_pem).unwrap();
+    write_pair(&live, "server", &pki.issue("localhost", true, -60, 86_400));
+    write_pair(&live, "admin", &pki.issue("ops", false, -60, 86_400));
+    let server = serve_with_config(
+        dir.path(),
+        &format!(
+            "[tls]\ncert_file = \"{0}/server.pem\"\nkey_file = \"{0}/server-key.pem\"\nclient_ca_file = \"{0}/ca.pem\"\n[auth]\nmtls = true\n",
+            live.display()
+        ),
+    );
+    let addr = server.url.trim_start_matches("https://").to_owned();
+    let path = |name: &str| live.join(name).to_str().unwrap().to_owned();
+
+    // openssl s_client as the client that offers what rustls clients cannot.
+    let s_client = |extra: &[&str]| {
+        let mut args = vec![
+            "s_client".to_owned(),
+            "-connect".to_owned(),
+            addr.clone(),
+            "-servername".to_owned(),
+            "localhost".to_owned(),
+            "-CAfile".to_owned(),
+            path("ca.pem"),
+            "-cert".to_owned(),
+            path("admin.pem"),
+            "-key".to_owned(),
+            path("admin-key.pem"),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl runs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    for version in ["-tls1", "-tls1_1"] {
+        // Security level 0 so that openssl offers the old version at all: the refusal seen
+        // is the server's alert (40, handshake failure, is what rustls sends).
+        let out = s_client(&[version, "-cipher", "DEFAULT@SECLEVEL=0"]);
+        assert!(
+            out.contains("SSL alert number 40") && out.contains("Cipher is (NONE)"),
+            "{version}: {out}"
+        );
+    }
+    for weak in [
+        "AES128-SHA:AES256-SHA256",
+        "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES256-SHA",
+        "DHE-RSA-AES128-GCM-SHA256",
+    ] {
+        let out = s_client(&["-tls1_2", "-cipher", weak]);
+        assert!(
+            out.contains("SSL alert number 40") && out.contains("Cipher is (NONE)"),
+            "{weak}: {out}"
+        );
+    }
+    let out = s_client(&["-tls1_2", "-alpn", "h2,http/1.1"]);
+    let ecdhe = ["ECDHE-ECDSA-AES", "ECDHE-ECDSA-CHACHA20"];
+    assert!(
+        ecdhe
+            .iter()
+            .any(|c| out.contains(&format!("Cipher is {c}"))),
+        "{out}"
+    );
+    assert!(out.contains("ALPN protocol: h2"), "{out}");
+    let out = s_client(&["-tls1_3", "-alpn", "http/1.1"]);
+    assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
+
+    // HSTS on every answer over TLS.
+    let admin = Arc::new(
+        skald_security::tls::client_config(
+            Some(&live.join("ca.pem")),
+            Some((&live.join("admin.pem"), &live.join("admin-key.pem"))),
+        )
+        .unwrap(),
+    );
+    let mut tls = open_with(&admin, &addr).await.unwrap();
+    tls.sender.ready().await.unwrap();
+    let response = tls
+        .sender
+        .send_request(
+            hyper::Request::get("/v1/info")
+                .header("host", "localhost")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let hsts = response.headers()["strict-transport-security"]
+        .to_str()
+        .unwrap();
+    assert!(hsts.starts_with("max-age="), "{hsts}");
+
+    // Client certificates that must not get in.
+    let other = Pki::new();
+    write_pair(&live, "stranger", &other.issue("ops", false, -60, 86_400));
+    // An intermediate of the same name as the real CA, signed by nobody it trusts.
+    let fake = Pki::new();
+    let (leaf, key) = fake.issue("ops", false, -60, 86_400);
+    write_pair(&live, "faked", &(format!("{leaf}{}", fake.ca_pem), key));
+    // A leaf the CA issued, used as a CA for another.
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, "leaf-as-ca");
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_params.distinguished_name = name;
+    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf_cert = leaf_params.signed_by(&leaf_key, &pki.issuer).unwrap();
+    let under_leaf = rcgen::Issuer::new(leaf_params, leaf_key);
+    let mut child = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    child
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ops");
+    child
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "admin");
+    child.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let child_key = rcgen::KeyPair::generate().unwrap();
+    let child_cert = child.signed_by(&child_key, &under_leaf).unwrap();
+    write_pair(
+        &live,
+        "under-leaf",
+        &(
+            format!("{}{}", child_cert.pem(), leaf_cert.pem()),
+            child_key.serialize_pem(),
+        ),
+    );
+    // A certificate for servers only.
+    let mut server_only = rcgen::CertificateParams::new(vec!["ops".to_owned()]).unwrap();
+    server_only
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ops");
+    server_only
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "admin");
+    server_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let server_only_key = rcgen::KeyPair::generate().unwrap();
+    let server_only = server_only
+        .signed_by(&server_only_key, &pki.issuer)
+        .unwrap();
+    write_pair(
+        &live,
+        "server-only",
+        &(server_only.pem(), server_only_key.serialize_pem()),
+    );
+    for name in ["stranger", "faked", "under-leaf", "server-only"] {
+        let config = Arc::new(
+            skald_security::tls::client_config(
+                Some(&live.join("ca.pem")),
+                Some((
+                    &live.join(format!("{name}.pem")),
+                    &live.join(format!("{name}-key.pem")),
+                )),
+            )
+            .unwrap(),
+        );
+        let got = get_with(&config, &addr, "/v1/admin/keys").await;
+        assert!(got.is_err(), "{name} got in: {got:?}");
+    }
+    let (_, metrics) = get(&mut tls, "/metrics").await.unwrap();
+    // Every CA of these tests is named "test CA": the strangers fail on the signature.
+    for reason in ["bad-signature", "wrong-purpose", "invalid-certificate"] {
+        assert!(
+            metrics.contains(&format!(
+                "skald_tls_handshake_failures_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+
+    // The CLI: a server its CA file does not vouch for is an error that says so, and an
+    // http:// URL to the TLS port does not get an answer either.
+    std::fs::write(live.join("other-ca.pem"), &other.ca_pem).unwrap();
+    let (ok, _, stderr) = skald(&[
+        "info",
+        "--server",
+        &server.url,
+        "--ca-cert",
+        &path("other-ca.pem"),
+        "--client-cert",
+        &path("admin.pem"),
+        "--client-key",
+        &path("admin-key.pem"),
+        "--timeout",
+        "5",
+    ]);
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    let plain = server.url.replace("https://", "http://");
+    let (ok, _, stderr) = skald(&["info", "--server", &plain, "--timeout", "5"]);
+    assert!(!ok, "{stderr}");
+    drop(server);
+}
