@@ -285,6 +285,10 @@ pub struct InstanceFilter {
 }
 
 /// Most instances one listing returns.
+/// The first pause of the trigger loop after a failed read; it doubles up to the most.
+const TRIGGER_RETRY: Duration = Duration::from_millis(100);
+const TRIGGER_RETRY_MAX: Duration = Duration::from_secs(5);
+
 pub const MAX_LISTED: usize = 1000;
 
 /// Most history events one call returns.
@@ -1032,10 +1036,10 @@ impl<S: EventStore> Inner<S> {
                 None => return Ok(()),
             }
         }
-        let mut subscription = inner
-            .hub
-            .subscribe(ReadSource::All(None), Start::Position(from))
-            .await?;
+        // `None` after a failed read: the loop subscribes again from `seen` after a pause, as
+        // groups do, rather than stopping until a restart.
+        let mut subscription = None;
+        let mut failures = 0u32;
         let starting = Arc::new(Semaphore::new(inner.options.max_starting));
         let mut rate = StartRate::new(inner.options.max_starts_per_second);
         // Positions whose starts are not all stored yet (several definitions may start from one
@@ -1046,8 +1050,35 @@ impl<S: EventStore> Inner<S> {
         let mut checkpoint_timer = tokio::time::interval(inner.options.checkpoint_every);
         checkpoint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'follow: loop {
+            if failures > 0 {
+                let pause = TRIGGER_RETRY
+                    .saturating_mul(1 << failures.min(5))
+                    .min(TRIGGER_RETRY_MAX);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = inner.hub.stopping() => break,
+                }
+            }
+            let follower = match &mut subscription {
+                Some(follower) => follower,
+                None => match inner
+                    .hub
+                    .subscribe(ReadSource::All(None), Start::Position(seen))
+                    .await
+                {
+                    Ok(follower) => subscription.insert(follower),
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(
+                            "the saga trigger loop cannot follow the log from position {seen}: {e}; \
+                             it tries again"
+                        );
+                        continue;
+                    }
+                },
+            };
             let delivery = tokio::select! {
-                d = subscription.next() => d,
+                d = follower.next() => d,
                 _ = checkpoint_timer.tick() => {
                     written = inner.write_checkpoint(seen, &in_flight, written).await;
                     continue;
@@ -1056,13 +1087,29 @@ impl<S: EventStore> Inner<S> {
             };
             let events = match delivery {
                 Ok(Delivery::Events(events)) => events,
-                Ok(Delivery::CaughtUp { .. }) => continue,
+                Ok(Delivery::CaughtUp { .. }) => {
+                    failures = 0;
+                    continue;
+                }
                 Err(e) if inner.hub.is_stopping() => {
                     tracing::debug!("trigger loop ends: {e}");
                     break;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    inner
+                        .metrics
+                        .trigger_read_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "the saga trigger loop cannot read the log at position {seen}: {e}; it \
+                         tries again"
+                    );
+                    subscription = None;
+                    continue;
+                }
             };
+            failures = 0;
             // A disable or delete stops starts at once, also of triggers logged before it that
             // the loop has not reached yet (a backlog must not outlast the kill switch); an
             // enable takes effect from its position only.
@@ -1072,6 +1119,11 @@ impl<S: EventStore> Inner<S> {
             // shutdown ends the whole loop: were a later delivery taken after it, its starts
             // would move `seen` past the event whose start never happened.
             for event in events {
+                // The loop's own checkpoints do not move it: were they to, each checkpoint
+                // would call for the next, one event a second for ever on an idle store.
+                if event.stream == streams::triggers() {
+                    continue;
+                }
                 if event.stream == streams::definitions() {
                     if let Some(entry) = entry_of(&event) {
                         active.apply(&entry);

@@ -31,6 +31,7 @@ pub(crate) struct Metrics {
     pub(crate) no_key: AtomicU64,
     pub(crate) refused_triggers: AtomicU64,
     pub(crate) start_waits: AtomicU64,
+    pub(crate) trigger_read_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -147,6 +148,12 @@ pub(crate) fn write<S: EventStore>(sagas: &Sagas<S>, inner: &Inner<S>, out: &mut
         Kind::Counter,
         "Times the trigger loop waited because a definition reached max_starts_per_second.",
         m.start_waits.load(Ordering::Relaxed) as f64,
+    );
+    out.single(
+        "skald_saga_trigger_read_failures_total",
+        Kind::Counter,
+        "Reads of the log that failed in the trigger loop (it pauses and reads again).",
+        m.trigger_read_failures.load(Ordering::Relaxed) as f64,
     );
     out.family(
         "skald_saga_step_attempts_total",

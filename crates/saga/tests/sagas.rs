@@ -910,3 +910,182 @@ async fn a_definition_is_deleted_only_once_its_instances_have_ended() {
     engine.wait_for("held", "h-3", "running").await;
     engine.stop().await;
 }
+
+/// Ready saga with one step that needs no target: the instance starts, which is what these
+/// tests look for.
+const WAITING_SAGA: &str = r#"
+name: waiting
+version: 1
+trigger: {category: order, types: [OrderPlaced]}
+correlationKey: /data/orderId
+steps:
+  - name: wait
+    action: {await: {category: payment, types: [Paid], timeout: 1h}}
+"#;
+
+#[tokio::test]
+async fn an_idle_trigger_loop_writes_no_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SagaOptions {
+        checkpoint_every: Duration::from_millis(20),
+        ..SagaOptions::default()
+    };
+    let engine = Engine::open(dir.path(), options).await;
+    engine.sagas.register(WAITING_SAGA).await.unwrap();
+    place_and_pass(&engine, "idle-1").await;
+    let checkpoints = |engine: &Engine| {
+        let store = engine.store.clone();
+        async move {
+            store
+                .stream_head(&skald_saga::streams::triggers())
+                .await
+                .unwrap()
+                .map_or(0, |head| head.revision.0 + 1)
+        }
+    };
+    // Let the loop checkpoint what it has seen, then leave it idle for fifty periods.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = checkpoints(&engine).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = checkpoints(&engine).await;
+    assert_eq!(
+        after,
+        before,
+        "an idle loop wrote {} checkpoints in a second",
+        after - before
+    );
+    // Work moves it again.
+    place_and_pass(&engine, "idle-2").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(checkpoints(&engine).await > after);
+    engine.stop().await;
+}
+
+/// A store whose reads of the global log fail while `failing` is above zero.
+struct Flaky {
+    store: skald_storage::Store,
+    failing: std::sync::atomic::AtomicUsize,
+}
+
+impl EventStore for Flaky {
+    async fn append(
+        &self,
+        request: skald_core::AppendRequest,
+    ) -> skald_core::Result<skald_core::AppendResult> {
+        self.store.append(request).await
+    }
+
+    async fn read(
+        &self,
+        request: skald_core::ReadRequest,
+    ) -> skald_core::Result<skald_core::ReadPage> {
+        use std::sync::atomic::Ordering;
+        if matches!(request.source, skald_core::ReadSource::All(_))
+            && self
+                .failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(Error::Io("injected: the disk did not answer".into()));
+        }
+        self.store.read(request).await
+    }
+
+    async fn stream_head(
+        &self,
+        stream: &skald_core::StreamName,
+    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
+        self.store.stream_head(stream).await
+    }
+
+    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
+        self.store.info().await
+    }
+
+    async fn next_position(&self) -> skald_core::Result<u64> {
+        self.store.next_position().await
+    }
+
+    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
+        self.store.wait_for_append(known).await
+    }
+
+    fn limits(&self) -> &skald_core::Limits {
+        self.store.limits()
+    }
+}
+
+#[tokio::test]
+async fn a_failed_read_pauses_the_trigger_loop_and_it_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine.sagas.register(WAITING_SAGA).await.unwrap();
+    place_and_pass(&engine, "before").await;
+    engine.stop().await;
+
+    // Triggers logged while the engine was down: its loop catches up by reading the store,
+    // and the first reads of the log fail.
+    let (store, _) = skald_storage::Store::open(skald_storage::Options {
+        data_dir: dir.path().to_path_buf(),
+        durability: skald_core::Durability::None,
+        ..skald_storage::Options::default()
+    })
+    .unwrap();
+    for order in ["after-1", "after-2"] {
+        store
+            .append(skald_core::AppendRequest {
+                stream: skald_core::StreamName::new(format!("order-{order}")).unwrap(),
+                expected: skald_core::ExpectedRevision::Any,
+                condition: None,
+                events: vec![skald_core::ProposedEvent::new(
+                    skald_core::EventType::new("OrderPlaced").unwrap(),
+                    skald_core::EventData::json(json!({"orderId": order}).to_string()).unwrap(),
+                )],
+            })
+            .await
+            .unwrap();
+    }
+    let flaky = std::sync::Arc::new(Flaky {
+        store: store.clone(),
+        failing: std::sync::atomic::AtomicUsize::new(3),
+    });
+    let hub = skald_hub::Hub::start(
+        std::sync::Arc::clone(&flaky),
+        skald_hub::HubOptions::default(),
+    );
+    let mut options = SagaOptions::default();
+    options.egress.allow.push("127.0.0.0/8".to_owned());
+    let sagas = skald_saga::Sagas::start_with(
+        hub.clone(),
+        options,
+        std::sync::Arc::new(skald_saga::WallClock),
+        std::sync::Arc::new(skald_saga::Unrestricted),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        let keys: Vec<String> = sagas
+            .instances(&InstanceFilter::default())
+            .into_iter()
+            .map(|i| i.correlation_key)
+            .collect();
+        if keys.contains(&"after-1".to_owned()) && keys.contains(&"after-2".to_owned()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trigger loop did not go on after failed reads: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        flaky.failing.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the injected failures were not all met"
+    );
+    hub.shutdown();
+    sagas.stopped(Duration::from_secs(5)).await;
+    hub.stopped().await;
+    store.shutdown().await;
+}

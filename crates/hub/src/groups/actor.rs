@@ -24,6 +24,8 @@ use crate::{Delivery, Hub, Start, Subscription};
 const PARKED_PAGE: usize = 256;
 /// How long deliveries are counted for the delivery rate.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Deliveries this close together are counted as one entry of the rate window.
+const RATE_BUCKET: Duration = Duration::from_millis(100);
 /// The wait after a failed store read or write before the group tries again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
@@ -248,7 +250,38 @@ pub(crate) struct Group<S> {
     replay_loaded: u64,
     to_park: Vec<(Key, String)>,
     delivered: u64,
-    recent: VecDeque<(Instant, u32)>,
+    recent: RateWindow,
+}
+
+/// Messages delivered in the last `RATE_WINDOW`, in buckets of `RATE_BUCKET`: at most about
+/// a hundred entries however fast messages go and however rarely the rate is read.
+#[derive(Default)]
+struct RateWindow(VecDeque<(Instant, u64)>);
+
+impl RateWindow {
+    fn record(&mut self, now: Instant, count: u64) {
+        match self.0.back_mut() {
+            Some((at, n)) if now.saturating_duration_since(*at) < RATE_BUCKET => *n += count,
+            _ => self.0.push_back((now, count)),
+        }
+        self.trim(now);
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self
+            .0
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_WINDOW)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    /// Messages per second over the window.
+    fn per_second(&mut self, now: Instant) -> f64 {
+        self.trim(now);
+        self.0.iter().map(|(_, n)| *n).sum::<u64>() as f64 / RATE_WINDOW.as_secs_f64()
+    }
 }
 
 impl<S: EventStore> Group<S> {
@@ -307,7 +340,7 @@ impl<S: EventStore> Group<S> {
             replay_loaded: checkpoint.parked_from,
             to_park: Vec::new(),
             delivered: 0,
-            recent: VecDeque::new(),
+            recent: RateWindow::default(),
         })
     }
 
@@ -692,7 +725,7 @@ impl<S: EventStore> Group<S> {
                 continue;
             }
             self.delivered += count as u64;
-            self.recent.push_back((now, count as u32));
+            self.recent.record(now, count as u64);
             if one_batch {
                 gone.push(id);
             }
@@ -914,15 +947,7 @@ impl<S: EventStore> Group<S> {
                 self.take_delivery(delivery);
             }
         }
-        let now = Instant::now();
-        while self
-            .recent
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
-        {
-            self.recent.pop_front();
-        }
-        let recent: u64 = self.recent.iter().map(|(_, n)| u64::from(*n)).sum();
+        let delivery_rate = self.recent.per_second(Instant::now());
         let in_flight = self
             .window
             .values()
@@ -952,7 +977,7 @@ impl<S: EventStore> Group<S> {
             lag: head.saturating_sub(checkpoint.position),
             parked: self.parked_len.saturating_sub(checkpoint.parked_from),
             delivered: self.delivered,
-            delivery_rate: recent as f64 / RATE_WINDOW.as_secs_f64(),
+            delivery_rate,
         }
     }
 }
@@ -1032,5 +1057,27 @@ async fn read_checkpoint<S: EventStore>(
                 last.position
             ),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_window_stays_small_however_often_it_is_fed_and_never_read() {
+        let start = Instant::now();
+        let mut window = RateWindow::default();
+        // One batch every millisecond for a minute, the rate never read.
+        for ms in 0..60_000u64 {
+            window.record(start + Duration::from_millis(ms), 2);
+        }
+        let entries = window.0.len();
+        let most = (RATE_WINDOW.as_millis() / RATE_BUCKET.as_millis()) as usize + 2;
+        assert!(entries <= most, "{entries} entries");
+        let end = start + Duration::from_millis(60_000);
+        let rate = window.per_second(end);
+        assert!((rate - 2000.0).abs() < 50.0, "{rate}");
+        assert_eq!(window.per_second(end + RATE_WINDOW * 2), 0.0);
     }
 }
