@@ -1045,6 +1045,9 @@ impl<S: EventStore> Inner<S> {
         // Positions whose starts are not all stored yet (several definitions may start from one
         // event), with how many are under way; the checkpoint stays before the oldest.
         let in_flight: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::new(Mutex::new(BTreeMap::new()));
+        // Saga ids with a start under way, each with what closes when it is done.
+        let starting_ids: Arc<Mutex<HashMap<String, tokio::sync::watch::Receiver<()>>>> =
+            Arc::new(Mutex::new(HashMap::new()));
         let mut seen = from;
         let mut written = from;
         let mut checkpoint_timer = tokio::time::interval(inner.options.checkpoint_every);
@@ -1160,6 +1163,23 @@ impl<S: EventStore> Inner<S> {
                                 _ = inner.hub.stopping() => break 'follow,
                             }
                         }
+                        let trigger = definition::event_json(&event);
+                        let key = key_at(&trigger, &registered.definition.correlation_key);
+                        let id = key
+                            .as_ref()
+                            .map(|key| saga_id(&registered.definition.name, key).to_string());
+                        // The first trigger for a saga wins. Starts run concurrently, in no
+                        // fixed order, so a later trigger for the same saga waits until the
+                        // start of an earlier one is done (and then finds the saga there).
+                        let earlier = id.as_ref().and_then(|id| {
+                            starting_ids.lock().expect("starting lock").get(id).cloned()
+                        });
+                        if let Some(mut done) = earlier {
+                            tokio::select! {
+                                () = async { while done.changed().await.is_ok() {} } => {}
+                                _ = inner.hub.stopping() => break 'follow,
+                            }
+                        }
                         let permit = tokio::select! {
                             p = Arc::clone(&inner.running).acquire_owned() => p.expect("never closed"),
                             _ = inner.hub.stopping() => break 'follow,
@@ -1178,8 +1198,25 @@ impl<S: EventStore> Inner<S> {
                         let registered = Arc::clone(registered);
                         let event = Arc::clone(&event);
                         let in_flight = Arc::clone(&in_flight);
+                        let (done, done_rx) = tokio::sync::watch::channel(());
+                        if let Some(id) = &id {
+                            starting_ids
+                                .lock()
+                                .expect("starting lock")
+                                .insert(id.clone(), done_rx.clone());
+                        }
+                        let starting_ids = Arc::clone(&starting_ids);
                         tokio::spawn(async move {
-                            inner.start_instance(&registered, &event, permit).await;
+                            inner
+                                .start_instance(&registered, &event, trigger, key, permit)
+                                .await;
+                            if let Some(id) = id {
+                                let mut ids = starting_ids.lock().expect("starting lock");
+                                if ids.get(&id).is_some_and(|r| r.same_channel(&done_rx)) {
+                                    ids.remove(&id);
+                                }
+                            }
+                            drop(done);
                             let mut in_flight = in_flight.lock().expect("in-flight lock");
                             let starts = in_flight.get_mut(&position).expect("counted above");
                             *starts -= 1;
@@ -1279,11 +1316,12 @@ impl<S: EventStore> Inner<S> {
         self: &Arc<Self>,
         registered: &Registered,
         event: &RecordedEvent,
+        trigger: Value,
+        key: Option<String>,
         permit: OwnedSemaphorePermit,
     ) {
         let def = &registered.definition;
-        let trigger = definition::event_json(event);
-        let Some(key) = key_at(&trigger, &def.correlation_key) else {
+        let Some(key) = key else {
             self.metrics.no_key.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 saga = %def.name,

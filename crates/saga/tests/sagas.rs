@@ -1089,3 +1089,69 @@ async fn a_failed_read_pauses_the_trigger_loop_and_it_goes_on() {
     hub.stopped().await;
     store.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_trigger_for_a_key_starts_its_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine.sagas.register(WAITING_SAGA).await.unwrap();
+    // Two triggers for each key in one append, read by the loop in one batch.
+    let keys: Vec<String> = (0..100).map(|k| format!("dup-{k}")).collect();
+    for key in &keys {
+        let event = |marker: &str| {
+            skald_core::ProposedEvent::new(
+                skald_core::EventType::new("OrderPlaced").unwrap(),
+                skald_core::EventData::json(json!({"orderId": key, "marker": marker}).to_string())
+                    .unwrap(),
+            )
+        };
+        engine
+            .store
+            .append(skald_core::AppendRequest {
+                stream: skald_core::StreamName::new(format!("order-{key}")).unwrap(),
+                expected: skald_core::ExpectedRevision::Any,
+                condition: None,
+                events: vec![event("first"), event("second")],
+            })
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while engine.sagas.instances(&InstanceFilter::default()).len() < keys.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every saga started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut later = Vec::new();
+    for key in &keys {
+        let id = skald_saga::saga_id("waiting", key).to_string();
+        let page = engine
+            .store
+            .read(skald_core::ReadRequest {
+                source: skald_core::ReadSource::Stream(skald_saga::streams::instance(&id)),
+                from: Some(0),
+                direction: skald_core::Direction::Forward,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        let started: serde_json::Value =
+            serde_json::from_slice(page.events[0].data.bytes()).unwrap();
+        if started["trigger"]["data"]["marker"] != "first" {
+            later.push(key.clone());
+        }
+    }
+    assert!(
+        later.is_empty(),
+        "{} of {} sagas started from their second trigger: {later:?}",
+        later.len(),
+        keys.len()
+    );
+    assert_eq!(
+        engine.sagas.instances(&InstanceFilter::default()).len(),
+        keys.len()
+    );
+    engine.stop().await;
+}
