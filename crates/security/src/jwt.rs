@@ -286,7 +286,26 @@ impl JwtVerifier {
                 .common
                 .key_algorithm
                 .and_then(|a| a.to_string().parse::<Algorithm>().ok());
-            let identity = ring::digest::digest(&ring::digest::SHA256, raw.to_string().as_bytes())
+            // The RFC 7638 thumbprint: the key's required members only, so that the same key
+            // with a renewed x5c or an added alg keeps its identity.
+            let members: &[&str] = match raw["kty"].as_str() {
+                Some("EC") => &["crv", "kty", "x", "y"],
+                Some("RSA") => &["e", "kty", "n"],
+                Some("OKP") => &["crv", "kty", "x"],
+                _ => &[],
+            };
+            let thumbprint_input = if members.is_empty() {
+                raw.to_string()
+            } else {
+                Value::Object(
+                    members
+                        .iter()
+                        .map(|m| ((*m).to_owned(), raw[*m].clone()))
+                        .collect(),
+                )
+                .to_string()
+            };
+            let identity = ring::digest::digest(&ring::digest::SHA256, thumbprint_input.as_bytes())
                 .as_ref()
                 .iter()
                 .map(|b| format!("{b:02x}"))

@@ -198,8 +198,9 @@ pub fn check_principal_name(name: &str) -> Result<(), String> {
         c.is_control() || invisible(c) || matches!(c, '<' | '>' | '&' | '"' | '\'' | '`')
     }) {
         return Err(format!(
-            "must be printable, visible characters without < > & \" ' or ` (it contains {:?})",
-            c
+            "must be printable, visible characters without < > & \" ' or ` (it contains {c:?}, \
+             U+{:04X})",
+            c as u32
         ));
     }
     Ok(())
@@ -207,10 +208,15 @@ pub fn check_principal_name(name: &str) -> Result<(), String> {
 
 /// Characters that change how a name reads without being seen: soft hyphen, format controls
 /// (zero-width, bidirectional overrides and isolates), line and paragraph separators, tags.
+/// Spaces other than the ASCII one count too, and so do fillers and variation selectors.
 fn invisible(c: char) -> bool {
     matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
-        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E007F}')
+        '\u{00A0}' | '\u{00AD}' | '\u{034F}' | '\u{0600}'..='\u{0605}' | '\u{061C}' | '\u{06DD}'
+        | '\u{115F}'..='\u{1160}' | '\u{17B4}'..='\u{17B5}' | '\u{180B}'..='\u{180F}'
+        | '\u{2000}'..='\u{200F}' | '\u{2028}'..='\u{202F}' | '\u{205F}'..='\u{206F}'
+        | '\u{3000}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+        | '\u{FFF9}'..='\u{FFFB}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{13430}'..='\u{1343F}'
+        | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// The principal a client certificate names: its one common name, within the name rules.

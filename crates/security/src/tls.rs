@@ -494,8 +494,10 @@ impl TlsSource {
         let loaded = match self.config.load_checked() {
             Ok(loaded) => loaded,
             Err(e) => {
+                // The certificate or key files may be the broken ones (a certificate written
+                // before its key): a new client CA or revocation list still applies.
                 self.reload_failures.inc();
-                tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use");
+                self.keep_serving(&e);
                 return;
             }
         };
@@ -514,12 +516,18 @@ impl TlsSource {
         if let Some(before) = loaded.not_before.filter(|&before| before > now_s()) {
             self.retry_at.store(before, Ordering::Relaxed);
         }
+        self.keep_serving(&why);
+    }
+
+    /// After a reload refused for the certificate or key files (`why`): applies the client
+    /// CA and revocation lists with the certificate served now, when they load.
+    fn keep_serving(&self, why: &str) {
         let kept = {
             let served = self.served.lock().expect("tls lock");
             self.config.load_serving(Some(&served))
         };
         match kept {
-            Ok(kept) => {
+            Ok(kept) if self.config.client_ca_file.is_some() => {
                 self.apply(kept);
                 tracing::error!(
                     error = %why,
@@ -527,6 +535,10 @@ impl TlsSource {
                      and revocation list files were applied)"
                 );
             }
+            Ok(_) => tracing::error!(
+                error = %why,
+                "TLS reload failed; the previous certificate stays in use"
+            ),
             Err(e) => tracing::error!(
                 error = %format!("{why}; {e}"),
                 "TLS reload failed; the previous certificate stays in use"

@@ -359,7 +359,11 @@ async fn while_trusted(
     peer: std::net::IpAddr,
     mut reloads: watch::Receiver<u64>,
 ) {
-    let mut not_after = skald_security::x509::validity(&chain[0]).map(|(_, after)| after);
+    // The earliest end of the chain presented: an intermediate may expire before the leaf.
+    let mut not_after = chain
+        .iter()
+        .filter_map(|cert| skald_security::x509::validity(cert).map(|(_, after)| after))
+        .min();
     loop {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
