@@ -516,3 +516,52 @@ async fn long_polls_return_what_is_there_or_nothing_after_the_wait() {
     assert_eq!(groups.info("h").await.unwrap().stats.in_flight, 5);
     stop(store, groups, hub).await;
 }
+
+#[tokio::test]
+async fn a_batch_queued_as_a_wait_runs_out_is_returned_and_one_sent_after_goes_back_undelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups
+        .create(group("late", GroupSettings::default()))
+        .await
+        .unwrap();
+    let mut consumer = groups.join("late", "poller", "test", 10).await.unwrap();
+    // A batch reaches the consumer's queue, unread: the state a long-poll is in when the
+    // group hands over a batch at the moment its wait runs out.
+    let first = append(&store, "order-1", 1).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while groups.info("late").await.unwrap().stats.in_flight < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was handed over"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let taken = consumer.stop_taking();
+    assert_eq!(taken.len(), 1, "the queued batch was swallowed");
+    assert_eq!(taken[0].event.position.0, first);
+    assert_eq!(taken[0].deliveries, 1);
+    // What the group hands it after that goes back at once, its delivery not counted: another
+    // consumer gets it as a first delivery, without waiting for a message timeout.
+    let second = append(&store, "order-2", 1).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let again = loop {
+        let polled = groups
+            .poll("late", "other", 10, Duration::from_millis(200))
+            .await
+            .unwrap();
+        if let Some(m) = polled.into_iter().find(|m| m.event.position.0 == second) {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second event stayed hidden"
+        );
+    };
+    assert_eq!(
+        again.deliveries, 1,
+        "a batch that never arrived counted as a delivery"
+    );
+    drop(consumer);
+    stop(store, groups, hub).await;
+}

@@ -719,8 +719,23 @@ impl<S: EventStore> Group<S> {
                 continue;
             };
             let one_batch = consumer.one_batch;
-            if consumer.tx.send(ConsumerEvent::Messages(batch)).is_err() {
-                // It left without saying so: what it was given goes back.
+            let sent = consumer.tx.send(ConsumerEvent::Messages(batch));
+            if let Err(unsent) = sent {
+                // It left, or stopped taking (a long-poll whose wait ran out): the batch never
+                // reached it, so it goes back at once, its delivery not counted.
+                if let ConsumerEvent::Messages(batch) = unsent.0 {
+                    for message in batch {
+                        let Some(key) = Key::parse(&message.ack_id) else {
+                            continue;
+                        };
+                        if let Some(held) = self.window.get_mut(&key)
+                            && matches!(held.state, State::InFlight { consumer, .. } if consumer == id)
+                        {
+                            held.state = State::Available;
+                            held.deliveries = held.deliveries.saturating_sub(1);
+                        }
+                    }
+                }
                 gone.push(id);
                 continue;
             }

@@ -101,6 +101,21 @@ impl Consumer {
             .await
             .unwrap_or_else(|| ConsumerEvent::Ended(Error::Unavailable("the group stopped".into())))
     }
+
+    /// Takes no more batches, and returns the messages of any the group already queued: once
+    /// a long-poll's wait has run out, a batch handed over at that moment would otherwise stay
+    /// in flight where no one sees it until it times out, using up a delivery. Batches the
+    /// group sends after this go back to it at once.
+    pub fn stop_taking(&mut self) -> Vec<GroupMessage> {
+        self.events.close();
+        let mut queued = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            if let ConsumerEvent::Messages(messages) = event {
+                queued.extend(messages);
+            }
+        }
+        queued
+    }
 }
 
 impl Drop for Consumer {
@@ -400,7 +415,7 @@ impl<S: EventStore> Groups<S> {
         match tokio::time::timeout(wait, consumer.next()).await {
             Ok(ConsumerEvent::Messages(messages)) => Ok(messages),
             Ok(ConsumerEvent::Ended(e)) => Err(e),
-            Err(_) => Ok(Vec::new()),
+            Err(_) => Ok(consumer.stop_taking()),
         }
     }
 
