@@ -96,6 +96,15 @@ fn ids(messages: &[GroupMessage]) -> Vec<String> {
     messages.iter().map(|m| m.ack_id.clone()).collect()
 }
 
+/// What an ack id names without its delivery and incarnation: `17` of `17.2.5f0c1a9e`.
+fn key(ack_id: &str) -> &str {
+    ack_id.rsplitn(3, '.').nth(2).expect("KEY.DELIVERY.TOKEN")
+}
+
+fn keys(messages: &[GroupMessage]) -> Vec<String> {
+    messages.iter().map(|m| key(&m.ack_id).to_owned()).collect()
+}
+
 #[tokio::test]
 async fn competing_consumers_share_every_event_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,6 +120,7 @@ async fn competing_consumers_share_every_event_once() {
         append(&store, &format!("order-{s}"), 25).await;
     }
     let mut seen: BTreeMap<u64, &str> = BTreeMap::new();
+    let mut first_ack_id = None;
     let mut per_consumer = [0usize; 2];
     while seen.len() < 100 {
         let (name, batch) = tokio::select! {
@@ -118,6 +128,9 @@ async fn competing_consumers_share_every_event_once() {
             batch = next(&mut b) => ("b", batch),
         };
         for m in &batch {
+            if m.event.position.0 == base {
+                first_ack_id = Some(m.ack_id.clone());
+            }
             assert_eq!(m.deliveries, 1, "nothing times out here");
             assert!(
                 seen.insert(m.event.position.0, name).is_none(),
@@ -135,7 +148,7 @@ async fn competing_consumers_share_every_event_once() {
         (base..base + 100).collect::<Vec<_>>()
     );
     // A second ack of the same message is unknown, not an error.
-    let first = base.to_string();
+    let first = first_ack_id.unwrap();
     let again = groups
         .ack("g", vec![first.clone(), "nonsense".into()])
         .await
@@ -241,11 +254,19 @@ async fn unacknowledged_messages_are_delivered_again_after_the_timeout() {
     let base = append(&store, "order-1", 1).await.to_string();
     let mut forgetful = groups.join("t", "forgetful", "test", 1).await.unwrap();
     let first = next(&mut forgetful).await;
-    assert_eq!((&first[0].ack_id, first[0].deliveries), (&base, 1));
+    assert_eq!(
+        (key(&first[0].ack_id), first[0].deliveries),
+        (base.as_str(), 1)
+    );
     // Not acknowledged: it comes back, counted, to whoever has room.
     let again = next(&mut forgetful).await;
-    assert_eq!((&again[0].ack_id, again[0].deliveries), (&base, 2));
-    // A late ack of the first delivery still counts: the message is in flight.
+    assert_eq!(
+        (key(&again[0].ack_id), again[0].deliveries),
+        (base.as_str(), 2)
+    );
+    // A late ack of the first delivery names no delivery in flight: it settles nothing.
+    let late = groups.ack("t", ids(&first)).await.unwrap();
+    assert_eq!((late.done, late.unknown), (0, ids(&first)));
     assert_eq!(groups.ack("t", ids(&again)).await.unwrap().done, 1);
     assert_eq!(groups.info("t").await.unwrap().stats.lag, 0);
     drop(forgetful);
@@ -265,11 +286,11 @@ async fn retried_messages_are_parked_after_the_most_deliveries_and_can_be_replay
     let base = append(&store, "order-1", 3).await;
     let mut c = groups.join("r", "c", "test", 10).await.unwrap();
     let batch = next(&mut c).await;
-    assert_eq!(ids(&batch), positions(base, 3));
-    groups.ack("r", positions(base, 1)).await.unwrap();
+    assert_eq!(keys(&batch), positions(base, 3));
+    groups.ack("r", ids(&batch[..1])).await.unwrap();
     // Message 1 is skipped; message 2 fails three times.
     groups
-        .nack("r", positions(base + 1, 1), NackAction::Skip, String::new())
+        .nack("r", ids(&batch[1..2]), NackAction::Skip, String::new())
         .await
         .unwrap();
     let mut deliveries = 1;
@@ -328,7 +349,7 @@ async fn retried_messages_are_parked_after_the_most_deliveries_and_can_be_replay
 
     assert_eq!(groups.replay_parked("r").await.unwrap(), 1);
     let replayed = next(&mut c).await;
-    assert_eq!(ids(&replayed), ["parked-0"]);
+    assert_eq!(keys(&replayed), ["parked-0"]);
     assert_eq!(replayed[0].event.position.0, base + 2);
     assert_eq!(replayed[0].deliveries, 1);
     groups.ack("r", ids(&replayed)).await.unwrap();
@@ -361,9 +382,13 @@ async fn a_restart_delivers_every_unacknowledged_message_again() {
         batch.extend(next(&mut c).await);
     }
     // The first 10 are acknowledged, the 11th is not, the next 9 are.
-    let acked: Vec<String> = (0..10)
-        .chain(11..20)
-        .map(|i| (base + i).to_string())
+    let acked: Vec<String> = batch
+        .iter()
+        .filter(|m| {
+            let i = m.event.position.0 - base;
+            i < 10 || (11..20).contains(&i)
+        })
+        .map(|m| m.ack_id.clone())
         .collect();
     groups.ack("d", acked).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -482,7 +507,7 @@ async fn a_consumer_that_leaves_gives_its_messages_to_the_others() {
     let mut second = groups.join("l", "second", "test", 10).await.unwrap();
     drop(first);
     let batch = next(&mut second).await;
-    assert_eq!(ids(&batch), positions(base, 4));
+    assert_eq!(keys(&batch), positions(base, 4));
     assert!(batch.iter().all(|m| m.deliveries == 2));
     // Deleting the group ends its consumers.
     groups.delete("l").await.unwrap();
@@ -563,5 +588,66 @@ async fn a_batch_queued_as_a_wait_runs_out_is_returned_and_one_sent_after_goes_b
         "a batch that never arrived counted as a delivery"
     );
     drop(consumer);
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn stale_acks_and_nacks_settle_nothing_after_a_timeout_or_a_re_created_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    let settings = GroupSettings {
+        message_timeout_ms: 100,
+        retry_delay_ms: 10,
+        ..GroupSettings::default()
+    };
+    groups.create(group("s", settings.clone())).await.unwrap();
+    append(&store, "order-1", 1).await;
+    // A takes the message and is too slow: it goes to B.
+    let mut a = groups.join("s", "a", "test", 1).await.unwrap();
+    let taken_by_a = next(&mut a).await;
+    drop(a);
+    let mut b = groups.join("s", "b", "test", 1).await.unwrap();
+    let taken_by_b = next(&mut b).await;
+    assert_eq!(taken_by_b[0].deliveries, 2);
+    // A's late skip and ack settle nothing; B's delivery stays B's.
+    for stale in [
+        groups
+            .nack("s", ids(&taken_by_a), NackAction::Skip, "late".into())
+            .await
+            .unwrap(),
+        groups.ack("s", ids(&taken_by_a)).await.unwrap(),
+    ] {
+        assert_eq!((stale.done, stale.unknown), (0, ids(&taken_by_a)));
+    }
+    assert_eq!(groups.info("s").await.unwrap().stats.in_flight, 1);
+    let outcome = groups
+        .nack("s", ids(&taken_by_b), NackAction::Retry, "later".into())
+        .await
+        .unwrap();
+    assert_eq!(outcome.done, 1, "B's nack was taken by A's stale ack");
+    drop(b);
+
+    // A group is deleted and created again under its name: an ack id of the old one names
+    // nothing, though the same message is again at its first delivery.
+    groups.create(group("r", settings)).await.unwrap();
+    let mut c = groups.join("r", "c", "test", 1).await.unwrap();
+    let old = next(&mut c).await;
+    assert_eq!(old[0].deliveries, 1);
+    drop(c);
+    groups.delete("r").await.unwrap();
+    groups
+        .create(group("r", GroupSettings::default()))
+        .await
+        .unwrap();
+    let mut d = groups.join("r", "d", "test", 1).await.unwrap();
+    let new = next(&mut d).await;
+    assert_eq!(
+        (new[0].event.position, new[0].deliveries),
+        (old[0].event.position, 1)
+    );
+    let stale = groups.ack("r", ids(&old)).await.unwrap();
+    assert_eq!((stale.done, stale.unknown), (0, ids(&old)));
+    assert_eq!(groups.ack("r", ids(&new)).await.unwrap().done, 1);
+    drop(d);
     stop(store, groups, hub).await;
 }

@@ -690,12 +690,21 @@ impl<S: EventStore> Session<S> {
         ack_ids: Vec<String>,
         nack: Option<(NackAction, String)>,
     ) -> Next {
+        // A consumer that ended (its group deleted, say) settles nothing any more.
+        if self
+            .active
+            .get(id.as_str())
+            .is_none_or(|(_, task)| task.is_finished())
+        {
+            self.active.remove(id.as_str());
+            self.groups.remove(id.as_str());
+        }
         let Some(group) = self.groups.get(id.as_str()).cloned() else {
             return Next::Reply(error_reply(
                 Some(&id),
                 Problem::malformed(format!(
-                    "no group subscription {id:?} on this socket; ack and nack name the id of a \
-                     subscribe with a group"
+                    "no group subscription {id:?} on this socket (it ended, or never was); ack \
+                     and nack name the id of a subscribe with a group"
                 )),
             ));
         };

@@ -698,5 +698,28 @@ async fn group_consumers_share_messages_over_websockets_and_ack_there() {
             "{ended}"
         );
     }
+    // A group of the same name, created again, is another group: an ack on the ended
+    // subscription does not reach it.
+    let (status, _) = post(
+        server.addr,
+        "/v1/groups",
+        json!({"name": "mail", "source": {"category": "order"}}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let ws = &mut sockets[0];
+    ws.send(Message::text(
+        json!({"type": "ack", "id": "c", "ackIds": [parked]}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let error = ws_next(ws).await;
+    assert!(
+        error["problem"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no group subscription \"c\" on this socket (it ended"),
+        "{error}"
+    );
     server.stop().await;
 }

@@ -55,6 +55,47 @@ impl Key {
     }
 }
 
+/// What an ack id names: one delivery of one message by one incarnation of a group.
+/// Written `KEY.DELIVERY.TOKEN` (`17.2.5f0c1a9e`, `parked-3.1.5f0c1a9e`): a late ack of an
+/// earlier delivery, or one from before a restart or from a deleted group of the same name,
+/// names no delivery in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AckId {
+    key: Key,
+    delivery: u32,
+    token: u32,
+}
+
+impl AckId {
+    fn format(self) -> String {
+        format!("{}.{}.{:08x}", self.key.ack_id(), self.delivery, self.token)
+    }
+
+    fn parse(id: &str) -> Option<Self> {
+        let mut parts = id.rsplitn(3, '.');
+        let token = parts.next()?;
+        let delivery = parts.next()?.parse().ok()?;
+        let key = Key::parse(parts.next()?)?;
+        (token.len() == 8)
+            .then(|| u32::from_str_radix(token, 16).ok())
+            .flatten()
+            .map(|token| Self {
+                key,
+                delivery,
+                token,
+            })
+    }
+}
+
+/// A token for this incarnation of a group: new at each start (a restart, a re-create).
+fn incarnation_token(generation: u64) -> u32 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::collections::hash_map::RandomState::new().hash_one((generation, now)) as u32
+}
+
 /// One event handed to a consumer.
 #[derive(Clone, Debug)]
 pub struct GroupMessage {
@@ -251,6 +292,8 @@ pub(crate) struct Group<S> {
     to_park: Vec<(Key, String)>,
     delivered: u64,
     recent: RateWindow,
+    /// Set in every ack id: see [`AckId`].
+    token: u32,
 }
 
 /// Messages delivered in the last `RATE_WINDOW`, in buckets of `RATE_BUCKET`: at most about
@@ -320,6 +363,7 @@ impl<S: EventStore> Group<S> {
         };
         let source = definition.source.to_read_source()?;
         let reader = hub.subscribe(source, start).await?;
+        let token = incarnation_token(definition.generation);
         Ok(Self {
             store,
             hub,
@@ -341,6 +385,7 @@ impl<S: EventStore> Group<S> {
             to_park: Vec::new(),
             delivered: 0,
             recent: RateWindow::default(),
+            token,
         })
     }
 
@@ -455,12 +500,18 @@ impl<S: EventStore> Group<S> {
     fn settle(&mut self, ids: &[String], mut apply: impl FnMut(&mut Self, Key)) -> AckOutcome {
         let mut outcome = AckOutcome::default();
         for id in ids {
-            let key = Key::parse(id).filter(|key| {
-                self.window
-                    .get(key)
-                    .is_some_and(|m| matches!(m.state, State::InFlight { .. }))
-                    && !self.to_park.iter().any(|(k, _)| k == key)
-            });
+            // Only the delivery in flight now: not an earlier one of the same message (taken
+            // back after a timeout, given to another consumer), nor one of another incarnation.
+            let key = AckId::parse(id)
+                .filter(|ack| {
+                    ack.token == self.token
+                        && self.window.get(&ack.key).is_some_and(|m| {
+                            matches!(m.state, State::InFlight { .. })
+                                && m.deliveries == ack.delivery
+                        })
+                        && !self.to_park.iter().any(|(k, _)| *k == ack.key)
+                })
+                .map(|ack| ack.key);
             match key {
                 Some(key) => {
                     self.release(key);
@@ -704,7 +755,12 @@ impl<S: EventStore> Group<S> {
         };
         consumer.in_flight += 1;
         batches.entry(consumer.id).or_default().push(GroupMessage {
-            ack_id: key.ack_id(),
+            ack_id: AckId {
+                key,
+                delivery: message.deliveries,
+                token: self.token,
+            }
+            .format(),
             deliveries: message.deliveries,
             event: Arc::clone(&message.event),
         });
@@ -725,7 +781,7 @@ impl<S: EventStore> Group<S> {
                 // reached it, so it goes back at once, its delivery not counted.
                 if let ConsumerEvent::Messages(batch) = unsent.0 {
                     for message in batch {
-                        let Some(key) = Key::parse(&message.ack_id) else {
+                        let Some(key) = AckId::parse(&message.ack_id).map(|ack| ack.key) else {
                             continue;
                         };
                         if let Some(held) = self.window.get_mut(&key)
