@@ -225,12 +225,23 @@ pub async fn call_http(
         let quoted: String = text.chars().take(QUOTED_BODY).collect();
         return Err(Failure::Status(status, quoted));
     }
-    Ok(if bytes.is_empty() {
+    let output = if bytes.is_empty() {
         Value::Null
     } else {
         serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-    })
+    };
+    // What is stored is the output as JSON, escapes included (a control byte takes six):
+    // the cap holds for that, not for the bytes received.
+    let stored = serde_json::to_string(&output).map_or(usize::MAX, |text| text.len());
+    if stored > MAX_RESPONSE_BYTES {
+        return Err(Failure::Unusable(format!(
+            "the answer takes {stored} bytes once stored as JSON, over the {} KiB a step's \
+             output may hold",
+            MAX_RESPONSE_BYTES / 1024
+        )));
+    }
+    Ok(output)
 }
 
 /// The egress policy's refusal, if that is why the connection failed.

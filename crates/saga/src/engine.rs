@@ -902,14 +902,17 @@ impl<S: EventStore> Sagas<S> {
         let live = self.live(saga_id)?;
         {
             let _writes = live.writes.lock().await;
-            let (state, past_pivot) = {
+            let (state, resume, past_pivot) = {
                 let state = live.state.lock().expect("state lock");
                 let past = passed_point_of_no_return(&live.definition, &state);
-                (state.state, past.map(str::to_owned))
+                (state.state, state.resume, past.map(str::to_owned))
             };
-            if state != SagaState::Running {
+            // A saga stuck on its way forward can be cancelled too: it resumes, to compensate.
+            let stuck_forward = state == SagaState::Stuck && resume == SagaState::Running;
+            if state != SagaState::Running && !stuck_forward {
                 return Err(Error::SagaConflict(format!(
-                    "saga {saga_id} is {}; only a running saga can be cancelled",
+                    "saga {saga_id} is {}; only a running saga, or one stuck before compensating, \
+                     can be cancelled",
                     state.as_str()
                 )));
             }
@@ -919,14 +922,17 @@ impl<S: EventStore> Sagas<S> {
                      and can no longer be cancelled"
                 )));
             }
-            Inner::append_locked(
-                &self.inner,
-                &live,
-                vec![SagaEvent::SagaCancelRequested {
-                    reason: reason.to_owned(),
-                }],
-            )
-            .await?;
+            let mut events = vec![SagaEvent::SagaCancelRequested {
+                reason: reason.to_owned(),
+            }];
+            if stuck_forward {
+                events.push(SagaEvent::SagaRetryRequested {});
+            }
+            Inner::append_locked(&self.inner, &live, events).await?;
+            if stuck_forward {
+                // Nothing runs a stuck saga: a runner starts to compensate it.
+                Inner::spawn_runner(&self.inner, Arc::clone(&live), None);
+            }
         }
         // A stored permit, so that a runner about to wait still sees it.
         live.wake.notify_one();
@@ -1402,8 +1408,33 @@ impl<S: EventStore> Inner<S> {
                 },
             };
             let id = live.state.lock().expect("state lock").saga_id.clone();
-            if let Err(e) = inner.run(&live).await {
-                tracing::error!(saga = %id, "the saga runner stopped: {e}; it resumes after a restart");
+            let Err(e) = inner.run(&live).await else {
+                return;
+            };
+            if inner.hub.is_stopping() {
+                tracing::debug!(saga = %id, "the saga runner stops with the engine: {e}");
+                return;
+            }
+            // Recorded as stuck, with the reason, so that a person sees it and retry and
+            // cancel work; an instance left `running` with nothing running it would not.
+            let (step, phase) = {
+                let state = live.state.lock().expect("state lock");
+                match next_move(&live.definition, &state) {
+                    Move::Run(index, phase) => (live.definition.steps[index].name.clone(), phase),
+                    _ => (String::new(), Phase::Action),
+                }
+            };
+            tracing::error!(saga = %id, step, "the saga runner stopped: {e}; the saga is stuck");
+            let stuck = SagaEvent::SagaStuck {
+                step,
+                phase,
+                error: format!("the engine could not record the saga's progress: {e}"),
+            };
+            if let Err(again) = inner.append(&live, vec![stuck]).await {
+                tracing::error!(
+                    saga = %id,
+                    "the saga cannot be recorded as stuck either: {again}; it resumes after a restart"
+                );
             }
         });
     }

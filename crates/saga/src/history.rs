@@ -173,7 +173,7 @@ pub struct Instance {
     /// Where it is.
     pub state: SagaState,
     /// The state to return to when a stuck instance is retried.
-    resume: SagaState,
+    pub(crate) resume: SagaState,
     /// Outputs of steps whose action succeeded.
     pub outputs: BTreeMap<String, Value>,
     /// Steps whose compensation succeeded.
@@ -272,10 +272,11 @@ impl Instance {
             }
             SagaEvent::SagaCompensating { .. } => self.state = SagaState::Compensating,
             SagaEvent::SagaCancelRequested { .. } => self.cancel_requested = true,
-            SagaEvent::SagaStuck { step, phase, .. } => {
+            SagaEvent::SagaStuck { step, phase, error } => {
                 self.resume = self.state;
                 self.state = SagaState::Stuck;
                 self.attempts.remove(&(step.clone(), *phase));
+                self.last_error = Some(format!("{step} ({}): {error}", phase.as_str()));
             }
             SagaEvent::SagaRetryRequested {} => {
                 if self.state == SagaState::Stuck {

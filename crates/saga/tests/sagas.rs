@@ -229,6 +229,33 @@ async fn an_answer_too_large_to_keep_fails_the_step_for_good() {
 }
 
 #[tokio::test]
+async fn an_answer_that_grows_over_the_cap_once_escaped_fails_the_step_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    // 200 KiB of control bytes: under the cap as received, six times that as JSON.
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 200,
+            delay: Duration::ZERO,
+            body: "\u{1}".repeat(200 * 1024),
+        },
+    );
+    place_order(&engine, "escaped-1").await;
+    let h = engine.wait_for("order", "escaped-1", "compensated").await;
+    let error = h.summary.last_error.unwrap();
+    assert!(error.contains("once stored as JSON"), "{error}");
+    assert_eq!(h.summary.compensated_steps, ["reserve"]);
+    engine.stop().await;
+}
+
+#[tokio::test]
 async fn a_step_that_times_out_on_every_attempt_is_compensated() {
     let dir = tempfile::tempdir().unwrap();
     let target = Target::start().await;
@@ -961,10 +988,12 @@ async fn an_idle_trigger_loop_writes_no_checkpoints() {
     engine.stop().await;
 }
 
-/// A store whose reads of the global log fail while `failing` is above zero.
+/// A store whose reads of the global log fail while `failing` is above zero, and whose
+/// appends of a step's success fail (refused as invalid) while `refusing` is.
 struct Flaky {
     store: skald_storage::Store,
     failing: std::sync::atomic::AtomicUsize,
+    refusing: std::sync::atomic::AtomicUsize,
 }
 
 impl EventStore for Flaky {
@@ -972,6 +1001,20 @@ impl EventStore for Flaky {
         &self,
         request: skald_core::AppendRequest,
     ) -> skald_core::Result<skald_core::AppendResult> {
+        use std::sync::atomic::Ordering;
+        if request
+            .events
+            .iter()
+            .any(|e| e.event_type.as_str() == "StepSucceeded")
+            && self
+                .refusing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(Error::InvalidEvent {
+                reason: "injected: the event is too large".into(),
+            });
+        }
         self.store.append(request).await
     }
 
@@ -1048,6 +1091,7 @@ async fn a_failed_read_pauses_the_trigger_loop_and_it_goes_on() {
     let flaky = std::sync::Arc::new(Flaky {
         store: store.clone(),
         failing: std::sync::atomic::AtomicUsize::new(3),
+        refusing: std::sync::atomic::AtomicUsize::new(0),
     });
     let hub = skald_hub::Hub::start(
         std::sync::Arc::clone(&flaky),
@@ -1154,4 +1198,109 @@ async fn the_first_trigger_for_a_key_starts_its_saga() {
         keys.len()
     );
     engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_runner_that_cannot_record_progress_leaves_the_saga_stuck_for_retry_or_cancel() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let (store, _) = skald_storage::Store::open(skald_storage::Options {
+        data_dir: dir.path().to_path_buf(),
+        durability: skald_core::Durability::None,
+        ..skald_storage::Options::default()
+    })
+    .unwrap();
+    let flaky = Arc::new(Flaky {
+        store: store.clone(),
+        failing: AtomicUsize::new(0),
+        refusing: AtomicUsize::new(0),
+    });
+    let hub = skald_hub::Hub::start(Arc::clone(&flaky), skald_hub::HubOptions::default());
+    let mut options = SagaOptions::default();
+    options.egress.allow.push("127.0.0.0/8".to_owned());
+    let sagas = skald_saga::Sagas::start_with(
+        hub.clone(),
+        options,
+        Arc::new(skald_saga::WallClock),
+        Arc::new(skald_saga::Unrestricted),
+    )
+    .await
+    .unwrap();
+    sagas.register(&order_saga(&target, "")).await.unwrap();
+    let state_of = |key: &str| {
+        sagas
+            .instances(&InstanceFilter::default())
+            .into_iter()
+            .find(|i| i.correlation_key == key)
+    };
+    let wait_state = |key: &'static str, want: SagaState| {
+        let state_of = &state_of;
+        async move {
+            let deadline = std::time::Instant::now() + support::WAIT;
+            loop {
+                if let Some(i) = state_of(key).filter(|i| i.state == want) {
+                    return i;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{key} is not {want:?}: {:?}",
+                    state_of(key)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let place = |key: &str| {
+        let store = store.clone();
+        let key = key.to_owned();
+        async move {
+            store
+                .append(skald_core::AppendRequest {
+                    stream: skald_core::StreamName::new(format!("order-{key}")).unwrap(),
+                    expected: skald_core::ExpectedRevision::Any,
+                    condition: None,
+                    events: vec![skald_core::ProposedEvent::new(
+                        skald_core::EventType::new("OrderPlaced").unwrap(),
+                        skald_core::EventData::json(
+                            json!({"orderId": key, "amount": 42}).to_string(),
+                        )
+                        .unwrap(),
+                    )],
+                })
+                .await
+                .unwrap();
+        }
+    };
+
+    // The success of reserve cannot be recorded: the saga is stuck, and says why.
+    flaky.refusing.store(1, Ordering::SeqCst);
+    place("r-1").await;
+    let stuck = wait_state("r-1", SagaState::Stuck).await;
+    let error = stuck.last_error.unwrap_or_default();
+    assert!(error.contains("could not record"), "{error}");
+    // Retry runs it on, to the end.
+    sagas.retry(&stuck.saga_id).await.unwrap();
+    wait_state("r-1", SagaState::Completed).await;
+
+    // The same again, and a cancel: it resumes to compensate, and ends.
+    flaky.refusing.store(1, Ordering::SeqCst);
+    place("r-2").await;
+    let stuck = wait_state("r-2", SagaState::Stuck).await;
+    sagas.cancel(&stuck.saga_id, "given up").await.unwrap();
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        let state = state_of("r-2").unwrap().state;
+        if state.is_final() {
+            assert_ne!(state, SagaState::Completed, "a cancelled saga completed");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "r-2 stays {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hub.shutdown();
+    sagas.stopped(Duration::from_secs(5)).await;
+    hub.stopped().await;
+    store.shutdown().await;
 }
