@@ -254,7 +254,7 @@ async fn saga_commands_register_show_list_history_and_retry() {
     );
     let (ok, _, err) = cli(&["cancel", &stuck]);
     assert!(
-        !ok && err.contains("only a running saga, or one stuck before compensating, can be cancelled"),
+        !ok && err.contains("only a running saga can be cancelled"),
         "{err}"
     );
     *target.refund_down.lock().unwrap() = false;

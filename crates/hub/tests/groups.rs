@@ -562,7 +562,7 @@ async fn a_batch_queued_as_a_wait_runs_out_is_returned_and_one_sent_after_goes_b
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let taken = consumer.stop_taking();
+    let taken = consumer.stop_taking().await;
     assert_eq!(taken.len(), 1, "the queued batch was swallowed");
     assert_eq!(taken[0].event.position.0, first);
     assert_eq!(taken[0].deliveries, 1);
@@ -649,5 +649,36 @@ async fn stale_acks_and_nacks_settle_nothing_after_a_timeout_or_a_re_created_gro
     assert_eq!((stale.done, stale.unknown), (0, ids(&old)));
     assert_eq!(groups.ack("r", ids(&new)).await.unwrap().done, 1);
     drop(d);
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn a_consumer_dropped_with_batches_it_never_took_gives_them_back_undelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups
+        .create(group("gone", GroupSettings::default()))
+        .await
+        .unwrap();
+    // A batch waits in the consumer's queue when it goes away (an HTTP client that hung up
+    // during its long-poll).
+    let consumer = groups.join("gone", "poller", "test", 10).await.unwrap();
+    let first = append(&store, "order-1", 1).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while groups.info("gone").await.unwrap().stats.in_flight < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was handed over"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(consumer);
+    let polled = groups.poll("gone", "other", 10, WAIT).await.unwrap();
+    assert_eq!(polled.len(), 1);
+    assert_eq!(polled[0].event.position.0, first);
+    assert_eq!(
+        polled[0].deliveries, 1,
+        "a batch no one took counted as a delivery"
+    );
     stop(store, groups, hub).await;
 }

@@ -26,6 +26,25 @@ use crate::template::{Template, render_value};
 /// `StepSucceeded` event, so it stays well under the store's default event-size limit (1 MiB).
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
+/// The deepest a step's output may nest: it is stored within the step's event and read back
+/// with serde_json's limit of 128.
+pub const MAX_OUTPUT_DEPTH: usize = 64;
+
+/// How deep a JSON value nests (a scalar is 0), without recursion.
+fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((value, at)) = stack.pop() {
+        deepest = deepest.max(at);
+        match value {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, at + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, at + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// How much of an error answer's body is quoted in the step's error.
 const QUOTED_BODY: usize = 300;
 
@@ -233,6 +252,12 @@ pub async fn call_http(
     };
     // What is stored is the output as JSON, escapes included (a control byte takes six):
     // the cap holds for that, not for the bytes received.
+    if depth(&output) > MAX_OUTPUT_DEPTH {
+        return Err(Failure::Unusable(format!(
+            "the answer nests deeper than {MAX_OUTPUT_DEPTH} levels, more than a step's output \
+             may (it is stored inside the step's event, whose JSON may nest 128 deep)"
+        )));
+    }
     let stored = serde_json::to_string(&output).map_or(usize::MAX, |text| text.len());
     if stored > MAX_RESPONSE_BYTES {
         return Err(Failure::Unusable(format!(

@@ -284,11 +284,11 @@ pub struct InstanceFilter {
     pub limit: Option<usize>,
 }
 
-/// Most instances one listing returns.
 /// The first pause of the trigger loop after a failed read; it doubles up to the most.
 const TRIGGER_RETRY: Duration = Duration::from_millis(100);
 const TRIGGER_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Most instances one listing returns.
 pub const MAX_LISTED: usize = 1000;
 
 /// Most history events one call returns.
@@ -902,17 +902,15 @@ impl<S: EventStore> Sagas<S> {
         let live = self.live(saga_id)?;
         {
             let _writes = live.writes.lock().await;
-            let (state, resume, past_pivot) = {
+            let (state, past_pivot) = {
                 let state = live.state.lock().expect("state lock");
                 let past = passed_point_of_no_return(&live.definition, &state);
-                (state.state, state.resume, past.map(str::to_owned))
+                (state.state, past.map(str::to_owned))
             };
-            // A saga stuck on its way forward can be cancelled too: it resumes, to compensate.
-            let stuck_forward = state == SagaState::Stuck && resume == SagaState::Running;
-            if state != SagaState::Running && !stuck_forward {
+            if state != SagaState::Running {
                 return Err(Error::SagaConflict(format!(
-                    "saga {saga_id} is {}; only a running saga, or one stuck before compensating, \
-                     can be cancelled",
+                    "saga {saga_id} is {}; only a running saga can be cancelled (retry a stuck \
+                     one)",
                     state.as_str()
                 )));
             }
@@ -922,17 +920,14 @@ impl<S: EventStore> Sagas<S> {
                      and can no longer be cancelled"
                 )));
             }
-            let mut events = vec![SagaEvent::SagaCancelRequested {
-                reason: reason.to_owned(),
-            }];
-            if stuck_forward {
-                events.push(SagaEvent::SagaRetryRequested {});
-            }
-            Inner::append_locked(&self.inner, &live, events).await?;
-            if stuck_forward {
-                // Nothing runs a stuck saga: a runner starts to compensate it.
-                Inner::spawn_runner(&self.inner, Arc::clone(&live), None);
-            }
+            Inner::append_locked(
+                &self.inner,
+                &live,
+                vec![SagaEvent::SagaCancelRequested {
+                    reason: reason.to_owned(),
+                }],
+            )
+            .await?;
         }
         // A stored permit, so that a runner about to wait still sees it.
         live.wake.notify_one();
@@ -1060,8 +1055,9 @@ impl<S: EventStore> Inner<S> {
         checkpoint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'follow: loop {
             if failures > 0 {
+                // 100 ms, 200 ms, ... up to 5 s.
                 let pause = TRIGGER_RETRY
-                    .saturating_mul(1 << failures.min(5))
+                    .saturating_mul(1 << (failures - 1).min(6))
                     .min(TRIGGER_RETRY_MAX);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
@@ -1078,6 +1074,10 @@ impl<S: EventStore> Inner<S> {
                     Ok(follower) => subscription.insert(follower),
                     Err(e) => {
                         failures += 1;
+                        inner
+                            .metrics
+                            .trigger_read_failures
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
                             "the saga trigger loop cannot follow the log from position {seen}: {e}; \
                              it tries again"
@@ -1177,6 +1177,18 @@ impl<S: EventStore> Inner<S> {
                         // The first trigger for a saga wins. Starts run concurrently, in no
                         // fixed order, so a later trigger for the same saga waits until the
                         // start of an earlier one is done (and then finds the saga there).
+                        // A saga that exists already: the trigger is a duplicate, and waits for
+                        // nothing.
+                        if id.as_ref().is_some_and(|id| {
+                            inner
+                                .instances
+                                .lock()
+                                .expect("instances lock")
+                                .contains_key(id)
+                        }) {
+                            inner.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
                         let earlier = id.as_ref().and_then(|id| {
                             starting_ids.lock().expect("starting lock").get(id).cloned()
                         });
@@ -1393,7 +1405,16 @@ impl<S: EventStore> Inner<S> {
                 self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(saga = %id, "duplicate trigger: the instance exists");
             }
-            Err(e) => tracing::error!(saga = %id, "the saga cannot start: {e}"),
+            Err(e) => {
+                // The store refuses the start for good (the trigger, embedded in SagaStarted,
+                // is too large, say): this trigger starts nothing, and a later one may.
+                self.metrics.start_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    saga = %id,
+                    position = event.position.0,
+                    "the saga cannot start from this trigger: {e}"
+                );
+            }
         }
     }
 

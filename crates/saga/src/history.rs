@@ -173,7 +173,7 @@ pub struct Instance {
     /// Where it is.
     pub state: SagaState,
     /// The state to return to when a stuck instance is retried.
-    pub(crate) resume: SagaState,
+    resume: SagaState,
     /// Outputs of steps whose action succeeded.
     pub outputs: BTreeMap<String, Value>,
     /// Steps whose compensation succeeded.
@@ -276,7 +276,11 @@ impl Instance {
                 self.resume = self.state;
                 self.state = SagaState::Stuck;
                 self.attempts.remove(&(step.clone(), *phase));
-                self.last_error = Some(format!("{step} ({}): {error}", phase.as_str()));
+                self.last_error = Some(if step.is_empty() {
+                    error.clone()
+                } else {
+                    format!("{step} ({}): {error}", phase.as_str())
+                });
             }
             SagaEvent::SagaRetryRequested {} => {
                 if self.state == SagaState::Stuck {

@@ -32,6 +32,7 @@ pub(crate) struct Metrics {
     pub(crate) refused_triggers: AtomicU64,
     pub(crate) start_waits: AtomicU64,
     pub(crate) trigger_read_failures: AtomicU64,
+    pub(crate) start_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -154,6 +155,13 @@ pub(crate) fn write<S: EventStore>(sagas: &Sagas<S>, inner: &Inner<S>, out: &mut
         Kind::Counter,
         "Reads of the log that failed in the trigger loop (it pauses and reads again).",
         m.trigger_read_failures.load(Ordering::Relaxed) as f64,
+    );
+    out.single(
+        "skald_saga_start_failures_total",
+        Kind::Counter,
+        "Triggers whose start the store refused for good (SagaStarted too large, say): they \
+         started nothing.",
+        m.start_failures.load(Ordering::Relaxed) as f64,
     );
     out.family(
         "skald_saga_step_attempts_total",

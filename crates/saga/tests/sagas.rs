@@ -238,7 +238,9 @@ async fn an_answer_that_grows_over_the_cap_once_escaped_fails_the_step_for_good(
         .register(&order_saga(&target, ""))
         .await
         .unwrap();
-    // 200 KiB of control bytes: under the cap as received, six times that as JSON.
+    // 200 KiB of control bytes: under the cap as received, six times that as JSON. (The step
+    // fails for good and the earlier steps are compensated; whether the target acted is not
+    // known, which issue 26's first item is about.)
     target.fix(
         "POST /charge",
         Reply {
@@ -252,6 +254,19 @@ async fn an_answer_that_grows_over_the_cap_once_escaped_fails_the_step_for_good(
     let error = h.summary.last_error.unwrap();
     assert!(error.contains("once stored as JSON"), "{error}");
     assert_eq!(h.summary.compensated_steps, ["reserve"]);
+    // JSON nested 100 deep parses, but not once inside the step's event (128 at most).
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 200,
+            delay: Duration::ZERO,
+            body: format!("{}{}", "[".repeat(100), "]".repeat(100)),
+        },
+    );
+    place_order(&engine, "deep-1").await;
+    let h = engine.wait_for("order", "deep-1", "compensated").await;
+    let error = h.summary.last_error.unwrap();
+    assert!(error.contains("nests deeper than 64"), "{error}");
     engine.stop().await;
 }
 
@@ -1201,7 +1216,7 @@ async fn the_first_trigger_for_a_key_starts_its_saga() {
 }
 
 #[tokio::test]
-async fn a_runner_that_cannot_record_progress_leaves_the_saga_stuck_for_retry_or_cancel() {
+async fn a_runner_that_cannot_record_progress_leaves_the_saga_stuck_for_retry() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let dir = tempfile::tempdir().unwrap();
@@ -1284,21 +1299,18 @@ async fn a_runner_that_cannot_record_progress_leaves_the_saga_stuck_for_retry_or
     sagas.retry(&stuck.saga_id).await.unwrap();
     wait_state("r-1", SagaState::Completed).await;
 
-    // The same again, and a cancel: it resumes to compensate, and ends.
+    // The same again: a cancel is refused with the way out (the step may have acted, and
+    // its compensation could not be told so), and a retry runs it on.
     flaky.refusing.store(1, Ordering::SeqCst);
     place("r-2").await;
     let stuck = wait_state("r-2", SagaState::Stuck).await;
-    sagas.cancel(&stuck.saga_id, "given up").await.unwrap();
-    let deadline = std::time::Instant::now() + support::WAIT;
-    loop {
-        let state = state_of("r-2").unwrap().state;
-        if state.is_final() {
-            assert_ne!(state, SagaState::Completed, "a cancelled saga completed");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "r-2 stays {state:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let refused = sagas.cancel(&stuck.saga_id, "given up").await.unwrap_err();
+    assert!(
+        refused.to_string().contains("retry a stuck one"),
+        "{refused}"
+    );
+    sagas.retry(&stuck.saga_id).await.unwrap();
+    wait_state("r-2", SagaState::Completed).await;
     hub.shutdown();
     sagas.stopped(Duration::from_secs(5)).await;
     hub.stopped().await;

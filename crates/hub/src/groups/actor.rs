@@ -191,6 +191,11 @@ pub(crate) enum Command {
     Leave {
         consumer: u64,
     },
+    /// Messages handed to a consumer that never took them.
+    GiveBack {
+        consumer: u64,
+        ack_ids: Vec<String>,
+    },
     Ack {
         ids: Vec<String>,
         reply: oneshot::Sender<AckOutcome>,
@@ -466,6 +471,9 @@ impl<S: EventStore> Group<S> {
                 let _ = reply.send((id, rx));
             }
             Command::Leave { consumer } => self.leave(consumer),
+            Command::GiveBack { consumer, ack_ids } => {
+                self.give_back(consumer, ack_ids.iter().map(String::as_str));
+            }
             Command::Ack { ids, reply } => {
                 let outcome = self.settle(&ids, |group, key| group.finish(key));
                 let _ = reply.send(outcome);
@@ -780,17 +788,7 @@ impl<S: EventStore> Group<S> {
                 // It left, or stopped taking (a long-poll whose wait ran out): the batch never
                 // reached it, so it goes back at once, its delivery not counted.
                 if let ConsumerEvent::Messages(batch) = unsent.0 {
-                    for message in batch {
-                        let Some(key) = AckId::parse(&message.ack_id).map(|ack| ack.key) else {
-                            continue;
-                        };
-                        if let Some(held) = self.window.get_mut(&key)
-                            && matches!(held.state, State::InFlight { consumer, .. } if consumer == id)
-                        {
-                            held.state = State::Available;
-                            held.deliveries = held.deliveries.saturating_sub(1);
-                        }
-                    }
+                    self.give_back(id, batch.iter().map(|m| m.ack_id.as_str()));
                 }
                 gone.push(id);
                 continue;
@@ -803,6 +801,28 @@ impl<S: EventStore> Group<S> {
         }
         for id in gone {
             self.leave(id);
+        }
+    }
+
+    /// Makes messages in flight to `consumer` that never reached it available again, their
+    /// delivery not counted.
+    fn give_back<'a>(&mut self, consumer: u64, ack_ids: impl Iterator<Item = &'a str>) {
+        for id in ack_ids {
+            let Some(ack) = AckId::parse(id).filter(|ack| ack.token == self.token) else {
+                continue;
+            };
+            let Some(held) = self.window.get_mut(&ack.key) else {
+                continue;
+            };
+            if held.deliveries == ack.delivery
+                && matches!(held.state, State::InFlight { consumer: c, .. } if c == consumer)
+            {
+                held.state = State::Available;
+                held.deliveries = held.deliveries.saturating_sub(1);
+                if let Some(c) = self.consumers.iter_mut().find(|c| c.id == consumer) {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
+            }
         }
     }
 

@@ -106,10 +106,11 @@ impl Consumer {
     /// a long-poll's wait has run out, a batch handed over at that moment would otherwise stay
     /// in flight where no one sees it until it times out, using up a delivery. Batches the
     /// group sends after this go back to it at once.
-    pub fn stop_taking(&mut self) -> Vec<GroupMessage> {
+    pub async fn stop_taking(&mut self) -> Vec<GroupMessage> {
         self.events.close();
         let mut queued = Vec::new();
-        while let Ok(event) = self.events.try_recv() {
+        // `recv` (unlike `try_recv`) also waits for a send under way when the channel closed.
+        while let Some(event) = self.events.recv().await {
             if let ConsumerEvent::Messages(messages) = event {
                 queued.extend(messages);
             }
@@ -120,6 +121,21 @@ impl Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
+        // Batches handed over but never taken (a long-poll whose client went away) go back
+        // at once, undelivered, rather than staying in flight unseen until they time out.
+        self.events.close();
+        let mut unseen = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            if let ConsumerEvent::Messages(messages) = event {
+                unseen.extend(messages.into_iter().map(|m| m.ack_id));
+            }
+        }
+        if !unseen.is_empty() {
+            let _ = self.commands.send(Command::GiveBack {
+                consumer: self.id,
+                ack_ids: unseen,
+            });
+        }
         let _ = self.commands.send(Command::Leave { consumer: self.id });
     }
 }
@@ -415,7 +431,7 @@ impl<S: EventStore> Groups<S> {
         match tokio::time::timeout(wait, consumer.next()).await {
             Ok(ConsumerEvent::Messages(messages)) => Ok(messages),
             Ok(ConsumerEvent::Ended(e)) => Err(e),
-            Err(_) => Ok(consumer.stop_taking()),
+            Err(_) => Ok(consumer.stop_taking().await),
         }
     }
 
