@@ -682,3 +682,133 @@ async fn a_consumer_dropped_with_batches_it_never_took_gives_them_back_undeliver
     );
     stop(store, groups, hub).await;
 }
+
+fn pinned(timeout_ms: u64) -> GroupSettings {
+    GroupSettings {
+        strategy: Strategy::Pinned,
+        message_timeout_ms: timeout_ms,
+        retry_delay_ms: 10,
+        max_retry_delay_ms: 10,
+        ..GroupSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn pinned_order_holds_when_an_earlier_message_times_out_or_is_nacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups.create(group("pin", pinned(150))).await.unwrap();
+    let base = append(&store, "c-x", 3).await;
+    // A takes all three; the first is nacked for a retry: the two after it come back too,
+    // and go out again after it, in order.
+    let mut a = groups.join("pin", "a", "test", 3).await.unwrap();
+    let mut held = Vec::new();
+    while held.len() < 3 {
+        held.extend(next(&mut a).await);
+    }
+    let outcome = groups
+        .nack("pin", ids(&held[..1]), NackAction::Retry, "later".into())
+        .await
+        .unwrap();
+    assert_eq!(outcome.done, 1);
+    // The later two were taken back: A's acks of them settle nothing.
+    let stale = groups.ack("pin", ids(&held[1..])).await.unwrap();
+    assert_eq!((stale.done, stale.unknown), (0, ids(&held[1..])));
+    let mut again = Vec::new();
+    while again.len() < 3 {
+        again.extend(next(&mut a).await);
+    }
+    let order: Vec<u64> = again.iter().map(|m| m.event.position.0).collect();
+    assert_eq!(order, [base, base + 1, base + 2]);
+
+    groups.ack("pin", ids(&again)).await.unwrap();
+    drop(a);
+    stop(store, groups, hub).await;
+}
+
+/// The stream name the group pins to the second of two consumer names (FNV-1a, as the group
+/// does), so that the test knows where a stream goes once B has joined.
+fn stream_pinned_to_second(prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|name| {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for byte in name.bytes() {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+            hash % 2 == 1
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pinned_order_holds_when_an_earlier_message_times_out_while_a_later_one_is_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups.create(group("pin", pinned(400))).await.unwrap();
+    let stream = stream_pinned_to_second("c");
+    // A, alone, takes the stream's first event; B joins (the stream now hashes to B); the
+    // second event goes to A, which holds the stream.
+    let mut a = groups.join("pin", "a", "test", 5).await.unwrap();
+    let first = append(&store, &stream, 1).await;
+    let n1 = next(&mut a).await;
+    assert_eq!(n1[0].event.position.0, first);
+    let mut b = groups.join("pin", "b", "test", 5).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = append(&store, &stream, 1).await;
+    let n2 = next(&mut a).await;
+    assert_eq!(n2[0].event.position.0, second);
+    // The first times out while A still holds the second: it may not go to B alone.
+    let redelivered = next(&mut b).await;
+    assert_eq!(redelivered[0].event.position.0, first);
+    let late = groups.ack("pin", ids(&n2)).await.unwrap();
+    assert_eq!(
+        (late.done, late.unknown),
+        (0, ids(&n2)),
+        "A still held the second event while B got the first"
+    );
+    let mut got = redelivered;
+    while got.len() < 2 {
+        got.extend(next(&mut b).await);
+    }
+    let order: Vec<u64> = got.iter().map(|m| m.event.position.0).collect();
+    assert_eq!(order, [first, second]);
+    groups.ack("pin", ids(&got)).await.unwrap();
+    drop((a, b));
+    stop(store, groups, hub).await;
+}
+
+#[tokio::test]
+async fn pinned_polls_under_one_name_do_not_split_a_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    groups.create(group("polls", pinned(60_000))).await.unwrap();
+    let base = append(&store, "c-y", 2).await;
+    // Two polls without a consumer name (both "http"): the first takes the stream's first
+    // event; the second gets nothing of that stream until it is acknowledged.
+    let first = groups
+        .poll("polls", "http", 1, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(first[0].event.position.0, base);
+    let second = groups
+        .poll("polls", "http", 1, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(
+        second.is_empty(),
+        "a second poll got {:?} while the first held the stream",
+        second
+            .iter()
+            .map(|m| m.event.position.0)
+            .collect::<Vec<_>>()
+    );
+    groups.ack("polls", ids(&first)).await.unwrap();
+    let third = groups
+        .poll("polls", "http", 1, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(third[0].event.position.0, base + 1);
+    stop(store, groups, hub).await;
+}

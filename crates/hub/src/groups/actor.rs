@@ -571,6 +571,7 @@ impl<S: EventStore> Group<S> {
             message.state = State::Waiting {
                 until: Instant::now() + delay,
             };
+            self.recall_later(key);
         }
     }
 
@@ -695,59 +696,88 @@ impl<S: EventStore> Group<S> {
         None
     }
 
-    /// Each stream goes to the consumer its name hashes to, and only once every earlier message
-    /// of the stream is done or in flight to that same consumer.
+    /// Each stream goes to one consumer at a time: the one holding any of its messages in
+    /// flight (a consumer, not a name: two polls under one name are two consumers), else a
+    /// consumer of the name the stream hashes to. A message goes out only once every earlier
+    /// message of its stream is done or in flight to that same consumer.
     fn dispatch_pinned(&mut self, parking: &[Key], batches: &mut HashMap<u64, Vec<GroupMessage>>) {
         enum Stream {
-            HeldBy(Arc<str>),
+            HeldBy(u64),
             Blocked,
         }
         let mut names: Vec<Arc<str>> = self.consumers.iter().map(|c| Arc::clone(&c.name)).collect();
         names.sort();
         names.dedup();
+        // Who holds each stream, over the whole window: a later message in flight binds the
+        // stream as much as an earlier one.
         let mut streams: HashMap<StreamName, Stream> = HashMap::new();
+        for message in self.window.values() {
+            if let State::InFlight { consumer, .. } = message.state {
+                let next = match streams.get(&message.event.stream) {
+                    None => Stream::HeldBy(consumer),
+                    Some(Stream::HeldBy(holder)) if *holder == consumer => continue,
+                    Some(_) => Stream::Blocked,
+                };
+                streams.insert(message.event.stream.clone(), next);
+            }
+        }
+        // Streams whose next message cannot go out now: what follows it waits too.
+        let mut stopped: std::collections::HashSet<StreamName> = std::collections::HashSet::new();
         let keys: Vec<Key> = self.window.keys().copied().collect();
         for key in keys {
             let message = &self.window[&key];
             let stream = message.event.stream.clone();
-            let earlier = streams.get(&stream);
-            if parking.contains(&key) {
-                streams.insert(stream, Stream::Blocked);
+            if parking.contains(&key) || matches!(message.state, State::Waiting { .. }) {
+                stopped.insert(stream);
                 continue;
             }
-            match &message.state {
-                State::InFlight { name, .. } => {
-                    let next = match earlier {
-                        None => Stream::HeldBy(Arc::clone(name)),
-                        Some(Stream::HeldBy(holder)) if holder == name => continue,
-                        Some(_) => Stream::Blocked,
-                    };
-                    streams.insert(stream, next);
-                }
-                State::Waiting { .. } => {
-                    streams.insert(stream, Stream::Blocked);
-                }
-                State::Available => {
-                    let target = match earlier {
-                        Some(Stream::Blocked) => continue,
-                        Some(Stream::HeldBy(holder)) => Arc::clone(holder),
-                        None => Arc::clone(&names[pin(&stream, names.len())]),
-                    };
-                    let index = self
-                        .consumers
+            if !matches!(message.state, State::Available) || stopped.contains(&stream) {
+                continue;
+            }
+            let index = match streams.get(&stream) {
+                Some(Stream::Blocked) => None,
+                Some(Stream::HeldBy(holder)) => self
+                    .consumers
+                    .iter()
+                    .position(|c| c.id == *holder && c.in_flight < c.capacity),
+                None => {
+                    let target = &names[pin(&stream, names.len())];
+                    self.consumers
                         .iter()
-                        .position(|c| c.name == target && c.in_flight < c.capacity);
-                    match index {
-                        Some(index) => {
-                            self.assign(key, index, batches);
-                            streams.insert(stream, Stream::HeldBy(target));
-                        }
-                        None => {
-                            streams.insert(stream, Stream::Blocked);
-                        }
-                    }
+                        .position(|c| c.name == *target && c.in_flight < c.capacity)
+                }
+            };
+            match index {
+                Some(index) => {
+                    let holder = self.consumers[index].id;
+                    self.assign(key, index, batches);
+                    streams.insert(stream, Stream::HeldBy(holder));
+                }
+                None => {
+                    stopped.insert(stream);
                 }
             }
+        }
+    }
+
+    /// With pinned ordering, a message that goes back to wait for a retry takes back the later
+    /// messages of its stream still in flight: they go out again after it, in order (their
+    /// deliveries counted, their ack ids no longer in force).
+    fn recall_later(&mut self, key: Key) {
+        if self.settings().strategy != Strategy::Pinned {
+            return;
+        }
+        let Some(stream) = self.window.get(&key).map(|m| m.event.stream.clone()) else {
+            return;
+        };
+        let later: Vec<Key> = self
+            .window
+            .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+            .filter(|(_, m)| m.event.stream == stream && matches!(m.state, State::InFlight { .. }))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in later {
+            self.release(key);
         }
     }
 
