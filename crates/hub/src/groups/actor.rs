@@ -245,14 +245,8 @@ struct ParkedEntry {
 #[derive(Clone, Debug)]
 enum State {
     Available,
-    InFlight {
-        consumer: u64,
-        name: Arc<str>,
-        deadline: Instant,
-    },
-    Waiting {
-        until: Instant,
-    },
+    InFlight { consumer: u64, deadline: Instant },
+    Waiting { until: Instant },
 }
 
 struct Message {
@@ -788,7 +782,6 @@ impl<S: EventStore> Group<S> {
         message.deliveries += 1;
         message.state = State::InFlight {
             consumer: consumer.id,
-            name: Arc::clone(&consumer.name),
             deadline: Instant::now() + timeout,
         };
         consumer.in_flight += 1;
