@@ -22,5 +22,5 @@ pub use limits::Limits;
 pub use query::{Query, QueryItem};
 pub use store::{
     Direction, Durability, EventStore, MAX_READ_PAGE, ReadPage, ReadRequest, ReadSource, StoreInfo,
-    StreamHead, read_to_end,
+    StreamHead, read_to_end, read_to_end_by,
 };

@@ -149,6 +149,17 @@ pub trait EventStore: Send + Sync + 'static {
 pub async fn read_to_end<S: EventStore + ?Sized>(
     store: &S,
     source: ReadSource,
+    each: impl FnMut(&RecordedEvent),
+) -> Result<()> {
+    read_to_end_by(store, source, MAX_READ_PAGE, each).await
+}
+
+/// [`read_to_end`] in pages of at most `page_size` events, for sources whose events may be large
+/// (a page is held whole while its events are handed over).
+pub async fn read_to_end_by<S: EventStore + ?Sized>(
+    store: &S,
+    source: ReadSource,
+    page_size: usize,
     mut each: impl FnMut(&RecordedEvent),
 ) -> Result<()> {
     let mut from = 0;
@@ -158,7 +169,7 @@ pub async fn read_to_end<S: EventStore + ?Sized>(
                 source: source.clone(),
                 from: Some(from),
                 direction: Direction::Forward,
-                limit: MAX_READ_PAGE,
+                limit: page_size.clamp(1, MAX_READ_PAGE),
             })
             .await?;
         page.events.iter().for_each(&mut each);

@@ -287,6 +287,9 @@ pub struct InstanceFilter {
 /// The first pause of the trigger loop after a failed read; it doubles up to the most.
 const TRIGGER_RETRY: Duration = Duration::from_millis(100);
 const TRIGGER_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Events per page when instances are folded at start: with triggers up to the event size
+/// limit, a page stays within tens of megabytes.
+const FOLD_PAGE: usize = 64;
 
 /// Most instances one listing returns.
 pub const MAX_LISTED: usize = 1000;
@@ -488,24 +491,38 @@ impl<S: EventStore> Sagas<S> {
     async fn load_instances(&self) -> Result<()> {
         let mut folded: HashMap<StreamName, Instance> = HashMap::new();
         let category = Category::from_stored(streams::INSTANCE_CATEGORY.to_owned());
-        self.read_all(ReadSource::Category(category), |event| {
-            let Some(saga_event) = SagaEvent::from_recorded(event) else {
-                tracing::warn!(
-                    stream = %event.stream,
-                    revision = event.revision.0,
-                    "a saga history event cannot be read and is ignored"
-                );
-                return;
-            };
-            match folded.get_mut(&event.stream) {
-                Some(state) => state.apply(&saga_event, event.recorded_at, event.revision.0),
-                None => {
-                    if let Some(state) = Instance::start(&saga_event, event.recorded_at) {
-                        folded.insert(event.stream.clone(), state);
+        let store = self.inner.hub.store();
+        // Small pages: a trigger may be large, and a page is held whole while it is folded.
+        skald_core::read_to_end_by(
+            &**store,
+            ReadSource::Category(category),
+            FOLD_PAGE,
+            |event| {
+                let Some(saga_event) = SagaEvent::from_recorded(event) else {
+                    tracing::warn!(
+                        stream = %event.stream,
+                        revision = event.revision.0,
+                        "a saga history event cannot be read and is ignored"
+                    );
+                    return;
+                };
+                match folded.get_mut(&event.stream) {
+                    Some(state) => {
+                        state.apply(&saga_event, event.recorded_at, event.revision.0);
+                        // A finished instance drops its trigger and outputs at once: memory at
+                        // start is bounded by the instances still running, not by history.
+                        if state.state.is_final() {
+                            state.compact();
+                        }
+                    }
+                    None => {
+                        if let Some(state) = Instance::start(&saga_event, event.recorded_at) {
+                            folded.insert(event.stream.clone(), state);
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .await?;
         let mut resumed = 0;
         for (stream, state) in folded {

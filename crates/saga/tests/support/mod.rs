@@ -310,3 +310,70 @@ pub fn story(history: &skald_saga::InstanceHistory) -> Vec<String> {
         })
         .collect()
 }
+
+/// A one-step definition named `finished`, for instances written straight into the store.
+pub const FINISHED_SAGA: &str = r#"
+name: finished
+version: 1
+trigger: {category: finished, types: [Happened]}
+correlationKey: /data/key
+steps:
+  - name: only
+    pivot: true
+    action: {http: {method: POST, url: "http://127.0.0.1:9/only"}}
+"#;
+
+/// Writes `count` instances of [`FINISHED_SAGA`] that started from a trigger carrying
+/// `trigger_bytes` of data and completed, as the engine stores them, 100 instances per append
+/// batch. The definition must be registered.
+pub async fn write_finished_instances(store: &Store, count: usize, trigger_bytes: usize) {
+    use skald_saga::history::SagaEvent;
+    let padding = "x".repeat(trigger_bytes);
+    for first in (0..count).step_by(100) {
+        for n in first..(first + 100).min(count) {
+            let key = n.to_string();
+            let id = skald_saga::saga_id("finished", &key).to_string();
+            let trigger = serde_json::json!({
+                "stream": format!("finished-{n}"),
+                "type": "Happened",
+                "data": {"key": key, "padding": padding},
+            });
+            let history = [
+                SagaEvent::SagaStarted {
+                    saga_id: id.clone(),
+                    definition: "finished".into(),
+                    version: 1,
+                    correlation_key: key,
+                    trigger,
+                },
+                SagaEvent::StepSucceeded {
+                    step: "only".into(),
+                    phase: skald_saga::Phase::Action,
+                    attempt: 1,
+                    output: serde_json::json!({"id": n}),
+                    duration_ms: 1,
+                },
+                SagaEvent::SagaCompleted {},
+            ];
+            let events = history
+                .iter()
+                .map(|event| {
+                    let (kind, data) = event.to_parts();
+                    ProposedEvent::new(
+                        EventType::new(kind).unwrap(),
+                        EventData::json(data).unwrap(),
+                    )
+                })
+                .collect();
+            store
+                .append(AppendRequest {
+                    stream: skald_saga::streams::instance(&id),
+                    expected: ExpectedRevision::NoStream,
+                    condition: None,
+                    events,
+                })
+                .await
+                .unwrap();
+        }
+    }
+}
