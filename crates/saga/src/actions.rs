@@ -53,8 +53,10 @@ const QUOTED_BODY: usize = 300;
 pub enum Failure {
     /// The attempt ran out of time.
     Timeout(Duration),
-    /// The target could not be reached, or the connection broke.
+    /// The target could not be reached: nothing was sent.
     Connection(String),
+    /// The connection broke after the request may have been sent, before a whole answer came.
+    Interrupted(String),
     /// The target answered with a status that is not success.
     Status(u16, String),
     /// The target's circuit breaker is open.
@@ -77,6 +79,10 @@ impl std::fmt::Display for Failure {
         match self {
             Self::Timeout(d) => write!(f, "timed out after {}", humantime::format_duration(*d)),
             Self::Connection(e) => write!(f, "connection failed: {e}"),
+            Self::Interrupted(e) => write!(
+                f,
+                "connection broke after the request was sent (the target may have acted): {e}"
+            ),
             Self::Status(code, body) if body.is_empty() => write!(f, "answered {code}"),
             Self::Status(code, body) => write!(f, "answered {code}: {body}"),
             Self::BreakerOpen(host, wait) => write!(
@@ -93,12 +99,32 @@ impl std::fmt::Display for Failure {
 }
 
 impl Failure {
+    /// Whether the attempt may have acted although it failed: the request may have reached the
+    /// target (a timeout, a connection broken after sending), the target answered success with
+    /// something a step cannot keep, or an append's outcome is not known.
+    pub fn may_have_acted(&self) -> bool {
+        match self {
+            Self::Timeout(_) | Self::Interrupted(_) | Self::Unusable(_) => true,
+            // The store failed during the write: the event may be there.
+            Self::Store(e) => matches!(
+                e,
+                Error::Unavailable(_) | Error::Io(_) | Error::Corruption { .. }
+            ),
+            Self::Connection(_)
+            | Self::Status(..)
+            | Self::BreakerOpen(..)
+            | Self::Render(_)
+            | Self::AwaitTimedOut
+            | Self::Forbidden(_) => false,
+        }
+    }
+
     /// Whether a later attempt may succeed, under the step's `retryOn` list.
     pub fn is_retryable(&self, retry_on: &[RetryOn]) -> bool {
         match self {
             Self::BreakerOpen(..) => true,
             Self::Timeout(_) => retry_on.contains(&RetryOn::Timeout),
-            Self::Connection(_) => retry_on.contains(&RetryOn::Connection),
+            Self::Connection(_) | Self::Interrupted(_) => retry_on.contains(&RetryOn::Connection),
             Self::Status(code, _) => {
                 retry_on.contains(&RetryOn::Status(*code))
                     || (*code >= 500 && retry_on.contains(&RetryOn::ServerErrors))
@@ -201,7 +227,8 @@ pub async fn call_http(
             .await
             .map_err(|e| match refusal(&e) {
                 Some(refused) => Failure::Forbidden(refused.0.clone()),
-                None => Failure::Connection(error_chain(&e)),
+                None if e.is_connect() => Failure::Connection(error_chain(&e)),
+                None => Failure::Interrupted(error_chain(&e)),
             })?;
         let status = response.status().as_u16();
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
@@ -216,7 +243,7 @@ pub async fn call_http(
                         MAX_RESPONSE_BYTES / 1024
                     ))
                 } else {
-                    Failure::Connection(format!("reading the answer failed: {e}"))
+                    Failure::Interrupted(format!("reading the answer failed: {e}"))
                 }
             })?
             .to_bytes();

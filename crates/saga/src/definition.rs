@@ -264,6 +264,41 @@ pub struct Step {
     pub retry: Option<RetrySpec>,
 }
 
+impl Step {
+    /// Whether the step's compensation reads the step's own output (`steps.NAME.output...`):
+    /// such a compensation cannot run for a step whose outcome is unknown until the output is
+    /// learned, by sending the action again with its idempotency key.
+    pub fn compensation_reads_own_output(&self) -> bool {
+        let Some(compensation) = &self.compensation else {
+            return false;
+        };
+        let mut strings = Vec::new();
+        match compensation {
+            Action::Http(http) => {
+                strings.push((String::new(), http.url.clone()));
+                strings.extend(http.headers.values().map(|v| (String::new(), v.clone())));
+                if let Some(body) = &http.body {
+                    template::strings_in(body, String::new(), &mut strings);
+                }
+            }
+            Action::Append(append) => {
+                strings.push((String::new(), append.stream.clone()));
+                strings.extend(append.tags.iter().map(|t| (String::new(), t.clone())));
+                template::strings_in(&append.data, String::new(), &mut strings);
+            }
+            Action::Await(_) => {}
+        }
+        strings.iter().any(|(_, text)| {
+            Template::parse(text).is_ok_and(|t| {
+                t.paths().any(|path| {
+                    path.first().is_some_and(|p| p == "steps")
+                        && path.get(1).is_some_and(|p| *p == self.name)
+                })
+            })
+        })
+    }
+}
+
 /// What a step (or its compensation) does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -370,12 +370,23 @@ fn next_move(def: &SagaDefinition, state: &Instance) -> Move {
             }
         }
         SagaState::Compensating => {
+            // Steps that succeeded, and steps whose outcome is unknown (they may have acted),
+            // newest first.
             let next = def.steps.iter().rposition(|s| {
                 s.compensation.is_some()
-                    && state.outputs.contains_key(&s.name)
+                    && (state.outputs.contains_key(&s.name)
+                        || state.possibly_done.contains(&s.name))
                     && !state.compensated.contains(&s.name)
             });
             match next {
+                // A compensation that reads its step's output needs it first: the action is
+                // sent again with its idempotency key, and its answer is the output.
+                Some(i)
+                    if !state.outputs.contains_key(&def.steps[i].name)
+                        && def.steps[i].compensation_reads_own_output() =>
+                {
+                    Move::Run(i, Phase::Action)
+                }
                 Some(i) => Move::Run(i, Phase::Compensation),
                 None if state.cancel_requested => Move::Record(vec![SagaEvent::SagaCancelled {}]),
                 None => Move::Record(vec![SagaEvent::SagaCompensated {}]),
@@ -1658,6 +1669,7 @@ impl<S: EventStore> Inner<S> {
             let retryable = failure.is_retryable(&policy.retry_on);
             let exhausted = policy.max_attempts.is_some_and(|max| used + 1 >= max);
             let is_final = !retryable || exhausted;
+            let outcome_unknown = phase == Phase::Action && failure.may_have_acted();
             let error = failure.to_string();
             tracing::debug!(saga = %saga_id, step = %step.name, attempt, "step attempt failed: {error}");
             let mut events = vec![SagaEvent::StepFailed {
@@ -1668,12 +1680,45 @@ impl<S: EventStore> Inner<S> {
                 retryable,
                 is_final,
                 duration_ms,
+                outcome_unknown,
             }];
             if is_final {
                 // A failed pivot undoes the steps before it; past the pivot nothing is undone.
+                let (compensating, possibly_done) = {
+                    let state = live.state.lock().expect("state lock");
+                    (
+                        state.state == SagaState::Compensating,
+                        outcome_unknown || state.possibly_done.contains(&step.name),
+                    )
+                };
                 let undoable = phase == Phase::Action && !step.retriable;
                 let past_pivot = def.point_of_no_return().is_some_and(|p| p < index);
-                if undoable && !past_pivot {
+                if compensating && phase == Phase::Action {
+                    // The action was sent again to learn the output its compensation reads.
+                    events.push(SagaEvent::SagaStuck {
+                        step: step.name.clone(),
+                        phase,
+                        error: format!(
+                            "step {} may have acted (its outcome was not known) and its \
+                             compensation reads its output; sending the action again with its \
+                             idempotency key to learn that output failed: {error}",
+                            step.name
+                        ),
+                    });
+                } else if undoable && !past_pivot && step.pivot && possibly_done {
+                    // The pivot may have acted: undoing the steps before it could leave its
+                    // effect standing alone, so a person decides.
+                    events.push(SagaEvent::SagaStuck {
+                        step: step.name.clone(),
+                        phase,
+                        error: format!(
+                            "the pivot step {} may have acted (its outcome is not known): {error}; \
+                             find out at the target, then retry the saga (the step is sent again \
+                             with its idempotency key)",
+                            step.name
+                        ),
+                    });
+                } else if undoable && !past_pivot {
                     events.push(SagaEvent::SagaCompensating {
                         reason: format!("step {} failed: {error}", step.name),
                         step: Some(step.name.clone()),

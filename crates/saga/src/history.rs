@@ -116,6 +116,10 @@ pub enum SagaEvent {
         #[serde(rename = "final")]
         is_final: bool,
         duration_ms: u64,
+        /// The attempt may have acted although it failed (it timed out, its connection broke
+        /// after the request was sent, or the target's success answer could not be kept).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        outcome_unknown: bool,
     },
     #[serde(rename_all = "camelCase")]
     SagaCompensating {
@@ -178,6 +182,9 @@ pub struct Instance {
     pub outputs: BTreeMap<String, Value>,
     /// Steps whose compensation succeeded.
     pub compensated: BTreeSet<String>,
+    /// Steps with an action attempt whose outcome is unknown: they may have acted, so they are
+    /// compensated like steps that succeeded.
+    pub possibly_done: BTreeSet<String>,
     /// Attempts made per step and phase since the last retry request.
     pub attempts: BTreeMap<(String, Phase), u32>,
     /// Attempts made in all, per step and phase (for attempt numbers).
@@ -220,6 +227,7 @@ impl Instance {
             resume: SagaState::Running,
             outputs: BTreeMap::new(),
             compensated: BTreeSet::new(),
+            possibly_done: BTreeSet::new(),
             attempts: BTreeMap::new(),
             attempt_numbers: BTreeMap::new(),
             deadlines: BTreeMap::new(),
@@ -263,14 +271,24 @@ impl Instance {
                 phase,
                 attempt,
                 error,
+                outcome_unknown,
                 ..
             } => {
+                if *outcome_unknown && *phase == Phase::Action {
+                    self.possibly_done.insert(step.clone());
+                }
                 *self.attempts.entry((step.clone(), *phase)).or_default() += 1;
                 self.attempt_numbers
                     .insert((step.clone(), *phase), *attempt);
                 self.last_error = Some(format!("{step} ({}): {error}", phase.as_str()));
             }
-            SagaEvent::SagaCompensating { .. } => self.state = SagaState::Compensating,
+            SagaEvent::SagaCompensating { .. } => {
+                self.state = SagaState::Compensating;
+                // An action sent again while compensating (to learn the output of a step whose
+                // outcome is unknown) gets a fresh budget of attempts.
+                self.attempts
+                    .retain(|(_, phase), _| *phase != Phase::Action);
+            }
             SagaEvent::SagaCancelRequested { .. } => self.cancel_requested = true,
             SagaEvent::SagaStuck { step, phase, error } => {
                 self.resume = self.state;
@@ -351,10 +369,12 @@ mod tests {
             retryable: true,
             is_final: false,
             duration_ms: 3,
+            outcome_unknown: true,
         };
         let (kind, data) = e.to_parts();
         assert_eq!(kind, "StepFailed");
         assert!(data.contains("\"final\":false"), "{data}");
+        assert!(data.contains("\"outcomeUnknown\":true"), "{data}");
         let back: SagaEvent = serde_json::from_value(
             json!({"type": kind, "data": serde_json::from_str::<Value>(&data).unwrap()}),
         )
@@ -383,6 +403,7 @@ mod tests {
             retryable: true,
             is_final: true,
             duration_ms: 0,
+            outcome_unknown: false,
         };
         s.apply(&failed, Timestamp(2), 2);
         assert_eq!(s.attempts_used("a", Phase::Compensation), 1);

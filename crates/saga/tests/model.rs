@@ -1,7 +1,9 @@
-//! The model-based test of sagas: random definitions (compensable steps, a pivot, retriable
-//! steps) and random answers from the target (200, 503, 400 per attempt), run by the real
-//! engine against a real HTTP target, compared with a few lines of obviously correct
-//! reference logic: which calls are made, in which order, and the final state.
+//! The model-based test of sagas: random definitions (compensable steps, some of whose
+//! compensations read their own step's output, a pivot, retriable steps) and random answers
+//! from the target (200, 503, 400, or a success that arrives after the attempt timed out, per
+//! attempt), run by the real engine against a real HTTP target, compared with a few lines of
+//! obviously correct reference logic: which calls are made, in which order, and the final
+//! state. A late success is an unknown outcome: the step may have acted.
 
 mod support;
 
@@ -19,6 +21,8 @@ enum Kind {
 #[derive(Clone, Debug)]
 struct Case {
     kinds: Vec<Kind>,
+    /// Whether each step's compensation reads the step's own output.
+    reads_own: Vec<bool>,
     /// Statuses the action of each step answers, attempt by attempt; 200 after them.
     actions: Vec<Vec<u16>>,
     /// The same for each step's compensation.
@@ -26,6 +30,8 @@ struct Case {
 }
 
 const MAX_ATTEMPTS: usize = 2;
+/// An answer that succeeds at the target after the attempt's timeout.
+const LATE: u16 = 0;
 
 fn case() -> impl Strategy<Value = Case> {
     (1usize..=4, any::<u8>(), any::<u8>())
@@ -49,16 +55,22 @@ fn case() -> impl Strategy<Value = Case> {
             let answers = || {
                 proptest::collection::vec(
                     proptest::collection::vec(
-                        prop_oneof![Just(200u16), Just(503), Just(400)],
+                        prop_oneof![Just(200u16), Just(503), Just(400), Just(LATE)],
                         0..3,
                     ),
                     n,
                 )
             };
-            (Just(kinds), answers(), answers())
+            (
+                Just(kinds),
+                proptest::collection::vec(any::<bool>(), n),
+                answers(),
+                answers(),
+            )
         })
-        .prop_map(|(kinds, actions, compensations)| Case {
+        .prop_map(|(kinds, reads_own, actions, compensations)| Case {
             kinds,
+            reads_own,
             actions,
             compensations,
         })
@@ -67,8 +79,9 @@ fn case() -> impl Strategy<Value = Case> {
 fn definition(case: &Case, target: &Target) -> String {
     let mut text = format!(
         "name: model\nversion: 1\ntrigger: {{category: order, types: [OrderPlaced]}}\n\
-         correlationKey: /data/orderId\ndefaults:\n  timeout: 5s\n  retry: {{maxAttempts: \
-         {MAX_ATTEMPTS}, initialBackoff: 1ms, maxBackoff: 2ms, jitter: 0, retryOn: [5xx]}}\nsteps:\n"
+         correlationKey: /data/orderId\ndefaults:\n  timeout: 150ms\n  retry: {{maxAttempts: \
+         {MAX_ATTEMPTS}, initialBackoff: 1ms, maxBackoff: 2ms, jitter: 0, retryOn: [5xx, \
+         timeout]}}\nsteps:\n"
     );
     for (i, kind) in case.kinds.iter().enumerate() {
         text.push_str(&format!(
@@ -76,6 +89,11 @@ fn definition(case: &Case, target: &Target) -> String {
             target.addr
         ));
         match kind {
+            Kind::Compensable if case.reads_own[i] => text.push_str(&format!(
+                "    compensation: {{http: {{method: POST, url: \"http://{}/c{i}\", body: \
+                 {{id: \"{{{{steps.s{i}.output.id}}}}\"}}}}}}\n",
+                target.addr
+            )),
             Kind::Compensable => text.push_str(&format!(
                 "    compensation: {{http: {{method: POST, url: \"http://{}/c{i}\"}}}}\n",
                 target.addr
@@ -87,19 +105,32 @@ fn definition(case: &Case, target: &Target) -> String {
     text
 }
 
-/// Runs one action or compensation as the reference says: 200 succeeds, 400 fails for good,
-/// 503 is retried while attempts remain (always, for retriable steps). Records each call.
-fn attempt(script: &[u16], route: String, limit: Option<usize>, calls: &mut Vec<String>) -> bool {
+/// Runs one action or compensation as the reference says, from answer `next` of its script:
+/// 200 succeeds, 400 fails for good, 503 and a late success are retried while attempts remain
+/// (always, for retriable steps). Records each call. Returns whether it succeeded and whether
+/// an attempt may have acted unseen (a late success).
+fn attempt(
+    script: &[u16],
+    next: &mut usize,
+    route: String,
+    limit: Option<usize>,
+    calls: &mut Vec<String>,
+) -> (bool, bool) {
     let mut n = 0;
+    let mut unseen = false;
     loop {
-        let status = script.get(n).copied().unwrap_or(200);
+        let status = script.get(*next).copied().unwrap_or(200);
         calls.push(route.clone());
+        *next += 1;
         n += 1;
         match status {
-            200 => return true,
-            400 => return false,
-            _ if limit.is_some_and(|l| n >= l) => return false,
+            200 => return (true, unseen),
+            400 => return (false, unseen),
+            LATE => unseen = true,
             _ => {}
+        }
+        if limit.is_some_and(|l| n >= l) {
+            return (false, unseen);
         }
     }
 }
@@ -107,24 +138,51 @@ fn attempt(script: &[u16], route: String, limit: Option<usize>, calls: &mut Vec<
 /// The reference: the calls in order and the final state.
 fn expected(case: &Case) -> (Vec<String>, &'static str) {
     let mut calls = Vec::new();
+    let n = case.kinds.len();
+    let (mut next_action, mut next_compensation) = (vec![0; n], vec![0; n]);
     for (i, kind) in case.kinds.iter().enumerate() {
         let limit = (*kind != Kind::Retriable).then_some(MAX_ATTEMPTS);
-        if attempt(&case.actions[i], format!("POST /a{i}"), limit, &mut calls) {
+        let (done, unseen) = attempt(
+            &case.actions[i],
+            &mut next_action[i],
+            format!("POST /a{i}"),
+            limit,
+            &mut calls,
+        );
+        if done {
             continue;
         }
         let past_pivot = case.kinds[..i].iter().any(|k| *k != Kind::Compensable);
-        if *kind == Kind::Retriable || past_pivot {
+        if *kind == Kind::Retriable || past_pivot || (*kind == Kind::Pivot && unseen) {
             return (calls, "stuck");
         }
-        for j in (0..i).rev() {
-            if case.kinds[j] == Kind::Compensable
-                && !attempt(
-                    &case.compensations[j],
-                    format!("POST /c{j}"),
+        // The failed step too, if it may have acted; newest first.
+        for j in (0..=i).rev() {
+            if case.kinds[j] != Kind::Compensable || (j == i && !unseen) {
+                continue;
+            }
+            // A compensation that reads the output of a step that never answered sends the
+            // action again (fresh attempts) to learn it.
+            if j == i && case.reads_own[j] {
+                let (learned, _) = attempt(
+                    &case.actions[j],
+                    &mut next_action[j],
+                    format!("POST /a{j}"),
                     Some(MAX_ATTEMPTS),
                     &mut calls,
-                )
-            {
+                );
+                if !learned {
+                    return (calls, "stuck");
+                }
+            }
+            let (undone, _) = attempt(
+                &case.compensations[j],
+                &mut next_compensation[j],
+                format!("POST /c{j}"),
+                Some(MAX_ATTEMPTS),
+                &mut calls,
+            );
+            if !undone {
                 return (calls, "stuck");
             }
         }
@@ -134,10 +192,17 @@ fn expected(case: &Case) -> (Vec<String>, &'static str) {
 }
 
 fn reply(status: u16) -> Reply {
-    Reply {
-        status,
-        delay: std::time::Duration::ZERO,
-        body: "{}".into(),
+    match status {
+        LATE => Reply {
+            status: 200,
+            delay: std::time::Duration::from_millis(400),
+            body: r#"{"id": "late"}"#.into(),
+        },
+        status => Reply {
+            status,
+            delay: std::time::Duration::ZERO,
+            body: r#"{"id": "x"}"#.into(),
+        },
     }
 }
 

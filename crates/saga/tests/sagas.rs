@@ -238,9 +238,9 @@ async fn an_answer_that_grows_over_the_cap_once_escaped_fails_the_step_for_good(
         .register(&order_saga(&target, ""))
         .await
         .unwrap();
-    // 200 KiB of control bytes: under the cap as received, six times that as JSON. (The step
-    // fails for good and the earlier steps are compensated; whether the target acted is not
-    // known, which issue 26's first item is about.)
+    // 200 KiB of control bytes: under the cap as received, six times that as JSON. The step
+    // fails for good; the target answered success, so it acted: it is compensated with the
+    // earlier steps.
     target.fix(
         "POST /charge",
         Reply {
@@ -253,7 +253,7 @@ async fn an_answer_that_grows_over_the_cap_once_escaped_fails_the_step_for_good(
     let h = engine.wait_for("order", "escaped-1", "compensated").await;
     let error = h.summary.last_error.unwrap();
     assert!(error.contains("once stored as JSON"), "{error}");
-    assert_eq!(h.summary.compensated_steps, ["reserve"]);
+    assert_eq!(h.summary.compensated_steps, ["charge", "reserve"]);
     // JSON nested 100 deep parses, but not once inside the step's event (128 at most).
     target.fix(
         "POST /charge",
@@ -295,7 +295,8 @@ async fn a_step_that_times_out_on_every_attempt_is_compensated() {
             .unwrap()
             .contains("timed out after 150ms")
     );
-    assert_eq!(h.summary.compensated_steps, ["charge", "reserve"]);
+    // Each attempt reached the target, so ship may have acted: it is compensated too.
+    assert_eq!(h.summary.compensated_steps, ["charge", "reserve", "ship"]);
     engine.stop().await;
 }
 
@@ -1315,4 +1316,266 @@ async fn a_runner_that_cannot_record_progress_leaves_the_saga_stuck_for_retry() 
     sagas.stopped(Duration::from_secs(5)).await;
     hub.stopped().await;
     store.shutdown().await;
+}
+
+/// Reserve then charge; `charge` times out after 300 ms and is retried once on a timeout.
+/// `{refund}` is charge's compensation (its URL path and method).
+fn unknown_outcome_saga(target: &Target, refund: &str) -> String {
+    format!(
+        r#"
+name: unknown
+version: 1
+trigger: {{category: order, types: [OrderPlaced]}}
+correlationKey: /data/orderId
+defaults:
+  timeout: 2s
+  retry: {{maxAttempts: 2, initialBackoff: 10ms, maxBackoff: 20ms, jitter: 0, retryOn: [timeout, connection, 5xx]}}
+steps:
+  - name: reserve
+    action: {{http: {{method: POST, url: "{base}/reserve"}}}}
+    compensation: {{http: {{method: POST, url: "{base}/unreserve"}}}}
+  - name: charge
+    timeout: 300ms
+    action: {{http: {{method: POST, url: "{base}/charge"}}}}
+    compensation: {{http: {refund}}}
+"#,
+        base = format!("http://{}", target.addr),
+    )
+}
+
+#[tokio::test]
+async fn a_step_that_timed_out_is_compensated_because_it_may_have_acted() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    // Both attempts reach the target and succeed there, after the engine gave up.
+    target.fix("POST /charge", Reply::slow(Duration::from_millis(700)));
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let refund = format!(
+        "{{method: POST, url: \"http://{}/refund\", body: {{order: \"{{{{trigger.data.orderId}}}}\"}}}}",
+        target.addr
+    );
+    engine
+        .sagas
+        .register(&unknown_outcome_saga(&target, &refund))
+        .await
+        .unwrap();
+    place_order(&engine, "t-1").await;
+    let h = engine.wait_for("unknown", "t-1", "compensated").await;
+    assert_eq!(
+        story(&h),
+        [
+            "SagaStarted",
+            "StepSucceeded:reserve:action",
+            "StepFailed:charge:action",
+            "StepFailed:charge:action",
+            "SagaCompensating:charge:",
+            "StepSucceeded:charge:compensation",
+            "StepSucceeded:reserve:compensation",
+            "SagaCompensated"
+        ]
+    );
+    assert_eq!(h.history[2].data["outcomeUnknown"], json!(true));
+    assert_eq!(
+        target.routes(),
+        [
+            "POST /reserve",
+            "POST /charge",
+            "POST /charge",
+            "POST /refund",
+            "POST /unreserve"
+        ]
+    );
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_compensation_that_reads_its_output_learns_it_by_sending_the_action_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    // Two attempts time out (the target acted both times: the same idempotency key); sent
+    // again while compensating, the target answers at once with what it did.
+    target.queue(
+        "POST /charge",
+        vec![
+            Reply::slow(Duration::from_millis(700)),
+            Reply::slow(Duration::from_millis(700)),
+        ],
+    );
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 201,
+            delay: Duration::ZERO,
+            body: r#"{"chargeId": "ch-7"}"#.into(),
+        },
+    );
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let refund = format!(
+        "{{method: DELETE, url: \"http://{}/charges/{{{{steps.charge.output.chargeId}}}}\"}}",
+        target.addr
+    );
+    engine
+        .sagas
+        .register(&unknown_outcome_saga(&target, &refund))
+        .await
+        .unwrap();
+    place_order(&engine, "t-2").await;
+    let h = engine.wait_for("unknown", "t-2", "compensated").await;
+    assert_eq!(
+        target.routes(),
+        [
+            "POST /reserve",
+            "POST /charge",
+            "POST /charge",
+            "POST /charge",
+            "DELETE /charges/ch-7",
+            "POST /unreserve"
+        ]
+    );
+    let calls = target.calls();
+    let keys: Vec<_> = calls[1..4]
+        .iter()
+        .map(|c| c.idempotency_key.clone().unwrap())
+        .collect();
+    assert!(
+        keys.iter().all(|k| *k == keys[0]),
+        "one idempotency key: {keys:?}"
+    );
+    assert!(
+        story(&h).contains(&"StepSucceeded:charge:action".to_owned()),
+        "{:?}",
+        story(&h)
+    );
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn when_the_output_cannot_be_learned_the_saga_is_stuck_and_retry_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    target.fix("POST /charge", Reply::slow(Duration::from_millis(700)));
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let refund = format!(
+        "{{method: DELETE, url: \"http://{}/charges/{{{{steps.charge.output.chargeId}}}}\"}}",
+        target.addr
+    );
+    engine
+        .sagas
+        .register(&unknown_outcome_saga(&target, &refund))
+        .await
+        .unwrap();
+    place_order(&engine, "t-3").await;
+    let h = engine.wait_for("unknown", "t-3", "stuck").await;
+    let reason = h.summary.last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("may have acted") && reason.contains("reads its output"),
+        "{reason}"
+    );
+    // Nothing was undone in the meantime: reserve is compensated only after charge.
+    assert!(!target.routes().contains(&"POST /unreserve".to_owned()));
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 200,
+            delay: Duration::ZERO,
+            body: r#"{"chargeId": "ch-9"}"#.into(),
+        },
+    );
+    engine.sagas.retry(&h.summary.saga_id).await.unwrap();
+    engine.wait_for("unknown", "t-3", "compensated").await;
+    let routes = target.routes();
+    assert_eq!(
+        routes[routes.len() - 3..],
+        ["POST /charge", "DELETE /charges/ch-9", "POST /unreserve"]
+    );
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_success_answer_too_large_to_keep_is_compensated() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 200,
+            delay: Duration::ZERO,
+            body: format!("\"{}\"", "x".repeat(300 * 1024)),
+        },
+    );
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let refund = format!("{{method: POST, url: \"http://{}/refund\"}}", target.addr);
+    engine
+        .sagas
+        .register(&unknown_outcome_saga(&target, &refund))
+        .await
+        .unwrap();
+    place_order(&engine, "t-4").await;
+    engine.wait_for("unknown", "t-4", "compensated").await;
+    assert_eq!(
+        target.routes(),
+        [
+            "POST /reserve",
+            "POST /charge",
+            "POST /refund",
+            "POST /unreserve"
+        ]
+    );
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_step_that_was_never_sent_is_not_compensated() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    // A port nothing listens on: the connection is refused, nothing is sent.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let refund = format!("{{method: POST, url: \"http://{}/refund\"}}", target.addr);
+    let text = unknown_outcome_saga(&target, &refund).replace(
+        &format!("http://{}/charge", target.addr),
+        &format!("http://{closed_addr}/charge"),
+    );
+    engine.sagas.register(&text).await.unwrap();
+    place_order(&engine, "t-5").await;
+    let h = engine.wait_for("unknown", "t-5", "compensated").await;
+    assert_eq!(h.history[2].data.get("outcomeUnknown"), None);
+    assert_eq!(target.routes(), ["POST /reserve", "POST /unreserve"]);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_pivot_whose_outcome_is_unknown_stops_the_saga_for_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    target.fix("POST /charge", Reply::slow(Duration::from_millis(700)));
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let text = unknown_outcome_saga(&target, "{method: POST, url: \"http://127.0.0.1:1/x\"}")
+        .replace(
+            "    compensation: {http: {method: POST, url: \"http://127.0.0.1:1/x\"}}\n",
+            "    pivot: true\n",
+        );
+    assert!(text.contains("pivot: true"), "{text}");
+    engine.sagas.register(&text).await.unwrap();
+    place_order(&engine, "t-6").await;
+    let h = engine.wait_for("unknown", "t-6", "stuck").await;
+    assert!(
+        h.summary
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("pivot step charge may have acted")),
+        "{:?}",
+        h.summary.last_error
+    );
+    // The step before the pivot is not undone while the pivot may stand.
+    assert_eq!(
+        target.routes(),
+        ["POST /reserve", "POST /charge", "POST /charge"]
+    );
+    target.fix("POST /charge", Reply::status(200));
+    engine.sagas.retry(&h.summary.saga_id).await.unwrap();
+    engine.wait_for("unknown", "t-6", "completed").await;
+    engine.stop().await;
 }
