@@ -231,22 +231,41 @@ pub async fn call_http(
                 None => Failure::Interrupted(error_chain(&e)),
             })?;
         let status = response.status().as_u16();
-        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        let success = match &action.success_status {
+            Some(codes) => codes.contains(&status),
+            None => (200..300).contains(&status),
+        };
+        let bytes = match Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| {
+        {
+            Ok(body) => body.to_bytes(),
+            // A failure answer is a failure whatever its size: only its start is quoted.
+            Err(e)
+                if !success
+                    && e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some() =>
+            {
+                Bytes::from(format!(
+                    "(an answer over {} KiB)",
+                    MAX_RESPONSE_BYTES / 1024
+                ))
+            }
+            Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    Failure::Unusable(format!(
-                        "the answer is over the {} KiB a step's output may hold",
-                        MAX_RESPONSE_BYTES / 1024
-                    ))
-                } else {
-                    Failure::Interrupted(format!("reading the answer failed: {e}"))
-                }
-            })?
-            .to_bytes();
+                    .is_some() =>
+            {
+                return Err(Failure::Unusable(format!(
+                    "the answer is over the {} KiB a step's output may hold",
+                    MAX_RESPONSE_BYTES / 1024
+                )));
+            }
+            Err(e) => {
+                return Err(Failure::Interrupted(format!(
+                    "reading the answer failed: {e}"
+                )));
+            }
+        };
         Ok::<_, Failure>((status, bytes))
     })
     .await

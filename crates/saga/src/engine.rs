@@ -341,12 +341,11 @@ enum Move {
     Idle,
 }
 
-/// The step past which the instance can no longer be undone, if it has run.
+/// The step past which the instance can no longer be undone, if it has run or may have (an
+/// attempt whose outcome is unknown).
 fn passed_point_of_no_return<'a>(def: &'a SagaDefinition, state: &Instance) -> Option<&'a str> {
     let step = &def.steps[def.point_of_no_return()?];
-    state
-        .outputs
-        .contains_key(&step.name)
+    (state.outputs.contains_key(&step.name) || state.possibly_done.contains(&step.name))
         .then_some(step.name.as_str())
 }
 
@@ -944,8 +943,8 @@ impl<S: EventStore> Sagas<S> {
             }
             if let Some(step) = past_pivot {
                 return Err(Error::SagaConflict(format!(
-                    "saga {saga_id} is past its point of no return (step {step:?} succeeded) \
-                     and can no longer be cancelled"
+                    "saga {saga_id} is past its point of no return (step {step:?} succeeded, \
+                     or may have: an attempt's outcome is unknown) and can no longer be cancelled"
                 )));
             }
             Inner::append_locked(
@@ -1669,7 +1668,11 @@ impl<S: EventStore> Inner<S> {
             let retryable = failure.is_retryable(&policy.retry_on);
             let exhausted = policy.max_attempts.is_some_and(|max| used + 1 >= max);
             let is_final = !retryable || exhausted;
-            let outcome_unknown = phase == Phase::Action && failure.may_have_acted();
+            let outcome_unknown = phase == Phase::Action
+                && matches!(action, Action::Http(_) | Action::Append(_))
+                && failure.may_have_acted();
+            // The target answered, with the same idempotency key: it says what it did.
+            let answered = matches!(failure, Failure::Status(..));
             let error = failure.to_string();
             tracing::debug!(saga = %saga_id, step = %step.name, attempt, "step attempt failed: {error}");
             let mut events = vec![SagaEvent::StepFailed {
@@ -1688,7 +1691,7 @@ impl<S: EventStore> Inner<S> {
                     let state = live.state.lock().expect("state lock");
                     (
                         state.state == SagaState::Compensating,
-                        outcome_unknown || state.possibly_done.contains(&step.name),
+                        outcome_unknown || (state.possibly_done.contains(&step.name) && !answered),
                     )
                 };
                 let undoable = phase == Phase::Action && !step.retriable;

@@ -291,6 +291,11 @@ impl Instance {
             }
             SagaEvent::SagaCancelRequested { .. } => self.cancel_requested = true,
             SagaEvent::SagaStuck { step, phase, error } => {
+                // Stuck in an action (the engine could not record its outcome, say): it may
+                // have acted.
+                if *phase == Phase::Action && !step.is_empty() {
+                    self.possibly_done.insert(step.clone());
+                }
                 self.resume = self.state;
                 self.state = SagaState::Stuck;
                 self.attempts.remove(&(step.clone(), *phase));

@@ -107,15 +107,15 @@ fn definition(case: &Case, target: &Target) -> String {
 
 /// Runs one action or compensation as the reference says, from answer `next` of its script:
 /// 200 succeeds, 400 fails for good, 503 and a late success are retried while attempts remain
-/// (always, for retriable steps). Records each call. Returns whether it succeeded and whether
-/// an attempt may have acted unseen (a late success).
+/// (always, for retriable steps). Records each call. Returns whether it succeeded, whether
+/// an attempt may have acted unseen (a late success), and the last answer.
 fn attempt(
     script: &[u16],
     next: &mut usize,
     route: String,
     limit: Option<usize>,
     calls: &mut Vec<String>,
-) -> (bool, bool) {
+) -> (bool, bool, u16) {
     let mut n = 0;
     let mut unseen = false;
     loop {
@@ -124,13 +124,13 @@ fn attempt(
         *next += 1;
         n += 1;
         match status {
-            200 => return (true, unseen),
-            400 => return (false, unseen),
+            200 => return (true, unseen, status),
+            400 => return (false, unseen, status),
             LATE => unseen = true,
             _ => {}
         }
         if limit.is_some_and(|l| n >= l) {
-            return (false, unseen);
+            return (false, unseen, status);
         }
     }
 }
@@ -142,7 +142,7 @@ fn expected(case: &Case) -> (Vec<String>, &'static str) {
     let (mut next_action, mut next_compensation) = (vec![0; n], vec![0; n]);
     for (i, kind) in case.kinds.iter().enumerate() {
         let limit = (*kind != Kind::Retriable).then_some(MAX_ATTEMPTS);
-        let (done, unseen) = attempt(
+        let (done, unseen, last) = attempt(
             &case.actions[i],
             &mut next_action[i],
             format!("POST /a{i}"),
@@ -153,7 +153,9 @@ fn expected(case: &Case) -> (Vec<String>, &'static str) {
             continue;
         }
         let past_pivot = case.kinds[..i].iter().any(|k| *k != Kind::Compensable);
-        if *kind == Kind::Retriable || past_pivot || (*kind == Kind::Pivot && unseen) {
+        // A pivot whose last attempt went unanswered may have acted: a person decides. One
+        // the target answered (with the same idempotency key) did not.
+        if *kind == Kind::Retriable || past_pivot || (*kind == Kind::Pivot && last == LATE) {
             return (calls, "stuck");
         }
         // The failed step too, if it may have acted; newest first.
@@ -164,7 +166,7 @@ fn expected(case: &Case) -> (Vec<String>, &'static str) {
             // A compensation that reads the output of a step that never answered sends the
             // action again (fresh attempts) to learn it.
             if j == i && case.reads_own[j] {
-                let (learned, _) = attempt(
+                let (learned, ..) = attempt(
                     &case.actions[j],
                     &mut next_action[j],
                     format!("POST /a{j}"),
@@ -175,7 +177,7 @@ fn expected(case: &Case) -> (Vec<String>, &'static str) {
                     return (calls, "stuck");
                 }
             }
-            let (undone, _) = attempt(
+            let (undone, ..) = attempt(
                 &case.compensations[j],
                 &mut next_compensation[j],
                 format!("POST /c{j}"),

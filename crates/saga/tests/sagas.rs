@@ -1579,3 +1579,86 @@ async fn a_pivot_whose_outcome_is_unknown_stops_the_saga_for_a_person() {
     engine.wait_for("unknown", "t-6", "completed").await;
     engine.stop().await;
 }
+
+#[tokio::test]
+async fn a_pivot_that_may_have_acted_cannot_be_cancelled_and_a_definite_refusal_compensates() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let text = unknown_outcome_saga(&target, "{method: POST, url: \"http://127.0.0.1:1/x\"}")
+        .replace(
+            "    compensation: {http: {method: POST, url: \"http://127.0.0.1:1/x\"}}\n",
+            "    pivot: true\n",
+        )
+        .replace(
+            "initialBackoff: 10ms, maxBackoff: 20ms",
+            "initialBackoff: 1s, maxBackoff: 1s",
+        );
+    engine.sagas.register(&text).await.unwrap();
+    // The pivot's first attempt times out; during the back-off a cancel is refused, since the
+    // pivot may have acted.
+    target.queue(
+        "POST /charge",
+        vec![Reply::slow(Duration::from_millis(700))],
+    );
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 402,
+            delay: Duration::ZERO,
+            body: r#"{"error": "card declined"}"#.into(),
+        },
+    );
+    place_order(&engine, "t-7").await;
+    let id = skald_saga::saga_id("unknown", "t-7").to_string();
+    engine
+        .wait_until(&id, |h| {
+            story(h).contains(&"StepFailed:charge:action".to_owned())
+        })
+        .await;
+    let refused = engine
+        .sagas
+        .cancel(&id, "changed my mind")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::SagaConflict(m) if m.contains("may have")),
+        "{refused}"
+    );
+    // The second attempt, with the same idempotency key, is answered 402: the target says it
+    // did not charge, so the saga is compensated rather than stuck.
+    let h = engine.wait_for("unknown", "t-7", "compensated").await;
+    assert_eq!(h.summary.compensated_steps, ["reserve"]);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_failure_answer_is_a_failure_not_an_unknown_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    target.fix(
+        "POST /charge",
+        Reply {
+            status: 404,
+            delay: Duration::ZERO,
+            body: format!("<html>{}</html>", "x".repeat(300 * 1024)),
+        },
+    );
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let refund = format!("{{method: POST, url: \"http://{}/refund\"}}", target.addr);
+    engine
+        .sagas
+        .register(&unknown_outcome_saga(&target, &refund))
+        .await
+        .unwrap();
+    place_order(&engine, "t-8").await;
+    let h = engine.wait_for("unknown", "t-8", "compensated").await;
+    let error = h.summary.last_error.clone().unwrap();
+    assert!(error.contains("answered 404"), "{error}");
+    assert_eq!(h.history[2].data.get("outcomeUnknown"), None);
+    assert_eq!(
+        target.routes(),
+        ["POST /reserve", "POST /charge", "POST /unreserve"]
+    );
+    engine.stop().await;
+}
