@@ -72,6 +72,10 @@ pub struct CreateArgs {
     /// About the most messages held between the checkpoint and the reader.
     #[arg(long)]
     pub buffer_size: Option<usize>,
+    /// About the most bytes of events held between the checkpoint and the reader (also the
+    /// most one batch holds).
+    #[arg(long)]
+    pub buffer_bytes: Option<usize>,
     /// How often a moved checkpoint is written.
     #[arg(long)]
     pub checkpoint_after_ms: Option<u64>,
@@ -170,6 +174,7 @@ async fn create(client: &HttpClient, args: CreateArgs) -> anyhow::Result<()> {
         ("retryDelayMs", args.retry_delay_ms.map(Value::from)),
         ("maxRetryDelayMs", args.max_retry_delay_ms.map(Value::from)),
         ("bufferSize", args.buffer_size.map(Value::from)),
+        ("bufferBytes", args.buffer_bytes.map(Value::from)),
         (
             "checkpointAfterMs",
             args.checkpoint_after_ms.map(Value::from),

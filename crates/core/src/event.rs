@@ -307,6 +307,21 @@ pub struct RecordedEvent {
     pub position: Position,
 }
 
+impl RecordedEvent {
+    /// About how many bytes the event holds: its data, metadata, names, tags and source. What
+    /// read pages and consumer-group windows are bounded by.
+    pub fn size(&self) -> usize {
+        self.data.bytes().len()
+            + self.data.content_type().len()
+            + self.metadata.as_str().len()
+            + self.stream.as_str().len()
+            + self.event_type.as_str().len()
+            + self.tags.iter().map(|t| t.as_str().len()).sum::<usize>()
+            + self.source.as_ref().map_or(0, String::len)
+            + 64
+    }
+}
+
 /// A DCB append condition: fail if any event matching `query` exists after `after`
 /// (or at all, when `after` is `None`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,6 @@ pub use ids::{Category, EventId, EventType, Position, Revision, StreamName, Tag}
 pub use limits::Limits;
 pub use query::{Query, QueryItem};
 pub use store::{
-    Direction, Durability, EventStore, MAX_READ_PAGE, ReadPage, ReadRequest, ReadSource, StoreInfo,
-    StreamHead, read_to_end, read_to_end_by,
+    Direction, Durability, EventStore, MAX_READ_PAGE, MAX_READ_PAGE_BYTES, ReadPage, ReadRequest,
+    ReadSource, StoreInfo, StreamHead, read_to_end, read_to_end_by,
 };

@@ -13,6 +13,11 @@ use crate::{
 /// Larger reads are made of pages, so memory stays bounded however much is read.
 pub const MAX_READ_PAGE: usize = 4096;
 
+/// About the most bytes of events ([`RecordedEvent::size`]) one read page holds: a page ends
+/// with the event that reaches it (so it always holds at least one) and then says where the
+/// next page starts, as a full page does. Large events thus cost memory by bytes, not count.
+pub const MAX_READ_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
 /// Whether appends wait for their bytes to reach the disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

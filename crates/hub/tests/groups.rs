@@ -812,3 +812,63 @@ async fn pinned_polls_under_one_name_do_not_split_a_stream() {
     assert_eq!(third[0].event.position.0, base + 1);
     stop(store, groups, hub).await;
 }
+
+/// A group holds its window by bytes, not only by count: an idle group over large events holds
+/// about `bufferBytes` (plus one store page), and one poll answer holds no more.
+#[tokio::test]
+async fn windows_and_batches_of_large_events_are_bounded_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups, hub) = open(dir.path()).await;
+    const EVENTS: usize = 200;
+    let pad = "x".repeat(100 * 1024);
+    for i in 0..EVENTS {
+        store
+            .append(AppendRequest {
+                stream: StreamName::new(format!("big-{}", i % 7)).unwrap(),
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![ProposedEvent::new(
+                    EventType::new("Large").unwrap(),
+                    EventData::json(format!("{{\"i\":{i},\"pad\":\"{pad}\"}}")).unwrap(),
+                )],
+            })
+            .await
+            .unwrap();
+    }
+    let settings = GroupSettings::default();
+    assert_eq!(settings.buffer_bytes, 1024 * 1024, "the default");
+    groups.create(group("large", settings)).await.unwrap();
+    // The group fills its window with nobody taking: wait until it stops growing.
+    let mut held = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = groups.info("large").await.unwrap().stats.available;
+        if now == held && now > 0 {
+            break;
+        }
+        held = now;
+    }
+    let event_bytes = 100 * 1024 + 200;
+    let bound = 1024 * 1024 + MAX_READ_PAGE_BYTES + event_bytes;
+    assert!(
+        held * event_bytes <= bound,
+        "an idle group holds {held} events of 100 KiB, over about {bound} bytes"
+    );
+    // A poll for all of them gets no more than the window, and everything arrives in the end,
+    // once each, in order.
+    let mut seen = Vec::new();
+    while seen.len() < EVENTS {
+        let batch = groups.poll("large", "c", EVENTS, WAIT).await.unwrap();
+        assert!(!batch.is_empty(), "after {} of {EVENTS}", seen.len());
+        let bytes: usize = batch.iter().map(|m| m.event.size()).sum();
+        assert!(bytes <= bound, "a poll answer of {bytes} bytes");
+        let ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
+        for m in &batch {
+            let data: serde_json::Value = serde_json::from_slice(m.event.data.bytes()).unwrap();
+            seen.push(data["i"].as_u64().unwrap() as usize);
+        }
+        groups.ack("large", ids).await.unwrap();
+    }
+    assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>());
+    stop(store, groups, hub).await;
+}

@@ -609,6 +609,9 @@ fn settings_update(settings: Option<pb::GroupSettings>) -> Result<SettingsUpdate
         buffer_size: s
             .buffer_size
             .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
+        buffer_bytes: s
+            .buffer_bytes
+            .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
         checkpoint_after_ms: s.checkpoint_after_ms,
     })
 }
@@ -634,6 +637,7 @@ fn group_message(info: &GroupInfo) -> pb::GroupInfo {
             retry_delay_ms: Some(s.retry_delay_ms),
             max_retry_delay_ms: Some(s.max_retry_delay_ms),
             buffer_size: Some(s.buffer_size as u64),
+            buffer_bytes: Some(s.buffer_bytes as u64),
             checkpoint_after_ms: Some(s.checkpoint_after_ms),
         }),
         stats: Some(pb::GroupStats {

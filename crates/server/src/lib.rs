@@ -723,7 +723,8 @@ async fn filtered_page<S: EventStore>(
             // The end: `None` whether or not events were skipped.
             _ => return Ok(skald_core::ReadPage { events, next: None }),
         };
-        if events.len() == limit {
+        let bytes: usize = events.iter().map(skald_core::RecordedEvent::size).sum();
+        if events.len() == limit || bytes >= skald_core::MAX_READ_PAGE_BYTES {
             let last = events.last().expect("a full page").position.0;
             return Ok(skald_core::ReadPage {
                 events,

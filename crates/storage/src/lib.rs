@@ -427,7 +427,7 @@ impl Store {
                 read::scan_category(view, &mut reader, category.as_str(), from, limit)?
             }
         };
-        let next = (events.len() == limit && limit > 0)
+        let next = read::page_is_cut(&events, limit)
             .then(|| events.last().map(|e| e.position.0 + 1))
             .flatten();
         Ok(ReadPage { events, next })
@@ -444,7 +444,7 @@ fn stream_page(
     limit: usize,
     direction: Direction,
 ) -> ReadPage {
-    let next = (events.len() == limit && limit > 0)
+    let next = read::page_is_cut(&events, limit)
         .then(|| events.last().map(|e| e.revision.0))
         .flatten()
         .and_then(|last| match direction {

@@ -1,7 +1,7 @@
 //! Reads: by stream, category, query and over the global log, through a [`View`]. The same
 //! functions serve the writer's DCB condition check and readers.
 
-use skald_core::{Direction, Error, Query, QueryItem, RecordedEvent};
+use skald_core::{Direction, Error, MAX_READ_PAGE_BYTES, Query, QueryItem, RecordedEvent};
 
 use crate::codec;
 use crate::segments::{Address, RecordReader};
@@ -100,7 +100,8 @@ pub fn scan_global(
         });
     };
     let mut kept = 0;
-    while position < view.end && kept < limit {
+    let mut bytes = 0;
+    while position < view.end && kept < limit && bytes < MAX_READ_PAGE_BYTES {
         let version = reader.version(addr.ordinal());
         let body = reader.body_at(addr)?;
         let body_len = body.len();
@@ -125,6 +126,7 @@ pub fn scan_global(
                     reason,
                 })?;
             if keep(&event) {
+                bytes += event.size();
                 out.push(event);
                 kept += 1;
             }
@@ -147,7 +149,7 @@ fn scan_item(
     if let Some(tag) = item.tags.first() {
         // The tag index narrows the candidates; the record decides the rest of the item.
         for entry in view.postings(Kind::Tag, tag.as_str(), from)? {
-            if out.len() >= limit {
+            if out.len() >= limit || page_bytes(out) >= MAX_READ_PAGE_BYTES {
                 break;
             }
             let key = format!("tag {tag}");
@@ -168,11 +170,16 @@ fn scan_item(
         }
         addresses.sort_unstable();
         addresses.dedup();
+        let mut bytes = 0;
         for entry in addresses.into_iter().take(limit) {
             let event = decode_indexed(reader, entry, "one of the query's types", |e| {
                 item.types.contains(&e.event_type)
             })?;
+            bytes += event.size();
             out.push(event);
+            if bytes >= MAX_READ_PAGE_BYTES {
+                break;
+            }
         }
     } else {
         scan_global(view, reader, from, limit, |_| true, out)?;
@@ -189,15 +196,51 @@ pub fn scan_query(
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::new();
+    // Past the last event of an item whose scan stopped early (full, or at the byte budget),
+    // events of that item may be missing: the page ends there.
+    let mut complete_to: Option<u64> = None;
     for item in &query.items {
         let mut found = Vec::new();
         scan_item(view, reader, item, from, limit, &mut found)?;
+        if (found.len() >= limit || page_bytes(&found) >= MAX_READ_PAGE_BYTES)
+            && let Some(last) = found.last()
+        {
+            complete_to = Some(complete_to.map_or(last.position.0, |p| p.min(last.position.0)));
+        }
         out.append(&mut found);
     }
     out.sort_unstable_by_key(|e| e.position);
     out.dedup_by_key(|e| e.position);
+    if let Some(last) = complete_to {
+        out.retain(|e| e.position.0 <= last);
+    }
+    truncate_to_budget(&mut out);
     out.truncate(limit);
     Ok(out)
+}
+
+/// The bytes of a page's events.
+pub fn page_bytes(events: &[RecordedEvent]) -> usize {
+    events.iter().map(RecordedEvent::size).sum()
+}
+
+/// Whether a page may have stopped before the end: it holds `limit` events, or reached the
+/// byte budget.
+pub fn page_is_cut(events: &[RecordedEvent], limit: usize) -> bool {
+    limit > 0
+        && !events.is_empty()
+        && (events.len() >= limit || page_bytes(events) >= MAX_READ_PAGE_BYTES)
+}
+
+/// Ends the page with the event that reaches the byte budget.
+fn truncate_to_budget(events: &mut Vec<RecordedEvent>) {
+    let mut bytes = 0;
+    if let Some(end) = events.iter().position(|e| {
+        bytes += e.size();
+        bytes >= MAX_READ_PAGE_BYTES
+    }) {
+        events.truncate(end + 1);
+    }
 }
 
 /// The position of the first event of a user stream matching `query` from `from`: the DCB
@@ -247,10 +290,16 @@ pub fn scan_category(
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::new();
     let key = format!("category {category}");
+    let mut bytes = 0;
     for entry in view.postings(Kind::Category, category, from)?.take(limit) {
-        out.push(decode_indexed(reader, entry?, &key, |e| {
+        let event = decode_indexed(reader, entry?, &key, |e| {
             e.stream.category().as_str() == category
-        })?);
+        })?;
+        bytes += event.size();
+        out.push(event);
+        if bytes >= MAX_READ_PAGE_BYTES {
+            break;
+        }
     }
     Ok(out)
 }
@@ -277,7 +326,11 @@ pub fn decode_stream(
     end: u64,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let mut out = Vec::with_capacity(entries.len());
+    let mut bytes = 0;
     for &(revision, addr) in entries {
+        if bytes >= MAX_READ_PAGE_BYTES {
+            break;
+        }
         let key = format!("revision {revision} of stream {stream}");
         let event = decode_index_target(reader, addr, &key)?;
         if event.stream.as_str() != stream || event.revision.0 != revision {
@@ -291,6 +344,7 @@ pub fn decode_stream(
             ));
         }
         if event.position.0 < end {
+            bytes += event.size();
             out.push(event);
         }
     }

@@ -46,15 +46,14 @@ fn append(rt: &tokio::runtime::Runtime, store: &Store, n: usize) -> Result<Appen
     }))
 }
 
+/// Every event, page after page (pages are bounded by bytes too, so one may not hold all).
 fn read_all(rt: &tokio::runtime::Runtime, store: &Store) -> Vec<RecordedEvent> {
-    rt.block_on(store.read(ReadRequest {
-        source: ReadSource::All(None),
-        from: None,
-        direction: Direction::Forward,
-        limit: MAX_READ_PAGE,
+    let mut events = Vec::new();
+    rt.block_on(read_to_end(store, ReadSource::All(None), |e| {
+        events.push(e.clone())
     }))
-    .unwrap()
-    .events
+    .unwrap();
+    events
 }
 
 #[test]

@@ -121,3 +121,135 @@ async fn stream_reads_of_every_length_limit_and_direction_return_each_event_once
     assert!(page.events.is_empty() && page.next.is_none());
     store.shutdown().await;
 }
+
+/// Every page of `source` from its start, `limit` at a time: the positions read, and the
+/// largest page in bytes.
+async fn all_pages(store: &Store, source: ReadSource, limit: usize) -> (Vec<u64>, usize) {
+    let mut from = Some(0);
+    let (mut positions, mut largest) = (Vec::new(), 0);
+    loop {
+        let page = store
+            .read(ReadRequest {
+                source: source.clone(),
+                from,
+                direction: Direction::Forward,
+                limit,
+            })
+            .await
+            .unwrap();
+        let bytes: usize = page.events.iter().map(RecordedEvent::size).sum();
+        let last = page.events.last().map_or(0, RecordedEvent::size);
+        // A page ends with the event that reaches the budget: without it, it is under.
+        assert!(
+            bytes - last < MAX_READ_PAGE_BYTES,
+            "a page of {bytes} bytes went on past the budget"
+        );
+        largest = largest.max(bytes);
+        positions.extend(page.events.iter().map(|e| e.position.0));
+        match page.next {
+            Some(next) => from = Some(next),
+            None => return (positions, largest),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_large_events_are_bounded_by_bytes_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(Options {
+        data_dir: dir.path().to_path_buf(),
+        durability: Durability::None,
+        ..Options::default()
+    })
+    .unwrap()
+    .0;
+    // 40 events of about 900 KB in two streams of one category, with small ones between.
+    let big = "x".repeat(900 * 1024);
+    for n in 0..40u64 {
+        let stream = format!("big-{}", n % 2);
+        for (event_type, pad) in [("Large", big.as_str()), ("Small", "s")] {
+            store
+                .append(AppendRequest {
+                    stream: StreamName::new(&stream).unwrap(),
+                    expected: ExpectedRevision::Any,
+                    condition: None,
+                    events: vec![ProposedEvent {
+                        tags: vec![Tag::new("kind:big").unwrap()],
+                        ..ProposedEvent::new(
+                            EventType::new(event_type).unwrap(),
+                            EventData::json(format!("{{\"n\":{n},\"pad\":\"{pad}\"}}")).unwrap(),
+                        )
+                    }],
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let everything: Vec<u64> = (0..80).collect();
+    let large: Vec<u64> = (0..80).step_by(2).collect();
+    let stream0: Vec<u64> = (0..80).filter(|p| p % 4 < 2).collect();
+    let cases = [
+        (ReadSource::All(None), everything.clone()),
+        (
+            ReadSource::Category(Category::new("big").unwrap()),
+            everything.clone(),
+        ),
+        (
+            ReadSource::Query(
+                Query::new(vec![QueryItem {
+                    types: vec![EventType::new("Large").unwrap()],
+                    tags: vec![],
+                }])
+                .unwrap(),
+            ),
+            large.clone(),
+        ),
+        (
+            ReadSource::Query(
+                Query::new(vec![
+                    QueryItem {
+                        types: vec![],
+                        tags: vec![Tag::new("kind:big").unwrap()],
+                    },
+                    QueryItem {
+                        types: vec![EventType::new("Small").unwrap()],
+                        tags: vec![],
+                    },
+                ])
+                .unwrap(),
+            ),
+            everything.clone(),
+        ),
+    ];
+    for (source, want) in cases {
+        let (got, largest) = all_pages(&store, source.clone(), MAX_READ_PAGE).await;
+        assert_eq!(got, want, "{source:?}");
+        assert!(
+            largest < MAX_READ_PAGE_BYTES + 1024 * 1024,
+            "{source:?}: a page of {largest} bytes"
+        );
+    }
+    // A stream read, by revisions.
+    let mut from = None;
+    let mut positions = Vec::new();
+    loop {
+        let page = store
+            .read(ReadRequest {
+                source: ReadSource::Stream(StreamName::new("big-0").unwrap()),
+                from,
+                direction: Direction::Forward,
+                limit: MAX_READ_PAGE,
+            })
+            .await
+            .unwrap();
+        let bytes: usize = page.events.iter().map(RecordedEvent::size).sum();
+        assert!(bytes < MAX_READ_PAGE_BYTES + 1024 * 1024);
+        positions.extend(page.events.iter().map(|e| e.position.0));
+        match page.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(positions, stream0);
+    store.shutdown().await;
+}

@@ -275,6 +275,9 @@ pub(crate) struct Group<S> {
     window: BTreeMap<Key, Message>,
     /// Messages in the window that came from the source (not replays).
     source_messages: usize,
+    /// The bytes of the events in the window ([`RecordedEvent::size`]), bounded by
+    /// `bufferBytes` (plus the last delivery taken).
+    window_bytes: usize,
     consumers: Vec<Consumer>,
     next_consumer: u64,
     round_robin: usize,
@@ -372,6 +375,7 @@ impl<S: EventStore> Group<S> {
             reader_paused_until: None,
             window: BTreeMap::new(),
             source_messages: 0,
+            window_bytes: 0,
             consumers: Vec::new(),
             next_consumer: 1,
             round_robin: 0,
@@ -392,13 +396,22 @@ impl<S: EventStore> Group<S> {
         &self.definition.settings
     }
 
+    /// Whether the window may take more from the source: under `bufferSize` messages and
+    /// under `bufferBytes` bytes. One delivery is taken whole, so the window may pass the
+    /// byte budget by one store page (at most [`skald_core::MAX_READ_PAGE_BYTES`] and one
+    /// event), and a single event larger than the budget still goes through.
+    fn has_room(&self) -> bool {
+        self.source_messages < self.settings().buffer_size
+            && self.window_bytes < self.settings().buffer_bytes
+    }
+
     pub(crate) async fn run(mut self) {
         let hub = self.hub.clone();
         let mut stopping = Box::pin(async move { hub.stopping().await });
         loop {
             self.dispatch();
-            let room = self.source_messages < self.settings().buffer_size
-                && self.reader_paused_until.is_none_or(|t| t <= Instant::now());
+            let room =
+                self.has_room() && self.reader_paused_until.is_none_or(|t| t <= Instant::now());
             let timer = self.next_timer();
             let checkpoint_due = self.dirty.then(|| {
                 self.last_write + Duration::from_millis(self.settings().checkpoint_after_ms)
@@ -432,6 +445,7 @@ impl<S: EventStore> Group<S> {
             }
             if self.replay_loaded < self.parked_to
                 && self.window.len() < self.settings().buffer_size
+                && self.window_bytes < self.settings().buffer_bytes
             {
                 self.load_parked().await;
             }
@@ -541,7 +555,8 @@ impl<S: EventStore> Group<S> {
 
     /// The message is handled: it leaves the window.
     fn finish(&mut self, key: Key) {
-        if self.window.remove(&key).is_some() {
+        if let Some(message) = self.window.remove(&key) {
+            self.window_bytes -= message.event.size();
             if matches!(key, Key::Source(_)) {
                 self.source_messages -= 1;
             }
@@ -600,6 +615,7 @@ impl<S: EventStore> Group<S> {
                         continue;
                     }
                     let key = Key::Source(event.position.0);
+                    self.window_bytes += event.size();
                     self.window.insert(
                         key,
                         Message {
@@ -986,6 +1002,7 @@ impl<S: EventStore> Group<S> {
             }
             match self.parked_event(&parked).await {
                 Ok(Some(event)) => {
+                    self.window_bytes += event.size();
                     self.window.insert(
                         Key::Parked(revision),
                         Message {
@@ -1054,7 +1071,7 @@ impl<S: EventStore> Group<S> {
         // A live reader is woken only by events it selects, so its cursor may still stand
         // before events of other streams; one poll moves it to the tail's end, so that the lag
         // counts what the group has left to do. Cancel-safe: nothing is lost if it is not ready.
-        if self.source_messages < self.settings().buffer_size {
+        if self.has_room() {
             let mut context = std::task::Context::from_waker(std::task::Waker::noop());
             let polled = std::pin::pin!(self.reader.next()).poll(&mut context);
             if let std::task::Poll::Ready(delivery) = polled {

@@ -10,6 +10,8 @@ use crate::{SourceSpec, Start};
 pub const MAX_GROUP_NAME: usize = 100;
 /// Largest `bufferSize`.
 pub const MAX_BUFFER_SIZE: usize = 100_000;
+/// Largest `bufferBytes`: 1 GiB.
+pub const MAX_BUFFER_BYTES: usize = 1024 * 1024 * 1024;
 
 /// How a group shares its messages among its consumers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +50,9 @@ pub struct GroupSettings {
     pub max_retry_delay_ms: u64,
     /// About the most messages held between the checkpoint and the reader.
     pub buffer_size: usize,
+    /// About the most bytes of events held between the checkpoint and the reader (it may be
+    /// passed by one store page). It also bounds what one batch or poll answer holds.
+    pub buffer_bytes: usize,
     /// How often a checkpoint that moved is written.
     pub checkpoint_after_ms: u64,
 }
@@ -61,6 +66,7 @@ impl Default for GroupSettings {
             retry_delay_ms: 500,
             max_retry_delay_ms: 30_000,
             buffer_size: 1000,
+            buffer_bytes: 1024 * 1024,
             checkpoint_after_ms: 1000,
         }
     }
@@ -73,6 +79,7 @@ impl GroupSettings {
             ("messageTimeoutMs", self.message_timeout_ms),
             ("maxDeliveries", u64::from(self.max_deliveries)),
             ("bufferSize", self.buffer_size as u64),
+            ("bufferBytes", self.buffer_bytes as u64),
             ("checkpointAfterMs", self.checkpoint_after_ms),
         ] {
             if value == 0 {
@@ -83,6 +90,12 @@ impl GroupSettings {
             return Err(Error::invalid(format!(
                 "bufferSize {} is over the most allowed, {MAX_BUFFER_SIZE}",
                 self.buffer_size
+            )));
+        }
+        if self.buffer_bytes > MAX_BUFFER_BYTES {
+            return Err(Error::invalid(format!(
+                "bufferBytes {} is over the most allowed, {MAX_BUFFER_BYTES} (1 GiB)",
+                self.buffer_bytes
             )));
         }
         if self.retry_delay_ms > self.max_retry_delay_ms {
@@ -139,6 +152,8 @@ pub struct SettingsUpdate {
     /// See [`GroupSettings`].
     pub buffer_size: Option<usize>,
     /// See [`GroupSettings`].
+    pub buffer_bytes: Option<usize>,
+    /// See [`GroupSettings`].
     pub checkpoint_after_ms: Option<u64>,
 }
 
@@ -163,6 +178,9 @@ impl SettingsUpdate {
         }
         if let Some(v) = self.buffer_size {
             s.buffer_size = v;
+        }
+        if let Some(v) = self.buffer_bytes {
+            s.buffer_bytes = v;
         }
         if let Some(v) = self.checkpoint_after_ms {
             s.checkpoint_after_ms = v;
