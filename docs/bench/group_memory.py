@@ -1,6 +1,6 @@
 """Resident memory of a Skald server as idle consumer groups fill over large events (docs/benchmarks.md).
 
-usage: measure.py SKALD_BINARY EVENTS EVENT_BYTES GROUPS
+usage: group_memory.py SKALD_BINARY EVENTS EVENT_BYTES GROUPS
 Starts the server on a fresh data dir and a free port, appends EVENTS events whose data holds
 EVENT_BYTES of padding (one per append), then creates GROUPS groups from the start, one by one,
 printing VmRSS after each has filled its window; then polls count=300 once and prints the

@@ -872,3 +872,230 @@ async fn windows_and_batches_of_large_events_are_bounded_by_bytes() {
     assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>());
     stop(store, groups, hub).await;
 }
+
+/// One step of the pinned-ordering property test.
+#[derive(Clone, Debug)]
+enum Op {
+    /// Appends events to stream `s{0}`.
+    Append(usize, usize),
+    /// Consumer slot `0` takes what it is sent within a moment.
+    Take(usize),
+    /// Slot `0` acknowledges its oldest `1` messages.
+    Ack(usize, usize),
+    /// Slot `0` turns its oldest message down for a retry.
+    Retry(usize),
+    /// Slot `0` skips its oldest message.
+    Skip(usize),
+    /// Slot `0` leaves, and a new consumer of the same name joins.
+    Leave(usize),
+    /// Time passes (message timeouts are 120 ms).
+    Sleep(u64),
+    /// The store, hub and groups stop and start again.
+    Restart,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0..3usize, 1..4usize).prop_map(|(s, n)| Op::Append(s, n)),
+        6 => (0..2usize).prop_map(Op::Take),
+        3 => (0..2usize, 1..3usize).prop_map(|(c, n)| Op::Ack(c, n)),
+        1 => (0..2usize).prop_map(Op::Retry),
+        1 => (0..2usize).prop_map(Op::Skip),
+        1 => (0..2usize).prop_map(Op::Leave),
+        2 => (0..200u64).prop_map(Op::Sleep),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// What the test knows: every appended event (position to stream), the positions settled for
+/// good (an ack or skip the group answered as done), each slot's messages received and not yet
+/// acknowledged or turned down by it, oldest first, and the positions each slot's consumer was
+/// sent and that are not settled. A slot may still be sent a message it saw before (a timeout
+/// redelivers it, perhaps behind an older batch it has not read), so `seen` forgets a position
+/// only when it is settled or the consumer leaves.
+struct Model {
+    streams: BTreeMap<u64, String>,
+    done: BTreeSet<u64>,
+    held: [Vec<GroupMessage>; 2],
+    seen: [BTreeSet<u64>; 2],
+}
+
+impl Model {
+    fn settle(&mut self, position: u64) {
+        self.done.insert(position);
+        for seen in &mut self.seen {
+            seen.remove(&position);
+        }
+    }
+
+    /// Pinned ordering, as consumers can see it: when a consumer receives a message, every
+    /// earlier message of its stream is settled or was sent to that same consumer (received
+    /// before it), so no two consumers ever work on one stream at once.
+    fn receive(&mut self, slot: usize, batch: Vec<GroupMessage>) -> Result<(), String> {
+        for message in batch {
+            let position = message.event.position.0;
+            let stream = message.event.stream.as_str().to_owned();
+            for (&earlier, s) in self.streams.range(..position) {
+                if *s == stream
+                    && !self.done.contains(&earlier)
+                    && !self.seen[slot].contains(&earlier)
+                {
+                    return Err(format!(
+                        "slot {slot} got position {position} of {stream} while {earlier} of it \
+                         was neither settled nor sent to that slot (seen: {:?})",
+                        self.seen
+                    ));
+                }
+            }
+            self.seen[slot].insert(position);
+            self.held[slot].retain(|m| m.event.position.0 != position);
+            self.held[slot].push(message);
+        }
+        Ok(())
+    }
+}
+
+async fn pinned_run(ops: Vec<Op>) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, mut groups, mut hub) = open(dir.path()).await;
+    let settings = GroupSettings {
+        strategy: Strategy::Pinned,
+        message_timeout_ms: 120,
+        max_deliveries: 10_000,
+        retry_delay_ms: 5,
+        max_retry_delay_ms: 5,
+        ..GroupSettings::default()
+    };
+    groups.create(group("p", settings)).await.unwrap();
+    let names = ["a", "b"];
+    let mut consumers = Vec::new();
+    for name in names {
+        consumers.push(groups.join("p", name, "test", 3).await.unwrap());
+    }
+    let mut model = Model {
+        streams: BTreeMap::new(),
+        done: BTreeSet::new(),
+        held: [Vec::new(), Vec::new()],
+        seen: [BTreeSet::new(), BTreeSet::new()],
+    };
+    for op in ops {
+        match op {
+            Op::Append(s, n) => {
+                let first = append(&store, &format!("s{s}"), n).await;
+                for p in first..first + n as u64 {
+                    model.streams.insert(p, format!("s{s}"));
+                }
+            }
+            Op::Take(c) => {
+                if let Ok(event) =
+                    tokio::time::timeout(Duration::from_millis(30), consumers[c].next()).await
+                {
+                    match event {
+                        ConsumerEvent::Messages(batch) => model.receive(c, batch)?,
+                        ConsumerEvent::Ended(e) => return Err(format!("consumer ended: {e}")),
+                    }
+                }
+            }
+            Op::Ack(c, n) => {
+                let n = n.min(model.held[c].len());
+                let acked: Vec<GroupMessage> = model.held[c].drain(..n).collect();
+                for message in acked {
+                    let outcome = groups.ack("p", vec![message.ack_id.clone()]).await.unwrap();
+                    if outcome.done == 1 {
+                        model.settle(message.event.position.0);
+                    }
+                }
+            }
+            Op::Retry(c) | Op::Skip(c) if !model.held[c].is_empty() => {
+                let message = model.held[c].remove(0);
+                let action = match op {
+                    Op::Skip(_) => NackAction::Skip,
+                    _ => NackAction::Retry,
+                };
+                let outcome = groups
+                    .nack("p", vec![message.ack_id.clone()], action, "test".into())
+                    .await
+                    .unwrap();
+                if outcome.done == 1 && matches!(op, Op::Skip(_)) {
+                    model.settle(message.event.position.0);
+                }
+                if outcome.done == 1 && matches!(op, Op::Retry(_)) {
+                    // The later messages of its stream this consumer holds are taken back.
+                    let stream = message.event.stream.clone();
+                    let position = message.event.position.0;
+                    model.held[c]
+                        .retain(|m| m.event.stream != stream || m.event.position.0 < position);
+                }
+            }
+            Op::Retry(_) | Op::Skip(_) => {}
+            Op::Leave(c) => {
+                consumers[c] = groups.join("p", names[c], "test", 3).await.unwrap();
+                model.held[c].clear();
+                model.seen[c].clear();
+            }
+            Op::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Op::Restart => {
+                drop(consumers);
+                stop(store, groups, hub).await;
+                (store, groups, hub) = open(dir.path()).await;
+                consumers = Vec::new();
+                for name in names {
+                    consumers.push(groups.join("p", name, "test", 3).await.unwrap());
+                }
+                model.held = [Vec::new(), Vec::new()];
+                model.seen = [BTreeSet::new(), BTreeSet::new()];
+            }
+        }
+    }
+    // In the end every event is delivered and settled: nothing is lost.
+    let deadline = std::time::Instant::now() + WAIT;
+    while model.streams.keys().any(|p| !model.done.contains(p)) {
+        if std::time::Instant::now() > deadline {
+            let missing: Vec<_> = model
+                .streams
+                .keys()
+                .filter(|p| !model.done.contains(p))
+                .collect();
+            return Err(format!("never settled: {missing:?}"));
+        }
+        for (c, consumer) in consumers.iter_mut().enumerate() {
+            if let Ok(ConsumerEvent::Messages(batch)) =
+                tokio::time::timeout(Duration::from_millis(20), consumer.next()).await
+            {
+                model.receive(c, batch)?;
+            }
+            let held: Vec<GroupMessage> = model.held[c].drain(..).collect();
+            for message in held {
+                let outcome = groups.ack("p", vec![message.ack_id.clone()]).await.unwrap();
+                if outcome.done == 1 {
+                    model.settle(message.event.position.0);
+                }
+            }
+        }
+    }
+    drop(consumers);
+    stop(store, groups, hub).await;
+    Ok(())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 24,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Pinned ordering and no loss under timeouts, nacks, skips, leaves and restarts.
+    #[test]
+    fn pinned_groups_keep_stream_order_and_lose_nothing(
+        ops in proptest::collection::vec(op(), 1..30)
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let result = runtime.block_on(pinned_run(ops));
+        proptest::prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+}
