@@ -919,9 +919,26 @@ struct Model {
     done: BTreeSet<u64>,
     held: [Vec<GroupMessage>; 2],
     seen: [BTreeSet<u64>; 2],
+    /// The latest delivery of each position any consumer received.
+    latest: BTreeMap<u64, u32>,
 }
 
 impl Model {
+    /// An ack or nack answered `done` must be of the latest delivery a consumer received: a
+    /// stale one (the message went out again since) settles nothing.
+    fn check_settled(&self, message: &GroupMessage, done: usize) -> Result<(), String> {
+        let position = message.event.position.0;
+        let latest = self.latest.get(&position).copied().unwrap_or(0);
+        if done > 0 && message.deliveries < latest {
+            return Err(format!(
+                "a stale ack or nack of delivery {} of position {position} settled it, though \
+                 delivery {latest} was out",
+                message.deliveries
+            ));
+        }
+        Ok(())
+    }
+
     fn settle(&mut self, position: u64) {
         self.done.insert(position);
         for seen in &mut self.seen {
@@ -949,6 +966,8 @@ impl Model {
                 }
             }
             self.seen[slot].insert(position);
+            let latest = self.latest.entry(position).or_default();
+            *latest = (*latest).max(message.deliveries);
             self.held[slot].retain(|m| m.event.position.0 != position);
             self.held[slot].push(message);
         }
@@ -978,6 +997,7 @@ async fn pinned_run(ops: Vec<Op>) -> Result<(), String> {
         done: BTreeSet::new(),
         held: [Vec::new(), Vec::new()],
         seen: [BTreeSet::new(), BTreeSet::new()],
+        latest: BTreeMap::new(),
     };
     for op in ops {
         match op {
@@ -1002,6 +1022,7 @@ async fn pinned_run(ops: Vec<Op>) -> Result<(), String> {
                 let acked: Vec<GroupMessage> = model.held[c].drain(..n).collect();
                 for message in acked {
                     let outcome = groups.ack("p", vec![message.ack_id.clone()]).await.unwrap();
+                    model.check_settled(&message, outcome.done)?;
                     if outcome.done == 1 {
                         model.settle(message.event.position.0);
                     }
@@ -1017,6 +1038,7 @@ async fn pinned_run(ops: Vec<Op>) -> Result<(), String> {
                     .nack("p", vec![message.ack_id.clone()], action, "test".into())
                     .await
                     .unwrap();
+                model.check_settled(&message, outcome.done)?;
                 if outcome.done == 1 && matches!(op, Op::Skip(_)) {
                     model.settle(message.event.position.0);
                 }
@@ -1045,6 +1067,8 @@ async fn pinned_run(ops: Vec<Op>) -> Result<(), String> {
                 }
                 model.held = [Vec::new(), Vec::new()];
                 model.seen = [BTreeSet::new(), BTreeSet::new()];
+                // Delivery counts start again with the group.
+                model.latest.clear();
             }
         }
     }
@@ -1068,6 +1092,7 @@ async fn pinned_run(ops: Vec<Op>) -> Result<(), String> {
             let held: Vec<GroupMessage> = model.held[c].drain(..).collect();
             for message in held {
                 let outcome = groups.ack("p", vec![message.ack_id.clone()]).await.unwrap();
+                model.check_settled(&message, outcome.done)?;
                 if outcome.done == 1 {
                     model.settle(message.event.position.0);
                 }

@@ -3,7 +3,8 @@
 //! from the target (200, 503, 400, or a success that arrives after the attempt timed out, per
 //! attempt), run by the real engine against a real HTTP target, compared with a few lines of
 //! obviously correct reference logic: which calls are made, in which order, and the final
-//! state. A late success is an unknown outcome: the step may have acted.
+//! state. A late success is an unknown outcome: the step may have acted. Half the cases
+//! deliver the trigger twice: one instance runs, from the first.
 
 mod support;
 
@@ -23,6 +24,8 @@ struct Case {
     kinds: Vec<Kind>,
     /// Whether each step's compensation reads the step's own output.
     reads_own: Vec<bool>,
+    /// Whether the trigger comes twice (a producer's duplicate): one instance, from the first.
+    duplicate: bool,
     /// Statuses the action of each step answers, attempt by attempt; 200 after them.
     actions: Vec<Vec<u16>>,
     /// The same for each step's compensation.
@@ -66,14 +69,18 @@ fn case() -> impl Strategy<Value = Case> {
                 proptest::collection::vec(any::<bool>(), n),
                 answers(),
                 answers(),
+                any::<bool>(),
             )
         })
-        .prop_map(|(kinds, reads_own, actions, compensations)| Case {
-            kinds,
-            reads_own,
-            actions,
-            compensations,
-        })
+        .prop_map(
+            |(kinds, reads_own, actions, compensations, duplicate)| Case {
+                kinds,
+                reads_own,
+                duplicate,
+                actions,
+                compensations,
+            },
+        )
 }
 
 fn definition(case: &Case, target: &Target) -> String {
@@ -229,12 +236,17 @@ proptest! {
             }
             let engine = Engine::open(dir.path(), SagaOptions::default()).await;
             engine.sagas.register(&definition(&case, &target)).await.unwrap();
-            engine.append("order-1", "OrderPlaced", serde_json::json!({"orderId": "1"})).await;
+            engine.append("order-1", "OrderPlaced", serde_json::json!({"orderId": "1", "n": 1})).await;
+            if case.duplicate {
+                engine.append("order-1", "OrderPlaced", serde_json::json!({"orderId": "1", "n": 2})).await;
+            }
             let id = skald_saga::saga_id("model", "1").to_string();
             let h = engine
                 .wait_until(&id, |h| h.summary.state.is_final() || h.summary.state.as_str() == "stuck")
                 .await;
+            let first = h.history[0].data["trigger"]["data"]["n"].clone();
             engine.stop().await;
+            assert_eq!(first, serde_json::json!(1), "the instance starts from the first trigger");
             (target.routes(), h.summary.state.as_str())
         });
         let (want_calls, want_state) = expected(&case);
