@@ -9,18 +9,32 @@ use skald_core::{
 
 /// Reads a source forward, a page at a time, from just after a checkpoint to what is stored
 /// when it is read: the walk of projections, process managers and DCB decisions.
+///
+/// The checkpoint is a global position whatever the source. A stream is read by revision, so
+/// for a stream source the cursor first finds the stream's first revision after the checkpoint
+/// (positions grow with revisions within a stream), then moves by revisions.
 pub(crate) struct Cursor {
     source: ReadSource,
+    checkpoint: Option<Position>,
+    /// The next `from`: a revision for a stream source once `resolved`, a position otherwise.
     from: u64,
+    resolved: bool,
     done: bool,
 }
 
 impl Cursor {
     /// From the first event after `checkpoint` (from the first event there is, without one).
     pub(crate) fn after(source: ReadSource, checkpoint: Option<Position>) -> Self {
+        let by_revision = matches!(source, ReadSource::Stream(_));
         Self {
             source,
-            from: checkpoint.map_or(0, |p| p.0 + 1),
+            checkpoint,
+            from: if by_revision {
+                0
+            } else {
+                checkpoint.map_or(0, |p| p.0 + 1)
+            },
+            resolved: !by_revision || checkpoint.is_none(),
             done: false,
         }
     }
@@ -35,6 +49,13 @@ impl Cursor {
         if self.done {
             return Ok(None);
         }
+        if !self.resolved {
+            if let (ReadSource::Stream(stream), Some(checkpoint)) = (&self.source, self.checkpoint)
+            {
+                self.from = first_revision_after(store, stream, checkpoint).await?;
+            }
+            self.resolved = true;
+        }
         let asked = self.from;
         let page = store
             .read(ReadRequest {
@@ -45,7 +66,10 @@ impl Cursor {
             })
             .await?;
         if let Some(last) = page.events.last() {
-            self.from = last.position.0 + 1;
+            self.from = match self.source {
+                ReadSource::Stream(_) => last.revision.0 + 1,
+                _ => last.position.0 + 1,
+            };
         }
         match page.next {
             Some(next) if next > asked => self.from = self.from.max(next),
@@ -53,6 +77,41 @@ impl Cursor {
         }
         Ok(Some(page.events))
     }
+}
+
+/// The first revision of `stream` whose position is after `checkpoint` (its next revision when
+/// none is): a binary search, one single-event read per step.
+async fn first_revision_after<S: EventStore>(
+    store: &S,
+    stream: &StreamName,
+    checkpoint: Position,
+) -> skald_core::Result<u64> {
+    let Some(last) = last_event(store, stream).await? else {
+        return Ok(0);
+    };
+    if last.position <= checkpoint {
+        return Ok(last.revision.0 + 1);
+    }
+    // The answer, a `from` to read on at, lies in lo..=hi: reading from hi gives an event
+    // after the checkpoint first.
+    let (mut lo, mut hi) = (0, last.revision.0);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let page = store
+            .read(ReadRequest {
+                source: ReadSource::Stream(stream.clone()),
+                from: Some(mid),
+                direction: Direction::Forward,
+                limit: 1,
+            })
+            .await?;
+        match page.events.first() {
+            Some(event) if event.position <= checkpoint => lo = event.revision.0.max(mid) + 1,
+            Some(_) => hi = mid,
+            None => lo = mid + 1,
+        }
+    }
+    Ok(lo)
 }
 
 /// Waits until `stop` resolves (true) or the store holds more than `known` events (false).

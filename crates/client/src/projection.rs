@@ -3,8 +3,12 @@
 //!
 //! The contract that makes the effects exactly-once: [`Projection::apply`] writes what a batch
 //! of events changes *and* the batch's checkpoint in one transaction of the read model's
-//! database. After a crash either both are there or neither is, and the [`Projector`] starts
-//! again after the checkpoint it reads back, so no event is applied twice or skipped.
+//! database, and commits only if the stored checkpoint is still the one the batch follows
+//! (compare-and-set). After a crash either both are there or neither is, and the [`Projector`]
+//! starts again after the checkpoint it reads back, so no event is applied twice or skipped.
+//! The compare-and-set is what keeps this true when two runners feed one read model (two
+//! replicas, or a restart that overlaps the old process): the second to commit a batch finds
+//! the checkpoint moved, rolls back, and its runner stops with the projection's error.
 
 use std::fmt;
 use std::future::Future;
@@ -24,11 +28,14 @@ pub trait Projection: Send {
     /// the first.
     fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, Self::Error>> + Send;
 
-    /// Applies `events` (in log order, all after the checkpoint) and stores `checkpoint` (the
-    /// last one's position) in one transaction: both or neither.
+    /// Applies `events` (in log order, all after `previous`) and stores `checkpoint` (the last
+    /// one's position) in one transaction: both or neither. The transaction must commit only
+    /// if the stored checkpoint is still `previous` (`None`: none stored), and otherwise fail:
+    /// another runner applied these events already.
     fn apply(
         &mut self,
         events: &[RecordedEvent],
+        previous: Option<Position>,
         checkpoint: Position,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
@@ -157,7 +164,7 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
                 .collect();
             if let Some(last) = events.last().map(|e| e.position) {
                 self.projection
-                    .apply(&events, last)
+                    .apply(&events, checkpoint, last)
                     .await
                     .map_err(ProjectionError::Projection)?;
                 checkpoint = Some(last);

@@ -31,17 +31,31 @@ struct Totals {
     db: Arc<Mutex<Committed>>,
     calls: usize,
     fail_on: Option<usize>,
+    source: ReadSource,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the read model failed on purpose")]
-struct Failed;
+fn totals(db: &Arc<Mutex<Committed>>, fail_on: Option<usize>) -> Totals {
+    Totals {
+        db: db.clone(),
+        calls: 0,
+        fail_on,
+        source: ReadSource::Category(Category::new("account").unwrap()),
+    }
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum Failed {
+    #[error("the read model failed on purpose")]
+    OnPurpose,
+    #[error("another runner moved the checkpoint")]
+    Superseded,
+}
 
 impl Projection for Totals {
     type Error = Failed;
 
     fn source(&self) -> ReadSource {
-        ReadSource::Category(Category::new("account").unwrap())
+        self.source.clone()
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, Failed> {
@@ -51,10 +65,15 @@ impl Projection for Totals {
     async fn apply(
         &mut self,
         events: &[RecordedEvent],
+        previous: Option<Position>,
         checkpoint: Position,
     ) -> Result<(), Failed> {
         self.calls += 1;
         let mut draft = self.db.lock().unwrap().clone();
+        // The transaction's compare-and-set: it reads the checkpoint it commits over.
+        if draft.checkpoint != previous {
+            return Err(Failed::Superseded);
+        }
         for event in events {
             assert!(
                 draft.checkpoint.is_none_or(|c| event.position > c),
@@ -74,9 +93,15 @@ impl Projection for Totals {
         assert_eq!(Some(checkpoint), events.last().map(|e| e.position));
         draft.checkpoint = Some(checkpoint);
         if self.fail_on == Some(self.calls) {
-            return Err(Failed);
+            return Err(Failed::OnPurpose);
         }
-        *self.db.lock().unwrap() = draft;
+        // Commit, if nobody committed meanwhile (two runners of a test interleave here only
+        // at an await, and there is none between the read above and this write).
+        let mut db = self.db.lock().unwrap();
+        if db.checkpoint != previous {
+            return Err(Failed::Superseded);
+        }
+        *db = draft;
         Ok(())
     }
 
@@ -138,31 +163,15 @@ async fn projection_story<S: EventStore>(store: &S) {
     let db = Arc::new(Mutex::new(Committed::default()));
 
     // The fifth transaction fails: the four before it stay, and nothing of the fifth.
-    let mut failing = Projector::new(
-        store,
-        Totals {
-            db: db.clone(),
-            calls: 0,
-            fail_on: Some(5),
-        },
-    )
-    .batch(50);
+    let mut failing = Projector::new(store, totals(&db, Some(5))).batch(50);
     match failing.catch_up().await {
-        Err(ProjectionError::Projection(Failed)) => {}
+        Err(ProjectionError::Projection(Failed::OnPurpose)) => {}
         other => panic!("expected the read model's failure, got {other:?}"),
     }
     assert_eq!(db.lock().unwrap().applied, 4 * 50);
 
     // A new runner resumes after the checkpoint: every deposit counted exactly once.
-    let mut projector = Projector::new(
-        store,
-        Totals {
-            db: db.clone(),
-            calls: 0,
-            fail_on: None,
-        },
-    )
-    .batch(50);
+    let mut projector = Projector::new(store, totals(&db, None)).batch(50);
     let checkpoint = projector.catch_up().await.unwrap();
     {
         let committed = db.lock().unwrap();
@@ -234,4 +243,106 @@ async fn projections_through_the_client() {
     let client = Client::connect(&url).await.unwrap();
     projection_story(&client).await;
     server.stop().await;
+}
+
+/// A projection of one stream: it is read by revision, so the runner must turn its
+/// checkpoint (a position) into the stream's next revision, never use it as one.
+async fn stream_projection_story<S: EventStore>(store: &S) {
+    // acct-1 holds every fourth of 100 deposits; the rest go to other accounts.
+    let mut mine = Vec::new();
+    for i in 0..100u32 {
+        let account = if i % 4 == 0 { 1 } else { 2 + i % 3 };
+        deposit(store, account, u64::from(i + 1)).await;
+        if account == 1 {
+            mine.push((1, u64::from(i + 1)));
+        }
+    }
+    let db = Arc::new(Mutex::new(Committed::default()));
+    let one = ReadSource::Stream(StreamName::new("account-1").unwrap());
+    let mut projector = Projector::new(
+        store,
+        Totals {
+            source: one.clone(),
+            ..totals(&db, None)
+        },
+    )
+    .batch(5);
+    projector.catch_up().await.unwrap();
+    assert_eq!(
+        db.lock().unwrap().applied,
+        25,
+        "every event of the stream, once"
+    );
+    assert_eq!(db.lock().unwrap().totals, expected_totals(&mine));
+    // A new runner resumes from the stored checkpoint; only later events are applied.
+    for i in 100..110u32 {
+        deposit(store, 1 + i % 2, 1000).await;
+        if i % 2 == 0 {
+            mine.push((1, 1000));
+        }
+    }
+    let mut again = Projector::new(
+        store,
+        Totals {
+            source: one,
+            ..totals(&db, None)
+        },
+    )
+    .batch(3);
+    again.catch_up().await.unwrap();
+    assert_eq!(db.lock().unwrap().applied, 30);
+    assert_eq!(db.lock().unwrap().totals, expected_totals(&mine));
+}
+
+#[tokio::test]
+async fn a_projection_of_one_stream_skips_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    stream_projection_story(&store).await;
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_projection_of_one_stream_skips_nothing_through_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = serve(dir.path(), listener).await;
+    let client = Client::connect(&url).await.unwrap();
+    stream_projection_story(&client).await;
+    server.stop().await;
+}
+
+/// Two runners on one read model (two replicas, or a restart that overlaps the old process):
+/// the compare-and-set of `apply` lets each batch commit once; the runner that finds the
+/// checkpoint moved stops, and every event is applied exactly once.
+#[tokio::test]
+async fn two_projectors_on_one_read_model_apply_each_event_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    for i in 0..200u32 {
+        deposit(&store, i % 5, 1).await;
+    }
+    let db = Arc::new(Mutex::new(Committed::default()));
+    let mut first = Projector::new(&store, totals(&db, None)).batch(7);
+    let mut second = Projector::new(&store, totals(&db, None)).batch(7);
+    let (a, b) = tokio::join!(first.catch_up(), second.catch_up());
+    let stopped = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(ProjectionError::Projection(Failed::Superseded))))
+        .count();
+    assert!(a.is_ok() || b.is_ok(), "one runner finishes: {a:?} {b:?}");
+    let committed = db.lock().unwrap().clone();
+    // Whatever the interleaving, nothing was applied twice; a runner that lost a race
+    // stopped, and the one left finished the rest.
+    if stopped == 0 {
+        assert_eq!(committed.applied, 200);
+    }
+    let mut last = Projector::new(&store, totals(&db, None)).batch(7);
+    last.catch_up().await.unwrap();
+    let committed = db.lock().unwrap();
+    assert_eq!(committed.applied, 200, "each event applied once");
+    assert_eq!(committed.totals.values().sum::<u64>(), 200);
+    drop(committed);
+    store.shutdown().await;
 }

@@ -1,6 +1,7 @@
 //! A bank account on Skald: the aggregate that decides deposits and withdrawals, and a SQLite
 //! projection of every account's balance, kept exactly once by storing its checkpoint in the
-//! same transaction as the balances.
+//! same transaction as the balances, with a compare-and-set, so that a second projector on the
+//! same database stops instead of counting events twice.
 
 use std::path::Path;
 
@@ -105,6 +106,12 @@ pub enum ReadModelError {
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
     Event(String),
+    /// Another projector committed since this batch was read: nothing of it is kept.
+    #[error(
+        "another projector moved the read model's checkpoint (expected {expected}); this one \
+         stops so that no event is applied twice"
+    )]
+    Superseded { expected: String },
 }
 
 /// One account as the read model has it.
@@ -192,9 +199,27 @@ impl Projection for Balances {
     async fn apply(
         &mut self,
         events: &[RecordedEvent],
+        previous: Option<Position>,
         checkpoint: Position,
     ) -> Result<(), ReadModelError> {
         let tx = self.db.transaction()?;
+        // Compare-and-set first: a second projector's batch rolls back here, untouched.
+        let moved = match previous {
+            Some(previous) => tx.execute(
+                "UPDATE checkpoint SET position = ?1 WHERE projection = 'balances' AND position = ?2",
+                params![checkpoint.0 as i64, previous.0 as i64],
+            )?,
+            None => tx.execute(
+                "INSERT INTO checkpoint (projection, position) VALUES ('balances', ?1)
+                 ON CONFLICT (projection) DO NOTHING",
+                params![checkpoint.0 as i64],
+            )?,
+        };
+        if moved != 1 {
+            return Err(ReadModelError::Superseded {
+                expected: previous.map_or("none".into(), |p| p.0.to_string()),
+            });
+        }
         for event in events {
             let id = event
                 .stream
@@ -223,11 +248,6 @@ impl Projection for Balances {
                 params![id, change],
             )?;
         }
-        tx.execute(
-            "INSERT INTO checkpoint (projection, position) VALUES ('balances', ?1)
-             ON CONFLICT (projection) DO UPDATE SET position = excluded.position",
-            params![checkpoint.0 as i64],
-        )?;
         tx.commit()?;
         Ok(())
     }

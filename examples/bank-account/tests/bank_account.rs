@@ -1,7 +1,7 @@
 //! The example as a user runs it, against a server: commands through the binary, the
 //! projection killed with SIGKILL mid-way three times and resumed from its SQLite checkpoint
-//! without applying an event twice, the balance query, a rebuild, and live projection stopped
-//! with Ctrl-C.
+//! without applying an event twice, the balance query, a rebuild, two projectors racing on one
+//! read model, and live projection stopped with Ctrl-C.
 
 #[path = "../../../crates/client/tests/support/mod.rs"]
 mod support;
@@ -165,6 +165,25 @@ async fn commands_projection_kills_and_queries() {
     let out = run(&url, &db, &["rebuild"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     check(&db);
+
+    // Two projectors on one new read model at once (two replicas): the checkpoint's
+    // compare-and-set lets each batch commit once; a process that finds it moved stops with
+    // the reason, and one more run finishes what is left. Nothing is counted twice.
+    let shared = dir.path().join("shared.sqlite");
+    let (a, b) = tokio::join!(
+        run(&url, &shared, &["project", "--once", "--batch", "3"]),
+        run(&url, &shared, &["project", "--once", "--batch", "3"]),
+    );
+    for out in [&a, &b] {
+        assert!(
+            out.status.success() || text(&out.stderr).contains("another projector"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let out = run(&url, &shared, &["project", "--once"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    check(&shared);
 
     // Live: a deposit shows up in the read model while `project` follows; Ctrl-C stops it
     // between transactions.
