@@ -340,9 +340,8 @@ async fn two_projectors_on_one_read_model_apply_each_event_once() {
     }
     let mut last = Projector::new(&store, totals(&db, None)).batch(7);
     last.catch_up().await.unwrap();
-    let committed = db.lock().unwrap();
+    let committed = db.lock().unwrap().clone();
     assert_eq!(committed.applied, 200, "each event applied once");
     assert_eq!(committed.totals.values().sum::<u64>(), 200);
-    drop(committed);
     store.shutdown().await;
 }
