@@ -123,6 +123,14 @@ pub enum CommandError<E> {
     Store(Error),
     /// A stored event did not decode.
     Codec(CodecError),
+    /// The command key was used before for another command: on another stream, or for events
+    /// that differ from what this command decides. Nothing was appended; use a fresh key.
+    KeyReused {
+        /// The key.
+        key: String,
+        /// How its earlier use differs.
+        reason: String,
+    },
 }
 
 impl<E: fmt::Display> fmt::Display for CommandError<E> {
@@ -132,6 +140,11 @@ impl<E: fmt::Display> fmt::Display for CommandError<E> {
             Self::Conflict(e) => write!(f, "the command kept conflicting: {e}"),
             Self::Store(e) => write!(f, "{e}"),
             Self::Codec(e) => write!(f, "{e}"),
+            Self::KeyReused { key, reason } => write!(
+                f,
+                "command key {key:?} was used before for another command ({reason}); nothing \
+                 was appended: give this command a key of its own"
+            ),
         }
     }
 }
@@ -208,7 +221,7 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
     /// page (all of them without snapshots).
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, CommandError<A::Error>> {
         let stream = StreamName::new(A::stream(id)).map_err(CommandError::Store)?;
-        Ok(self.replay(&stream, None).await?.loaded)
+        Ok(self.replay(&stream, None, true).await?.loaded)
     }
 
     /// Loads `id`, decides `command`, and appends the events at the revision it loaded. The
@@ -248,15 +261,27 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
         let stream = StreamName::new(A::stream(id)).map_err(CommandError::Store)?;
         let mut tries = 0;
         loop {
-            let replayed = self.replay(&stream, key.map(|k| k.event_id(0))).await?;
-            if replayed.seen {
-                return Ok(None);
+            let replayed = self.replay(&stream, key, true).await?;
+            if let (Some(key), false) = (key, replayed.keyed.is_empty()) {
+                return self.repeat(&stream, command, key, &replayed.keyed).await;
             }
+            let hidden = replayed.snapshot.is_some();
             let mut loaded = replayed.loaded;
-            let events = loaded
-                .state
-                .decide(command)
-                .map_err(CommandError::Rejected)?;
+            let events = match loaded.state.decide(command) {
+                Ok(events) => events,
+                // A snapshot may hide the key's first use, whose effect is in the state: look
+                // before it.
+                Err(rejected) => match key {
+                    Some(key) if hidden => {
+                        let full = self.replay(&stream, Some(key), false).await?;
+                        if full.keyed.is_empty() {
+                            return Err(CommandError::Rejected(rejected));
+                        }
+                        return self.repeat(&stream, command, key, &full.keyed).await;
+                    }
+                    _ => return Err(CommandError::Rejected(rejected)),
+                },
+            };
             if events.is_empty() {
                 return Ok(None);
             }
@@ -284,18 +309,30 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
                 })
                 .await;
             match appended {
+                Ok(result) if result.replayed => return Ok(None),
                 Ok(result) => {
-                    if !result.replayed {
-                        for event in &events {
-                            loaded.state.apply(event);
-                        }
-                        self.maybe_snapshot(&stream, replayed.snapshot, &loaded.state, &result)
-                            .await;
+                    for event in &events {
+                        loaded.state.apply(event);
                     }
+                    self.maybe_snapshot(&stream, replayed.snapshot, &loaded.state, &result)
+                        .await;
                     return Ok(Some(result));
                 }
-                // The key's ids are stored already, from the first time it was sent.
-                Err(Error::IdReused { .. }) if key.is_some() => return Ok(None),
+                // The key's ids are stored already: behind a snapshot on this stream (then it
+                // is a repeat if the command decides the same there), or elsewhere.
+                Err(Error::IdReused { reason, .. }) if key.is_some() => {
+                    let key = key.expect("checked");
+                    if hidden {
+                        let full = self.replay(&stream, Some(key), false).await?;
+                        if !full.keyed.is_empty() {
+                            return self.repeat(&stream, command, key, &full.keyed).await;
+                        }
+                    }
+                    return Err(CommandError::KeyReused {
+                        key: key.as_str().to_owned(),
+                        reason,
+                    });
+                }
                 Err(e @ Error::WrongExpectedRevision { .. }) => {
                     if tries >= self.retries {
                         return Err(CommandError::Conflict(e));
@@ -307,19 +344,88 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
         }
     }
 
-    /// Replays `stream` from the latest usable snapshot on, noting whether the event with id
-    /// `watch` went by.
+    /// The key's events are on this stream: the command is a repeat if, decided on the state
+    /// just before them, it causes exactly those events (`Ok(None)`); otherwise the key was
+    /// used for another command.
+    async fn repeat(
+        &self,
+        stream: &StreamName,
+        command: &A::Command,
+        key: &CommandKey,
+        stored: &[RecordedEvent],
+    ) -> Result<Option<AppendResult>, CommandError<A::Error>> {
+        let before = stored[0].revision.0;
+        let mut state = A::default();
+        let mut from = 0;
+        while from < before {
+            let page = self
+                .store
+                .read(ReadRequest {
+                    source: ReadSource::Stream(stream.clone()),
+                    from: Some(from),
+                    direction: Direction::Forward,
+                    limit: MAX_READ_PAGE.min((before - from) as usize),
+                })
+                .await
+                .map_err(CommandError::Store)?;
+            let Some(last) = page.events.last() else {
+                break;
+            };
+            from = last.revision.0 + 1;
+            for event in page.events.iter().filter(|e| e.revision.0 < before) {
+                state.apply(&decode(event).map_err(CommandError::Codec)?);
+            }
+        }
+        let reused = |reason: String| CommandError::KeyReused {
+            key: key.as_str().to_owned(),
+            reason,
+        };
+        let decided = match state.decide(command) {
+            Ok(events) => events,
+            Err(e) => {
+                return Err(reused(format!(
+                    "it was first used at revision {before} of {stream}, where this command is \
+                     rejected: {e}"
+                )));
+            }
+        };
+        let proposed = decided
+            .iter()
+            .map(propose)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CommandError::Codec)?;
+        let same = proposed.len() == stored.len()
+            && proposed
+                .iter()
+                .zip(stored)
+                .all(|(p, s)| p.event_type == s.event_type && p.data.bytes() == s.data.bytes());
+        if same {
+            Ok(None)
+        } else {
+            Err(reused(format!(
+                "it was first used for other events, at revision {before} of {stream}"
+            )))
+        }
+    }
+
+    /// Replays `stream` from the latest usable snapshot on (from its start without
+    /// `use_snapshot`), keeping the events stored under `watch` that go by.
     async fn replay(
         &self,
         stream: &StreamName,
-        watch: Option<EventId>,
+        watch: Option<&CommandKey>,
+        use_snapshot: bool,
     ) -> Result<Replayed<A>, CommandError<A::Error>> {
-        let snapshot = self.latest_snapshot(stream).await?;
+        let snapshot = if use_snapshot {
+            self.latest_snapshot(stream).await?
+        } else {
+            None
+        };
         let (mut state, mut revision, at) = match snapshot {
             Some((state, at)) => (state, Some(at), Some(at)),
             None => (A::default(), None, None),
         };
-        let mut seen = false;
+        let mut keyed: Vec<RecordedEvent> = Vec::new();
         let mut from = revision.map_or(0, |r| r.0 + 1);
         loop {
             let page = self
@@ -333,7 +439,9 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
                 .await
                 .map_err(CommandError::Store)?;
             for event in &page.events {
-                seen |= Some(event.id) == watch;
+                if watch.is_some_and(|key| event.id == key.event_id(keyed.len())) {
+                    keyed.push(event.clone());
+                }
                 state.apply(&decode(event).map_err(CommandError::Codec)?);
                 revision = Some(event.revision);
             }
@@ -343,7 +451,7 @@ impl<'a, S: EventStore, A: Aggregate> Repository<'a, S, A> {
                     return Ok(Replayed {
                         loaded: Loaded { state, revision },
                         snapshot: at,
-                        seen,
+                        keyed,
                     });
                 }
             }
@@ -454,7 +562,8 @@ impl<S: EventStore, A: Aggregate + Serialize + DeserializeOwned> Repository<'_, 
 struct Replayed<A> {
     loaded: Loaded<A>,
     snapshot: Option<Revision>,
-    seen: bool,
+    /// The events stored under the watched key, when the replay passed them.
+    keyed: Vec<RecordedEvent>,
 }
 
 /// The identity of one command, the same each time the command is sent again (by a process

@@ -133,6 +133,46 @@ async fn keyed_commands<S: EventStore>(store: &S) {
     }
     assert_eq!(repo.load("k1").await.unwrap().state.balance, 12);
     assert_eq!(read_stream(store, "account-k1").await.len(), 3);
+    // A key used again for another command is refused, never silently dropped: on another
+    // account, or on the same one with another amount. Nothing is appended.
+    repo.execute("k2", &open("bob")).await.unwrap();
+    let payroll = CommandKey::new("payroll/2026-11");
+    repo.execute_keyed("k1", &AccountCommand::Deposit(100), &payroll)
+        .await
+        .unwrap();
+    for (account, amount) in [("k2", 100), ("k1", 200)] {
+        match repo
+            .execute_keyed(account, &AccountCommand::Deposit(amount), &payroll)
+            .await
+        {
+            Err(CommandError::KeyReused { key, reason }) => {
+                assert_eq!(key, "payroll/2026-11");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{account} {amount}: expected KeyReused, got {other:?}"),
+        }
+    }
+    assert_eq!(repo.load("k1").await.unwrap().state.balance, 112);
+    assert_eq!(repo.load("k2").await.unwrap().state.balance, 0);
+    // A snapshot after a keyed command does not hide it: sent again, the repeat is
+    // recognised, not decided again and rejected.
+    let key = CommandKey::new("open/k3");
+    snapshotting
+        .execute_keyed("k3", &open("cy"), &key)
+        .await
+        .unwrap();
+    snapshotting
+        .execute_keyed("k3", &AccountCommand::Deposit(1), &CommandKey::new("d/k3"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        snapshotting.execute_keyed("k3", &open("cy"), &key).await,
+        Ok(None)
+    ));
+    assert!(matches!(
+        snapshotting.execute_keyed("k3", &open("dee"), &key).await,
+        Err(CommandError::KeyReused { .. })
+    ));
     // A key is not a licence to skip the decision: a fresh key on a closed account is
     // rejected.
     assert!(matches!(
