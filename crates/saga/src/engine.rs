@@ -1,7 +1,7 @@
 //! The saga engine: definitions, the trigger loop, one task per running instance, and the
 //! calls transports make (register, list, show, retry, cancel).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -186,6 +186,8 @@ pub(crate) struct Inner<S> {
     catalog: Mutex<Catalog>,
     definition_writes: tokio::sync::Mutex<()>,
     instances: Mutex<HashMap<String, Arc<Live>>>,
+    /// Finished instances in memory, in the order they finished, and counts of those let go.
+    finished: Mutex<Finished>,
     running: Arc<Semaphore>,
     http: HttpClient,
     pub(crate) breakers: Breakers,
@@ -195,6 +197,14 @@ pub(crate) struct Inner<S> {
     registered: Notify,
     /// The first position the trigger loop has not finished with.
     trigger_next: AtomicU64,
+}
+
+/// Which finished instances stay in memory: at most `keep_finished`, the most recent.
+#[derive(Default)]
+struct Finished {
+    order: VecDeque<String>,
+    /// Instances let go, by definition and final state (for counts and metrics).
+    released: BTreeMap<(String, SagaState), u64>,
 }
 
 /// The saga engine of one store. Cheap to clone.
@@ -423,6 +433,7 @@ impl<S: EventStore> Sagas<S> {
             catalog: Mutex::new(Catalog::default()),
             definition_writes: tokio::sync::Mutex::new(()),
             instances: Mutex::new(HashMap::new()),
+            finished: Mutex::new(Finished::default()),
             metrics: Metrics::default(),
             trigger_loop: Mutex::new(None),
             registered: Notify::new(),
@@ -500,6 +511,11 @@ impl<S: EventStore> Sagas<S> {
 
     async fn load_instances(&self) -> Result<()> {
         let mut folded: HashMap<StreamName, Instance> = HashMap::new();
+        // Instances whose final event was folded, in the order they finished: at most
+        // `keep_finished` stay, the older ones are only counted.
+        let keep = self.inner.options.keep_finished;
+        let mut finished: VecDeque<(StreamName, Instance)> = VecDeque::new();
+        let mut released: BTreeMap<(String, SagaState), u64> = BTreeMap::new();
         let category = Category::from_stored(streams::INSTANCE_CATEGORY.to_owned());
         let store = self.inner.hub.store();
         // Small pages: a trigger may be large, and a page is held whole while it is folded.
@@ -516,26 +532,38 @@ impl<S: EventStore> Sagas<S> {
                     );
                     return;
                 };
-                match folded.get_mut(&event.stream) {
-                    Some(state) => {
-                        state.apply(&saga_event, event.recorded_at, event.revision.0);
-                        // A finished instance drops its trigger and outputs at once: memory at
-                        // start is bounded by the instances still running, not by history.
-                        if state.state.is_final() {
-                            state.compact();
-                        }
+                let Some(state) = folded.get_mut(&event.stream) else {
+                    if let Some(state) = Instance::start(&saga_event, event.recorded_at) {
+                        folded.insert(event.stream.clone(), state);
                     }
-                    None => {
-                        if let Some(state) = Instance::start(&saga_event, event.recorded_at) {
-                            folded.insert(event.stream.clone(), state);
-                        }
+                    return;
+                };
+                state.apply(&saga_event, event.recorded_at, event.revision.0);
+                if state.state.is_final() {
+                    // Nothing follows a final event: the instance leaves the fold compacted, and
+                    // memory at start is bounded by the instances still running.
+                    let (stream, mut state) = folded.remove_entry(&event.stream).expect("present");
+                    state.compact();
+                    finished.push_back((stream, state));
+                    if finished.len() > keep
+                        && let Some((_, old)) = finished.pop_front()
+                    {
+                        *released.entry((old.definition, old.state)).or_default() += 1;
                     }
                 }
             },
         )
         .await?;
+        {
+            let mut kept = self.inner.finished.lock().expect("finished lock");
+            kept.released = released;
+            kept.order = finished
+                .iter()
+                .map(|(_, state)| state.saga_id.clone())
+                .collect();
+        }
         let mut resumed = 0;
-        for (stream, state) in folded {
+        for (stream, state) in folded.into_iter().chain(finished) {
             let Some(registered) = self.definition_version(&state.definition, state.version) else {
                 tracing::error!(
                     saga = %state.saga_id,
@@ -546,10 +574,6 @@ impl<S: EventStore> Sagas<S> {
                 continue;
             };
             let unfinished = matches!(state.state, SagaState::Running | SagaState::Compensating);
-            let mut state = state;
-            if state.state.is_final() {
-                state.compact();
-            }
             let live = Arc::new(Live {
                 stream,
                 definition: Arc::clone(&registered.definition),
@@ -573,6 +597,51 @@ impl<S: EventStore> Sagas<S> {
             tracing::info!(resumed, "resuming unfinished sagas");
         }
         Ok(())
+    }
+
+    /// An instance by id: from memory, or (a finished one let go) folded from its stream.
+    async fn live_or_load(&self, saga_id: &str) -> Result<Arc<Live>> {
+        if let Ok(live) = self.live(saga_id) {
+            return Ok(live);
+        }
+        // Only a saga id (a UUID) names an instance stream.
+        let Ok(id) = uuid::Uuid::parse_str(saga_id) else {
+            return Err(Self::not_found(saga_id));
+        };
+        let stream = streams::instance(&id.to_string());
+        let mut folded: Option<Instance> = None;
+        skald_core::read_to_end_by(
+            &**self.inner.hub.store(),
+            ReadSource::Stream(stream.clone()),
+            FOLD_PAGE,
+            |event| {
+                let Some(saga_event) = SagaEvent::from_recorded(event) else {
+                    return;
+                };
+                match &mut folded {
+                    Some(state) => {
+                        state.apply(&saga_event, event.recorded_at, event.revision.0);
+                        if state.state.is_final() {
+                            state.compact();
+                        }
+                    }
+                    None => folded = Instance::start(&saga_event, event.recorded_at),
+                }
+            },
+        )
+        .await?;
+        let state = folded.ok_or_else(|| Self::not_found(saga_id))?;
+        let registered = self
+            .definition_version(&state.definition, state.version)
+            .ok_or_else(|| Self::not_found(saga_id))?;
+        Ok(Arc::new(Live {
+            stream,
+            definition: Arc::clone(&registered.definition),
+            registrant: registered.registrant.clone(),
+            state: Mutex::new(state),
+            writes: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+        }))
     }
 
     fn definition_version(&self, name: &str, version: u32) -> Option<Arc<Registered>> {
@@ -823,8 +892,14 @@ impl<S: EventStore> Sagas<S> {
 
     /// Instance counts by definition and state.
     pub fn state_counts(&self) -> BTreeMap<(String, SagaState), u64> {
+        let mut counts = self
+            .inner
+            .finished
+            .lock()
+            .expect("finished lock")
+            .released
+            .clone();
         let instances = self.inner.instances.lock().expect("instances lock");
-        let mut counts = BTreeMap::new();
         for live in instances.values() {
             let state = live.state.lock().expect("state lock");
             *counts
@@ -869,9 +944,10 @@ impl<S: EventStore> Sagas<S> {
             .ok_or_else(|| Self::not_found(saga_id))
     }
 
-    /// One instance's summary, without reading its history.
-    pub fn summary(&self, saga_id: &str) -> Result<InstanceSummary> {
-        let live = self.live(saga_id)?;
+    /// One instance's summary, without reading its history (unless it is a finished one no
+    /// longer kept in memory).
+    pub async fn summary(&self, saga_id: &str) -> Result<InstanceSummary> {
+        let live = self.live_or_load(saga_id).await?;
         let state = live.state.lock().expect("state lock");
         Ok(summary_of(&live, &state))
     }
@@ -886,7 +962,7 @@ impl<S: EventStore> Sagas<S> {
 
     /// One instance with its history.
     pub async fn history(&self, saga_id: &str) -> Result<InstanceHistory> {
-        let live = self.live(saga_id)?;
+        let live = self.live_or_load(saga_id).await?;
         let summary = summary_of(&live, &live.state.lock().expect("state lock"));
         let mut history = Vec::new();
         self.read_all(ReadSource::Stream(live.stream.clone()), |event| {
@@ -906,7 +982,7 @@ impl<S: EventStore> Sagas<S> {
 
     /// Resumes a stuck instance where it stopped, with fresh attempts.
     pub async fn retry(&self, saga_id: &str) -> Result<InstanceSummary> {
-        let live = self.live(saga_id)?;
+        let live = self.live_or_load(saga_id).await?;
         {
             let _writes = live.writes.lock().await;
             let state = live.state.lock().expect("state lock").state;
@@ -926,7 +1002,7 @@ impl<S: EventStore> Sagas<S> {
     /// Cancels a running instance: the step in flight finishes its attempt, then the completed
     /// steps are compensated.
     pub async fn cancel(&self, saga_id: &str, reason: &str) -> Result<InstanceSummary> {
-        let live = self.live(saga_id)?;
+        let live = self.live_or_load(saga_id).await?;
         {
             let _writes = live.writes.lock().await;
             let (state, past_pivot) = {
@@ -1052,6 +1128,32 @@ fn proposed(event: &SagaEvent, metadata: &str) -> Result<ProposedEvent> {
 }
 
 impl<S: EventStore> Inner<S> {
+    /// An instance has just finished: it joins the finished ones kept in memory, and the
+    /// oldest beyond `keep_finished` leave it (counted by definition and state).
+    fn finished_one(&self, live: &Live) {
+        let id = live.state.lock().expect("state lock").saga_id.clone();
+        let mut finished = self.finished.lock().expect("finished lock");
+        finished.order.push_back(id);
+        while finished.order.len() > self.options.keep_finished {
+            let Some(old) = finished.order.pop_front() else {
+                break;
+            };
+            let mut instances = self.instances.lock().expect("instances lock");
+            let gone = instances
+                .get(&old)
+                .filter(|l| l.state.lock().expect("state lock").state.is_final())
+                .cloned();
+            if let Some(gone) = gone {
+                instances.remove(&old);
+                let state = gone.state.lock().expect("state lock");
+                *finished
+                    .released
+                    .entry((state.definition.clone(), state.state))
+                    .or_default() += 1;
+            }
+        }
+    }
+
     /// Follows the global log: definitions as they are registered, and trigger events.
     async fn follow_triggers(inner: &Arc<Self>, from: u64, preloaded: Triggering) -> Result<()> {
         let mut active = preloaded;
@@ -1814,6 +1916,9 @@ impl<S: EventStore> Inner<S> {
             previous
         };
         let state = live.state.lock().expect("state lock").state;
+        if state.is_final() && !previous.is_final() {
+            self.finished_one(live);
+        }
         if state != previous {
             self.metrics.transition(&live.definition.name, state);
         }

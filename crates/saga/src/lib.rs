@@ -45,6 +45,10 @@ pub struct SagaOptions {
     pub breaker: BreakerSettings,
     /// Where `http` steps may connect beyond the public internet.
     pub egress: EgressPolicy,
+    /// Finished instances kept in memory for listings, newest first; older ones are read from
+    /// their stream when asked for by id, and only counted. Memory then grows with the
+    /// instances running, not with history.
+    pub keep_finished: usize,
     /// How often the trigger loop records how far it has come.
     #[serde(skip)]
     pub checkpoint_every: Duration,
@@ -58,6 +62,7 @@ impl Default for SagaOptions {
             max_starts_per_second: 1000,
             breaker: BreakerSettings::default(),
             egress: EgressPolicy::default(),
+            keep_finished: 10_000,
             checkpoint_every: Duration::from_secs(1),
         }
     }

@@ -1662,3 +1662,79 @@ async fn a_large_failure_answer_is_a_failure_not_an_unknown_outcome() {
     );
     engine.stop().await;
 }
+
+#[tokio::test]
+async fn finished_instances_beyond_keep_finished_leave_memory_but_not_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let options = SagaOptions {
+        keep_finished: 3,
+        ..SagaOptions::default()
+    };
+    let engine = Engine::open(dir.path(), options.clone()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        place_order(&engine, &format!("k-{n}")).await;
+        engine
+            .wait_for("order", &format!("k-{n}"), "completed")
+            .await;
+    }
+    let check = |engine: &Engine| {
+        let listed = engine.sagas.instances(&InstanceFilter {
+            state: Some(SagaState::Completed),
+            ..Default::default()
+        });
+        assert_eq!(
+            listed.len(),
+            3,
+            "only the newest finished are kept in memory"
+        );
+        let counts = engine.sagas.state_counts();
+        assert_eq!(
+            counts.get(&("order".to_owned(), SagaState::Completed)),
+            Some(&5),
+            "every finished instance is counted: {counts:?}"
+        );
+    };
+    check(&engine);
+    // The first one, let go, is still there by id: its summary, history, and a conflict for a
+    // retry.
+    let first = skald_saga::saga_id("order", "k-0").to_string();
+    let summary = engine.sagas.summary(&first).await.unwrap();
+    assert_eq!(summary.state, SagaState::Completed);
+    assert_eq!(summary.completed_steps, ["reserve", "charge", "ship"]);
+    let history = engine.sagas.history(&first).await.unwrap();
+    assert_eq!(history.history.last().unwrap().event_type, "SagaCompleted");
+    assert!(matches!(
+        engine.sagas.retry(&first).await,
+        Err(Error::SagaConflict(_))
+    ));
+    assert!(matches!(
+        engine.sagas.summary("not-a-saga-id/..").await,
+        Err(Error::SagaNotFound(_))
+    ));
+    // A duplicate trigger for it starts nothing.
+    let calls = target.calls().len();
+    place_order(&engine, "k-0").await;
+    place_order(&engine, "k-5").await;
+    engine.wait_for("order", "k-5", "completed").await;
+    assert_eq!(target.calls().len(), calls + 3, "only k-5 ran");
+    engine.stop().await;
+    // After a restart, the same holds.
+    let engine = Engine::open(dir.path(), options).await;
+    let counts = engine.sagas.state_counts();
+    assert_eq!(
+        counts.get(&("order".to_owned(), SagaState::Completed)),
+        Some(&6)
+    );
+    assert_eq!(engine.sagas.instances(&InstanceFilter::default()).len(), 3);
+    assert_eq!(
+        engine.sagas.summary(&first).await.unwrap().state,
+        SagaState::Completed
+    );
+    engine.stop().await;
+}

@@ -40,14 +40,24 @@ static ALLOCATOR: Counting = Counting;
 const INSTANCES: usize = 1_000;
 const TRIGGER_BYTES: usize = 64 * 1024;
 
-fn open_store(dir: &std::path::Path) -> Store {
-    Store::open(Options {
-        data_dir: dir.to_path_buf(),
-        durability: skald_core::Durability::None,
-        ..Options::default()
-    })
-    .unwrap()
-    .0
+/// Opens the store, waiting for a read of the previous opening that still holds its lock for
+/// a moment after shutdown.
+async fn open_store(dir: &std::path::Path) -> Store {
+    for _ in 0..100 {
+        let opened = Store::open(Options {
+            data_dir: dir.to_path_buf(),
+            durability: skald_core::Durability::None,
+            ..Options::default()
+        });
+        match opened {
+            Ok((store, _)) => return store,
+            Err(skald_core::Error::Unavailable(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the store stayed locked");
 }
 
 #[tokio::test]
@@ -62,7 +72,7 @@ async fn finished_instances_with_large_triggers_do_not_grow_startup_memory() {
     // 64 MiB of triggers in all.
     let history = INSTANCES * TRIGGER_BYTES;
 
-    let store = open_store(dir.path());
+    let store = open_store(dir.path()).await;
     let hub = Hub::start(Arc::new(store.clone()), HubOptions::default());
     let before = LIVE.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
@@ -72,6 +82,9 @@ async fn finished_instances_with_large_triggers_do_not_grow_startup_memory() {
     let grew = PEAK.load(Ordering::Relaxed) - before;
     eprintln!("start-up peak allocation: {grew} bytes");
 
+    // What stays once started: the finished instances' summaries, at most `keep_finished`.
+    let retained = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    eprintln!("retained after start-up: {retained} bytes");
     let counts = sagas.state_counts();
     assert_eq!(
         counts.get(&("finished".to_owned(), SagaState::Completed)),
@@ -86,6 +99,36 @@ async fn finished_instances_with_large_triggers_do_not_grow_startup_memory() {
         "start-up allocated a peak of {grew} bytes for {history} bytes of finished history"
     );
 
+    hub.shutdown();
+    sagas.stopped(std::time::Duration::from_secs(5)).await;
+    hub.stopped().await;
+    store.shutdown().await;
+    drop((sagas, hub, store));
+
+    // Keeping 10 finished instances in memory instead of all 1,000: what stays shrinks with
+    // them, and every instance is still counted.
+    let store = open_store(dir.path()).await;
+    let hub = Hub::start(Arc::new(store.clone()), HubOptions::default());
+    let before = LIVE.load(Ordering::Relaxed);
+    let options = SagaOptions {
+        keep_finished: 10,
+        ..SagaOptions::default()
+    };
+    let sagas = Sagas::start(hub.clone(), options, Arc::new(WallClock))
+        .await
+        .unwrap();
+    let kept = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+    eprintln!("retained with keep_finished = 10: {kept} bytes");
+    assert_eq!(
+        sagas
+            .state_counts()
+            .get(&("finished".to_owned(), SagaState::Completed)),
+        Some(&(INSTANCES as u64))
+    );
+    assert!(
+        kept * 4 < retained,
+        "keeping 10 finished instances retained {kept} bytes, all 1,000 {retained}"
+    );
     hub.shutdown();
     sagas.stopped(std::time::Duration::from_secs(5)).await;
     hub.stopped().await;

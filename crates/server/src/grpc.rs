@@ -1076,7 +1076,7 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
     ) -> Reply<pb::SagaInstance> {
         let caller = caller(&request)?;
         let id = request.into_inner().saga_id;
-        crate::sagas::allow_instance(&self.app, &caller, &id)?;
+        crate::sagas::allow_instance(&self.app, &caller, &id).await?;
         let mut history = self.app.sagas.history(&id).await.map_err(problem)?;
         crate::sagas::redact_history(&caller, &mut history);
         Ok(Response::new(pb::SagaInstance {
@@ -1101,7 +1101,7 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
     ) -> Reply<pb::SagaInstanceSummary> {
         let caller = caller(&request)?;
         let id = request.into_inner().saga_id;
-        crate::sagas::allow_instance(&self.app, &caller, &id)?;
+        crate::sagas::allow_instance(&self.app, &caller, &id).await?;
         let summary = self.app.sagas.retry(&id).await.map_err(problem)?;
         Ok(Response::new(instance_summary(&summary)))
     }
@@ -1112,7 +1112,7 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
     ) -> Reply<pb::SagaInstanceSummary> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        crate::sagas::allow_instance(&self.app, &caller, &r.saga_id)?;
+        crate::sagas::allow_instance(&self.app, &caller, &r.saga_id).await?;
         let reason = if r.reason.is_empty() {
             "cancelled through the API".to_owned()
         } else {

@@ -317,7 +317,7 @@ pub(crate) async fn history<S: EventStore>(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    allow_instance(&app, &caller, &id)?;
+    allow_instance(&app, &caller, &id).await?;
     let mut history = app.sagas.history(&id).await?;
     redact_history(&caller, &mut history);
     Ok(json_ok(StatusCode::OK, &history))
@@ -325,7 +325,7 @@ pub(crate) async fn history<S: EventStore>(
 
 /// Checks `saga` on the definition of instance `id`. An instance of a definition the caller
 /// may not steer is answered as one that does not exist (404), naming nothing.
-pub(crate) fn allow_instance<S: EventStore>(
+pub(crate) async fn allow_instance<S: EventStore>(
     app: &App<S>,
     caller: &Caller,
     id: &str,
@@ -334,7 +334,7 @@ pub(crate) fn allow_instance<S: EventStore>(
         return Ok(());
     }
     caller.require_held(Permission::Saga)?;
-    let summary = app.sagas.summary(id)?;
+    let summary = app.sagas.summary(id).await?;
     if caller
         .require(Permission::Saga, &summary.definition)
         .is_err()
@@ -350,7 +350,7 @@ pub(crate) async fn retry<S: EventStore>(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    allow_instance(&app, &caller, &id)?;
+    allow_instance(&app, &caller, &id).await?;
     Ok(json_ok(StatusCode::ACCEPTED, &app.sagas.retry(&id).await?))
 }
 
@@ -361,7 +361,7 @@ pub(crate) async fn cancel<S: EventStore>(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    allow_instance(&app, &caller, &id)?;
+    allow_instance(&app, &caller, &id).await?;
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let reason = if body.iter().all(u8::is_ascii_whitespace) {
         "cancelled through the API".to_owned()

@@ -133,23 +133,38 @@ impl Balances {
     /// Opens (or creates) the read model in `path`.
     pub fn open(path: &Path) -> Result<Self, ReadModelError> {
         let db = Connection::open(path)?;
+        // Another process may hold the database (a second projector, a query): wait for it,
+        // from the first statement on (switching to WAL takes the database for a moment).
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
         // Every commit on disk before `apply` returns: a checkpoint is never ahead of what
-        // survives a power cut.
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS accounts (
-                 id TEXT PRIMARY KEY,
-                 owner TEXT NOT NULL,
-                 balance INTEGER NOT NULL,
-                 movements INTEGER NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS checkpoint (
-                 projection TEXT PRIMARY KEY,
-                 position INTEGER NOT NULL
-             );",
-        )?;
+        // survives a power cut. Two processes creating the database at once can find it busy
+        // in ways SQLite does not wait out (the switch to WAL): then this is tried again.
+        let mut tries = 0;
+        loop {
+            let created = db.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 CREATE TABLE IF NOT EXISTS accounts (
+                     id TEXT PRIMARY KEY,
+                     owner TEXT NOT NULL,
+                     balance INTEGER NOT NULL,
+                     movements INTEGER NOT NULL
+                 );
+                 CREATE TABLE IF NOT EXISTS checkpoint (
+                     projection TEXT PRIMARY KEY,
+                     position INTEGER NOT NULL
+                 );",
+            );
+            match created {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 50 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        }
         Ok(Self { db })
     }
 
@@ -202,7 +217,11 @@ impl Projection for Balances {
         previous: Option<Position>,
         checkpoint: Position,
     ) -> Result<(), ReadModelError> {
-        let tx = self.db.transaction()?;
+        // IMMEDIATE: the write lock is taken (waiting for another writer) before anything is
+        // read, so the compare-and-set below sees the latest commit.
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Compare-and-set first: a second projector's batch rolls back here, untouched.
         let moved = match previous {
             Some(previous) => tx.execute(
@@ -253,7 +272,11 @@ impl Projection for Balances {
     }
 
     async fn reset(&mut self) -> Result<(), ReadModelError> {
-        let tx = self.db.transaction()?;
+        // IMMEDIATE: the write lock is taken (waiting for another writer) before anything is
+        // read, so the compare-and-set below sees the latest commit.
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM accounts", [])?;
         tx.execute("DELETE FROM checkpoint WHERE projection = 'balances'", [])?;
         tx.commit()?;
