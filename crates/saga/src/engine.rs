@@ -574,6 +574,19 @@ impl<S: EventStore> Sagas<S> {
                 continue;
             };
             let unfinished = matches!(state.state, SagaState::Running | SagaState::Compensating);
+            let mut state = state;
+            // The engine may have stopped while an attempt of the next step was in flight
+            // (kill -9, power loss): nothing records such an attempt, and it may have reached
+            // the target. The step counts as possibly done, so that it is compensated if the
+            // saga is, and a pivot is not followed by undoing the steps before it.
+            if state.state == SagaState::Running
+                && let Move::Run(index, Phase::Action) = next_move(&registered.definition, &state)
+            {
+                let step = &registered.definition.steps[index];
+                if matches!(step.action, Action::Http(_) | Action::Append(_)) {
+                    state.possibly_done.insert(step.name.clone());
+                }
+            }
             let live = Arc::new(Live {
                 stream,
                 definition: Arc::clone(&registered.definition),

@@ -1738,3 +1738,66 @@ async fn finished_instances_beyond_keep_finished_leave_memory_but_not_the_api() 
     );
     engine.stop().await;
 }
+
+#[tokio::test]
+async fn a_step_in_flight_when_the_engine_died_counts_as_possibly_done() {
+    use skald_core::{AppendRequest, EventData, EventType, ExpectedRevision, ProposedEvent};
+    use skald_saga::history::SagaEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    // charge's target is gone after the restart: its connections are refused, so no attempt
+    // after the restart tells whether the one in flight at the crash acted.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let refund = format!("{{method: POST, url: \"http://{}/refund\"}}", target.addr);
+    let text = unknown_outcome_saga(&target, &refund).replace(
+        &format!("http://{}/charge", target.addr),
+        &format!("http://{closed_addr}/charge"),
+    );
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    engine.sagas.register(&text).await.unwrap();
+    // The history a kill -9 during charge's first attempt leaves: started, reserve done.
+    let id = skald_saga::saga_id("unknown", "crash-1").to_string();
+    let history = [
+        SagaEvent::SagaStarted {
+            saga_id: id.clone(),
+            definition: "unknown".into(),
+            version: 1,
+            correlation_key: "crash-1".into(),
+            trigger: json!({"stream": "order-crash-1", "type": "OrderPlaced",
+                            "data": {"orderId": "crash-1"}}),
+        },
+        SagaEvent::StepSucceeded {
+            step: "reserve".into(),
+            phase: skald_saga::Phase::Action,
+            attempt: 1,
+            output: json!({"id": "r-1"}),
+            duration_ms: 1,
+        },
+    ];
+    let events = history
+        .iter()
+        .map(|e| {
+            let (kind, data) = e.to_parts();
+            ProposedEvent::new(EventType::new(kind).unwrap(), EventData::json(data).unwrap())
+        })
+        .collect();
+    engine
+        .store
+        .append(AppendRequest {
+            stream: skald_saga::streams::instance(&id),
+            expected: ExpectedRevision::NoStream,
+            condition: None,
+            events,
+        })
+        .await
+        .unwrap();
+    engine.stop().await;
+
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let h = engine.wait_for("unknown", "crash-1", "compensated").await;
+    assert_eq!(h.summary.compensated_steps, ["charge", "reserve"]);
+    assert_eq!(target.routes(), ["POST /refund", "POST /unreserve"]);
+    engine.stop().await;
+}
