@@ -643,7 +643,12 @@ impl<S: EventStore> Sagas<S> {
             },
         )
         .await?;
-        let state = folded.ok_or_else(|| Self::not_found(saga_id))?;
+        // Only a finished instance is ever let go: one found running here is still being
+        // started (its SagaStarted stored, the instance not yet in memory), and is answered
+        // as in memory it is, not there yet.
+        let state = folded
+            .filter(|state| state.state.is_final())
+            .ok_or_else(|| Self::not_found(saga_id))?;
         let registered = self
             .definition_version(&state.definition, state.version)
             .ok_or_else(|| Self::not_found(saga_id))?;
@@ -1786,8 +1791,13 @@ impl<S: EventStore> Inner<S> {
             let outcome_unknown = phase == Phase::Action
                 && matches!(action, Action::Http(_) | Action::Append(_))
                 && failure.may_have_acted();
-            // The target answered, with the same idempotency key: it says what it did.
-            let answered = matches!(failure, Failure::Status(..));
+            // The target refused the step's idempotency key (4xx): it did not act on it, earlier
+            // attempts included. A 5xx says nothing of them.
+            let status = match failure {
+                Failure::Status(code, _) => Some(code),
+                _ => None,
+            };
+            let answered = status.is_some_and(|s| (400..500).contains(&s));
             let error = failure.to_string();
             tracing::debug!(saga = %saga_id, step = %step.name, attempt, "step attempt failed: {error}");
             let mut events = vec![SagaEvent::StepFailed {
@@ -1799,6 +1809,7 @@ impl<S: EventStore> Inner<S> {
                 is_final,
                 duration_ms,
                 outcome_unknown,
+                status,
             }];
             if is_final {
                 // A failed pivot undoes the steps before it; past the pivot nothing is undone.

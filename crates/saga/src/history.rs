@@ -120,6 +120,9 @@ pub enum SagaEvent {
         /// after the request was sent, or the target's success answer could not be kept).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         outcome_unknown: bool,
+        /// The HTTP status the target answered, if it answered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
     },
     #[serde(rename_all = "camelCase")]
     SagaCompensating {
@@ -272,10 +275,18 @@ impl Instance {
                 attempt,
                 error,
                 outcome_unknown,
+                status,
                 ..
             } => {
-                if *outcome_unknown && *phase == Phase::Action {
-                    self.possibly_done.insert(step.clone());
+                if *phase == Phase::Action {
+                    if *outcome_unknown {
+                        self.possibly_done.insert(step.clone());
+                    }
+                    // A refusal (4xx) for the step's idempotency key says the target did not
+                    // act on it, earlier attempts included; a 5xx says nothing of them.
+                    if status.is_some_and(|s| (400..500).contains(&s)) {
+                        self.possibly_done.remove(step);
+                    }
                 }
                 *self.attempts.entry((step.clone(), *phase)).or_default() += 1;
                 self.attempt_numbers
@@ -375,6 +386,7 @@ mod tests {
             is_final: false,
             duration_ms: 3,
             outcome_unknown: true,
+            status: None,
         };
         let (kind, data) = e.to_parts();
         assert_eq!(kind, "StepFailed");
@@ -409,6 +421,7 @@ mod tests {
             is_final: true,
             duration_ms: 0,
             outcome_unknown: false,
+            status: Some(503),
         };
         s.apply(&failed, Timestamp(2), 2);
         assert_eq!(s.attempts_used("a", Phase::Compensation), 1);

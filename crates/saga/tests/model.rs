@@ -160,9 +160,11 @@ fn expected(case: &Case) -> (Vec<String>, &'static str) {
             continue;
         }
         let past_pivot = case.kinds[..i].iter().any(|k| *k != Kind::Compensable);
-        // A pivot whose last attempt went unanswered may have acted: a person decides. One
-        // the target answered (with the same idempotency key) did not.
-        if *kind == Kind::Retriable || past_pivot || (*kind == Kind::Pivot && last == LATE) {
+        // A step an attempt of which went unanswered may have acted, unless the target then
+        // refused its idempotency key (a 4xx; a 5xx tells nothing of earlier attempts). Such
+        // a pivot stops the saga for a person; such a compensable step is compensated.
+        let unseen = unseen && last != 400;
+        if *kind == Kind::Retriable || past_pivot || (*kind == Kind::Pivot && unseen) {
             return (calls, "stuck");
         }
         // The failed step too, if it may have acted; newest first.
