@@ -554,15 +554,13 @@ impl<S: EventStore> Sagas<S> {
             },
         )
         .await?;
-        {
-            let mut kept = self.inner.finished.lock().expect("finished lock");
-            kept.released = released;
-            kept.order = finished
-                .iter()
-                .map(|(_, state)| state.saga_id.clone())
-                .collect();
-        }
-        let mut resumed = 0;
+        let order: VecDeque<String> = finished
+            .iter()
+            .map(|(_, state)| state.saga_id.clone())
+            .collect();
+        // Every instance is in memory before any runner starts: one that finishes at once
+        // then finds the finished ones kept, and lets go of the oldest.
+        let mut runners = Vec::new();
         for (stream, state) in folded.into_iter().chain(finished) {
             let Some(registered) = self.definition_version(&state.definition, state.version) else {
                 tracing::error!(
@@ -577,15 +575,19 @@ impl<S: EventStore> Sagas<S> {
             let mut state = state;
             // The engine may have stopped while an attempt of the next step was in flight
             // (kill -9, power loss): nothing records such an attempt, and it may have reached
-            // the target. The step counts as possibly done, so that it is compensated if the
-            // saga is, and a pivot is not followed by undoing the steps before it.
+            // the target. That step (the first without an output, even when a cancel was
+            // asked for) counts as possibly done, so that it is compensated if the saga is,
+            // and a pivot is not followed by undoing the steps before it. Its next failure
+            // records this (`outcomeUnknown`), so a later fold decides the same.
             if state.state == SagaState::Running
-                && let Move::Run(index, Phase::Action) = next_move(&registered.definition, &state)
+                && let Some(step) = registered
+                    .definition
+                    .steps
+                    .iter()
+                    .find(|s| !state.outputs.contains_key(&s.name))
+                && matches!(step.action, Action::Http(_) | Action::Append(_))
             {
-                let step = &registered.definition.steps[index];
-                if matches!(step.action, Action::Http(_) | Action::Append(_)) {
-                    state.possibly_done.insert(step.name.clone());
-                }
+                state.possibly_done.insert(step.name.clone());
             }
             let live = Arc::new(Live {
                 stream,
@@ -602,9 +604,17 @@ impl<S: EventStore> Sagas<S> {
                 .expect("instances lock")
                 .insert(id, Arc::clone(&live));
             if unfinished {
-                resumed += 1;
-                Inner::spawn_runner(&self.inner, live, None);
+                runners.push(live);
             }
+        }
+        {
+            let mut kept = self.inner.finished.lock().expect("finished lock");
+            kept.released = released;
+            kept.order = order;
+        }
+        let resumed = runners.len();
+        for live in runners {
+            Inner::spawn_runner(&self.inner, live, None);
         }
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished sagas");
@@ -910,13 +920,10 @@ impl<S: EventStore> Sagas<S> {
 
     /// Instance counts by definition and state.
     pub fn state_counts(&self) -> BTreeMap<(String, SagaState), u64> {
-        let mut counts = self
-            .inner
-            .finished
-            .lock()
-            .expect("finished lock")
-            .released
-            .clone();
+        // Held throughout (finished, then instances, as everywhere), so that an instance let
+        // go meanwhile is counted once.
+        let finished = self.inner.finished.lock().expect("finished lock");
+        let mut counts = finished.released.clone();
         let instances = self.inner.instances.lock().expect("instances lock");
         for live in instances.values() {
             let state = live.state.lock().expect("state lock");
@@ -1788,16 +1795,28 @@ impl<S: EventStore> Inner<S> {
             let retryable = failure.is_retryable(&policy.retry_on);
             let exhausted = policy.max_attempts.is_some_and(|max| used + 1 >= max);
             let is_final = !retryable || exhausted;
-            let outcome_unknown = phase == Phase::Action
-                && matches!(action, Action::Http(_) | Action::Append(_))
-                && failure.may_have_acted();
-            // The target refused the step's idempotency key (4xx): it did not act on it, earlier
-            // attempts included. A 5xx says nothing of them.
+            // The target refused the step's idempotency key: it did not act on it, earlier
+            // attempts included. Other answers say nothing of them.
             let status = match failure {
                 Failure::Status(code, _) => Some(code),
                 _ => None,
             };
-            let answered = status.is_some_and(|s| (400..500).contains(&s));
+            let answered = status.is_some_and(crate::history::refuses_key);
+            // Recorded as unknown when this attempt may have acted, and also when the step may
+            // have acted before (a crash cut an attempt short) and nothing since says it did
+            // not: so the fold after a restart decides as this run does.
+            let may_have_acted = phase == Phase::Action
+                && matches!(action, Action::Http(_) | Action::Append(_))
+                && failure.may_have_acted();
+            let outcome_unknown = phase == Phase::Action
+                && (may_have_acted
+                    || (!answered
+                        && live
+                            .state
+                            .lock()
+                            .expect("state lock")
+                            .possibly_done
+                            .contains(&step.name)));
             let error = failure.to_string();
             tracing::debug!(saga = %saga_id, step = %step.name, attempt, "step attempt failed: {error}");
             let mut events = vec![SagaEvent::StepFailed {
@@ -1822,7 +1841,11 @@ impl<S: EventStore> Inner<S> {
                 };
                 let undoable = phase == Phase::Action && !step.retriable;
                 let past_pivot = def.point_of_no_return().is_some_and(|p| p < index);
-                if compensating && phase == Phase::Action {
+                if compensating && phase == Phase::Action && answered {
+                    // Sent again to learn its output, the action was refused: it never acted,
+                    // and there is nothing to compensate (the fold drops it from the steps
+                    // that may have acted); compensation goes on with the steps before it.
+                } else if compensating && phase == Phase::Action {
                     // The action was sent again to learn the output its compensation reads.
                     events.push(SagaEvent::SagaStuck {
                         step: step.name.clone(),

@@ -79,6 +79,14 @@ impl SagaState {
     }
 }
 
+/// Whether an answer refuses a step's idempotency key, so that the target did not act on it,
+/// earlier attempts included (it would have answered their result again): a 4xx, except those
+/// that say nothing of the key's outcome (authentication, a timeout, a request with the key
+/// still in progress, a lock, too early, too many requests).
+pub fn refuses_key(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 403 | 407 | 408 | 409 | 423 | 425 | 429)
+}
+
 /// One event of an instance's stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
@@ -284,7 +292,7 @@ impl Instance {
                     }
                     // A refusal (4xx) for the step's idempotency key says the target did not
                     // act on it, earlier attempts included; a 5xx says nothing of them.
-                    if status.is_some_and(|s| (400..500).contains(&s)) {
+                    if status.is_some_and(refuses_key) {
                         self.possibly_done.remove(step);
                     }
                 }

@@ -1780,7 +1780,10 @@ async fn a_step_in_flight_when_the_engine_died_counts_as_possibly_done() {
         .iter()
         .map(|e| {
             let (kind, data) = e.to_parts();
-            ProposedEvent::new(EventType::new(kind).unwrap(), EventData::json(data).unwrap())
+            ProposedEvent::new(
+                EventType::new(kind).unwrap(),
+                EventData::json(data).unwrap(),
+            )
         })
         .collect();
     engine
@@ -1799,5 +1802,42 @@ async fn a_step_in_flight_when_the_engine_died_counts_as_possibly_done() {
     let h = engine.wait_for("unknown", "crash-1", "compensated").await;
     assert_eq!(h.summary.compensated_steps, ["charge", "reserve"]);
     assert_eq!(target.routes(), ["POST /refund", "POST /unreserve"]);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn only_a_refusal_of_the_key_says_a_timed_out_step_did_not_act() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let engine = Engine::open(dir.path(), SagaOptions::default()).await;
+    let refund = format!("{{method: POST, url: \"http://{}/refund\"}}", target.addr);
+    engine
+        .sagas
+        .register(&unknown_outcome_saga(&target, &refund))
+        .await
+        .unwrap();
+    // The first attempt times out; the second is answered 409 (a request with this key is
+    // in progress), which says nothing of the first: charge is compensated.
+    target.queue(
+        "POST /charge",
+        vec![Reply::slow(Duration::from_millis(700)), Reply::status(409)],
+    );
+    place_order(&engine, "r-1").await;
+    let h = engine.wait_for("unknown", "r-1", "compensated").await;
+    assert_eq!(h.summary.compensated_steps, ["charge", "reserve"]);
+    // Answered 400 for the key instead: the target did not act, and charge is not undone.
+    target.queue(
+        "POST /charge",
+        vec![Reply::slow(Duration::from_millis(700)), Reply::status(400)],
+    );
+    place_order(&engine, "r-2").await;
+    let h = engine.wait_for("unknown", "r-2", "compensated").await;
+    assert_eq!(h.summary.compensated_steps, ["reserve"]);
+    let refunds = target
+        .routes()
+        .iter()
+        .filter(|r| *r == "POST /refund")
+        .count();
+    assert_eq!(refunds, 1, "only r-1's charge was refunded");
     engine.stop().await;
 }
