@@ -52,7 +52,7 @@ impl Cursor {
         if !self.resolved {
             if let (ReadSource::Stream(stream), Some(checkpoint)) = (&self.source, self.checkpoint)
             {
-                self.from = first_revision_after(store, stream, checkpoint).await?;
+                self.from = skald_core::first_revision_at(store, stream, checkpoint.0 + 1).await?;
             }
             self.resolved = true;
         }
@@ -77,41 +77,6 @@ impl Cursor {
         }
         Ok(Some(page.events))
     }
-}
-
-/// The first revision of `stream` whose position is after `checkpoint` (its next revision when
-/// none is): a binary search, one single-event read per step.
-async fn first_revision_after<S: EventStore>(
-    store: &S,
-    stream: &StreamName,
-    checkpoint: Position,
-) -> skald_core::Result<u64> {
-    let Some(last) = last_event(store, stream).await? else {
-        return Ok(0);
-    };
-    if last.position <= checkpoint {
-        return Ok(last.revision.0 + 1);
-    }
-    // The answer, a `from` to read on at, lies in lo..=hi: reading from hi gives an event
-    // after the checkpoint first.
-    let (mut lo, mut hi) = (0, last.revision.0);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        let page = store
-            .read(ReadRequest {
-                source: ReadSource::Stream(stream.clone()),
-                from: Some(mid),
-                direction: Direction::Forward,
-                limit: 1,
-            })
-            .await?;
-        match page.events.first() {
-            Some(event) if event.position <= checkpoint => lo = event.revision.0.max(mid) + 1,
-            Some(_) => hi = mid,
-            None => lo = mid + 1,
-        }
-    }
-    Ok(lo)
 }
 
 /// Waits until `stop` resolves (true) or the store holds more than `known` events (false).

@@ -22,5 +22,5 @@ pub use limits::Limits;
 pub use query::{Query, QueryItem};
 pub use store::{
     Direction, Durability, EventStore, MAX_READ_PAGE, MAX_READ_PAGE_BYTES, ReadPage, ReadRequest,
-    ReadSource, StoreInfo, StreamHead, read_to_end, read_to_end_by,
+    ReadSource, StoreInfo, StreamHead, first_revision_at, read_to_end, read_to_end_by,
 };

@@ -149,6 +149,36 @@ pub trait EventStore: Send + Sync + 'static {
     }
 }
 
+/// The lowest revision of `stream` whose position is at least `position` (the stream's next
+/// revision when none is): a binary search over one-event reads, since positions grow with
+/// revisions within a stream. How a stream is read from a global position.
+pub async fn first_revision_at<S: EventStore + ?Sized>(
+    store: &S,
+    stream: &StreamName,
+    position: u64,
+) -> Result<u64> {
+    let Some(head) = store.stream_head(stream).await? else {
+        return Ok(0);
+    };
+    let (mut low, mut high) = (0, head.revision.0 + 1);
+    while low < high {
+        let mid = low + (high - low) / 2;
+        let page = store
+            .read(ReadRequest {
+                source: ReadSource::Stream(stream.clone()),
+                from: Some(mid),
+                direction: Direction::Forward,
+                limit: 1,
+            })
+            .await?;
+        match page.events.first() {
+            Some(e) if e.position.0 < position => low = mid + 1,
+            _ => high = mid,
+        }
+    }
+    Ok(low)
+}
+
 /// Reads `source` forward from its start to what is stored now, page by page, handing each
 /// event to `each`: memory stays bounded by one page. For loading state kept in system streams.
 pub async fn read_to_end<S: EventStore + ?Sized>(

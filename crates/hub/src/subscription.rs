@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use crate::live::{LiveTail, Take, Waiter};
-use skald_core::{
-    Direction, Error, EventStore, ReadRequest, ReadSource, RecordedEvent, Result, StreamName,
-};
+use skald_core::{Direction, Error, EventStore, ReadRequest, ReadSource, RecordedEvent, Result};
 
 /// Events per store read while catching up.
 pub const CATCH_UP_PAGE: usize = 1024;
@@ -117,7 +115,8 @@ impl<S: EventStore> Subscription<S> {
                 self.cursor = position;
                 if let ReadSource::Stream(stream) = &self.source {
                     let stream = stream.clone();
-                    self.next_revision = self.first_revision_at(&stream, position).await?;
+                    self.next_revision =
+                        skald_core::first_revision_at(&*self.store, &stream, position).await?;
                 }
             }
             Start::Revision(revision) => {
@@ -127,32 +126,6 @@ impl<S: EventStore> Subscription<S> {
             }
         }
         Ok(())
-    }
-
-    /// The lowest revision of `stream` whose position is at least `position`: a binary search
-    /// over one-event reads, since positions grow with revisions.
-    async fn first_revision_at(&self, stream: &StreamName, position: u64) -> Result<u64> {
-        let Some(head) = self.store.stream_head(stream).await? else {
-            return Ok(0);
-        };
-        let (mut low, mut high) = (0, head.revision.0 + 1);
-        while low < high {
-            let mid = low + (high - low) / 2;
-            let page = self
-                .store
-                .read(ReadRequest {
-                    source: ReadSource::Stream(stream.clone()),
-                    from: Some(mid),
-                    direction: Direction::Forward,
-                    limit: 1,
-                })
-                .await?;
-            match page.events.first() {
-                Some(e) if e.position.0 < position => low = mid + 1,
-                _ => high = mid,
-            }
-        }
-        Ok(low)
     }
 
     /// The next delivery. Waits while there is nothing new; cancel-safe between deliveries

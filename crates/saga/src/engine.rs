@@ -178,6 +178,19 @@ struct Live {
     wake: Notify,
 }
 
+impl Live {
+    fn new(stream: StreamName, registered: &Registered, state: Instance) -> Arc<Self> {
+        Arc::new(Self {
+            stream,
+            definition: Arc::clone(&registered.definition),
+            registrant: registered.registrant.clone(),
+            state: Mutex::new(state),
+            writes: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+        })
+    }
+}
+
 pub(crate) struct Inner<S> {
     hub: Hub<S>,
     options: SagaOptions,
@@ -589,14 +602,7 @@ impl<S: EventStore> Sagas<S> {
             {
                 state.possibly_done.insert(step.name.clone());
             }
-            let live = Arc::new(Live {
-                stream,
-                definition: Arc::clone(&registered.definition),
-                registrant: registered.registrant.clone(),
-                state: Mutex::new(state),
-                writes: tokio::sync::Mutex::new(()),
-                wake: Notify::new(),
-            });
+            let live = Live::new(stream, &registered, state);
             let id = live.state.lock().expect("state lock").saga_id.clone();
             self.inner
                 .instances
@@ -662,14 +668,7 @@ impl<S: EventStore> Sagas<S> {
         let registered = self
             .definition_version(&state.definition, state.version)
             .ok_or_else(|| Self::not_found(saga_id))?;
-        Ok(Arc::new(Live {
-            stream,
-            definition: Arc::clone(&registered.definition),
-            registrant: registered.registrant.clone(),
-            state: Mutex::new(state),
-            writes: tokio::sync::Mutex::new(()),
-            wake: Notify::new(),
-        }))
+        Ok(Live::new(stream, &registered, state))
     }
 
     fn definition_version(&self, name: &str, version: u32) -> Option<Arc<Registered>> {
@@ -1540,14 +1539,7 @@ impl<S: EventStore> Inner<S> {
             Ok(appended) => {
                 let state = Instance::start(&started, self.clock.now()).expect("a start event");
                 debug_assert_eq!(appended.first_revision.0, 0);
-                let live = Arc::new(Live {
-                    stream,
-                    definition: Arc::clone(def),
-                    registrant: registered.registrant.clone(),
-                    state: Mutex::new(state),
-                    writes: tokio::sync::Mutex::new(()),
-                    wake: Notify::new(),
-                });
+                let live = Live::new(stream, registered, state);
                 self.instances
                     .lock()
                     .expect("instances lock")

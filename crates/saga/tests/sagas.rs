@@ -1741,7 +1741,6 @@ async fn finished_instances_beyond_keep_finished_leave_memory_but_not_the_api() 
 
 #[tokio::test]
 async fn a_step_in_flight_when_the_engine_died_counts_as_possibly_done() {
-    use skald_core::{AppendRequest, EventData, EventType, ExpectedRevision, ProposedEvent};
     use skald_saga::history::SagaEvent;
     let dir = tempfile::tempdir().unwrap();
     let target = Target::start().await;
@@ -1776,26 +1775,7 @@ async fn a_step_in_flight_when_the_engine_died_counts_as_possibly_done() {
             duration_ms: 1,
         },
     ];
-    let events = history
-        .iter()
-        .map(|e| {
-            let (kind, data) = e.to_parts();
-            ProposedEvent::new(
-                EventType::new(kind).unwrap(),
-                EventData::json(data).unwrap(),
-            )
-        })
-        .collect();
-    engine
-        .store
-        .append(AppendRequest {
-            stream: skald_saga::streams::instance(&id),
-            expected: ExpectedRevision::NoStream,
-            condition: None,
-            events,
-        })
-        .await
-        .unwrap();
+    support::append_history(&engine.store, &id, &history).await;
     engine.stop().await;
 
     let engine = Engine::open(dir.path(), SagaOptions::default()).await;

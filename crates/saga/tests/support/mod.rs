@@ -355,25 +355,34 @@ pub async fn write_finished_instances(store: &Store, count: usize, trigger_bytes
                 },
                 SagaEvent::SagaCompleted {},
             ];
-            let events = history
-                .iter()
-                .map(|event| {
-                    let (kind, data) = event.to_parts();
-                    ProposedEvent::new(
-                        EventType::new(kind).unwrap(),
-                        EventData::json(data).unwrap(),
-                    )
-                })
-                .collect();
-            store
-                .append(AppendRequest {
-                    stream: skald_saga::streams::instance(&id),
-                    expected: ExpectedRevision::NoStream,
-                    condition: None,
-                    events,
-                })
-                .await
-                .unwrap();
+            append_history(store, &id, &history).await;
         }
     }
+}
+
+/// Writes an instance's history straight into its stream, as the engine stores it.
+pub async fn append_history(
+    store: &Store,
+    saga_id: &str,
+    history: &[skald_saga::history::SagaEvent],
+) {
+    let events = history
+        .iter()
+        .map(|event| {
+            let (kind, data) = event.to_parts();
+            ProposedEvent::new(
+                EventType::new(kind).unwrap(),
+                EventData::json(data).unwrap(),
+            )
+        })
+        .collect();
+    store
+        .append(AppendRequest {
+            stream: skald_saga::streams::instance(saga_id),
+            expected: ExpectedRevision::NoStream,
+            condition: None,
+            events,
+        })
+        .await
+        .unwrap();
 }
