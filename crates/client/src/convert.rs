@@ -119,6 +119,16 @@ pub(crate) fn recorded(e: pb::RecordedEvent) -> Result<RecordedEvent, Error> {
     })
 }
 
+/// Whether the server ended a subscription because its reader fell behind (problem kind
+/// `subscriber-stalled`): the reader resumes by subscribing again.
+pub(crate) fn is_stall(status: &Status) -> bool {
+    status.code() == Code::ResourceExhausted
+        && status
+            .get_error_details()
+            .error_info()
+            .is_some_and(|i| i.domain == "skald" && i.reason == "subscriber-stalled")
+}
+
 /// The [`Error`] a status stands for: the server's problem kind and members (from the
 /// `google.rpc.ErrorInfo` in the details) back in the shape the embedded store gives.
 pub(crate) fn error(status: Status) -> Error {

@@ -82,13 +82,13 @@ impl Cursor {
 /// Waits until `stop` resolves (true) or the store holds more than `known` events (false).
 /// `known` is taken before the read that came up empty, so an append that landed while it
 /// ran still ends the wait.
-pub(crate) async fn stopped_or_appended<S: EventStore>(
+pub(crate) async fn stopped_or_appended<S: EventStore, F: Future<Output = ()>>(
     store: &S,
     known: u64,
-    stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+    stop: &mut Stop<F>,
 ) -> skald_core::Result<bool> {
     tokio::select! {
-        () = stop => Ok(true),
+        () = stop.wait() => Ok(true),
         woke = store.wait_for_append(known) => woke.map(|_| false),
     }
 }
@@ -107,4 +107,48 @@ pub(crate) async fn last_event<S: EventStore>(
         })
         .await?;
     Ok(page.events.into_iter().next())
+}
+
+/// A runner's stop signal, which may be waited on more than once: once it has resolved, it
+/// stays resolved (a bare future may not be polled again after it completed).
+pub(crate) struct Stop<F> {
+    future: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F: Future<Output = ()>> Stop<F> {
+    pub(crate) fn new(future: F) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+
+    /// Resolves when the signal has been given (at once, if it was before).
+    pub(crate) async fn wait(&mut self) {
+        if let Some(future) = &mut self.future {
+            future.as_mut().await;
+            self.future = None;
+        }
+    }
+}
+
+impl Stop<std::future::Pending<()>> {
+    /// A signal that is never given.
+    pub(crate) fn never() -> Self {
+        Self::new(std::future::pending())
+    }
+}
+
+/// After try number `attempt` failed with `error`: waits out `policy`'s delay and counts the
+/// next try (`Ok(true)`), returns `Ok(false)` when `stop` came first, or hands the error back
+/// when it is not about reaching the store or the policy gave up.
+pub(crate) async fn back_off<F: Future<Output = ()>>(
+    policy: &crate::RetryPolicy,
+    attempt: &mut u32,
+    error: skald_core::Error,
+    stop: &mut Stop<F>,
+) -> skald_core::Result<bool> {
+    tokio::select! {
+        () = stop.wait() => Ok(false),
+        again = policy.again(attempt, error) => again.map(|()| true),
+    }
 }

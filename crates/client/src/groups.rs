@@ -171,7 +171,7 @@ impl Client {
             settings: Some(settings),
         };
         self.groups()
-            .create(self.request(message))
+            .create(self.unary(message))
             .await
             .map(tonic::Response::into_inner)
             .map_err(convert::error)
@@ -184,7 +184,7 @@ impl Client {
         };
         self.retried(|| {
             let mut groups = self.groups();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { groups.get(request).await }
         })
         .await
@@ -195,7 +195,7 @@ impl Client {
     pub async fn list_groups(&self) -> Result<Vec<pb::GroupInfo>> {
         self.retried(|| {
             let mut groups = self.groups();
-            let request = self.request(pb::ListGroupsRequest {});
+            let request = self.unary(pb::ListGroupsRequest {});
             async move { groups.list(request).await }
         })
         .await
@@ -213,7 +213,7 @@ impl Client {
             settings: Some(settings),
         };
         self.groups()
-            .update(self.request(message))
+            .update(self.unary(message))
             .await
             .map(tonic::Response::into_inner)
             .map_err(convert::error)
@@ -225,7 +225,7 @@ impl Client {
             name: name.to_owned(),
         };
         self.groups()
-            .delete(self.request(message))
+            .delete(self.unary(message))
             .await
             .map(|_| ())
             .map_err(convert::error)
@@ -237,7 +237,7 @@ impl Client {
             name: name.to_owned(),
         };
         self.groups()
-            .replay_parked(self.request(message))
+            .replay_parked(self.unary(message))
             .await
             .map(|r| r.into_inner().replaying)
             .map_err(convert::error)

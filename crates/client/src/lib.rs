@@ -5,16 +5,20 @@
 //! Beyond the trait it streams whole reads and catch-up-then-live subscriptions as
 //! [`futures_util::Stream`]s, resuming them after a dropped connection.
 //!
-//! Calls are retried with exponential back-off when the server could not be reached, and only
-//! when repeating them is safe: reads, heads, info, and appends, which are idempotent because
-//! every [`ProposedEvent`] carries its id (a retry of an append that was stored comes back
-//! with `replayed` set). Any other error is returned at once, as the embedded store would
-//! return it ([`skald_core::Error`]).
+//! Calls are retried with exponential back-off when the server could not be reached (for
+//! about 9 s by default, which covers a restart), and only when repeating them is safe: reads,
+//! heads, info, and appends, which are idempotent because every [`ProposedEvent`] carries its
+//! id (a retry of an append that was stored comes back with `replayed` set). Any other error
+//! is returned at once, as the embedded store would return it ([`skald_core::Error`]).
+//! Subscriptions resubscribe after the last event they delivered, without end by default
+//! ([`ClientOptions::resubscribe`]), and at once when the server ended them for reading too
+//! slowly.
 
 pub mod aggregate;
 mod convert;
 mod follow;
 mod groups;
+pub mod lease;
 pub mod process;
 pub mod projection;
 mod sagas;
@@ -43,10 +47,10 @@ pub use skald_proto::v1 as proto;
 /// only matters for single events near the event-size limit.
 const MAX_MESSAGE: usize = 64 << 20;
 
-/// When and how often a call that could not reach the server is tried again.
+/// When and how often something that could not reach the server is tried again.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
-    /// Tries in all, the first included; 1 turns retries off.
+    /// Tries in all, the first included; 1 turns retries off, `u32::MAX` means without end.
     pub attempts: u32,
     /// The wait before the second try; doubled for each further one.
     pub first_delay: Duration,
@@ -55,9 +59,11 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
+    /// 10 tries, 50 ms apart at first and at most 2 s: about 9 s in all, long enough for a
+    /// server to restart.
     fn default() -> Self {
         Self {
-            attempts: 5,
+            attempts: 10,
             first_delay: Duration::from_millis(50),
             max_delay: Duration::from_secs(2),
         }
@@ -65,7 +71,18 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn delay(&self, attempt: u32) -> Duration {
+    /// Tries without end, 50 ms apart at first and at most 5 s: what subscriptions and the
+    /// runners of projections and process managers do by default.
+    pub fn forever() -> Self {
+        Self {
+            attempts: u32::MAX,
+            first_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+
+    /// The wait after try number `attempt` failed.
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.first_delay.saturating_mul(factor).min(self.max_delay)
     }
@@ -73,12 +90,12 @@ impl RetryPolicy {
     /// After try number `attempt` failed with `error`: waits and counts the next try when
     /// another is worth it (the server was not reached, tries are left), or hands the error
     /// back.
-    async fn again(&self, attempt: &mut u32, error: Error) -> Result<()> {
+    pub(crate) async fn again(&self, attempt: &mut u32, error: Error) -> Result<()> {
         if !matches!(error, Error::Unavailable(_)) || *attempt >= self.attempts.max(1) {
             return Err(error);
         }
         tokio::time::sleep(self.delay(*attempt)).await;
-        *attempt += 1;
+        *attempt = attempt.saturating_add(1);
         Ok(())
     }
 }
@@ -97,8 +114,15 @@ pub struct ClientOptions {
     pub tls_domain: Option<String>,
     /// Retries of calls that could not reach the server.
     pub retry: RetryPolicy,
+    /// How a subscription that lost the server tries to subscribe again; without end when
+    /// not given ([`RetryPolicy::forever`]).
+    pub resubscribe: Option<RetryPolicy>,
     /// How long connecting may take; 10 s when not given.
     pub connect_timeout: Option<Duration>,
+    /// How long one try of a call that answers once (an append, a head, a group or saga
+    /// call) may take before it fails as unreachable (and is retried, when that is safe); no
+    /// limit when not given. Reads and subscriptions, which stream, are not cut short.
+    pub timeout: Option<Duration>,
 }
 
 /// Where a subscription starts.
@@ -132,6 +156,8 @@ pub struct Client {
     channel: Channel,
     authorization: Option<MetadataValue<Ascii>>,
     retry: RetryPolicy,
+    resubscribe: RetryPolicy,
+    timeout: Option<Duration>,
     limits: Limits,
 }
 
@@ -150,9 +176,22 @@ impl Client {
         Self::connect_with(url, ClientOptions::default()).await
     }
 
-    /// Connects to `url` with `options`.
+    /// Connects to `url` with `options`. A URL or TLS setting that cannot be used is an
+    /// [`Error::InvalidConfig`]; a server that cannot be reached is [`Error::Unavailable`].
     pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self> {
-        let invalid = |what: String| Error::Unavailable(what);
+        let invalid = Error::InvalidConfig;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(format!(
+                "{url:?} is not a server URL: it must start with http:// or https://"
+            )));
+        }
+        if url.starts_with("http://")
+            && (options.ca_certificate_pem.is_some() || options.client_identity_pem.is_some())
+        {
+            return Err(invalid(format!(
+                "{url} is plain HTTP, but TLS certificates were given: use https://"
+            )));
+        }
         let mut endpoint = Channel::from_shared(url.to_owned())
             .map_err(|e| invalid(format!("{url:?} is not a server URL: {e}")))?
             .connect_timeout(options.connect_timeout.unwrap_or(Duration::from_secs(10)))
@@ -175,21 +214,34 @@ impl Client {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| invalid(format!("could not connect to {url}: {e}")))?;
+            .map_err(|e| Error::Unavailable(format!("could not connect to {url}: {e}")))?;
         let authorization = options
             .token
             .map(|t| {
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| Error::invalid("the token has characters a header cannot carry"))
+                format!("Bearer {t}").parse().map_err(|_| {
+                    Error::InvalidConfig(
+                        "the token has characters a header cannot carry".to_owned(),
+                    )
+                })
             })
             .transpose()?;
         Ok(Self {
             channel,
             authorization,
             retry: options.retry,
+            resubscribe: options.resubscribe.unwrap_or_else(RetryPolicy::forever),
+            timeout: options.timeout,
             limits: Limits::default(),
         })
+    }
+
+    /// A request for a call that answers once: with the deadline of [`ClientOptions::timeout`].
+    pub(crate) fn unary<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = self.request(message);
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        request
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -328,8 +380,12 @@ impl Client {
     /// A catch-up-then-live subscription: history from `start`, a
     /// [`Delivery::CaughtUp`], then each matching event as it is appended. After a dropped
     /// connection it resubscribes after the last event it delivered, so nothing is missed or
-    /// delivered twice; it ends with an error once the retry policy gives up, or when the
-    /// server refuses it.
+    /// delivered twice: at once when the server ended it for reading too slowly, and with the
+    /// [`ClientOptions::resubscribe`] policy (without end by default) when the server could
+    /// not be reached. It ends with an error when that policy gives up, or when the server
+    /// refuses it. [`Start::Now`] is the position the server reports when the subscription
+    /// is first opened, so a drop before [`Delivery::CaughtUp`] does not skip what was
+    /// appended in between.
     pub fn subscribe(
         &self,
         source: ReadSource,
@@ -355,6 +411,20 @@ impl Client {
                 let next = match &mut s.messages {
                     None => {
                         use pb::subscribe_request::Start as P;
+                        if s.start == Start::Now {
+                            match s.client.next_position().await {
+                                Ok(next) => s.start = Start::Position(next),
+                                Err(error) => {
+                                    match s.client.resubscribe.again(&mut s.attempt, error).await {
+                                        Ok(()) => continue,
+                                        Err(error) => {
+                                            s.done = true;
+                                            return Some((Err(error), s));
+                                        }
+                                    }
+                                }
+                            }
+                        }
                         let start = match s.start {
                             Start::Beginning => P::At(pb::StartAt::Beginning as i32),
                             Start::Now => P::At(pb::StartAt::Now as i32),
@@ -395,7 +465,7 @@ impl Client {
                                 }
                             }
                             Some(pb::subscribe_response::Kind::CaughtUp(c)) => {
-                                if matches!(s.start, Start::Now | Start::Beginning) {
+                                if matches!(s.start, Start::Beginning) {
                                     s.start = Start::Position(c.position);
                                 }
                                 s.buffered.push_back(Delivery::CaughtUp {
@@ -414,10 +484,15 @@ impl Client {
                             s,
                         ));
                     }
+                    Err(status) if convert::is_stall(&status) => {
+                        // It read too slowly: subscribe again after what it has, at once.
+                        s.messages = None;
+                    }
                     Err(status) => {
                         s.messages = None;
                         let error = convert::error(status);
-                        if let Err(error) = s.client.retry.again(&mut s.attempt, error).await {
+                        if let Err(error) = s.client.resubscribe.again(&mut s.attempt, error).await
+                        {
                             s.done = true;
                             return Some((Err(error), s));
                         }
@@ -454,7 +529,7 @@ impl EventStore for Client {
         let response = self
             .retried(|| {
                 let mut streams = self.streams();
-                let request = self.request(message.clone());
+                let request = self.unary(message.clone());
                 async move { streams.append(request).await }
             })
             .await?;
@@ -502,7 +577,7 @@ impl EventStore for Client {
         match self
             .retried(|| {
                 let mut streams = self.streams();
-                let request = self.request(message.clone());
+                let request = self.unary(message.clone());
                 async move { streams.head(request).await }
             })
             .await
@@ -523,7 +598,7 @@ impl EventStore for Client {
         let info = self
             .retried(|| {
                 let mut streams = self.streams();
-                let request = self.request(pb::InfoRequest {});
+                let request = self.unary(pb::InfoRequest {});
                 async move { streams.info(request).await }
             })
             .await?

@@ -1,49 +1,99 @@
-//! Process managers: react to events by sending commands, with their state kept in Skald.
+//! Process managers: react to events by sending commands, with a state per instance (one
+//! order, one user: the correlation key) kept in Skald.
 //!
-//! The state and the position of the last event handled are saved together as one event in
-//! the stream `process-NAME`, after the commands a batch of events caused were sent. After a
-//! crash the runner starts again from the last save and sends those commands again, each with
-//! the same [`CommandKey`]. A command that appends through
-//! [`Repository::execute_keyed`](crate::aggregate::Repository::execute_keyed) (or an HTTP
-//! call with the key as its `Idempotency-Key`) is then applied once.
+//! Where it is kept (`docs/client.md`, "Process managers", has the format):
+//! - `process-NAME` holds the checkpoint, the position of the last event handled, one small
+//!   event per batch;
+//! - `process-NAME:i:INSTANCE` holds one instance's state, saved after each batch that
+//!   changed it, with the position of the last event it took in;
+//! - `process-NAME:parked` records the commands given up on (parked or skipped).
 //!
-//! Saves are appended at the revision the runner loaded, so two runners of one process
+//! A batch of events runs in this order: react and send every command, save each changed
+//! instance, save the checkpoint. After a crash the runner starts again from the checkpoint:
+//! an instance saved past an event passes over it (its commands were sent before the save),
+//! the others react again and send the same commands with the same [`CommandKey`]s. A command
+//! that appends through [`Repository::execute_keyed`](crate::aggregate::Repository::execute_keyed)
+//! (or an HTTP call with the key as its `Idempotency-Key`) is then applied once.
+//!
+//! Every save is appended at the revision the runner read, so two runners of one process
 //! manager cannot both advance it: the second to save stops with
 //! [`ProcessError::Superseded`].
+//!
+//! A command that fails is handled as [`Dispatch::on_failure`] says: tried again with
+//! back-off, parked or skipped (recorded, and the rest go on), or the runner stops.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use skald_core::{
     AppendRequest, Error, EventData, EventStore, EventType, ExpectedRevision, MAX_READ_PAGE,
     Position, ProposedEvent, ReadSource, RecordedEvent, Revision, StreamName,
 };
 
-use crate::aggregate::{CodecError, CommandKey};
-use crate::follow::{Cursor, last_event, stopped_or_appended};
+use crate::RetryPolicy;
+use crate::aggregate::{CodecError, CommandError, CommandKey};
+use crate::follow::{Cursor, Stop, back_off, last_event, stopped_or_appended};
 
-/// A process manager: state that follows events, and the commands it sends in response.
-pub trait ProcessManager:
-    Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
-{
-    /// What it sends.
-    type Command: Send + Sync;
+/// A process manager: how events change the state of the instance they belong to, and the
+/// commands it sends in response.
+pub trait ProcessManager: Send + Sync + 'static {
+    /// The state of one instance; a new instance starts from the default.
+    type State: Default + Clone + Serialize + DeserializeOwned + Send + Sync;
+    /// What it sends; serializable, so that a parked command can be recorded.
+    type Command: Serialize + Send + Sync;
 
-    /// Its name; its state is kept in the stream `process-NAME`.
-    fn name() -> &'static str;
+    /// Its name: letters, digits, `-` and `_`. Its streams are named after it.
+    fn name(&self) -> &str;
 
     /// The events it reacts to.
-    fn source() -> ReadSource;
+    fn source(&self) -> ReadSource;
 
-    /// Reacts to one event: changes the state and returns the commands to send.
-    fn react(&mut self, event: &RecordedEvent) -> Vec<Self::Command>;
+    /// The instance `event` belongs to (its correlation key: an order id, a user id), or
+    /// `None` when it concerns none.
+    fn instance(&self, event: &RecordedEvent) -> Option<String>;
+
+    /// Reacts to one event: changes its instance's state and returns the commands to send.
+    fn react(&self, state: &mut Self::State, event: &RecordedEvent) -> Vec<Self::Command>;
+}
+
+/// What the runner does with a command whose send failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Send it again after a back-off (the runner's [`RetryPolicy`]); when the policy gives
+    /// up, stop.
+    Retry,
+    /// Record it in `process-NAME:parked` as `CommandParked` (to be looked at and sent again
+    /// by hand, with its key), and go on with the rest.
+    Park,
+    /// Record it in `process-NAME:parked` as `CommandSkipped`, and go on with the rest.
+    Skip,
+    /// Stop the runner with [`ProcessError::Dispatch`]; a restart sends the command again.
+    Stop,
+}
+
+impl Failure {
+    /// The usual answer for a command sent through a
+    /// [`Repository`](crate::aggregate::Repository): a rejected command, a reused key or an
+    /// event that does not decode is parked (sending it again would fail the same way), a
+    /// conflict or an unreachable store is tried again, any other store error stops.
+    pub fn of_command<E>(error: &CommandError<E>) -> Self {
+        match error {
+            CommandError::Rejected(_) | CommandError::KeyReused { .. } | CommandError::Codec(_) => {
+                Self::Park
+            }
+            CommandError::Conflict(_) | CommandError::Store(Error::Unavailable(_)) => Self::Retry,
+            CommandError::Store(Error::InvalidEvent { .. }) => Self::Park,
+            CommandError::Store(_) => Self::Stop,
+        }
+    }
 }
 
 /// Sends a process manager's commands.
 pub trait Dispatch<C>: Send + Sync {
-    /// Why a command could not be sent; the runner stops, and sends it again when restarted.
+    /// Why a command could not be sent.
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Sends `command`. `key` is the same every time this command is sent again: pass it to
@@ -54,6 +104,11 @@ pub trait Dispatch<C>: Send + Sync {
         command: &C,
         key: &CommandKey,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// What to do when `send` failed with `error`: tell a transient failure (retry) from a
+    /// refusal (park or skip, so that one bad command does not hold up the rest).
+    /// [`Failure::of_command`] answers for the errors of a repository.
+    fn on_failure(&self, error: &Self::Error) -> Failure;
 }
 
 /// Why a process manager stopped.
@@ -61,12 +116,12 @@ pub trait Dispatch<C>: Send + Sync {
 pub enum ProcessError<E> {
     /// The store failed, or refused a read or a save.
     Store(Error),
-    /// Its saved state does not decode as the state type.
+    /// A saved state does not decode as the state type, or a state does not serialize.
     State(CodecError),
-    /// A command could not be sent. The batch it belongs to is not saved: a restart sends its
-    /// commands again.
+    /// A command could not be sent, and [`Dispatch::on_failure`] said to stop (or its retries
+    /// ran out). The batch it belongs to is not saved: a restart sends its commands again.
     Dispatch(E),
-    /// Another runner saved this process manager's state since this one loaded it.
+    /// Another runner saved this process manager's state since this one read it.
     Superseded(String),
 }
 
@@ -85,32 +140,112 @@ impl<E: fmt::Display> fmt::Display for ProcessError<E> {
     }
 }
 
-impl<E: fmt::Debug + fmt::Display> std::error::Error for ProcessError<E> {}
-
-/// The data of a state event.
-#[derive(Serialize, serde::Deserialize)]
-struct Saved<P> {
-    /// The position of the last event handled.
-    checkpoint: u64,
-    state: P,
+impl<E: fmt::Debug + fmt::Display + 'static> std::error::Error for ProcessError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Store(e) => Some(e),
+            Self::State(e) => Some(e),
+            Self::Dispatch(_) | Self::Superseded(_) => None,
+        }
+    }
 }
 
-/// The type of state events.
-const STATE_TYPE: &str = "ProcessState";
+/// The data of a `ProcessCheckpoint` event.
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    /// The position of the last event handled.
+    checkpoint: u64,
+}
 
-/// Runs a [`ProcessManager`]: loads its state from Skald, feeds it events after its
-/// checkpoint, sends the commands it returns and saves the state after each batch.
-pub struct ProcessRunner<'a, S, P, D> {
+/// The data of a `ProcessInstance` event.
+#[derive(Serialize, Deserialize)]
+struct Saved<T> {
+    /// The position of the last event the state took in.
+    through: u64,
+    state: T,
+}
+
+/// The data of a `CommandParked` or `CommandSkipped` event.
+#[derive(Serialize)]
+struct Parked<'a, C> {
+    key: &'a str,
+    instance: &'a str,
+    command: &'a C,
+    error: String,
+    cause: Cause<'a>,
+}
+
+/// The event a parked command was the answer to.
+#[derive(Serialize)]
+struct Cause<'a> {
+    id: String,
+    stream: &'a str,
+    revision: u64,
+    position: u64,
+}
+
+const CHECKPOINT_TYPE: &str = "ProcessCheckpoint";
+const INSTANCE_TYPE: &str = "ProcessInstance";
+/// What an earlier version of this client saved: the whole state in one event.
+const WHOLE_STATE_TYPE: &str = "ProcessState";
+
+/// Instances kept in memory between batches; past this the cache is emptied.
+const CACHED_INSTANCES: usize = 4096;
+
+/// One instance as loaded or changed: its state, the revision of its stream, the position of
+/// the last event it took in, and whether this batch changed it.
+#[derive(Clone)]
+struct Instance<T> {
+    state: T,
+    revision: Option<Revision>,
+    through: Option<u64>,
+    changed: bool,
+}
+
+/// The name of the stream `instance`'s state is kept in: whitespace, `/` and `%` are
+/// percent-encoded, since stream names cannot hold the first two.
+pub fn instance_stream(name: &str, instance: &str) -> String {
+    let mut encoded = String::with_capacity(instance.len());
+    for c in instance.chars() {
+        if c.is_whitespace() || c.is_control() || c == '/' || c == '%' {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                encoded.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            encoded.push(c);
+        }
+    }
+    format!("process-{name}:i:{encoded}")
+}
+
+/// The stream parked and skipped commands are recorded in.
+pub fn parked_stream(name: &str) -> String {
+    format!("process-{name}:parked")
+}
+
+/// Runs a [`ProcessManager`]: reads its checkpoint from Skald, feeds it the events after it,
+/// sends the commands it returns, and saves the changed instances and the checkpoint after
+/// each batch.
+pub struct ProcessRunner<'a, S, P: ProcessManager, D> {
     store: &'a S,
+    manager: P,
     dispatch: D,
     stream: StreamName,
     batch: usize,
-    state: P,
+    retry: RetryPolicy,
     checkpoint: Option<Position>,
     revision: Option<Revision>,
+    cache: HashMap<String, Instance<P::State>>,
 }
 
 type Outcome<T, D, C> = Result<T, ProcessError<<D as Dispatch<C>>::Error>>;
+
+/// Whether a pass ended because the stop signal came.
+enum Pass {
+    Done,
+    Stopped,
+}
 
 impl<'a, S, P, D> ProcessRunner<'a, S, P, D>
 where
@@ -118,39 +253,54 @@ where
     P: ProcessManager,
     D: Dispatch<P::Command>,
 {
-    /// Loads the last saved state of `P` (or starts from the default) to run over `store`,
-    /// sending through `dispatch`; saves after every 64 events.
-    pub async fn load(store: &'a S, dispatch: D) -> Outcome<Self, D, P::Command> {
-        let stream =
-            StreamName::new(format!("process-{}", P::name())).map_err(ProcessError::Store)?;
+    /// Reads the checkpoint of `manager` (none: it starts from the first event) to run over
+    /// `store`, sending through `dispatch`; saves after every 64 events.
+    pub async fn load(store: &'a S, manager: P, dispatch: D) -> Outcome<Self, D, P::Command> {
+        let name = manager.name();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ProcessError::Store(Error::InvalidConfig(format!(
+                "process manager name {name:?} must be letters, digits, '-' and '_'"
+            ))));
+        }
+        let stream = StreamName::new(format!("process-{name}")).map_err(ProcessError::Store)?;
         let last = last_event(store, &stream)
             .await
             .map_err(ProcessError::Store)?;
-        let (state, checkpoint, revision) = match last {
-            None => (P::default(), None, None),
+        let (checkpoint, revision) = match last {
+            None => (None, None),
+            Some(event) if event.event_type.as_str() == WHOLE_STATE_TYPE => {
+                return Err(ProcessError::State(CodecError(format!(
+                    "{} holds the whole state of an earlier version of this client, which \
+                     this one does not read; start the process manager under a new name",
+                    stream.as_str()
+                ))));
+            }
             Some(event) => {
-                let saved: Saved<P> = serde_json::from_slice(event.data.bytes()).map_err(|e| {
-                    ProcessError::State(CodecError(format!(
-                        "the state saved at revision {} of {} does not decode: {e}",
-                        event.revision.0,
-                        stream.as_str()
-                    )))
-                })?;
-                (
-                    saved.state,
-                    Some(Position(saved.checkpoint)),
-                    Some(event.revision),
-                )
+                let saved: Checkpoint =
+                    serde_json::from_slice(event.data.bytes()).map_err(|e| {
+                        ProcessError::State(CodecError(format!(
+                            "the checkpoint saved at revision {} of {} does not decode: {e}",
+                            event.revision.0,
+                            stream.as_str()
+                        )))
+                    })?;
+                (Some(Position(saved.checkpoint)), Some(event.revision))
             }
         };
         Ok(Self {
             store,
+            manager,
             dispatch,
             stream,
             batch: 64,
-            state,
+            retry: RetryPolicy::forever(),
             checkpoint,
             revision,
+            cache: HashMap::new(),
         })
     }
 
@@ -160,9 +310,12 @@ where
         self
     }
 
-    /// The state as last saved.
-    pub fn state(&self) -> &P {
-        &self.state
+    /// How a command that failed with [`Failure::Retry`], and a store that cannot be reached
+    /// in [`ProcessRunner::run`], are tried again; without end ([`RetryPolicy::forever`])
+    /// when not set.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
     }
 
     /// The position of the last event handled and saved.
@@ -170,40 +323,62 @@ where
         self.checkpoint
     }
 
+    /// The state of `instance` as saved, or `None` when it has none.
+    pub async fn state(&self, instance: &str) -> Outcome<Option<P::State>, D, P::Command> {
+        let stream = StreamName::new(instance_stream(self.manager.name(), instance))
+            .map_err(ProcessError::Store)?;
+        let instance = self.load_instance(&stream).await?;
+        Ok(instance.revision.map(|_| instance.state))
+    }
+
     /// Handles every event stored now after the checkpoint; returns the new checkpoint.
     pub async fn catch_up(&mut self) -> Outcome<Option<Position>, D, P::Command> {
-        let mut cursor = Cursor::after(P::source(), self.checkpoint);
-        while let Some(page) = cursor
-            .next(self.store, self.batch)
-            .await
-            .map_err(ProcessError::Store)?
-        {
-            // Its own state events are never its input, whatever the source; a page of only
-            // those is passed over without a save (which would be one more of them).
-            let events: Vec<&RecordedEvent> =
-                page.iter().filter(|e| e.stream != self.stream).collect();
-            if let Some(last) = events.last().map(|e| e.position) {
-                self.handle(&events, last).await?;
-            }
-        }
+        self.drain(&mut Stop::never()).await?;
         Ok(self.checkpoint)
     }
 
     /// Catches up, then handles events as they are appended, until `stop` resolves (between
-    /// batches) or something fails.
+    /// batches, or while waiting to try again) or something fails. A store that cannot be
+    /// reached is tried again as [`ProcessRunner::retry`] says.
     pub async fn run(
         &mut self,
         stop: impl Future<Output = ()>,
     ) -> Outcome<Option<Position>, D, P::Command> {
-        tokio::pin!(stop);
+        let mut stop = Stop::new(stop);
+        let mut attempt = 1;
+        loop {
+            match self.follow(&mut stop, &mut attempt).await {
+                Err(ProcessError::Store(error)) => {
+                    // Whatever was cached may be behind what a lost answer saved.
+                    self.cache.clear();
+                    let again = back_off(&self.retry, &mut attempt, error, &mut stop)
+                        .await
+                        .map_err(ProcessError::Store)?;
+                    if !again {
+                        return Ok(self.checkpoint);
+                    }
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn follow<F: Future<Output = ()>>(
+        &mut self,
+        stop: &mut Stop<F>,
+        attempt: &mut u32,
+    ) -> Outcome<Option<Position>, D, P::Command> {
         loop {
             let known = self
                 .store
                 .next_position()
                 .await
                 .map_err(ProcessError::Store)?;
-            self.catch_up().await?;
-            if stopped_or_appended(self.store, known, stop.as_mut())
+            if let Pass::Stopped = self.drain(stop).await? {
+                return Ok(self.checkpoint);
+            }
+            *attempt = 1;
+            if stopped_or_appended(self.store, known, stop)
                 .await
                 .map_err(ProcessError::Store)?
             {
@@ -212,58 +387,274 @@ where
         }
     }
 
-    /// Reacts to `events` on a copy of the state, sends every command, then saves the copy
-    /// with `checkpoint`; only then is it the state.
-    async fn handle(
+    /// Handles what is stored after the checkpoint, a batch at a time.
+    async fn drain<F: Future<Output = ()>>(
+        &mut self,
+        stop: &mut Stop<F>,
+    ) -> Outcome<Pass, D, P::Command> {
+        let mut cursor = Cursor::after(self.manager.source(), self.checkpoint);
+        let own = format!("{}:", self.stream.as_str());
+        while let Some(page) = cursor
+            .next(self.store, self.batch)
+            .await
+            .map_err(ProcessError::Store)?
+        {
+            // Its own events are never its input, whatever the source; a page of only those
+            // is passed over without a save (which would be one more of them).
+            let events: Vec<&RecordedEvent> = page
+                .iter()
+                .filter(|e| e.stream != self.stream && !e.stream.as_str().starts_with(&own))
+                .filter(|e| self.checkpoint.is_none_or(|c| e.position > c))
+                .collect();
+            if let Some(last) = events.last().map(|e| e.position) {
+                match self.handle(&events, last, stop).await {
+                    Ok(Pass::Done) => {}
+                    Ok(Pass::Stopped) => return Ok(Pass::Stopped),
+                    Err(e) => {
+                        // Some saves of the batch may have landed: what is cached is behind.
+                        self.cache.clear();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(Pass::Done)
+    }
+
+    /// Reacts to `events` on copies of their instances, sends every command, then saves the
+    /// changed instances and `checkpoint`; only then are the copies the state.
+    async fn handle<F: Future<Output = ()>>(
         &mut self,
         events: &[&RecordedEvent],
         checkpoint: Position,
-    ) -> Outcome<(), D, P::Command> {
-        let mut draft = self.state.clone();
+        stop: &mut Stop<F>,
+    ) -> Outcome<Pass, D, P::Command> {
+        let mut drafts: HashMap<String, (StreamName, Instance<P::State>)> = HashMap::new();
         for event in events {
-            for (i, command) in draft.react(event).iter().enumerate() {
-                let key = CommandKey::new(format!("{}/{}/{i}", self.stream.as_str(), event.id));
-                self.dispatch
-                    .send(command, &key)
-                    .await
-                    .map_err(ProcessError::Dispatch)?;
+            let Some(key) = self.manager.instance(event) else {
+                continue;
+            };
+            if !drafts.contains_key(&key) {
+                let stream =
+                    StreamName::new(instance_stream(self.manager.name(), &key)).map_err(|e| {
+                        ProcessError::Store(Error::invalid(format!(
+                            "instance {key:?} of the event at position {}: {e}",
+                            event.position.0
+                        )))
+                    })?;
+                let instance = match self.cache.get(&key) {
+                    Some(cached) => cached.clone(),
+                    None => self.load_instance(&stream).await?,
+                };
+                drafts.insert(key.clone(), (stream, instance));
+            }
+            let (_, draft) = drafts.get_mut(&key).expect("inserted above");
+            // Saved past this event before a crash: its commands were sent before that save.
+            if draft.through.is_some_and(|t| t >= event.position.0) {
+                continue;
+            }
+            let commands = self.manager.react(&mut draft.state, event);
+            draft.through = Some(event.position.0);
+            draft.changed = true;
+            for (i, command) in commands.iter().enumerate() {
+                let command_key =
+                    CommandKey::new(format!("{}/{}/{i}", self.stream.as_str(), event.id));
+                if let Pass::Stopped = self.send(command, &command_key, &key, event, stop).await? {
+                    return Ok(Pass::Stopped);
+                }
             }
         }
-        let saved = Saved {
+        for (key, (stream, draft)) in &mut drafts {
+            if !draft.changed {
+                continue;
+            }
+            let saved = Saved {
+                through: draft.through.expect("changed instances took in an event"),
+                state: &draft.state,
+            };
+            let data = serde_json::to_string(&saved).map_err(|e| {
+                ProcessError::State(CodecError(format!(
+                    "the state of instance {key:?} does not serialize: {e}"
+                )))
+            })?;
+            let revision = self
+                .save(stream, draft.revision, INSTANCE_TYPE, data)
+                .await?;
+            draft.revision = Some(revision);
+            draft.changed = false;
+        }
+        let data = serde_json::to_string(&Checkpoint {
             checkpoint: checkpoint.0,
-            state: &draft,
-        };
-        let data = serde_json::to_string(&saved)
-            .map_err(|e| {
-                ProcessError::State(CodecError(format!("the state does not serialize: {e}")))
-            })
-            .and_then(|json| EventData::json(json).map_err(ProcessError::Store))?;
-        let event = ProposedEvent::new(
-            EventType::new(STATE_TYPE).map_err(ProcessError::Store)?,
-            data,
+        })
+        .expect("a number serializes");
+        let stream = self.stream.clone();
+        self.revision = Some(
+            self.save(&stream, self.revision, CHECKPOINT_TYPE, data)
+                .await?,
         );
-        let expected = match self.revision {
+        self.checkpoint = Some(checkpoint);
+        if self.cache.len() + drafts.len() > CACHED_INSTANCES {
+            self.cache.clear();
+        }
+        self.cache
+            .extend(drafts.into_iter().map(|(key, (_, draft))| (key, draft)));
+        Ok(Pass::Done)
+    }
+
+    /// Sends one command until it is sent, parked or skipped, or the runner must stop.
+    async fn send<F: Future<Output = ()>>(
+        &self,
+        command: &P::Command,
+        key: &CommandKey,
+        instance: &str,
+        cause: &RecordedEvent,
+        stop: &mut Stop<F>,
+    ) -> Outcome<Pass, D, P::Command> {
+        let mut attempt = 1u32;
+        loop {
+            let error = match self.dispatch.send(command, key).await {
+                Ok(()) => return Ok(Pass::Done),
+                Err(error) => error,
+            };
+            let kind = match self.dispatch.on_failure(&error) {
+                Failure::Retry => {
+                    if attempt >= self.retry.attempts.max(1) {
+                        return Err(ProcessError::Dispatch(error));
+                    }
+                    tokio::select! {
+                        () = stop.wait() => return Ok(Pass::Stopped),
+                        () = tokio::time::sleep(self.retry.delay(attempt)) => {}
+                    }
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+                Failure::Stop => return Err(ProcessError::Dispatch(error)),
+                Failure::Park => "CommandParked",
+                Failure::Skip => "CommandSkipped",
+            };
+            self.record(kind, command, key, instance, cause, &error)
+                .await?;
+            return Ok(Pass::Done);
+        }
+    }
+
+    /// Appends a parked or skipped command to `process-NAME:parked`, with an id derived from
+    /// its key, so that a batch run again after a crash records it once (the id is taken,
+    /// whatever the error said the second time).
+    async fn record(
+        &self,
+        kind: &str,
+        command: &P::Command,
+        key: &CommandKey,
+        instance: &str,
+        cause: &RecordedEvent,
+        error: &D::Error,
+    ) -> Outcome<(), D, P::Command> {
+        let parked = Parked {
+            key: key.as_str(),
+            instance,
+            command,
+            error: error.to_string(),
+            cause: Cause {
+                id: cause.id.0.to_string(),
+                stream: cause.stream.as_str(),
+                revision: cause.revision.0,
+                position: cause.position.0,
+            },
+        };
+        let data = serde_json::to_string(&parked).map_err(|e| {
+            ProcessError::State(CodecError(format!(
+                "the command to park does not serialize: {e}"
+            )))
+        })?;
+        let mut event = ProposedEvent::new(
+            EventType::new(kind).map_err(ProcessError::Store)?,
+            EventData::json(data).map_err(ProcessError::Store)?,
+        );
+        // Not the key's own first event id: a command may have appended under it.
+        event.id = CommandKey::new(format!("{}/parked", key.as_str())).event_id(0);
+        let stream =
+            StreamName::new(parked_stream(self.manager.name())).map_err(ProcessError::Store)?;
+        match self
+            .store
+            .append(AppendRequest {
+                stream,
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![event],
+            })
+            .await
+        {
+            Ok(_) | Err(Error::IdReused { .. }) => Ok(()),
+            Err(e) => Err(ProcessError::Store(e)),
+        }
+    }
+
+    /// The last saved state of the instance whose stream is `stream` (the default, when none
+    /// is saved).
+    async fn load_instance(
+        &self,
+        stream: &StreamName,
+    ) -> Outcome<Instance<P::State>, D, P::Command> {
+        let last = last_event(self.store, stream)
+            .await
+            .map_err(ProcessError::Store)?;
+        Ok(match last {
+            None => Instance {
+                state: P::State::default(),
+                revision: None,
+                through: None,
+                changed: false,
+            },
+            Some(event) => {
+                let saved: Saved<P::State> =
+                    serde_json::from_slice(event.data.bytes()).map_err(|e| {
+                        ProcessError::State(CodecError(format!(
+                            "the state saved at revision {} of {} does not decode: {e}",
+                            event.revision.0,
+                            stream.as_str()
+                        )))
+                    })?;
+                Instance {
+                    state: saved.state,
+                    revision: Some(event.revision),
+                    through: Some(saved.through),
+                    changed: false,
+                }
+            }
+        })
+    }
+
+    /// Appends one event of `kind` with `data` to `stream` at `revision`; another runner's
+    /// save in between supersedes this one.
+    async fn save(
+        &self,
+        stream: &StreamName,
+        revision: Option<Revision>,
+        kind: &str,
+        data: String,
+    ) -> Outcome<Revision, D, P::Command> {
+        let event = ProposedEvent::new(
+            EventType::new(kind).map_err(ProcessError::Store)?,
+            EventData::json(data).map_err(ProcessError::Store)?,
+        );
+        let expected = match revision {
             None => ExpectedRevision::NoStream,
             Some(r) => ExpectedRevision::Exact(r),
         };
-        let appended = self
+        match self
             .store
             .append(AppendRequest {
-                stream: self.stream.clone(),
+                stream: stream.clone(),
                 expected,
                 condition: None,
                 events: vec![event],
             })
-            .await;
-        match appended {
-            Ok(result) => {
-                self.state = draft;
-                self.checkpoint = Some(checkpoint);
-                self.revision = Some(result.last_revision);
-                Ok(())
-            }
+            .await
+        {
+            Ok(result) => Ok(result.last_revision),
             Err(Error::WrongExpectedRevision { .. }) => {
-                Err(ProcessError::Superseded(P::name().to_owned()))
+                Err(ProcessError::Superseded(self.manager.name().to_owned()))
             }
             Err(e) => Err(ProcessError::Store(e)),
         }

@@ -9,11 +9,19 @@
 //! The compare-and-set is what keeps this true when two runners feed one read model (two
 //! replicas, or a restart that overlaps the old process): the second to commit a batch finds
 //! the checkpoint moved, rolls back, and its runner stops with the projection's error.
+//! A read model that cannot compare-and-set its checkpoint must run one projector at a time;
+//! a [`Lease`](crate::lease::Lease) held around the runner keeps it to one.
+//!
+//! [`Projector::run`] rides out a store that cannot be reached (a server restarting, a
+//! network that drops): it tries again with capped back-off, without end by default
+//! ([`Projector::retry`] sets a limit), and carries on from the checkpoint the read model
+//! holds. Any other error stops it.
 
 use std::fmt;
 use std::future::Future;
 
-use crate::follow::{Cursor, stopped_or_appended};
+use crate::RetryPolicy;
+use crate::follow::{Cursor, Stop, back_off, stopped_or_appended};
 use skald_core::{Error, EventStore, MAX_READ_PAGE, Position, ReadSource, RecordedEvent};
 
 /// A read model fed by events. Its state and its checkpoint live in the same database.
@@ -70,6 +78,7 @@ pub struct Projector<'a, S, P> {
     store: &'a S,
     projection: P,
     batch: usize,
+    retry: RetryPolicy,
 }
 
 impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
@@ -79,7 +88,15 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
             store,
             projection,
             batch: 256,
+            retry: RetryPolicy::forever(),
         }
+    }
+
+    /// How [`Projector::run`] tries again when the store cannot be reached; without end
+    /// ([`RetryPolicy::forever`]) when not set.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
     }
 
     /// At most `events` per call of [`Projection::apply`] (one transaction); between 1 and
@@ -119,17 +136,45 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
     }
 
     /// Catches up, then applies events as they are appended, until `stop` resolves (between
-    /// two transactions: a batch is never cut short) or something fails.
+    /// two transactions: a batch is never cut short) or something fails. A store that cannot
+    /// be reached is tried again as [`Projector::retry`] says.
     pub async fn run(
         &mut self,
         stop: impl Future<Output = ()>,
+    ) -> Result<Option<Position>, ProjectionError<P::Error>> {
+        let mut stop = Stop::new(stop);
+        let mut attempt = 1;
+        loop {
+            match self.follow(&mut stop, &mut attempt).await {
+                Err(ProjectionError::Store(error)) => {
+                    let again = back_off(&self.retry, &mut attempt, error, &mut stop)
+                        .await
+                        .map_err(ProjectionError::Store)?;
+                    if !again {
+                        return self
+                            .projection
+                            .checkpoint()
+                            .await
+                            .map_err(ProjectionError::Projection);
+                    }
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// From the checkpoint the read model holds, applies what is stored and then what is
+    /// appended, until `stop` (`Ok`) or an error; resets `attempt` after each pass that read.
+    async fn follow<F: Future<Output = ()>>(
+        &mut self,
+        stop: &mut Stop<F>,
+        attempt: &mut u32,
     ) -> Result<Option<Position>, ProjectionError<P::Error>> {
         let mut checkpoint = self
             .projection
             .checkpoint()
             .await
             .map_err(ProjectionError::Projection)?;
-        tokio::pin!(stop);
         loop {
             let known = self
                 .store
@@ -137,7 +182,8 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
                 .await
                 .map_err(ProjectionError::Store)?;
             checkpoint = self.drain(checkpoint).await?;
-            if stopped_or_appended(self.store, known, stop.as_mut())
+            *attempt = 1;
+            if stopped_or_appended(self.store, known, stop)
                 .await
                 .map_err(ProjectionError::Store)?
             {

@@ -27,7 +27,7 @@ impl Client {
         };
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { sagas.register(request).await }
         })
         .await
@@ -38,7 +38,7 @@ impl Client {
     pub async fn saga_definitions(&self) -> Result<Vec<pb::SagaDefinitionSummary>> {
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(pb::ListSagaDefinitionsRequest {});
+            let request = self.unary(pb::ListSagaDefinitionsRequest {});
             async move { sagas.list_definitions(request).await }
         })
         .await
@@ -57,7 +57,7 @@ impl Client {
         };
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { sagas.get_definition(request).await }
         })
         .await
@@ -79,7 +79,7 @@ impl Client {
         };
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { sagas.list_instances(request).await }
         })
         .await
@@ -93,7 +93,7 @@ impl Client {
         };
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { sagas.get_instance(request).await }
         })
         .await
@@ -109,7 +109,7 @@ impl Client {
         };
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { sagas.disable(request).await }
         })
         .await
@@ -123,7 +123,7 @@ impl Client {
         };
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { sagas.enable(request).await }
         })
         .await
@@ -139,7 +139,7 @@ impl Client {
         };
         self.retried(|| {
             let mut sagas = self.sagas();
-            let request = self.request(message.clone());
+            let request = self.unary(message.clone());
             async move { sagas.delete(request).await }
         })
         .await
@@ -152,7 +152,7 @@ impl Client {
             saga_id: saga_id.to_owned(),
         };
         self.sagas()
-            .retry(self.request(message))
+            .retry(self.unary(message))
             .await
             .map(tonic::Response::into_inner)
             .map_err(convert::error)
@@ -170,7 +170,7 @@ impl Client {
             reason: reason.to_owned(),
         };
         self.sagas()
-            .cancel(self.request(message))
+            .cancel(self.unary(message))
             .await
             .map(tonic::Response::into_inner)
             .map_err(convert::error)

@@ -332,19 +332,8 @@ async fn reads_and_subscriptions_stream_and_resume_across_a_restart() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = serve(dir.path(), listener).await;
-    let client = Client::connect_with(
-        &format!("http://{addr}"),
-        ClientOptions {
-            retry: RetryPolicy {
-                attempts: 60,
-                first_delay: Duration::from_millis(50),
-                max_delay: Duration::from_millis(200),
-            },
-            ..ClientOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    // The default options: they ride out a restart of a few seconds.
+    let client = Client::connect(&format!("http://{addr}")).await.unwrap();
     // 10,000 events in 100 appends; read back whole, across pages and messages.
     for batch in 0..100u128 {
         let events = (0..100)
@@ -400,7 +389,9 @@ async fn reads_and_subscriptions_stream_and_resume_across_a_restart() {
     assert_eq!(positions, (9_990..10_000).collect::<Vec<_>>());
     server.stop().await;
 
-    // The server restarts on the same port and data; the client retries its way back.
+    // The server restarts on the same port and data, 3 s later; the client retries its way
+    // back, calls and subscription alike.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = serve(dir.path(), listener).await;
     let appended = client
@@ -457,4 +448,138 @@ async fn reads_and_subscriptions_stream_and_resume_across_a_restart() {
         Ok(c) => assert!(matches!(c.info().await, Err(Error::Unavailable(_)))),
         Err(other) => panic!("expected Unavailable, got {other:?}"),
     }
+}
+
+/// A subscriber that reads too slowly is ended by the server with `subscriber-stalled`; the
+/// client resubscribes after the last event it delivered, so the slow reader still gets every
+/// event once, in order, and no error.
+#[tokio::test]
+async fn a_slow_subscriber_resumes_after_the_server_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = support::serve_with(
+        dir.path(),
+        listener,
+        skald_server::HttpConfig {
+            stall_timeout_ms: 100,
+            ..skald_server::HttpConfig::default()
+        },
+    )
+    .await;
+    let client = Client::connect(&url).await.unwrap();
+    // 4,000 events of 2 KiB: 8 MiB, more than HTTP/2 windows and the server's queue hold.
+    let data = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2048));
+    for batch in 0..40u128 {
+        let events = (0..100)
+            .map(|i| event(batch * 100 + i + 1, "Tick", &data, &[]))
+            .collect();
+        client
+            .append(append("tick-1", ExpectedRevision::Any, events))
+            .await
+            .unwrap();
+    }
+    let subscription = client.subscribe(ReadSource::All(None), Start::Beginning);
+    futures_util::pin_mut!(subscription);
+    let mut positions = Vec::new();
+    while positions.len() < 4_000 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("the subscription goes on")
+            .expect("the subscription does not end")
+            .expect("no error reaches the reader");
+        if let Delivery::Event(e) = delivery {
+            positions.push(e.position.0);
+            if positions.len() == 1 {
+                // Reads nothing for far longer than the stall timeout.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    assert_eq!(positions, (0..4_000).collect::<Vec<_>>());
+    let metrics = get_metrics(&url).await;
+    let stalled: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("skald_subscribers_stalled_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("the metric is there");
+    assert!(
+        stalled >= 1,
+        "the server did end the subscriber:\n{metrics}"
+    );
+    server.stop().await;
+}
+
+/// Settings that cannot work are refused as such, not as an unreachable server that a
+/// retry might reach; a server that accepts and never answers is given up on after the
+/// per-call timeout.
+#[tokio::test]
+async fn bad_settings_and_silent_servers() {
+    for url in [
+        "127.0.0.1:7340",
+        "ftp://127.0.0.1:7340",
+        "http://exa mple:1",
+    ] {
+        match Client::connect(url).await {
+            Err(Error::InvalidConfig(reason)) => assert!(!reason.is_empty()),
+            other => panic!("{url}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+    let with_ca = ClientOptions {
+        ca_certificate_pem: Some(b"not a certificate".to_vec()),
+        ..ClientOptions::default()
+    };
+    match Client::connect_with("http://127.0.0.1:7340", with_ca).await {
+        Err(Error::InvalidConfig(reason)) => assert!(reason.contains("https://"), "{reason}"),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+
+    // Accepts connections, reads what comes, answers nothing.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        loop {
+            let (socket, _) = silent.accept().await.unwrap();
+            open.push(socket);
+        }
+    });
+    let options = ClientOptions {
+        timeout: Some(Duration::from_millis(200)),
+        connect_timeout: Some(Duration::from_millis(500)),
+        retry: RetryPolicy {
+            attempts: 2,
+            first_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+        },
+        ..ClientOptions::default()
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        match Client::connect_with(&format!("http://{addr}"), options).await {
+            Ok(client) => client.info().await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .expect("the timeout ends the call");
+    assert!(
+        matches!(answered, Err(Error::Unavailable(_))),
+        "{answered:?}"
+    );
+    held.abort();
+}
+
+/// The server's `GET /metrics`, over a bare HTTP/1.1 connection.
+async fn get_metrics(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: skald\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    socket.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
 }

@@ -6,15 +6,14 @@
 mod account;
 mod support;
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use account::{Account, AccountCommand};
 use serde::{Deserialize, Serialize};
-use skald_client::Client;
 use skald_client::aggregate::{CommandError, CommandKey, Repository, snapshot_stream};
-use skald_client::process::{Dispatch, ProcessError, ProcessManager, ProcessRunner};
+use skald_client::process::{Dispatch, Failure, ProcessError, ProcessManager, ProcessRunner};
+use skald_client::{Client, RetryPolicy};
 use skald_core::{
     Category, Direction, EventStore, ReadRequest, ReadSource, RecordedEvent, StreamName,
 };
@@ -182,70 +181,111 @@ async fn keyed_commands<S: EventStore>(store: &S) {
     ));
 }
 
-/// Credits 10 to every user who registers, once.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Welcome {
-    credited: BTreeSet<String>,
+/// Credits 10 to every user who registers, once; its instances are users.
+struct Welcome;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Welcomed {
+    credited: bool,
+    registrations: u32,
 }
 
+#[derive(Debug, Serialize)]
 struct Credit {
     user: String,
 }
 
 impl ProcessManager for Welcome {
+    type State = Welcomed;
     type Command = Credit;
 
-    fn name() -> &'static str {
+    fn name(&self) -> &str {
         "welcome"
     }
 
-    fn source() -> ReadSource {
+    fn source(&self) -> ReadSource {
         ReadSource::Category(Category::new("user").unwrap())
     }
 
-    fn react(&mut self, event: &RecordedEvent) -> Vec<Credit> {
-        let user = event.stream.as_str().trim_start_matches("user-").to_owned();
-        if event.event_type.as_str() == "Registered" && self.credited.insert(user.clone()) {
-            vec![Credit { user }]
-        } else {
-            Vec::new()
+    fn instance(&self, event: &RecordedEvent) -> Option<String> {
+        (event.event_type.as_str() == "Registered")
+            .then(|| event.stream.as_str().trim_start_matches("user-").to_owned())
+    }
+
+    fn react(&self, state: &mut Welcomed, event: &RecordedEvent) -> Vec<Credit> {
+        state.registrations += 1;
+        if state.credited {
+            return Vec::new();
         }
+        state.credited = true;
+        vec![Credit {
+            user: event.stream.as_str().trim_start_matches("user-").to_owned(),
+        }]
     }
 }
 
-/// Sends credits as keyed deposits; fails the `fail_on`th send, as a process that dies.
+/// Sends credits as keyed deposits. `down_on` fails that send as a process that dies
+/// (`Failure::Stop`); `flaky` fails the first that many sends as transient (`Failure::Retry`);
+/// credits for `refused` users are rejected by the account (it is closed).
 struct Bank<'a, S> {
     store: &'a S,
     sent: AtomicUsize,
-    fail_on: Option<usize>,
+    down_on: Option<usize>,
+    flaky: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct SendFailed(String);
+enum SendFailed {
+    #[error("the bank is down")]
+    Down,
+    #[error("the bank is busy")]
+    Busy,
+    #[error("{0}")]
+    Command(CommandError<account::AccountError>),
+}
 
 impl<S: EventStore> Dispatch<Credit> for Bank<'_, S> {
     type Error = SendFailed;
 
     async fn send(&self, command: &Credit, key: &CommandKey) -> Result<(), SendFailed> {
         let n = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.fail_on == Some(n) {
-            return Err(SendFailed("the bank is down".into()));
+        if self.down_on == Some(n) {
+            return Err(SendFailed::Down);
+        }
+        if n <= self.flaky {
+            return Err(SendFailed::Busy);
         }
         Repository::<S, Account>::new(self.store)
             .retry_on_conflict(3)
             .execute_keyed(&command.user, &AccountCommand::Deposit(10), key)
             .await
             .map(|_| ())
-            .map_err(|e| SendFailed(e.to_string()))
+            .map_err(SendFailed::Command)
+    }
+
+    fn on_failure(&self, error: &SendFailed) -> Failure {
+        match error {
+            SendFailed::Down => Failure::Stop,
+            SendFailed::Busy => Failure::Retry,
+            SendFailed::Command(e) => Failure::of_command(e),
+        }
     }
 }
 
-fn bank<S>(store: &S, fail_on: Option<usize>) -> Bank<'_, S> {
+fn bank<S>(store: &S, down_on: Option<usize>) -> Bank<'_, S> {
     Bank {
         store,
         sent: AtomicUsize::new(0),
-        fail_on,
+        down_on,
+        flaky: 0,
+    }
+}
+
+fn quick() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 5,
+        first_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(5),
     }
 }
 
@@ -257,6 +297,15 @@ async fn register<S: EventStore>(store: &S, user: u32) {
     append_json(store, &format!("user-{user}"), "Registered", "{}").await;
 }
 
+async fn credited<S: EventStore>(store: &S, user: u32) -> u64 {
+    Repository::<S, Account>::new(store)
+        .load(&user.to_string())
+        .await
+        .unwrap()
+        .state
+        .balance
+}
+
 async fn process_manager<S: EventStore>(store: &S) {
     for user in 0..30 {
         register(store, user).await;
@@ -264,34 +313,45 @@ async fn process_manager<S: EventStore>(store: &S) {
     // Registered twice: credited once all the same.
     append_json(store, "user-3", "Registered", "{}").await;
 
-    // The 13th credit fails: the first batch of 8 is saved, the second is not.
-    let mut failing = ProcessRunner::<_, Welcome, _>::load(store, bank(store, Some(13)))
+    // The 13th credit fails and stops the runner: the first batch of 8 is saved, the second
+    // is not.
+    let mut failing = ProcessRunner::load(store, Welcome, bank(store, Some(13)))
         .await
         .unwrap()
         .batch(8);
     match failing.catch_up().await {
-        Err(ProcessError::Dispatch(SendFailed(_))) => {}
+        Err(ProcessError::Dispatch(SendFailed::Down)) => {}
         other => panic!("expected the send to fail, got {other:?}"),
     }
-    assert_eq!(failing.state().credited.len(), 8);
+    let first_batch = failing.checkpoint().unwrap();
+    assert!(failing.state("7").await.unwrap().unwrap().credited);
+    assert_eq!(failing.state("8").await.unwrap(), None);
 
-    // A new runner picks up from the saved state and sends the second batch's credits again,
-    // with the same keys: nobody is credited twice.
-    let mut runner = ProcessRunner::<_, Welcome, _>::load(store, bank(store, None))
+    // A new runner picks up from the saved checkpoint and sends the second batch's credits
+    // again, with the same keys: nobody is credited twice.
+    let mut runner = ProcessRunner::load(store, Welcome, bank(store, None))
         .await
         .unwrap()
         .batch(8);
-    assert_eq!(runner.state().credited.len(), 8);
+    assert_eq!(runner.checkpoint(), Some(first_batch));
     let checkpoint = runner.catch_up().await.unwrap();
-    assert_eq!(runner.state().credited.len(), 30);
-    let repo = Repository::<S, Account>::new(store);
     for user in 0..30 {
-        let loaded = repo.load(&user.to_string()).await.unwrap();
-        assert_eq!(loaded.state.balance, 10, "user {user}");
+        assert_eq!(credited(store, user).await, 10, "user {user}");
+        let state = runner.state(&user.to_string()).await.unwrap().unwrap();
+        assert!(state.credited);
+        assert_eq!(state.registrations, if user == 3 { 2 } else { 1 });
     }
+    // Each instance's state is its own small event, saved once per batch that changed it;
+    // positions.
+    let own = read_stream(store, "process-welcome").await;
+    assert!(
+        own.iter()
+            .all(|e| e.event_type.as_str() == "ProcessCheckpoint" && e.data.bytes().len() < 64)
+    );
+    assert_eq!(read_stream(store, "process-welcome:i:5").await.len(), 1);
 
-    // A second runner that loaded the same state cannot save over the first.
-    let mut rival = ProcessRunner::<_, Welcome, _>::load(store, bank(store, None))
+    // A second runner that read the same checkpoint cannot save over the first.
+    let mut rival = ProcessRunner::load(store, Welcome, bank(store, None))
         .await
         .unwrap();
     register(store, 30).await;
@@ -313,7 +373,7 @@ async fn process_manager<S: EventStore>(store: &S) {
     let feed = async {
         register(store, 31).await;
         let waited = tokio::time::timeout(Duration::from_secs(30), async {
-            while repo.load("31").await.unwrap().state.balance < 10 {
+            while credited(store, 31).await < 10 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -324,13 +384,224 @@ async fn process_manager<S: EventStore>(store: &S) {
     let (ran, waited) = tokio::join!(live, feed);
     waited.expect("the live registration was credited");
     ran.unwrap();
-    assert_eq!(runner.state().credited.len(), 32);
-    // Its state, reloaded from Skald, is what it had.
-    let reloaded = ProcessRunner::<_, Welcome, _>::load(store, bank(store, None))
+    // Its checkpoint, read back from Skald, is what it had.
+    let reloaded = ProcessRunner::load(store, Welcome, bank(store, None))
         .await
         .unwrap();
-    assert_eq!(reloaded.state().credited, runner.state().credited);
     assert_eq!(reloaded.checkpoint(), runner.checkpoint());
+}
+
+/// A refused command is parked and the rest go on; a transient failure is retried with
+/// back-off; a runner run again over a batch records its parked command once.
+async fn failures<S: EventStore + Clone>(store: &S) {
+    // User 101 has no account: its credit is rejected.
+    for user in [100, 102] {
+        register(store, user).await;
+    }
+    append_json(store, "user-101", "Registered", "{}").await;
+    let mut flaky = bank(store, None);
+    flaky.flaky = 3;
+    let mut runner = ProcessRunner::load(store, Welcome, flaky)
+        .await
+        .unwrap()
+        .retry(quick());
+    runner.catch_up().await.unwrap();
+    assert_eq!(credited(store, 100).await, 10);
+    assert_eq!(credited(store, 102).await, 10);
+    let parked = read_stream(store, "process-welcome:parked").await;
+    let ours: Vec<_> = parked
+        .iter()
+        .map(|e| serde_json::from_slice::<serde_json::Value>(e.data.bytes()).unwrap())
+        .filter(|d| d["instance"] == "101")
+        .collect();
+    assert_eq!(ours.len(), 1, "{parked:?}");
+    assert_eq!(ours[0]["command"]["user"], "101");
+    assert!(
+        ours[0]["error"].as_str().unwrap().contains("rejected"),
+        "{}",
+        ours[0]
+    );
+    assert!(
+        ours[0]["key"]
+            .as_str()
+            .unwrap()
+            .starts_with("process-welcome/")
+    );
+
+    // A crash after the batch's instances were saved and before its checkpoint was: the
+    // runner after it handles the batch again, the saved instances pass over what they took
+    // in (user 104 counts two registrations, not four), and the parked command of user 106
+    // is recorded once.
+    register(store, 104).await;
+    append_json(store, "user-104", "Registered", "{}").await;
+    append_json(store, "user-106", "Registered", "{}").await;
+    let crashing = Crashing {
+        store: store.clone(),
+        stream: "process-welcome",
+    };
+    let mut dying = ProcessRunner::load(&crashing, Welcome, bank(store, None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        dying.catch_up().await,
+        Err(ProcessError::Store(skald_core::Error::Io(_)))
+    ));
+    assert_eq!(
+        read_stream(store, "process-welcome:i:104").await.len(),
+        1,
+        "saved before the crash"
+    );
+    let mut after = ProcessRunner::load(store, Welcome, bank(store, None))
+        .await
+        .unwrap();
+    after.catch_up().await.unwrap();
+    let state = after.state("104").await.unwrap().unwrap();
+    assert_eq!(state.registrations, 2);
+    assert_eq!(credited(store, 104).await, 10);
+    let parked_106 = read_stream(store, "process-welcome:parked")
+        .await
+        .iter()
+        .filter(|e| e.data.bytes().windows(5).any(|w| w == b"\"106\""))
+        .count();
+    assert_eq!(parked_106, 1);
+
+    // Transient failures past the policy's limit stop the runner; the batch is not saved.
+    register(store, 103).await;
+    let mut busy = bank(store, None);
+    busy.flaky = usize::MAX;
+    let mut runner = ProcessRunner::load(store, Welcome, busy)
+        .await
+        .unwrap()
+        .retry(quick());
+    let checkpoint = runner.checkpoint();
+    assert!(matches!(
+        runner.catch_up().await,
+        Err(ProcessError::Dispatch(SendFailed::Busy))
+    ));
+    assert_eq!(runner.checkpoint(), checkpoint);
+    assert_eq!(credited(store, 103).await, 0);
+    // ...and a stop ends a runner that is waiting to try again.
+    let mut busy = bank(store, None);
+    busy.flaky = usize::MAX;
+    let mut waiting = ProcessRunner::load(store, Welcome, busy)
+        .await
+        .unwrap()
+        .retry(RetryPolicy::forever());
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(10),
+        waiting.run(tokio::time::sleep(Duration::from_millis(300))),
+    )
+    .await
+    .expect("the stop ends the retries");
+    assert_eq!(stopped.unwrap(), checkpoint);
+}
+
+/// A store that fails every append to `stream`, as a process killed before that append.
+struct Crashing<S> {
+    store: S,
+    stream: &'static str,
+}
+
+impl<S: EventStore> EventStore for Crashing<S> {
+    async fn append(
+        &self,
+        request: skald_core::AppendRequest,
+    ) -> skald_core::Result<skald_core::AppendResult> {
+        if request.stream.as_str() == self.stream {
+            return Err(skald_core::Error::Io("killed before this append".into()));
+        }
+        self.store.append(request).await
+    }
+
+    async fn read(&self, request: ReadRequest) -> skald_core::Result<skald_core::ReadPage> {
+        self.store.read(request).await
+    }
+
+    async fn stream_head(
+        &self,
+        stream: &StreamName,
+    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
+        self.store.stream_head(stream).await
+    }
+
+    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
+        self.store.info().await
+    }
+
+    async fn next_position(&self) -> skald_core::Result<u64> {
+        self.store.next_position().await
+    }
+
+    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
+        self.store.wait_for_append(known).await
+    }
+
+    fn limits(&self) -> &skald_core::Limits {
+        self.store.limits()
+    }
+}
+
+/// Many instances with large states: each is saved on its own, so no save comes near the
+/// event size limit, which one whole state of them all (1,200 × 1 KiB) would pass.
+struct Tally;
+
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct Notes {
+    text: String,
+}
+
+impl ProcessManager for Tally {
+    type State = Notes;
+    type Command = ();
+
+    fn name(&self) -> &str {
+        "tally"
+    }
+
+    fn source(&self) -> ReadSource {
+        ReadSource::Category(Category::new("note").unwrap())
+    }
+
+    fn instance(&self, event: &RecordedEvent) -> Option<String> {
+        Some(event.stream.as_str().to_owned())
+    }
+
+    fn react(&self, state: &mut Notes, _: &RecordedEvent) -> Vec<()> {
+        state.text.push_str(&"n".repeat(1024));
+        Vec::new()
+    }
+}
+
+struct Nowhere;
+
+impl Dispatch<()> for Nowhere {
+    type Error = std::io::Error;
+
+    async fn send(&self, (): &(), _: &CommandKey) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn on_failure(&self, _: &std::io::Error) -> Failure {
+        Failure::Stop
+    }
+}
+
+async fn large_states<S: EventStore>(store: &S) {
+    for i in 0..1_200 {
+        append_json(store, &format!("note-{i}"), "Noted", "{}").await;
+    }
+    let mut runner = ProcessRunner::load(store, Tally, Nowhere)
+        .await
+        .unwrap()
+        .batch(256);
+    runner.catch_up().await.unwrap();
+    let saved = read_stream(store, "process-tally:i:note-1199").await;
+    assert_eq!(saved.len(), 1);
+    assert!(saved[0].data.bytes().len() < 2048);
+    assert_eq!(
+        runner.state("note-0").await.unwrap().unwrap().text.len(),
+        1024
+    );
 }
 
 #[tokio::test]
@@ -340,6 +611,8 @@ async fn over_the_embedded_store() {
     snapshots(&store).await;
     keyed_commands(&store).await;
     process_manager(&store).await;
+    failures(&store).await;
+    large_states(&store).await;
     store.shutdown().await;
 }
 
@@ -353,5 +626,7 @@ async fn through_the_client() {
     snapshots(&client).await;
     keyed_commands(&client).await;
     process_manager(&client).await;
+    failures(&client).await;
+    large_states(&client).await;
     server.stop().await;
 }

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use skald_client::Client;
+use skald_client::lease::{Lease, LeaseError};
 use skald_client::projection::{Projection, ProjectionError, Projector};
+use skald_client::{Client, ClientOptions, RetryPolicy};
 use skald_core::{
     AppendRequest, Category, EventData, EventStore, EventType, ExpectedRevision, Position,
     ProposedEvent, ReadSource, RecordedEvent, StreamName,
@@ -32,6 +33,8 @@ struct Totals {
     calls: usize,
     fail_on: Option<usize>,
     source: ReadSource,
+    /// Whether its transactions compare-and-set the checkpoint.
+    cas: bool,
 }
 
 fn totals(db: &Arc<Mutex<Committed>>, fail_on: Option<usize>) -> Totals {
@@ -40,6 +43,7 @@ fn totals(db: &Arc<Mutex<Committed>>, fail_on: Option<usize>) -> Totals {
         calls: 0,
         fail_on,
         source: ReadSource::Category(Category::new("account").unwrap()),
+        cas: true,
     }
 }
 
@@ -71,12 +75,12 @@ impl Projection for Totals {
         self.calls += 1;
         let mut draft = self.db.lock().unwrap().clone();
         // The transaction's compare-and-set: it reads the checkpoint it commits over.
-        if draft.checkpoint != previous {
+        if self.cas && draft.checkpoint != previous {
             return Err(Failed::Superseded);
         }
         for event in events {
             assert!(
-                draft.checkpoint.is_none_or(|c| event.position > c),
+                !self.cas || draft.checkpoint.is_none_or(|c| event.position > c),
                 "event {} handed over again",
                 event.position.0
             );
@@ -98,7 +102,7 @@ impl Projection for Totals {
         // Commit, if nobody committed meanwhile (two runners of a test interleave here only
         // at an await, and there is none between the read above and this write).
         let mut db = self.db.lock().unwrap();
-        if db.checkpoint != previous {
+        if self.cas && db.checkpoint != previous {
             return Err(Failed::Superseded);
         }
         *db = draft;
@@ -343,5 +347,165 @@ async fn two_projectors_on_one_read_model_apply_each_event_once() {
     let committed = db.lock().unwrap().clone();
     assert_eq!(committed.applied, 200, "each event applied once");
     assert_eq!(committed.totals.values().sum::<u64>(), 200);
+    store.shutdown().await;
+}
+
+/// Waits until the read model has applied `count` events.
+async fn applied(db: &Arc<Mutex<Committed>>, count: u64) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while db.lock().unwrap().applied < count {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{count} events applied"));
+}
+
+/// A server restart of a few seconds does not end `Projector::run`, even over a client
+/// that does not retry by itself: the runner tries again with back-off and goes on from the
+/// read model's checkpoint.
+#[tokio::test]
+async fn a_projector_rides_out_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = serve(dir.path(), listener).await;
+    let client = Client::connect_with(
+        &format!("http://{addr}"),
+        ClientOptions {
+            retry: RetryPolicy {
+                attempts: 1,
+                ..RetryPolicy::default()
+            },
+            resubscribe: Some(RetryPolicy {
+                attempts: 1,
+                ..RetryPolicy::default()
+            }),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let db = Arc::new(Mutex::new(Committed::default()));
+    let mut projector = Projector::new(&client, totals(&db, None)).batch(16);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = projector.run(async {
+        let _ = stopped.await;
+    });
+    let feed = async {
+        for i in 0..50 {
+            deposit(&client, i % 5, 1).await;
+        }
+        applied(&db, 50).await;
+        server.stop().await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let server = serve(dir.path(), listener).await;
+        for i in 0..50 {
+            deposit(&client, i % 5, 2).await;
+        }
+        applied(&db, 100).await;
+        let _ = stop.send(());
+        server
+    };
+    let (ran, server) = tokio::join!(run, feed);
+    let checkpoint = ran.expect("the runner outlived the restart");
+    assert_eq!(checkpoint, Some(Position(99)));
+    let committed = db.lock().unwrap().clone();
+    assert_eq!(committed.applied, 100);
+    assert_eq!(committed.totals.values().sum::<u64>(), 150);
+    server.stop().await;
+}
+
+/// A read model that cannot compare-and-set its checkpoint, fed by two runners that each
+/// hold a lease around the projector: only one runs at a time, the other takes over once
+/// the first dies without releasing, and every event is applied exactly once.
+#[tokio::test]
+async fn a_lease_keeps_a_projection_without_compare_and_set_to_one_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let db = Arc::new(Mutex::new(Committed::default()));
+    let unguarded = || Totals {
+        cas: false,
+        ..totals(&db, None)
+    };
+    let ttl = Duration::from_millis(400);
+
+    let mut first = Lease::acquire(&store, "totals", "runner-a", ttl)
+        .await
+        .unwrap();
+    let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+    let runner_a = async {
+        let mut projector = Projector::new(&store, unguarded()).batch(7);
+        tokio::select! {
+            held = first.hold(projector.run(std::future::pending())) => panic!("{held:?}"),
+            // kill -9: the lease is neither renewed nor released.
+            _ = killed => {}
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner_b = async {
+        let mut second = Lease::acquire(&store, "totals", "runner-b", ttl)
+            .await
+            .unwrap();
+        let took_over = tokio::time::Instant::now();
+        let mut projector = Projector::new(&store, unguarded()).batch(7);
+        second
+            .hold(projector.run(async {
+                let _ = stopped.await;
+            }))
+            .await
+            .unwrap()
+            .unwrap();
+        second.release().await.unwrap();
+        took_over
+    };
+    let feed = async {
+        for i in 0..200u32 {
+            deposit(&store, i % 5, 1).await;
+            if i % 20 == 0 {
+                // Longer than a ttl in all: the holder renews all along.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        applied(&db, 200).await;
+        let killed_at = tokio::time::Instant::now();
+        let _ = kill.send(());
+        for i in 0..100u32 {
+            deposit(&store, i % 5, 1).await;
+        }
+        applied(&db, 300).await;
+        let _ = stop.send(());
+        killed_at
+    };
+    let ((), took_over, killed_at) = tokio::join!(runner_a, runner_b, feed);
+    assert!(
+        took_over >= killed_at,
+        "the second runner waited for the first to die"
+    );
+    let committed = db.lock().unwrap().clone();
+    assert_eq!(committed.applied, 300, "each event applied once");
+
+    // Released: taken at once.
+    let quick = tokio::time::timeout(
+        Duration::from_millis(300),
+        Lease::acquire(&store, "totals", "runner-c", Duration::from_secs(60)),
+    )
+    .await
+    .expect("a released lease is taken at once")
+    .unwrap();
+    // A holder whose lease was taken learns it at its next renewal, with the taker's name.
+    let mut stale = Lease::acquire(&store, "other", "runner-d", ttl)
+        .await
+        .unwrap();
+    tokio::time::sleep(ttl * 2).await;
+    let _taker = Lease::acquire(&store, "other", "runner-e", ttl)
+        .await
+        .unwrap();
+    match stale.renew().await {
+        Err(LeaseError::Lost { holder, .. }) => assert_eq!(holder.as_deref(), Some("runner-e")),
+        other => panic!("expected Lost, got {other:?}"),
+    }
+    drop(quick);
     store.shutdown().await;
 }

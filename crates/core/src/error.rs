@@ -97,6 +97,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// A setting the caller gave cannot be used: a server URL that does not parse, TLS
+    /// material that does not load. Trying again will not help; the setting must change.
+    #[error("invalid setting: {0}")]
+    InvalidConfig(String),
+
     /// Any other I/O failure of the backend.
     #[error("storage I/O error: {0}")]
     Io(String),

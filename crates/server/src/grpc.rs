@@ -525,11 +525,7 @@ async fn pump_subscription<S: EventStore>(
                 Ok(Err(_)) => return,
                 Err(_) => {
                     app.metrics.stalled.add(1);
-                    ending.end(Status::resource_exhausted(format!(
-                        "the subscriber read nothing for {} ms while events waited; \
-                         resubscribe from the last position + 1",
-                        stall.as_millis()
-                    )));
+                    ending.end(Problem::subscriber_stalled(stall).to_grpc_status());
                     return;
                 }
             }

@@ -152,6 +152,22 @@ impl Problem {
         )
     }
 
+    /// A subscriber that read nothing for `stall` while events waited, ended so that it
+    /// holds nothing up; it resumes by subscribing again after the last event it read.
+    pub fn subscriber_stalled(stall: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "subscriber-stalled",
+            "Subscriber stalled",
+            format!(
+                "the subscriber read nothing for {} ms while events waited; resubscribe from \
+                 the last position + 1",
+                stall.as_millis()
+            ),
+        )
+        .with("stallTimeoutMs", json!(stall.as_millis() as u64))
+    }
+
     /// The status code.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -166,7 +182,9 @@ impl Problem {
             "wrong-expected-revision" | "append-condition-failed" => Code::Aborted,
             "event-id-reused" | "group-exists" => Code::AlreadyExists,
             "saga-conflict" => Code::FailedPrecondition,
-            "storage-full" | "rate-limited" | "payload-too-large" => Code::ResourceExhausted,
+            "storage-full" | "rate-limited" | "payload-too-large" | "subscriber-stalled" => {
+                Code::ResourceExhausted
+            }
             "corruption" => Code::DataLoss,
             _ => match self.status.as_u16() {
                 400 | 415 | 422 => Code::InvalidArgument,
@@ -323,6 +341,8 @@ impl From<Error> for Problem {
                 "Storage error",
                 detail,
             ),
+            // Raised by clients of a server, about their own settings.
+            Error::InvalidConfig(_) => Self::malformed(detail),
             // Raised by clients of a server; a server relaying one answers as that server did.
             Error::Refused { kind, detail } => match kind.as_str() {
                 "forbidden" => Self::forbidden(detail),

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use bank_account::{Account, AccountCommand, Balances};
 use clap::{Parser, Subcommand};
 use skald_client::Client;
-use skald_client::aggregate::{CommandError, Repository};
+use skald_client::aggregate::{CommandError, CommandKey, Repository};
 use skald_client::projection::Projector;
 
 #[derive(Parser)]
@@ -27,9 +27,22 @@ enum Command {
     /// Opens account ID for OWNER.
     Open { id: String, owner: String },
     /// Puts AMOUNT into account ID.
-    Deposit { id: String, amount: u64 },
+    Deposit {
+        id: String,
+        amount: u64,
+        /// The movement's own reference (a payment id): run again with the same key after a
+        /// lost answer and it is applied once. Without one, every run is a new deposit.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Takes AMOUNT out of account ID, if the balance covers it.
-    Withdraw { id: String, amount: u64 },
+    Withdraw {
+        id: String,
+        amount: u64,
+        /// As for `deposit`: the same key is applied once.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Applies account events to the read model: what is stored, then live until Ctrl-C.
     Project {
         /// Stop once caught up instead of following live events.
@@ -59,9 +72,9 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
-        Command::Open { id, owner } => (id, AccountCommand::Open { owner }),
-        Command::Deposit { id, amount } => (id, AccountCommand::Deposit { amount }),
-        Command::Withdraw { id, amount } => (id, AccountCommand::Withdraw { amount }),
+        Command::Open { id, owner } => (id, AccountCommand::Open { owner }, None),
+        Command::Deposit { id, amount, key } => (id, AccountCommand::Deposit { amount }, key),
+        Command::Withdraw { id, amount, key } => (id, AccountCommand::Withdraw { amount }, key),
         Command::Balance { id } => {
             let balances = Balances::open(&cli.db)?;
             match balances.balance(&id)? {
@@ -99,17 +112,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let (id, command) = command;
+    let (id, command, key) = command;
     let client = connect(&cli.server).await?;
     // A deposit decided on a stale balance is still right; a withdrawal is decided again on
     // the newer balance. Opening twice is refused either way.
     let repository = Repository::<_, Account>::new(&client).retry_on_conflict(3);
-    match repository.execute(&id, &command).await {
+    let executed = match &key {
+        // Scoped to the account, so that one reference may be used on two accounts.
+        Some(key) => {
+            let key = CommandKey::new(format!("bank/{id}/{key}"));
+            repository.execute_keyed(&id, &command, &key).await
+        }
+        None => repository.execute(&id, &command).await,
+    };
+    match executed {
+        Ok(Some(appended)) if appended.replayed => {
+            println!("account {id}: already applied under this key");
+            Ok(())
+        }
         Ok(Some(appended)) => {
             println!(
                 "account {id}: stored at revision {}",
                 appended.last_revision.0
             );
+            Ok(())
+        }
+        Ok(None) if key.is_some() => {
+            println!("account {id}: already applied under this key");
             Ok(())
         }
         Ok(None) => Ok(()),

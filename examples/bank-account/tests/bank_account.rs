@@ -68,6 +68,21 @@ async fn commands_projection_kills_and_queries() {
         "{}",
         text(&out.stderr)
     );
+    // A keyed deposit run twice (its answer lost, say) is applied once; the same key with
+    // another amount is refused.
+    for _ in 0..2 {
+        let out = run(&url, &db, &["deposit", "1", "10", "--key", "pay-17"]).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = run(&url, &db, &["deposit", "1", "11", "--key", "pay-17"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("was used before"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&url, &db, &["withdraw", "1", "10", "--key", "refund-17"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let out = run(&url, &db, &["open", "1", "bob"]).await;
     assert!(text(&out.stderr).contains("open already"));
     let out = run(&url, &db, &["balance", "1"]).await;
@@ -82,7 +97,7 @@ async fn commands_projection_kills_and_queries() {
 
     // Many more movements, written straight to the store.
     let client = Client::connect(&url).await.unwrap();
-    let mut expected = vec![(50u64, 1u64); 1];
+    let mut expected = vec![(50u64, 3u64); 1];
     for account in 2..=10u64 {
         let mut events = vec![
             propose(&AccountEvent::Opened {
@@ -158,7 +173,7 @@ async fn commands_projection_kills_and_queries() {
     let out = run(&url, &db, &["balance", "1"]).await;
     assert_eq!(
         text(&out.stdout).trim(),
-        "account 1 (ada): balance 50, 1 movements"
+        "account 1 (ada): balance 50, 3 movements"
     );
 
     // A rebuild comes to the same.
@@ -201,7 +216,7 @@ async fn commands_projection_kills_and_queries() {
             == Some(Balance {
                 owner: "ada".into(),
                 balance: 57,
-                movements: 2,
+                movements: 4,
             })
         {
             break;

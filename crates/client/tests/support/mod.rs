@@ -38,6 +38,15 @@ pub fn store(dir: &std::path::Path) -> Store {
 
 /// A server over a store in `dir`, on `listener`; returns a handle that stops it.
 pub async fn serve(dir: &std::path::Path, listener: tokio::net::TcpListener) -> Running {
+    serve_with(dir, listener, skald_server::HttpConfig::default()).await
+}
+
+/// [`serve`] with `config` for its HTTP and gRPC settings.
+pub async fn serve_with(
+    dir: &std::path::Path,
+    listener: tokio::net::TcpListener,
+    config: skald_server::HttpConfig,
+) -> Running {
     let store = store(dir);
     let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
     let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
@@ -48,7 +57,7 @@ pub async fn serve(dir: &std::path::Path, listener: tokio::net::TcpListener) -> 
     )
     .await
     .unwrap();
-    let app = skald_server::router_with(groups, sagas, skald_server::HttpConfig::default());
+    let app = skald_server::router_with(groups, sagas, config);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown_hub = hub.clone();
     let task = tokio::spawn(async move {

@@ -1,0 +1,303 @@
+//! A lease kept in Skald: at most one holder at a time runs what it guards, for runners whose
+//! read model cannot compare-and-set its checkpoint (a search index, a cache, an outbox).
+//!
+//! The lease named `NAME` is the stream `lease-NAME`. Taking it appends `LeaseTaken` at the
+//! revision the taker read; renewing appends another at the holder's own last revision;
+//! releasing appends `LeaseReleased`. Every append names the revision it follows, so of two
+//! that race, one fails and only one holds.
+//!
+//! No clocks are compared, only durations. A holder holds until `ttl` minus a margin of a
+//! quarter of it has passed since it *sent* its last successful take or renewal; it renews
+//! every quarter of `ttl`. Another runner takes a lease that is not released only after it
+//! has watched its stream stay at one revision for a whole `ttl`, which begins after that
+//! revision was appended. So the two never overlap as long as clocks run at about the same
+//! rate (a quarter of `ttl` apart at most over one `ttl`) and the holder's work stops when
+//! [`Lease::hold`] drops it. Work that blocks a thread, or a process paused for longer
+//! than the margin, is beyond any lease: use a compare-and-set checkpoint for those.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use skald_core::{
+    AppendRequest, Error, EventData, EventStore, EventType, ExpectedRevision, ProposedEvent,
+    Revision, StreamName,
+};
+use tokio::time::Instant;
+
+use crate::follow::last_event;
+
+/// The data of a `LeaseTaken` event.
+#[derive(Serialize, Deserialize)]
+struct Taken {
+    holder: String,
+    #[serde(rename = "ttlMs")]
+    ttl_ms: u64,
+}
+
+const TAKEN: &str = "LeaseTaken";
+const RELEASED: &str = "LeaseReleased";
+
+/// Why a lease was not taken or not kept.
+#[derive(Debug)]
+pub enum LeaseError {
+    /// Another runner took it: the holder must have stopped what it guards.
+    Lost {
+        /// The lease's name.
+        name: String,
+        /// Who holds it now, when known.
+        holder: Option<String>,
+    },
+    /// It could not be renewed in time: the store did not answer before the lease ran out.
+    Expired {
+        /// The lease's name.
+        name: String,
+        /// The last error of a renewal.
+        error: Error,
+    },
+    /// The store failed, or refused the read or the append.
+    Store(Error),
+}
+
+impl fmt::Display for LeaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Lost { name, holder } => match holder {
+                Some(holder) => write!(f, "lease {name:?} was taken by {holder:?}"),
+                None => write!(f, "lease {name:?} was taken by another runner"),
+            },
+            Self::Expired { name, error } => write!(
+                f,
+                "lease {name:?} ran out before it could be renewed (last error: {error})"
+            ),
+            Self::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for LeaseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Expired { error, .. } | Self::Store(error) => Some(error),
+            Self::Lost { .. } => None,
+        }
+    }
+}
+
+/// A lease held by this runner. Drop it without [`Lease::release`] and another runner takes
+/// it once `ttl` has passed.
+pub struct Lease<'a, S> {
+    store: &'a S,
+    name: String,
+    stream: StreamName,
+    holder: String,
+    ttl: Duration,
+    revision: Revision,
+    /// When the take or renewal that holds now was sent.
+    sent: Instant,
+}
+
+impl<S> fmt::Debug for Lease<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("name", &self.name)
+            .field("holder", &self.holder)
+            .field("ttl", &self.ttl)
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, S: EventStore> Lease<'a, S> {
+    /// Waits until `holder` (a name for this runner, unique among them, such as host and
+    /// process id) holds the lease `name`, and returns it. A lease released, or left without
+    /// a renewal for `ttl`, is taken; `ttl` is at least 100 ms.
+    pub async fn acquire(
+        store: &'a S,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Self, LeaseError> {
+        let ttl = ttl.max(Duration::from_millis(100));
+        let stream = StreamName::new(format!("lease-{name}")).map_err(LeaseError::Store)?;
+        // The revision last seen, and since when it has not moved.
+        let mut watched: Option<(Revision, Instant)> = None;
+        loop {
+            let last = last_event(store, &stream)
+                .await
+                .map_err(LeaseError::Store)?;
+            let (expected, free) = match &last {
+                None => (ExpectedRevision::NoStream, true),
+                Some(event) => {
+                    let released = event.event_type.as_str() == RELEASED;
+                    let still = match watched {
+                        Some((revision, since)) if revision == event.revision => {
+                            since.elapsed() >= ttl
+                        }
+                        _ => {
+                            watched = Some((event.revision, Instant::now()));
+                            false
+                        }
+                    };
+                    (ExpectedRevision::Exact(event.revision), released || still)
+                }
+            };
+            if free {
+                let sent = Instant::now();
+                match append(store, &stream, expected, holder, ttl, TAKEN).await {
+                    Ok(revision) => {
+                        return Ok(Self {
+                            store,
+                            name: name.to_owned(),
+                            stream,
+                            holder: holder.to_owned(),
+                            ttl,
+                            revision,
+                            sent,
+                        });
+                    }
+                    // Someone else was quicker; watch again from what they wrote.
+                    Err(Error::WrongExpectedRevision { .. }) => watched = None,
+                    Err(e) => return Err(LeaseError::Store(e)),
+                }
+                continue;
+            }
+            tokio::time::sleep(ttl / 4).await;
+        }
+    }
+
+    /// The lease's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Until when this runner may act on the lease: `ttl` less a quarter after its last
+    /// successful take or renewal was sent.
+    pub fn valid_until(&self) -> Instant {
+        self.sent + self.ttl - self.ttl / 4
+    }
+
+    /// Renews the lease once. [`LeaseError::Lost`] when another runner took it.
+    pub async fn renew(&mut self) -> Result<(), LeaseError> {
+        let sent = Instant::now();
+        match append(
+            self.store,
+            &self.stream,
+            ExpectedRevision::Exact(self.revision),
+            &self.holder,
+            self.ttl,
+            TAKEN,
+        )
+        .await
+        {
+            Ok(revision) => {
+                self.revision = revision;
+                self.sent = sent;
+                Ok(())
+            }
+            Err(Error::WrongExpectedRevision { .. }) => Err(self.lost().await),
+            Err(e) => Err(LeaseError::Store(e)),
+        }
+    }
+
+    /// Runs `work` while holding the lease, renewing it every quarter of `ttl`; returns what
+    /// `work` returns, or an error (with `work` dropped, and so stopped) when the lease is
+    /// lost or could not be renewed before [`Lease::valid_until`].
+    pub async fn hold<F: Future>(&mut self, work: F) -> Result<F::Output, LeaseError> {
+        tokio::pin!(work);
+        let mut next = Instant::now() + self.ttl / 4;
+        loop {
+            tokio::select! {
+                output = &mut work => return Ok(output),
+                () = tokio::time::sleep_until(next) => {}
+                () = tokio::time::sleep_until(self.valid_until()) => {
+                    return Err(LeaseError::Expired {
+                        name: self.name.clone(),
+                        error: Error::Unavailable("no renewal was answered in time".to_owned()),
+                    });
+                }
+            }
+            let deadline = self.valid_until();
+            let renewed = tokio::select! {
+                output = &mut work => return Ok(output),
+                renewed = tokio::time::timeout_at(deadline, self.renew()) => renewed,
+            };
+            match renewed {
+                Ok(Ok(())) => next = Instant::now() + self.ttl / 4,
+                Ok(Err(LeaseError::Store(Error::Unavailable(_)))) => {
+                    // Try again soon, while the lease lasts.
+                    next = Instant::now() + self.ttl / 16;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(LeaseError::Expired {
+                        name: self.name.clone(),
+                        error: Error::Unavailable("the renewal was not answered in time".into()),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up, so that another runner takes it at once.
+    pub async fn release(self) -> Result<(), LeaseError> {
+        match append(
+            self.store,
+            &self.stream,
+            ExpectedRevision::Exact(self.revision),
+            &self.holder,
+            self.ttl,
+            RELEASED,
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(Error::WrongExpectedRevision { .. }) => Err(self.lost().await),
+            Err(e) => Err(LeaseError::Store(e)),
+        }
+    }
+
+    /// The error for a lease another runner took, naming it when it can be read.
+    async fn lost(&self) -> LeaseError {
+        let holder = match last_event(self.store, &self.stream).await {
+            Ok(Some(event)) if event.event_type.as_str() == TAKEN => {
+                serde_json::from_slice::<Taken>(event.data.bytes())
+                    .ok()
+                    .map(|t| t.holder)
+            }
+            _ => None,
+        };
+        LeaseError::Lost {
+            name: self.name.clone(),
+            holder,
+        }
+    }
+}
+
+async fn append<S: EventStore>(
+    store: &S,
+    stream: &StreamName,
+    expected: ExpectedRevision,
+    holder: &str,
+    ttl: Duration,
+    kind: &str,
+) -> skald_core::Result<Revision> {
+    let data = serde_json::to_string(&Taken {
+        holder: holder.to_owned(),
+        ttl_ms: ttl.as_millis() as u64,
+    })
+    .expect("strings and numbers serialize");
+    let result = store
+        .append(AppendRequest {
+            stream: stream.clone(),
+            expected,
+            condition: None,
+            events: vec![ProposedEvent::new(
+                EventType::new(kind)?,
+                EventData::json(data)?,
+            )],
+        })
+        .await?;
+    Ok(result.last_revision)
+}
