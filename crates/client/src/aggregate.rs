@@ -14,84 +14,9 @@ use skald_core::{
     ReadSource, RecordedEvent, Revision, StreamName,
 };
 
-/// A domain event as a Rust type: an enum serialized by serde with
-/// `#[serde(tag = "type", content = "data")]`, so that each variant's name is the stored event
-/// type and its fields the stored data.
-///
-/// Old shapes of an event are rewritten by [`Event::upcast`] when they are read, so that
-/// the enum only has to know the current one.
-pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// Rewrites a stored event (its type and data) into the current shape before it is
-    /// decoded. The default leaves it as stored.
-    fn upcast(event_type: &str, data: Value) -> (String, Value) {
-        (event_type.to_owned(), data)
-    }
-}
-
-/// Why a typed event could not be written or read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CodecError(pub String);
-
-impl fmt::Display for CodecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CodecError {}
-
-/// The type and data a typed event is stored as.
-pub fn encode<E: Event>(event: &E) -> Result<(EventType, EventData), CodecError> {
-    let value = serde_json::to_value(event)
-        .map_err(|e| CodecError(format!("the event does not serialize: {e}")))?;
-    let Value::Object(mut fields) = value else {
-        return Err(CodecError(
-            "an event must serialize as {\"type\": .., \"data\": ..}: mark the enum \
-             #[serde(tag = \"type\", content = \"data\")]"
-                .to_owned(),
-        ));
-    };
-    let Some(Value::String(name)) = fields.remove("type") else {
-        return Err(CodecError(
-            "the event has no \"type\": mark the enum #[serde(tag = \"type\", content = \"data\")]"
-                .to_owned(),
-        ));
-    };
-    let data = fields
-        .remove("data")
-        .unwrap_or(Value::Object(Default::default()));
-    let event_type = EventType::new(name).map_err(|e| CodecError(e.to_string()))?;
-    let data = EventData::json(data.to_string()).map_err(|e| CodecError(e.to_string()))?;
-    Ok((event_type, data))
-}
-
-/// A new event to append, with a fresh id.
-pub fn propose<E: Event>(event: &E) -> Result<ProposedEvent, CodecError> {
-    let (event_type, data) = encode(event)?;
-    Ok(ProposedEvent::new(event_type, data))
-}
-
-/// A stored event as `E`, after [`Event::upcast`].
-pub fn decode<E: Event>(event: &RecordedEvent) -> Result<E, CodecError> {
-    let data: Value = if event.data.bytes().is_empty() {
-        Value::Object(Default::default())
-    } else {
-        serde_json::from_slice(event.data.bytes()).map_err(|e| {
-            CodecError(format!(
-                "event at position {} ({}) has data that is not JSON: {e}",
-                event.position.0,
-                event.event_type.as_str()
-            ))
-        })?
-    };
-    let (event_type, data) = E::upcast(event.event_type.as_str(), data);
-    serde_json::from_value(serde_json::json!({"type": event_type, "data": data})).map_err(|e| {
-        CodecError(format!(
-            "event at position {} of type {event_type:?} does not decode: {e}",
-            event.position.0
-        ))
-    })
-}
+pub use crate::event::{
+    CodecError, Envelope, Event, Upcaster, decode, decode_known, encode, propose, tag,
+};
 
 /// A consistency boundary that decides commands against its state, rebuilt from its events.
 pub trait Aggregate: Default + Send + Sync + 'static {
@@ -149,7 +74,16 @@ impl<E: fmt::Display> fmt::Display for CommandError<E> {
     }
 }
 
-impl<E: fmt::Debug + fmt::Display> std::error::Error for CommandError<E> {}
+impl<E: std::error::Error + 'static> std::error::Error for CommandError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Rejected(e) => Some(e),
+            Self::Conflict(e) | Self::Store(e) => Some(e),
+            Self::Codec(e) => Some(e),
+            Self::KeyReused { .. } => None,
+        }
+    }
+}
 
 /// An aggregate's state and the revision it was loaded at.
 #[derive(Debug)]
@@ -548,11 +482,11 @@ impl<S: EventStore, A: Aggregate + Serialize + DeserializeOwned> Repository<'_, 
             version,
             write: |state| {
                 serde_json::to_value(state)
-                    .map_err(|e| CodecError(format!("the state does not serialize: {e}")))
+                    .map_err(|e| CodecError::new(format!("the state does not serialize: {e}")))
             },
             read: |value| {
                 serde_json::from_value(value)
-                    .map_err(|e| CodecError(format!("the snapshot does not decode: {e}")))
+                    .map_err(|e| CodecError::new(format!("the snapshot does not decode: {e}")))
             },
         });
         self
@@ -712,5 +646,193 @@ impl<T> Decision<T> {
             query: self.query.clone(),
             after: self.after,
         }
+    }
+}
+
+/// The state a typed DCB decision needs, folded from the events its query matches: a
+/// consistency boundary drawn by event types and tags instead of a stream.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # use skald_client::aggregate::{CodecError, Envelope, Event, StateQuery, tag};
+/// # use skald_client::skald_core::Query;
+/// #[derive(Event, Serialize, Deserialize)]
+/// #[serde(tag = "type", content = "data")]
+/// enum NameEvent {
+///     Claimed { #[tag("username")] name: String, user: String },
+/// }
+///
+/// /// Who holds a username.
+/// struct Holder { name: String, by: Option<String> }
+///
+/// impl StateQuery for Holder {
+///     type Event = NameEvent;
+///     type Error = std::convert::Infallible;
+///     fn query(&self) -> Result<Query, CodecError> {
+///         Ok(NameEvent::query(vec![tag("username", &self.name)?]))
+///     }
+///     fn fold(&mut self, event: Envelope<NameEvent>) -> Result<(), Self::Error> {
+///         let NameEvent::Claimed { user, .. } = event.event;
+///         self.by = Some(user);
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait StateQuery: Send + Sync {
+    /// The events it folds (often an enum of just the events of its boundary).
+    type Event: Event;
+    /// Why an event cannot be folded: the history breaks a rule the state relies on.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The boundary: built with [`Event::query`] or [`Event::query_item`] from the types of
+    /// [`StateQuery::Event`] and the tags that pick this decision's events.
+    fn query(&self) -> Result<Query, CodecError>;
+
+    /// Takes in one event of the boundary, oldest first.
+    fn fold(&mut self, event: Envelope<Self::Event>) -> Result<(), Self::Error>;
+}
+
+/// Why a typed DCB decision did not append.
+#[derive(Debug)]
+pub enum DecideError<F, R> {
+    /// The decision turned the command down.
+    Rejected(R),
+    /// An event of the boundary could not be folded.
+    Fold(F),
+    /// An event of the boundary did not decode, or a new one did not encode.
+    Codec(CodecError),
+    /// Every try was overtaken: an event matching the boundary arrived between the read and
+    /// the append each time.
+    Contended {
+        /// The tries made.
+        attempts: u32,
+    },
+    /// The store failed, or refused the read or the append.
+    Store(Error),
+}
+
+impl<F: fmt::Display, R: fmt::Display> fmt::Display for DecideError<F, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Rejected(e) => write!(f, "the command was rejected: {e}"),
+            Self::Fold(e) => write!(f, "an event of the boundary could not be folded: {e}"),
+            Self::Codec(e) => write!(f, "{e}"),
+            Self::Contended { attempts } => write!(
+                f,
+                "the decision was overtaken by other writers {attempts} times; try again"
+            ),
+            Self::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl<F, R> std::error::Error for DecideError<F, R>
+where
+    F: std::error::Error + 'static,
+    R: std::error::Error + 'static,
+{
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Rejected(e) => Some(e),
+            Self::Fold(e) => Some(e),
+            Self::Codec(e) => Some(e),
+            Self::Store(e) => Some(e),
+            Self::Contended { .. } => None,
+        }
+    }
+}
+
+impl<Q: StateQuery> Decision<Q> {
+    /// Folds `state` from every event its [`StateQuery::query`] matches, oldest first.
+    pub async fn fold<S: EventStore, R>(
+        store: &S,
+        mut state: Q,
+    ) -> Result<Self, DecideError<Q::Error, R>> {
+        let query = state.query().map_err(DecideError::Codec)?;
+        let mut after = None;
+        let mut cursor = Cursor::after(ReadSource::Query(query.clone()), None);
+        while let Some(page) = cursor
+            .next(store, MAX_READ_PAGE)
+            .await
+            .map_err(DecideError::Store)?
+        {
+            for recorded in page {
+                let position = recorded.position;
+                if let Some(envelope) = Envelope::decode(recorded).map_err(DecideError::Codec)? {
+                    state.fold(envelope).map_err(DecideError::Fold)?;
+                }
+                after = Some(position);
+            }
+        }
+        Ok(Self {
+            state,
+            query,
+            after,
+        })
+    }
+}
+
+/// Makes typed DCB decisions over a store: folds the state, decides, and appends on the
+/// condition that nothing matching the boundary arrived since; when something did, decides
+/// again on what is stored then.
+pub struct Decider<'a, S> {
+    store: &'a S,
+    attempts: u32,
+}
+
+impl<'a, S: EventStore> Decider<'a, S> {
+    /// Decisions over `store`, tried up to 5 times when overtaken.
+    pub fn new(store: &'a S) -> Self {
+        Self { store, attempts: 5 }
+    }
+
+    /// Tries in all when overtaken (at least 1).
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// Folds a fresh state from `make`, decides with `decide`, and appends what it decided to
+    /// `stream` (with each event's tags) on the decision's condition. Nothing decided is
+    /// `Ok(None)`. A decision overtaken by a matching append is made again on a fresh state.
+    pub async fn execute<Q, E, R>(
+        &self,
+        make: impl Fn() -> Q,
+        stream: &StreamName,
+        decide: impl Fn(&Q) -> Result<Vec<E>, R>,
+    ) -> Result<Option<AppendResult>, DecideError<Q::Error, R>>
+    where
+        Q: StateQuery,
+        E: Event,
+    {
+        for _ in 0..self.attempts {
+            let decision = Decision::fold(self.store, make()).await?;
+            let events = decide(&decision.state).map_err(DecideError::Rejected)?;
+            if events.is_empty() {
+                return Ok(None);
+            }
+            let proposed = events
+                .iter()
+                .map(propose)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(DecideError::Codec)?;
+            match self
+                .store
+                .append(AppendRequest {
+                    stream: stream.clone(),
+                    expected: ExpectedRevision::Any,
+                    condition: Some(decision.condition()),
+                    events: proposed,
+                })
+                .await
+            {
+                Ok(result) => return Ok(Some(result)),
+                Err(Error::ConditionFailed { .. }) => continue,
+                Err(e) => return Err(DecideError::Store(e)),
+            }
+        }
+        Err(DecideError::Contended {
+            attempts: self.attempts,
+        })
     }
 }

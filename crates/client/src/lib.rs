@@ -16,6 +16,7 @@
 
 pub mod aggregate;
 mod convert;
+pub mod event;
 mod follow;
 mod groups;
 pub mod lease;

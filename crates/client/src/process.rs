@@ -140,12 +140,13 @@ impl<E: fmt::Display> fmt::Display for ProcessError<E> {
     }
 }
 
-impl<E: fmt::Debug + fmt::Display + 'static> std::error::Error for ProcessError<E> {
+impl<E: std::error::Error + 'static> std::error::Error for ProcessError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Store(e) => Some(e),
             Self::State(e) => Some(e),
-            Self::Dispatch(_) | Self::Superseded(_) => None,
+            Self::Dispatch(e) => Some(e),
+            Self::Superseded(_) => None,
         }
     }
 }
@@ -273,7 +274,7 @@ where
         let (checkpoint, revision) = match last {
             None => (None, None),
             Some(event) if event.event_type.as_str() == WHOLE_STATE_TYPE => {
-                return Err(ProcessError::State(CodecError(format!(
+                return Err(ProcessError::State(CodecError::new(format!(
                     "{} holds the whole state of an earlier version of this client, which \
                      this one does not read; start the process manager under a new name",
                     stream.as_str()
@@ -282,7 +283,7 @@ where
             Some(event) => {
                 let saved: Checkpoint =
                     serde_json::from_slice(event.data.bytes()).map_err(|e| {
-                        ProcessError::State(CodecError(format!(
+                        ProcessError::State(CodecError::new(format!(
                             "the checkpoint saved at revision {} of {} does not decode: {e}",
                             event.revision.0,
                             stream.as_str()
@@ -473,7 +474,7 @@ where
                 state: &draft.state,
             };
             let data = serde_json::to_string(&saved).map_err(|e| {
-                ProcessError::State(CodecError(format!(
+                ProcessError::State(CodecError::new(format!(
                     "the state of instance {key:?} does not serialize: {e}"
                 )))
             })?;
@@ -563,7 +564,7 @@ where
             },
         };
         let data = serde_json::to_string(&parked).map_err(|e| {
-            ProcessError::State(CodecError(format!(
+            ProcessError::State(CodecError::new(format!(
                 "the command to park does not serialize: {e}"
             )))
         })?;
@@ -609,7 +610,7 @@ where
             Some(event) => {
                 let saved: Saved<P::State> =
                     serde_json::from_slice(event.data.bytes()).map_err(|e| {
-                        ProcessError::State(CodecError(format!(
+                        ProcessError::State(CodecError::new(format!(
                             "the state saved at revision {} of {} does not decode: {e}",
                             event.revision.0,
                             stream.as_str()

@@ -70,7 +70,14 @@ impl<E: fmt::Display> fmt::Display for ProjectionError<E> {
     }
 }
 
-impl<E: fmt::Debug + fmt::Display> std::error::Error for ProjectionError<E> {}
+impl<E: std::error::Error + 'static> std::error::Error for ProjectionError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Store(e) => Some(e),
+            Self::Projection(e) => Some(e),
+        }
+    }
+}
 
 /// Runs a [`Projection`] over a store: reads from its checkpoint on and hands it the events in
 /// batches, one transaction each.

@@ -10,11 +10,14 @@ mod support;
 
 use account::{Account, AccountCommand, AccountError, AccountEvent};
 use skald_client::Client;
-use skald_client::aggregate::{CommandError, Decision, Event, Repository, decode, given, propose};
+use skald_client::aggregate::{
+    CodecError, CommandError, DecideError, Decider, Envelope, Event, Repository, StateQuery,
+    decode, given, propose, tag,
+};
 use support::{serve, store};
 
 use skald_core::{
-    AppendRequest, Error, EventStore, EventType, ExpectedRevision, Query, QueryItem, StreamName,
+    AppendRequest, Error, EventStore, EventType, ExpectedRevision, Query, StreamName,
     Tag,
 };
 
@@ -182,47 +185,104 @@ impl<S: EventStore> EventStore for Interloper<S> {
 /// Usernames are unique without a "usernames" aggregate: a decision over the events tagged
 /// with the name, and an append conditioned on it.
 async fn unique_usernames<S: EventStore>(store: &S) {
-    async fn register<S: EventStore>(store: &S, user: &str, name: &str) -> skald_core::Result<()> {
-        let tag = Tag::new(format!("username:{name}")).unwrap();
-        let query = Query {
-            items: vec![QueryItem {
-                types: vec![EventType::new("Registered").unwrap()],
-                tags: vec![tag.clone()],
-            }],
-        };
-        let decision = Decision::build(store, query, false, |_, _| true).await?;
-        if decision.state {
-            return Err(Error::invalid(format!("username {name} is taken")));
-        }
-        #[derive(Serialize, Deserialize)]
-        #[serde(tag = "type", content = "data")]
-        enum UserEvent {
-            Registered { name: String },
-        }
-        impl Event for UserEvent {}
-        let mut event = propose(&UserEvent::Registered { name: name.into() }).unwrap();
-        event.tags.push(tag);
-        store
-            .append(AppendRequest {
-                stream: StreamName::new(format!("user-{user}")).unwrap(),
-                expected: ExpectedRevision::NoStream,
-                condition: Some(decision.condition()),
-                events: vec![event],
-            })
-            .await
-            .map(|_| ())
+    #[derive(Serialize, Deserialize, Event)]
+    #[serde(tag = "type", content = "data")]
+    enum UserEvent {
+        Registered {
+            #[tag("username")]
+            name: String,
+        },
     }
-    register(store, "1", "ada").await.unwrap();
-    assert!(register(store, "2", "ada").await.is_err(), "taken");
-    register(store, "3", "grace").await.unwrap();
+    /// Whether a username is taken: the events tagged with it.
+    struct Taken {
+        name: String,
+        taken: bool,
+    }
+    impl StateQuery for Taken {
+        type Event = UserEvent;
+        type Error = std::convert::Infallible;
+        fn query(&self) -> Result<Query, CodecError> {
+            Ok(UserEvent::query(vec![tag("username", &self.name)?]))
+        }
+        fn fold(&mut self, _: Envelope<UserEvent>) -> Result<(), Self::Error> {
+            self.taken = true;
+            Ok(())
+        }
+    }
+    #[derive(Debug, thiserror::Error)]
+    #[error("username {0} is taken")]
+    struct IsTaken(String);
+    async fn register<S: EventStore>(
+        store: &S,
+        user: &str,
+        name: &str,
+        attempts: u32,
+    ) -> Result<Option<skald_core::AppendResult>, DecideError<std::convert::Infallible, IsTaken>>
+    {
+        Decider::new(store)
+            .attempts(attempts)
+            .execute(
+                || Taken {
+                    name: name.to_owned(),
+                    taken: false,
+                },
+                &StreamName::new(format!("user-{user}")).unwrap(),
+                |state| {
+                    if state.taken {
+                        return Err(IsTaken(name.to_owned()));
+                    }
+                    Ok(vec![UserEvent::Registered { name: name.into() }])
+                },
+            )
+            .await
+    }
+    register(store, "1", "ada", 1).await.unwrap();
+    assert!(
+        matches!(
+            register(store, "2", "ada", 1).await,
+            Err(DecideError::Rejected(IsTaken(_)))
+        ),
+        "taken"
+    );
+    register(store, "3", "grace", 1).await.unwrap();
     // Two users racing for one name: exactly one wins; the loser's append fails its condition
-    // (or sees the name taken, if it decided after the winner's append).
-    let (a, b) = tokio::join!(register(store, "4", "linus"), register(store, "5", "linus"));
+    // (with one attempt, it is Contended) or sees the name taken, if it decided after the
+    // winner's append.
+    let (a, b) = tokio::join!(register(store, "4", "linus", 1), register(store, "5", "linus", 1));
     assert_eq!(
         [&a, &b].iter().filter(|r| r.is_ok()).count(),
         1,
         "{a:?} {b:?}"
     );
+    assert!(
+        [&a, &b].iter().any(|r| matches!(
+            r,
+            Err(DecideError::Contended { attempts: 1 } | DecideError::Rejected(_))
+        )),
+        "{a:?} {b:?}"
+    );
+    // The event carries its tag from the #[tag] field, and a decision with retries settles
+    // a race by deciding again: the loser sees the name taken.
+    let (c, d) = tokio::join!(register(store, "6", "kay", 5), register(store, "7", "kay", 5));
+    assert_eq!([&c, &d].iter().filter(|r| r.is_ok()).count(), 1);
+    assert!(
+        [&c, &d]
+            .iter()
+            .any(|r| matches!(r, Err(DecideError::Rejected(IsTaken(_))))),
+        "{c:?} {d:?}"
+    );
+    let read = store
+        .read(skald_core::ReadRequest {
+            source: skald_core::ReadSource::Query(UserEvent::query(vec![
+                Tag::new("username:kay").unwrap(),
+            ])),
+            from: None,
+            direction: skald_core::Direction::Forward,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(read.events.len(), 1);
 }
 
 #[tokio::test]

@@ -4,25 +4,24 @@
 #![allow(dead_code)]
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use skald_client::aggregate::{Aggregate, Event};
+use serde_json::json;
+use skald_client::aggregate::{Aggregate, Event, Upcaster};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
 #[serde(tag = "type", content = "data")]
+#[event(upcasters = upcasters)]
 pub enum AccountEvent {
     Opened { owner: String },
+    /// Version 1 was `MoneyDeposited` with `cents`.
+    #[event(version = 2)]
     Deposited { amount: u64 },
     Withdrawn { amount: u64 },
 }
 
-impl Event for AccountEvent {
-    /// Version 1 of `Deposited` was `MoneyDeposited` with `cents`.
-    fn upcast(event_type: &str, data: Value) -> (String, Value) {
-        match event_type {
-            "MoneyDeposited" => ("Deposited".to_owned(), json!({"amount": data["cents"]})),
-            other => (other.to_owned(), data),
-        }
-    }
+fn upcasters() -> Vec<Upcaster> {
+    vec![Upcaster::new("MoneyDeposited", 1, |data| {
+        ("Deposited".to_owned(), json!({"amount": data["cents"]}))
+    })]
 }
 
 pub enum AccountCommand {
