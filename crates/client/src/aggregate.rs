@@ -15,7 +15,7 @@ use skald_core::{
 };
 
 pub use crate::event::{
-    CodecError, Envelope, Event, Upcaster, decode, decode_known, encode, propose, tag,
+    AnyEvent, CodecError, Envelope, Event, Upcaster, decode, decode_known, encode, propose, tag,
 };
 
 /// A consistency boundary that decides commands against its state, rebuilt from its events.

@@ -12,7 +12,9 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use skald_core::{EventData, EventType, Metadata, ProposedEvent, Query, QueryItem, RecordedEvent, Tag};
+use skald_core::{
+    EventData, EventType, Metadata, ProposedEvent, Query, QueryItem, RecordedEvent, Tag,
+};
 
 /// Implements [`Event`] for a serde enum; see the trait.
 pub use skald_client_derive::Event;
@@ -62,6 +64,12 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stored event types of the variants, in order.
     const TYPES: &'static [&'static str];
 
+    /// Whether a stored event of `event_type` (brought up to date) is one of these: one of
+    /// [`Event::TYPES`] unless overridden ([`AnyEvent`] takes every type).
+    fn accepts(event_type: &str) -> bool {
+        Self::TYPES.contains(&event_type)
+    }
+
     /// The version `event_type` is written at now; 1 unless the variant says otherwise.
     fn version(event_type: &str) -> u32 {
         let _ = event_type;
@@ -108,7 +116,11 @@ pub struct Upcaster {
 
 impl Upcaster {
     /// The step from `version` of `event_type` to the next version.
-    pub fn new(event_type: &'static str, version: u32, upcast: fn(Value) -> (String, Value)) -> Self {
+    pub fn new(
+        event_type: &'static str,
+        version: u32,
+        upcast: fn(Value) -> (String, Value),
+    ) -> Self {
         Self {
             event_type,
             version,
@@ -251,7 +263,7 @@ pub fn decode_known<E: Event>(event: &RecordedEvent) -> Result<Option<E>, CodecE
     let stale = upcasters
         .iter()
         .any(|u| u.event_type == event_type && u.version == version);
-    if !stale && !E::TYPES.contains(&event_type.as_str()) {
+    if !stale && !E::accepts(&event_type) {
         return Ok(None);
     }
     let mut data: Value = if event.data.bytes().is_empty() {
@@ -276,7 +288,7 @@ pub fn decode_known<E: Event>(event: &RecordedEvent) -> Result<Option<E>, CodecE
         (event_type, data) = (step.upcast)(data);
         version += 1;
     }
-    if !E::TYPES.contains(&event_type.as_str()) {
+    if !E::accepts(&event_type) {
         return Ok(None);
     }
     let current = E::version(&event_type);
@@ -295,8 +307,9 @@ pub fn decode_known<E: Event>(event: &RecordedEvent) -> Result<Option<E>, CodecE
             )
         }));
     }
-    serde_json::from_value(serde_json::json!({"type": event_type, "data": data})).map(Some).map_err(
-        |e| {
+    serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
+        .map(Some)
+        .map_err(|e| {
             CodecError::json(
                 format!(
                     "the event at position {} of type {event_type:?} does not decode",
@@ -304,8 +317,7 @@ pub fn decode_known<E: Event>(event: &RecordedEvent) -> Result<Option<E>, CodecE
                 ),
                 e,
             )
-        },
-    )
+        })
 }
 
 /// A decoded event with where and when it was stored.
@@ -322,5 +334,25 @@ impl<E: Event> Envelope<E> {
     /// `recorded` decoded as `E`, or `None` when its type is none of `E`'s.
     pub fn decode(recorded: RecordedEvent) -> Result<Option<Self>, CodecError> {
         Ok(decode_known(&recorded)?.map(|event| Self { event, recorded }))
+    }
+}
+
+/// Any event, not decoded into a type of its own: its stored type and its data as JSON. For
+/// read models that take in every event of their source (an audit trail, a search index).
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct AnyEvent {
+    /// The stored event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The data (an empty object for an event without data).
+    pub data: Value,
+}
+
+impl Event for AnyEvent {
+    /// None listed: it takes every type, and a query built from it matches any type.
+    const TYPES: &'static [&'static str] = &[];
+
+    fn accepts(_: &str) -> bool {
+        true
     }
 }

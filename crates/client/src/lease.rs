@@ -7,10 +7,12 @@
 //! that race, one fails and only one holds.
 //!
 //! No clocks are compared, only durations. A holder holds until `ttl` minus a margin of a
-//! quarter of it has passed since it *sent* its last successful take or renewal; it renews
-//! every quarter of `ttl`. Another runner takes a lease that is not released only after it
-//! has watched its stream stay at one revision for a whole `ttl`, which begins after that
-//! revision was appended. So the two never overlap as long as clocks run at about the same
+//! quarter of it has passed since it *first sent* its last successful take or renewal; it
+//! renews every quarter of `ttl`. Another runner takes a lease that is not released only after
+//! it has watched its stream stay at one revision for a whole `ttl` (the longer of its own
+//! and the one the holder wrote), which begins after that revision was appended. A renewal's
+//! event id is derived from the revision it follows, so one whose answer was lost is answered
+//! as a replay when sent again, not as a lease taken by someone else. So the two never overlap as long as clocks run at about the same
 //! rate (a quarter of `ttl` apart at most over one `ttl`) and the holder's work stops when
 //! [`Lease::hold`] drops it. Work that blocks a thread, or a process paused for longer
 //! than the margin, is beyond any lease: use a compare-and-set checkpoint for those.
@@ -94,8 +96,10 @@ pub struct Lease<'a, S> {
     holder: String,
     ttl: Duration,
     revision: Revision,
-    /// When the take or renewal that holds now was sent.
+    /// When the take or renewal that holds now was first sent.
     sent: Instant,
+    /// When a renewal after `revision` was first sent, while none has been answered.
+    renewing: Option<Instant>,
 }
 
 impl<S> fmt::Debug for Lease<'_, S> {
@@ -131,9 +135,12 @@ impl<'a, S: EventStore> Lease<'a, S> {
                 None => (ExpectedRevision::NoStream, true),
                 Some(event) => {
                     let released = event.event_type.as_str() == RELEASED;
+                    // The holder's own ttl, when it is longer than ours.
+                    let wait = serde_json::from_slice::<Taken>(event.data.bytes())
+                        .map_or(ttl, |t| ttl.max(Duration::from_millis(t.ttl_ms)));
                     let still = match watched {
                         Some((revision, since)) if revision == event.revision => {
-                            since.elapsed() >= ttl
+                            since.elapsed() >= wait
                         }
                         _ => {
                             watched = Some((event.revision, Instant::now()));
@@ -145,7 +152,7 @@ impl<'a, S: EventStore> Lease<'a, S> {
             };
             if free {
                 let sent = Instant::now();
-                match append(store, &stream, expected, holder, ttl, TAKEN).await {
+                match append(store, &stream, expected, holder, ttl, TAKEN, None).await {
                     Ok(revision) => {
                         return Ok(Self {
                             store,
@@ -155,6 +162,7 @@ impl<'a, S: EventStore> Lease<'a, S> {
                             ttl,
                             revision,
                             sent,
+                            renewing: None,
                         });
                     }
                     // Someone else was quicker; watch again from what they wrote.
@@ -178,9 +186,21 @@ impl<'a, S: EventStore> Lease<'a, S> {
         self.sent + self.ttl - self.ttl / 4
     }
 
-    /// Renews the lease once. [`LeaseError::Lost`] when another runner took it.
+    /// Renews the lease once. [`LeaseError::Lost`] when another runner took it. A renewal
+    /// sent again after an error is the same event, so one that landed unanswered is not
+    /// mistaken for someone else's.
     pub async fn renew(&mut self) -> Result<(), LeaseError> {
-        let sent = Instant::now();
+        let sent = *self.renewing.get_or_insert_with(Instant::now);
+        let id = skald_core::EventId(uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!(
+                "{}/{}/{}",
+                self.stream.as_str(),
+                self.holder,
+                self.revision.0
+            )
+            .as_bytes(),
+        ));
         match append(
             self.store,
             &self.stream,
@@ -188,12 +208,14 @@ impl<'a, S: EventStore> Lease<'a, S> {
             &self.holder,
             self.ttl,
             TAKEN,
+            Some(id),
         )
         .await
         {
             Ok(revision) => {
                 self.revision = revision;
                 self.sent = sent;
+                self.renewing = None;
                 Ok(())
             }
             Err(Error::WrongExpectedRevision { .. }) => Err(self.lost().await),
@@ -205,23 +227,35 @@ impl<'a, S: EventStore> Lease<'a, S> {
     /// `work` returns, or an error (with `work` dropped, and so stopped) when the lease is
     /// lost or could not be renewed before [`Lease::valid_until`].
     pub async fn hold<F: Future>(&mut self, work: F) -> Result<F::Output, LeaseError> {
+        let expired = |name: &str, why: &str| LeaseError::Expired {
+            name: name.to_owned(),
+            error: Error::Unavailable(why.to_owned()),
+        };
+        // Entered late (after a slow start, or a second time): renew before any work.
+        if Instant::now() + self.ttl / 8 >= self.valid_until() {
+            let deadline = self.valid_until();
+            match tokio::time::timeout_at(deadline, self.renew()).await {
+                Ok(renewed) => renewed?,
+                Err(_) => return Err(expired(&self.name, "the renewal was not answered in time")),
+            }
+        }
         tokio::pin!(work);
         let mut next = Instant::now() + self.ttl / 4;
         loop {
             tokio::select! {
-                output = &mut work => return Ok(output),
-                () = tokio::time::sleep_until(next) => {}
+                // Expiry first: work is never polled past the lease.
+                biased;
                 () = tokio::time::sleep_until(self.valid_until()) => {
-                    return Err(LeaseError::Expired {
-                        name: self.name.clone(),
-                        error: Error::Unavailable("no renewal was answered in time".to_owned()),
-                    });
+                    return Err(expired(&self.name, "no renewal was answered in time"));
                 }
+                () = tokio::time::sleep_until(next) => {}
+                output = &mut work => return Ok(output),
             }
             let deadline = self.valid_until();
             let renewed = tokio::select! {
-                output = &mut work => return Ok(output),
+                biased;
                 renewed = tokio::time::timeout_at(deadline, self.renew()) => renewed,
+                output = &mut work => return Ok(output),
             };
             match renewed {
                 Ok(Ok(())) => next = Instant::now() + self.ttl / 4,
@@ -230,12 +264,7 @@ impl<'a, S: EventStore> Lease<'a, S> {
                     next = Instant::now() + self.ttl / 16;
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(LeaseError::Expired {
-                        name: self.name.clone(),
-                        error: Error::Unavailable("the renewal was not answered in time".into()),
-                    });
-                }
+                Err(_) => return Err(expired(&self.name, "the renewal was not answered in time")),
             }
         }
     }
@@ -249,6 +278,7 @@ impl<'a, S: EventStore> Lease<'a, S> {
             &self.holder,
             self.ttl,
             RELEASED,
+            None,
         )
         .await
         {
@@ -282,21 +312,23 @@ async fn append<S: EventStore>(
     holder: &str,
     ttl: Duration,
     kind: &str,
+    id: Option<skald_core::EventId>,
 ) -> skald_core::Result<Revision> {
     let data = serde_json::to_string(&Taken {
         holder: holder.to_owned(),
         ttl_ms: ttl.as_millis() as u64,
     })
     .expect("strings and numbers serialize");
+    let mut event = ProposedEvent::new(EventType::new(kind)?, EventData::json(data)?);
+    if let Some(id) = id {
+        event.id = id;
+    }
     let result = store
         .append(AppendRequest {
             stream: stream.clone(),
             expected,
             condition: None,
-            events: vec![ProposedEvent::new(
-                EventType::new(kind)?,
-                EventData::json(data)?,
-            )],
+            events: vec![event],
         })
         .await?;
     Ok(result.last_revision)

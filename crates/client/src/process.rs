@@ -34,12 +34,16 @@ use skald_core::{
 };
 
 use crate::RetryPolicy;
-use crate::aggregate::{CodecError, CommandError, CommandKey};
+use crate::aggregate::{CommandError, CommandKey};
+use crate::event::{CodecError, Envelope, Event};
 use crate::follow::{Cursor, Stop, back_off, last_event, stopped_or_appended};
 
 /// A process manager: how events change the state of the instance they belong to, and the
 /// commands it sends in response.
 pub trait ProcessManager: Send + Sync + 'static {
+    /// The events it reacts to, decoded; events of the source of any other type are passed
+    /// over.
+    type Event: Event;
     /// The state of one instance; a new instance starts from the default.
     type State: Default + Clone + Serialize + DeserializeOwned + Send + Sync;
     /// What it sends; serializable, so that a parked command can be recorded.
@@ -53,10 +57,10 @@ pub trait ProcessManager: Send + Sync + 'static {
 
     /// The instance `event` belongs to (its correlation key: an order id, a user id), or
     /// `None` when it concerns none.
-    fn instance(&self, event: &RecordedEvent) -> Option<String>;
+    fn instance(&self, event: &Envelope<Self::Event>) -> Option<String>;
 
     /// Reacts to one event: changes its instance's state and returns the commands to send.
-    fn react(&self, state: &mut Self::State, event: &RecordedEvent) -> Vec<Self::Command>;
+    fn react(&self, state: &mut Self::State, event: &Envelope<Self::Event>) -> Vec<Self::Command>;
 }
 
 /// What the runner does with a command whose send failed.
@@ -118,6 +122,9 @@ pub enum ProcessError<E> {
     Store(Error),
     /// A saved state does not decode as the state type, or a state does not serialize.
     State(CodecError),
+    /// An event of one of the process manager's types did not decode: fix the type or add an
+    /// upcaster, then run it again.
+    Codec(CodecError),
     /// A command could not be sent, and [`Dispatch::on_failure`] said to stop (or its retries
     /// ran out). The batch it belongs to is not saved: a restart sends its commands again.
     Dispatch(E),
@@ -130,6 +137,7 @@ impl<E: fmt::Display> fmt::Display for ProcessError<E> {
         match self {
             Self::Store(e) => write!(f, "{e}"),
             Self::State(e) => write!(f, "the saved state: {e}"),
+            Self::Codec(e) => write!(f, "{e}"),
             Self::Dispatch(e) => write!(f, "a command could not be sent: {e}"),
             Self::Superseded(name) => write!(
                 f,
@@ -144,7 +152,7 @@ impl<E: std::error::Error + 'static> std::error::Error for ProcessError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Store(e) => Some(e),
-            Self::State(e) => Some(e),
+            Self::State(e) | Self::Codec(e) => Some(e),
             Self::Dispatch(e) => Some(e),
             Self::Superseded(_) => None,
         }
@@ -156,6 +164,9 @@ impl<E: std::error::Error + 'static> std::error::Error for ProcessError<E> {
 struct Checkpoint {
     /// The position of the last event handled.
     checkpoint: u64,
+    /// The runner that saved it, so that it knows its own save after a lost answer.
+    #[serde(default)]
+    runner: String,
 }
 
 /// The data of a `ProcessInstance` event.
@@ -191,7 +202,28 @@ const INSTANCE_TYPE: &str = "ProcessInstance";
 const WHOLE_STATE_TYPE: &str = "ProcessState";
 
 /// Instances kept in memory between batches; past this the cache is emptied.
-const CACHED_INSTANCES: usize = 4096;
+const CACHED_INSTANCES: usize = 1024;
+
+/// An instance whose saved state is larger than this is read again when next needed rather
+/// than kept in memory.
+const CACHED_STATE_BYTES: usize = 64 * 1024;
+
+/// A batch that changed no instance saves its checkpoint only once it is this many positions
+/// past the last one saved: a process manager over a busy log does not write for every page
+/// of events that are not its business.
+const IDLE_SAVE_EVERY: u64 = 4096;
+
+/// The longest instance stream name written as the key itself; a longer one is named after a
+/// hash of the key (the server's limit on stream names in appends is 256 bytes).
+const MAX_INSTANCE_STREAM: usize = 200;
+
+/// The types of the events process managers write; never the input of one.
+const OWN_TYPES: [&str; 4] = [
+    CHECKPOINT_TYPE,
+    INSTANCE_TYPE,
+    "CommandParked",
+    "CommandSkipped",
+];
 
 /// One instance as loaded or changed: its state, the revision of its stream, the position of
 /// the last event it took in, and whether this batch changed it.
@@ -201,10 +233,14 @@ struct Instance<T> {
     revision: Option<Revision>,
     through: Option<u64>,
     changed: bool,
+    /// Small enough to keep in memory between batches.
+    cacheable: bool,
 }
 
-/// The name of the stream `instance`'s state is kept in: whitespace, `/` and `%` are
-/// percent-encoded, since stream names cannot hold the first two.
+/// The name of the stream `instance`'s state is kept in: `process-NAME:i:KEY` with
+/// whitespace, control characters, `/` and `%` percent-encoded (stream names cannot hold the
+/// first three); when that would be longer than 200 bytes, `process-NAME:h:UUID`, the UUID
+/// derived (v5) from the key.
 pub fn instance_stream(name: &str, instance: &str) -> String {
     let mut encoded = String::with_capacity(instance.len());
     for c in instance.chars() {
@@ -217,7 +253,12 @@ pub fn instance_stream(name: &str, instance: &str) -> String {
             encoded.push(c);
         }
     }
-    format!("process-{name}:i:{encoded}")
+    let plain = format!("process-{name}:i:{encoded}");
+    if plain.len() <= MAX_INSTANCE_STREAM {
+        return plain;
+    }
+    let hashed = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, instance.as_bytes());
+    format!("process-{name}:h:{hashed}")
 }
 
 /// The stream parked and skipped commands are recorded in.
@@ -227,16 +268,21 @@ pub fn parked_stream(name: &str) -> String {
 
 /// Runs a [`ProcessManager`]: reads its checkpoint from Skald, feeds it the events after it,
 /// sends the commands it returns, and saves the changed instances and the checkpoint after
-/// each batch.
-pub struct ProcessRunner<'a, S, P: ProcessManager, D> {
-    store: &'a S,
+/// each batch. It owns the store handle, the manager and the dispatch, so it can be spawned.
+pub struct ProcessRunner<S, P: ProcessManager, D> {
+    store: S,
     manager: P,
     dispatch: D,
     stream: StreamName,
     batch: usize,
     retry: RetryPolicy,
+    /// The position of the last event handled (saved, or passed over since the last save).
     checkpoint: Option<Position>,
+    /// The checkpoint as last saved.
+    saved: Option<Position>,
     revision: Option<Revision>,
+    /// This runner's id, written with its checkpoints.
+    runner: String,
     cache: HashMap<String, Instance<P::State>>,
 }
 
@@ -248,7 +294,7 @@ enum Pass {
     Stopped,
 }
 
-impl<'a, S, P, D> ProcessRunner<'a, S, P, D>
+impl<S, P, D> ProcessRunner<S, P, D>
 where
     S: EventStore,
     P: ProcessManager,
@@ -256,19 +302,20 @@ where
 {
     /// Reads the checkpoint of `manager` (none: it starts from the first event) to run over
     /// `store`, sending through `dispatch`; saves after every 64 events.
-    pub async fn load(store: &'a S, manager: P, dispatch: D) -> Outcome<Self, D, P::Command> {
+    pub async fn load(store: S, manager: P, dispatch: D) -> Outcome<Self, D, P::Command> {
         let name = manager.name();
         if name.is_empty()
+            || name.len() > 64
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return Err(ProcessError::Store(Error::InvalidConfig(format!(
-                "process manager name {name:?} must be letters, digits, '-' and '_'"
+                "process manager name {name:?} must be 1 to 64 letters, digits, '-' and '_'"
             ))));
         }
         let stream = StreamName::new(format!("process-{name}")).map_err(ProcessError::Store)?;
-        let last = last_event(store, &stream)
+        let last = last_event(&store, &stream)
             .await
             .map_err(ProcessError::Store)?;
         let (checkpoint, revision) = match last {
@@ -300,7 +347,9 @@ where
             batch: 64,
             retry: RetryPolicy::forever(),
             checkpoint,
+            saved: checkpoint,
             revision,
+            runner: uuid::Uuid::new_v4().to_string(),
             cache: HashMap::new(),
         })
     }
@@ -358,9 +407,28 @@ where
                     if !again {
                         return Ok(self.checkpoint);
                     }
+                    self.adopt_own_save().await;
                 }
                 done => return done,
             }
+        }
+    }
+
+    /// After a store error: when the last checkpoint saved is this runner's own (an append
+    /// whose answer was lost), takes it as saved, instead of failing the next save as if
+    /// another runner had written it. A read that fails leaves things as they are.
+    async fn adopt_own_save(&mut self) {
+        let Ok(Some(event)) = last_event(&self.store, &self.stream).await else {
+            return;
+        };
+        let Ok(saved) = serde_json::from_slice::<Checkpoint>(event.data.bytes()) else {
+            return;
+        };
+        if saved.runner == self.runner && Some(event.revision) != self.revision {
+            let position = Some(Position(saved.checkpoint));
+            self.revision = Some(event.revision);
+            self.saved = position;
+            self.checkpoint = self.checkpoint.max(position);
         }
     }
 
@@ -379,7 +447,7 @@ where
                 return Ok(self.checkpoint);
             }
             *attempt = 1;
-            if stopped_or_appended(self.store, known, stop)
+            if stopped_or_appended(&self.store, known, stop)
                 .await
                 .map_err(ProcessError::Store)?
             {
@@ -396,18 +464,29 @@ where
         let mut cursor = Cursor::after(self.manager.source(), self.checkpoint);
         let own = format!("{}:", self.stream.as_str());
         while let Some(page) = cursor
-            .next(self.store, self.batch)
+            .next(&self.store, self.batch)
             .await
             .map_err(ProcessError::Store)?
         {
-            // Its own events are never its input, whatever the source; a page of only those
-            // is passed over without a save (which would be one more of them).
-            let events: Vec<&RecordedEvent> = page
-                .iter()
-                .filter(|e| e.stream != self.stream && !e.stream.as_str().starts_with(&own))
-                .filter(|e| self.checkpoint.is_none_or(|c| e.position > c))
-                .collect();
-            if let Some(last) = events.last().map(|e| e.position) {
+            // Its own events, and the bookkeeping of any process manager, are never its input,
+            // whatever the source; a page of only those is passed over without a save (which
+            // would be one more of them).
+            let mut last = None;
+            let mut events = Vec::with_capacity(page.len());
+            for recorded in page {
+                let theirs = recorded.stream != self.stream
+                    && !recorded.stream.as_str().starts_with(&own)
+                    && !(recorded.stream.as_str().starts_with("process-")
+                        && OWN_TYPES.contains(&recorded.event_type.as_str()));
+                if !theirs || self.checkpoint.is_some_and(|c| recorded.position <= c) {
+                    continue;
+                }
+                last = Some(recorded.position);
+                if let Some(event) = Envelope::decode(recorded).map_err(ProcessError::Codec)? {
+                    events.push(event);
+                }
+            }
+            if let Some(last) = last {
                 match self.handle(&events, last, stop).await {
                     Ok(Pass::Done) => {}
                     Ok(Pass::Stopped) => return Ok(Pass::Stopped),
@@ -426,11 +505,14 @@ where
     /// changed instances and `checkpoint`; only then are the copies the state.
     async fn handle<F: Future<Output = ()>>(
         &mut self,
-        events: &[&RecordedEvent],
+        events: &[Envelope<P::Event>],
         checkpoint: Position,
         stop: &mut Stop<F>,
     ) -> Outcome<Pass, D, P::Command> {
         let mut drafts: HashMap<String, (StreamName, Instance<P::State>)> = HashMap::new();
+        // Whether a command was sent or an instance saved: then the checkpoint is saved too.
+        let mut sent = false;
+        let mut touched = false;
         for event in events {
             let Some(key) = self.manager.instance(event) else {
                 continue;
@@ -440,7 +522,7 @@ where
                     StreamName::new(instance_stream(self.manager.name(), &key)).map_err(|e| {
                         ProcessError::Store(Error::invalid(format!(
                             "instance {key:?} of the event at position {}: {e}",
-                            event.position.0
+                            event.recorded.position.0
                         )))
                     })?;
                 let instance = match self.cache.get(&key) {
@@ -451,16 +533,26 @@ where
             }
             let (_, draft) = drafts.get_mut(&key).expect("inserted above");
             // Saved past this event before a crash: its commands were sent before that save.
-            if draft.through.is_some_and(|t| t >= event.position.0) {
+            if draft
+                .through
+                .is_some_and(|t| t >= event.recorded.position.0)
+            {
                 continue;
             }
             let commands = self.manager.react(&mut draft.state, event);
-            draft.through = Some(event.position.0);
+            draft.through = Some(event.recorded.position.0);
             draft.changed = true;
             for (i, command) in commands.iter().enumerate() {
-                let command_key =
-                    CommandKey::new(format!("{}/{}/{i}", self.stream.as_str(), event.id));
-                if let Pass::Stopped = self.send(command, &command_key, &key, event, stop).await? {
+                sent = true;
+                let command_key = CommandKey::new(format!(
+                    "{}/{}/{i}",
+                    self.stream.as_str(),
+                    event.recorded.id
+                ));
+                if let Pass::Stopped = self
+                    .send(command, &command_key, &key, &event.recorded, stop)
+                    .await?
+                {
                     return Ok(Pass::Stopped);
                 }
             }
@@ -478,27 +570,47 @@ where
                     "the state of instance {key:?} does not serialize: {e}"
                 )))
             })?;
-            let revision = self
-                .save(stream, draft.revision, INSTANCE_TYPE, data)
-                .await?;
+            let size = data.len();
+            let revision = match self.save(stream, draft.revision, INSTANCE_TYPE, data).await {
+                Err(ProcessError::Store(Error::InvalidEvent { reason })) => {
+                    return Err(ProcessError::State(CodecError::new(format!(
+                        "the state of instance {key:?} ({size} bytes) cannot be saved: {reason}; \
+                         keep less in one instance"
+                    ))));
+                }
+                saved => saved?,
+            };
             draft.revision = Some(revision);
             draft.changed = false;
+            draft.cacheable = size <= CACHED_STATE_BYTES;
+            touched = true;
         }
-        let data = serde_json::to_string(&Checkpoint {
-            checkpoint: checkpoint.0,
-        })
-        .expect("a number serializes");
-        let stream = self.stream.clone();
-        self.revision = Some(
-            self.save(&stream, self.revision, CHECKPOINT_TYPE, data)
-                .await?,
-        );
+        let idle = self
+            .saved
+            .is_some_and(|s| checkpoint.0.saturating_sub(s.0) < IDLE_SAVE_EVERY);
+        if touched || sent || !idle {
+            let data = serde_json::to_string(&Checkpoint {
+                checkpoint: checkpoint.0,
+                runner: self.runner.clone(),
+            })
+            .expect("a number and a string serialize");
+            let stream = self.stream.clone();
+            self.revision = Some(
+                self.save(&stream, self.revision, CHECKPOINT_TYPE, data)
+                    .await?,
+            );
+            self.saved = Some(checkpoint);
+        }
         self.checkpoint = Some(checkpoint);
         if self.cache.len() + drafts.len() > CACHED_INSTANCES {
             self.cache.clear();
         }
-        self.cache
-            .extend(drafts.into_iter().map(|(key, (_, draft))| (key, draft)));
+        self.cache.extend(
+            drafts
+                .into_iter()
+                .filter(|(_, (_, draft))| draft.cacheable)
+                .map(|(key, (_, draft))| (key, draft)),
+        );
         Ok(Pass::Done)
     }
 
@@ -555,7 +667,7 @@ where
             key: key.as_str(),
             instance,
             command,
-            error: error.to_string(),
+            error: truncated(error.to_string()),
             cause: Cause {
                 id: cause.id.0.to_string(),
                 stream: cause.stream.as_str(),
@@ -574,19 +686,25 @@ where
         );
         // Not the key's own first event id: a command may have appended under it.
         event.id = CommandKey::new(format!("{}/parked", key.as_str())).event_id(0);
-        let stream =
+        let parked_stream =
             StreamName::new(parked_stream(self.manager.name())).map_err(ProcessError::Store)?;
         match self
             .store
             .append(AppendRequest {
-                stream,
+                stream: parked_stream.clone(),
                 expected: ExpectedRevision::Any,
                 condition: None,
                 events: vec![event],
             })
             .await
         {
-            Ok(_) | Err(Error::IdReused { .. }) => Ok(()),
+            Ok(_) => Ok(()),
+            // Recorded by an earlier run of this batch: the id is taken in the parked stream.
+            // Taken anywhere else, it is not this record, and nothing is recorded.
+            Err(Error::IdReused {
+                stream: Some(taken),
+                ..
+            }) if taken == parked_stream => Ok(()),
             Err(e) => Err(ProcessError::Store(e)),
         }
     }
@@ -597,7 +715,7 @@ where
         &self,
         stream: &StreamName,
     ) -> Outcome<Instance<P::State>, D, P::Command> {
-        let last = last_event(self.store, stream)
+        let last = last_event(&self.store, stream)
             .await
             .map_err(ProcessError::Store)?;
         Ok(match last {
@@ -606,6 +724,7 @@ where
                 revision: None,
                 through: None,
                 changed: false,
+                cacheable: true,
             },
             Some(event) => {
                 let saved: Saved<P::State> =
@@ -621,6 +740,7 @@ where
                     revision: Some(event.revision),
                     through: Some(saved.through),
                     changed: false,
+                    cacheable: event.data.bytes().len() <= CACHED_STATE_BYTES,
                 }
             }
         })
@@ -660,4 +780,18 @@ where
             Err(e) => Err(ProcessError::Store(e)),
         }
     }
+}
+
+/// At most 4 KiB of an error's text, cut at a character boundary.
+fn truncated(mut text: String) -> String {
+    const MAX: usize = 4096;
+    if text.len() > MAX {
+        let mut end = MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }

@@ -21,11 +21,16 @@ use std::fmt;
 use std::future::Future;
 
 use crate::RetryPolicy;
+use crate::event::{CodecError, Envelope, Event};
 use crate::follow::{Cursor, Stop, back_off, stopped_or_appended};
-use skald_core::{Error, EventStore, MAX_READ_PAGE, Position, ReadSource, RecordedEvent};
+use skald_core::{Error, EventStore, MAX_READ_PAGE, Position, ReadSource};
 
-/// A read model fed by events. Its state and its checkpoint live in the same database.
+/// A read model fed by events, decoded. Its state and its checkpoint live in the same
+/// database.
 pub trait Projection: Send {
+    /// The events it takes in; events of the source of any other type are passed over (use
+    /// [`AnyEvent`](crate::event::AnyEvent) to take in every one).
+    type Event: Event;
     /// Why the read model could not be read or written.
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -36,13 +41,15 @@ pub trait Projection: Send {
     /// the first.
     fn checkpoint(&mut self) -> impl Future<Output = Result<Option<Position>, Self::Error>> + Send;
 
-    /// Applies `events` (in log order, all after `previous`) and stores `checkpoint` (the last
-    /// one's position) in one transaction: both or neither. The transaction must commit only
-    /// if the stored checkpoint is still `previous` (`None`: none stored), and otherwise fail:
-    /// another runner applied these events already.
+    /// Applies `events` (in log order, all after `previous`) and stores `checkpoint` in one
+    /// transaction: both or neither. `checkpoint` is the position of the last event of the
+    /// source read, at or after the last of `events`; `events` may be empty when the source
+    /// held only events of other types, and the checkpoint must still be stored. The
+    /// transaction must commit only if the stored checkpoint is still `previous` (`None`:
+    /// none stored), and otherwise fail: another runner applied these events already.
     fn apply(
         &mut self,
-        events: &[RecordedEvent],
+        events: &[Envelope<Self::Event>],
         previous: Option<Position>,
         checkpoint: Position,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
@@ -57,6 +64,9 @@ pub trait Projection: Send {
 pub enum ProjectionError<E> {
     /// The store failed, or refused the read.
     Store(Error),
+    /// An event of one of the projection's types did not decode: fix the type or add an
+    /// upcaster, then run it again.
+    Codec(CodecError),
     /// The read model failed; nothing of the batch it was applying is kept.
     Projection(E),
 }
@@ -65,6 +75,7 @@ impl<E: fmt::Display> fmt::Display for ProjectionError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Store(e) => write!(f, "reading events failed: {e}"),
+            Self::Codec(e) => write!(f, "{e}"),
             Self::Projection(e) => write!(f, "the read model failed: {e}"),
         }
     }
@@ -74,23 +85,25 @@ impl<E: std::error::Error + 'static> std::error::Error for ProjectionError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Store(e) => Some(e),
+            Self::Codec(e) => Some(e),
             Self::Projection(e) => Some(e),
         }
     }
 }
 
 /// Runs a [`Projection`] over a store: reads from its checkpoint on and hands it the events in
-/// batches, one transaction each.
-pub struct Projector<'a, S, P> {
-    store: &'a S,
+/// batches, one transaction each. It owns the store handle (a [`Client`](crate::Client) or an
+/// embedded store, both cheap to clone) and the projection, so it can be spawned.
+pub struct Projector<S, P> {
+    store: S,
     projection: P,
     batch: usize,
     retry: RetryPolicy,
 }
 
-impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
+impl<S: EventStore, P: Projection> Projector<S, P> {
     /// Runs `projection` over `store`, 256 events per transaction.
-    pub fn new(store: &'a S, projection: P) -> Self {
+    pub fn new(store: S, projection: P) -> Self {
         Self {
             store,
             projection,
@@ -190,7 +203,7 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
                 .map_err(ProjectionError::Store)?;
             checkpoint = self.drain(checkpoint).await?;
             *attempt = 1;
-            if stopped_or_appended(self.store, known, stop)
+            if stopped_or_appended(&self.store, known, stop)
                 .await
                 .map_err(ProjectionError::Store)?
             {
@@ -206,16 +219,23 @@ impl<'a, S: EventStore, P: Projection> Projector<'a, S, P> {
     ) -> Result<Option<Position>, ProjectionError<P::Error>> {
         let mut cursor = Cursor::after(self.projection.source(), checkpoint);
         while let Some(page) = cursor
-            .next(self.store, self.batch)
+            .next(&self.store, self.batch)
             .await
             .map_err(ProjectionError::Store)?
         {
             // Never an event at or before the checkpoint, whatever the source returns.
-            let events: Vec<RecordedEvent> = page
-                .into_iter()
-                .filter(|e| checkpoint.is_none_or(|c| e.position > c))
-                .collect();
-            if let Some(last) = events.last().map(|e| e.position) {
+            let mut last = None;
+            let mut events = Vec::with_capacity(page.len());
+            for recorded in page {
+                if checkpoint.is_some_and(|c| recorded.position <= c) {
+                    continue;
+                }
+                last = Some(recorded.position);
+                if let Some(event) = Envelope::decode(recorded).map_err(ProjectionError::Codec)? {
+                    events.push(event);
+                }
+            }
+            if let Some(last) = last {
                 self.projection
                     .apply(&events, checkpoint, last)
                     .await

@@ -17,8 +17,7 @@ use skald_client::aggregate::{
 use support::{serve, store};
 
 use skald_core::{
-    AppendRequest, Error, EventStore, EventType, ExpectedRevision, Query, StreamName,
-    Tag,
+    AppendRequest, Error, EventStore, EventType, ExpectedRevision, Query, StreamName, Tag,
 };
 
 #[test]
@@ -248,7 +247,10 @@ async fn unique_usernames<S: EventStore>(store: &S) {
     // Two users racing for one name: exactly one wins; the loser's append fails its condition
     // (with one attempt, it is Contended) or sees the name taken, if it decided after the
     // winner's append.
-    let (a, b) = tokio::join!(register(store, "4", "linus", 1), register(store, "5", "linus", 1));
+    let (a, b) = tokio::join!(
+        register(store, "4", "linus", 1),
+        register(store, "5", "linus", 1)
+    );
     assert_eq!(
         [&a, &b].iter().filter(|r| r.is_ok()).count(),
         1,
@@ -263,7 +265,10 @@ async fn unique_usernames<S: EventStore>(store: &S) {
     );
     // The event carries its tag from the #[tag] field, and a decision with retries settles
     // a race by deciding again: the loser sees the name taken.
-    let (c, d) = tokio::join!(register(store, "6", "kay", 5), register(store, "7", "kay", 5));
+    let (c, d) = tokio::join!(
+        register(store, "6", "kay", 5),
+        register(store, "7", "kay", 5)
+    );
     assert_eq!([&c, &d].iter().filter(|r| r.is_ok()).count(), 1);
     assert!(
         [&c, &d]

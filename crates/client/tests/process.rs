@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use account::{Account, AccountCommand};
 use serde::{Deserialize, Serialize};
-use skald_client::aggregate::{CommandError, CommandKey, Repository, snapshot_stream};
+use skald_client::aggregate::{
+    AnyEvent, CommandError, CommandKey, Envelope, Event, Repository, snapshot_stream,
+};
 use skald_client::process::{Dispatch, Failure, ProcessError, ProcessManager, ProcessRunner};
 use skald_client::{Client, RetryPolicy};
 use skald_core::{
@@ -195,7 +197,15 @@ struct Credit {
     user: String,
 }
 
+/// What the welcome process takes in.
+#[derive(Debug, Serialize, Deserialize, Event)]
+#[serde(tag = "type", content = "data")]
+enum UserEvent {
+    Registered {},
+}
+
 impl ProcessManager for Welcome {
+    type Event = UserEvent;
     type State = Welcomed;
     type Command = Credit;
 
@@ -207,21 +217,26 @@ impl ProcessManager for Welcome {
         ReadSource::Category(Category::new("user").unwrap())
     }
 
-    fn instance(&self, event: &RecordedEvent) -> Option<String> {
-        (event.event_type.as_str() == "Registered")
-            .then(|| event.stream.as_str().trim_start_matches("user-").to_owned())
+    fn instance(&self, event: &Envelope<UserEvent>) -> Option<String> {
+        let UserEvent::Registered {} = event.event;
+        Some(user_of(event))
     }
 
-    fn react(&self, state: &mut Welcomed, event: &RecordedEvent) -> Vec<Credit> {
+    fn react(&self, state: &mut Welcomed, event: &Envelope<UserEvent>) -> Vec<Credit> {
         state.registrations += 1;
         if state.credited {
             return Vec::new();
         }
         state.credited = true;
         vec![Credit {
-            user: event.stream.as_str().trim_start_matches("user-").to_owned(),
+            user: user_of(event),
         }]
     }
+}
+
+fn user_of(event: &Envelope<UserEvent>) -> String {
+    let stream = event.recorded.stream.as_str();
+    stream.trim_start_matches("user-").to_owned()
 }
 
 /// Sends credits as keyed deposits. `down_on` fails that send as a process that dies
@@ -306,7 +321,7 @@ async fn credited<S: EventStore>(store: &S, user: u32) -> u64 {
         .balance
 }
 
-async fn process_manager<S: EventStore>(store: &S) {
+async fn process_manager<S: EventStore + Clone>(store: &S) {
     for user in 0..30 {
         register(store, user).await;
     }
@@ -315,7 +330,7 @@ async fn process_manager<S: EventStore>(store: &S) {
 
     // The 13th credit fails and stops the runner: the first batch of 8 is saved, the second
     // is not.
-    let mut failing = ProcessRunner::load(store, Welcome, bank(store, Some(13)))
+    let mut failing = ProcessRunner::load(store.clone(), Welcome, bank(store, Some(13)))
         .await
         .unwrap()
         .batch(8);
@@ -329,7 +344,7 @@ async fn process_manager<S: EventStore>(store: &S) {
 
     // A new runner picks up from the saved checkpoint and sends the second batch's credits
     // again, with the same keys: nobody is credited twice.
-    let mut runner = ProcessRunner::load(store, Welcome, bank(store, None))
+    let mut runner = ProcessRunner::load(store.clone(), Welcome, bank(store, None))
         .await
         .unwrap()
         .batch(8);
@@ -346,20 +361,37 @@ async fn process_manager<S: EventStore>(store: &S) {
     let own = read_stream(store, "process-welcome").await;
     assert!(
         own.iter()
-            .all(|e| e.event_type.as_str() == "ProcessCheckpoint" && e.data.bytes().len() < 64)
+            .all(|e| e.event_type.as_str() == "ProcessCheckpoint" && e.data.bytes().len() < 128)
     );
     assert_eq!(read_stream(store, "process-welcome:i:5").await.len(), 1);
 
-    // A second runner that read the same checkpoint cannot save over the first.
-    let mut rival = ProcessRunner::load(store, Welcome, bank(store, None))
+    // Two runners: one that finds an instance saved past an event by the other passes it over
+    // and writes nothing; one that saves after the other moved the checkpoint is superseded.
+    // Nobody is credited twice either way.
+    let mut rival = ProcessRunner::load(store.clone(), Welcome, bank(store, None))
         .await
         .unwrap();
     register(store, 30).await;
-    assert!(runner.catch_up().await.unwrap() > checkpoint);
-    match rival.catch_up().await {
+    assert!(rival.catch_up().await.unwrap() > checkpoint);
+    let before = read_stream(store, "process-welcome").await.len();
+    runner.catch_up().await.unwrap();
+    assert_eq!(read_stream(store, "process-welcome").await.len(), before);
+    append_json(store, "user-30", "Registered", "{}").await;
+    match runner.catch_up().await {
         Err(ProcessError::Superseded(name)) => assert_eq!(name, "welcome"),
-        other => panic!("expected the rival to be superseded, got {other:?}"),
+        other => panic!("expected the runner to be superseded, got {other:?}"),
     }
+    assert_eq!(credited(store, 30).await, 10);
+    let mut runner = ProcessRunner::load(store.clone(), Welcome, bank(store, None))
+        .await
+        .unwrap()
+        .batch(8);
+    runner.catch_up().await.unwrap();
+    assert_eq!(
+        runner.state("30").await.unwrap().unwrap().registrations,
+        2,
+        "the superseded runner's save of the instance holds, and is not taken in again"
+    );
 
     // Live: a registration while it runs is credited; stopping returns the checkpoint.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -385,7 +417,7 @@ async fn process_manager<S: EventStore>(store: &S) {
     waited.expect("the live registration was credited");
     ran.unwrap();
     // Its checkpoint, read back from Skald, is what it had.
-    let reloaded = ProcessRunner::load(store, Welcome, bank(store, None))
+    let reloaded = ProcessRunner::load(store.clone(), Welcome, bank(store, None))
         .await
         .unwrap();
     assert_eq!(reloaded.checkpoint(), runner.checkpoint());
@@ -401,7 +433,7 @@ async fn failures<S: EventStore + Clone>(store: &S) {
     append_json(store, "user-101", "Registered", "{}").await;
     let mut flaky = bank(store, None);
     flaky.flaky = 3;
-    let mut runner = ProcessRunner::load(store, Welcome, flaky)
+    let mut runner = ProcessRunner::load(store.clone(), Welcome, flaky)
         .await
         .unwrap()
         .retry(quick());
@@ -438,8 +470,9 @@ async fn failures<S: EventStore + Clone>(store: &S) {
     let crashing = Crashing {
         store: store.clone(),
         stream: "process-welcome",
+        lose: None,
     };
-    let mut dying = ProcessRunner::load(&crashing, Welcome, bank(store, None))
+    let mut dying = ProcessRunner::load(crashing, Welcome, bank(store, None))
         .await
         .unwrap();
     assert!(matches!(
@@ -451,7 +484,7 @@ async fn failures<S: EventStore + Clone>(store: &S) {
         1,
         "saved before the crash"
     );
-    let mut after = ProcessRunner::load(store, Welcome, bank(store, None))
+    let mut after = ProcessRunner::load(store.clone(), Welcome, bank(store, None))
         .await
         .unwrap();
     after.catch_up().await.unwrap();
@@ -469,7 +502,7 @@ async fn failures<S: EventStore + Clone>(store: &S) {
     register(store, 103).await;
     let mut busy = bank(store, None);
     busy.flaky = usize::MAX;
-    let mut runner = ProcessRunner::load(store, Welcome, busy)
+    let mut runner = ProcessRunner::load(store.clone(), Welcome, busy)
         .await
         .unwrap()
         .retry(quick());
@@ -483,7 +516,7 @@ async fn failures<S: EventStore + Clone>(store: &S) {
     // ...and a stop ends a runner that is waiting to try again.
     let mut busy = bank(store, None);
     busy.flaky = usize::MAX;
-    let mut waiting = ProcessRunner::load(store, Welcome, busy)
+    let mut waiting = ProcessRunner::load(store.clone(), Welcome, busy)
         .await
         .unwrap()
         .retry(RetryPolicy::forever());
@@ -496,10 +529,12 @@ async fn failures<S: EventStore + Clone>(store: &S) {
     assert_eq!(stopped.unwrap(), checkpoint);
 }
 
-/// A store that fails every append to `stream`, as a process killed before that append.
+/// A store that fails every append to `stream`, as a process killed before that append;
+/// with `lose` set, it makes the append and loses the answer, once.
 struct Crashing<S> {
     store: S,
     stream: &'static str,
+    lose: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<S: EventStore> EventStore for Crashing<S> {
@@ -508,7 +543,14 @@ impl<S: EventStore> EventStore for Crashing<S> {
         request: skald_core::AppendRequest,
     ) -> skald_core::Result<skald_core::AppendResult> {
         if request.stream.as_str() == self.stream {
-            return Err(skald_core::Error::Io("killed before this append".into()));
+            match &self.lose {
+                None => return Err(skald_core::Error::Io("killed before this append".into())),
+                Some(armed) if armed.swap(false, Ordering::SeqCst) => {
+                    self.store.append(request).await?;
+                    return Err(skald_core::Error::Unavailable("the answer was lost".into()));
+                }
+                Some(_) => {}
+            }
         }
         self.store.append(request).await
     }
@@ -541,6 +583,109 @@ impl<S: EventStore> EventStore for Crashing<S> {
     }
 }
 
+/// What a review found: a checkpoint saved whose answer was lost does not stop `run` as
+/// superseded; a process manager over the global log does not take in another's bookkeeping
+/// (two would feed each other checkpoints for ever); a parked record whose id is taken in
+/// another stream is an error, not a record silently skipped.
+async fn review_findings(store: &skald_storage::Store) {
+    let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let losing = Crashing {
+        store: store.clone(),
+        stream: "process-welcome",
+        lose: Some(lose.clone()),
+    };
+    register(store, 200).await;
+    let mut runner = ProcessRunner::load(losing, Welcome, bank(store, None))
+        .await
+        .unwrap()
+        .retry(quick());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let live = runner.run(async {
+        let _ = stopped.await;
+    });
+    let feed = async {
+        register(store, 201).await;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while credited(store, 201).await < 10 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("credited after the lost answer");
+        let _ = stop.send(());
+    };
+    let (ran, ()) = tokio::join!(live, feed);
+    ran.expect("a lost answer is not another runner");
+    assert!(!lose.load(Ordering::SeqCst), "an answer was lost");
+    assert_eq!(credited(store, 200).await, 10);
+
+    /// Welcome over the global log, under another name.
+    struct Everything(&'static str);
+    impl ProcessManager for Everything {
+        type Event = UserEvent;
+        type State = Welcomed;
+        type Command = Credit;
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn source(&self) -> ReadSource {
+            ReadSource::All(None)
+        }
+        fn instance(&self, event: &Envelope<UserEvent>) -> Option<String> {
+            Welcome.instance(event)
+        }
+        fn react(&self, state: &mut Welcomed, event: &Envelope<UserEvent>) -> Vec<Credit> {
+            Welcome.react(state, event)
+        }
+    }
+    let mut a = ProcessRunner::load(store.clone(), Everything("all-a"), bank(store, None))
+        .await
+        .unwrap();
+    let mut b = ProcessRunner::load(store.clone(), Everything("all-b"), bank(store, None))
+        .await
+        .unwrap();
+    a.catch_up().await.unwrap();
+    b.catch_up().await.unwrap();
+    let saved = read_stream(store, "process-all-a").await.len();
+    for _ in 0..3 {
+        a.catch_up().await.unwrap();
+        b.catch_up().await.unwrap();
+    }
+    assert_eq!(read_stream(store, "process-all-a").await.len(), saved);
+
+    // The parked record's id, taken beforehand in another stream.
+    let registered = skald_core::EventId(uuid::Uuid::from_u128(0x5eed));
+    let key = CommandKey::new(format!("process-welcome/{registered}/0"));
+    let mut squatter = skald_core::ProposedEvent::new(
+        skald_core::EventType::new("Junk").unwrap(),
+        skald_core::EventData::json("{}").unwrap(),
+    );
+    squatter.id = CommandKey::new(format!("{}/parked", key.as_str())).event_id(0);
+    let mut event = skald_core::ProposedEvent::new(
+        skald_core::EventType::new("Registered").unwrap(),
+        skald_core::EventData::json("{}").unwrap(),
+    );
+    event.id = registered;
+    for (stream, event) in [("junk-1", squatter), ("user-202", event)] {
+        store
+            .append(skald_core::AppendRequest {
+                stream: StreamName::new(stream).unwrap(),
+                expected: skald_core::ExpectedRevision::Any,
+                condition: None,
+                events: vec![event],
+            })
+            .await
+            .unwrap();
+    }
+    let mut runner = ProcessRunner::load(store.clone(), Welcome, bank(store, None))
+        .await
+        .unwrap();
+    match runner.catch_up().await {
+        Err(ProcessError::Store(skald_core::Error::IdReused { .. })) => {}
+        other => panic!("expected the parked record to fail, got {other:?}"),
+    }
+}
+
 /// Many instances with large states: each is saved on its own, so no save comes near the
 /// event size limit, which one whole state of them all (1,200 × 1 KiB) would pass.
 struct Tally;
@@ -551,6 +696,7 @@ struct Notes {
 }
 
 impl ProcessManager for Tally {
+    type Event = AnyEvent;
     type State = Notes;
     type Command = ();
 
@@ -562,11 +708,11 @@ impl ProcessManager for Tally {
         ReadSource::Category(Category::new("note").unwrap())
     }
 
-    fn instance(&self, event: &RecordedEvent) -> Option<String> {
-        Some(event.stream.as_str().to_owned())
+    fn instance(&self, event: &Envelope<AnyEvent>) -> Option<String> {
+        Some(event.recorded.stream.as_str().to_owned())
     }
 
-    fn react(&self, state: &mut Notes, _: &RecordedEvent) -> Vec<()> {
+    fn react(&self, state: &mut Notes, _: &Envelope<AnyEvent>) -> Vec<()> {
         state.text.push_str(&"n".repeat(1024));
         Vec::new()
     }
@@ -586,11 +732,11 @@ impl Dispatch<()> for Nowhere {
     }
 }
 
-async fn large_states<S: EventStore>(store: &S) {
+async fn large_states<S: EventStore + Clone>(store: &S) {
     for i in 0..1_200 {
         append_json(store, &format!("note-{i}"), "Noted", "{}").await;
     }
-    let mut runner = ProcessRunner::load(store, Tally, Nowhere)
+    let mut runner = ProcessRunner::load(store.clone(), Tally, Nowhere)
         .await
         .unwrap()
         .batch(256);
@@ -613,6 +759,7 @@ async fn over_the_embedded_store() {
     process_manager(&store).await;
     failures(&store).await;
     large_states(&store).await;
+    review_findings(&store).await;
     store.shutdown().await;
 }
 

@@ -8,12 +8,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use skald_client::aggregate::{Envelope, Event};
 use skald_client::lease::{Lease, LeaseError};
 use skald_client::projection::{Projection, ProjectionError, Projector};
 use skald_client::{Client, ClientOptions, RetryPolicy};
 use skald_core::{
     AppendRequest, Category, EventData, EventStore, EventType, ExpectedRevision, Position,
-    ProposedEvent, ReadSource, RecordedEvent, StreamName,
+    ProposedEvent, ReadSource, StreamName,
 };
 use support::{serve, store};
 
@@ -55,7 +57,15 @@ enum Failed {
     Superseded,
 }
 
+/// The event the projection takes in; `Noted` events of other categories are not among them.
+#[derive(Debug, Serialize, Deserialize, Event)]
+#[serde(tag = "type", content = "data")]
+enum Moved {
+    Deposited { amount: u64 },
+}
+
 impl Projection for Totals {
+    type Event = Moved;
     type Error = Failed;
 
     fn source(&self) -> ReadSource {
@@ -68,7 +78,7 @@ impl Projection for Totals {
 
     async fn apply(
         &mut self,
-        events: &[RecordedEvent],
+        events: &[Envelope<Moved>],
         previous: Option<Position>,
         checkpoint: Position,
     ) -> Result<(), Failed> {
@@ -79,22 +89,20 @@ impl Projection for Totals {
             return Err(Failed::Superseded);
         }
         for event in events {
+            let recorded = &event.recorded;
             assert!(
-                !self.cas || draft.checkpoint.is_none_or(|c| event.position > c),
+                !self.cas || draft.checkpoint.is_none_or(|c| recorded.position > c),
                 "event {} handed over again",
-                event.position.0
+                recorded.position.0
             );
-            let amount: u64 = serde_json::from_slice::<serde_json::Value>(event.data.bytes())
-                .unwrap()["amount"]
-                .as_u64()
-                .unwrap();
+            let Moved::Deposited { amount } = event.event;
             *draft
                 .totals
-                .entry(event.stream.as_str().to_owned())
+                .entry(recorded.stream.as_str().to_owned())
                 .or_default() += amount;
             draft.applied += 1;
         }
-        assert_eq!(Some(checkpoint), events.last().map(|e| e.position));
+        assert!(events.iter().all(|e| e.recorded.position <= checkpoint));
         draft.checkpoint = Some(checkpoint);
         if self.fail_on == Some(self.calls) {
             return Err(Failed::OnPurpose);
@@ -154,7 +162,7 @@ fn expected_totals(deposits: &[(u32, u64)]) -> BTreeMap<String, u64> {
     totals
 }
 
-async fn projection_story<S: EventStore>(store: &S) {
+async fn projection_story<S: EventStore + Clone>(store: &S) {
     let mut deposits = Vec::new();
     for i in 0..600u32 {
         let (account, amount) = (i % 7, u64::from(i % 13 + 1));
@@ -167,7 +175,7 @@ async fn projection_story<S: EventStore>(store: &S) {
     let db = Arc::new(Mutex::new(Committed::default()));
 
     // The fifth transaction fails: the four before it stay, and nothing of the fifth.
-    let mut failing = Projector::new(store, totals(&db, Some(5))).batch(50);
+    let mut failing = Projector::new(store.clone(), totals(&db, Some(5))).batch(50);
     match failing.catch_up().await {
         Err(ProjectionError::Projection(Failed::OnPurpose)) => {}
         other => panic!("expected the read model's failure, got {other:?}"),
@@ -175,7 +183,7 @@ async fn projection_story<S: EventStore>(store: &S) {
     assert_eq!(db.lock().unwrap().applied, 4 * 50);
 
     // A new runner resumes after the checkpoint: every deposit counted exactly once.
-    let mut projector = Projector::new(store, totals(&db, None)).batch(50);
+    let mut projector = Projector::new(store.clone(), totals(&db, None)).batch(50);
     let checkpoint = projector.catch_up().await.unwrap();
     {
         let committed = db.lock().unwrap();
@@ -251,7 +259,7 @@ async fn projections_through_the_client() {
 
 /// A projection of one stream: it is read by revision, so the runner must turn its
 /// checkpoint (a position) into the stream's next revision, never use it as one.
-async fn stream_projection_story<S: EventStore>(store: &S) {
+async fn stream_projection_story<S: EventStore + Clone>(store: &S) {
     // acct-1 holds every fourth of 100 deposits; the rest go to other accounts.
     let mut mine = Vec::new();
     for i in 0..100u32 {
@@ -264,7 +272,7 @@ async fn stream_projection_story<S: EventStore>(store: &S) {
     let db = Arc::new(Mutex::new(Committed::default()));
     let one = ReadSource::Stream(StreamName::new("account-1").unwrap());
     let mut projector = Projector::new(
-        store,
+        store.clone(),
         Totals {
             source: one.clone(),
             ..totals(&db, None)
@@ -286,7 +294,7 @@ async fn stream_projection_story<S: EventStore>(store: &S) {
         }
     }
     let mut again = Projector::new(
-        store,
+        store.clone(),
         Totals {
             source: one,
             ..totals(&db, None)
@@ -328,8 +336,8 @@ async fn two_projectors_on_one_read_model_apply_each_event_once() {
         deposit(&store, i % 5, 1).await;
     }
     let db = Arc::new(Mutex::new(Committed::default()));
-    let mut first = Projector::new(&store, totals(&db, None)).batch(7);
-    let mut second = Projector::new(&store, totals(&db, None)).batch(7);
+    let mut first = Projector::new(store.clone(), totals(&db, None)).batch(7);
+    let mut second = Projector::new(store.clone(), totals(&db, None)).batch(7);
     let (a, b) = tokio::join!(first.catch_up(), second.catch_up());
     let stopped = [&a, &b]
         .iter()
@@ -342,7 +350,7 @@ async fn two_projectors_on_one_read_model_apply_each_event_once() {
     if stopped == 0 {
         assert_eq!(committed.applied, 200);
     }
-    let mut last = Projector::new(&store, totals(&db, None)).batch(7);
+    let mut last = Projector::new(store.clone(), totals(&db, None)).batch(7);
     last.catch_up().await.unwrap();
     let committed = db.lock().unwrap().clone();
     assert_eq!(committed.applied, 200, "each event applied once");
@@ -387,10 +395,15 @@ async fn a_projector_rides_out_a_server_restart() {
     .await
     .unwrap();
     let db = Arc::new(Mutex::new(Committed::default()));
-    let mut projector = Projector::new(&client, totals(&db, None)).batch(16);
+    let mut projector = Projector::new(client.clone(), totals(&db, None)).batch(16);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = projector.run(async {
-        let _ = stopped.await;
+    // The runner owns what it needs: it runs as a task of its own.
+    let run = tokio::spawn(async move {
+        projector
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
     });
     let feed = async {
         for i in 0..50 {
@@ -408,8 +421,8 @@ async fn a_projector_rides_out_a_server_restart() {
         let _ = stop.send(());
         server
     };
-    let (ran, server) = tokio::join!(run, feed);
-    let checkpoint = ran.expect("the runner outlived the restart");
+    let server = feed.await;
+    let checkpoint = run.await.unwrap().expect("the runner outlived the restart");
     assert_eq!(checkpoint, Some(Position(99)));
     let committed = db.lock().unwrap().clone();
     assert_eq!(committed.applied, 100);
@@ -436,7 +449,7 @@ async fn a_lease_keeps_a_projection_without_compare_and_set_to_one_runner() {
         .unwrap();
     let (kill, killed) = tokio::sync::oneshot::channel::<()>();
     let runner_a = async {
-        let mut projector = Projector::new(&store, unguarded()).batch(7);
+        let mut projector = Projector::new(store.clone(), unguarded()).batch(7);
         tokio::select! {
             held = first.hold(projector.run(std::future::pending())) => panic!("{held:?}"),
             // kill -9: the lease is neither renewed nor released.
@@ -449,7 +462,7 @@ async fn a_lease_keeps_a_projection_without_compare_and_set_to_one_runner() {
             .await
             .unwrap();
         let took_over = tokio::time::Instant::now();
-        let mut projector = Projector::new(&store, unguarded()).batch(7);
+        let mut projector = Projector::new(store.clone(), unguarded()).batch(7);
         second
             .hold(projector.run(async {
                 let _ = stopped.await;
@@ -508,4 +521,89 @@ async fn a_lease_keeps_a_projection_without_compare_and_set_to_one_runner() {
     }
     drop(quick);
     store.shutdown().await;
+}
+
+/// A store that makes the next append to a `lease-` stream and then loses its answer.
+struct LoseOnce {
+    store: skald_storage::Store,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl EventStore for LoseOnce {
+    async fn append(&self, request: AppendRequest) -> skald_core::Result<skald_core::AppendResult> {
+        let lease = request.stream.as_str().starts_with("lease-");
+        let result = self.store.append(request).await?;
+        if lease && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(skald_core::Error::Unavailable("the answer was lost".into()));
+        }
+        Ok(result)
+    }
+
+    async fn read(
+        &self,
+        request: skald_core::ReadRequest,
+    ) -> skald_core::Result<skald_core::ReadPage> {
+        self.store.read(request).await
+    }
+
+    async fn stream_head(
+        &self,
+        stream: &StreamName,
+    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
+        self.store.stream_head(stream).await
+    }
+
+    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
+        self.store.info().await
+    }
+
+    async fn next_position(&self) -> skald_core::Result<u64> {
+        self.store.next_position().await
+    }
+
+    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
+        self.store.wait_for_append(known).await
+    }
+
+    fn limits(&self) -> &skald_core::Limits {
+        self.store.limits()
+    }
+}
+
+/// A renewal whose answer was lost is sent again as the same event and answered as a
+/// replay, not as a lease taken by someone else; a taker waits for the holder's own ttl when
+/// it is the longer.
+#[tokio::test]
+async fn a_lease_survives_a_lost_answer_and_honours_the_holders_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LoseOnce {
+        store: store(dir.path()),
+        armed: std::sync::atomic::AtomicBool::new(false),
+    };
+    let mut lease = Lease::acquire(&store, "lost", "runner-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        lease.renew().await,
+        Err(LeaseError::Store(skald_core::Error::Unavailable(_)))
+    ));
+    lease.renew().await.expect("the lost renewal is a replay");
+    lease.renew().await.unwrap();
+
+    let slow = Lease::acquire(&store, "long", "runner-b", Duration::from_millis(1200))
+        .await
+        .unwrap();
+    drop(slow);
+    let started = tokio::time::Instant::now();
+    let _taken = Lease::acquire(&store, "long", "runner-c", Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "taken after {:?}, before the holder's ttl",
+        started.elapsed()
+    );
+    drop(lease);
+    store.store.shutdown().await;
 }

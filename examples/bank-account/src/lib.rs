@@ -7,12 +7,12 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use skald_client::aggregate::{Aggregate, Event, decode};
+use skald_client::aggregate::{Aggregate, Envelope, Event};
 use skald_client::projection::Projection;
-use skald_client::skald_core::{Category, Position, ReadSource, RecordedEvent};
+use skald_client::skald_core::{Category, Position, ReadSource};
 
 /// What happens to an account. Stored with the variant's name as the event type.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
 #[serde(tag = "type", content = "data")]
 pub enum AccountEvent {
     /// The account was opened for `owner`.
@@ -22,8 +22,6 @@ pub enum AccountEvent {
     /// Money went out.
     Withdrawn { amount: u64 },
 }
-
-impl Event for AccountEvent {}
 
 /// What can be asked of an account.
 #[derive(Clone, Debug)]
@@ -104,8 +102,8 @@ impl Aggregate for Account {
 pub enum ReadModelError {
     #[error("SQLite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("{0}")]
-    Event(String),
+    #[error("stream {0} is not an account's")]
+    NotAnAccount(String),
     /// Another projector committed since this batch was read: nothing of it is kept.
     #[error(
         "another projector moved the read model's checkpoint (expected {expected}); this one \
@@ -201,6 +199,7 @@ impl Balances {
 }
 
 impl Projection for Balances {
+    type Event = AccountEvent;
     type Error = ReadModelError;
 
     fn source(&self) -> ReadSource {
@@ -213,7 +212,7 @@ impl Projection for Balances {
 
     async fn apply(
         &mut self,
-        events: &[RecordedEvent],
+        events: &[Envelope<AccountEvent>],
         previous: Option<Position>,
         checkpoint: Position,
     ) -> Result<(), ReadModelError> {
@@ -240,16 +239,11 @@ impl Projection for Balances {
             });
         }
         for event in events {
-            let id = event
-                .stream
-                .as_str()
+            let stream = event.recorded.stream.as_str();
+            let id = stream
                 .strip_prefix("account-")
-                .ok_or_else(|| {
-                    ReadModelError::Event(format!("{} is not an account", event.stream.as_str()))
-                })?;
-            let change = match decode::<AccountEvent>(event)
-                .map_err(|e| ReadModelError::Event(e.to_string()))?
-            {
+                .ok_or_else(|| ReadModelError::NotAnAccount(stream.to_owned()))?;
+            let change = match &event.event {
                 AccountEvent::Opened { owner } => {
                     tx.execute(
                         "INSERT INTO accounts (id, owner, balance, movements) VALUES (?1, ?2, 0, 0)
@@ -258,8 +252,8 @@ impl Projection for Balances {
                     )?;
                     continue;
                 }
-                AccountEvent::Deposited { amount } => amount as i64,
-                AccountEvent::Withdrawn { amount } => -(amount as i64),
+                AccountEvent::Deposited { amount } => *amount as i64,
+                AccountEvent::Withdrawn { amount } => -(*amount as i64),
             };
             tx.execute(
                 "UPDATE accounts SET balance = balance + ?2, movements = movements + 1

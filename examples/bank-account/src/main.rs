@@ -91,7 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Project { once, batch } => {
             let client = connect(&cli.server).await?;
-            let mut projector = Projector::new(&client, Balances::open(&cli.db)?).batch(batch);
+            let mut projector = Projector::new(client, Balances::open(&cli.db)?).batch(batch);
             let checkpoint = if once {
                 projector.catch_up().await?
             } else {
@@ -107,7 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rebuild => {
             let client = connect(&cli.server).await?;
-            let mut projector = Projector::new(&client, Balances::open(&cli.db)?);
+            let mut projector = Projector::new(client, Balances::open(&cli.db)?);
             print_checkpoint(projector.rebuild().await?);
             return Ok(());
         }

@@ -3,29 +3,36 @@
 //! question (and with the user), and appends on the condition that none has arrived since.
 //! A rename touches two boundaries at once, the old name and the new one, in one event.
 
+use std::convert::Infallible;
+
 use serde::{Deserialize, Serialize};
-use skald_client::aggregate::{Decision, Event, decode, propose};
-use skald_client::skald_core::{
-    AppendRequest, AppendResult, Error, EventStore, EventType, ExpectedRevision, Query, QueryItem,
-    StreamName, Tag,
+use skald_client::aggregate::{
+    CodecError, DecideError, Decider, Decision, Envelope, Event, StateQuery, tag,
 };
+use skald_client::skald_core::{AppendResult, Error, EventStore, Query, StreamName};
 
 /// The events of users. Each carries the tags `user:ID` and `username:NAME` (both names for a
-/// rename), which is what the decisions query.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// rename), from its `#[tag]` fields: what the decisions query.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
 #[serde(tag = "type", content = "data")]
 pub enum UserEvent {
     /// A user signed up with a name.
-    UserRegistered { user: String, username: String },
+    UserRegistered {
+        #[tag]
+        user: String,
+        #[tag]
+        username: String,
+    },
     /// A user gave up `from` for `to`.
     UsernameChanged {
+        #[tag]
         user: String,
+        #[tag("username")]
         from: String,
+        #[tag("username")]
         to: String,
     },
 }
-
-impl Event for UserEvent {}
 
 /// Why a sign-up or a rename was turned down.
 #[derive(Debug, thiserror::Error)]
@@ -43,16 +50,85 @@ pub enum UsernameError {
     #[error("a user id is 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'; {0:?} is not one")]
     InvalidUser(String),
     #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
     Store(#[from] Error),
 }
 
-/// The state a decision needs about one username and one user.
+impl From<DecideError<Infallible, UsernameError>> for UsernameError {
+    fn from(e: DecideError<Infallible, UsernameError>) -> Self {
+        match e {
+            DecideError::Rejected(e) => e,
+            DecideError::Fold(never) => match never {},
+            DecideError::Codec(e) => Self::Codec(e),
+            DecideError::Contended { .. } => Self::Contended,
+            DecideError::Store(e) => Self::Store(e),
+        }
+    }
+}
+
+/// The state a decision needs about one username and, for a sign-up or a rename, one user:
+/// its boundary is every user event about that username or that user, and nothing more.
 #[derive(Debug, Default)]
 struct Facts {
+    username: String,
+    user: Option<String>,
     /// Who holds the username now.
     holder: Option<String>,
     /// The user's current name, when registered.
     current: Option<String>,
+}
+
+impl Facts {
+    fn of(user: Option<&str>, username: &str) -> Self {
+        Self {
+            username: username.to_owned(),
+            user: user.map(str::to_owned),
+            ..Self::default()
+        }
+    }
+}
+
+impl StateQuery for Facts {
+    type Event = UserEvent;
+    type Error = Infallible;
+
+    fn query(&self) -> Result<Query, CodecError> {
+        let mut items = vec![UserEvent::query_item(vec![tag(
+            "username",
+            &self.username,
+        )?])];
+        if let Some(user) = &self.user {
+            items.push(UserEvent::query_item(vec![tag("user", user)?]));
+        }
+        Ok(Query { items })
+    }
+
+    fn fold(&mut self, event: Envelope<UserEvent>) -> Result<(), Infallible> {
+        let is_user = |u: &str| self.user.as_deref() == Some(u);
+        match event.event {
+            UserEvent::UserRegistered { user, username } => {
+                if is_user(&user) {
+                    self.current = Some(username.clone());
+                }
+                if username == self.username {
+                    self.holder = Some(user);
+                }
+            }
+            UserEvent::UsernameChanged { user, from, to } => {
+                if is_user(&user) {
+                    self.current = Some(to.clone());
+                }
+                if from == self.username {
+                    self.holder = None;
+                }
+                if to == self.username {
+                    self.holder = Some(user);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn check_name(username: &str) -> Result<(), UsernameError> {
@@ -79,105 +155,25 @@ fn check_user(user: &str) -> Result<(), UsernameError> {
     }
 }
 
-fn tag(kind: &str, value: &str) -> Tag {
-    Tag::new(format!("{kind}:{value}")).expect("names are checked before they become tags")
-}
-
-/// Every user event about `username` or about `user`: the consistency boundary of one
-/// decision, and nothing more.
-fn boundary(user: Option<&str>, username: &str) -> Query {
-    let types = vec![
-        EventType::new("UserRegistered").expect("a valid type"),
-        EventType::new("UsernameChanged").expect("a valid type"),
-    ];
-    let mut items = vec![QueryItem {
-        types: types.clone(),
-        tags: vec![tag("username", username)],
-    }];
-    if let Some(user) = user {
-        items.push(QueryItem {
-            types,
-            tags: vec![tag("user", user)],
-        });
-    }
-    Query { items }
-}
-
-async fn decide<S: EventStore>(
-    store: &S,
-    user: Option<&str>,
-    username: &str,
-) -> Result<Decision<Facts>, UsernameError> {
-    let mut broken = None;
-    let decision = Decision::build(
-        store,
-        boundary(user, username),
-        Facts::default(),
-        |mut facts, event| {
-            match decode::<UserEvent>(event) {
-                Ok(UserEvent::UserRegistered {
-                    user: u,
-                    username: n,
-                }) => {
-                    if n == username {
-                        facts.holder = Some(u.clone());
-                    }
-                    if Some(u.as_str()) == user {
-                        facts.current = Some(n);
-                    }
-                }
-                Ok(UserEvent::UsernameChanged { user: u, from, to }) => {
-                    if from == username {
-                        facts.holder = None;
-                    }
-                    if to == username {
-                        facts.holder = Some(u.clone());
-                    }
-                    if Some(u.as_str()) == user {
-                        facts.current = Some(to);
-                    }
-                }
-                Err(e) => broken = Some(e),
-            }
-            facts
-        },
-    )
-    .await?;
-    match broken {
-        Some(e) => Err(UsernameError::Store(Error::invalid(e.to_string()))),
-        None => Ok(decision),
-    }
-}
-
-/// Decides with `choose` and appends its event on the decision's condition; when another
-/// writer got in between, decides again (a few times) on what is stored then.
+/// Decides with `choose` on the facts about `user` and `username`, and appends its event to
+/// the user's stream on the decision's condition; when another writer got in between, decides
+/// again (up to 5 times) on what is stored then.
 async fn decide_and_append<S: EventStore>(
     store: &S,
     user: &str,
     username: &str,
-    choose: impl Fn(&Facts) -> Result<(UserEvent, Vec<Tag>), UsernameError>,
+    choose: impl Fn(&Facts) -> Result<UserEvent, UsernameError>,
 ) -> Result<AppendResult, UsernameError> {
+    check_user(user)?;
     check_name(username)?;
-    for _ in 0..5 {
-        let decision = decide(store, Some(user), username).await?;
-        let (event, tags) = choose(&decision.state)?;
-        let mut proposed =
-            propose(&event).map_err(|e| UsernameError::Store(Error::invalid(e.to_string())))?;
-        proposed.tags = tags;
-        let appended = store
-            .append(AppendRequest {
-                stream: StreamName::new(format!("user-{user}"))?,
-                expected: ExpectedRevision::Any,
-                condition: Some(decision.condition()),
-                events: vec![proposed],
-            })
-            .await;
-        match appended {
-            Err(Error::ConditionFailed { .. }) => continue,
-            other => return Ok(other?),
-        }
-    }
-    Err(UsernameError::Contended)
+    let appended = Decider::new(store)
+        .execute(
+            || Facts::of(Some(user), username),
+            &StreamName::new(format!("user-{user}"))?,
+            |facts| choose(facts).map(|event| vec![event]),
+        )
+        .await?;
+    Ok(appended.expect("a decision that succeeds appends one event"))
 }
 
 /// Registers `user` under `username`, unless either is taken.
@@ -186,7 +182,6 @@ pub async fn register<S: EventStore>(
     user: &str,
     username: &str,
 ) -> Result<AppendResult, UsernameError> {
-    check_user(user)?;
     decide_and_append(store, user, username, |facts| {
         if facts.current.is_some() {
             return Err(UsernameError::UserExists(user.to_owned()));
@@ -197,13 +192,10 @@ pub async fn register<S: EventStore>(
                 by: by.clone(),
             });
         }
-        Ok((
-            UserEvent::UserRegistered {
-                user: user.to_owned(),
-                username: username.to_owned(),
-            },
-            vec![tag("user", user), tag("username", username)],
-        ))
+        Ok(UserEvent::UserRegistered {
+            user: user.to_owned(),
+            username: username.to_owned(),
+        })
     })
     .await
 }
@@ -214,7 +206,6 @@ pub async fn rename<S: EventStore>(
     user: &str,
     username: &str,
 ) -> Result<AppendResult, UsernameError> {
-    check_user(user)?;
     decide_and_append(store, user, username, |facts| {
         let Some(from) = facts.current.clone() else {
             return Err(UsernameError::UnknownUser(user.to_owned()));
@@ -224,18 +215,11 @@ pub async fn rename<S: EventStore>(
                 username: username.to_owned(),
                 by: by.clone(),
             }),
-            None => Ok((
-                UserEvent::UsernameChanged {
-                    user: user.to_owned(),
-                    from: from.clone(),
-                    to: username.to_owned(),
-                },
-                vec![
-                    tag("user", user),
-                    tag("username", &from),
-                    tag("username", username),
-                ],
-            )),
+            None => Ok(UserEvent::UsernameChanged {
+                user: user.to_owned(),
+                from,
+                to: username.to_owned(),
+            }),
         }
     })
     .await
@@ -247,6 +231,6 @@ pub async fn holder<S: EventStore>(
     username: &str,
 ) -> Result<Option<String>, UsernameError> {
     check_name(username)?;
-    let decision = decide(store, None, username).await?;
+    let decision = Decision::fold(store, Facts::of(None, username)).await?;
     Ok(decision.state.holder)
 }

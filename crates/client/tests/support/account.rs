@@ -11,11 +11,17 @@ use skald_client::aggregate::{Aggregate, Event, Upcaster};
 #[serde(tag = "type", content = "data")]
 #[event(upcasters = upcasters)]
 pub enum AccountEvent {
-    Opened { owner: String },
+    Opened {
+        owner: String,
+    },
     /// Version 1 was `MoneyDeposited` with `cents`.
     #[event(version = 2)]
-    Deposited { amount: u64 },
-    Withdrawn { amount: u64 },
+    Deposited {
+        amount: u64,
+    },
+    Withdrawn {
+        amount: u64,
+    },
 }
 
 fn upcasters() -> Vec<Upcaster> {
