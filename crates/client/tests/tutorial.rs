@@ -118,7 +118,13 @@ use skald_client::skald_core::{Category, Position, ReadSource};
 /// model's database, and each `apply` is one transaction.
 #[derive(Clone, Default)]
 struct Loans {
-    db: Arc<Mutex<(BTreeMap<String, i64>, Option<Position>)>>,
+    db: Arc<Mutex<LoansDb>>,
+}
+
+#[derive(Clone, Default)]
+struct LoansDb {
+    members: BTreeMap<String, i64>,
+    checkpoint: Option<Position>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +140,7 @@ impl Projection for Loans {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Position>, Moved> {
-        Ok(self.db.lock().unwrap().1)
+        Ok(self.db.lock().unwrap().checkpoint)
     }
 
     async fn apply(
@@ -144,17 +150,21 @@ impl Projection for Loans {
         checkpoint: Position,
     ) -> Result<(), Moved> {
         let mut db = self.db.lock().unwrap();
-        if db.1 != previous {
+        if db.checkpoint != previous {
             return Err(Moved); // compare-and-set: another runner applied these
         }
         for e in events {
             match &e.event {
-                BookEvent::Lent { member, .. } => *db.0.entry(member.clone()).or_default() += 1,
-                BookEvent::Returned { member, .. } => *db.0.entry(member.clone()).or_default() -= 1,
+                BookEvent::Lent { member, .. } => {
+                    *db.members.entry(member.clone()).or_default() += 1
+                }
+                BookEvent::Returned { member, .. } => {
+                    *db.members.entry(member.clone()).or_default() -= 1
+                }
                 BookEvent::Added { .. } => {}
             }
         }
-        db.1 = Some(checkpoint);
+        db.checkpoint = Some(checkpoint);
         Ok(())
     }
 
@@ -422,7 +432,7 @@ async fn the_tutorial_runs() {
 
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let (members, _) = loans.db.lock().unwrap().clone();
+            let members = loans.db.lock().unwrap().members.clone();
             if members.get("cy") == Some(&3) && members.get("ada") == Some(&0) {
                 break;
             }
