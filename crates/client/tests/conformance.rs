@@ -3,6 +3,7 @@
 //! and members of every error). Also: subscriptions and whole reads through the client, and
 //! calls retried across a server restart.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -582,4 +583,145 @@ async fn get_metrics(url: &str) -> String {
     let mut response = Vec::new();
     socket.read_to_end(&mut response).await.unwrap();
     String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A TCP proxy in front of a server. Once it has passed client bytes holding `marker`, it
+/// holds back everything the server sends on that connection until `cut` is notified, then
+/// drops the connection; every other connection (and any after the cut) is passed through.
+async fn proxy(
+    server: std::net::SocketAddr,
+    marker: &'static [u8],
+    cut: Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = listener.accept().await.unwrap();
+            let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = upstream.into_split();
+            let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (armed, held_up, cut) = (armed.clone(), held.clone(), cut.clone());
+            let up = tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match client_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if buf[..n].windows(marker.len()).any(|w| w == marker)
+                        && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        held_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let read = tokio::select! {
+                        read = server_read.read(&mut buf) => read,
+                        () = cut.notified(), if held.load(std::sync::atomic::Ordering::SeqCst) => {
+                            // Dropping both halves closes the connection on both sides.
+                            up.abort();
+                            return;
+                        }
+                    };
+                    let n = match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if held.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue;
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A `Start::Now` subscription whose connection drops before its `CaughtUp` arrived: it
+/// resubscribes from the position it opened at, so an event appended in between is
+/// delivered, not skipped.
+#[tokio::test]
+async fn a_now_subscription_dropped_before_caught_up_misses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let server = serve(dir.path(), listener).await;
+    let direct = Client::connect(&format!("http://{server_addr}"))
+        .await
+        .unwrap();
+    direct
+        .append(append(
+            "nowmark-1",
+            ExpectedRevision::Any,
+            vec![event(1, "Before", "{}", &[])],
+        ))
+        .await
+        .unwrap();
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let via = proxy(server_addr, b"nowmark-1", cut.clone()).await;
+    let client = Client::connect(&format!("http://{via}")).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let subscription = client.subscribe(ReadSource::Stream(stream("nowmark-1")), Start::Now);
+        futures_util::pin_mut!(subscription);
+        while let Some(delivery) = subscription.next().await {
+            if tx.send(delivery).is_err() {
+                return;
+            }
+        }
+    });
+    // The subscription is open on the server (its CaughtUp held back by the proxy); an event
+    // is appended; then the connection drops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    direct
+        .append(append(
+            "nowmark-1",
+            ExpectedRevision::Any,
+            vec![event(2, "During", "{}", &[])],
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cut.notify_one();
+    let first = loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a delivery after the drop")
+            .unwrap()
+            .unwrap()
+        {
+            Delivery::Event(e) => break e,
+            Delivery::CaughtUp { .. } => {
+                // Nothing was missed yet only if the next event is the one appended during.
+                direct
+                    .append(append(
+                        "nowmark-1",
+                        ExpectedRevision::Any,
+                        vec![event(3, "After", "{}", &[])],
+                    ))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    assert_eq!(
+        first.event_type.as_str(),
+        "During",
+        "the event appended in between"
+    );
+    reader.abort();
+    server.stop().await;
 }
