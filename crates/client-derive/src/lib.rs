@@ -8,7 +8,7 @@
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Error, Fields, LitStr, Meta, Token, parse_macro_input};
 
@@ -38,14 +38,20 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
 
     let mut types = Vec::new();
+    let mut aliases = Vec::new();
     let mut versions = Vec::new();
     let mut tag_arms = Vec::new();
     for variant in &data.variants {
-        let stored = serde_rename(&variant.attrs)?.unwrap_or_else(|| variant.ident.to_string());
+        let names = serde_names(variant)?;
+        let stored = names.stored.unwrap_or_else(|| variant.ident.to_string());
         let version = variant_version(&variant.attrs)?;
         if version != 1 {
             versions.push(quote! { #stored => #version, });
+            for alias in &names.aliases {
+                versions.push(quote! { #alias => #version, });
+            }
         }
+        aliases.extend(names.aliases);
         let ident = &variant.ident;
         let mut bindings = Vec::new();
         let mut tags = Vec::new();
@@ -71,7 +77,10 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
                     bindings.push(quote! { #index: #binding });
                 }
             }
-            tags.push(quote! { ::skald_client::aggregate::tag(#tag_name, #binding)? });
+            // Spanned at the field, so that a field that cannot be a tag is shown there.
+            tags.push(
+                quote_spanned! { field.span()=> ::skald_client::aggregate::tag(#tag_name, #binding)? },
+            );
         }
         let pattern = match &variant.fields {
             Fields::Unit => quote! { Self::#ident },
@@ -79,6 +88,18 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
         };
         tag_arms.push(quote! { #pattern => ::std::vec![#(#tags),*], });
         types.push(stored);
+    }
+    // What one query item may list (skald_core::MAX_ITEM_TYPES): a query of these events
+    // lists every name they are stored under.
+    if types.len() + aliases.len() > 64 {
+        return Err(Error::new(
+            input.ident.span(),
+            format!(
+                "{} event types and aliases: a query lists at most 64; split the enum (a \
+                 decision or projection can use an enum of just the events it needs)",
+                types.len() + aliases.len()
+            ),
+        ));
     }
     let upcasters = match upcasters {
         Some(path) => quote! {
@@ -91,6 +112,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
     Ok(quote! {
         impl #impl_generics ::skald_client::aggregate::Event for #name #ty_generics #where_clause {
             const TYPES: &'static [&'static str] = &[#(#types),*];
+            const ALIASES: &'static [&'static str] = &[#(#aliases),*];
 
             fn version(event_type: &str) -> u32 {
                 match event_type {
@@ -126,13 +148,13 @@ fn check_serde(input: &DeriveInput) -> syn::Result<()> {
                 tag = Some(meta.value()?.parse::<LitStr>()?.value());
             } else if meta.path.is_ident("content") {
                 content = Some(meta.value()?.parse::<LitStr>()?.value());
-            } else if meta.path.is_ident("rename_all") {
+            } else if meta.path.is_ident("rename_all") || meta.path.is_ident("untagged") {
                 return Err(meta.error(
-                    "#[derive(Event)] stores each variant under its own name: drop rename_all \
-                     and give a variant another name with #[serde(rename = \"..\")]",
+                    "#[derive(Event)] stores each variant under its own name: drop this, and \
+                     give a variant another name with #[serde(rename = \"..\")]",
                 ));
-            } else if meta.input.peek(Token![=]) {
-                let _: syn::Expr = meta.value()?.parse()?;
+            } else {
+                skip_value(&meta)?;
             }
             Ok(())
         })?;
@@ -147,27 +169,78 @@ fn check_serde(input: &DeriveInput) -> syn::Result<()> {
     Ok(())
 }
 
-/// `#[serde(rename = "..")]` on a variant.
-fn serde_rename(attrs: &[syn::Attribute]) -> syn::Result<Option<String>> {
-    let mut rename = None;
-    for attr in attrs.iter().filter(|a| a.path().is_ident("serde")) {
+/// The names a variant's serde attributes give it.
+struct Names {
+    /// The name it is written under, when not its own.
+    stored: Option<String>,
+    /// Other names it reads.
+    aliases: Vec<String>,
+}
+
+/// Reads `rename = ".."` and `alias = ".."` on a variant, and refuses what would store it
+/// other than as `{"type": name, "data": ..}` or read it under another name than it is
+/// written (`rename(serialize = .., deserialize = ..)`).
+fn serde_names(variant: &syn::Variant) -> syn::Result<Names> {
+    let mut names = Names {
+        stored: None,
+        aliases: Vec::new(),
+    };
+    for attr in variant.attrs.iter().filter(|a| a.path().is_ident("serde")) {
         attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("rename") {
-                rename = Some(meta.value()?.parse::<LitStr>()?.value());
-            } else if meta.input.peek(Token![=]) {
-                let _: syn::Expr = meta.value()?.parse()?;
-            } else if meta.input.peek(syn::token::Paren) {
-                meta.parse_nested_meta(|inner| {
-                    if inner.input.peek(Token![=]) {
-                        let _: syn::Expr = inner.value()?.parse()?;
-                    }
-                    Ok(())
-                })?;
+                if meta.input.peek(Token![=]) {
+                    names.stored = Some(meta.value()?.parse::<LitStr>()?.value());
+                } else {
+                    // Written under one name and read under another, it could not read what
+                    // it wrote.
+                    return Err(meta.error(
+                        "#[derive(Event)]: a variant is read under the name it is written \
+                         under; write #[serde(rename = \"New\", alias = \"Old\")] to read an \
+                         old name too",
+                    ));
+                }
+            } else if meta.path.is_ident("alias") {
+                names.aliases.push(meta.value()?.parse::<LitStr>()?.value());
+            } else if [
+                "untagged",
+                "skip",
+                "skip_serializing",
+                "skip_deserializing",
+                "other",
+            ]
+            .iter()
+            .any(|k| meta.path.is_ident(k))
+            {
+                return Err(meta.error(
+                    "#[derive(Event)]: every variant must be written and read as \
+                     {\"type\": its name, \"data\": ..}",
+                ));
+            } else {
+                skip_value(&meta)?;
             }
             Ok(())
         })?;
     }
-    Ok(rename)
+    // A deserialize name that is the stored one is no alias.
+    let stored = names
+        .stored
+        .clone()
+        .unwrap_or_else(|| variant.ident.to_string());
+    names.aliases.retain(|a| *a != stored);
+    Ok(names)
+}
+
+/// Passes over a serde attribute this derive does not read: `key = value`, `key(..)`, or a
+/// bare `key`.
+fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+    if meta.input.peek(Token![=]) {
+        let _: syn::Expr = meta.value()?.parse()?;
+    } else if meta.input.peek(syn::token::Paren) {
+        let content;
+        syn::parenthesized!(content in meta.input);
+        let _: proc_macro2::TokenStream = content.parse()?;
+    }
+    Ok(())
 }
 
 /// `#[event(version = N)]` on a variant; 1 without it.

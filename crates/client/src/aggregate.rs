@@ -574,14 +574,15 @@ where
             Ok(events) => {
                 assert_eq!(events, expected, "the command caused other events");
                 for event in &events {
-                    let (event_type, data) = encode(event).expect("the event encodes");
+                    // As it is written: with its version and tags.
+                    let proposed = propose(event).expect("the event encodes");
                     let stored = RecordedEvent {
-                        id: skald_core::EventId::generate(),
+                        id: proposed.id,
                         stream: StreamName::from_stored("test-1".to_owned()),
-                        event_type,
-                        data,
-                        metadata: skald_core::Metadata::empty(),
-                        tags: Vec::new(),
+                        event_type: proposed.event_type,
+                        data: proposed.data,
+                        metadata: proposed.metadata,
+                        tags: proposed.tags,
                         source: None,
                         recorded_at: skald_core::Timestamp(0),
                         revision: Revision(0),

@@ -60,14 +60,49 @@ pub use skald_client_derive::Event;
 /// #[derive(Event, serde::Serialize, serde::Deserialize)]
 /// enum Forgotten { Happened { at: u64 } }
 /// ```
+///
+/// Nor a variant written any other way (untagged, skipped, renamed for all):
+///
+/// ```compile_fail
+/// use skald_client::aggregate::Event;
+///
+/// #[derive(Event, serde::Serialize, serde::Deserialize)]
+/// #[serde(tag = "type", content = "data")]
+/// enum Loose { #[serde(untagged)] Anything(u64) }
+/// ```
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stored event types of the variants, in order.
     const TYPES: &'static [&'static str];
 
+    /// Other names a variant was stored under and still reads (its `#[serde(alias)]`es).
+    const ALIASES: &'static [&'static str] = &[];
+
+    /// Whether its version is checked: every typed enum; not [`AnyEvent`], which takes events
+    /// as they are stored.
+    const VERSIONED: bool = true;
+
     /// Whether a stored event of `event_type` (brought up to date) is one of these: one of
-    /// [`Event::TYPES`] unless overridden ([`AnyEvent`] takes every type).
+    /// [`Event::TYPES`] or [`Event::ALIASES`] unless overridden ([`AnyEvent`] takes every
+    /// type).
     fn accepts(event_type: &str) -> bool {
-        Self::TYPES.contains(&event_type)
+        Self::TYPES.contains(&event_type) || Self::ALIASES.contains(&event_type)
+    }
+
+    /// Every stored type these events may be read from: the types, the aliases, and the
+    /// types the upcasters start from (old names of renamed types). What a query of these
+    /// events lists, so that no old event falls outside it.
+    fn stored_types() -> Vec<String> {
+        let mut types: Vec<String> = Self::TYPES
+            .iter()
+            .chain(Self::ALIASES)
+            .map(|t| (*t).to_owned())
+            .collect();
+        for upcaster in Self::upcasters() {
+            if !types.iter().any(|t| t == upcaster.event_type) {
+                types.push(upcaster.event_type.to_owned());
+            }
+        }
+        types
     }
 
     /// The version `event_type` is written at now; 1 unless the variant says otherwise.
@@ -93,12 +128,13 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
         }
     }
 
-    /// One item of a query: events of these types that carry all of `tags`.
+    /// One item of a query: events of these types (all of [`Event::stored_types`]) that
+    /// carry all of `tags`.
     fn query_item(tags: Vec<Tag>) -> QueryItem {
         QueryItem {
-            types: Self::TYPES
-                .iter()
-                .map(|t| EventType::from_stored((*t).to_owned()))
+            types: Self::stored_types()
+                .into_iter()
+                .map(EventType::from_stored)
                 .collect(),
             tags,
         }
@@ -193,6 +229,7 @@ pub fn encode<E: Event>(event: &E) -> Result<(EventType, EventData), CodecError>
             "the event has no \"type\": mark the enum #[serde(tag = \"type\", content = \"data\")]",
         ));
     };
+    // A unit variant has no "data": it is stored as an empty object.
     let data = fields
         .remove("data")
         .unwrap_or(Value::Object(Default::default()));
@@ -201,7 +238,9 @@ pub fn encode<E: Event>(event: &E) -> Result<(EventType, EventData), CodecError>
     Ok((event_type, data))
 }
 
-/// A new event to append, with a fresh id, its tags, and its version when above 1.
+/// A new event to append, with a fresh id, its tags, and its version when above 1 (in the
+/// metadata as `{"eventVersion": N}`: metadata set afterwards must keep that key, or the event
+/// reads back as version 1).
 pub fn propose<E: Event>(event: &E) -> Result<ProposedEvent, CodecError> {
     let (event_type, data) = encode(event)?;
     let version = E::version(event_type.as_str());
@@ -268,6 +307,10 @@ pub fn decode_known<E: Event>(event: &RecordedEvent) -> Result<Option<E>, CodecE
     }
     let mut data: Value = if event.data.bytes().is_empty() {
         Value::Object(Default::default())
+    } else if !E::VERSIONED {
+        // Taken as stored: data that is not JSON (another content type) is left in the
+        // record, and `data` is null.
+        serde_json::from_slice(event.data.bytes()).unwrap_or(Value::Null)
     } else {
         serde_json::from_slice(event.data.bytes()).map_err(|e| {
             CodecError::json(
@@ -291,12 +334,18 @@ pub fn decode_known<E: Event>(event: &RecordedEvent) -> Result<Option<E>, CodecE
     if !E::accepts(&event_type) {
         return Ok(None);
     }
+    if !E::VERSIONED {
+        return serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
+            .map(Some)
+            .map_err(|e| CodecError::json("the event does not decode".to_owned(), e));
+    }
     let current = E::version(&event_type);
     if version != current {
         return Err(CodecError::new(if version > current {
             format!(
-                "the event at position {} is {event_type} version {version}, written by newer \
-                 code than this, which knows version {current}",
+                "the event at position {} is {event_type} version {version}, and this code \
+                 knows version {current}: it was written by newer code, or a renamed type \
+                 started its versions again (they must go on from the old name's)",
                 event.position.0
             )
         } else {
@@ -307,17 +356,22 @@ pub fn decode_known<E: Event>(event: &RecordedEvent) -> Result<Option<E>, CodecE
             )
         }));
     }
-    serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
-        .map(Some)
-        .map_err(|e| {
-            CodecError::json(
-                format!(
-                    "the event at position {} of type {event_type:?} does not decode",
-                    event.position.0
-                ),
-                e,
-            )
-        })
+    let unit = data.as_object().is_some_and(|o| o.is_empty());
+    let decoded = serde_json::from_value(serde_json::json!({"type": event_type, "data": data}));
+    let decoded = match decoded {
+        // A unit variant: serde reads it without "data".
+        Err(_) if unit => serde_json::from_value(serde_json::json!({"type": event_type})),
+        decoded => decoded,
+    };
+    decoded.map(Some).map_err(|e| {
+        CodecError::json(
+            format!(
+                "the event at position {} of type {event_type:?} does not decode",
+                event.position.0
+            ),
+            e,
+        )
+    })
 }
 
 /// A decoded event with where and when it was stored.
@@ -351,6 +405,7 @@ pub struct AnyEvent {
 impl Event for AnyEvent {
     /// None listed: it takes every type, and a query built from it matches any type.
     const TYPES: &'static [&'static str] = &[];
+    const VERSIONED: bool = false;
 
     fn accepts(_: &str) -> bool {
         true

@@ -38,7 +38,8 @@ enum BookEvent {
 // --- end ---
 
 // --- tutorial: aggregate ---
-/// A book: the consistency boundary that decides lending.
+/// A book: its stream decides adding and returning it. (Lending crosses books, so it is a
+/// DCB decision, below.)
 #[derive(Default)]
 struct Book {
     id: Option<String>,
@@ -47,7 +48,6 @@ struct Book {
 
 enum BookCommand {
     Add { book: String, title: String },
-    Lend { member: String },
     Return,
 }
 
@@ -59,6 +59,8 @@ enum BookError {
     Out(String),
     #[error("the book is not lent")]
     NotLent,
+    #[error("{0} has 3 books out already")]
+    AtLimit(String),
 }
 
 impl Aggregate for Book {
@@ -90,13 +92,6 @@ impl Aggregate for Book {
         };
         match command {
             BookCommand::Add { .. } => Ok(Vec::new()), // added already: nothing to do
-            BookCommand::Lend { member } => match &self.lent_to {
-                Some(to) => Err(BookError::Out(to.clone())),
-                None => Ok(vec![BookEvent::Lent {
-                    book,
-                    member: member.clone(),
-                }]),
-            },
             BookCommand::Return => match &self.lent_to {
                 Some(member) => Ok(vec![BookEvent::Returned {
                     book,
@@ -278,50 +273,78 @@ enum MemberEvent {
 use skald_client::aggregate::{CodecError, DecideError, Decider, StateQuery, tag};
 use skald_client::skald_core::{Query, StreamName};
 
-/// How many books a member has out: the events tagged with the member, whatever the book.
-struct OnLoan {
+/// What lending `book` to `member` depends on: whether the book is there and in, and how many
+/// books the member has out. Its boundary is every event tagged with the book or with the
+/// member, across all the books' streams.
+struct Loan {
+    book: String,
     member: String,
+    added: bool,
+    lent_to: Option<String>,
     out: u32,
 }
 
-impl StateQuery for OnLoan {
+impl StateQuery for Loan {
     type Event = BookEvent;
     type Error = std::convert::Infallible;
 
     fn query(&self) -> Result<Query, CodecError> {
-        Ok(BookEvent::query(vec![tag("member", &self.member)?]))
+        Ok(Query {
+            items: vec![
+                BookEvent::query_item(vec![tag("book", &self.book)?]),
+                BookEvent::query_item(vec![tag("member", &self.member)?]),
+            ],
+        })
     }
 
     fn fold(&mut self, e: Envelope<BookEvent>) -> Result<(), Self::Error> {
         match e.event {
-            BookEvent::Lent { .. } => self.out += 1,
-            BookEvent::Returned { .. } => self.out -= 1,
-            BookEvent::Added { .. } => {}
+            BookEvent::Added { book, .. } => self.added |= book == self.book,
+            BookEvent::Lent { book, member } => {
+                if book == self.book {
+                    self.lent_to = Some(member.clone());
+                }
+                if member == self.member {
+                    self.out += 1;
+                }
+            }
+            BookEvent::Returned { book, member } => {
+                if book == self.book {
+                    self.lent_to = None;
+                }
+                if member == self.member {
+                    self.out -= 1;
+                }
+            }
         }
         Ok(())
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0} has 3 books out already")]
-struct AtLimit(String);
-
-/// Lends `book` to `member` unless the member has 3 books out: a rule across every book's
-/// stream, kept without a member aggregate.
+/// Lends `book` to `member`: the book must be in, and the member may have 3 books out. The
+/// append fails if any event of the boundary arrived since it was read; then it is decided
+/// again.
 async fn lend<S: EventStore>(
     store: &S,
     book: &str,
     member: &str,
-) -> Result<(), DecideError<std::convert::Infallible, AtLimit>> {
+) -> Result<(), DecideError<std::convert::Infallible, BookError>> {
     Decider::new(store)
         .execute(
-            || OnLoan {
+            || Loan {
+                book: book.to_owned(),
                 member: member.to_owned(),
+                added: false,
+                lent_to: None,
                 out: 0,
             },
             &StreamName::new(format!("book-{book}")).unwrap(),
-            |state| match state.out {
-                3.. => Err(AtLimit(member.to_owned())),
+            |state| match state {
+                Loan { added: false, .. } => Err(BookError::Unknown),
+                Loan {
+                    lent_to: Some(to), ..
+                } => Err(BookError::Out(to.clone())),
+                Loan { out: 3.., .. } => Err(BookError::AtLimit(member.to_owned())),
                 _ => Ok(vec![BookEvent::Lent {
                     book: book.to_owned(),
                     member: member.to_owned(),
@@ -346,45 +369,25 @@ async fn the_tutorial_runs() {
 
     // --- tutorial: commands ---
     let books = Repository::<_, Book>::new(&client);
-    books
-        .execute(
-            "b1",
-            &BookCommand::Add {
-                book: "b1".into(),
-                title: "Dune".into(),
-            },
-        )
-        .await
-        .unwrap();
     // A command that may be sent twice (a retry after a lost answer) carries a key.
-    let key = CommandKey::new("loan-2026-0001");
-    let lend_b1 = BookCommand::Lend {
-        member: "ada".into(),
+    let key = CommandKey::new("catalogue/b1");
+    let add = BookCommand::Add {
+        book: "b1".into(),
+        title: "Dune".into(),
     };
-    books.execute_keyed("b1", &lend_b1, &key).await.unwrap();
+    books.execute_keyed("b1", &add, &key).await.unwrap();
     assert!(
         books
-            .execute_keyed("b1", &lend_b1, &key)
+            .execute_keyed("b1", &add, &key)
             .await
             .unwrap()
             .is_none()
     ); // a repeat
-    match books
-        .execute(
-            "b1",
-            &BookCommand::Lend {
-                member: "bob".into(),
-            },
-        )
-        .await
-    {
-        Err(CommandError::Rejected(BookError::Out(to))) => assert_eq!(to, "ada"),
+    match books.execute("b1", &BookCommand::Return).await {
+        Err(CommandError::Rejected(BookError::NotLent)) => {}
         other => panic!("{other:?}"),
     }
     // --- end ---
-    books.execute("b1", &BookCommand::Return).await.unwrap();
-
-    // DCB: the loan limit across books.
     for b in ["b2", "b3", "b4", "b5"] {
         books
             .execute(
@@ -397,15 +400,29 @@ async fn the_tutorial_runs() {
             .await
             .unwrap();
     }
+
     // --- tutorial: lend ---
+    lend(&client, "b1", "ada").await.unwrap();
+    assert!(matches!(
+        lend(&client, "b1", "bob").await,
+        Err(DecideError::Rejected(BookError::Out(to))) if to == "ada"
+    ));
+    books.execute("b1", &BookCommand::Return).await.unwrap();
     for book in ["b2", "b3", "b4"] {
         lend(&client, book, "cy").await.unwrap();
     }
     assert!(matches!(
         lend(&client, "b5", "cy").await,
-        Err(DecideError::Rejected(AtLimit(_)))
+        Err(DecideError::Rejected(BookError::AtLimit(_)))
     ));
     // --- end ---
+    // Two members racing for one book: one gets it.
+    let (a, b) = tokio::join!(lend(&client, "b5", "dee"), lend(&client, "b5", "eve"));
+    assert_eq!(
+        [&a, &b].iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{a:?} {b:?}"
+    );
 
     // --- tutorial: run ---
     let loans = Loans::default();
@@ -433,7 +450,10 @@ async fn the_tutorial_runs() {
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let members = loans.db.lock().unwrap().members.clone();
-            if members.get("cy") == Some(&3) && members.get("ada") == Some(&0) {
+            if members.get("cy") == Some(&3)
+                && members.get("ada") == Some(&0)
+                && members.values().sum::<i64>() == 4
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
