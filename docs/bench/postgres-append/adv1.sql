@@ -1,0 +1,1 @@
+SELECT append_adv(1);
