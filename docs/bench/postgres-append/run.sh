@@ -23,6 +23,13 @@ for round in 1 2; do
   echo "-- head row, 1 client, 64 events/txn (a node's group commit)"; run head64 head64.sql 1 10
   echo "-- head row, 3 clients, 64 events/txn (three nodes)"; run head64 head64.sql 3 10
   echo "-- advisory lock, 3 clients, 64 events/txn"; run adv64 adv64.sql 3 10
+  echo "-- set-based, 1 client, 64 events/txn"; run set64 set64.sql 1 10
+  echo "-- set-based, 3 clients, 64 events/txn"; run set64 set64.sql 3 10
+  echo "-- set-based, 1 client, 256 events/txn"; run set256 set256.sql 1 10
+done
+echo "== revisions dense per stream in every table =="
+for t in events events2 events3; do
+  su postgres -c "$P -t -c \"SELECT '$t', count(*) FROM (SELECT stream, max(revision) - min(revision) + 1 - count(*) AS holes, min(revision) AS first FROM $t GROUP BY stream) x WHERE holes <> 0 OR first <> 0\" postgres"
 done
 su postgres -c "$BIN/pg_ctl -D $D stop -m fast >/dev/null"
 rm -rf $D

@@ -36,3 +36,26 @@ BEGIN
   UPDATE head2 SET next_position = p + n WHERE id = 1;
   RETURN p;
 END $$;
+-- Set-based: the whole batch in three statements (what a batch passed as arrays would do).
+CREATE TABLE head3 (id smallint PRIMARY KEY, next_position bigint NOT NULL);
+INSERT INTO head3 VALUES (1, 0);
+CREATE TABLE events3 (LIKE events INCLUDING ALL);
+CREATE TABLE streams3 (LIKE streams INCLUDING ALL);
+CREATE FUNCTION append_set(n int) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE p bigint;
+BEGIN
+  PERFORM pg_advisory_xact_lock(43);
+  SELECT next_position INTO p FROM head3 WHERE id = 1;
+  WITH b AS (SELECT i, 's' || (random() * 10000)::int AS s FROM generate_series(0, n - 1) i),
+       c AS (SELECT s, count(*) AS k FROM b GROUP BY s),
+       up AS (INSERT INTO streams3 AS t (stream, last_revision) SELECT s, k - 1 FROM c
+              ON CONFLICT (stream) DO UPDATE SET last_revision = t.last_revision + excluded.last_revision + 1
+              RETURNING stream, last_revision),
+       r AS (SELECT b.i, b.s,
+                    up.last_revision - count(*) OVER (PARTITION BY b.s)
+                      + row_number() OVER (PARTITION BY b.s ORDER BY b.i) AS rev
+             FROM b JOIN up ON up.stream = b.s)
+  INSERT INTO events3 SELECT p + i, s, rev, gen_random_uuid(), convert_to(repeat('x', 256), 'UTF8') FROM r;
+  UPDATE head3 SET next_position = p + n WHERE id = 1;
+  RETURN p;
+END $$;

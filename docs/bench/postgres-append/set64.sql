@@ -1,0 +1,1 @@
+SELECT append_set(64);
