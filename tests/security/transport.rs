@@ -37,6 +37,20 @@ struct Tls {
 
 /// Connects over TLS trusting `certs/ca.pem`, presenting `certs/client.pem` when `client`.
 async fn connect(addr: &str, certs: &Path, client: bool) -> Result<Tls, String> {
+    within("connecting", connect_unbounded(addr, certs, client)).await
+}
+
+/// `future`'s result, or a panic naming `what` after 30 s: a peer that stops answering fails
+/// the test at the step, instead of hanging the suite (two runs hung in this file, with no
+/// connection open; this names where).
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(std::time::Duration::from_secs(30), future).await {
+        Ok(done) => done,
+        Err(_) => panic!("{what}: nothing within 30 s"),
+    }
+}
+
+async fn connect_unbounded(addr: &str, certs: &Path, client: bool) -> Result<Tls, String> {
     let identity = client.then(|| (certs.join("client.pem"), certs.join("client-key.pem")));
     let config = skald_security::tls::client_config(
         Some(&certs.join("ca.pem")),
@@ -62,6 +76,10 @@ async fn connect(addr: &str, certs: &Path, client: bool) -> Result<Tls, String> 
 }
 
 async fn get(tls: &mut Tls, path: &str) -> Result<(StatusCode, String), String> {
+    within(&format!("GET {path}"), get_unbounded(tls, path)).await
+}
+
+async fn get_unbounded(tls: &mut Tls, path: &str) -> Result<(StatusCode, String), String> {
     tls.sender.ready().await.map_err(|e| e.to_string())?;
     let request = hyper::Request::get(path)
         .header("host", "localhost")
@@ -322,6 +340,17 @@ impl Pki {
 
 /// Opens a keep-alive HTTP/1.1 connection over TLS with `config`.
 async fn open_with(config: &Arc<rustls::ClientConfig>, addr: &str) -> Result<Tls, String> {
+    within(
+        "opening a TLS connection",
+        open_with_unbounded(config, addr),
+    )
+    .await
+}
+
+async fn open_with_unbounded(
+    config: &Arc<rustls::ClientConfig>,
+    addr: &str,
+) -> Result<Tls, String> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -355,6 +384,18 @@ fn write_pair(dir: &Path, name: &str, (cert, key): &(String, String)) {
 /// Connects with a client configuration kept across connections (so that rustls offers to
 /// resume the session of the previous one) and GETs `path`.
 async fn get_with(
+    config: &Arc<rustls::ClientConfig>,
+    addr: &str,
+    path: &str,
+) -> Result<(StatusCode, String, Option<rustls::HandshakeKind>), String> {
+    within(
+        &format!("GET {path} on a new connection"),
+        get_with_unbounded(config, addr, path),
+    )
+    .await
+}
+
+async fn get_with_unbounded(
     config: &Arc<rustls::ClientConfig>,
     addr: &str,
     path: &str,
@@ -1009,17 +1050,19 @@ async fn old_protocols_weak_ciphers_and_wrong_certificates_stay_refused() {
         .unwrap(),
     );
     let mut tls = open_with(&admin, &addr).await.unwrap();
-    tls.sender.ready().await.unwrap();
-    let response = tls
-        .sender
-        .send_request(
-            hyper::Request::get("/v1/info")
-                .header("host", "localhost")
-                .body(Empty::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = within("GET /v1/info for HSTS", async {
+        tls.sender.ready().await.unwrap();
+        tls.sender
+            .send_request(
+                hyper::Request::get("/v1/info")
+                    .header("host", "localhost")
+                    .body(Empty::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+    })
+    .await;
     let hsts = response.headers()["strict-transport-security"]
         .to_str()
         .unwrap();
