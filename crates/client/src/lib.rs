@@ -83,7 +83,7 @@ impl RetryPolicy {
     }
 
     /// The wait after try number `attempt` failed.
-    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+    fn delay(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.first_delay.saturating_mul(factor).min(self.max_delay)
     }
@@ -92,12 +92,27 @@ impl RetryPolicy {
     /// another is worth it (the server was not reached, tries are left), or hands the error
     /// back.
     pub(crate) async fn again(&self, attempt: &mut u32, error: Error) -> Result<()> {
-        if !matches!(error, Error::Unavailable(_)) || *attempt >= self.attempts.max(1) {
+        if !matches!(error, Error::Unavailable(_)) {
             return Err(error);
         }
-        tokio::time::sleep(self.delay(*attempt)).await;
+        match self.next_wait(attempt) {
+            Some(wait) => {
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            None => Err(error),
+        }
+    }
+
+    /// After try number `attempt` failed: the wait before the next one, counting it, or `None`
+    /// when the tries are spent.
+    pub(crate) fn next_wait(&self, attempt: &mut u32) -> Option<Duration> {
+        if *attempt >= self.attempts.max(1) {
+            return None;
+        }
+        let wait = self.delay(*attempt);
         *attempt = attempt.saturating_add(1);
-        Ok(())
+        Some(wait)
     }
 }
 

@@ -631,14 +631,13 @@ where
             };
             let kind = match self.dispatch.on_failure(&error) {
                 Failure::Retry => {
-                    if attempt >= self.retry.attempts.max(1) {
+                    let Some(wait) = self.retry.next_wait(&mut attempt) else {
                         return Err(ProcessError::Dispatch(error));
-                    }
+                    };
                     tokio::select! {
                         () = stop.wait() => return Ok(Pass::Stopped),
-                        () = tokio::time::sleep(self.retry.delay(attempt)) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
-                    attempt = attempt.saturating_add(1);
                     continue;
                 }
                 Failure::Stop => return Err(ProcessError::Dispatch(error)),

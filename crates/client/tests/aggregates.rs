@@ -14,7 +14,7 @@ use skald_client::aggregate::{
     AnyEvent, CodecError, CommandError, DecideError, Decider, Envelope, Event, Repository,
     StateQuery, decode, given, propose, tag,
 };
-use support::{serve, store};
+use support::{Faulty, OnAppend, serve, store};
 
 use skald_core::{
     AppendRequest, Error, EventStore, EventType, ExpectedRevision, Query, StreamName, Tag,
@@ -105,9 +105,11 @@ async fn account_story<S: EventStore + Clone>(store: &S) {
 
     // Another writer appends between the load and the save: without retries the command
     // fails with the conflict; with one retry it is decided again on the newer state.
-    let interloper = Interloper {
+    let interloper = Faulty {
         store: store.clone(),
-        armed: std::sync::atomic::AtomicBool::new(true),
+        hook: Interloper {
+            armed: std::sync::atomic::AtomicBool::new(true),
+        },
     };
     let strict = Repository::<_, Account>::new(&interloper);
     match strict.execute("1", &AccountCommand::Withdraw(1)).await {
@@ -116,6 +118,7 @@ async fn account_story<S: EventStore + Clone>(store: &S) {
     }
     assert_eq!(repo.load("1").await.unwrap().state.balance, 30 + 100);
     interloper
+        .hook
         .armed
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let patient = Repository::<_, Account>::new(&interloper).retry_on_conflict(1);
@@ -134,17 +137,20 @@ async fn account_story<S: EventStore + Clone>(store: &S) {
     assert_eq!(repo.load("1").await.unwrap().state.balance, 229 - 8);
 }
 
-/// A store that, once armed, deposits 100 into the stream just before the next append: a
-/// concurrent writer at the worst moment.
-struct Interloper<S> {
-    store: S,
+/// Once armed, deposits 100 into the stream just before the next append: a concurrent
+/// writer at the worst moment.
+struct Interloper {
     armed: std::sync::atomic::AtomicBool,
 }
 
-impl<S: EventStore> EventStore for Interloper<S> {
-    async fn append(&self, request: AppendRequest) -> skald_core::Result<skald_core::AppendResult> {
+impl<S: EventStore> OnAppend<S> for Interloper {
+    async fn append(
+        &self,
+        store: &S,
+        request: AppendRequest,
+    ) -> skald_core::Result<skald_core::AppendResult> {
         if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.store
+            store
                 .append(AppendRequest {
                     stream: request.stream.clone(),
                     expected: ExpectedRevision::Any,
@@ -153,31 +159,7 @@ impl<S: EventStore> EventStore for Interloper<S> {
                 })
                 .await?;
         }
-        self.store.append(request).await
-    }
-    async fn read(
-        &self,
-        request: skald_core::ReadRequest,
-    ) -> skald_core::Result<skald_core::ReadPage> {
-        self.store.read(request).await
-    }
-    async fn stream_head(
-        &self,
-        stream: &StreamName,
-    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
-        self.store.stream_head(stream).await
-    }
-    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
-        self.store.info().await
-    }
-    async fn next_position(&self) -> skald_core::Result<u64> {
-        self.store.next_position().await
-    }
-    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
-        self.store.wait_for_append(known).await
-    }
-    fn limits(&self) -> &skald_core::Limits {
-        self.store.limits()
+        store.append(request).await
     }
 }
 

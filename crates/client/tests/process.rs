@@ -19,7 +19,7 @@ use skald_client::{Client, RetryPolicy};
 use skald_core::{
     Category, Direction, EventStore, ReadRequest, ReadSource, RecordedEvent, StreamName,
 };
-use support::{append_json, serve, store};
+use support::{Faulty, OnAppend, append_json, serve, store};
 
 async fn read_stream<S: EventStore>(store: &S, stream: &str) -> Vec<RecordedEvent> {
     store
@@ -467,10 +467,12 @@ async fn failures<S: EventStore + Clone>(store: &S) {
     register(store, 104).await;
     append_json(store, "user-104", "Registered", "{}").await;
     append_json(store, "user-106", "Registered", "{}").await;
-    let crashing = Crashing {
+    let crashing = Faulty {
         store: store.clone(),
-        stream: "process-welcome",
-        lose: None,
+        hook: Crashing {
+            stream: "process-welcome",
+            lose: None,
+        },
     };
     let mut dying = ProcessRunner::load(crashing, Welcome, bank(store, None))
         .await
@@ -529,57 +531,30 @@ async fn failures<S: EventStore + Clone>(store: &S) {
     assert_eq!(stopped.unwrap(), checkpoint);
 }
 
-/// A store that fails every append to `stream`, as a process killed before that append;
-/// with `lose` set, it makes the append and loses the answer, once.
-struct Crashing<S> {
-    store: S,
+/// Fails every append to `stream`, as a process killed before that append; with `lose`
+/// set, it makes the append and loses the answer, once.
+struct Crashing {
     stream: &'static str,
     lose: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
-impl<S: EventStore> EventStore for Crashing<S> {
+impl<S: EventStore> OnAppend<S> for Crashing {
     async fn append(
         &self,
+        store: &S,
         request: skald_core::AppendRequest,
     ) -> skald_core::Result<skald_core::AppendResult> {
         if request.stream.as_str() == self.stream {
             match &self.lose {
                 None => return Err(skald_core::Error::Io("killed before this append".into())),
                 Some(armed) if armed.swap(false, Ordering::SeqCst) => {
-                    self.store.append(request).await?;
+                    store.append(request).await?;
                     return Err(skald_core::Error::Unavailable("the answer was lost".into()));
                 }
                 Some(_) => {}
             }
         }
-        self.store.append(request).await
-    }
-
-    async fn read(&self, request: ReadRequest) -> skald_core::Result<skald_core::ReadPage> {
-        self.store.read(request).await
-    }
-
-    async fn stream_head(
-        &self,
-        stream: &StreamName,
-    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
-        self.store.stream_head(stream).await
-    }
-
-    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
-        self.store.info().await
-    }
-
-    async fn next_position(&self) -> skald_core::Result<u64> {
-        self.store.next_position().await
-    }
-
-    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
-        self.store.wait_for_append(known).await
-    }
-
-    fn limits(&self) -> &skald_core::Limits {
-        self.store.limits()
+        store.append(request).await
     }
 }
 
@@ -589,10 +564,12 @@ impl<S: EventStore> EventStore for Crashing<S> {
 /// another stream is an error, not a record silently skipped.
 async fn review_findings(store: &skald_storage::Store) {
     let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let losing = Crashing {
+    let losing = Faulty {
         store: store.clone(),
-        stream: "process-welcome",
-        lose: Some(lose.clone()),
+        hook: Crashing {
+            stream: "process-welcome",
+            lose: Some(lose.clone()),
+        },
     };
     register(store, 200).await;
     let mut runner = ProcessRunner::load(losing, Welcome, bank(store, None))

@@ -17,7 +17,7 @@ use skald_core::{
     AppendRequest, Category, EventData, EventStore, EventType, ExpectedRevision, Position,
     ProposedEvent, ReadSource, StreamName,
 };
-use support::{serve, store};
+use support::{Faulty, OnAppend, serve, store};
 
 /// What a transaction of the in-memory read model commits: totals, the events applied, and
 /// the checkpoint, all at once.
@@ -523,50 +523,23 @@ async fn a_lease_keeps_a_projection_without_compare_and_set_to_one_runner() {
     store.shutdown().await;
 }
 
-/// A store that makes the next append to a `lease-` stream and then loses its answer.
+/// Once armed, makes the next append to a `lease-` stream and then loses its answer.
 struct LoseOnce {
-    store: skald_storage::Store,
     armed: std::sync::atomic::AtomicBool,
 }
 
-impl EventStore for LoseOnce {
-    async fn append(&self, request: AppendRequest) -> skald_core::Result<skald_core::AppendResult> {
+impl<S: EventStore> OnAppend<S> for LoseOnce {
+    async fn append(
+        &self,
+        store: &S,
+        request: AppendRequest,
+    ) -> skald_core::Result<skald_core::AppendResult> {
         let lease = request.stream.as_str().starts_with("lease-");
-        let result = self.store.append(request).await?;
+        let result = store.append(request).await?;
         if lease && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Err(skald_core::Error::Unavailable("the answer was lost".into()));
         }
         Ok(result)
-    }
-
-    async fn read(
-        &self,
-        request: skald_core::ReadRequest,
-    ) -> skald_core::Result<skald_core::ReadPage> {
-        self.store.read(request).await
-    }
-
-    async fn stream_head(
-        &self,
-        stream: &StreamName,
-    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
-        self.store.stream_head(stream).await
-    }
-
-    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
-        self.store.info().await
-    }
-
-    async fn next_position(&self) -> skald_core::Result<u64> {
-        self.store.next_position().await
-    }
-
-    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
-        self.store.wait_for_append(known).await
-    }
-
-    fn limits(&self) -> &skald_core::Limits {
-        self.store.limits()
     }
 }
 
@@ -576,14 +549,19 @@ impl EventStore for LoseOnce {
 #[tokio::test]
 async fn a_lease_survives_a_lost_answer_and_honours_the_holders_ttl() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LoseOnce {
+    let store = Faulty {
         store: store(dir.path()),
-        armed: std::sync::atomic::AtomicBool::new(false),
+        hook: LoseOnce {
+            armed: std::sync::atomic::AtomicBool::new(false),
+        },
     };
     let mut lease = Lease::acquire(&store, "lost", "runner-a", Duration::from_secs(5))
         .await
         .unwrap();
-    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    store
+        .hook
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(
         lease.renew().await,
         Err(LeaseError::Store(skald_core::Error::Unavailable(_)))

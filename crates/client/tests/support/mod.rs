@@ -8,6 +8,60 @@ use skald_core::{
 };
 use skald_storage::{Options, Store};
 
+/// What a test store does with an append: a fault the real store cannot produce on demand (a
+/// writer slipping in first, a crash before the append, an answer lost after it).
+#[allow(dead_code)] // not every test binary injects faults
+pub trait OnAppend<S>: Send + Sync + 'static {
+    fn append(
+        &self,
+        store: &S,
+        request: AppendRequest,
+    ) -> impl std::future::Future<Output = skald_core::Result<skald_core::AppendResult>> + Send;
+}
+
+/// `store` with its appends handed to `hook`; everything else goes straight to `store`.
+#[allow(dead_code)]
+pub struct Faulty<S, H> {
+    pub store: S,
+    pub hook: H,
+}
+
+impl<S: EventStore, H: OnAppend<S>> EventStore for Faulty<S, H> {
+    async fn append(&self, request: AppendRequest) -> skald_core::Result<skald_core::AppendResult> {
+        self.hook.append(&self.store, request).await
+    }
+
+    async fn read(
+        &self,
+        request: skald_core::ReadRequest,
+    ) -> skald_core::Result<skald_core::ReadPage> {
+        self.store.read(request).await
+    }
+
+    async fn stream_head(
+        &self,
+        stream: &StreamName,
+    ) -> skald_core::Result<Option<skald_core::StreamHead>> {
+        self.store.stream_head(stream).await
+    }
+
+    async fn info(&self) -> skald_core::Result<skald_core::StoreInfo> {
+        self.store.info().await
+    }
+
+    async fn next_position(&self) -> skald_core::Result<u64> {
+        self.store.next_position().await
+    }
+
+    async fn wait_for_append(&self, known: u64) -> skald_core::Result<u64> {
+        self.store.wait_for_append(known).await
+    }
+
+    fn limits(&self) -> &skald_core::Limits {
+        self.store.limits()
+    }
+}
+
 /// Appends one event of `event_type` with JSON `data` to `stream`, at any revision.
 #[allow(dead_code)] // not every test binary appends bare events
 pub async fn append_json<S: EventStore>(store: &S, stream: &str, event_type: &str, data: &str) {
