@@ -16,6 +16,7 @@
 
 pub mod aggregate;
 mod convert;
+mod decision;
 pub mod event;
 mod follow;
 mod groups;
