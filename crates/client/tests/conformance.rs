@@ -327,6 +327,40 @@ async fn the_client_answers_every_step_as_the_embedded_store_does() {
     server.stop().await;
 }
 
+/// The same scenario on the PostgreSQL backend: directly, and through a server on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_backend_answers_every_step_as_the_embedded_store_does() {
+    let embedded_dir = tempfile::tempdir().unwrap();
+    let embedded = store(embedded_dir.path());
+    let expected = scenario(&embedded).await;
+    embedded.shutdown().await;
+
+    let cluster = support::cluster::Cluster::start();
+    let direct = support::pg_store(&cluster, "direct").await;
+    let answered = scenario(&direct).await;
+    for (i, (a, b)) in expected.iter().zip(&answered).enumerate() {
+        assert_eq!(a, b, "step {i} differs on PostgreSQL");
+    }
+    assert_eq!(expected.len(), answered.len());
+    direct.shutdown().await;
+
+    let store = Arc::new(support::pg_store(&cluster, "served").await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = support::serve_store(store, listener, Default::default()).await;
+    let client = Client::connect(&url).await.unwrap();
+    let remote = scenario(&client).await;
+    for (i, (a, b)) in expected.iter().zip(&remote).enumerate() {
+        assert_eq!(a, b, "step {i} differs through a server on PostgreSQL");
+    }
+    assert_eq!(expected.len(), remote.len());
+    assert_eq!(
+        server.store.next_position().await.unwrap(),
+        client.next_position().await.unwrap()
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn reads_and_subscriptions_stream_and_resume_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();

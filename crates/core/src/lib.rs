@@ -15,12 +15,13 @@ mod store;
 pub use error::{Error, Result};
 pub use event::{
     AppendCondition, AppendRequest, AppendResult, Clock, EventData, ExpectedRevision, Metadata,
-    ProposedEvent, RecordedEvent, Timestamp, is_json_content_type,
+    ProposedEvent, RecordedEvent, SystemClock, Timestamp, is_json_content_type,
 };
 pub use ids::{Category, EventId, EventType, Position, Revision, StreamName, Tag};
 pub use limits::Limits;
 pub use query::{Query, QueryItem};
 pub use store::{
     Direction, Durability, EventStore, MAX_READ_PAGE, MAX_READ_PAGE_BYTES, ReadPage, ReadRequest,
-    ReadSource, StoreInfo, StreamHead, first_revision_at, read_to_end, read_to_end_by,
+    ReadSource, StoreInfo, StreamHead, first_revision_at, merge_query_items, page_bytes,
+    page_is_cut, read_to_end, read_to_end_by, truncate_to_budget,
 };

@@ -149,6 +149,79 @@ pub trait EventStore: Send + Sync + 'static {
     }
 }
 
+impl ReadPage {
+    /// A page of a stream read: its events, and the revision the next page starts at when the
+    /// page is cut (full, or at the byte budget).
+    pub fn of_stream(events: Vec<RecordedEvent>, limit: usize, direction: Direction) -> Self {
+        let next = page_is_cut(&events, limit)
+            .then(|| events.last().map(|e| e.revision.0))
+            .flatten()
+            .and_then(|last| match direction {
+                Direction::Forward => Some(last + 1),
+                Direction::Backward => last.checked_sub(1),
+            });
+        Self { events, next }
+    }
+
+    /// A page of a read by position (the log, a category, a query): its events, and the
+    /// position the next page starts at when the page is cut.
+    pub fn of_positions(events: Vec<RecordedEvent>, limit: usize) -> Self {
+        let next = page_is_cut(&events, limit)
+            .then(|| events.last().map(|e| e.position.0 + 1))
+            .flatten();
+        Self { events, next }
+    }
+}
+
+/// The bytes of a page's events.
+pub fn page_bytes(events: &[RecordedEvent]) -> usize {
+    events.iter().map(RecordedEvent::size).sum()
+}
+
+/// Whether a page may have stopped before the end: it holds `limit` events, or reached
+/// [`MAX_READ_PAGE_BYTES`].
+pub fn page_is_cut(events: &[RecordedEvent], limit: usize) -> bool {
+    limit > 0
+        && !events.is_empty()
+        && (events.len() >= limit || page_bytes(events) >= MAX_READ_PAGE_BYTES)
+}
+
+/// Ends the page with the event that reaches [`MAX_READ_PAGE_BYTES`].
+pub fn truncate_to_budget(events: &mut Vec<RecordedEvent>) {
+    let mut bytes = 0;
+    if let Some(end) = events.iter().position(|e| {
+        bytes += e.size();
+        bytes >= MAX_READ_PAGE_BYTES
+    }) {
+        events.truncate(end + 1);
+    }
+}
+
+/// One page of a DCB query from the pages of its items: each item's events from the same
+/// position, in position order, at most `limit` of them and cut at the byte budget. Past the
+/// last event of an item whose page was cut, events of that item may be missing, so the page
+/// ends there; events matching several items appear once.
+pub fn merge_query_items(items: Vec<Vec<RecordedEvent>>, limit: usize) -> Vec<RecordedEvent> {
+    let mut out = Vec::new();
+    let mut complete_to: Option<u64> = None;
+    for mut found in items {
+        if page_is_cut(&found, limit)
+            && let Some(last) = found.last()
+        {
+            complete_to = Some(complete_to.map_or(last.position.0, |p| p.min(last.position.0)));
+        }
+        out.append(&mut found);
+    }
+    out.sort_unstable_by_key(|e| e.position);
+    out.dedup_by_key(|e| e.position);
+    if let Some(last) = complete_to {
+        out.retain(|e| e.position.0 <= last);
+    }
+    truncate_to_budget(&mut out);
+    out.truncate(limit);
+    out
+}
+
 /// The lowest revision of `stream` whose position is at least `position` (the stream's next
 /// revision when none is): a binary search over one-event reads, since positions grow with
 /// revisions within a stream. How a stream is read from a global position.

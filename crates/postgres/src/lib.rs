@@ -1,9 +1,10 @@
-//! Skald on PostgreSQL (issue 24; `docs/postgres.md` is the design). Built so far: the
-//! connection settings, with the password kept out of every message, and the versioned schema,
-//! created and migrated at start under a lock so that nodes starting together do not race.
-//! The `EventStore` over it comes next.
+//! Skald on PostgreSQL (issue 24; `docs/postgres.md` is the design): the connection settings,
+//! with the password kept out of every message; the versioned schema, created and migrated at
+//! start under a lock so that nodes starting together do not race; and [`PgStore`], the
+//! `EventStore` over it, which any number of nodes may open on one database.
 
 mod schema;
+mod store;
 
 use std::fmt;
 use std::str::FromStr;
@@ -12,6 +13,7 @@ use skald_core::Error;
 use tokio_postgres::config::Host;
 
 pub use schema::{SCHEMA_VERSION, migrate};
+pub use store::{PgOptions, PgStore};
 /// The PostgreSQL client this crate speaks with.
 pub use tokio_postgres;
 

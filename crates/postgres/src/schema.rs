@@ -8,19 +8,20 @@ use skald_core::Error;
 use crate::describe;
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The key of the advisory lock migrations take.
 const LOCK: &str = "skald.schema";
 
 /// The statements that take the schema from version `n - 1` to `n`, at index `n - 1`.
-const STEPS: &[&[&str]] = &[&[
-    "CREATE TABLE skald.head (
+const STEPS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE skald.head (
          id            smallint PRIMARY KEY CHECK (id = 1),
          next_position bigint NOT NULL
      )",
-    "INSERT INTO skald.head VALUES (1, 0)",
-    "CREATE TABLE skald.events (
+        "INSERT INTO skald.head VALUES (1, 0)",
+        "CREATE TABLE skald.events (
          position     bigint PRIMARY KEY,
          stream       text   NOT NULL,
          revision     bigint NOT NULL,
@@ -36,25 +37,167 @@ const STEPS: &[&[&str]] = &[&[
          append_first bigint NOT NULL,
          UNIQUE (stream, revision)
      )",
-    "CREATE INDEX events_category ON skald.events (category, position)",
-    "CREATE INDEX events_type ON skald.events (type, position)",
-    "CREATE TABLE skald.event_tags (
+        "CREATE INDEX events_category ON skald.events (category, position)",
+        "CREATE INDEX events_type ON skald.events (type, position)",
+        "CREATE TABLE skald.event_tags (
          tag      text   NOT NULL,
          position bigint NOT NULL REFERENCES skald.events (position),
          PRIMARY KEY (tag, position)
      )",
-    "CREATE TABLE skald.streams (
+        "CREATE TABLE skald.streams (
          stream        text PRIMARY KEY,
          last_revision bigint NOT NULL,
          last_position bigint NOT NULL
      )",
-    "CREATE TABLE skald.leases (
+        "CREATE TABLE skald.leases (
          name       text PRIMARY KEY,
          owner      text NOT NULL,
          fence      bigint NOT NULL,
          expires_at timestamptz NOT NULL
      )",
-]];
+    ],
+    // Version 2: the append function of docs/postgres.md ("The append function"), and the last
+    // recorded time in the head row, so that recorded times never go backwards along the log
+    // whichever node's clock wrote them.
+    &[
+        "ALTER TABLE skald.head ADD COLUMN recorded_at bigint NOT NULL DEFAULT 0",
+        APPEND_FUNCTION,
+    ],
+];
+
+/// `skald.append`: one batch of appends in one transaction, serialized by an advisory lock.
+/// Each append is one slice of the event arrays (`a_count` events each) and of the tag array
+/// (`e_tag_count` tags per event). One row per append answers it, in order: `ok` (its first
+/// position and revision), `stored` (some of its ids are stored: their positions, and nothing
+/// written), `wrong-revision` (the stream's last revision, null for no stream) or
+/// `condition-failed` (the first matching position).
+const APPEND_FUNCTION: &str = r#"
+CREATE FUNCTION skald.append(
+    p_now bigint,
+    a_stream text[], a_category text[], a_expected bigint[], a_count int[], a_condition text[],
+    e_id uuid[], e_type text[], e_content_type text[], e_data bytea[], e_metadata text[],
+    e_source text[], e_tag_count int[], t_tag text[]
+) RETURNS TABLE (kind text, at bigint, revision bigint, stored bigint[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    next_pos bigint;
+    now_us bigint;
+    ev int := 0;
+    tg int := 0;
+    ev0 int;
+    tg0 int;
+    n int;
+    last_rev bigint;
+    expected bigint;
+    cond jsonb;
+    item jsonb;
+    from_pos bigint;
+    hit bigint;
+    best bigint;
+    item_types text[];
+    item_tags text[];
+    first_rev bigint;
+    first_pos bigint;
+    tags text[];
+BEGIN
+    -- Every append transaction of every node takes this lock first, so they run one at a
+    -- time and commit in position order (docs/postgres.md, "Why no reader skips an event").
+    PERFORM pg_advisory_xact_lock(hashtext('skald.append'));
+    SELECT h.next_position, greatest(h.recorded_at, p_now) INTO next_pos, now_us
+        FROM skald.head h WHERE h.id = 1;
+    FOR i IN 1 .. coalesce(cardinality(a_stream), 0) LOOP
+        n := a_count[i];
+        ev0 := ev;
+        tg0 := tg;
+        ev := ev + n;
+        tg := tg + coalesce((SELECT sum(c) FROM unnest(e_tag_count[ev0 + 1 : ev0 + n]) c), 0);
+
+        kind := NULL; at := NULL; revision := NULL; stored := NULL;
+        SELECT array_agg(e.position ORDER BY k.ord) INTO stored
+            FROM unnest(e_id[ev0 + 1 : ev0 + n]) WITH ORDINALITY AS k(id, ord)
+            JOIN skald.events e ON e.id = k.id;
+        IF stored IS NOT NULL THEN
+            kind := 'stored';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        SELECT s.last_revision INTO last_rev FROM skald.streams s WHERE s.stream = a_stream[i];
+        IF NOT FOUND THEN
+            last_rev := NULL;
+        END IF;
+        expected := a_expected[i];
+        IF (expected = -2 AND last_rev IS NOT NULL)
+            OR (expected = -3 AND last_rev IS NULL)
+            OR (expected >= 0 AND last_rev IS DISTINCT FROM expected) THEN
+            kind := 'wrong-revision';
+            revision := last_rev;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        IF a_condition[i] IS NOT NULL THEN
+            cond := a_condition[i]::jsonb;
+            from_pos := coalesce((cond ->> 'after')::bigint + 1, 0);
+            best := NULL;
+            FOR item IN SELECT * FROM jsonb_array_elements(cond -> 'items') LOOP
+                item_types := ARRAY(SELECT jsonb_array_elements_text(item -> 'types'));
+                item_tags := ARRAY(SELECT jsonb_array_elements_text(item -> 'tags'));
+                hit := NULL;
+                -- Events of system streams ($...) never decide a condition.
+                IF cardinality(item_tags) > 0 THEN
+                    SELECT t.position INTO hit
+                        FROM skald.event_tags t JOIN skald.events e ON e.position = t.position
+                        WHERE t.tag = item_tags[1] AND t.position >= from_pos
+                          AND e.tags @> item_tags
+                          AND (cardinality(item_types) = 0 OR e.type = ANY (item_types))
+                          AND left(e.stream, 1) <> '$'
+                        ORDER BY t.position LIMIT 1;
+                ELSIF cardinality(item_types) > 0 THEN
+                    SELECT e.position INTO hit FROM skald.events e
+                        WHERE e.type = ANY (item_types) AND e.position >= from_pos
+                          AND left(e.stream, 1) <> '$'
+                        ORDER BY e.position LIMIT 1;
+                ELSE
+                    SELECT e.position INTO hit FROM skald.events e
+                        WHERE e.position >= from_pos AND left(e.stream, 1) <> '$'
+                        ORDER BY e.position LIMIT 1;
+                END IF;
+                IF hit IS NOT NULL AND (best IS NULL OR hit < best) THEN
+                    best := hit;
+                END IF;
+            END LOOP;
+            IF best IS NOT NULL THEN
+                kind := 'condition-failed';
+                at := best;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        first_rev := coalesce(last_rev + 1, 0);
+        first_pos := next_pos;
+        FOR j IN 1 .. n LOOP
+            tags := coalesce(t_tag[tg0 + 1 : tg0 + e_tag_count[ev0 + j]], '{}');
+            INSERT INTO skald.events VALUES (
+                next_pos, a_stream[i], first_rev + j - 1, a_category[i], e_id[ev0 + j],
+                e_type[ev0 + j], e_content_type[ev0 + j], e_data[ev0 + j], e_metadata[ev0 + j],
+                tags, e_source[ev0 + j], now_us, first_pos);
+            INSERT INTO skald.event_tags SELECT DISTINCT t, next_pos FROM unnest(tags) t;
+            tg0 := tg0 + e_tag_count[ev0 + j];
+            next_pos := next_pos + 1;
+        END LOOP;
+        INSERT INTO skald.streams VALUES (a_stream[i], first_rev + n - 1, next_pos - 1)
+            ON CONFLICT (stream) DO UPDATE
+            SET last_revision = excluded.last_revision, last_position = excluded.last_position;
+        kind := 'ok';
+        at := first_pos;
+        revision := first_rev;
+        RETURN NEXT;
+    END LOOP;
+    UPDATE skald.head SET next_position = next_pos, recorded_at = now_us WHERE id = 1;
+END
+$fn$"#;
 
 /// Brings the schema to [`SCHEMA_VERSION`] and returns the version it found. A schema newer
 /// than this build knows is refused with the version found, and nothing is changed.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use skald_core::{
     AppendRequest, AppendResult, Clock, Direction, Durability, Error, EventStore, Limits,
     MAX_READ_PAGE, Position, ReadPage, ReadRequest, ReadSource, Revision, StoreInfo, StreamHead,
-    StreamName, Timestamp,
+    StreamName,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -78,17 +78,8 @@ impl Default for Options {
     }
 }
 
-/// Reads the system clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        let since = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Timestamp(i64::try_from(since.as_micros()).unwrap_or(i64::MAX))
-    }
-}
+/// Reads the system clock (defined in `skald-core`, which every backend shares).
+pub use skald_core::SystemClock;
 
 /// State shared by the writer and readers.
 pub(crate) struct Shared {
@@ -372,7 +363,7 @@ impl Store {
         }
         let mut reader = RecordReader::new(self.shared.segments.snapshot());
         let events = read::decode_stream(&mut reader, stream.as_str(), &entries, view.end)?;
-        Ok(Some(stream_page(events, limit, request.direction)))
+        Ok(Some(ReadPage::of_stream(events, limit, request.direction)))
     }
 
     /// One attempt at a read. One view serves the probe for a short stream read and, when the
@@ -412,7 +403,7 @@ impl Store {
                     request.direction,
                     limit,
                 )?;
-                return Ok(stream_page(events, limit, request.direction));
+                return Ok(ReadPage::of_stream(events, limit, request.direction));
             }
             ReadSource::All(None) => {
                 let mut out = Vec::new();
@@ -427,32 +418,12 @@ impl Store {
                 read::scan_category(view, &mut reader, category.as_str(), from, limit)?
             }
         };
-        let next = read::page_is_cut(&events, limit)
-            .then(|| events.last().map(|e| e.position.0 + 1))
-            .flatten();
-        Ok(ReadPage { events, next })
+        Ok(ReadPage::of_positions(events, limit))
     }
 }
 
 /// The most records a stream read answers on the caller's task.
 const INLINE_READ_RECORDS: usize = 32;
-
-/// A page of a stream read: its events, and the revision the next page starts at when the
-/// page is full.
-fn stream_page(
-    events: Vec<skald_core::RecordedEvent>,
-    limit: usize,
-    direction: Direction,
-) -> ReadPage {
-    let next = read::page_is_cut(&events, limit)
-        .then(|| events.last().map(|e| e.revision.0))
-        .flatten()
-        .and_then(|last| match direction {
-            Direction::Forward => Some(last + 1),
-            Direction::Backward => last.checked_sub(1),
-        });
-    ReadPage { events, next }
-}
 
 impl EventStore for Store {
     async fn append(&self, request: AppendRequest) -> Result<AppendResult, Error> {

@@ -1,7 +1,10 @@
 //! Reads: by stream, category, query and over the global log, through a [`View`]. The same
 //! functions serve the writer's DCB condition check and readers.
 
-use skald_core::{Direction, Error, MAX_READ_PAGE_BYTES, Query, QueryItem, RecordedEvent};
+use skald_core::{
+    Direction, Error, MAX_READ_PAGE_BYTES, Query, QueryItem, RecordedEvent, merge_query_items,
+    page_bytes,
+};
 
 use crate::codec;
 use crate::segments::{Address, RecordReader};
@@ -195,52 +198,13 @@ pub fn scan_query(
     from: u64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, Error> {
-    let mut out = Vec::new();
-    // Past the last event of an item whose scan stopped early (full, or at the byte budget),
-    // events of that item may be missing: the page ends there.
-    let mut complete_to: Option<u64> = None;
+    let mut items = Vec::with_capacity(query.items.len());
     for item in &query.items {
         let mut found = Vec::new();
         scan_item(view, reader, item, from, limit, &mut found)?;
-        if (found.len() >= limit || page_bytes(&found) >= MAX_READ_PAGE_BYTES)
-            && let Some(last) = found.last()
-        {
-            complete_to = Some(complete_to.map_or(last.position.0, |p| p.min(last.position.0)));
-        }
-        out.append(&mut found);
+        items.push(found);
     }
-    out.sort_unstable_by_key(|e| e.position);
-    out.dedup_by_key(|e| e.position);
-    if let Some(last) = complete_to {
-        out.retain(|e| e.position.0 <= last);
-    }
-    truncate_to_budget(&mut out);
-    out.truncate(limit);
-    Ok(out)
-}
-
-/// The bytes of a page's events.
-pub fn page_bytes(events: &[RecordedEvent]) -> usize {
-    events.iter().map(RecordedEvent::size).sum()
-}
-
-/// Whether a page may have stopped before the end: it holds `limit` events, or reached the
-/// byte budget.
-pub fn page_is_cut(events: &[RecordedEvent], limit: usize) -> bool {
-    limit > 0
-        && !events.is_empty()
-        && (events.len() >= limit || page_bytes(events) >= MAX_READ_PAGE_BYTES)
-}
-
-/// Ends the page with the event that reaches the byte budget.
-fn truncate_to_budget(events: &mut Vec<RecordedEvent>) {
-    let mut bytes = 0;
-    if let Some(end) = events.iter().position(|e| {
-        bytes += e.size();
-        bytes >= MAX_READ_PAGE_BYTES
-    }) {
-        events.truncate(end + 1);
-    }
+    Ok(merge_query_items(items, limit))
 }
 
 /// The position of the first event of a user stream matching `query` from `from`: the DCB

@@ -1,7 +1,6 @@
-//! The model-based test: random sequences of appends (every kind of expected revision, DCB
-//! conditions, idempotent retries, ids reused for other events), reads of every kind, and
-//! close/reopen, run against the real store and a trivially correct in-memory model, compared
-//! after every step.
+//! The model-based test of the embedded engine (`support/model_run.rs` has the operations and
+//! the comparison; the PostgreSQL backend runs the same), with tiny segments and memtables so
+//! that sequences cross segment boundaries and reads merge redb with memtables.
 
 use std::sync::Arc;
 
@@ -10,132 +9,17 @@ use skald_core::*;
 use skald_storage::{Options, Store};
 
 mod support;
-use support::{FixedClock, ItemSpec, Model, STREAMS, TAGS, TYPES, query, same_error};
+use support::FixedClock;
+use support::model_run::{Backend, Harness, op};
 
-#[derive(Clone, Debug)]
-enum Expect {
-    Any,
-    NoStream,
-    Exists,
-    Current,
-    Off(u64),
-}
-
-#[derive(Clone, Debug)]
-enum Ids {
-    Fresh,
-    /// Resend an earlier append exactly (by index into the appends sent so far).
-    Retry(usize),
-    /// Take the id of an earlier event (by index) for a different event.
-    Reuse(usize),
-}
-
-#[derive(Clone, Debug)]
-enum Op {
-    Append {
-        stream: usize,
-        expect: Expect,
-        events: Vec<(usize, Vec<usize>)>,
-        condition: Option<(Vec<ItemSpec>, Option<u64>)>,
-        ids: Ids,
-    },
-    ReadStream {
-        stream: usize,
-        backward: bool,
-        from: Option<u64>,
-        limit: usize,
-    },
-    ReadAll {
-        from: Option<u64>,
-        limit: usize,
-    },
-    ReadCategory {
-        category: usize,
-        from: Option<u64>,
-        limit: usize,
-    },
-    ReadQuery {
-        items: Vec<ItemSpec>,
-        from: Option<u64>,
-        limit: usize,
-    },
-    Reopen,
-}
-
-fn item_spec() -> impl Strategy<Value = ItemSpec> {
-    (
-        proptest::collection::vec(0..TYPES.len(), 0..3),
-        proptest::collection::vec(0..TAGS.len(), 0..3),
-    )
-        .prop_map(|(types, tags)| ItemSpec { types, tags })
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    let expect = prop_oneof![
-        1 => Just(Expect::Any),
-        1 => Just(Expect::NoStream),
-        1 => Just(Expect::Exists),
-        3 => Just(Expect::Current),
-        1 => (0u64..6).prop_map(Expect::Off),
-    ];
-    let ids = prop_oneof![
-        6 => Just(Ids::Fresh),
-        2 => (0usize..1000).prop_map(Ids::Retry),
-        1 => (0usize..1000).prop_map(Ids::Reuse),
-    ];
-    let event = (
-        0..TYPES.len(),
-        proptest::collection::vec(0..TAGS.len(), 0..3),
-    );
-    let condition = proptest::option::weighted(
-        0.3,
-        (
-            proptest::collection::vec(item_spec(), 1..3),
-            proptest::option::of(0u64..40),
-        ),
-    );
-    let limit = prop_oneof![1usize..4, Just(100usize)];
-    prop_oneof![
-        8 => (0..STREAMS.len(), expect, proptest::collection::vec(event, 1..4), condition, ids)
-            .prop_map(|(stream, expect, events, condition, ids)| Op::Append { stream, expect, events, condition, ids }),
-        2 => (0..STREAMS.len(), any::<bool>(), proptest::option::of(0u64..8), limit.clone())
-            .prop_map(|(stream, backward, from, limit)| Op::ReadStream { stream, backward, from, limit }),
-        2 => (proptest::option::of(0u64..40), limit.clone()).prop_map(|(from, limit)| Op::ReadAll { from, limit }),
-        1 => (0usize..3, proptest::option::of(0u64..40), limit.clone())
-            .prop_map(|(category, from, limit)| Op::ReadCategory { category, from, limit }),
-        2 => (proptest::collection::vec(item_spec(), 1..3), proptest::option::of(0u64..40), limit)
-            .prop_map(|(items, from, limit)| Op::ReadQuery { items, from, limit }),
-        1 => Just(Op::Reopen),
-    ]
-}
-
-struct Harness {
-    runtime: tokio::runtime::Runtime,
+struct Embedded {
     dir: tempfile::TempDir,
-    store: Option<Store>,
-    model: Model,
-    sent: Vec<AppendRequest>,
 }
 
-impl Harness {
-    fn new() -> Self {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut h = Self {
-            runtime,
-            dir,
-            store: None,
-            model: Model::default(),
-            sent: Vec::new(),
-        };
-        h.open();
-        h
-    }
+impl Backend for Embedded {
+    type Store = Store;
 
-    fn open(&mut self) {
+    fn open(&mut self, _runtime: &tokio::runtime::Runtime) -> Store {
         let options = Options {
             data_dir: self.dir.path().to_path_buf(),
             durability: Durability::None,
@@ -146,160 +30,13 @@ impl Harness {
             memtable_events: 3,
             ..Options::default()
         };
-        let (store, _) = Store::open_with_clock(options, Arc::new(FixedClock)).unwrap();
-        self.store = Some(store);
+        Store::open_with_clock(options, Arc::new(FixedClock))
+            .unwrap()
+            .0
     }
 
-    fn store(&self) -> &Store {
-        self.store.as_ref().unwrap()
-    }
-
-    fn build_append(
-        &self,
-        stream: usize,
-        expect: &Expect,
-        events: &[(usize, Vec<usize>)],
-        condition: &Option<(Vec<ItemSpec>, Option<u64>)>,
-        ids: &Ids,
-    ) -> AppendRequest {
-        if let Ids::Retry(i) = ids
-            && !self.sent.is_empty()
-        {
-            return self.sent[i % self.sent.len()].clone();
-        }
-        let stream = StreamName::new(STREAMS[stream]).unwrap();
-        let current = self.model.last_revision(&stream);
-        let expected = match expect {
-            Expect::Any => ExpectedRevision::Any,
-            Expect::NoStream => ExpectedRevision::NoStream,
-            Expect::Exists => ExpectedRevision::StreamExists,
-            Expect::Current => current.map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact),
-            Expect::Off(r) => ExpectedRevision::Exact(Revision(*r)),
-        };
-        let mut events: Vec<ProposedEvent> = events
-            .iter()
-            .enumerate()
-            .map(|(i, (t, tags))| {
-                let mut e = ProposedEvent::new(
-                    EventType::new(TYPES[*t]).unwrap(),
-                    EventData::json(format!("{{\"n\":{i},\"at\":{}}}", self.model.log.len()))
-                        .unwrap(),
-                );
-                let mut tags: Vec<Tag> = tags.iter().map(|t| Tag::new(TAGS[*t]).unwrap()).collect();
-                tags.dedup();
-                e.tags = tags;
-                e
-            })
-            .collect();
-        if let Ids::Reuse(i) = ids
-            && !self.model.log.is_empty()
-        {
-            events[0].id = self.model.log[i % self.model.log.len()].id;
-        }
-        AppendRequest {
-            stream,
-            expected,
-            condition: condition.as_ref().map(|(items, after)| AppendCondition {
-                query: query(items),
-                after: after.map(Position),
-            }),
-            events,
-        }
-    }
-
-    fn step(&mut self, op: &Op) {
-        match op {
-            Op::Append {
-                stream,
-                expect,
-                events,
-                condition,
-                ids,
-            } => {
-                let request = self.build_append(*stream, expect, events, condition, ids);
-                let expected = self.model.append(&request);
-                let actual = self.runtime.block_on(self.store().append(request.clone()));
-                match (&expected, &actual) {
-                    (Ok(a), Ok(b)) => assert_eq!(a, b, "append {request:?}"),
-                    (Err(a), Err(b)) => {
-                        assert!(same_error(a, b), "append {request:?}: model {a}, store {b}")
-                    }
-                    _ => panic!("append {request:?}: model {expected:?}, store {actual:?}"),
-                }
-                if expected.is_ok() {
-                    self.sent.push(request);
-                }
-            }
-            Op::ReadStream {
-                stream,
-                backward,
-                from,
-                limit,
-            } => self.compare_read(ReadRequest {
-                source: ReadSource::Stream(StreamName::new(STREAMS[*stream]).unwrap()),
-                from: *from,
-                direction: if *backward {
-                    Direction::Backward
-                } else {
-                    Direction::Forward
-                },
-                limit: *limit,
-            }),
-            Op::ReadAll { from, limit } => self.compare_read(ReadRequest {
-                source: ReadSource::All(None),
-                from: *from,
-                direction: Direction::Forward,
-                limit: *limit,
-            }),
-            Op::ReadCategory {
-                category,
-                from,
-                limit,
-            } => self.compare_read(ReadRequest {
-                source: ReadSource::Category(
-                    Category::new(["order", "user", "audit"][*category]).unwrap(),
-                ),
-                from: *from,
-                direction: Direction::Forward,
-                limit: *limit,
-            }),
-            Op::ReadQuery { items, from, limit } => self.compare_read(ReadRequest {
-                source: ReadSource::Query(query(items)),
-                from: *from,
-                direction: Direction::Forward,
-                limit: *limit,
-            }),
-            Op::Reopen => {
-                let store = self.store.take().unwrap();
-                self.runtime.block_on(store.shutdown());
-                drop(store);
-                self.open();
-            }
-        }
-        // After every step: the whole log reads back exactly as the model has it.
-        self.compare_read(ReadRequest {
-            source: ReadSource::All(None),
-            from: None,
-            direction: Direction::Forward,
-            limit: MAX_READ_PAGE,
-        });
-        for stream in STREAMS {
-            let stream = StreamName::new(stream).unwrap();
-            let head = self
-                .runtime
-                .block_on(self.store().stream_head(&stream))
-                .unwrap();
-            assert_eq!(head.map(|h| h.revision), self.model.last_revision(&stream));
-        }
-    }
-
-    fn compare_read(&self, request: ReadRequest) {
-        let expected = self.model.read(&request);
-        let actual = self
-            .runtime
-            .block_on(self.store().read(request.clone()))
-            .unwrap();
-        assert_eq!(expected, actual, "read {request:?}");
+    fn close(&mut self, runtime: &tokio::runtime::Runtime, store: Store) {
+        runtime.block_on(store.shutdown());
     }
 }
 
@@ -308,11 +45,11 @@ proptest! {
 
     #[test]
     fn the_store_behaves_like_the_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let mut h = Harness::new();
-        for op in &ops {
-            h.step(op);
-        }
-        let store = h.store.take().unwrap();
-        h.runtime.block_on(store.shutdown());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let backend = Embedded { dir: tempfile::tempdir().unwrap() };
+        Harness::new(runtime, backend).run(&ops);
     }
 }

@@ -90,6 +90,44 @@ pub fn store(dir: &std::path::Path) -> Store {
     .0
 }
 
+/// A store a server can stop with: each backend's shutdown.
+pub trait Backend: EventStore {
+    fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Backend for Store {
+    fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send {
+        Store::shutdown(self)
+    }
+}
+
+impl Backend for skald_postgres::PgStore {
+    fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send {
+        skald_postgres::PgStore::shutdown(self)
+    }
+}
+
+/// A throwaway PostgreSQL, for the tests that run against that backend too.
+#[path = "../../../postgres/tests/support/mod.rs"]
+pub mod cluster;
+
+/// A [`skald_postgres::PgStore`] on a new database `name` of `cluster`, without waiting for
+/// commits to reach the disk (tests only).
+#[allow(dead_code)]
+pub async fn pg_store(cluster: &cluster::Cluster, name: &str) -> skald_postgres::PgStore {
+    use skald_postgres::{PgOptions, PgStore, PgUrl, connect};
+    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let mut options = PgOptions::new(PgUrl::parse(&cluster.url(name)).unwrap());
+    options.durability = Durability::None;
+    PgStore::open(options).await.unwrap()
+}
+
 /// A server over a store in `dir`, on `listener`; returns a handle that stops it.
 pub async fn serve(dir: &std::path::Path, listener: tokio::net::TcpListener) -> Running {
     serve_with(dir, listener, skald_server::HttpConfig::default()).await
@@ -101,8 +139,16 @@ pub async fn serve_with(
     listener: tokio::net::TcpListener,
     config: skald_server::HttpConfig,
 ) -> Running {
-    let store = store(dir);
-    let hub = skald_server::Hub::start(Arc::new(store.clone()), Default::default());
+    serve_store(Arc::new(store(dir)), listener, config).await
+}
+
+/// A server over `store`, on `listener`, with `config` for its HTTP and gRPC settings.
+pub async fn serve_store<S: Backend>(
+    store: Arc<S>,
+    listener: tokio::net::TcpListener,
+    config: skald_server::HttpConfig,
+) -> Running<S> {
+    let hub = skald_server::Hub::start(Arc::clone(&store), Default::default());
     let groups = skald_server::Groups::start(hub.clone()).await.unwrap();
     let sagas = skald_server::Sagas::start(
         hub.clone(),
@@ -131,14 +177,14 @@ pub async fn serve_with(
 }
 
 /// A running server; `store` is the store it serves.
-pub struct Running {
-    pub store: Store,
-    hub: skald_server::Hub<Store>,
+pub struct Running<S: Backend = Store> {
+    pub store: Arc<S>,
+    hub: skald_server::Hub<S>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Running {
+impl<S: Backend> Running<S> {
     pub async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.unwrap();

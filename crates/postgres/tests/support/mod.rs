@@ -2,12 +2,15 @@
 //! (PostgreSQL refuses root) in a temporary directory, listening only on a Unix socket there.
 //! Dropping it stops that cluster, by its data directory, and nothing else.
 
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub struct Cluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
+    options: String,
 }
 
 /// The binaries of the newest PostgreSQL installed from Debian's packages.
@@ -78,22 +81,40 @@ impl Cluster {
             "-k {} -c listen_addresses='' -c fsync=off -c max_connections=50",
             sock.display()
         );
+        let cluster = Self { dir, bin, options };
+        cluster.resume();
+        cluster
+    }
+
+    /// Starts the stopped cluster again, on the same socket.
+    pub fn resume(&self) {
+        let data = self.dir.path().join("data");
         let log = data.join("log");
         as_postgres(
-            &bin,
+            &self.bin,
             "pg_ctl",
             &[
                 "-D",
                 data.to_str().unwrap(),
                 "-o",
-                &options,
+                &self.options,
                 "-l",
                 log.to_str().unwrap(),
                 "-w",
                 "start",
             ],
         );
-        Self { dir, bin }
+    }
+
+    /// Stops the cluster as an operator's restart does (`-m fast`: sessions are ended, what
+    /// was committed stays).
+    pub fn stop(&self) {
+        let data = self.dir.path().join("data");
+        as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
     }
 
     /// A connection string for `database` over the cluster's socket.

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod model_run;
+
 use skald_core::*;
 
 pub struct FixedClock;

@@ -1,0 +1,300 @@
+//! Several nodes on one PostgreSQL: concurrent appends to the same streams through all of
+//! them (for each expected revision exactly one wins; positions and revisions stay dense), a
+//! follower on another node that sees every event once and in order, a retry on another node
+//! answered with the first result, and a database that restarts under a node.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use skald_core::*;
+use skald_postgres::{PgOptions, PgStore, PgUrl, connect};
+
+mod support;
+use support::Cluster;
+
+async fn database(cluster: &Cluster, name: &str) -> PgUrl {
+    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    PgUrl::parse(&cluster.url(name)).unwrap()
+}
+
+async fn node(url: &PgUrl) -> PgStore {
+    let mut options = PgOptions::new(url.clone());
+    options.timeout = Duration::from_secs(2);
+    options.poll = Duration::from_millis(50);
+    PgStore::open(options).await.unwrap()
+}
+
+fn event(n: usize) -> ProposedEvent {
+    let mut e = ProposedEvent::new(
+        EventType::new("Counted").unwrap(),
+        EventData::json(format!("{{\"n\":{n}}}")).unwrap(),
+    );
+    e.tags = vec![Tag::new(format!("n:{}", n % 7)).unwrap()];
+    e
+}
+
+async fn read_all<S: EventStore>(store: &S) -> Vec<RecordedEvent> {
+    let mut all = Vec::new();
+    read_to_end(store, ReadSource::All(None), |e| all.push(e.clone()))
+        .await
+        .unwrap();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_append_to_the_same_streams_and_a_follower_misses_nothing() {
+    let cluster = Cluster::start();
+    let url = database(&cluster, "nodes").await;
+    let nodes = Arc::new([node(&url).await, node(&url).await, node(&url).await]);
+
+    // A follower on the third node: waits for the head, reads from where it is. Positions
+    // must come one after the other, with no gap and nothing twice.
+    let follower = {
+        let nodes = Arc::clone(&nodes);
+        tokio::spawn(async move {
+            let store = &nodes[2];
+            let mut seen: Vec<RecordedEvent> = Vec::new();
+            let mut next = 0;
+            while next < 600 {
+                store.wait_for_append(next).await.unwrap();
+                let page = store
+                    .read(ReadRequest {
+                        source: ReadSource::All(None),
+                        from: Some(next),
+                        direction: Direction::Forward,
+                        limit: 100,
+                    })
+                    .await
+                    .unwrap();
+                for e in page.events {
+                    assert_eq!(e.position.0, next, "the follower skipped or repeated");
+                    next += 1;
+                    seen.push(e);
+                }
+            }
+            seen
+        })
+    };
+
+    // Twelve writers, four per node, on five streams: each reads the stream's head and
+    // appends three events expecting it.
+    let mut writers = Vec::new();
+    for w in 0..12usize {
+        let nodes = Arc::clone(&nodes);
+        writers.push(tokio::spawn(async move {
+            let store = &nodes[w % 3];
+            let mut won = Vec::new();
+            let mut lost = 0;
+            let mut n = 0;
+            while won.len() < 50 / 3 + 1 && n < 2000 {
+                n += 1;
+                let stream = StreamName::new(format!("counter-{}", (w + n) % 5)).unwrap();
+                let head = store.stream_head(&stream).await.unwrap();
+                let expected = head.map_or(ExpectedRevision::NoStream, |h| {
+                    ExpectedRevision::Exact(h.revision)
+                });
+                let request = AppendRequest {
+                    stream: stream.clone(),
+                    expected,
+                    condition: None,
+                    events: (0..3).map(|i| event(w * 10_000 + n * 3 + i)).collect(),
+                };
+                match store.append(request).await {
+                    Ok(result) => won.push((stream, result)),
+                    Err(Error::WrongExpectedRevision { actual, .. }) => {
+                        let actual = actual.expect("the stream exists once someone lost to it");
+                        if let ExpectedRevision::Exact(r) = expected {
+                            assert!(actual > r, "a loser is shown a newer revision");
+                        }
+                        lost += 1;
+                    }
+                    Err(e) => panic!("writer {w}: {e}"),
+                }
+            }
+            (won, lost)
+        }));
+    }
+    let mut won = Vec::new();
+    let mut lost = 0;
+    for writer in writers {
+        let (w, l) = writer.await.unwrap();
+        won.extend(w);
+        lost += l;
+    }
+    let total: u64 = won.len() as u64 * 3;
+    assert!(total >= 600, "the writers appended {total} events");
+    assert!(
+        lost > 0,
+        "the writers never contended; the test proves nothing"
+    );
+
+    // For each stream and revision exactly one append won.
+    let mut claimed = HashSet::new();
+    for (stream, result) in &won {
+        for r in result.first_revision.0..=result.last_revision.0 {
+            assert!(
+                claimed.insert((stream.clone(), r)),
+                "{stream} {r} won twice"
+            );
+        }
+    }
+    // The log is dense, in commit order, and each stream's revisions are dense from 0.
+    for store in nodes.iter() {
+        let all = read_all(store).await;
+        assert_eq!(all.len() as u64, total);
+        let mut revisions: BTreeMap<StreamName, u64> = BTreeMap::new();
+        for (i, e) in all.iter().enumerate() {
+            assert_eq!(e.position.0, i as u64);
+            let r = revisions.entry(e.stream.clone()).or_insert(0);
+            assert_eq!(e.revision.0, *r, "{} revisions have a hole", e.stream);
+            *r += 1;
+        }
+        assert_eq!(store.next_position().await.unwrap(), total);
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(30), follower)
+        .await
+        .expect("the follower sees the head within 30 s")
+        .unwrap();
+    let all = read_all(&nodes[0]).await;
+    assert_eq!(seen[..], all[..600]);
+    for store in nodes.iter() {
+        store.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_another_node_gets_the_first_result() {
+    let cluster = Cluster::start();
+    let url = database(&cluster, "retry").await;
+    let (a, b) = (node(&url).await, node(&url).await);
+    let request = AppendRequest {
+        stream: StreamName::new("order-1").unwrap(),
+        expected: ExpectedRevision::NoStream,
+        condition: None,
+        events: vec![event(1), event(2)],
+    };
+    let first = a.append(request.clone()).await.unwrap();
+    let again = b.append(request.clone()).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        (again.first_position, again.last_revision),
+        (first.first_position, first.last_revision)
+    );
+    // The same id for another event is refused, naming where the id is.
+    let mut other = request.clone();
+    other.events[0].data = EventData::json("{\"n\":99}").unwrap();
+    match b.append(other).await {
+        Err(Error::IdReused {
+            position, reason, ..
+        }) => {
+            assert_eq!(position, first.first_position);
+            assert!(reason.contains("data differs"), "{reason}");
+        }
+        other => panic!("expected IdReused, got {other:?}"),
+    }
+    // A DCB condition on one node sees what another wrote.
+    let condition = AppendRequest {
+        stream: StreamName::new("order-2").unwrap(),
+        expected: ExpectedRevision::Any,
+        condition: Some(AppendCondition {
+            query: Query::new(vec![QueryItem {
+                types: vec![],
+                tags: vec![Tag::new("n:2").unwrap()],
+            }])
+            .unwrap(),
+            after: None,
+        }),
+        events: vec![event(3)],
+    };
+    assert_eq!(
+        b.append(condition).await,
+        Err(Error::ConditionFailed {
+            position: Position(1)
+        })
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_gives_unavailable_then_the_node_reconnects() {
+    let cluster = Cluster::start();
+    let url = database(&cluster, "restart").await;
+    let store = node(&url).await;
+    let append = |n| AppendRequest {
+        stream: StreamName::new("order-1").unwrap(),
+        expected: ExpectedRevision::Any,
+        condition: None,
+        events: vec![event(n)],
+    };
+    store.append(append(1)).await.unwrap();
+
+    cluster.stop();
+    let started = Instant::now();
+    match store.append(append(2)).await {
+        Err(Error::Unavailable(reason)) => assert!(reason.contains("PostgreSQL"), "{reason}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the append hung for {:?}",
+        started.elapsed()
+    );
+    match store
+        .read(ReadRequest {
+            source: ReadSource::All(None),
+            from: None,
+            direction: Direction::Forward,
+            limit: 10,
+        })
+        .await
+    {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // The tailer, which reads the head every poll, finds the database gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reason = loop {
+        match store.readiness() {
+            Err(reason) => break reason,
+            Ok(()) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(()) => panic!("still ready 5 s after the database stopped"),
+        }
+    };
+    assert!(reason.contains("PostgreSQL at postgres://"), "{reason}");
+
+    cluster.resume();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let result = loop {
+        match store.append(append(3)).await {
+            Ok(result) => break result,
+            Err(Error::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("after the restart: {e}"),
+        }
+    };
+    assert_eq!(
+        result.first_position,
+        Position(1),
+        "the append refused did not land"
+    );
+    let all = read_all(&store).await;
+    assert_eq!(all.len(), 2);
+    // Ready again once the tailer is back, whether or not anything is read.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.readiness().is_err() {
+        assert!(Instant::now() < deadline, "{:?}", store.readiness());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.shutdown().await;
+}
