@@ -41,10 +41,28 @@ pub struct FileConfig {
     pub rate_limit: skald_security::RateLimitConfig,
 }
 
-/// Engine tuning in the `[storage]` table.
+/// Which engine stores the events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded engine, in `data_dir`.
+    #[default]
+    Embedded,
+    /// PostgreSQL at `postgres_url` (docs/postgres.md).
+    Postgres,
+}
+
+/// The `[storage]` table: the backend, and its tuning.
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
+    pub backend: StoreBackend,
+    /// `postgres://user@host:port/database` when `backend = "postgres"`.
+    pub postgres_url: Option<String>,
+    /// The deadline of every PostgreSQL call, in milliseconds.
+    pub postgres_timeout_ms: u64,
+    /// Connections each node opens for reads.
+    pub postgres_readers: usize,
     pub segment_bytes: u64,
     pub write_queue_capacity: usize,
     pub max_batch_events: usize,
@@ -56,6 +74,10 @@ impl Default for StorageConfig {
     fn default() -> Self {
         let o = skald_storage::Options::default();
         Self {
+            backend: StoreBackend::Embedded,
+            postgres_url: None,
+            postgres_timeout_ms: 5000,
+            postgres_readers: 4,
             segment_bytes: o.segment_bytes,
             write_queue_capacity: o.write_queue_capacity,
             max_batch_events: o.max_batch_events,
@@ -78,7 +100,11 @@ impl FileConfig {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub http: HttpConfig,
+    /// The embedded engine's settings; with PostgreSQL, `data_dir` still holds the initial
+    /// admin key's file.
     pub storage: skald_storage::Options,
+    /// Set when the events are in PostgreSQL instead.
+    pub postgres: Option<skald_postgres::PgOptions>,
     pub sagas: skald_server::SagaOptions,
     pub tls: Option<skald_security::TlsConfig>,
     pub auth: skald_security::AuthConfig,
@@ -93,6 +119,7 @@ pub fn merge(
     flag_listen: Option<String>,
     flag_durability: Option<Durability>,
     flag_insecure: bool,
+    flag_store: Option<String>,
 ) -> anyhow::Result<ServeConfig> {
     let listen_text = flag_listen
         .or(file.listen)
@@ -146,7 +173,45 @@ pub fn merge(
     }
     skald_saga::egress::Egress::new(&sagas.egress)
         .map_err(|e| anyhow::anyhow!("config [sagas.egress] {e}"))?;
+    let durability = flag_durability.or(file.durability).unwrap_or_default();
+    let postgres_url = match (flag_store, s.backend, s.postgres_url) {
+        (Some(url), _, _) => Some(url),
+        (None, StoreBackend::Postgres, Some(url)) => Some(url),
+        (None, StoreBackend::Postgres, None) => anyhow::bail!(
+            "config [storage]: backend = \"postgres\" needs postgres_url = \"postgres://user@host/db\" \
+             (or --store / SKALD_STORE)"
+        ),
+        (None, StoreBackend::Embedded, Some(_)) => anyhow::bail!(
+            "config [storage]: postgres_url is set but backend is \"embedded\": add \
+             backend = \"postgres\" to use it, or remove postgres_url"
+        ),
+        (None, StoreBackend::Embedded, None) => None,
+    };
+    let postgres = match postgres_url {
+        None => None,
+        Some(url) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                anyhow::bail!(
+                    "the store must be a postgres:// URL, such as postgres://skald@db.internal/skald \
+                     (the embedded engine is the default, chosen by --data-dir)"
+                );
+            }
+            if s.postgres_timeout_ms == 0 || s.postgres_readers == 0 {
+                anyhow::bail!(
+                    "config [storage]: postgres_timeout_ms and postgres_readers must be at least 1"
+                );
+            }
+            let url = skald_postgres::PgUrl::parse(&url).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut options = skald_postgres::PgOptions::new(url);
+            options.durability = durability;
+            options.limits = file.limits.clone();
+            options.timeout = Duration::from_millis(s.postgres_timeout_ms);
+            options.readers = s.postgres_readers;
+            Some(options)
+        }
+    };
     Ok(ServeConfig {
+        postgres,
         listen,
         sagas,
         tls: file.tls,
@@ -157,7 +222,7 @@ pub fn merge(
             data_dir: flag_data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("skald-data")),
-            durability: flag_durability.or(file.durability).unwrap_or_default(),
+            durability,
             limits: file.limits,
             segment_bytes: s.segment_bytes,
             write_queue_capacity: s.write_queue_capacity,
@@ -179,7 +244,7 @@ mod tests {
             "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:9000\"\n[limits]\nmax_events_per_append = 5\n",
         )
         .unwrap();
-        let c = merge(file, Some("/from/flag".into()), None, None, false).unwrap();
+        let c = merge(file, Some("/from/flag".into()), None, None, false, None).unwrap();
         assert_eq!(c.storage.data_dir, PathBuf::from("/from/flag"));
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.storage.limits.max_events_per_append, 5);
@@ -196,7 +261,7 @@ mod tests {
         let end = start + readme[start..].find("```").expect("closed");
         let file: FileConfig = toml::from_str(&readme[start..end]).unwrap();
         let sagas = file.sagas.clone();
-        let c = merge(file, None, None, None, false).unwrap();
+        let c = merge(file, None, None, None, false, None).unwrap();
         assert_eq!(c.sagas, skald_server::SagaOptions::default());
         assert_eq!(sagas.breaker.open_for, Duration::from_secs(10));
         assert_eq!(c.storage.limits, Limits::default());
@@ -205,7 +270,7 @@ mod tests {
             .to_string();
         assert!(err.contains("not a duration"), "{err}");
         let zero: FileConfig = toml::from_str("[sagas]\nmax_running = 0\n").unwrap();
-        let err = merge(zero, None, None, None, false)
+        let err = merge(zero, None, None, None, false, None)
             .err()
             .unwrap()
             .to_string();
@@ -228,13 +293,14 @@ mod tests {
             Some("localhost".into()),
             None,
             false,
+            None,
         )
         .err()
         .unwrap()
         .to_string();
         assert!(err.contains("IP:PORT"), "{err}");
         let file: FileConfig = toml::from_str("[limits]\nmax_stream_name_bytes = 0\n").unwrap();
-        assert!(merge(file, None, None, None, false).is_err());
+        assert!(merge(file, None, None, None, false, None).is_err());
         // Beyond loopback, no authentication is refused unless insecure is asked for.
         let open = || {
             merge(
@@ -243,6 +309,7 @@ mod tests {
                 Some("0.0.0.0:7340".into()),
                 None,
                 false,
+                None,
             )
         };
         let err = open().err().unwrap().to_string();
@@ -256,16 +323,17 @@ mod tests {
                 None,
                 Some("0.0.0.0:7340".into()),
                 None,
-                true
+                true,
+                None
             )
             .is_ok()
         );
         let keys: FileConfig = toml::from_str("[auth]\napi_keys = true\n").unwrap();
-        assert!(merge(keys, None, Some("0.0.0.0:7340".into()), None, false).is_ok());
+        assert!(merge(keys, None, Some("0.0.0.0:7340".into()), None, false, None).is_ok());
         // A file that parses but does not merge: the error.
         let refused = |text: &str| {
             let file: FileConfig = toml::from_str(text).unwrap();
-            merge(file, None, None, None, false)
+            merge(file, None, None, None, false, None)
                 .err()
                 .unwrap()
                 .to_string()
@@ -278,5 +346,61 @@ mod tests {
         );
         let err = refused("[rate_limit]\nper_address = { rate = 0, burst = 1 }\n");
         assert!(err.contains("per_address"), "{err}");
+        let err = refused("[storage]\nbackend = \"postgres\"\n");
+        assert!(err.contains("needs postgres_url"), "{err}");
+        let err = refused("[storage]\npostgres_url = \"postgres://a@b/c\"\n");
+        assert!(err.contains("backend = \"postgres\""), "{err}");
+        let err = refused("[storage]\nbackend = \"postgres\"\npostgres_url = \"mysql://a@b/c\"\n");
+        assert!(err.contains("postgres:// URL"), "{err}");
+        // The password of a URL that does not parse is not repeated.
+        let err = merge(
+            FileConfig::default(),
+            None,
+            None,
+            None,
+            false,
+            Some("postgres://ada:s3cret@db:notaport/skald".into()),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("does not parse") && !err.contains("s3cret"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_store_flag_chooses_postgres_over_the_file() {
+        let file: FileConfig = toml::from_str(
+            "durability = \"none\"\n[storage]\npostgres_timeout_ms = 900\npostgres_readers = 2\n",
+        )
+        .unwrap();
+        let c = merge(
+            file,
+            None,
+            None,
+            None,
+            false,
+            Some("postgres://ada:pw@db.internal:5433/skald".into()),
+        )
+        .unwrap();
+        let pg = c.postgres.expect("postgres chosen");
+        assert_eq!(pg.url.to_string(), "postgres://ada@db.internal:5433/skald");
+        assert_eq!(pg.timeout, Duration::from_millis(900));
+        assert_eq!(pg.readers, 2);
+        assert_eq!(pg.durability, Durability::None);
+        let file: FileConfig = toml::from_str(
+            "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://a@b/c\"\n",
+        )
+        .unwrap();
+        let c = merge(file, None, None, None, false, None).unwrap();
+        assert_eq!(c.postgres.unwrap().url.to_string(), "postgres://a@b:5432/c");
+        assert!(
+            merge(FileConfig::default(), None, None, None, false, None)
+                .unwrap()
+                .postgres
+                .is_none()
+        );
     }
 }

@@ -51,6 +51,10 @@ enum Command {
         /// Listen beyond loopback even with authentication off (a trusted network only).
         #[arg(long, env = "SKALD_INSECURE")]
         insecure: bool,
+        /// Keep the events in PostgreSQL: postgres://user@host:port/database (docs/postgres.md).
+        /// Any number of nodes may serve one database.
+        #[arg(long, env = "SKALD_STORE")]
+        store: Option<String>,
     },
     /// Append one event (or a whole append body) to a stream on a running server.
     Append {
@@ -217,6 +221,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             durability,
             config,
             insecure,
+            store,
         } => {
             let file = match &config {
                 Some(path) => config::FileConfig::load(path)?,
@@ -228,6 +233,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 listen,
                 durability.map(Durability::from),
                 insecure,
+                store,
             )?;
             logging::init()?;
             serve::run(merged).await

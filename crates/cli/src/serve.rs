@@ -1,10 +1,13 @@
-//! `skald serve`: open the store, serve the HTTP API, shut down gracefully on SIGINT/SIGTERM.
+//! `skald serve`: open the store (embedded, or PostgreSQL), serve the HTTP API, shut down
+//! gracefully on SIGINT/SIGTERM.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use skald_core::Durability;
+use skald_core::{Durability, EventStore};
+use skald_postgres::PgStore;
 use skald_storage::Store;
 
 use crate::config::ServeConfig;
@@ -13,7 +16,7 @@ use crate::config::ServeConfig;
 /// runs again after the restart (steps run at least once).
 const SAGA_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
     let traces = skald_telemetry::Config::from_env(|name| std::env::var(name).ok())
         .map_err(|e| anyhow::anyhow!("traces: {e}"))?;
     if let Some(traces) = traces {
@@ -25,12 +28,60 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         skald_telemetry::install(traces);
     }
     let data_dir = config.storage.data_dir.clone();
-    let durability = config.storage.durability;
-    let (store, report) = Store::open(config.storage)
+    let durability = config
+        .postgres
+        .as_ref()
+        .map_or(config.storage.durability, |p| p.durability);
+    if let Some(options) = config.postgres.clone() {
+        let shown = options.url.to_string();
+        let store = PgStore::open(options)
+            .await
+            .with_context(|| format!("cannot open the store in PostgreSQL at {shown}"))?;
+        return serve_on(
+            Arc::new(store),
+            format!("store: {shown}"),
+            durability,
+            data_dir,
+            config,
+        )
+        .await;
+    }
+    let storage = std::mem::take(&mut config.storage);
+    let (store, report) = Store::open(storage)
         .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
     for note in &report.notes {
         tracing::warn!(note = %note, "recovery repaired the store");
     }
+    let shown = format!("data: {}", data_dir.display());
+    serve_on(Arc::new(store), shown, durability, data_dir, config).await
+}
+
+/// A store `serve` can stop: each backend's shutdown, after the server has stopped.
+trait Served: EventStore {
+    fn stop(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Served for Store {
+    fn stop(&self) -> impl std::future::Future<Output = ()> + Send {
+        self.shutdown()
+    }
+}
+
+impl Served for PgStore {
+    fn stop(&self) -> impl std::future::Future<Output = ()> + Send {
+        self.shutdown()
+    }
+}
+
+/// Serves `store` (shown as `shown` in the first line) until SIGINT or SIGTERM. `data_dir`
+/// receives the initial admin key's file.
+async fn serve_on<S: Served>(
+    store_arc: Arc<S>,
+    shown: String,
+    durability: Durability,
+    data_dir: PathBuf,
+    config: ServeConfig,
+) -> anyhow::Result<()> {
     let tls = match &config.tls {
         Some(tls) => Some(
             skald_security::TlsSource::new(tls.clone())
@@ -48,7 +99,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
              crash of the machine loses them. Use it for tests and benchmarks only."
         );
     }
-    let store_arc = Arc::new(store.clone());
     let security = skald_security::Security::start(
         Arc::clone(&store_arc),
         config.auth.clone(),
@@ -76,14 +126,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     let scheme = if tls.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to find the port when listening on port 0.
+    let events = store_arc
+        .next_position()
+        .await
+        .context("cannot read the store's head")?;
     println!(
-        "skald {} listening on {scheme}://{addr} (data: {}, durability: {durability}, events: {})",
+        "skald {} listening on {scheme}://{addr} ({shown}, durability: {durability}, events: {events})",
         skald_server::VERSION,
-        data_dir.display(),
-        store.head()
     );
     std::io::stdout().flush()?;
-    let hub = skald_server::Hub::start(store_arc, Default::default());
+    let hub = skald_server::Hub::start(Arc::clone(&store_arc), Default::default());
     let groups = skald_server::Groups::start(hub.clone())
         .await
         .context("cannot start the persistent subscriptions")?;
@@ -108,7 +160,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // writer stops after what it has queued.
     groups.stopped().await;
     sagas.stopped(SAGA_GRACE).await;
-    store.shutdown().await;
+    store_arc.stop().await;
     skald_telemetry::flush(std::time::Duration::from_secs(5)).await;
     tracing::info!("stopped cleanly");
     Ok(())

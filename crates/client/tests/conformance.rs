@@ -16,6 +16,32 @@ use skald_core::{
 
 mod support;
 
+impl support::Backend for skald_postgres::PgStore {
+    fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send {
+        skald_postgres::PgStore::shutdown(self)
+    }
+}
+
+/// A throwaway PostgreSQL, for the scenario on that backend.
+#[path = "../../postgres/tests/support/mod.rs"]
+mod cluster;
+
+/// A [`skald_postgres::PgStore`] on a new database `name` of `cluster`, without waiting for
+/// commits to reach the disk (tests only).
+async fn pg_store(cluster: &cluster::Cluster, name: &str) -> skald_postgres::PgStore {
+    use skald_postgres::{PgOptions, PgStore, PgUrl, connect};
+    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let mut options = PgOptions::new(PgUrl::parse(&cluster.url(name)).unwrap());
+    options.durability = skald_core::Durability::None;
+    PgStore::open(options).await.unwrap()
+}
+
 use support::{serve, store};
 
 fn id(n: u128) -> EventId {
@@ -335,8 +361,8 @@ async fn the_postgres_backend_answers_every_step_as_the_embedded_store_does() {
     let expected = scenario(&embedded).await;
     embedded.shutdown().await;
 
-    let cluster = support::cluster::Cluster::start();
-    let direct = support::pg_store(&cluster, "direct").await;
+    let cluster = cluster::Cluster::start();
+    let direct = pg_store(&cluster, "direct").await;
     let answered = scenario(&direct).await;
     for (i, (a, b)) in expected.iter().zip(&answered).enumerate() {
         assert_eq!(a, b, "step {i} differs on PostgreSQL");
@@ -344,7 +370,7 @@ async fn the_postgres_backend_answers_every_step_as_the_embedded_store_does() {
     assert_eq!(expected.len(), answered.len());
     direct.shutdown().await;
 
-    let store = Arc::new(support::pg_store(&cluster, "served").await);
+    let store = Arc::new(pg_store(&cluster, "served").await);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = support::serve_store(store, listener, Default::default()).await;

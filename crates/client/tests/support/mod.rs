@@ -101,33 +101,6 @@ impl Backend for Store {
     }
 }
 
-impl Backend for skald_postgres::PgStore {
-    fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send {
-        skald_postgres::PgStore::shutdown(self)
-    }
-}
-
-/// A throwaway PostgreSQL, for the tests that run against that backend too.
-#[path = "../../../postgres/tests/support/mod.rs"]
-pub mod cluster;
-
-/// A [`skald_postgres::PgStore`] on a new database `name` of `cluster`, without waiting for
-/// commits to reach the disk (tests only).
-#[allow(dead_code)]
-pub async fn pg_store(cluster: &cluster::Cluster, name: &str) -> skald_postgres::PgStore {
-    use skald_postgres::{PgOptions, PgStore, PgUrl, connect};
-    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let mut options = PgOptions::new(PgUrl::parse(&cluster.url(name)).unwrap());
-    options.durability = Durability::None;
-    PgStore::open(options).await.unwrap()
-}
-
 /// A server over a store in `dir`, on `listener`; returns a handle that stops it.
 pub async fn serve(dir: &std::path::Path, listener: tokio::net::TcpListener) -> Running {
     serve_with(dir, listener, skald_server::HttpConfig::default()).await

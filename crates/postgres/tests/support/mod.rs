@@ -117,6 +117,16 @@ impl Cluster {
         );
     }
 
+    /// A `postgres://` URL for `database` over the cluster's socket (the socket's directory
+    /// percent-encoded as the host), as `skald serve --store` takes it.
+    pub fn postgres_url(&self, database: &str) -> String {
+        let socket = self.dir.path().join("sock").display().to_string();
+        format!(
+            "postgres://postgres@{}/{database}",
+            socket.replace('/', "%2F")
+        )
+    }
+
     /// A connection string for `database` over the cluster's socket.
     pub fn url(&self, database: &str) -> String {
         format!(
