@@ -53,6 +53,9 @@ impl PgOptions {
     }
 }
 
+/// Where [`PgStore::explain`] collects plans; `None` runs the statements.
+type Plans<'a> = Option<&'a Mutex<Vec<String>>>;
+
 /// Most appends one call of `skald.append` takes.
 const MAX_BATCH_APPENDS: usize = 256;
 /// About the most event bytes one call takes (a batch always takes its first append).
@@ -218,15 +221,32 @@ impl PgStore {
         .await
     }
 
+    /// The events `sql` selects; with `plans`, the query plan instead, added to it.
     async fn events(
         &self,
+        plans: Plans<'_>,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<RecordedEvent>, Error> {
+        if let Some(plans) = plans {
+            let rows = self.rows(&format!("EXPLAIN {sql}"), params).await?;
+            let plan: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            plans.lock().expect("plans lock").push(plan.join("\n"));
+            return Ok(Vec::new());
+        }
         self.rows(sql, params).await?.iter().map(event_of).collect()
     }
 
-    async fn read_page(&self, request: &ReadRequest) -> Result<ReadPage, Error> {
+    /// The query plans PostgreSQL chooses for the statements `request` runs (each plan as
+    /// text), instead of running them: for the test that checks reads use indexes.
+    #[doc(hidden)]
+    pub async fn explain(&self, request: ReadRequest) -> Result<Vec<String>, Error> {
+        let plans = Mutex::new(Vec::new());
+        self.read_page(Some(&plans), &request).await?;
+        Ok(plans.into_inner().expect("plans lock"))
+    }
+
+    async fn read_page(&self, plans: Plans<'_>, request: &ReadRequest) -> Result<ReadPage, Error> {
         let limit = request.limit.min(MAX_READ_PAGE);
         if request.direction == Direction::Backward
             && !matches!(request.source, ReadSource::Stream(_))
@@ -252,24 +272,25 @@ impl PgStore {
                     _ => from,
                 };
                 let mut events = self
-                    .events(&paged(filter, order), &[&stream.as_str(), &from, &n])
+                    .events(plans, &paged(filter, order), &[&stream.as_str(), &from, &n])
                     .await?;
                 truncate_to_budget(&mut events);
                 return Ok(ReadPage::of_stream(events, limit, request.direction));
             }
             ReadSource::All(None) => {
-                self.events(&paged("position >= $1", "position"), &[&from, &n])
+                self.events(plans, &paged("position >= $1", "position"), &[&from, &n])
                     .await?
             }
             ReadSource::Category(category) => {
                 self.events(
+                    plans,
                     &paged("category = $1 AND position >= $2", "position"),
                     &[&category.as_str(), &from, &n],
                 )
                 .await?
             }
             ReadSource::All(Some(query)) | ReadSource::Query(query) => {
-                self.query_page(query, from, n).await?
+                self.query_page(plans, query, from, n).await?
             }
         };
         let mut events = events;
@@ -280,6 +301,7 @@ impl PgStore {
     /// A page of a DCB query: each item by its narrowest index, then merged.
     async fn query_page(
         &self,
+        plans: Plans<'_>,
         query: &Query,
         from: i64,
         n: i64,
@@ -287,7 +309,7 @@ impl PgStore {
         query.validate()?;
         let mut items = Vec::with_capacity(query.items.len());
         for item in &query.items {
-            let mut found = self.item_page(item, from, n).await?;
+            let mut found = self.item_page(plans, item, from, n).await?;
             truncate_to_budget(&mut found);
             items.push(found);
         }
@@ -296,6 +318,7 @@ impl PgStore {
 
     async fn item_page(
         &self,
+        plans: Plans<'_>,
         item: &QueryItem,
         from: i64,
         n: i64,
@@ -311,15 +334,17 @@ impl PgStore {
                  ORDER BY t.position LIMIT $5",
                 "position",
             );
-            self.events(&sql, &[first, &from, &tags, &types, &n]).await
+            self.events(plans, &sql, &[first, &from, &tags, &types, &n])
+                .await
         } else if !types.is_empty() {
             self.events(
+                plans,
                 &paged("type = ANY ($1) AND position >= $2", "position"),
                 &[&types, &from, &n],
             )
             .await
         } else {
-            self.events(&paged("position >= $1", "position"), &[&from, &n])
+            self.events(plans, &paged("position >= $1", "position"), &[&from, &n])
                 .await
         }
     }
@@ -899,7 +924,7 @@ impl EventStore for PgStore {
     }
 
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
-        self.read_page(&request).await
+        self.read_page(None, &request).await
     }
 
     async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamHead>, Error> {
