@@ -130,6 +130,10 @@ pub struct BenchArgs {
     /// workload); every event reaches (sse + ws) / subscribe-streams subscribers.
     #[arg(long, default_value_t = 100)]
     pub subscribe_streams: usize,
+    /// Append to this server instead of --server, which the subscribers follow (subscribe
+    /// workload): the latency from an append on one node to its delivery on another.
+    #[arg(long)]
+    pub append_server: Option<String>,
     /// Sagas started per path (saga workload).
     #[arg(long, default_value_t = 10_000)]
     pub sagas: usize,
@@ -1008,6 +1012,7 @@ mod tests {
             ws: 0,
             rate: 1,
             subscribe_streams: 1,
+            append_server: None,
             sagas: 1,
             saga_rate: 0,
             server_pid: None,

@@ -350,8 +350,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let errors = Arc::new(AtomicU64::new(0));
     sink.measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
+    let append_to = args
+        .append_server
+        .as_deref()
+        .map_or_else(|| base.clone(), |url| url.trim_end_matches('/').to_owned());
     let appender = tokio::spawn(run_appender(
-        base.clone(),
+        append_to,
         args.rate,
         streams,
         Arc::clone(&stop),

@@ -16,7 +16,7 @@ use skald_core::{
     truncate_to_budget,
 };
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::{AsyncMessage, Client, Row, Statement, types::ToSql};
+use tokio_postgres::{Client, Row, Statement, types::ToSql};
 
 use crate::{PgUrl, describe, migrate};
 
@@ -834,30 +834,13 @@ async fn run_tailer(shared: Arc<Shared>) {
 
 async fn tail(shared: &Shared) -> Result<(), Error> {
     let options = &shared.options;
-    let (client, mut connection) = within(options.timeout, "connecting the tailer", async {
-        options
-            .url
-            .config()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!("PostgreSQL at {}: {}", options.url, describe(&e)))
-            })
-    })
+    let (client, mut woken) = within(
+        options.timeout,
+        "connecting the tailer",
+        crate::connect_listening(&options.url),
+    )
     .await?;
-    let (wake, mut woken) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(_))) => {
-                    let _ = wake.send(());
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return,
-            }
-        }
-    });
-    let result = async {
+    async {
         within(options.timeout, "listening", async {
             client
                 .batch_execute(&format!(
@@ -899,9 +882,7 @@ async fn tail(shared: &Shared) -> Result<(), Error> {
             }
         }
     }
-    .await;
-    driver.abort();
-    result
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------

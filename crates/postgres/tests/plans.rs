@@ -101,7 +101,10 @@ async fn every_read_uses_an_index_on_a_million_events() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 9, "one plan per statement: the two-item query runs two");
+    assert_eq!(
+        checked, 9,
+        "one plan per statement: the two-item query runs two"
+    );
     let head = db
         .query(
             "EXPLAIN SELECT last_revision, last_position FROM skald.streams WHERE stream = $1",

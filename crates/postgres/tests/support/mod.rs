@@ -11,6 +11,8 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     options: String,
+    /// The port, which also names the socket file.
+    port: u16,
 }
 
 /// The binaries of the newest PostgreSQL installed from Debian's packages.
@@ -47,6 +49,21 @@ fn as_postgres(bin: &Path, program: &str, args: &[&str]) {
 impl Cluster {
     /// Starts a cluster. Needs root, to run PostgreSQL as `postgres`.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts a cluster that also listens on 127.0.0.1 at the returned port, accepting TCP
+    /// connections only over TLS with this certificate chain and key (PEM).
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> (Self, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        (Self::start_with(Some((cert_pem, key_pem, port))), port)
+    }
+
+    fn start_with(tls: Option<(&str, &str, u16)>) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -77,11 +94,47 @@ impl Cluster {
                 "--no-sync",
             ],
         );
-        let options = format!(
+        let mut options = format!(
             "-k {} -c listen_addresses='' -c fsync=off -c max_connections=50",
             sock.display()
         );
-        let cluster = Self { dir, bin, options };
+        if let Some((cert, key, port)) = tls {
+            let write = |name: &str, text: &str| {
+                let path = data.join(name);
+                std::fs::write(&path, text).unwrap();
+                let status = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&path)
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                path
+            };
+            let cert = write("server.crt", cert);
+            let key = write("server.key", key);
+            let status = Command::new("chmod").arg("600").arg(&key).status().unwrap();
+            assert!(status.success());
+            // TCP only over TLS; the socket stays open to the tests.
+            write(
+                "pg_hba.conf",
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+                 hostnossl all all 127.0.0.1/32 reject\n",
+            );
+            options = format!(
+                "-k {} -c listen_addresses=127.0.0.1 -p {port} -c fsync=off \
+                 -c max_connections=50 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                sock.display(),
+                cert.display(),
+                key.display()
+            );
+        }
+        let port = tls.map_or(5432, |(_, _, port)| port);
+        let cluster = Self {
+            dir,
+            bin,
+            options,
+            port,
+        };
         cluster.resume();
         cluster
     }
@@ -122,16 +175,18 @@ impl Cluster {
     pub fn postgres_url(&self, database: &str) -> String {
         let socket = self.dir.path().join("sock").display().to_string();
         format!(
-            "postgres://postgres@{}/{database}",
-            socket.replace('/', "%2F")
+            "postgres://postgres@{}:{}/{database}",
+            socket.replace('/', "%2F"),
+            self.port
         )
     }
 
     /// A connection string for `database` over the cluster's socket.
     pub fn url(&self, database: &str) -> String {
         format!(
-            "host={} user=postgres dbname={database}",
-            self.dir.path().join("sock").display()
+            "host={} port={} user=postgres dbname={database}",
+            self.dir.path().join("sock").display(),
+            self.port
         )
     }
 }
