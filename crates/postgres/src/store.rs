@@ -192,33 +192,38 @@ impl PgStore {
         &self.shared.options.url
     }
 
-    async fn reader(&self) -> Result<Arc<Conn>, Error> {
+    /// A reader connection and its slot, connecting when the slot is empty or closed.
+    async fn reader(&self) -> Result<(usize, Arc<Conn>), Error> {
         let slots = &self.shared.readers;
-        let slot = &slots[self.shared.next_reader.fetch_add(1, Ordering::Relaxed) % slots.len()];
-        let mut slot = slot.lock().await;
+        let index = self.shared.next_reader.fetch_add(1, Ordering::Relaxed) % slots.len();
+        let mut slot = slots[index].lock().await;
         if let Some(conn) = slot.as_ref().filter(|c| !c.client.is_closed()) {
-            return Ok(Arc::clone(conn));
+            return Ok((index, Arc::clone(conn)));
         }
         *slot = None;
-        match Conn::open(&self.shared.options).await {
-            Ok(conn) => {
-                let conn = Arc::new(conn);
-                *slot = Some(Arc::clone(&conn));
-                Ok(conn)
-            }
-            Err(e) => Err(e),
-        }
+        let conn = Arc::new(Conn::open(&self.shared.options).await?);
+        *slot = Some(Arc::clone(&conn));
+        Ok((index, conn))
     }
 
-    /// Runs one read query on a reader connection, within the deadline.
+    /// Runs one read query on a reader connection, within the deadline. A connection whose
+    /// call ran out of time or failed is dropped: the next read connects afresh instead of
+    /// queueing behind a call that may never be answered (a network cut off silently).
     async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
-        let conn = self.reader().await?;
-        within(
+        let (index, conn) = self.reader().await?;
+        let result = within(
             self.shared.options.timeout,
             "reading",
             conn.query(sql, params),
         )
-        .await
+        .await;
+        if let Err(Error::Unavailable(_)) = &result {
+            let mut slot = self.shared.readers[index].lock().await;
+            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                *slot = None;
+            }
+        }
+        result
     }
 
     /// The events `sql` selects; with `plans`, the query plan instead, added to it.

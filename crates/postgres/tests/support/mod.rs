@@ -13,6 +13,8 @@ pub struct Cluster {
     options: String,
     /// The port, which also names the socket file.
     port: u16,
+    /// The network namespace PostgreSQL runs in, if not this process's.
+    netns: Option<String>,
 }
 
 /// The binaries of the newest PostgreSQL installed from Debian's packages.
@@ -31,8 +33,18 @@ fn binaries() -> PathBuf {
         .expect("PostgreSQL is not installed: `apt-get install postgresql` (.ci/run installs it)")
 }
 
-fn as_postgres(bin: &Path, program: &str, args: &[&str]) {
-    let out = Command::new("runuser")
+/// Runs a PostgreSQL program as the `postgres` user, inside network namespace `netns` if one
+/// is given.
+fn as_postgres_in(netns: Option<&str>, bin: &Path, program: &str, args: &[&str]) {
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "runuser"]);
+            c
+        }
+        None => Command::new("runuser"),
+    };
+    let out = command
         .args(["-u", "postgres", "--"])
         .arg(bin.join(program))
         .args(args)
@@ -46,24 +58,36 @@ fn as_postgres(bin: &Path, program: &str, args: &[&str]) {
     );
 }
 
+fn as_postgres(bin: &Path, program: &str, args: &[&str]) {
+    as_postgres_in(None, bin, program, args);
+}
+
 impl Cluster {
     /// Starts a cluster. Needs root, to run PostgreSQL as `postgres`.
     pub fn start() -> Self {
         Self::start_with(None)
     }
 
-    /// Starts a cluster that also listens on 127.0.0.1 at the returned port, accepting TCP
-    /// connections only over TLS with this certificate chain and key (PEM).
-    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> (Self, u16) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        (Self::start_with(Some((cert_pem, key_pem, port))), port)
+    /// Starts a cluster inside network namespace `netns`, listening on `address` port 5432
+    /// (and on its socket), trusting clients from `clients` (a CIDR block).
+    pub fn start_in_netns(netns: &str, address: &str, clients: &str) -> Self {
+        let mut cluster = Self::init();
+        cluster.netns = Some(netns.to_owned());
+        let data = cluster.dir.path().join("data");
+        let hba = data.join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).unwrap();
+        rules.push_str(&format!("host all all {clients} trust\n"));
+        std::fs::write(&hba, rules).unwrap();
+        cluster.options = format!(
+            "-k {} -c listen_addresses={address} -c fsync=off -c max_connections=50",
+            cluster.dir.path().join("sock").display()
+        );
+        cluster.resume();
+        cluster
     }
 
-    fn start_with(tls: Option<(&str, &str, u16)>) -> Self {
+    /// A new cluster's directories and `initdb`, not started.
+    fn init() -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -80,7 +104,6 @@ impl Cluster {
             .unwrap();
         assert!(status.success());
         let data = dir.path().join("data");
-        let sock = dir.path().join("sock");
         as_postgres(
             &bin,
             "initdb",
@@ -94,6 +117,30 @@ impl Cluster {
                 "--no-sync",
             ],
         );
+        Self {
+            dir,
+            bin,
+            options: String::new(),
+            port: 5432,
+            netns: None,
+        }
+    }
+
+    /// Starts a cluster that also listens on 127.0.0.1 at the returned port, accepting TCP
+    /// connections only over TLS with this certificate chain and key (PEM).
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> (Self, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        (Self::start_with(Some((cert_pem, key_pem, port))), port)
+    }
+
+    fn start_with(tls: Option<(&str, &str, u16)>) -> Self {
+        let mut cluster = Self::init();
+        let data = cluster.dir.path().join("data");
+        let sock = cluster.dir.path().join("sock");
         let mut options = format!(
             "-k {} -c listen_addresses='' -c fsync=off -c max_connections=50",
             sock.display()
@@ -128,13 +175,8 @@ impl Cluster {
                 key.display()
             );
         }
-        let port = tls.map_or(5432, |(_, _, port)| port);
-        let cluster = Self {
-            dir,
-            bin,
-            options,
-            port,
-        };
+        cluster.port = tls.map_or(5432, |(_, _, port)| port);
+        cluster.options = options;
         cluster.resume();
         cluster
     }
@@ -143,7 +185,8 @@ impl Cluster {
     pub fn resume(&self) {
         let data = self.dir.path().join("data");
         let log = data.join("log");
-        as_postgres(
+        as_postgres_in(
+            self.netns.as_deref(),
             &self.bin,
             "pg_ctl",
             &[
