@@ -48,6 +48,11 @@ impl PgUrl {
                 redact(&e.to_string(), url)
             ))
         })?;
+        let mut config = config;
+        if !url.contains("target_session_attrs") {
+            // Of several hosts (a primary and its standbys), only one that takes writes.
+            config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
         if config.get_hosts().is_empty() {
             return Err(Error::InvalidConfig(
                 "the PostgreSQL URL names no host: write postgres://user@host:port/database, \

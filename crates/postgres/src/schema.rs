@@ -8,7 +8,7 @@ use skald_core::Error;
 use crate::describe;
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The key of the advisory lock migrations take.
 const LOCK: &str = "skald.schema";
@@ -62,6 +62,14 @@ const STEPS: &[&[&str]] = &[
     &[
         "ALTER TABLE skald.head ADD COLUMN recorded_at bigint NOT NULL DEFAULT 0",
         APPEND_FUNCTION,
+    ],
+    // Version 3: the function resolves names only in pg_catalog (its own tables are
+    // qualified), so that nothing a role creates on the search path can stand in for an
+    // operator or function it uses.
+    &[
+        "ALTER FUNCTION skald.append(bigint, text[], text[], bigint[], int[], text[], uuid[], \
+       text[], text[], bytea[], text[], text[], int[], text[]) \
+       SET search_path = pg_catalog, pg_temp",
     ],
 ];
 

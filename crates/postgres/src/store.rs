@@ -60,6 +60,8 @@ type Plans<'a> = Option<&'a Mutex<Vec<String>>>;
 const MAX_BATCH_APPENDS: usize = 256;
 /// About the most event bytes one call takes (a batch always takes its first append).
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// About the most events one call takes: one call holds the append lock of every node.
+const MAX_BATCH_EVENTS: usize = 4096;
 /// The notification channel appends are announced on, after their commit.
 const CHANNEL: &str = "skald_appended";
 
@@ -85,6 +87,8 @@ struct Shared {
     /// Why the tailer, which reads the head every poll interval, cannot reach the database
     /// now: what `/health/ready` answers.
     trouble: Mutex<Option<String>>,
+    /// Set for good when the log was found shorter than this node had seen it.
+    alarm: Mutex<Option<String>>,
 }
 
 enum Command {
@@ -102,12 +106,27 @@ struct Conn {
 }
 
 impl Conn {
+    /// Connects and sets the session up: READ COMMITTED whatever the role's default (the
+    /// append function's argument needs a fresh snapshot per statement), and the node's
+    /// deadline as the statement and lock timeouts, so that a call the node gave up on does
+    /// not go on working, or waiting for the append lock, on the server.
     async fn open(options: &PgOptions) -> Result<Self, Error> {
-        let client = within(options.timeout, "connecting", crate::connect(&options.url)).await?;
-        Ok(Self {
-            client,
-            prepared: Mutex::new(HashMap::new()),
+        within(options.timeout, "connecting", async {
+            let client = crate::connect(&options.url).await?;
+            let ms = options.timeout.as_millis().max(1);
+            client
+                .batch_execute(&format!(
+                    "SET default_transaction_isolation = 'read committed'; \
+                     SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+                ))
+                .await
+                .map_err(db_error)?;
+            Ok(Self {
+                client,
+                prepared: Mutex::new(HashMap::new()),
+            })
         })
+        .await
     }
 
     async fn statement(&self, sql: &str) -> Result<Statement, Error> {
@@ -147,6 +166,23 @@ impl PgStore {
         }
         let mut client =
             within(options.timeout, "connecting", crate::connect(&options.url)).await?;
+        let encoding: String = within(options.timeout, "reading the encoding", async {
+            client
+                .query_one("SHOW server_encoding", &[])
+                .await
+                .map_err(db_error)
+                .map(|row| row.get(0))
+        })
+        .await?;
+        if encoding != "UTF8" {
+            // Stream names, types and tags are any Unicode: another encoding would refuse
+            // some, and fail every append batched with them.
+            return Err(Error::InvalidConfig(format!(
+                "the database at {} is encoded in {encoding}; Skald needs UTF8: create it with \
+                 CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0",
+                options.url
+            )));
+        }
         within(
             options.timeout,
             "migrating the schema",
@@ -166,6 +202,7 @@ impl PgStore {
             readers,
             next_reader: AtomicUsize::new(0),
             trouble: Mutex::new(None),
+            alarm: Mutex::new(None),
         });
         let (commands, receiver) = mpsc::channel(1024);
         let writer = tokio::spawn(run_writer(Arc::clone(&shared), receiver));
@@ -312,9 +349,25 @@ impl PgStore {
         n: i64,
     ) -> Result<Vec<RecordedEvent>, Error> {
         query.validate()?;
+        // Each item is a statement of its own, with a snapshot of its own: with several, all
+        // are cut at one head read first, so that the merged page is one prefix of the log.
+        // (Item A read at head 100 and item B at head 110 would otherwise give a page with
+        // B's events up to 109 and none of A's between 100 and 109, which a reader following
+        // the page would skip for good.)
+        let end = match query.items.len() {
+            1 => i64::MAX,
+            _ => {
+                let rows = self
+                    .rows("SELECT next_position FROM skald.head WHERE id = 1", &[])
+                    .await?;
+                rows.first()
+                    .map(|r| r.get::<_, i64>(0))
+                    .ok_or_else(|| corrupt("the head row is missing".to_owned()))?
+            }
+        };
         let mut items = Vec::with_capacity(query.items.len());
         for item in &query.items {
-            let mut found = self.item_page(plans, item, from, n).await?;
+            let mut found = self.item_page(plans, item, from, end, n).await?;
             truncate_to_budget(&mut found);
             items.push(found);
         }
@@ -326,6 +379,7 @@ impl PgStore {
         plans: Plans<'_>,
         item: &QueryItem,
         from: i64,
+        end: i64,
         n: i64,
     ) -> Result<Vec<RecordedEvent>, Error> {
         let types: Vec<&str> = item.types.iter().map(EventType::as_str).collect();
@@ -335,22 +389,30 @@ impl PgStore {
             let sql = paged_from(
                 "SELECT e.* FROM skald.event_tags t JOIN skald.events e \
                  ON e.position = t.position WHERE t.tag = $1 AND t.position >= $2 \
-                 AND e.tags @> $3 AND (cardinality($4::text[]) = 0 OR e.type = ANY ($4)) \
+                 AND t.position < $6 AND e.tags @> $3 \
+                 AND (cardinality($4::text[]) = 0 OR e.type = ANY ($4)) \
                  ORDER BY t.position LIMIT $5",
                 "position",
             );
-            self.events(plans, &sql, &[first, &from, &tags, &types, &n])
+            self.events(plans, &sql, &[first, &from, &tags, &types, &n, &end])
                 .await
         } else if !types.is_empty() {
             self.events(
                 plans,
-                &paged("type = ANY ($1) AND position >= $2", "position"),
-                &[&types, &from, &n],
+                &paged(
+                    "type = ANY ($1) AND position >= $2 AND position < $3",
+                    "position",
+                ),
+                &[&types, &from, &end, &n],
             )
             .await
         } else {
-            self.events(plans, &paged("position >= $1", "position"), &[&from, &n])
-                .await
+            self.events(
+                plans,
+                &paged("position >= $1 AND position < $2", "position"),
+                &[&from, &end, &n],
+            )
+            .await
         }
     }
 }
@@ -454,7 +516,14 @@ fn db_error(e: tokio_postgres::Error) -> Error {
     let text = format!("PostgreSQL: {}", describe(&e));
     match e.code().map(|c| c.code()) {
         Some("53100") => Error::StorageFull(text),
-        Some(code) if code.starts_with("08") || code.starts_with("57") || code == "53300" => {
+        // A lost connection, a shutdown, a cancelled statement, too many connections, a
+        // standby that cannot write (after a failover), a serialization failure, a deadlock, a
+        // lock not available: all pass, so the caller may try again.
+        Some(code)
+            if code.starts_with("08")
+                || code.starts_with("57")
+                || matches!(code, "53300" | "25006" | "40001" | "40P01" | "55P03") =>
+        {
             Error::Unavailable(text)
         }
         Some(_) => Error::Io(text),
@@ -492,18 +561,23 @@ async fn run_writer(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) 
     let mut closing = false;
     while !closing {
         let mut batch = Vec::new();
-        let mut bytes = 0;
+        let (mut bytes, mut events) = (0, 0);
         match commands.recv().await {
             None | Some(Command::Close) => break,
             Some(Command::Append { request, reply }) => {
                 bytes += request_bytes(&request);
+                events += request.events.len();
                 batch.push(Pending { request, reply });
             }
         }
-        while batch.len() < MAX_BATCH_APPENDS && bytes < MAX_BATCH_BYTES {
+        while batch.len() < MAX_BATCH_APPENDS
+            && bytes < MAX_BATCH_BYTES
+            && events < MAX_BATCH_EVENTS
+        {
             match commands.try_recv() {
                 Ok(Command::Append { request, reply }) => {
                     bytes += request_bytes(&request);
+                    events += request.events.len();
                     batch.push(Pending { request, reply });
                 }
                 Ok(Command::Close) => {
@@ -512,6 +586,12 @@ async fn run_writer(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) 
                 }
                 Err(_) => break,
             }
+        }
+        // A caller that gave up while its append waited (it was answered "unavailable") is
+        // not sent: what it was told stays true, and a retry of it finds nothing.
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            continue;
         }
         if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             conn = None;
@@ -526,57 +606,77 @@ async fn run_writer(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) 
             }
         }
         let c = conn.as_ref().expect("connected above");
-        let outcome = within(
-            shared.options.timeout,
-            "appending",
-            write_batch(&shared, c, &batch),
-        )
-        .await;
-        match outcome {
-            Ok(outcomes) => {
-                // Committed: every position below the batch's last one is visible too.
-                let next = outcomes
-                    .iter()
-                    .filter_map(|o| o.as_ref().ok().filter(|r| !r.replayed))
-                    .map(|r| r.last_position.0 + 1)
-                    .max();
-                if let Some(next) = next {
-                    shared.advance(next);
-                }
-                for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = pending.reply.send(outcome);
-                }
-                if let Some(next) = next {
-                    // Announced after the commit, in a statement of its own: a notification
-                    // never names an event that could still roll back. Lost ones are made up
-                    // for by the other nodes' polls.
-                    let payload = next.to_string();
-                    let params: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &payload];
-                    let _ = within(
-                        shared.options.timeout,
-                        "notifying",
-                        c.query(NOTIFY, &params),
-                    )
-                    .await;
+        let (outcomes, healthy) = send(&shared, c, &batch).await;
+        // Committed: every position below the batch's last one is visible too.
+        let next = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok().filter(|r| !r.replayed))
+            .map(|r| r.last_position.0 + 1)
+            .max();
+        if let Some(next) = next {
+            shared.advance(next);
+        }
+        for (pending, outcome) in batch.into_iter().zip(outcomes) {
+            let _ = pending.reply.send(outcome);
+        }
+        let mut healthy = healthy;
+        if let (Some(next), true) = (next, healthy) {
+            // Announced after the commit, in a statement of its own: a notification never
+            // names an event that could still roll back. Lost ones are made up for by the
+            // other nodes' polls.
+            let payload = next.to_string();
+            let params: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &payload];
+            let notified = within(
+                shared.options.timeout,
+                "notifying",
+                c.query(NOTIFY, &params),
+            )
+            .await;
+            healthy = !matches!(notified, Err(Error::Unavailable(_)));
+        }
+        if !healthy {
+            // A connection that ran out of time may still be working, or be gone: the next
+            // batch connects afresh.
+            conn = None;
+        }
+    }
+}
+
+/// Sends `batch` and answers each append, with whether the connection is still fit for the
+/// next batch. A call that fails for a reason that would fail it again (not a lost
+/// connection) is tried again one append at a time, so that one bad append fails alone.
+async fn send(
+    shared: &Shared,
+    conn: &Conn,
+    batch: &[Pending],
+) -> (Vec<Result<AppendResult, Error>>, bool) {
+    let timeout = shared.options.timeout;
+    let unknown = |reason: String| {
+        // The call may have committed or not: the caller's retry with the same ids finds out.
+        Error::Unavailable(format!(
+            "{reason}; the events of this request may or may not be stored: retry with the \
+             same event ids to find out"
+        ))
+    };
+    match within(timeout, "appending", write_batch(shared, conn, batch)).await {
+        Ok(answers) => (decide(shared, conn, batch, answers).await, true),
+        Err(Error::Unavailable(reason)) => (vec![Err(unknown(reason)); batch.len()], false),
+        Err(e) if batch.len() == 1 => (vec![Err(e)], true),
+        Err(_) => {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for (i, pending) in batch.iter().enumerate() {
+                let one = std::slice::from_ref(pending);
+                match within(timeout, "appending", write_batch(shared, conn, one)).await {
+                    Ok(answers) => outcomes.extend(decide(shared, conn, one, answers).await),
+                    Err(Error::Unavailable(reason)) => {
+                        let e = unknown(reason);
+                        outcomes.extend((i..batch.len()).map(|_| Err(e.clone())));
+                        return (outcomes, false);
+                    }
+                    Err(e) => outcomes.push(Err(e)),
                 }
             }
-            Err(e) => {
-                // The batch may have committed or not: the caller's retry with the same ids
-                // finds out. A connection that ran out of time may still be working: drop it.
-                let e = match e {
-                    Error::Unavailable(reason) => Error::Unavailable(format!(
-                        "{reason}; the events of this request may or may not be stored: retry \
-                         with the same event ids to find out"
-                    )),
-                    other => other,
-                };
-                if matches!(e, Error::Unavailable(_)) {
-                    conn = None;
-                }
-                for pending in batch {
-                    let _ = pending.reply.send(Err(e.clone()));
-                }
-            }
+            (outcomes, true)
         }
     }
 }
@@ -665,7 +765,7 @@ async fn write_batch(
     shared: &Shared,
     conn: &Conn,
     batch: &[Pending],
-) -> Result<Vec<Result<AppendResult, Error>>, Error> {
+) -> Result<Vec<Answer>, Error> {
     let mut a = Arrays::default();
     for pending in batch {
         a.push(&pending.request);
@@ -726,17 +826,8 @@ async fn write_batch(
                 position: Position(at.unwrap_or(0) as u64),
             }),
             "stored" => {
-                let positions: Vec<i64> = row.get(3);
-                let stored = conn
-                    .query(
-                        &format!("SELECT {COLUMNS} FROM skald.events WHERE position = ANY ($1)"),
-                        &[&positions],
-                    )
-                    .await?
-                    .iter()
-                    .map(event_of)
-                    .collect::<Result<Vec<_>, _>>()?;
-                replay(request, &stored)
+                outcomes.push(Answer::Stored(row.get(3)));
+                continue;
             }
             other => {
                 return Err(Error::Io(format!(
@@ -744,9 +835,71 @@ async fn write_batch(
                 )));
             }
         };
-        outcomes.push(outcome);
+        outcomes.push(Answer::Done(outcome));
     }
     Ok(outcomes)
+}
+
+/// What `skald.append` answered for one append.
+enum Answer {
+    /// Decided: written, or refused.
+    Done(Result<AppendResult, Error>),
+    /// Some of its ids are stored, at these positions: a retry, or a reuse.
+    Stored(Vec<i64>),
+}
+
+/// The outcomes of a committed batch: the stored events of every retry read in one query
+/// (within the deadline) and each retry decided from them. A failure of that read answers
+/// the retries only; the appends the batch wrote are answered as written.
+async fn decide(
+    shared: &Shared,
+    conn: &Conn,
+    batch: &[Pending],
+    answers: Vec<Answer>,
+) -> Vec<Result<AppendResult, Error>> {
+    let positions: Vec<i64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Stored(p) => Some(p.iter().copied()),
+            Answer::Done(_) => None,
+        })
+        .flatten()
+        .collect();
+    let stored = if positions.is_empty() {
+        Ok(Vec::new())
+    } else {
+        let sql = format!("SELECT {COLUMNS} FROM skald.events WHERE position = ANY ($1)");
+        within(
+            shared.options.timeout,
+            "reading the events of retries",
+            async {
+                conn.query(&sql, &[&positions])
+                    .await?
+                    .iter()
+                    .map(event_of)
+                    .collect::<Result<Vec<_>, _>>()
+            },
+        )
+        .await
+    };
+    batch
+        .iter()
+        .zip(answers)
+        .map(|(pending, answer)| match answer {
+            Answer::Done(outcome) => outcome,
+            Answer::Stored(positions) => match &stored {
+                Ok(events) => {
+                    let mine: Vec<RecordedEvent> = events
+                        .iter()
+                        .filter(|e| positions.contains(&db_u64(e.position.0)))
+                        .cloned()
+                        .collect();
+                    replay(&pending.request, &mine)
+                }
+                Err(e) => Err(e.clone()),
+            },
+        })
+        .collect()
 }
 
 /// The answer to an append some of whose ids are stored (`stored`, the events holding them):
@@ -826,18 +979,19 @@ fn replay(request: &AppendRequest, stored: &[RecordedEvent]) -> Result<AppendRes
 async fn run_tailer(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match tail(&shared).await {
-            Ok(()) => return,
-            Err(e) => {
-                shared.failed(&e);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
+        let mut reached = false;
+        let Err(e) = tail(&shared, &mut reached).await;
+        shared.failed(&e);
+        if reached {
+            // It had reached the database: start the back-off afresh.
+            backoff = Duration::from_millis(50);
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
-async fn tail(shared: &Shared) -> Result<(), Error> {
+async fn tail(shared: &Shared, reached: &mut bool) -> Result<std::convert::Infallible, Error> {
     let options = &shared.options;
     let (client, mut woken) = within(
         options.timeout,
@@ -857,22 +1011,44 @@ async fn tail(shared: &Shared) -> Result<(), Error> {
         .await?;
         let statement = within(options.timeout, "preparing the tailer", async {
             client
-                .prepare("SELECT next_position FROM skald.head WHERE id = 1")
+                .prepare("SELECT next_position, pg_is_in_recovery() FROM skald.head WHERE id = 1")
                 .await
                 .map_err(db_error)
         })
         .await?;
         loop {
-            let next: i64 = within(options.timeout, "reading the head", async {
+            let (next, standby): (i64, bool) = within(options.timeout, "reading the head", async {
                 client
                     .query_one(&statement, &[])
                     .await
                     .map_err(db_error)
-                    .map(|row| row.get(0))
+                    .map(|row| (row.get(0), row.get(1)))
             })
             .await?;
-            shared.recovered();
-            shared.advance(next.max(0) as u64);
+            *reached = true;
+            let next = next.max(0) as u64;
+            let seen = *shared.head.borrow();
+            if next < seen {
+                // Events this node saw committed are gone: a failover to a standby that had
+                // not received them (asynchronous replication). Positions after `next` will be
+                // taken again by other events; say so loudly and stay not ready.
+                let alarm = format!(
+                    "the log ends at position {next}, but this node saw it reach {seen}: a \
+                     failover lost committed events (use synchronous replication); restart the \
+                     node after checking the store"
+                );
+                *shared.alarm.lock().expect("alarm lock") = Some(alarm);
+            }
+            if standby {
+                shared.failed(&Error::Unavailable(
+                    "it is a standby in recovery, which cannot take appends: point the node at \
+                     the primary (target_session_attrs=read-write with every host in the URL)"
+                        .to_owned(),
+                ));
+            } else {
+                shared.recovered();
+            }
+            shared.advance(next);
             tokio::select! {
                 _ = woken.recv() => {
                     // Many notifications may be waiting: one read covers them all.
@@ -900,17 +1076,36 @@ impl EventStore for PgStore {
             condition.query.validate()?;
         }
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Append { request, reply })
-            .await
-            .map_err(|_| Error::Unavailable("the store is shut down".to_owned()))?;
-        answer
-            .await
-            .map_err(|_| Error::Unavailable("the store stopped before answering".to_owned()))?
+        // The whole request, queue included, has a deadline: twice the one of a call, room
+        // for the batch ahead of it and its own.
+        let deadline = self.shared.options.timeout * 2;
+        let answered = tokio::time::timeout(deadline, async {
+            self.commands
+                .send(Command::Append { request, reply })
+                .await
+                .map_err(|_| Error::Unavailable("the store is shut down".to_owned()))?;
+            answer
+                .await
+                .map_err(|_| Error::Unavailable("the store stopped before answering".to_owned()))?
+        })
+        .await;
+        answered.unwrap_or_else(|_| {
+            Err(Error::Unavailable(format!(
+                "PostgreSQL did not take the append within {} ms; it may or may not be stored: \
+                 retry with the same event ids to find out",
+                deadline.as_millis()
+            )))
+        })
     }
 
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
-        self.read_page(None, &request).await
+        // A read may connect, then run a statement per query item: one deadline for all.
+        within(
+            self.shared.options.timeout * 2,
+            "reading",
+            self.read_page(None, &request),
+        )
+        .await
     }
 
     async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamHead>, Error> {
@@ -971,6 +1166,12 @@ impl EventStore for PgStore {
     }
 
     fn readiness(&self) -> Result<(), String> {
+        if let Some(alarm) = &*self.shared.alarm.lock().expect("alarm lock") {
+            return Err(format!(
+                "PostgreSQL at {}: {alarm}",
+                self.shared.options.url
+            ));
+        }
         match &*self.shared.trouble.lock().expect("trouble lock") {
             None => Ok(()),
             Some(reason) => Err(format!(

@@ -298,3 +298,203 @@ async fn a_database_restart_gives_unavailable_then_the_node_reconnects() {
     }
     store.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_of_several_items_read_while_appends_land_never_skips() {
+    // Each item of a query is a statement of its own; read while two nodes append, a page
+    // must still be a prefix of the log for every item, or a reader following the pages
+    // (from the last event's position) skips events of one item for good.
+    let cluster = Cluster::start();
+    let url = database(&cluster, "items").await;
+    let (a, b, reader) = (node(&url).await, node(&url).await, node(&url).await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (w, store) in [a, b].into_iter().enumerate() {
+        let stop = Arc::clone(&stop);
+        writers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let events = ["Opened", "Closed"]
+                    .iter()
+                    .map(|t| {
+                        ProposedEvent::new(
+                            EventType::new(*t).unwrap(),
+                            EventData::json(format!("{{\"w\":{w},\"n\":{n}}}")).unwrap(),
+                        )
+                    })
+                    .collect();
+                n += 1;
+                store
+                    .append(AppendRequest {
+                        stream: StreamName::new(format!("door-{w}")).unwrap(),
+                        expected: ExpectedRevision::Any,
+                        condition: None,
+                        events,
+                    })
+                    .await
+                    .unwrap();
+            }
+            store
+        }));
+    }
+    let query = Query::new(vec![
+        QueryItem {
+            types: vec![EventType::new("Opened").unwrap()],
+            tags: vec![],
+        },
+        QueryItem {
+            types: vec![EventType::new("Closed").unwrap()],
+            tags: vec![],
+        },
+    ])
+    .unwrap();
+    let mut followed = Vec::new();
+    let mut from = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let page = reader
+            .read(ReadRequest {
+                source: ReadSource::Query(query.clone()),
+                from: Some(from),
+                direction: Direction::Forward,
+                limit: 1000,
+            })
+            .await
+            .unwrap();
+        if let Some(last) = page.events.last() {
+            from = last.position.0 + 1;
+        }
+        followed.extend(page.events.into_iter().map(|e| e.position.0));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap().shutdown().await;
+    }
+    // Every event of the log up to the last one followed was followed, in order.
+    let last = *followed.last().expect("the reader followed something");
+    let expected: Vec<u64> = (0..=last).collect();
+    assert_eq!(followed, expected, "the reader skipped events");
+    reader.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_found_shorter_than_seen_raises_an_alarm() {
+    // What a failover to a standby that missed committed events looks like to a node.
+    let cluster = Cluster::start();
+    let url = database(&cluster, "shorter").await;
+    let store = node(&url).await;
+    for n in 0..3 {
+        store
+            .append(AppendRequest {
+                stream: StreamName::new("order-1").unwrap(),
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![event(n)],
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.readiness(), Ok(()));
+    let db = connect(&url).await.unwrap();
+    db.batch_execute(
+        "DELETE FROM skald.event_tags WHERE position = 2; \
+         DELETE FROM skald.events WHERE position = 2; \
+         UPDATE skald.head SET next_position = 2",
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reason = loop {
+        if let Err(reason) = store.readiness() {
+            break reason;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no alarm 5 s after the log got shorter"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        reason.contains("failover lost committed events"),
+        "{reason}"
+    );
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_not_in_utf8_is_refused() {
+    let cluster = Cluster::start();
+    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
+        .await
+        .unwrap();
+    admin
+        .batch_execute(
+            "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0",
+        )
+        .await
+        .unwrap();
+    let url = PgUrl::parse(&cluster.url("latin")).unwrap();
+    match PgStore::open(PgOptions::new(url)).await {
+        Err(Error::InvalidConfig(reason)) => {
+            assert!(
+                reason.contains("LATIN1") && reason.contains("UTF8"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_append_the_database_refuses_fails_alone() {
+    // A tag over PostgreSQL's largest index entry (limits raised to allow it) fails its
+    // append in the database; the appends batched with it must not fail with it.
+    let cluster = Cluster::start();
+    let url = database(&cluster, "alone").await;
+    let mut options = PgOptions::new(url);
+    options.limits.max_name_bytes = 4000;
+    options.limits.max_event_bytes = 64 * 1024;
+    let store = Arc::new(PgStore::open(options).await.unwrap());
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let incompressible: String = (0..3900)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+            alphabet[(seed % 62) as usize] as char
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let store = Arc::clone(&store);
+        let mut e = event(n);
+        if n == 20 {
+            e.tags = vec![Tag::new(format!("big:{incompressible}")).unwrap()];
+        }
+        tasks.push(tokio::spawn(async move {
+            store
+                .append(AppendRequest {
+                    stream: StreamName::new(format!("order-{n}")).unwrap(),
+                    expected: ExpectedRevision::Any,
+                    condition: None,
+                    events: vec![e],
+                })
+                .await
+        }));
+    }
+    for (n, task) in tasks.into_iter().enumerate() {
+        let outcome = task.await.unwrap();
+        if n == 20 {
+            match outcome {
+                Err(Error::Io(reason)) => assert!(reason.contains("index row"), "{reason}"),
+                other => panic!("the oversized tag: expected Io, got {other:?}"),
+            }
+        } else {
+            outcome.unwrap_or_else(|e| panic!("append {n} failed with the bad one: {e}"));
+        }
+    }
+    assert_eq!(read_all(&*store).await.len(), 39);
+    store.shutdown().await;
+}
