@@ -8,7 +8,7 @@ use skald_core::Error;
 use crate::describe;
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The key of the advisory lock migrations take.
 const LOCK: &str = "skald.schema";
@@ -71,7 +71,166 @@ const STEPS: &[&[&str]] = &[
        text[], text[], bytea[], text[], text[], int[], text[]) \
        SET search_path = pg_catalog, pg_temp",
     ],
+    // Version 4: the append function writes set-based (docs/postgres.md, "The append
+    // function"): a batch costs a few statements instead of several per append.
+    &[APPEND_FUNCTION_SET_BASED],
 ];
+
+/// Version 4 of `skald.append`: the same arguments and answers as version 2, decided append
+/// by append in memory (ids stored before the batch and the streams' last revisions are read
+/// once), and written set-based: the appends decided so far are inserted in three statements
+/// before a DCB condition is checked (so that it sees them) and at the end. The node never
+/// puts one id in two appends of a batch, so ids stored before it are all it must check.
+const APPEND_FUNCTION_SET_BASED: &str = r#"
+CREATE OR REPLACE FUNCTION skald.append(
+    p_now bigint,
+    a_stream text[], a_category text[], a_expected bigint[], a_count int[], a_condition text[],
+    e_id uuid[], e_type text[], e_content_type text[], e_data bytea[], e_metadata text[],
+    e_source text[], e_tag_count int[], t_tag text[]
+) RETURNS TABLE (kind text, at bigint, revision bigint, stored bigint[])
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    appends int := coalesce(cardinality(a_stream), 0);
+    next_pos bigint;
+    now_us bigint;
+    stored_ids uuid[];
+    revs jsonb;
+    a_ev0 int[];
+    t_start int[];
+    first_pos bigint[] := '{}';
+    first_rev bigint[] := '{}';
+    flushed int := 0;
+    n int;
+    ev0 int;
+    last_rev bigint;
+    expected bigint;
+    cond jsonb;
+    item jsonb;
+    from_pos bigint;
+    hit bigint;
+    best bigint;
+    item_types text[];
+    item_tags text[];
+BEGIN
+    -- Every append transaction of every node takes this lock first, so they run one at a
+    -- time and commit in position order (docs/postgres.md, "Why no reader skips an event").
+    PERFORM pg_advisory_xact_lock(hashtext('skald.append'));
+    SELECT h.next_position, greatest(h.recorded_at, p_now) INTO next_pos, now_us
+        FROM skald.head h WHERE h.id = 1;
+    stored_ids := ARRAY(SELECT e.id FROM skald.events e WHERE e.id = ANY (e_id));
+    SELECT coalesce(jsonb_object_agg(s.stream, s.last_revision), '{}'::jsonb) INTO revs
+        FROM skald.streams s WHERE s.stream = ANY (a_stream);
+    -- Where each append's events and each event's tags start in the arrays.
+    a_ev0 := ARRAY(SELECT (sum(c) OVER (ORDER BY k) - c)::int
+                   FROM unnest(a_count) WITH ORDINALITY AS t(c, k) ORDER BY k);
+    t_start := ARRAY(SELECT (sum(c) OVER (ORDER BY k) - c)::int
+                     FROM unnest(e_tag_count) WITH ORDINALITY AS t(c, k) ORDER BY k);
+    FOR i IN 1 .. appends + 1 LOOP
+        -- Before a condition is checked, and at the end: write what is decided so far.
+        IF flushed < i - 1 AND (i > appends OR a_condition[i] IS NOT NULL) THEN
+            INSERT INTO skald.events
+                SELECT first_pos[a.app] + g.idx, a_stream[a.app], first_rev[a.app] + g.idx,
+                       a_category[a.app], e_id[x.k], e_type[x.k], e_content_type[x.k],
+                       e_data[x.k], e_metadata[x.k],
+                       coalesce(t_tag[t_start[x.k] + 1 : t_start[x.k] + e_tag_count[x.k]], '{}'),
+                       e_source[x.k], now_us, first_pos[a.app]
+                FROM generate_series(flushed + 1, i - 1) AS a(app)
+                CROSS JOIN LATERAL generate_series(0, a_count[a.app] - 1) AS g(idx)
+                CROSS JOIN LATERAL (SELECT a_ev0[a.app] + g.idx + 1 AS k) x
+                WHERE first_pos[a.app] IS NOT NULL
+                ORDER BY 1;
+            INSERT INTO skald.event_tags
+                SELECT DISTINCT t.tag, first_pos[a.app] + g.idx
+                FROM generate_series(flushed + 1, i - 1) AS a(app)
+                CROSS JOIN LATERAL generate_series(0, a_count[a.app] - 1) AS g(idx)
+                CROSS JOIN LATERAL (SELECT a_ev0[a.app] + g.idx + 1 AS k) x
+                CROSS JOIN LATERAL unnest(t_tag[t_start[x.k] + 1 : t_start[x.k] + e_tag_count[x.k]]) AS t(tag)
+                WHERE first_pos[a.app] IS NOT NULL;
+            INSERT INTO skald.streams
+                SELECT DISTINCT ON (a_stream[a.app]) a_stream[a.app],
+                       first_rev[a.app] + a_count[a.app] - 1, first_pos[a.app] + a_count[a.app] - 1
+                FROM generate_series(flushed + 1, i - 1) AS a(app)
+                WHERE first_pos[a.app] IS NOT NULL
+                ORDER BY a_stream[a.app], a.app DESC
+                ON CONFLICT (stream) DO UPDATE
+                SET last_revision = excluded.last_revision, last_position = excluded.last_position;
+            flushed := i - 1;
+        END IF;
+        EXIT WHEN i > appends;
+
+        n := a_count[i];
+        ev0 := a_ev0[i];
+        kind := NULL; at := NULL; revision := NULL; stored := NULL;
+        IF cardinality(stored_ids) > 0 AND stored_ids && e_id[ev0 + 1 : ev0 + n] THEN
+            stored := ARRAY(SELECT e.position FROM skald.events e
+                            WHERE e.id = ANY (e_id[ev0 + 1 : ev0 + n]));
+            kind := 'stored';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        last_rev := (revs ->> a_stream[i])::bigint;
+        expected := a_expected[i];
+        IF (expected = -2 AND last_rev IS NOT NULL)
+            OR (expected = -3 AND last_rev IS NULL)
+            OR (expected >= 0 AND last_rev IS DISTINCT FROM expected) THEN
+            kind := 'wrong-revision';
+            revision := last_rev;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        IF a_condition[i] IS NOT NULL THEN
+            cond := a_condition[i]::jsonb;
+            from_pos := coalesce((cond ->> 'after')::bigint + 1, 0);
+            best := NULL;
+            FOR item IN SELECT * FROM jsonb_array_elements(cond -> 'items') LOOP
+                item_types := ARRAY(SELECT jsonb_array_elements_text(item -> 'types'));
+                item_tags := ARRAY(SELECT jsonb_array_elements_text(item -> 'tags'));
+                hit := NULL;
+                -- Events of system streams ($...) never decide a condition.
+                IF cardinality(item_tags) > 0 THEN
+                    SELECT t.position INTO hit
+                        FROM skald.event_tags t JOIN skald.events e ON e.position = t.position
+                        WHERE t.tag = item_tags[1] AND t.position >= from_pos
+                          AND e.tags @> item_tags
+                          AND (cardinality(item_types) = 0 OR e.type = ANY (item_types))
+                          AND left(e.stream, 1) <> '$'
+                        ORDER BY t.position LIMIT 1;
+                ELSIF cardinality(item_types) > 0 THEN
+                    SELECT e.position INTO hit FROM skald.events e
+                        WHERE e.type = ANY (item_types) AND e.position >= from_pos
+                          AND left(e.stream, 1) <> '$'
+                        ORDER BY e.position LIMIT 1;
+                ELSE
+                    SELECT e.position INTO hit FROM skald.events e
+                        WHERE e.position >= from_pos AND left(e.stream, 1) <> '$'
+                        ORDER BY e.position LIMIT 1;
+                END IF;
+                IF hit IS NOT NULL AND (best IS NULL OR hit < best) THEN
+                    best := hit;
+                END IF;
+            END LOOP;
+            IF best IS NOT NULL THEN
+                kind := 'condition-failed';
+                at := best;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        first_pos[i] := next_pos;
+        first_rev[i] := coalesce(last_rev + 1, 0);
+        revs := jsonb_set(revs, ARRAY[a_stream[i]], to_jsonb(first_rev[i] + n - 1));
+        next_pos := next_pos + n;
+        kind := 'ok';
+        at := first_pos[i];
+        revision := first_rev[i];
+        RETURN NEXT;
+    END LOOP;
+    UPDATE skald.head SET next_position = next_pos, recorded_at = now_us WHERE id = 1;
+END
+$fn$"#;
 
 /// `skald.append`: one batch of appends in one transaction, serialized by an advisory lock.
 /// Each append is one slice of the event arrays (`a_count` events each) and of the tag array

@@ -559,25 +559,38 @@ struct Pending {
 async fn run_writer(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) {
     let mut conn: Option<Conn> = None;
     let mut closing = false;
-    while !closing {
+    // An append that would have put an id in a batch twice waits for the next batch: the
+    // append function checks ids against what was stored before the batch only.
+    let mut carried: Option<Pending> = None;
+    while !closing || carried.is_some() {
         let mut batch = Vec::new();
+        let mut ids = std::collections::HashSet::new();
         let (mut bytes, mut events) = (0, 0);
-        match commands.recv().await {
-            None | Some(Command::Close) => break,
-            Some(Command::Append { request, reply }) => {
-                bytes += request_bytes(&request);
-                events += request.events.len();
-                batch.push(Pending { request, reply });
-            }
-        }
-        while batch.len() < MAX_BATCH_APPENDS
+        let first = match carried.take() {
+            Some(pending) => pending,
+            None => match commands.recv().await {
+                None | Some(Command::Close) => break,
+                Some(Command::Append { request, reply }) => Pending { request, reply },
+            },
+        };
+        bytes += request_bytes(&first.request);
+        events += first.request.events.len();
+        ids.extend(first.request.events.iter().map(|e| e.id));
+        batch.push(first);
+        while !closing
+            && batch.len() < MAX_BATCH_APPENDS
             && bytes < MAX_BATCH_BYTES
             && events < MAX_BATCH_EVENTS
         {
             match commands.try_recv() {
                 Ok(Command::Append { request, reply }) => {
+                    if request.events.iter().any(|e| ids.contains(&e.id)) {
+                        carried = Some(Pending { request, reply });
+                        break;
+                    }
                     bytes += request_bytes(&request);
                     events += request.events.len();
+                    ids.extend(request.events.iter().map(|e| e.id));
                     batch.push(Pending { request, reply });
                 }
                 Ok(Command::Close) => {

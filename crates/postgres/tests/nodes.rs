@@ -498,3 +498,129 @@ async fn one_append_the_database_refuses_fails_alone() {
     assert_eq!(read_all(&*store).await.len(), 39);
     store.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_decided_together_in_one_batch_stay_consistent() {
+    // Many appends at once to one node are decided in batches: appends to one stream, DCB
+    // conditions that must see the batch's earlier appends, retries and refusals all in
+    // one call. Whatever the batches, the outcomes must be those of the appends applied one
+    // at a time in position order.
+    let cluster = Cluster::start();
+    let url = database(&cluster, "batches").await;
+    let store = Arc::new(node(&url).await);
+    let mut tasks = Vec::new();
+    for t in 0..48usize {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for n in 0..20usize {
+                let stream = StreamName::new(format!("acct-{}", (t + n) % 4)).unwrap();
+                let mut e = event(t * 1000 + n);
+                e.tags = vec![Tag::new(format!("k:{}", (t * 7 + n) % 3)).unwrap()];
+                let expected = match n % 4 {
+                    0 => ExpectedRevision::Any,
+                    1 => match store.stream_head(&stream).await.unwrap() {
+                        Some(h) => ExpectedRevision::Exact(h.revision),
+                        None => ExpectedRevision::NoStream,
+                    },
+                    2 => ExpectedRevision::StreamExists,
+                    _ => ExpectedRevision::Any,
+                };
+                let after = store.next_position().await.unwrap().saturating_sub(2);
+                let condition = (n % 3 == 0).then(|| AppendCondition {
+                    query: Query::new(vec![QueryItem {
+                        types: vec![],
+                        tags: vec![Tag::new(format!("k:{}", (t + n) % 3)).unwrap()],
+                    }])
+                    .unwrap(),
+                    after: Some(Position(after)),
+                });
+                let request = AppendRequest {
+                    stream,
+                    expected,
+                    condition,
+                    events: vec![e],
+                };
+                let outcome = store.append(request.clone()).await;
+                // Every fifth append is sent again at once: a retry.
+                let retry = (n % 5 == 0).then(|| request.clone());
+                sent.push((request, outcome));
+                if let Some(retry) = retry {
+                    let again = store.append(retry.clone()).await;
+                    sent.push((retry, again));
+                }
+            }
+            sent
+        }));
+    }
+    let mut sent = Vec::new();
+    for task in tasks {
+        sent.extend(task.await.unwrap());
+    }
+    let log = read_all(&*store).await;
+    // Dense positions and revisions.
+    let mut revisions: BTreeMap<StreamName, u64> = BTreeMap::new();
+    for (i, e) in log.iter().enumerate() {
+        assert_eq!(e.position.0, i as u64);
+        let r = revisions.entry(e.stream.clone()).or_insert(0);
+        assert_eq!(e.revision.0, *r);
+        *r += 1;
+    }
+    let mut ok = 0;
+    for (request, outcome) in &sent {
+        let id = request.events[0].id;
+        match outcome {
+            Ok(result) => {
+                ok += 1;
+                let stored = &log[result.first_position.0 as usize];
+                assert_eq!(stored.id, id);
+                assert_eq!(stored.revision, result.first_revision);
+                let before: Vec<_> = log[..result.first_position.0 as usize]
+                    .iter()
+                    .filter(|e| e.stream == request.stream)
+                    .collect();
+                let previous = before.last().map(|e| e.revision);
+                if !result.replayed {
+                    assert!(
+                        request.expected.is_satisfied_by(previous),
+                        "{:?} written after revision {previous:?}",
+                        request.expected
+                    );
+                }
+                if let (Some(c), false) = (&request.condition, result.replayed) {
+                    let from = c.after.map_or(0, |p| p.0 + 1) as usize;
+                    let end = result.first_position.0 as usize;
+                    if from < end {
+                        assert!(
+                            !log[from..end].iter().any(|e| c.query.matches_event(e)),
+                            "a condition let an append through past a matching event"
+                        );
+                    }
+                }
+            }
+            Err(Error::ConditionFailed { position }) => {
+                let c = request.condition.as_ref().unwrap();
+                let e = &log[position.0 as usize];
+                assert!(c.query.matches_event(e));
+                assert!(c.after.is_none_or(|a| position.0 > a.0));
+                assert!(
+                    !log.iter().any(|e| e.id == id),
+                    "a refused append was stored"
+                );
+            }
+            Err(Error::WrongExpectedRevision { actual, .. }) => {
+                assert!(!request.expected.is_satisfied_by(*actual));
+                assert!(
+                    !log.iter().any(|e| e.id == id),
+                    "a refused append was stored"
+                );
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    // Each id is stored at most once, and every append that succeeded is there.
+    let ids: HashSet<_> = log.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), log.len());
+    assert!(ok > 100, "only {ok} appends succeeded");
+    store.shutdown().await;
+}

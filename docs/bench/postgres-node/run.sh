@@ -58,7 +58,7 @@ print(f"{events:,.0f} events/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms (worst node),
 }
 
 echo "== fdatasync of this disk (pg_test_fsync, 8 kB) =="
-"$BIN/pg_test_fsync" -f "$D/fsync_test" -s 3 2>&1 | grep -E "fdatasync" | head -1
+"$BIN/pg_test_fsync" -f "$D/fsync_test" -s 3 2>&1 | grep -E "^ +fdatasync" | head -1
 for round in $(seq "$ROUNDS"); do
   echo "== round $round =="
   echo -n "baseline: PostgreSQL, 64 clients, one 256-byte row per transaction into a bigserial table: "
@@ -72,7 +72,11 @@ for round in $(seq "$ROUNDS"); do
   summary "$W/one.json"
   echo -n "catch-up read of the global log over HTTP NDJSON: "
   "$SKALD" bench read --server "$node" --events 1000000 --json > "$W/read.json"
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["read"]; print(f"{r[\"events_per_sec\"]:,.0f} events/s ({r[\"events\"]:,} events)")' "$W/read.json"
+  python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))["read"]
+print("{:,.0f} events/s ({:,} events)".format(r["events_per_sec"], r["events"]))
+' "$W/read.json"
   stop_nodes
   db=three$round
   su postgres -c "$P -c 'CREATE DATABASE $db' postgres"
@@ -93,7 +97,8 @@ for round in $(seq "$ROUNDS"); do
   python3 -c '
 import json, sys
 r = json.load(open(sys.argv[1])); l = r["latency"]
-print(f"p50 {l[\"p50_us\"]/1000:.2f} ms, p99 {l[\"p99_us\"]/1000:.2f} ms, max {l[\"max_us\"]/1000:.2f} ms; {r[\"deliveries\"]:,} of {r[\"deliveries_expected\"]:,} deliveries")
+print("p50 {:.2f} ms, p99 {:.2f} ms, max {:.2f} ms; {:,} of {:,} deliveries".format(
+    l["p50_us"] / 1000, l["p99_us"] / 1000, l["max_us"] / 1000, r["deliveries"], r["deliveries_expected"]))
 ' "$W/sub.json"
   stop_nodes
 done
