@@ -8,6 +8,7 @@ mod client;
 mod commands;
 mod config;
 mod logging;
+mod migrate;
 mod saga;
 mod serve;
 mod subscription;
@@ -119,6 +120,8 @@ enum Command {
     },
     /// Measure throughput and latency against a server or an embedded store.
     Bench(bench::BenchArgs),
+    /// Copy an embedded store into PostgreSQL, positions and all; resumable, and verified.
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -250,5 +253,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Rules { server, command } => admin::rules(&server.client()?, command).await,
         Command::Certs { command } => admin::certs(command),
         Command::Bench(args) => bench::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
     }
 }

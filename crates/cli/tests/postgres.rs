@@ -481,3 +481,170 @@ async fn a_node_cut_off_from_postgres_answers_503_in_time_and_rejoins() {
     let (status, stderr) = node.terminate();
     assert!(status.success(), "{stderr}");
 }
+
+/// Appends `count` events to an embedded store in `dir`: tags, metadata, sources, several
+/// streams and a system stream, as a real store holds.
+async fn fill_embedded(dir: &std::path::Path, from: usize, count: usize) {
+    use skald_core::{Metadata, Tag};
+    let (store, _) = skald_storage::Store::open(skald_storage::Options {
+        data_dir: dir.to_owned(),
+        ..skald_storage::Options::default()
+    })
+    .unwrap();
+    for n in from..from + count {
+        let stream = if n % 10 == 9 {
+            StreamName::system("$audit").unwrap()
+        } else {
+            StreamName::new(format!("order-{}", n % 4)).unwrap()
+        };
+        let mut e = ProposedEvent::new(
+            EventType::new(["Placed", "Paid"][n % 2]).unwrap(),
+            EventData::json(format!("{{\"n\":{n}}}")).unwrap(),
+        );
+        e.tags = vec![Tag::new(format!("customer:{}", n % 3)).unwrap()];
+        e.metadata = Metadata::new(format!("{{\"correlationId\":\"c-{n}\"}}")).unwrap();
+        e.source = (n % 3 == 0).then(|| "urn:shop".to_owned());
+        store
+            .append(AppendRequest {
+                stream,
+                expected: ExpectedRevision::Any,
+                condition: None,
+                events: vec![e],
+            })
+            .await
+            .unwrap();
+    }
+    store.shutdown().await;
+}
+
+async fn read_embedded(dir: &std::path::Path) -> Vec<RecordedEvent> {
+    let (store, _) = skald_storage::Store::open(skald_storage::Options {
+        data_dir: dir.to_owned(),
+        ..skald_storage::Options::default()
+    })
+    .unwrap();
+    let mut all = Vec::new();
+    read_to_end(&store, ReadSource::All(None), |e| all.push(e.clone()))
+        .await
+        .unwrap();
+    store.shutdown().await;
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_copies_an_embedded_store_resumes_and_refuses_another_store() {
+    let cluster = cluster::Cluster::start();
+    let admin =
+        skald_postgres::connect(&skald_postgres::PgUrl::parse(&cluster.url("postgres")).unwrap())
+            .await
+            .unwrap();
+    for name in ["moved", "other"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+    }
+    let embedded = tempfile::tempdir().unwrap();
+    fill_embedded(embedded.path(), 0, 50).await;
+    let url = cluster.postgres_url("moved");
+    let migrate = |url: &str| {
+        support::skald(&[
+            "migrate",
+            "--store",
+            url,
+            "--from-data-dir",
+            embedded.path().to_str().unwrap(),
+            "--page",
+            "7",
+        ])
+    };
+    let (ok, out, err) = migrate(&url);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("verified: 50 events"), "{out}");
+
+    // More events, then again: it goes on after what is there.
+    fill_embedded(embedded.path(), 50, 23).await;
+    let (ok, out, err) = migrate(&url);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("50 events were already copied"), "{out}");
+    assert!(
+        out.contains("copied 23 events") && out.contains("verified: 73 events"),
+        "{out}"
+    );
+
+    // A node on the copy serves exactly the embedded store's log, and appends after it.
+    let expected = read_embedded(embedded.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Server::start(dir.path(), &["--store", &url]);
+    assert_eq!(read_all(&node.url).await, expected);
+    let client = client(&node.url).await;
+    let result = client
+        .append(AppendRequest {
+            stream: StreamName::new("order-1").unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![ProposedEvent::new(
+                EventType::new("Shipped").unwrap(),
+                EventData::json("{}").unwrap(),
+            )],
+        })
+        .await
+        .unwrap();
+    assert_eq!(result.first_position.0, 73);
+    let last_order_1 = expected
+        .iter()
+        .rfind(|e| e.stream.as_str() == "order-1")
+        .unwrap()
+        .revision
+        .0;
+    assert_eq!(result.first_revision.0, last_order_1 + 1);
+    let (status, stderr) = node.terminate();
+    assert!(status.success(), "{stderr}");
+
+    // A store that is not an earlier copy of this one is refused, and left as it was.
+    let other_url = cluster.postgres_url("other");
+    let other = skald_postgres::PgStore::open(skald_postgres::PgOptions::new(
+        skald_postgres::PgUrl::parse(&other_url).unwrap(),
+    ))
+    .await
+    .unwrap();
+    other
+        .append(AppendRequest {
+            stream: StreamName::new("order-0").unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![ProposedEvent::new(
+                EventType::new("Placed").unwrap(),
+                EventData::json("{}").unwrap(),
+            )],
+        })
+        .await
+        .unwrap();
+    let (ok, out, err) = migrate(&other_url);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("differs from the embedded one at position 0"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was copied"), "{err}");
+    assert_eq!(other.next_position().await.unwrap(), 1);
+    other.shutdown().await;
+
+    // A data directory that is not one, and a URL that is not PostgreSQL's.
+    let (ok, _, err) = support::skald(&[
+        "migrate",
+        "--store",
+        &url,
+        "--from-data-dir",
+        "/nonexistent/skald-data",
+    ]);
+    assert!(!ok && err.contains("is not a directory"), "{err}");
+    let (ok, _, err) = support::skald(&[
+        "migrate",
+        "--store",
+        "mysql://a@b/c",
+        "--from-data-dir",
+        embedded.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("postgres:// URL"), "{err}");
+}

@@ -3,6 +3,7 @@
 //! start under a lock so that nodes starting together do not race; and [`PgStore`], the
 //! `EventStore` over it, which any number of nodes may open on one database.
 
+mod import;
 mod schema;
 mod store;
 mod tls;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::{AsyncMessage, Client, Connection};
 
+pub use import::Importer;
 pub use tls::RustlsConnector;
 
 pub use schema::{SCHEMA_VERSION, migrate};

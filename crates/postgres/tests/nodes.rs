@@ -624,3 +624,31 @@ async fn appends_decided_together_in_one_batch_stay_consistent() {
     assert!(ok > 100, "only {ok} appends succeeded");
     store.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_that_does_not_start_where_the_store_ends_writes_nothing() {
+    // What `skald migrate` meets when a node appends during the copy.
+    let cluster = Cluster::start();
+    let url = database(&cluster, "import").await;
+    let store = node(&url).await;
+    store
+        .append(AppendRequest {
+            stream: StreamName::new("order-1").unwrap(),
+            expected: ExpectedRevision::Any,
+            condition: None,
+            events: vec![event(1)],
+        })
+        .await
+        .unwrap();
+    let copied = read_all(&store).await;
+    let mut importer = skald_postgres::Importer::connect(&url).await.unwrap();
+    match importer.write(&copied).await {
+        Err(Error::InvalidConfig(reason)) => {
+            assert!(reason.contains("ends at position 1"), "{reason}");
+            assert!(reason.contains("stop every Skald node"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(read_all(&store).await, copied);
+    store.shutdown().await;
+}
