@@ -49,18 +49,42 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             args.from_data_dir.display()
         )
     })?;
-    let target = PgStore::open(PgOptions::new(url.clone()))
+    // The schema first, then the mark that keeps nodes from starting on a partial copy.
+    let mut client = skald_postgres::connect(&url)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let result = copy(&source, &target, &url, args.page).await;
+    skald_postgres::migrate(&mut client)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    drop(client);
+    let importer = Importer::connect(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    importer
+        .begin(&args.from_data_dir.display().to_string())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut options = PgOptions::new(url.clone());
+    options.importing = true;
+    let target = PgStore::open(options)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let result = copy(&source, &target, importer, &url, args.page).await;
     source.shutdown().await;
     target.shutdown().await;
+    if result.is_err() {
+        eprintln!(
+            "the copy is not finished; nodes refuse to start on it until `skald migrate` is run \
+             again and finishes"
+        );
+    }
     result
 }
 
 async fn copy(
     source: &skald_storage::Store,
     target: &PgStore,
+    mut importer: Importer,
     url: &PgUrl,
     page: usize,
 ) -> anyhow::Result<()> {
@@ -76,12 +100,16 @@ async fn copy(
     let mut from = 0;
     while from < there {
         let ours = read_page(source, from, page.min((there - from) as usize)).await?;
+        if ours.is_empty() {
+            bail!("the embedded store ended at position {from}, before its head {end}");
+        }
         let theirs = read_page(target, from, ours.len()).await?;
         if let Some((a, b)) = ours.iter().zip(&theirs).find(|(a, b)| a != b) {
             bail!(
                 "the store in PostgreSQL at {url} differs from the embedded one at position {}: \
                  event {} of stream {} there, event {} of stream {} here; it is not an earlier \
-                 copy of this store, so nothing was copied",
+                 copy of this store (or a node wrote to an unfinished copy), so nothing was \
+                 copied",
                 a.position,
                 b.id,
                 b.stream,
@@ -97,9 +125,6 @@ async fn copy(
     if there > 0 {
         println!("{there} events were already copied and are the same; going on from there");
     }
-    let mut importer = Importer::connect(url)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut copied = 0;
     while from < end {
         let events = read_page(source, from, page).await?;
@@ -125,9 +150,13 @@ async fn copy(
              {ours:016x}), PostgreSQL {theirs_count} (checksum {theirs:016x})"
         );
     }
+    importer
+        .finish()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
-        "verified: {ours_count} events in both, checksum {ours:016x}; serve it with \
-         skald serve --store {url}"
+        "verified: {ours_count} events in both, checksum {ours:016x}, and the stream, tag and \
+         head rows they imply; serve it with skald serve --store {url}"
     );
     Ok(())
 }

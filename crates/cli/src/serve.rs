@@ -37,6 +37,11 @@ pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
         let store = PgStore::open(options)
             .await
             .with_context(|| format!("cannot open the store in PostgreSQL at {shown}"))?;
+        tracing::warn!(
+            "consumer groups and sagas run on every node of a PostgreSQL store until leases give \
+             them one owner (docs/postgres.md, \"Running it today\"): send group and saga \
+             traffic to one node only"
+        );
         return serve_on(
             Arc::new(store),
             format!("store: {shown}"),

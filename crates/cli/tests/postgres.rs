@@ -561,6 +561,7 @@ async fn migrate_copies_an_embedded_store_resumes_and_refuses_another_store() {
     let (ok, out, err) = migrate(&url);
     assert!(ok, "{out}{err}");
     assert!(out.contains("verified: 50 events"), "{out}");
+    assert!(out.contains("the stream, tag and head rows"), "{out}");
 
     // More events, then again: it goes on after what is there.
     fill_embedded(embedded.path(), 50, 23).await;
@@ -620,6 +621,32 @@ async fn migrate_copies_an_embedded_store_resumes_and_refuses_another_store() {
         })
         .await
         .unwrap();
+    // Refused while a node is connected to the database.
+    let (ok, out, err) = migrate(&other_url);
+    assert!(!ok, "{out}");
+    assert!(err.contains("stop every node"), "{err}");
+    other.shutdown().await;
+    drop(other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let open: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'other' \
+                 AND application_name LIKE 'skald %'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node's sessions stay open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (ok, out, err) = migrate(&other_url);
     assert!(!ok, "{out}");
     assert!(
@@ -627,8 +654,26 @@ async fn migrate_copies_an_embedded_store_resumes_and_refuses_another_store() {
         "{err}"
     );
     assert!(err.contains("nothing was copied"), "{err}");
-    assert_eq!(other.next_position().await.unwrap(), 1);
-    other.shutdown().await;
+    // Left as it was, and marked unfinished: a node refuses to start on it.
+    let other_db = skald_postgres::connect(&skald_postgres::PgUrl::parse(&other_url).unwrap())
+        .await
+        .unwrap();
+    let head: i64 = other_db
+        .query_one("SELECT next_position FROM skald.head", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(head, 1);
+    match skald_postgres::PgStore::open(skald_postgres::PgOptions::new(
+        skald_postgres::PgUrl::parse(&other_url).unwrap(),
+    ))
+    .await
+    {
+        Err(skald_core::Error::InvalidConfig(reason)) => {
+            assert!(reason.contains("has not finished"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
 
     // A data directory that is not one, and a URL that is not PostgreSQL's.
     let (ok, _, err) = support::skald(&[

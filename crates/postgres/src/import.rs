@@ -63,7 +63,9 @@ impl Importer {
             .await
             .map_err(|e| failed("beginning", e))?;
         tx.batch_execute(
-            "SET LOCAL synchronous_commit = on; \
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+             SET LOCAL synchronous_commit = on; SET LOCAL statement_timeout = '60s'; \
+             SET LOCAL lock_timeout = '60s'; \
              SELECT pg_advisory_xact_lock(hashtext('skald.append'))",
         )
         .await
@@ -138,6 +140,95 @@ impl Importer {
         .await
         .map_err(|e| failed("advancing the head", e))?;
         tx.commit().await.map_err(|e| failed("committing", e))
+    }
+}
+
+impl Importer {
+    /// Marks the store as being imported into: nodes refuse to start on it until
+    /// [`Importer::finish`]. Refused while any Skald node is connected to the database.
+    pub async fn begin(&self, from: &str) -> Result<(), Error> {
+        let failed = |e: tokio_postgres::Error| {
+            Error::Unavailable(format!("PostgreSQL at {}: {}", self.url, describe(&e)))
+        };
+        let nodes: i64 = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'skald %' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        if nodes > 0 {
+            return Err(Error::InvalidConfig(format!(
+                "{nodes} connections of running Skald nodes are open on PostgreSQL at {}: stop \
+                 every node before migrating into it",
+                self.url
+            )));
+        }
+        self.client
+            .execute(
+                "INSERT INTO skald.meta VALUES ('importing', $1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&from],
+            )
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
+    /// Checks what the events imply of the other tables (the stream rows, the tag rows, the
+    /// head), then lets nodes start on the store again.
+    pub async fn finish(&self) -> Result<(), Error> {
+        let failed = |e: tokio_postgres::Error| {
+            Error::Unavailable(format!("PostgreSQL at {}: {}", self.url, describe(&e)))
+        };
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT count(*) FROM skald.events), \
+                        (SELECT next_position FROM skald.head WHERE id = 1), \
+                        (SELECT count(*) FROM (SELECT DISTINCT ON (stream) stream, revision, \
+                             position FROM skald.events ORDER BY stream, position DESC) l \
+                         FULL JOIN skald.streams s USING (stream) \
+                         WHERE l.stream IS NULL OR s.stream IS NULL \
+                            OR s.last_revision <> l.revision OR s.last_position <> l.position), \
+                        (SELECT count(*) FROM skald.event_tags), \
+                        (SELECT coalesce(sum((SELECT count(DISTINCT t) FROM unnest(e.tags) t)), 0) \
+                         FROM skald.events e)::bigint",
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        let (events, head, streams, tags, expected_tags): (i64, i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let mut wrong = Vec::new();
+        if head != events {
+            wrong.push(format!(
+                "the head says {head} events, the table holds {events}"
+            ));
+        }
+        if streams != 0 {
+            wrong.push(format!("{streams} stream rows disagree with their events"));
+        }
+        if tags != expected_tags {
+            wrong.push(format!(
+                "{tags} tag rows where the events carry {expected_tags} tags"
+            ));
+        }
+        if !wrong.is_empty() {
+            return Err(Error::Corruption {
+                file: format!("the store in PostgreSQL at {}", self.url),
+                offset: 0,
+                reason: wrong.join("; "),
+            });
+        }
+        self.client
+            .execute("DELETE FROM skald.meta WHERE key = 'importing'", &[])
+            .await
+            .map_err(failed)?;
+        Ok(())
     }
 }
 

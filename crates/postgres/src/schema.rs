@@ -8,20 +8,20 @@ use skald_core::Error;
 use crate::describe;
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 1;
 
 /// The key of the advisory lock migrations take.
 const LOCK: &str = "skald.schema";
 
 /// The statements that take the schema from version `n - 1` to `n`, at index `n - 1`.
-const STEPS: &[&[&str]] = &[
-    &[
-        "CREATE TABLE skald.head (
+const STEPS: &[&[&str]] = &[&[
+    "CREATE TABLE skald.head (
          id            smallint PRIMARY KEY CHECK (id = 1),
-         next_position bigint NOT NULL
+         next_position bigint NOT NULL,
+         recorded_at   bigint NOT NULL DEFAULT 0
      )",
-        "INSERT INTO skald.head VALUES (1, 0)",
-        "CREATE TABLE skald.events (
+    "INSERT INTO skald.head VALUES (1, 0, 0)",
+    "CREATE TABLE skald.events (
          position     bigint PRIMARY KEY,
          stream       text   NOT NULL,
          revision     bigint NOT NULL,
@@ -37,76 +37,64 @@ const STEPS: &[&[&str]] = &[
          append_first bigint NOT NULL,
          UNIQUE (stream, revision)
      )",
-        "CREATE INDEX events_category ON skald.events (category, position)",
-        "CREATE INDEX events_type ON skald.events (type, position)",
-        "CREATE TABLE skald.event_tags (
+    "CREATE INDEX events_category ON skald.events (category, position)",
+    "CREATE INDEX events_type ON skald.events (type, position)",
+    "CREATE TABLE skald.event_tags (
          tag      text   NOT NULL,
          position bigint NOT NULL REFERENCES skald.events (position),
          PRIMARY KEY (tag, position)
      )",
-        "CREATE TABLE skald.streams (
+    "CREATE TABLE skald.streams (
          stream        text PRIMARY KEY,
          last_revision bigint NOT NULL,
          last_position bigint NOT NULL
      )",
-        "CREATE TABLE skald.leases (
+    "CREATE TABLE skald.leases (
          name       text PRIMARY KEY,
          owner      text NOT NULL,
          fence      bigint NOT NULL,
          expires_at timestamptz NOT NULL
      )",
-    ],
-    // Version 2: the append function of docs/postgres.md ("The append function"), and the last
-    // recorded time in the head row, so that recorded times never go backwards along the log
-    // whichever node's clock wrote them.
-    &[
-        "ALTER TABLE skald.head ADD COLUMN recorded_at bigint NOT NULL DEFAULT 0",
-        APPEND_FUNCTION,
-    ],
-    // Version 3: the function resolves names only in pg_catalog (its own tables are
-    // qualified), so that nothing a role creates on the search path can stand in for an
-    // operator or function it uses.
-    &[
-        "ALTER FUNCTION skald.append(bigint, text[], text[], bigint[], int[], text[], uuid[], \
-       text[], text[], bytea[], text[], text[], int[], text[]) \
-       SET search_path = pg_catalog, pg_temp",
-    ],
-    // Version 4: the append function writes set-based (docs/postgres.md, "The append
-    // function"): a batch costs a few statements instead of several per append.
-    &[APPEND_FUNCTION_SET_BASED],
-    // Version 5: the function's statements are planned for each call's arrays, and never
-    // with a sequential scan (every one of them has an index to use). A plan cached for the
-    // session was chosen while the tables were small and kept scanning `events` whole to look
-    // ids up, and a batch's 64 stream names made the planner scan `streams` whole (measured:
-    // a sequential scan per call, 4,300 events/s instead of 12,500).
-    &[
-        "ALTER FUNCTION skald.append(bigint, text[], text[], bigint[], int[], text[], uuid[], \
-         text[], text[], bytea[], text[], text[], int[], text[]) \
-         SET plan_cache_mode = force_custom_plan",
-        "ALTER FUNCTION skald.append(bigint, text[], text[], bigint[], int[], text[], uuid[], \
-         text[], text[], bytea[], text[], text[], int[], text[]) \
-         SET enable_seqscan = off",
-    ],
-];
+    APPEND_FUNCTION,
+]];
 
-/// Version 4 of `skald.append`: the same arguments and answers as version 2, decided append
-/// by append in memory (ids stored before the batch and the streams' last revisions are read
-/// once), and written set-based: the appends decided so far are inserted in three statements
-/// before a DCB condition is checked (so that it sees them) and at the end. The node never
-/// puts one id in two appends of a batch, so ids stored before it are all it must check.
-const APPEND_FUNCTION_SET_BASED: &str = r#"
-CREATE OR REPLACE FUNCTION skald.append(
+/// `skald.append` (docs/postgres.md, "The append function"): one batch of appends in one
+/// transaction, serialized by an advisory lock. Each append is one slice of the event arrays
+/// (`a_count` events each) and of the tag array (`e_tag_count` tags per event). One row per
+/// append answers it, in order: `ok` (its first position and revision), `stored` (some of its
+/// ids are stored: their positions, and nothing written), `wrong-revision` (the stream's last
+/// revision, null for no stream) or `condition-failed` (the first matching position).
+///
+/// Decided append by append in memory (the ids stored before the batch and the streams' last
+/// revisions are read once), and written set-based: the appends decided so far are inserted in
+/// three statements before a DCB condition is checked (so that it sees them), before the
+/// stored events of an id an earlier append of the batch wrote are looked up, and at the end.
+///
+/// Its names resolve only in pg_catalog (its own tables are qualified), so that nothing a role
+/// creates on the search path can stand in for an operator it uses. Its statements are planned
+/// for each call's arrays and never with a sequential scan: a plan cached for the session,
+/// chosen while the tables were small, scanned `events` whole to look ids up, and a batch's 64
+/// stream names made the planner scan `streams` whole (measured: a sequential scan per call,
+/// 4,300 events/s instead of 12,250).
+const APPEND_FUNCTION: &str = r#"
+CREATE FUNCTION skald.append(
     p_now bigint,
     a_stream text[], a_category text[], a_expected bigint[], a_count int[], a_condition text[],
     e_id uuid[], e_type text[], e_content_type text[], e_data bytea[], e_metadata text[],
     e_source text[], e_tag_count int[], t_tag text[]
 ) RETURNS TABLE (kind text, at bigint, revision bigint, stored bigint[])
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $fn$
 DECLARE
     appends int := coalesce(cardinality(a_stream), 0);
     next_pos bigint;
     now_us bigint;
     stored_ids uuid[];
+    batch_ids uuid[] := '{}';
+    start_pos bigint;
     revs jsonb;
     a_ev0 int[];
     t_start int[];
@@ -130,6 +118,7 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('skald.append'));
     SELECT h.next_position, greatest(h.recorded_at, p_now) INTO next_pos, now_us
         FROM skald.head h WHERE h.id = 1;
+    start_pos := next_pos;
     stored_ids := ARRAY(SELECT e.id FROM skald.events e WHERE e.id = ANY (e_id));
     SELECT coalesce(jsonb_object_agg(s.stream, s.last_revision), '{}'::jsonb) INTO revs
         FROM skald.streams s WHERE s.stream = ANY (a_stream);
@@ -139,8 +128,10 @@ BEGIN
     t_start := ARRAY(SELECT (sum(c) OVER (ORDER BY k) - c)::int
                      FROM unnest(e_tag_count) WITH ORDINALITY AS t(c, k) ORDER BY k);
     FOR i IN 1 .. appends + 1 LOOP
-        -- Before a condition is checked, and at the end: write what is decided so far.
-        IF flushed < i - 1 AND (i > appends OR a_condition[i] IS NOT NULL) THEN
+        -- Before a condition is checked, before the events of an id this batch wrote are
+        -- looked up, and at the end: write what is decided so far.
+        IF flushed < i - 1 AND (i > appends OR a_condition[i] IS NOT NULL
+                OR batch_ids && e_id[a_ev0[i] + 1 : a_ev0[i] + a_count[i]]) THEN
             INSERT INTO skald.events
                 SELECT first_pos[a.app] + g.idx, a_stream[a.app], first_rev[a.app] + g.idx,
                        a_category[a.app], e_id[x.k], e_type[x.k], e_content_type[x.k],
@@ -174,7 +165,9 @@ BEGIN
         n := a_count[i];
         ev0 := a_ev0[i];
         kind := NULL; at := NULL; revision := NULL; stored := NULL;
-        IF cardinality(stored_ids) > 0 AND stored_ids && e_id[ev0 + 1 : ev0 + n] THEN
+        -- Ids stored before the batch, or by its earlier appends (a node may send a retry in
+        -- the same batch as its original).
+        IF (stored_ids || batch_ids) && e_id[ev0 + 1 : ev0 + n] THEN
             stored := ARRAY(SELECT e.position FROM skald.events e
                             WHERE e.id = ANY (e_id[ev0 + 1 : ev0 + n]));
             kind := 'stored';
@@ -234,6 +227,7 @@ BEGIN
 
         first_pos[i] := next_pos;
         first_rev[i] := coalesce(last_rev + 1, 0);
+        batch_ids := batch_ids || e_id[ev0 + 1 : ev0 + n];
         revs := jsonb_set(revs, ARRAY[a_stream[i]], to_jsonb(first_rev[i] + n - 1));
         next_pos := next_pos + n;
         kind := 'ok';
@@ -241,141 +235,10 @@ BEGIN
         revision := first_rev[i];
         RETURN NEXT;
     END LOOP;
-    UPDATE skald.head SET next_position = next_pos, recorded_at = now_us WHERE id = 1;
-END
-$fn$"#;
-
-/// `skald.append`: one batch of appends in one transaction, serialized by an advisory lock.
-/// Each append is one slice of the event arrays (`a_count` events each) and of the tag array
-/// (`e_tag_count` tags per event). One row per append answers it, in order: `ok` (its first
-/// position and revision), `stored` (some of its ids are stored: their positions, and nothing
-/// written), `wrong-revision` (the stream's last revision, null for no stream) or
-/// `condition-failed` (the first matching position).
-const APPEND_FUNCTION: &str = r#"
-CREATE FUNCTION skald.append(
-    p_now bigint,
-    a_stream text[], a_category text[], a_expected bigint[], a_count int[], a_condition text[],
-    e_id uuid[], e_type text[], e_content_type text[], e_data bytea[], e_metadata text[],
-    e_source text[], e_tag_count int[], t_tag text[]
-) RETURNS TABLE (kind text, at bigint, revision bigint, stored bigint[])
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    next_pos bigint;
-    now_us bigint;
-    ev int := 0;
-    tg int := 0;
-    ev0 int;
-    tg0 int;
-    n int;
-    last_rev bigint;
-    expected bigint;
-    cond jsonb;
-    item jsonb;
-    from_pos bigint;
-    hit bigint;
-    best bigint;
-    item_types text[];
-    item_tags text[];
-    first_rev bigint;
-    first_pos bigint;
-    tags text[];
-BEGIN
-    -- Every append transaction of every node takes this lock first, so they run one at a
-    -- time and commit in position order (docs/postgres.md, "Why no reader skips an event").
-    PERFORM pg_advisory_xact_lock(hashtext('skald.append'));
-    SELECT h.next_position, greatest(h.recorded_at, p_now) INTO next_pos, now_us
-        FROM skald.head h WHERE h.id = 1;
-    FOR i IN 1 .. coalesce(cardinality(a_stream), 0) LOOP
-        n := a_count[i];
-        ev0 := ev;
-        tg0 := tg;
-        ev := ev + n;
-        tg := tg + coalesce((SELECT sum(c) FROM unnest(e_tag_count[ev0 + 1 : ev0 + n]) c), 0);
-
-        kind := NULL; at := NULL; revision := NULL; stored := NULL;
-        SELECT array_agg(e.position ORDER BY k.ord) INTO stored
-            FROM unnest(e_id[ev0 + 1 : ev0 + n]) WITH ORDINALITY AS k(id, ord)
-            JOIN skald.events e ON e.id = k.id;
-        IF stored IS NOT NULL THEN
-            kind := 'stored';
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-
-        SELECT s.last_revision INTO last_rev FROM skald.streams s WHERE s.stream = a_stream[i];
-        IF NOT FOUND THEN
-            last_rev := NULL;
-        END IF;
-        expected := a_expected[i];
-        IF (expected = -2 AND last_rev IS NOT NULL)
-            OR (expected = -3 AND last_rev IS NULL)
-            OR (expected >= 0 AND last_rev IS DISTINCT FROM expected) THEN
-            kind := 'wrong-revision';
-            revision := last_rev;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-
-        IF a_condition[i] IS NOT NULL THEN
-            cond := a_condition[i]::jsonb;
-            from_pos := coalesce((cond ->> 'after')::bigint + 1, 0);
-            best := NULL;
-            FOR item IN SELECT * FROM jsonb_array_elements(cond -> 'items') LOOP
-                item_types := ARRAY(SELECT jsonb_array_elements_text(item -> 'types'));
-                item_tags := ARRAY(SELECT jsonb_array_elements_text(item -> 'tags'));
-                hit := NULL;
-                -- Events of system streams ($...) never decide a condition.
-                IF cardinality(item_tags) > 0 THEN
-                    SELECT t.position INTO hit
-                        FROM skald.event_tags t JOIN skald.events e ON e.position = t.position
-                        WHERE t.tag = item_tags[1] AND t.position >= from_pos
-                          AND e.tags @> item_tags
-                          AND (cardinality(item_types) = 0 OR e.type = ANY (item_types))
-                          AND left(e.stream, 1) <> '$'
-                        ORDER BY t.position LIMIT 1;
-                ELSIF cardinality(item_types) > 0 THEN
-                    SELECT e.position INTO hit FROM skald.events e
-                        WHERE e.type = ANY (item_types) AND e.position >= from_pos
-                          AND left(e.stream, 1) <> '$'
-                        ORDER BY e.position LIMIT 1;
-                ELSE
-                    SELECT e.position INTO hit FROM skald.events e
-                        WHERE e.position >= from_pos AND left(e.stream, 1) <> '$'
-                        ORDER BY e.position LIMIT 1;
-                END IF;
-                IF hit IS NOT NULL AND (best IS NULL OR hit < best) THEN
-                    best := hit;
-                END IF;
-            END LOOP;
-            IF best IS NOT NULL THEN
-                kind := 'condition-failed';
-                at := best;
-                RETURN NEXT;
-                CONTINUE;
-            END IF;
-        END IF;
-
-        first_rev := coalesce(last_rev + 1, 0);
-        first_pos := next_pos;
-        FOR j IN 1 .. n LOOP
-            tags := coalesce(t_tag[tg0 + 1 : tg0 + e_tag_count[ev0 + j]], '{}');
-            INSERT INTO skald.events VALUES (
-                next_pos, a_stream[i], first_rev + j - 1, a_category[i], e_id[ev0 + j],
-                e_type[ev0 + j], e_content_type[ev0 + j], e_data[ev0 + j], e_metadata[ev0 + j],
-                tags, e_source[ev0 + j], now_us, first_pos);
-            INSERT INTO skald.event_tags SELECT DISTINCT t, next_pos FROM unnest(tags) t;
-            tg0 := tg0 + e_tag_count[ev0 + j];
-            next_pos := next_pos + 1;
-        END LOOP;
-        INSERT INTO skald.streams VALUES (a_stream[i], first_rev + n - 1, next_pos - 1)
-            ON CONFLICT (stream) DO UPDATE
-            SET last_revision = excluded.last_revision, last_position = excluded.last_position;
-        kind := 'ok';
-        at := first_pos;
-        revision := first_rev;
-        RETURN NEXT;
-    END LOOP;
-    UPDATE skald.head SET next_position = next_pos, recorded_at = now_us WHERE id = 1;
+    -- A batch that wrote nothing leaves the head, and the recorded time, as they were.
+    IF next_pos > start_pos THEN
+        UPDATE skald.head SET next_position = next_pos, recorded_at = now_us WHERE id = 1;
+    END IF;
 END
 $fn$"#;
 

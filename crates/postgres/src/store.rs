@@ -37,6 +37,10 @@ pub struct PgOptions {
     pub readers: usize,
     /// How often the tailer reads the head when no notification wakes it.
     pub poll: Duration,
+    /// Open even while `skald migrate` is importing into the store (for `skald migrate`
+    /// itself); every other node refuses to start then.
+    #[doc(hidden)]
+    pub importing: bool,
 }
 
 impl PgOptions {
@@ -49,6 +53,7 @@ impl PgOptions {
             timeout: Duration::from_secs(5),
             readers: 4,
             poll: Duration::from_millis(250),
+            importing: false,
         }
     }
 }
@@ -189,6 +194,24 @@ impl PgStore {
             migrate(&mut client),
         )
         .await?;
+        if !options.importing {
+            let importing = within(options.timeout, "reading the store's state", async {
+                client
+                    .query_opt("SELECT value FROM skald.meta WHERE key = 'importing'", &[])
+                    .await
+                    .map_err(db_error)
+            })
+            .await?;
+            if let Some(row) = importing {
+                let from: String = row.get(0);
+                return Err(Error::InvalidConfig(format!(
+                    "a copy of the embedded store in {from} into PostgreSQL at {} has not \
+                     finished: run skald migrate again to finish it (or, to give it up, DELETE \
+                     FROM skald.meta WHERE key = 'importing')",
+                    options.url
+                )));
+            }
+        }
         let next = read_head(&client).await?;
         drop(client);
         let (head, _) = watch::channel(next);
