@@ -266,3 +266,54 @@ mod tests {
         );
     }
 }
+
+/// Append requests by result, as every backend counts them for `skald_appends_total`.
+#[derive(Debug, Default)]
+pub struct AppendOutcomes {
+    written: Counter,
+    replayed: Counter,
+    rejected: Counter,
+    failed: Counter,
+}
+
+impl AppendOutcomes {
+    /// No appends yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one append's outcome: the client's errors (a conflict, an invalid request) are
+    /// `rejected`, the store's `failed`.
+    pub fn count(&self, outcome: &crate::Result<crate::AppendResult>) {
+        use crate::Error;
+        match outcome {
+            Ok(result) if result.replayed => self.replayed.inc(),
+            Ok(_) => self.written.inc(),
+            Err(
+                Error::InvalidEvent { .. }
+                | Error::WrongExpectedRevision { .. }
+                | Error::ConditionFailed { .. }
+                | Error::IdReused { .. }
+                | Error::StreamNotFound(_),
+            ) => self.rejected.inc(),
+            Err(_) => self.failed.inc(),
+        }
+    }
+
+    /// Writes `skald_appends_total`.
+    pub fn write(&self, out: &mut Exposition) {
+        out.by_label(
+            "skald_appends_total",
+            Kind::Counter,
+            "Append requests by result: written, replayed (idempotent repeat), rejected (the \
+             client's: conflict or invalid), failed (the store's).",
+            "result",
+            &[
+                ("written", self.written.get() as f64),
+                ("replayed", self.replayed.get() as f64),
+                ("rejected", self.rejected.get() as f64),
+                ("failed", self.failed.get() as f64),
+            ],
+        );
+    }
+}

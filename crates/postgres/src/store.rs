@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use skald_core::metrics::{
+    AppendOutcomes, Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, SIZE_BOUNDS,
+};
 use skald_core::{
     AppendRequest, AppendResult, Clock, Direction, Durability, Error, EventData, EventId,
     EventStore, EventType, ExpectedRevision, Limits, MAX_READ_PAGE, MAX_READ_PAGE_BYTES, Metadata,
@@ -94,6 +97,18 @@ struct Shared {
     trouble: Mutex<Option<String>>,
     /// Set for good when the log was found shorter than this node had seen it.
     alarm: Mutex<Option<String>>,
+    metrics: PgMetrics,
+}
+
+/// What a node on PostgreSQL counts for `GET /metrics`: the names the embedded engine uses
+/// where the meaning is the same, and the append call's time in place of fdatasync's.
+struct PgMetrics {
+    outcomes: AppendOutcomes,
+    events_written: Counter,
+    batch_events: Histogram,
+    call_seconds: Histogram,
+    reads: Counter,
+    events_read: Counter,
 }
 
 enum Command {
@@ -226,6 +241,14 @@ impl PgStore {
             next_reader: AtomicUsize::new(0),
             trouble: Mutex::new(None),
             alarm: Mutex::new(None),
+            metrics: PgMetrics {
+                outcomes: AppendOutcomes::new(),
+                events_written: Counter::new(),
+                batch_events: Histogram::new(SIZE_BOUNDS),
+                call_seconds: Histogram::new(DURATION_BOUNDS),
+                reads: Counter::new(),
+                events_read: Counter::new(),
+            },
         });
         let (commands, receiver) = mpsc::channel(1024);
         let writer = tokio::spawn(run_writer(Arc::clone(&shared), receiver));
@@ -642,7 +665,22 @@ async fn run_writer(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) 
             }
         }
         let c = conn.as_ref().expect("connected above");
+        let started = std::time::Instant::now();
         let (outcomes, healthy) = send(&shared, c, &batch).await;
+        shared
+            .metrics
+            .call_seconds
+            .observe_duration(started.elapsed());
+        let written: usize = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok().filter(|r| !r.replayed))
+            .map(|r| (r.last_position.0 - r.first_position.0 + 1) as usize)
+            .sum();
+        shared.metrics.batch_events.observe(written as f64);
+        shared.metrics.events_written.add(written as u64);
+        for outcome in &outcomes {
+            shared.metrics.outcomes.count(outcome);
+        }
         // Committed: every position below the batch's last one is visible too.
         let next = outcomes
             .iter()
@@ -1136,12 +1174,18 @@ impl EventStore for PgStore {
 
     async fn read(&self, request: ReadRequest) -> Result<ReadPage, Error> {
         // A read may connect, then run a statement per query item: one deadline for all.
-        within(
+        let page = within(
             self.shared.options.timeout * 2,
             "reading",
             self.read_page(None, &request),
         )
-        .await
+        .await?;
+        self.shared.metrics.reads.inc();
+        self.shared
+            .metrics
+            .events_read
+            .add(page.events.len() as u64);
+        Ok(page)
     }
 
     async fn stream_head(&self, stream: &StreamName) -> Result<Option<StreamHead>, Error> {
@@ -1199,6 +1243,53 @@ impl EventStore for PgStore {
 
     fn limits(&self) -> &Limits {
         &self.shared.options.limits
+    }
+
+    fn write_metrics(&self, out: &mut Exposition) {
+        let m = &self.shared.metrics;
+        m.outcomes.write(out);
+        out.single(
+            "skald_events_written_total",
+            Kind::Counter,
+            "Events written.",
+            m.events_written.get() as f64,
+        );
+        out.family(
+            "skald_append_batch_events",
+            Kind::Histogram,
+            "Events per group commit (on PostgreSQL: per call of skald.append).",
+        );
+        out.histogram("skald_append_batch_events", &[], &m.batch_events);
+        out.family(
+            "skald_postgres_append_call_duration_seconds",
+            Kind::Histogram,
+            "Time one batch took on PostgreSQL: the call of skald.append, its commit, and the \
+             read of retries' events.",
+        );
+        out.histogram(
+            "skald_postgres_append_call_duration_seconds",
+            &[],
+            &m.call_seconds,
+        );
+        out.single(
+            "skald_reads_total",
+            Kind::Counter,
+            "Read pages served (stream, category, query and global-log reads, subscriptions' \
+             catch-up included).",
+            m.reads.get() as f64,
+        );
+        out.single(
+            "skald_events_read_total",
+            Kind::Counter,
+            "Events returned by reads.",
+            m.events_read.get() as f64,
+        );
+        out.single(
+            "skald_events_stored",
+            Kind::Gauge,
+            "Events in the store; the next append's position (as this node last saw it).",
+            *self.shared.head.borrow() as f64,
+        );
     }
 
     fn readiness(&self) -> Result<(), String> {

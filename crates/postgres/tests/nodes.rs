@@ -765,7 +765,10 @@ async fn postgres_restarted_under_load_loses_no_acknowledged_append() {
         acknowledged.extend(a);
         refused += r;
     }
-    assert!(refused > 0, "no append met the restart; the test proves nothing");
+    assert!(
+        refused > 0,
+        "no append met the restart; the test proves nothing"
+    );
     let log = read_all(&nodes[0]).await;
     let at: HashMap<EventId, u64> = log.iter().map(|e| (e.id, e.position.0)).collect();
     assert_eq!(at.len(), log.len(), "an id is stored twice");
@@ -773,10 +776,59 @@ async fn postgres_restarted_under_load_loses_no_acknowledged_append() {
         assert_eq!(e.position.0, i as u64, "positions have a hole");
     }
     for (id, position) in &acknowledged {
-        assert_eq!(at.get(id), Some(&position.0), "acknowledged {id} lost or moved");
+        assert_eq!(
+            at.get(id),
+            Some(&position.0),
+            "acknowledged {id} lost or moved"
+        );
     }
-    assert!(acknowledged.len() > 50, "only {} appends were acknowledged", acknowledged.len());
+    assert!(
+        acknowledged.len() > 50,
+        "only {} appends were acknowledged",
+        acknowledged.len()
+    );
     for store in nodes.iter() {
         store.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_counts_its_appends_batches_and_reads_for_metrics() {
+    let cluster = Cluster::start();
+    let url = database(&cluster, "metrics").await;
+    let store = node(&url).await;
+    let request = AppendRequest {
+        stream: StreamName::new("order-1").unwrap(),
+        expected: ExpectedRevision::NoStream,
+        condition: None,
+        events: vec![event(1), event(2)],
+    };
+    store.append(request.clone()).await.unwrap();
+    store.append(request.clone()).await.unwrap(); // a replay
+    assert!(
+        store
+            .append(AppendRequest {
+                events: vec![event(3)],
+                ..request
+            })
+            .await
+            .is_err()
+    ); // the stream exists: rejected
+    read_all(&store).await;
+    let mut out = skald_core::metrics::Exposition::new();
+    store.write_metrics(&mut out);
+    let text = out.finish();
+    for line in [
+        "skald_appends_total{result=\"written\"} 1",
+        "skald_appends_total{result=\"replayed\"} 1",
+        "skald_appends_total{result=\"rejected\"} 1",
+        "skald_appends_total{result=\"failed\"} 0",
+        "skald_events_written_total 2",
+        "skald_events_read_total 2",
+        "skald_events_stored 2",
+        "skald_postgres_append_call_duration_seconds_count 3",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    store.shutdown().await;
 }

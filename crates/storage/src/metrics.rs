@@ -1,6 +1,8 @@
 //! What the embedded engine counts for `GET /metrics`, and its readiness checks.
 
-use skald_core::metrics::{Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, SIZE_BOUNDS};
+use skald_core::metrics::{
+    AppendOutcomes, Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, SIZE_BOUNDS,
+};
 
 /// Below this much free space on the data directory's disk (or 5% of a disk smaller than
 /// 1.25 GiB) the store reports itself not ready, before appends start failing with
@@ -14,10 +16,7 @@ pub(crate) fn disk_low(disk: &crate::io::DiskSpace) -> bool {
 
 /// Counters updated by the writer and readers; read when `/metrics` is scraped.
 pub(crate) struct StorageMetrics {
-    pub written: Counter,
-    pub replayed: Counter,
-    pub rejected: Counter,
-    pub failed: Counter,
+    pub outcomes: AppendOutcomes,
     pub events_written: Counter,
     pub bytes_written: Counter,
     pub batch_events: Histogram,
@@ -29,10 +28,7 @@ pub(crate) struct StorageMetrics {
 impl StorageMetrics {
     pub fn new() -> Self {
         Self {
-            written: Counter::new(),
-            replayed: Counter::new(),
-            rejected: Counter::new(),
-            failed: Counter::new(),
+            outcomes: AppendOutcomes::new(),
             events_written: Counter::new(),
             bytes_written: Counter::new(),
             batch_events: Histogram::new(SIZE_BOUNDS),
@@ -44,35 +40,11 @@ impl StorageMetrics {
 
     /// Counts one append's outcome.
     pub fn count_outcome(&self, outcome: &Result<skald_core::AppendResult, skald_core::Error>) {
-        use skald_core::Error;
-        match outcome {
-            Ok(result) if result.replayed => self.replayed.inc(),
-            Ok(_) => self.written.inc(),
-            Err(
-                Error::InvalidEvent { .. }
-                | Error::WrongExpectedRevision { .. }
-                | Error::ConditionFailed { .. }
-                | Error::IdReused { .. }
-                | Error::StreamNotFound(_),
-            ) => self.rejected.inc(),
-            Err(_) => self.failed.inc(),
-        }
+        self.outcomes.count(outcome);
     }
 
     pub fn write(&self, out: &mut Exposition, head: u64, storage_bytes: u64, free: Option<u64>) {
-        out.by_label(
-            "skald_appends_total",
-            Kind::Counter,
-            "Append requests by result: written, replayed (idempotent repeat), rejected (the \
-             client's: conflict or invalid), failed (the store's).",
-            "result",
-            &[
-                ("written", self.written.get() as f64),
-                ("replayed", self.replayed.get() as f64),
-                ("rejected", self.rejected.get() as f64),
-                ("failed", self.failed.get() as f64),
-            ],
-        );
+        self.outcomes.write(out);
         out.single(
             "skald_events_written_total",
             Kind::Counter,
