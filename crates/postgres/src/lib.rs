@@ -4,6 +4,7 @@
 //! `EventStore` over it, which any number of nodes may open on one database.
 
 mod import;
+mod lease;
 mod schema;
 mod store;
 mod tls;
@@ -18,6 +19,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{AsyncMessage, Client, Connection};
 
 pub use import::Importer;
+pub use lease::{Held, Lease};
 pub use tls::RustlsConnector;
 
 pub use schema::{SCHEMA_VERSION, migrate};
