@@ -830,5 +830,18 @@ async fn a_node_counts_its_appends_batches_and_reads_for_metrics() {
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
+    // What docs/observability.md lists for PostgreSQL is what a node writes.
+    let docs = include_str!("../../../docs/observability.md");
+    let documented: HashSet<&str> = docs
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("skald_postgres_"))
+        .collect();
+    assert!(!documented.is_empty());
+    for name in documented {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "docs/observability.md lists {name}, which a node does not write"
+        );
+    }
     store.shutdown().await;
 }

@@ -398,6 +398,11 @@ fn metric_names(text: &str) -> HashSet<String> {
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
+        // Past the middle of a character (an ellipsis in the prose): not a name's start.
+        if !text.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
         let rest = &text[i..];
         let starts = rest.starts_with("skald_") || rest.starts_with("process_");
         let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
@@ -439,8 +444,11 @@ async fn the_dashboard_and_the_alerts_use_only_metrics_the_server_exposes() {
         "docs/observability.md",
     ] {
         let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
-        let used = metric_names(&text);
+        let mut used = metric_names(&text);
         assert!(!used.is_empty(), "{file} names no metric");
+        // A node on PostgreSQL writes these instead of the disk's; crates/postgres checks
+        // them against its own exposition.
+        used.retain(|name| !name.starts_with("skald_postgres_"));
         let unknown: Vec<_> = used.difference(&exposed).collect();
         assert!(
             unknown.is_empty(),
