@@ -99,11 +99,7 @@ async fn read_all(url: &str) -> Vec<RecordedEvent> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_on_one_postgres_lose_nothing_when_one_is_killed() {
     let cluster = cluster::Cluster::start();
-    let admin =
-        skald_postgres::connect(&skald_postgres::PgUrl::parse(&cluster.url("postgres")).unwrap())
-            .await
-            .unwrap();
-    admin.batch_execute("CREATE DATABASE skald").await.unwrap();
+    cluster.database("skald").await;
     let url = cluster.postgres_url("skald");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let nodes: Vec<Server> = dirs
@@ -367,11 +363,7 @@ async fn a_node_cut_off_from_postgres_answers_503_in_time_and_rejoins() {
     use std::time::Instant;
     let partition = Partition::new();
     let cluster = cluster::Cluster::start_in_netns(&partition.db, "10.201.0.1", "10.201.0.0/24");
-    let admin =
-        skald_postgres::connect(&skald_postgres::PgUrl::parse(&cluster.url("postgres")).unwrap())
-            .await
-            .unwrap();
-    admin.batch_execute("CREATE DATABASE skald").await.unwrap();
+    cluster.database("skald").await;
     let dir = tempfile::tempdir().unwrap();
     let node = serve_in(
         &partition,
@@ -534,15 +526,9 @@ async fn read_embedded(dir: &std::path::Path) -> Vec<RecordedEvent> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_copies_an_embedded_store_resumes_and_refuses_another_store() {
     let cluster = cluster::Cluster::start();
-    let admin =
-        skald_postgres::connect(&skald_postgres::PgUrl::parse(&cluster.url("postgres")).unwrap())
-            .await
-            .unwrap();
+    let admin = cluster.admin().await;
     for name in ["moved", "other"] {
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
+        cluster.database(name).await;
     }
     let embedded = tempfile::tempdir().unwrap();
     fill_embedded(embedded.path(), 0, 50).await;

@@ -29,15 +29,8 @@ mod cluster;
 /// A [`skald_postgres::PgStore`] on a new database `name` of `cluster`, without waiting for
 /// commits to reach the disk (tests only).
 async fn pg_store(cluster: &cluster::Cluster, name: &str) -> skald_postgres::PgStore {
-    use skald_postgres::{PgOptions, PgStore, PgUrl, connect};
-    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let mut options = PgOptions::new(PgUrl::parse(&cluster.url(name)).unwrap());
+    use skald_postgres::{PgOptions, PgStore};
+    let mut options = PgOptions::new(cluster.database(name).await);
     options.durability = skald_core::Durability::None;
     PgStore::open(options).await.unwrap()
 }

@@ -317,3 +317,76 @@ impl AppendOutcomes {
         );
     }
 }
+
+/// What every backend counts under the same names: append outcomes, events written, events
+/// per group commit, read pages and the events they returned. Dashboards and alerts work on
+/// either backend because both write these through [`StoreCounters::write`].
+#[derive(Debug)]
+pub struct StoreCounters {
+    /// Append requests by result.
+    pub outcomes: AppendOutcomes,
+    /// Events written.
+    pub events_written: Counter,
+    /// Events per group commit.
+    pub batch_events: Histogram,
+    /// Read pages served.
+    pub reads: Counter,
+    /// Events those reads returned.
+    pub events_read: Counter,
+}
+
+impl Default for StoreCounters {
+    fn default() -> Self {
+        Self {
+            outcomes: AppendOutcomes::new(),
+            events_written: Counter::new(),
+            batch_events: Histogram::new(SIZE_BOUNDS),
+            reads: Counter::new(),
+            events_read: Counter::new(),
+        }
+    }
+}
+
+impl StoreCounters {
+    /// Nothing counted yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes the families, and `skald_events_stored` from `head` (the next position).
+    pub fn write(&self, out: &mut Exposition, head: u64) {
+        self.outcomes.write(out);
+        out.single(
+            "skald_events_written_total",
+            Kind::Counter,
+            "Events written.",
+            self.events_written.get() as f64,
+        );
+        out.family(
+            "skald_append_batch_events",
+            Kind::Histogram,
+            "Events per group commit: one write and one fdatasync on the embedded engine, one \
+             call of the append function on PostgreSQL.",
+        );
+        out.histogram("skald_append_batch_events", &[], &self.batch_events);
+        out.single(
+            "skald_reads_total",
+            Kind::Counter,
+            "Read pages served (stream, category, query and global-log reads, subscriptions' \
+             catch-up included).",
+            self.reads.get() as f64,
+        );
+        out.single(
+            "skald_events_read_total",
+            Kind::Counter,
+            "Events returned by reads.",
+            self.events_read.get() as f64,
+        );
+        out.single(
+            "skald_events_stored",
+            Kind::Gauge,
+            "Events in the store; the next append's position.",
+            head as f64,
+        );
+    }
+}

@@ -3,11 +3,15 @@
 //! start under a lock so that nodes starting together do not race; and [`PgStore`], the
 //! `EventStore` over it, which any number of nodes may open on one database.
 
+mod conn;
 mod import;
 mod lease;
 mod schema;
+mod shared;
 mod store;
+mod tailer;
 mod tls;
+mod writer;
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,8 +26,9 @@ pub use import::Importer;
 pub use lease::{Held, Lease};
 pub use tls::RustlsConnector;
 
+pub use conn::PgOptions;
 pub use schema::{SCHEMA_VERSION, migrate};
-pub use store::{PgOptions, PgStore};
+pub use store::PgStore;
 /// The PostgreSQL client this crate speaks with.
 pub use tokio_postgres;
 
@@ -66,8 +71,8 @@ impl PgUrl {
         }
         let mut shown = shown(&config);
         let tls = match tls {
-            None => None,
-            Some(ca) => {
+            Tls::Off => None,
+            Tls::Verify { ca } => {
                 shown.push_str("?sslmode=verify-full");
                 Some(RustlsConnector::new(
                     ca.as_deref().map(std::path::Path::new),
@@ -186,10 +191,17 @@ where
     woken
 }
 
+/// What a URL asks of TLS.
+enum Tls {
+    /// No TLS.
+    Off,
+    /// TLS, checking the server against the CA file `ca`, or the system's roots.
+    Verify { ca: Option<String> },
+}
+
 /// `url` without the TLS settings tokio-postgres does not know (`sslmode=verify-full`,
-/// `sslrootcert`), and whether TLS is asked for, with its CA file if one is named.
-#[allow(clippy::type_complexity)]
-fn take_tls_settings(url: &str) -> Result<(String, Option<Option<String>>), Error> {
+/// `sslrootcert`), and what it asks of TLS.
+fn take_tls_settings(url: &str) -> Result<(String, Tls), Error> {
     let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
     let (head, params): (&str, Vec<&str>) = if is_url {
         match url.split_once('?') {
@@ -250,7 +262,7 @@ fn take_tls_settings(url: &str) -> Result<(String, Option<Option<String>>), Erro
     } else {
         kept.join(" ")
     };
-    Ok((rebuilt, tls.then_some(ca)))
+    Ok((rebuilt, if tls { Tls::Verify { ca } } else { Tls::Off }))
 }
 
 /// `%XX` escapes decoded (the URL form of a socket directory or a CA file's path).

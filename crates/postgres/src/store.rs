@@ -3,79 +3,29 @@
 //! small pool of connections, and a tailer follows the head row (woken by `LISTEN`, polled as
 //! the guarantee) so that `wait_for_append` sees appends made on any node.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use skald_core::metrics::{
-    AppendOutcomes, Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, SIZE_BOUNDS,
-};
+use skald_core::metrics::{DURATION_BOUNDS, Exposition, Histogram, Kind, StoreCounters};
 use skald_core::{
-    AppendRequest, AppendResult, Clock, Direction, Durability, Error, EventData, EventId,
-    EventStore, EventType, ExpectedRevision, Limits, MAX_READ_PAGE, MAX_READ_PAGE_BYTES, Metadata,
-    Position, Query, QueryItem, ReadPage, ReadRequest, ReadSource, RecordedEvent, Revision,
-    StoreInfo, StreamHead, StreamName, SystemClock, Tag, Timestamp, merge_query_items,
-    truncate_to_budget,
+    AppendRequest, AppendResult, Clock, Direction, Error, EventStore, EventType, Limits,
+    MAX_READ_PAGE, MAX_READ_PAGE_BYTES, Position, Query, QueryItem, ReadPage, ReadRequest,
+    ReadSource, RecordedEvent, Revision, StoreInfo, StreamHead, StreamName, SystemClock, Tag,
+    merge_query_items, truncate_to_budget,
 };
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::{Client, Row, Statement, types::ToSql};
+use tokio_postgres::{Row, types::ToSql};
 
-use crate::{PgUrl, describe, migrate};
-
-/// How a node uses its PostgreSQL.
-#[derive(Clone, Debug)]
-pub struct PgOptions {
-    /// Where the database is.
-    pub url: PgUrl,
-    /// `Fsync` commits with `synchronous_commit = on` (durable when answered); `None` with
-    /// `off` (for tests and benchmarks).
-    pub durability: Durability,
-    /// The limits appends are checked against, as on the embedded engine.
-    pub limits: Limits,
-    /// The deadline of every database call, connecting included. A call that runs out is
-    /// answered [`Error::Unavailable`].
-    pub timeout: Duration,
-    /// Connections for reads (appends have one of their own, the tailer another).
-    pub readers: usize,
-    /// How often the tailer reads the head when no notification wakes it.
-    pub poll: Duration,
-    /// Open even while `skald migrate` is importing into the store (for `skald migrate`
-    /// itself); every other node refuses to start then.
-    #[doc(hidden)]
-    pub importing: bool,
-}
-
-impl PgOptions {
-    /// The defaults for `url`: durable, default limits, 5 s deadlines, 4 readers, 250 ms polls.
-    pub fn new(url: PgUrl) -> Self {
-        Self {
-            url,
-            durability: Durability::Fsync,
-            limits: Limits::default(),
-            timeout: Duration::from_secs(5),
-            readers: 4,
-            poll: Duration::from_millis(250),
-            importing: false,
-        }
-    }
-}
+use crate::conn::{
+    COLUMNS, Conn, PgOptions, corrupt, db_error, db_u64, event_of, read_head, within,
+};
+use crate::migrate;
+use crate::shared::{PgMetrics, Shared};
+use crate::tailer::run_tailer;
+use crate::writer::{Command, run_writer};
 
 /// Where [`PgStore::explain`] collects plans; `None` runs the statements.
 type Plans<'a> = Option<&'a Mutex<Vec<String>>>;
-
-/// Most appends one call of `skald.append` takes.
-const MAX_BATCH_APPENDS: usize = 256;
-/// About the most event bytes one call takes (a batch always takes its first append).
-const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
-/// About the most events one call takes: one call holds the append lock of every node.
-const MAX_BATCH_EVENTS: usize = 4096;
-/// The notification channel appends are announced on, after their commit.
-const CHANNEL: &str = "skald_appended";
-
-/// The columns of an event, in the order [`event_of`] reads them.
-const COLUMNS: &str =
-    "position, stream, revision, id, type, content_type, data, metadata, tags, source, recorded_at";
 
 /// An [`EventStore`] on PostgreSQL. Any number of nodes may open the same database.
 pub struct PgStore {
@@ -83,91 +33,6 @@ pub struct PgStore {
     commands: mpsc::Sender<Command>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     tailer: tokio::task::JoinHandle<()>,
-}
-
-struct Shared {
-    options: PgOptions,
-    clock: Arc<dyn Clock>,
-    /// The next position as this node knows it: every event before it is committed.
-    head: watch::Sender<u64>,
-    readers: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
-    next_reader: AtomicUsize,
-    /// Why the tailer, which reads the head every poll interval, cannot reach the database
-    /// now: what `/health/ready` answers.
-    trouble: Mutex<Option<String>>,
-    /// Set for good when the log was found shorter than this node had seen it.
-    alarm: Mutex<Option<String>>,
-    metrics: PgMetrics,
-}
-
-/// What a node on PostgreSQL counts for `GET /metrics`: the names the embedded engine uses
-/// where the meaning is the same, and the append call's time in place of fdatasync's.
-struct PgMetrics {
-    outcomes: AppendOutcomes,
-    events_written: Counter,
-    batch_events: Histogram,
-    call_seconds: Histogram,
-    reads: Counter,
-    events_read: Counter,
-}
-
-enum Command {
-    Append {
-        request: AppendRequest,
-        reply: oneshot::Sender<Result<AppendResult, Error>>,
-    },
-    Close,
-}
-
-/// One connection with the statements it has prepared.
-struct Conn {
-    client: Client,
-    prepared: Mutex<HashMap<String, Statement>>,
-}
-
-impl Conn {
-    /// Connects and sets the session up: READ COMMITTED whatever the role's default (the
-    /// append function's argument needs a fresh snapshot per statement), and the node's
-    /// deadline as the statement and lock timeouts, so that a call the node gave up on does
-    /// not go on working, or waiting for the append lock, on the server.
-    async fn open(options: &PgOptions) -> Result<Self, Error> {
-        within(options.timeout, "connecting", async {
-            let client = crate::connect(&options.url).await?;
-            let ms = options.timeout.as_millis().max(1);
-            client
-                .batch_execute(&format!(
-                    "SET default_transaction_isolation = 'read committed'; \
-                     SET statement_timeout = {ms}; SET lock_timeout = {ms}"
-                ))
-                .await
-                .map_err(db_error)?;
-            Ok(Self {
-                client,
-                prepared: Mutex::new(HashMap::new()),
-            })
-        })
-        .await
-    }
-
-    async fn statement(&self, sql: &str) -> Result<Statement, Error> {
-        if let Some(statement) = self.prepared.lock().expect("prepared lock").get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = self.client.prepare(sql).await.map_err(db_error)?;
-        self.prepared
-            .lock()
-            .expect("prepared lock")
-            .insert(sql.to_owned(), statement.clone());
-        Ok(statement)
-    }
-
-    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
-        let statement = self.statement(sql).await?;
-        self.client
-            .query(&statement, params)
-            .await
-            .map_err(db_error)
-    }
 }
 
 impl PgStore {
@@ -242,12 +107,8 @@ impl PgStore {
             trouble: Mutex::new(None),
             alarm: Mutex::new(None),
             metrics: PgMetrics {
-                outcomes: AppendOutcomes::new(),
-                events_written: Counter::new(),
-                batch_events: Histogram::new(SIZE_BOUNDS),
+                store: StoreCounters::new(),
                 call_seconds: Histogram::new(DURATION_BOUNDS),
-                reads: Counter::new(),
-                events_read: Counter::new(),
             },
         });
         let (commands, receiver) = mpsc::channel(1024);
@@ -268,11 +129,6 @@ impl PgStore {
             let _ = writer.await;
         }
         self.tailer.abort();
-    }
-
-    /// Where the store is, without the password.
-    pub fn url(&self) -> &PgUrl {
-        &self.shared.options.url
     }
 
     /// A reader connection and its slot, connecting when the slot is empty or closed.
@@ -469,25 +325,6 @@ impl Drop for PgStore {
     }
 }
 
-impl Shared {
-    fn failed(&self, e: &Error) {
-        *self.trouble.lock().expect("trouble lock") = Some(e.to_string());
-    }
-
-    fn recovered(&self) {
-        *self.trouble.lock().expect("trouble lock") = None;
-    }
-
-    /// Moves this node's head forward to `next` (never back).
-    fn advance(&self, next: u64) {
-        self.head.send_if_modified(|head| {
-            let moved = next > *head;
-            *head = (*head).max(next);
-            moved
-        });
-    }
-}
-
 /// A read of `skald.events` rows matching `filter`, in `order`, at most `$last` of them (the
 /// last parameter), cut where the page's bytes pass [`MAX_READ_PAGE_BYTES`].
 fn paged(filter: &str, order: &str) -> String {
@@ -510,638 +347,6 @@ fn paged_from(inner: &str, order: &str) -> String {
          sized WHERE before < {MAX_READ_PAGE_BYTES} ORDER BY {order}"
     )
 }
-
-/// A row of [`COLUMNS`] as an event.
-fn event_of(row: &Row) -> Result<RecordedEvent, Error> {
-    let get_u64 = |i: usize| -> Result<u64, Error> {
-        let value: i64 = row.try_get(i).map_err(db_error)?;
-        u64::try_from(value).map_err(|_| corrupt(format!("column {i} holds {value}")))
-    };
-    let text = |i: usize| -> Result<String, Error> { row.try_get(i).map_err(db_error) };
-    let tags: Vec<String> = row.try_get(8).map_err(db_error)?;
-    let id: uuid::Uuid = row.try_get(3).map_err(db_error)?;
-    Ok(RecordedEvent {
-        position: Position(get_u64(0)?),
-        stream: StreamName::from_stored(text(1)?),
-        revision: Revision(get_u64(2)?),
-        id: EventId(id),
-        event_type: EventType::from_stored(text(4)?),
-        data: EventData::from_stored(text(5)?, row.try_get(6).map_err(db_error)?),
-        metadata: Metadata::from_stored(text(7)?),
-        tags: tags.into_iter().map(Tag::from_stored).collect(),
-        source: row.try_get(9).map_err(db_error)?,
-        recorded_at: Timestamp(row.try_get(10).map_err(db_error)?),
-    })
-}
-
-fn corrupt(reason: String) -> Error {
-    Error::Corruption {
-        file: "skald.events".to_owned(),
-        offset: 0,
-        reason,
-    }
-}
-
-/// A position or revision as PostgreSQL's `bigint` (which holds every one a store can reach).
-fn db_u64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-async fn read_head(client: &Client) -> Result<u64, Error> {
-    let row = client
-        .query_one("SELECT next_position FROM skald.head WHERE id = 1", &[])
-        .await
-        .map_err(db_error)?;
-    let next: i64 = row.get(0);
-    u64::try_from(next).map_err(|_| corrupt(format!("the head row holds {next}")))
-}
-
-/// A database error as the store's error: a lost connection, a shutdown or a timeout is
-/// `Unavailable` (retry), a full disk `StorageFull`, anything else `Io`.
-fn db_error(e: tokio_postgres::Error) -> Error {
-    let text = format!("PostgreSQL: {}", describe(&e));
-    match e.code().map(|c| c.code()) {
-        Some("53100") => Error::StorageFull(text),
-        // A lost connection, a shutdown, a cancelled statement, too many connections, a
-        // standby that cannot write (after a failover), a serialization failure, a deadlock, a
-        // lock not available: all pass, so the caller may try again.
-        Some(code)
-            if code.starts_with("08")
-                || code.starts_with("57")
-                || matches!(code, "53300" | "25006" | "40001" | "40P01" | "55P03") =>
-        {
-            Error::Unavailable(text)
-        }
-        Some(_) => Error::Io(text),
-        None if e.is_closed() || e.as_db_error().is_none() => Error::Unavailable(text),
-        None => Error::Io(text),
-    }
-}
-
-/// `work` within `deadline`, or `Unavailable` naming what ran out of time.
-async fn within<T>(
-    deadline: Duration,
-    what: &str,
-    work: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    match tokio::time::timeout(deadline, work).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Unavailable(format!(
-            "PostgreSQL did not answer within {} ms while {what}",
-            deadline.as_millis()
-        ))),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The writer
-
-/// One append waiting for its batch.
-struct Pending {
-    request: AppendRequest,
-    reply: oneshot::Sender<Result<AppendResult, Error>>,
-}
-
-async fn run_writer(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>) {
-    let mut conn: Option<Conn> = None;
-    let mut closing = false;
-    // An append that would have put an id in a batch twice waits for the next batch: the
-    // append function checks ids against what was stored before the batch only.
-    let mut carried: Option<Pending> = None;
-    while !closing || carried.is_some() {
-        let mut batch = Vec::new();
-        let mut ids = std::collections::HashSet::new();
-        let (mut bytes, mut events) = (0, 0);
-        let first = match carried.take() {
-            Some(pending) => pending,
-            None => match commands.recv().await {
-                None | Some(Command::Close) => break,
-                Some(Command::Append { request, reply }) => Pending { request, reply },
-            },
-        };
-        bytes += request_bytes(&first.request);
-        events += first.request.events.len();
-        ids.extend(first.request.events.iter().map(|e| e.id));
-        batch.push(first);
-        while !closing
-            && batch.len() < MAX_BATCH_APPENDS
-            && bytes < MAX_BATCH_BYTES
-            && events < MAX_BATCH_EVENTS
-        {
-            match commands.try_recv() {
-                Ok(Command::Append { request, reply }) => {
-                    if request.events.iter().any(|e| ids.contains(&e.id)) {
-                        carried = Some(Pending { request, reply });
-                        break;
-                    }
-                    bytes += request_bytes(&request);
-                    events += request.events.len();
-                    ids.extend(request.events.iter().map(|e| e.id));
-                    batch.push(Pending { request, reply });
-                }
-                Ok(Command::Close) => {
-                    closing = true;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        // A caller that gave up while its append waited (it was answered "unavailable") is
-        // not sent: what it was told stays true, and a retry of it finds nothing.
-        batch.retain(|pending| !pending.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
-            conn = None;
-            match writer_conn(&shared.options).await {
-                Ok(c) => conn = Some(c),
-                Err(e) => {
-                    for pending in batch {
-                        let _ = pending.reply.send(Err(e.clone()));
-                    }
-                    continue;
-                }
-            }
-        }
-        let c = conn.as_ref().expect("connected above");
-        let started = std::time::Instant::now();
-        let (outcomes, healthy) = send(&shared, c, &batch).await;
-        shared
-            .metrics
-            .call_seconds
-            .observe_duration(started.elapsed());
-        let written: usize = outcomes
-            .iter()
-            .filter_map(|o| o.as_ref().ok().filter(|r| !r.replayed))
-            .map(|r| (r.last_position.0 - r.first_position.0 + 1) as usize)
-            .sum();
-        shared.metrics.batch_events.observe(written as f64);
-        shared.metrics.events_written.add(written as u64);
-        for outcome in &outcomes {
-            shared.metrics.outcomes.count(outcome);
-        }
-        // Committed: every position below the batch's last one is visible too.
-        let next = outcomes
-            .iter()
-            .filter_map(|o| o.as_ref().ok().filter(|r| !r.replayed))
-            .map(|r| r.last_position.0 + 1)
-            .max();
-        if let Some(next) = next {
-            shared.advance(next);
-        }
-        for (pending, outcome) in batch.into_iter().zip(outcomes) {
-            let _ = pending.reply.send(outcome);
-        }
-        let mut healthy = healthy;
-        if let (Some(next), true) = (next, healthy) {
-            // Announced after the commit, in a statement of its own: a notification never
-            // names an event that could still roll back. Lost ones are made up for by the
-            // other nodes' polls.
-            let payload = next.to_string();
-            let params: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &payload];
-            let notified = within(
-                shared.options.timeout,
-                "notifying",
-                c.query(NOTIFY, &params),
-            )
-            .await;
-            healthy = !matches!(notified, Err(Error::Unavailable(_)));
-        }
-        if !healthy {
-            // A connection that ran out of time may still be working, or be gone: the next
-            // batch connects afresh.
-            conn = None;
-        }
-    }
-}
-
-/// Sends `batch` and answers each append, with whether the connection is still fit for the
-/// next batch. A call that fails for a reason that would fail it again (not a lost
-/// connection) is tried again one append at a time, so that one bad append fails alone.
-async fn send(
-    shared: &Shared,
-    conn: &Conn,
-    batch: &[Pending],
-) -> (Vec<Result<AppendResult, Error>>, bool) {
-    let timeout = shared.options.timeout;
-    let unknown = |reason: String| {
-        // The call may have committed or not: the caller's retry with the same ids finds out.
-        Error::Unavailable(format!(
-            "{reason}; the events of this request may or may not be stored: retry with the \
-             same event ids to find out"
-        ))
-    };
-    match within(timeout, "appending", write_batch(shared, conn, batch)).await {
-        Ok(answers) => (decide(shared, conn, batch, answers).await, true),
-        Err(Error::Unavailable(reason)) => (vec![Err(unknown(reason)); batch.len()], false),
-        Err(e) if batch.len() == 1 => (vec![Err(e)], true),
-        Err(_) => {
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for (i, pending) in batch.iter().enumerate() {
-                let one = std::slice::from_ref(pending);
-                match within(timeout, "appending", write_batch(shared, conn, one)).await {
-                    Ok(answers) => outcomes.extend(decide(shared, conn, one, answers).await),
-                    Err(Error::Unavailable(reason)) => {
-                        let e = unknown(reason);
-                        outcomes.extend((i..batch.len()).map(|_| Err(e.clone())));
-                        return (outcomes, false);
-                    }
-                    Err(e) => outcomes.push(Err(e)),
-                }
-            }
-            (outcomes, true)
-        }
-    }
-}
-
-/// The writer's connection, with the commit durability the options ask for.
-async fn writer_conn(options: &PgOptions) -> Result<Conn, Error> {
-    let conn = Conn::open(options).await?;
-    let setting = match options.durability {
-        Durability::Fsync => "on",
-        Durability::None => "off",
-    };
-    within(options.timeout, "setting up the writer", async {
-        conn.client
-            .batch_execute(&format!(
-                "SET synchronous_commit = {setting}; SET application_name = 'skald writer'"
-            ))
-            .await
-            .map_err(db_error)
-    })
-    .await?;
-    Ok(conn)
-}
-
-fn request_bytes(request: &AppendRequest) -> usize {
-    request.events.iter().map(|e| e.size_bytes()).sum()
-}
-
-/// The batch as the arrays `skald.append` takes.
-#[derive(Default)]
-struct Arrays {
-    stream: Vec<String>,
-    category: Vec<String>,
-    expected: Vec<i64>,
-    count: Vec<i32>,
-    condition: Vec<Option<String>>,
-    id: Vec<uuid::Uuid>,
-    event_type: Vec<String>,
-    content_type: Vec<String>,
-    data: Vec<Vec<u8>>,
-    metadata: Vec<String>,
-    source: Vec<Option<String>>,
-    tag_count: Vec<i32>,
-    tag: Vec<String>,
-}
-
-impl Arrays {
-    fn push(&mut self, request: &AppendRequest) {
-        self.stream.push(request.stream.as_str().to_owned());
-        self.category.push(request.stream.category_str().to_owned());
-        self.expected.push(match request.expected {
-            ExpectedRevision::Any => -1,
-            ExpectedRevision::NoStream => -2,
-            ExpectedRevision::StreamExists => -3,
-            ExpectedRevision::Exact(r) => db_u64(r.0),
-        });
-        self.count.push(request.events.len() as i32);
-        self.condition.push(request.condition.as_ref().map(|c| {
-            serde_json::json!({
-                // A position past any stored one matches nothing, as a larger one would.
-                "after": c.after.map(|p| p.0.min(i64::MAX as u64 - 1)),
-                "items": c.query.items,
-            })
-            .to_string()
-        }));
-        for event in &request.events {
-            self.id.push(event.id.0);
-            self.event_type.push(event.event_type.as_str().to_owned());
-            self.content_type.push(event.data.content_type().to_owned());
-            self.data.push(event.data.bytes().to_vec());
-            self.metadata.push(event.metadata.as_str().to_owned());
-            self.source.push(event.source.clone());
-            self.tag_count.push(event.tags.len() as i32);
-            self.tag
-                .extend(event.tags.iter().map(|t| t.as_str().to_owned()));
-        }
-    }
-}
-
-const NOTIFY: &str = "SELECT pg_notify($1, $2)";
-
-const APPEND: &str = "SELECT kind, at, revision, stored FROM skald.append(\
-    $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
-
-/// Sends one batch and turns each append's answer into its outcome.
-async fn write_batch(
-    shared: &Shared,
-    conn: &Conn,
-    batch: &[Pending],
-) -> Result<Vec<Answer>, Error> {
-    let mut a = Arrays::default();
-    for pending in batch {
-        a.push(&pending.request);
-    }
-    let now = shared.clock.now().0;
-    let rows = conn
-        .query(
-            APPEND,
-            &[
-                &now,
-                &a.stream,
-                &a.category,
-                &a.expected,
-                &a.count,
-                &a.condition,
-                &a.id,
-                &a.event_type,
-                &a.content_type,
-                &a.data,
-                &a.metadata,
-                &a.source,
-                &a.tag_count,
-                &a.tag,
-            ],
-        )
-        .await?;
-    if rows.len() != batch.len() {
-        return Err(Error::Io(format!(
-            "skald.append answered {} rows for {} appends",
-            rows.len(),
-            batch.len()
-        )));
-    }
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (pending, row) in batch.iter().zip(&rows) {
-        let request = &pending.request;
-        let kind: &str = row.get(0);
-        let at: Option<i64> = row.get(1);
-        let revision: Option<i64> = row.get(2);
-        let outcome = match kind {
-            "ok" => {
-                let (first, revision) = (at.unwrap_or(0) as u64, revision.unwrap_or(0) as u64);
-                let last = request.events.len() as u64 - 1;
-                Ok(AppendResult {
-                    first_position: Position(first),
-                    last_position: Position(first + last),
-                    first_revision: Revision(revision),
-                    last_revision: Revision(revision + last),
-                    replayed: false,
-                })
-            }
-            "wrong-revision" => Err(Error::WrongExpectedRevision {
-                stream: request.stream.clone(),
-                expected: request.expected,
-                actual: revision.map(|r| Revision(r as u64)),
-            }),
-            "condition-failed" => Err(Error::ConditionFailed {
-                position: Position(at.unwrap_or(0) as u64),
-            }),
-            "stored" => {
-                outcomes.push(Answer::Stored(row.get(3)));
-                continue;
-            }
-            other => {
-                return Err(Error::Io(format!(
-                    "skald.append answered {other:?}, which this Skald does not know"
-                )));
-            }
-        };
-        outcomes.push(Answer::Done(outcome));
-    }
-    Ok(outcomes)
-}
-
-/// What `skald.append` answered for one append.
-enum Answer {
-    /// Decided: written, or refused.
-    Done(Result<AppendResult, Error>),
-    /// Some of its ids are stored, at these positions: a retry, or a reuse.
-    Stored(Vec<i64>),
-}
-
-/// The outcomes of a committed batch: the stored events of every retry read in one query
-/// (within the deadline) and each retry decided from them. A failure of that read answers
-/// the retries only; the appends the batch wrote are answered as written.
-async fn decide(
-    shared: &Shared,
-    conn: &Conn,
-    batch: &[Pending],
-    answers: Vec<Answer>,
-) -> Vec<Result<AppendResult, Error>> {
-    let positions: Vec<i64> = answers
-        .iter()
-        .filter_map(|a| match a {
-            Answer::Stored(p) => Some(p.iter().copied()),
-            Answer::Done(_) => None,
-        })
-        .flatten()
-        .collect();
-    let stored = if positions.is_empty() {
-        Ok(Vec::new())
-    } else {
-        let sql = format!("SELECT {COLUMNS} FROM skald.events WHERE position = ANY ($1)");
-        within(
-            shared.options.timeout,
-            "reading the events of retries",
-            async {
-                conn.query(&sql, &[&positions])
-                    .await?
-                    .iter()
-                    .map(event_of)
-                    .collect::<Result<Vec<_>, _>>()
-            },
-        )
-        .await
-    };
-    batch
-        .iter()
-        .zip(answers)
-        .map(|(pending, answer)| match answer {
-            Answer::Done(outcome) => outcome,
-            Answer::Stored(positions) => match &stored {
-                Ok(events) => {
-                    let mine: Vec<RecordedEvent> = events
-                        .iter()
-                        .filter(|e| positions.contains(&db_u64(e.position.0)))
-                        .cloned()
-                        .collect();
-                    replay(&pending.request, &mine)
-                }
-                Err(e) => Err(e.clone()),
-            },
-        })
-        .collect()
-}
-
-/// The answer to an append some of whose ids are stored (`stored`, the events holding them):
-/// the first result when it is a whole, identical retry, `IdReused` otherwise. The stored
-/// events never change, so deciding this after the batch's commit decides it as at the time.
-fn replay(request: &AppendRequest, stored: &[RecordedEvent]) -> Result<AppendResult, Error> {
-    let by_id: HashMap<EventId, &RecordedEvent> = stored.iter().map(|e| (e.id, e)).collect();
-    let found: Vec<_> = request
-        .events
-        .iter()
-        .filter_map(|e| by_id.get(&e.id).map(|s| (e, *s)))
-        .collect();
-    let Some(&(first_event, first)) = found.first() else {
-        return Err(Error::Io(
-            "skald.append said ids were stored, but none was found".to_owned(),
-        ));
-    };
-    let reused = |id, position, reason: String, stream: &StreamName| {
-        Err(Error::IdReused {
-            id,
-            position,
-            reason,
-            stream: Some(stream.clone()),
-        })
-    };
-    if found.len() < request.events.len() {
-        return reused(
-            first_event.id,
-            first.position,
-            "the append mixes stored and new event ids; resend the original append unchanged, \
-             or use new ids"
-                .to_owned(),
-            &first.stream,
-        );
-    }
-    for (i, &(event, recorded)) in found.iter().enumerate() {
-        if recorded.stream != request.stream {
-            return reused(
-                event.id,
-                recorded.position,
-                format!("it belongs to stream {}", recorded.stream),
-                &recorded.stream,
-            );
-        }
-        if recorded.position.0 != first.position.0 + i as u64 {
-            return reused(
-                event.id,
-                recorded.position,
-                "the ids were stored in a different order or in different appends".to_owned(),
-                &recorded.stream,
-            );
-        }
-        if let Some(difference) = event.differs_from(recorded) {
-            return reused(
-                event.id,
-                recorded.position,
-                difference.to_owned(),
-                &recorded.stream,
-            );
-        }
-    }
-    let last = found.last().expect("not empty").1;
-    Ok(AppendResult {
-        first_position: first.position,
-        last_position: last.position,
-        first_revision: first.revision,
-        last_revision: last.revision,
-        replayed: true,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// The tailer
-
-/// Follows the head row: at every notification, every poll interval, and at once after a
-/// reconnection, since notifications sent while it was away are lost.
-async fn run_tailer(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let mut reached = false;
-        let Err(e) = tail(&shared, &mut reached).await;
-        shared.failed(&e);
-        if reached {
-            // It had reached the database: start the back-off afresh.
-            backoff = Duration::from_millis(50);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-async fn tail(shared: &Shared, reached: &mut bool) -> Result<std::convert::Infallible, Error> {
-    let options = &shared.options;
-    let (client, mut woken) = within(
-        options.timeout,
-        "connecting the tailer",
-        crate::connect_listening(&options.url),
-    )
-    .await?;
-    async {
-        within(options.timeout, "listening", async {
-            client
-                .batch_execute(&format!(
-                    "SET application_name = 'skald tailer'; LISTEN {CHANNEL}"
-                ))
-                .await
-                .map_err(db_error)
-        })
-        .await?;
-        let statement = within(options.timeout, "preparing the tailer", async {
-            client
-                .prepare("SELECT next_position, pg_is_in_recovery() FROM skald.head WHERE id = 1")
-                .await
-                .map_err(db_error)
-        })
-        .await?;
-        loop {
-            let (next, standby): (i64, bool) = within(options.timeout, "reading the head", async {
-                client
-                    .query_one(&statement, &[])
-                    .await
-                    .map_err(db_error)
-                    .map(|row| (row.get(0), row.get(1)))
-            })
-            .await?;
-            *reached = true;
-            let next = next.max(0) as u64;
-            let seen = *shared.head.borrow();
-            if next < seen {
-                // Events this node saw committed are gone: a failover to a standby that had
-                // not received them (asynchronous replication). Positions after `next` will be
-                // taken again by other events; say so loudly and stay not ready.
-                let alarm = format!(
-                    "the log ends at position {next}, but this node saw it reach {seen}: a \
-                     failover lost committed events (use synchronous replication); restart the \
-                     node after checking the store"
-                );
-                *shared.alarm.lock().expect("alarm lock") = Some(alarm);
-            }
-            if standby {
-                shared.failed(&Error::Unavailable(
-                    "it is a standby in recovery, which cannot take appends: point the node at \
-                     the primary (target_session_attrs=read-write with every host in the URL)"
-                        .to_owned(),
-                ));
-            } else {
-                shared.recovered();
-            }
-            shared.advance(next);
-            tokio::select! {
-                _ = woken.recv() => {
-                    // Many notifications may be waiting: one read covers them all.
-                    while woken.try_recv().is_ok() {}
-                }
-                _ = tokio::time::sleep(options.poll) => {}
-            }
-            if client.is_closed() {
-                return Err(Error::Unavailable(
-                    "the tailer's connection to PostgreSQL closed".to_owned(),
-                ));
-            }
-        }
-    }
-    .await
-}
-
-// ---------------------------------------------------------------------------------------------
-// The contract
 
 impl EventStore for PgStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendResult, Error> {
@@ -1180,9 +385,10 @@ impl EventStore for PgStore {
             self.read_page(None, &request),
         )
         .await?;
-        self.shared.metrics.reads.inc();
+        self.shared.metrics.store.reads.inc();
         self.shared
             .metrics
+            .store
             .events_read
             .add(page.events.len() as u64);
         Ok(page)
@@ -1247,19 +453,8 @@ impl EventStore for PgStore {
 
     fn write_metrics(&self, out: &mut Exposition) {
         let m = &self.shared.metrics;
-        m.outcomes.write(out);
-        out.single(
-            "skald_events_written_total",
-            Kind::Counter,
-            "Events written.",
-            m.events_written.get() as f64,
-        );
-        out.family(
-            "skald_append_batch_events",
-            Kind::Histogram,
-            "Events per group commit (on PostgreSQL: per call of skald.append).",
-        );
-        out.histogram("skald_append_batch_events", &[], &m.batch_events);
+        // The head as this node last saw it.
+        m.store.write(out, *self.shared.head.borrow());
         out.family(
             "skald_postgres_append_call_duration_seconds",
             Kind::Histogram,
@@ -1270,25 +465,6 @@ impl EventStore for PgStore {
             "skald_postgres_append_call_duration_seconds",
             &[],
             &m.call_seconds,
-        );
-        out.single(
-            "skald_reads_total",
-            Kind::Counter,
-            "Read pages served (stream, category, query and global-log reads, subscriptions' \
-             catch-up included).",
-            m.reads.get() as f64,
-        );
-        out.single(
-            "skald_events_read_total",
-            Kind::Counter,
-            "Events returned by reads.",
-            m.events_read.get() as f64,
-        );
-        out.single(
-            "skald_events_stored",
-            Kind::Gauge,
-            "Events in the store; the next append's position (as this node last saw it).",
-            *self.shared.head.borrow() as f64,
         );
     }
 

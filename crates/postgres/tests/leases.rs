@@ -7,18 +7,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use skald_core::Error;
-use skald_postgres::{Lease, PgOptions, PgStore, PgUrl, connect};
+use skald_postgres::{Lease, PgOptions, PgStore, PgUrl};
 use support::Cluster;
 
 async fn database(cluster: &Cluster, name: &str) -> PgUrl {
-    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let url = PgUrl::parse(&cluster.url(name)).unwrap();
+    let url = cluster.database(name).await;
     // The schema.
     PgStore::open(PgOptions::new(url.clone()))
         .await

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::test_runner::{Config, TestRunner};
 use skald_core::Durability;
-use skald_postgres::{PgOptions, PgStore, PgUrl, connect};
+use skald_postgres::{PgOptions, PgStore, PgUrl};
 
 #[path = "../../storage/tests/support/mod.rs"]
 mod model;
@@ -55,18 +55,8 @@ fn the_postgres_store_behaves_like_the_model() {
             .build()
             .unwrap();
         let name = format!("model{}", databases.fetch_add(1, Ordering::Relaxed));
-        runtime.block_on(async {
-            let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
-                .await
-                .unwrap();
-            admin
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap();
-        });
-        let backend = Postgres {
-            url: PgUrl::parse(&cluster.url(&name)).unwrap(),
-        };
+        let url = runtime.block_on(cluster.database(&name));
+        let backend = Postgres { url };
         Harness::new(runtime, backend).run(&ops);
         Ok(())
     });

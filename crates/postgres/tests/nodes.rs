@@ -14,14 +14,7 @@ mod support;
 use support::Cluster;
 
 async fn database(cluster: &Cluster, name: &str) -> PgUrl {
-    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    PgUrl::parse(&cluster.url(name)).unwrap()
+    cluster.database(name).await
 }
 
 async fn node(url: &PgUrl) -> PgStore {
@@ -428,10 +421,9 @@ async fn a_log_found_shorter_than_seen_raises_an_alarm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_not_in_utf8_is_refused() {
     let cluster = Cluster::start();
-    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
+    cluster
+        .admin()
         .await
-        .unwrap();
-    admin
         .batch_execute(
             "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' \
              TEMPLATE template0",

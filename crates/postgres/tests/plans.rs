@@ -5,7 +5,7 @@
 mod support;
 
 use skald_core::*;
-use skald_postgres::{PgOptions, PgStore, PgUrl, connect};
+use skald_postgres::{PgOptions, PgStore, connect};
 use support::Cluster;
 
 const EVENTS: i64 = 1_000_000;
@@ -29,11 +29,7 @@ fn item(types: &[&str], tags: &[&str]) -> QueryItem {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_read_uses_an_index_on_a_million_events() {
     let cluster = Cluster::start();
-    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
-        .await
-        .unwrap();
-    admin.batch_execute("CREATE DATABASE plans").await.unwrap();
-    let url = PgUrl::parse(&cluster.url("plans")).unwrap();
+    let url = cluster.database("plans").await;
     let store = PgStore::open(PgOptions::new(url.clone())).await.unwrap();
     let db = connect(&url).await.unwrap();
     db.batch_execute(&format!(

@@ -41,10 +41,7 @@ async fn verify_full_connects_over_tls_and_a_wrong_ca_or_host_is_refused() {
     let (other_ca, _, _) = pki();
     let other_ca_file = dir.path().join("other-ca.pem");
     std::fs::write(&other_ca_file, &other_ca).unwrap();
-    let admin = connect(&PgUrl::parse(&cluster.url("postgres")).unwrap())
-        .await
-        .unwrap();
-    admin.batch_execute("CREATE DATABASE tls").await.unwrap();
+    cluster.database("tls").await;
 
     let url = |host: &str, ca: &std::path::Path| {
         format!(

@@ -451,9 +451,10 @@ impl EventStore for Store {
                 self.shared.index_is_damaged(reason);
             }
         })?;
-        self.shared.metrics.reads.inc();
+        self.shared.metrics.store.reads.inc();
         self.shared
             .metrics
+            .store
             .events_read
             .add(page.events.len() as u64);
         Ok(page)

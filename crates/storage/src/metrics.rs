@@ -1,8 +1,6 @@
 //! What the embedded engine counts for `GET /metrics`, and its readiness checks.
 
-use skald_core::metrics::{
-    AppendOutcomes, Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, SIZE_BOUNDS,
-};
+use skald_core::metrics::{Counter, DURATION_BOUNDS, Exposition, Histogram, Kind, StoreCounters};
 
 /// Below this much free space on the data directory's disk (or 5% of a disk smaller than
 /// 1.25 GiB) the store reports itself not ready, before appends start failing with
@@ -16,41 +14,28 @@ pub(crate) fn disk_low(disk: &crate::io::DiskSpace) -> bool {
 
 /// Counters updated by the writer and readers; read when `/metrics` is scraped.
 pub(crate) struct StorageMetrics {
-    pub outcomes: AppendOutcomes,
-    pub events_written: Counter,
+    /// What every backend counts.
+    pub store: StoreCounters,
     pub bytes_written: Counter,
-    pub batch_events: Histogram,
     pub fsync_seconds: Histogram,
-    pub reads: Counter,
-    pub events_read: Counter,
 }
 
 impl StorageMetrics {
     pub fn new() -> Self {
         Self {
-            outcomes: AppendOutcomes::new(),
-            events_written: Counter::new(),
+            store: StoreCounters::new(),
             bytes_written: Counter::new(),
-            batch_events: Histogram::new(SIZE_BOUNDS),
             fsync_seconds: Histogram::new(DURATION_BOUNDS),
-            reads: Counter::new(),
-            events_read: Counter::new(),
         }
     }
 
     /// Counts one append's outcome.
     pub fn count_outcome(&self, outcome: &Result<skald_core::AppendResult, skald_core::Error>) {
-        self.outcomes.count(outcome);
+        self.store.outcomes.count(outcome);
     }
 
     pub fn write(&self, out: &mut Exposition, head: u64, storage_bytes: u64, free: Option<u64>) {
-        self.outcomes.write(out);
-        out.single(
-            "skald_events_written_total",
-            Kind::Counter,
-            "Events written.",
-            self.events_written.get() as f64,
-        );
+        self.store.write(out, head);
         out.single(
             "skald_bytes_written_total",
             Kind::Counter,
@@ -58,36 +43,11 @@ impl StorageMetrics {
             self.bytes_written.get() as f64,
         );
         out.family(
-            "skald_append_batch_events",
-            Kind::Histogram,
-            "Events per group commit (one write and one fdatasync).",
-        );
-        out.histogram("skald_append_batch_events", &[], &self.batch_events);
-        out.family(
             "skald_fsync_duration_seconds",
             Kind::Histogram,
             "Time fdatasync took per group commit.",
         );
         out.histogram("skald_fsync_duration_seconds", &[], &self.fsync_seconds);
-        out.single(
-            "skald_reads_total",
-            Kind::Counter,
-            "Read pages served (stream, category, query and global-log reads, subscriptions' \
-             catch-up included).",
-            self.reads.get() as f64,
-        );
-        out.single(
-            "skald_events_read_total",
-            Kind::Counter,
-            "Events returned by reads.",
-            self.events_read.get() as f64,
-        );
-        out.single(
-            "skald_events_stored",
-            Kind::Gauge,
-            "Events in the store; the next append's position.",
-            head as f64,
-        );
         out.single(
             "skald_storage_bytes",
             Kind::Gauge,

@@ -355,8 +355,8 @@ impl Writer {
             "the memtable covers every event written"
         );
         let metrics = &self.shared.metrics;
-        metrics.batch_events.observe(written as f64);
-        metrics.events_written.add(written);
+        metrics.store.batch_events.observe(written as f64);
+        metrics.store.events_written.add(written);
         metrics.bytes_written.add(self.segment_len - base_len);
         self.segment
             .committed_len

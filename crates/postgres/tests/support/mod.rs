@@ -224,6 +224,23 @@ impl Cluster {
         )
     }
 
+    /// A connection to the cluster's `postgres` database, for what a test does as its
+    /// administrator.
+    pub async fn admin(&self) -> skald_postgres::tokio_postgres::Client {
+        let url = skald_postgres::PgUrl::parse(&self.url("postgres")).unwrap();
+        skald_postgres::connect(&url).await.unwrap()
+    }
+
+    /// Creates database `name` and returns where it is, over the cluster's socket.
+    pub async fn database(&self, name: &str) -> skald_postgres::PgUrl {
+        self.admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        skald_postgres::PgUrl::parse(&self.url(name)).unwrap()
+    }
+
     /// A connection string for `database` over the cluster's socket.
     pub fn url(&self, database: &str) -> String {
         format!(
