@@ -167,7 +167,7 @@ impl From<DurabilityArg> for Durability {
 
 /// The system under test.
 pub(crate) enum Target {
-    Http(HttpClient, String),
+    Http(Box<HttpClient>, String),
     Grpc(Grpc),
     // The directory is held, not read: it is removed when the run ends and it drops.
     Embedded(Store, #[allow(dead_code)] Option<tempfile::TempDir>),
@@ -379,7 +379,7 @@ pub(crate) async fn open_target(args: &BenchArgs) -> anyhow::Result<Target> {
             ..Default::default()
         };
         return Ok(Target::Http(
-            HttpClient::with_settings(url, settings)?,
+            Box::new(HttpClient::with_settings(url, settings)?),
             url.clone(),
         ));
     }

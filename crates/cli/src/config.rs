@@ -39,6 +39,81 @@ pub struct FileConfig {
     /// Token buckets per principal and per client address.
     #[serde(default)]
     pub rate_limit: skald_security::RateLimitConfig,
+    /// Nodes sharing a PostgreSQL store: how they reach each other, and the lease that gives
+    /// the consumer groups and sagas one owner.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// The `[cluster]` table, read only with a PostgreSQL store (docs/postgres.md, "Owners across
+/// nodes").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The URL other nodes reach this one at, such as `http://10.0.0.5:7340` (also
+    /// `--advertise` and `SKALD_ADVERTISE`). By default the listen address, or this machine's
+    /// host name when it listens on every address.
+    pub advertise: Option<String>,
+    /// How long the node that runs the groups and sagas holds its lease at a time; another node
+    /// takes over within about 4/3 of it after the owner dies.
+    pub lease_ms: u64,
+    /// PEM roots trusted for other nodes' `https://` addresses (default: the system's).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            advertise: None,
+            lease_ms: 10_000,
+            ca_file: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks the settings; errors name the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(500..=600_000).contains(&self.lease_ms) {
+            anyhow::bail!(
+                "config [cluster]: lease_ms is {}, and must be from 500 (half a second) to \
+                 600000 (ten minutes)",
+                self.lease_ms
+            );
+        }
+        if let Some(address) = &self.advertise {
+            let uri: Option<axum::http::Uri> = address.parse().ok();
+            let fine = uri.as_ref().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && u.path_and_query().is_none_or(|p| p.as_str() == "/")
+            });
+            if !fine {
+                anyhow::bail!(
+                    "config [cluster]: advertise {address:?} must be a URL with a scheme and a \
+                     host and nothing after them, such as http://10.0.0.5:7340"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The address to advertise for a node listening on `listen`, with `scheme`.
+    pub fn address(&self, listen: SocketAddr, scheme: &str) -> String {
+        if let Some(address) = &self.advertise {
+            return address.trim_end_matches('/').to_owned();
+        }
+        if listen.ip().is_unspecified() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_owned());
+            format!("{scheme}://{host}:{}", listen.port())
+        } else {
+            format!("{scheme}://{listen}")
+        }
+    }
 }
 
 /// Which engine stores the events.
@@ -109,6 +184,7 @@ pub struct ServeConfig {
     pub tls: Option<skald_security::TlsConfig>,
     pub auth: skald_security::AuthConfig,
     pub rate_limit: skald_security::RateLimitConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// Merges the sources. `flag_*` come from the command line or the environment (clap reads
@@ -171,6 +247,7 @@ pub fn merge(
              breaker.failure_threshold must be at least 1"
         );
     }
+    file.cluster.validate()?;
     skald_saga::egress::Egress::new(&sagas.egress)
         .map_err(|e| anyhow::anyhow!("config [sagas.egress] {e}"))?;
     let durability = flag_durability.or(file.durability).unwrap_or_default();
@@ -217,6 +294,7 @@ pub fn merge(
         tls: file.tls,
         auth: file.auth,
         rate_limit: file.rate_limit,
+        cluster: file.cluster,
         http: file.http,
         storage: skald_storage::Options {
             data_dir: flag_data_dir

@@ -7,6 +7,7 @@ mod bench_subscribe;
 mod client;
 mod commands;
 mod config;
+mod coordinator;
 mod logging;
 mod migrate;
 mod saga;
@@ -56,6 +57,10 @@ enum Command {
         /// Any number of nodes may serve one database.
         #[arg(long, env = "SKALD_STORE")]
         store: Option<String>,
+        /// With a PostgreSQL store: the URL other nodes reach this one at, such as
+        /// http://10.0.0.5:7340 (the config's [cluster] advertise).
+        #[arg(long, env = "SKALD_ADVERTISE")]
+        advertise: Option<String>,
     },
     /// Append one event (or a whole append body) to a stream on a running server.
     Append {
@@ -225,11 +230,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             insecure,
             store,
+            advertise,
         } => {
-            let file = match &config {
+            let mut file = match &config {
                 Some(path) => config::FileConfig::load(path)?,
                 None => config::FileConfig::default(),
             };
+            if advertise.is_some() {
+                file.cluster.advertise = advertise;
+            }
             let merged = config::merge(
                 file,
                 data_dir,

@@ -11,6 +11,7 @@ use skald_postgres::PgStore;
 use skald_storage::Store;
 
 use crate::config::ServeConfig;
+use crate::coordinator::Coordinator;
 
 /// How long a graceful stop waits for saga steps in flight; what is still running after it
 /// runs again after the restart (steps run at least once).
@@ -34,20 +35,17 @@ pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
         .map_or(config.storage.durability, |p| p.durability);
     if let Some(options) = config.postgres.clone() {
         let shown = options.url.to_string();
+        let url = options.url.clone();
         let store = PgStore::open(options)
             .await
             .with_context(|| format!("cannot open the store in PostgreSQL at {shown}"))?;
-        tracing::warn!(
-            "consumer groups and sagas run on every node of a PostgreSQL store until leases give \
-             them one owner (docs/postgres.md, \"Running it today\"): send group and saga \
-             traffic to one node only"
-        );
         return serve_on(
             Arc::new(store),
             format!("store: {shown}"),
             durability,
             data_dir,
             config,
+            Some(url),
         )
         .await;
     }
@@ -58,7 +56,7 @@ pub async fn run(mut config: ServeConfig) -> anyhow::Result<()> {
         tracing::warn!(note = %note, "recovery repaired the store");
     }
     let shown = format!("data: {}", data_dir.display());
-    serve_on(Arc::new(store), shown, durability, data_dir, config).await
+    serve_on(Arc::new(store), shown, durability, data_dir, config, None).await
 }
 
 /// A store `serve` can stop: each backend's shutdown, after the server has stopped.
@@ -78,14 +76,23 @@ impl Served for PgStore {
     }
 }
 
+/// Who runs the groups and sagas of a node: this node always (embedded), or the holder of the
+/// coordinator lease (PostgreSQL).
+enum Owners<S> {
+    Single(skald_server::Groups<S>, skald_server::Sagas<S>),
+    Shared(Coordinator),
+}
+
 /// Serves `store` (shown as `shown` in the first line) until SIGINT or SIGTERM. `data_dir`
-/// receives the initial admin key's file.
+/// receives the initial admin key's file. `shared`: the PostgreSQL store other nodes may
+/// share, whose groups and sagas run on one node at a time.
 async fn serve_on<S: Served>(
     store_arc: Arc<S>,
     shown: String,
     durability: Durability,
     data_dir: PathBuf,
     config: ServeConfig,
+    shared: Option<skald_postgres::PgUrl>,
 ) -> anyhow::Result<()> {
     let tls = match &config.tls {
         Some(tls) => Some(
@@ -141,19 +148,66 @@ async fn serve_on<S: Served>(
     );
     std::io::stdout().flush()?;
     let hub = skald_server::Hub::start(Arc::clone(&store_arc), Default::default());
-    let groups = skald_server::Groups::start(hub.clone())
-        .await
-        .context("cannot start the persistent subscriptions")?;
-    let sagas = skald_server::Sagas::start_with(
-        hub.clone(),
-        config.sagas,
-        Arc::new(skald_storage::SystemClock),
-        Arc::new(skald_server::SagaAuthority::new(Arc::clone(&security))),
-    )
-    .await
-    .context("cannot start the saga engine")?;
+    let authority = Arc::new(skald_server::SagaAuthority::new(Arc::clone(&security)));
+    let (app, owners) = match shared {
+        None => {
+            let groups = skald_server::Groups::start(hub.clone())
+                .await
+                .context("cannot start the persistent subscriptions")?;
+            let sagas = skald_server::Sagas::start_with(
+                hub.clone(),
+                config.sagas,
+                Arc::new(skald_storage::SystemClock),
+                authority,
+            )
+            .await
+            .context("cannot start the saga engine")?;
+            let app = skald_server::router_secured(
+                groups.clone(),
+                sagas.clone(),
+                config.http.clone(),
+                security,
+            );
+            (app, Owners::Single(groups, sagas))
+        }
+        Some(url) => {
+            let address = config.cluster.address(addr, scheme);
+            let coordination = skald_server::Coordination::shared(
+                address.clone(),
+                config.cluster.ca_file.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let node = uuid::Uuid::new_v4().to_string();
+            tracing::info!(
+                node = %node,
+                address = %address,
+                "consumer groups and sagas run on the node that holds their lease; the others \
+                 forward their requests to it"
+            );
+            let coordinator = Coordinator::start(
+                hub.clone(),
+                Arc::clone(&coordination),
+                crate::coordinator::Setup {
+                    url,
+                    node,
+                    address,
+                    ttl: std::time::Duration::from_millis(config.cluster.lease_ms),
+                    sagas: config.sagas,
+                    clock: Arc::new(skald_storage::SystemClock),
+                    authority,
+                    grace: SAGA_GRACE,
+                },
+            );
+            let app = skald_server::router_coordinated(
+                hub.clone(),
+                coordination,
+                config.http.clone(),
+                security,
+            );
+            (app, Owners::Shared(coordinator))
+        }
+    };
     let options = config.http.listen_options(tls);
-    let app = skald_server::router_secured(groups.clone(), sagas.clone(), config.http, security);
     skald_server::listener::serve_with(listener, app, options, async {
         shutdown_signal().await;
         // Subscriptions stream forever; they end now so that the connections can close.
@@ -161,10 +215,16 @@ async fn serve_on<S: Served>(
     })
     .await
     .context("the HTTP server failed")?;
-    // Groups write their last checkpoints; then requests in flight have finished, so the
-    // writer stops after what it has queued.
-    groups.stopped().await;
-    sagas.stopped(SAGA_GRACE).await;
+    // Groups write their last checkpoints (and a node of a shared store gives their lease
+    // up); then requests in flight have finished, so the writer stops after what it has
+    // queued.
+    match owners {
+        Owners::Single(groups, sagas) => {
+            groups.stopped().await;
+            sagas.stopped(SAGA_GRACE).await;
+        }
+        Owners::Shared(coordinator) => coordinator.stop().await,
+    }
     store_arc.stop().await;
     skald_telemetry::flush(std::time::Duration::from_secs(5)).await;
     tracing::info!("stopped cleanly");

@@ -228,14 +228,15 @@ async fn three_nodes_on_one_postgres_lose_nothing_when_one_is_killed() {
     assert!(!stderr.contains("ERROR"), "{stderr}");
 }
 
-/// Two network namespaces for a partition: PostgreSQL in one, a node in the other, linked by
-/// a veth pair that `cut` takes down on PostgreSQL's side (packets then vanish without an
-/// error, as in a real partition); a second pair links the node to this process. Removed
-/// when dropped.
+/// Network namespaces for a partition: PostgreSQL in one, on a bridge there, and each node in
+/// one of its own, linked to the bridge by a veth pair that `cut_node` takes down on the
+/// bridge's side (packets then vanish without an error, as in a real partition); nodes reach
+/// PostgreSQL and each other over the bridge (10.201.0.0/24). A second pair links each node to
+/// this process. Removed when dropped.
 struct Partition {
     id: u32,
     db: String,
-    node: String,
+    nodes: usize,
 }
 
 fn ip(args: &[&str]) {
@@ -252,84 +253,149 @@ fn ip(args: &[&str]) {
 
 impl Partition {
     fn new() -> Self {
-        let id = std::process::id() % 200 + 20;
-        let (db, node) = (format!("skald-db-{id}"), format!("skald-node-{id}"));
-        let p = Self { id, db, node };
-        let (vd, vn, vt, vr) = p.links();
-        for ns in [&p.db, &p.node] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        Self::with_nodes(1)
+    }
+
+    fn with_nodes(nodes: usize) -> Self {
+        // Tests of this process run at once, each with partitions of its own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = (std::process::id() % 100 * 2 + n) % 200 + 20;
+        let p = Self {
+            id,
+            db: format!("skald-db-{id}"),
+            nodes,
+        };
+        ip(&["netns", "add", &p.db]);
+        ip(&["-n", &p.db, "link", "set", "lo", "up"]);
+        let bridge = p.bridge();
+        ip(&["-n", &p.db, "link", "add", &bridge, "type", "bridge"]);
+        ip(&["-n", &p.db, "addr", "add", "10.201.0.1/24", "dev", &bridge]);
+        ip(&["-n", &p.db, "link", "set", &bridge, "up"]);
+        for k in 0..nodes {
+            let ns = p.namespace(k);
+            let (vd, vn, vt, vr) = p.links(k);
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["link", "add", &vd, "type", "veth", "peer", "name", &vn]);
+            ip(&["link", "set", &vd, "netns", &p.db]);
+            ip(&["-n", &p.db, "link", "set", &vd, "master", &bridge]);
+            ip(&["-n", &p.db, "link", "set", &vd, "up"]);
+            ip(&["link", "set", &vn, "netns", &ns]);
+            let inside = format!("{}/24", p.bridge_address(k));
+            ip(&["-n", &ns, "addr", "add", &inside, "dev", &vn]);
+            ip(&["-n", &ns, "link", "set", &vn, "up"]);
+            ip(&["link", "add", &vt, "type", "veth", "peer", "name", &vr]);
+            ip(&["link", "set", &vr, "netns", &ns]);
+            ip(&[
+                "addr",
+                "add",
+                &format!("10.{}.{id}.1/24", 202 + k),
+                "dev",
+                &vt,
+            ]);
+            ip(&["link", "set", &vt, "up"]);
+            let outside = format!("{}/24", p.node_address_of(k));
+            ip(&["-n", &ns, "addr", "add", &outside, "dev", &vr]);
+            ip(&["-n", &ns, "link", "set", &vr, "up"]);
         }
-        ip(&["link", "add", &vd, "type", "veth", "peer", "name", &vn]);
-        ip(&["link", "set", &vd, "netns", &p.db]);
-        ip(&["link", "set", &vn, "netns", &p.node]);
-        ip(&["-n", &p.db, "addr", "add", "10.201.0.1/24", "dev", &vd]);
-        ip(&["-n", &p.db, "link", "set", &vd, "up"]);
-        ip(&["-n", &p.node, "addr", "add", "10.201.0.2/24", "dev", &vn]);
-        ip(&["-n", &p.node, "link", "set", &vn, "up"]);
-        ip(&["link", "add", &vt, "type", "veth", "peer", "name", &vr]);
-        ip(&["link", "set", &vr, "netns", &p.node]);
-        ip(&["addr", "add", &format!("10.202.{id}.1/24"), "dev", &vt]);
-        ip(&["link", "set", &vt, "up"]);
-        ip(&[
-            "-n",
-            &p.node,
-            "addr",
-            "add",
-            &format!("10.202.{id}.2/24"),
-            "dev",
-            &vr,
-        ]);
-        ip(&["-n", &p.node, "link", "set", &vr, "up"]);
         p
     }
 
-    fn links(&self) -> (String, String, String, String) {
+    fn bridge(&self) -> String {
+        format!("skbr{}", self.id)
+    }
+
+    fn namespace(&self, k: usize) -> String {
+        format!("skald-node-{}-{k}", self.id)
+    }
+
+    fn links(&self, k: usize) -> (String, String, String, String) {
         let id = self.id;
         (
-            format!("skvd{id}"),
-            format!("skvn{id}"),
-            format!("skvt{id}"),
-            format!("skvr{id}"),
+            format!("skvd{id}{k}"),
+            format!("skvn{id}{k}"),
+            format!("skvt{id}{k}"),
+            format!("skvr{id}{k}"),
         )
     }
 
-    /// The node's address, as this process reaches it.
-    fn node_address(&self) -> String {
-        format!("10.202.{}.2", self.id)
+    /// Node `k`'s address on the bridge, where PostgreSQL and the other nodes reach it.
+    fn bridge_address(&self, k: usize) -> String {
+        format!("10.201.0.{}", k + 2)
+    }
+
+    /// Node `k`'s address as this process reaches it.
+    fn node_address_of(&self, k: usize) -> String {
+        format!("10.{}.{}.2", 202 + k, self.id)
+    }
+
+    fn cut_node(&self, k: usize) {
+        ip(&["-n", &self.db, "link", "set", &self.links(k).0, "down"]);
+    }
+
+    fn heal_node(&self, k: usize) {
+        ip(&["-n", &self.db, "link", "set", &self.links(k).0, "up"]);
     }
 
     fn cut(&self) {
-        ip(&["-n", &self.db, "link", "set", &self.links().0, "down"]);
+        self.cut_node(0);
     }
 
     fn heal(&self) {
-        ip(&["-n", &self.db, "link", "set", &self.links().0, "up"]);
+        self.heal_node(0);
     }
 }
 
 impl Drop for Partition {
     fn drop(&mut self) {
-        let vt = self.links().2;
-        for args in [
-            vec!["link", "del", vt.as_str()],
-            vec!["netns", "del", self.db.as_str()],
-            vec!["netns", "del", self.node.as_str()],
-        ] {
-            let _ = std::process::Command::new("ip").args(&args).output();
+        for k in 0..self.nodes {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.links(k).2])
+                .output();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.namespace(k)])
+                .output();
         }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.db])
+            .output();
     }
 }
 
 /// `skald serve` inside the node's namespace, listening on its address there.
 fn serve_in(partition: &Partition, dir: &std::path::Path, store: &str) -> Server {
+    serve_node(partition, 0, dir, store, "")
+}
+
+/// `skald serve` inside node `k`'s namespace, listening on every address there and
+/// advertising its bridge address to the other nodes; `extra` is more of the config file.
+fn serve_node(
+    partition: &Partition,
+    k: usize,
+    dir: &std::path::Path,
+    store: &str,
+    extra: &str,
+) -> Server {
     use std::io::{BufRead, BufReader};
     let config = dir.join("skald.toml");
-    std::fs::write(&config, "[storage]\npostgres_timeout_ms = 1000\n").unwrap();
-    let listen = format!("{}:7340", partition.node_address());
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npostgres_timeout_ms = 1000\n\n[cluster]\nadvertise = \"http://{}:7340\"\n{extra}",
+            partition.bridge_address(k)
+        ),
+    )
+    .unwrap();
     let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &partition.node, support::SKALD, "serve"])
-        .args(["--store", store, "--listen", &listen, "--insecure"])
+        .args([
+            "netns",
+            "exec",
+            &partition.namespace(k),
+            support::SKALD,
+            "serve",
+        ])
+        .args(["--store", store, "--listen", "0.0.0.0:7340", "--insecure"])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--config")
@@ -352,7 +418,7 @@ fn serve_in(partition: &Partition, dir: &std::path::Path, store: &str) -> Server
     assert!(line.contains("listening"), "{line}");
     Server {
         child,
-        url: format!("http://{listen}"),
+        url: format!("http://{}:7340", partition.node_address_of(k)),
         stderr,
     }
 }
@@ -678,4 +744,341 @@ async fn migrate_copies_an_embedded_store_resumes_and_refuses_another_store() {
         embedded.path().to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("postgres:// URL"), "{err}");
+}
+
+/// Polls one batch of `ledger` through `http` as consumer `c1`: the positions and ack ids,
+/// or `None` when the node cannot serve it now (the owner is moving).
+async fn poll_ledger(http: &support::Http) -> Option<Vec<(u64, serde_json::Value)>> {
+    let (status, body) = http
+        .call(
+            hyper::Method::GET,
+            "/v1/groups/ledger/messages?consumer=c1&count=25&wait=300",
+            "application/json",
+            String::new(),
+        )
+        .await
+        .ok()?;
+    if status != hyper::StatusCode::OK {
+        return None;
+    }
+    let batch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    Some(
+        batch["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["event"]["position"].as_u64().unwrap(), m["ackId"].clone()))
+            .collect(),
+    )
+}
+
+async fn ack_ledger(http: &support::Http, ids: Vec<serde_json::Value>) -> bool {
+    matches!(
+        http.call(
+            hyper::Method::POST,
+            "/v1/groups/ledger/ack",
+            "application/json",
+            serde_json::json!({ "ids": ids }).to_string(),
+        )
+        .await,
+        Ok((hyper::StatusCode::OK, _))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_node_is_killed() {
+    const EVENTS: u64 = 300;
+    const LEASE_MS: u64 = 1500;
+    let cluster = cluster::Cluster::start();
+    cluster.database("skald").await;
+    let url = cluster.postgres_url("skald");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Option<Server>> = dirs
+        .iter()
+        .map(|d| {
+            let config = support::cluster_config(&d.path().join("data"), LEASE_MS);
+            Some(Server::start(
+                d.path(),
+                &["--store", &url, "--config", &config],
+            ))
+        })
+        .collect();
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| n.as_ref().unwrap().url.clone())
+        .collect();
+    let owner = support::owner_among(&urls, Duration::from_secs(30)).await;
+    let followers: Vec<usize> = (0..3).filter(|&i| i != owner).collect();
+    let creator = support::Http::new(&urls[followers[0]]);
+    let consumer = support::Http::new(&urls[followers[1]]);
+
+    // Created through a node that does not run the groups: forwarded to the one that does.
+    let (status, body) = creator
+        .call(
+            hyper::Method::POST,
+            "/v1/groups",
+            "application/json",
+            serde_json::json!({"name": "ledger", "source": {"category": "order"},
+                               "checkpointAfterMs": 20})
+            .to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        hyper::StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let mut stored = std::collections::BTreeSet::new();
+    for i in 0..EVENTS {
+        let (status, body) = support::Http::new(&urls[(i % 3) as usize])
+            .call(
+                hyper::Method::POST,
+                &format!("/v1/streams/order-{}", i % 7),
+                "application/json",
+                serde_json::json!({"events": [{"type": "Placed", "data": {"i": i}}]}).to_string(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, hyper::StatusCode::CREATED, "{body:?}");
+        let result: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        stored.insert(result["firstPosition"].as_u64().unwrap());
+    }
+
+    // A consumer on the third node takes and acknowledges a third of the messages, then
+    // holds one batch without acknowledging it while the owner is killed.
+    let mut acked: std::collections::BTreeSet<u64> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.len() < 100 {
+        assert!(std::time::Instant::now() < deadline, "the consumer starved");
+        let batch = poll_ledger(&consumer)
+            .await
+            .expect("served through a follower");
+        let ids = batch.iter().map(|(_, id)| id.clone()).collect();
+        assert!(ack_ledger(&consumer, ids).await);
+        acked.extend(batch.iter().map(|(p, _)| *p));
+    }
+    let held: Vec<u64> = loop {
+        let batch = poll_ledger(&consumer).await.unwrap();
+        if !batch.is_empty() {
+            break batch.into_iter().map(|(p, _)| p).collect();
+        }
+    };
+    nodes[owner].take().unwrap().kill9();
+    let killed = std::time::Instant::now();
+    let survivors: Vec<String> = followers.iter().map(|&i| urls[i].clone()).collect();
+    let new_owner = support::owner_among(&survivors, Duration::from_secs(30)).await;
+    let took_over = killed.elapsed();
+    assert!(
+        took_over <= Duration::from_millis(2 * LEASE_MS + 1000),
+        "another node took over after {took_over:?}, more than two leases of {LEASE_MS} ms"
+    );
+    eprintln!("took over {took_over:?} after the owner was killed");
+
+    // The new owner delivers what was held unacknowledged again, and everything else; no
+    // acknowledged message is lost.
+    let mut redelivered_held = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (acked.len() as u64) < EVENTS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {EVENTS} acknowledged",
+            acked.len()
+        );
+        let Some(batch) = poll_ledger(&consumer).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        redelivered_held |= batch.iter().any(|(p, _)| held.contains(p));
+        let ids = batch.iter().map(|(_, id)| id.clone()).collect();
+        if ack_ledger(&consumer, ids).await {
+            acked.extend(batch.iter().map(|(p, _)| *p));
+        }
+    }
+    assert!(
+        redelivered_held,
+        "the batch held at the kill was not delivered again"
+    );
+    assert_eq!(acked, stored);
+    let (status, body) = support::Http::new(&survivors[1 - new_owner])
+        .call(
+            hyper::Method::GET,
+            "/v1/groups/ledger",
+            "application/json",
+            String::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, hyper::StatusCode::OK);
+    let info: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(info["stats"]["inFlight"], 0, "{info}");
+    for node in nodes.into_iter().flatten() {
+        let (status, stderr) = node.terminate();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// One poll of `ledger` as consumer `consumer`: `Some(positions)` when the node served it
+/// (possibly empty), `None` when it answered anything but 200.
+async fn poll_as(http: &support::Http, consumer: &str) -> Option<Vec<u64>> {
+    let (status, body) = http
+        .call(
+            hyper::Method::GET,
+            &format!("/v1/groups/ledger/messages?consumer={consumer}&count=10&wait=200"),
+            "application/json",
+            String::new(),
+        )
+        .await
+        .ok()?;
+    if status != hyper::StatusCode::OK {
+        return None;
+    }
+    let batch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    Some(
+        batch["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["event"]["position"].as_u64().unwrap())
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_cut_off_from_postgres_stops_before_another_node_takes_over() {
+    use hyper::{Method, StatusCode};
+    use std::time::Instant;
+    const LEASE_MS: u64 = 2000;
+    let partition = Partition::with_nodes(2);
+    let cluster = cluster::Cluster::start_in_netns(&partition.db, "10.201.0.1", "10.201.0.0/24");
+    cluster.database("skald").await;
+    let store = "postgres://postgres@10.201.0.1:5432/skald";
+    let lease = format!("lease_ms = {LEASE_MS}\n");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // Node A starts first and takes the lease; B follows it.
+    let a = serve_node(&partition, 0, dirs[0].path(), store, &lease);
+    assert_eq!(
+        support::owner_among(std::slice::from_ref(&a.url), Duration::from_secs(30)).await,
+        0
+    );
+    let b = serve_node(&partition, 1, dirs[1].path(), store, &lease);
+    let urls = vec![a.url.clone(), b.url.clone()];
+    assert_eq!(
+        support::owner_among(&urls, Duration::from_secs(30)).await,
+        0
+    );
+    let (a_http, b_http) = (support::Http::new(&a.url), support::Http::new(&b.url));
+
+    // A group created through B (forwarded to A over the bridge), whose messages stay with
+    // their consumer for a minute: only a new owner delivers a held one again.
+    let (status, body) = b_http
+        .call(
+            Method::POST,
+            "/v1/groups",
+            "application/json",
+            serde_json::json!({"name": "ledger", "source": {"category": "order"},
+                               "checkpointAfterMs": 20, "messageTimeoutMs": 60000})
+            .to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    for i in 0..40 {
+        let (status, _) = a_http
+            .call(
+                Method::POST,
+                &format!("/v1/streams/order-{}", i % 5),
+                "application/json",
+                format!(r#"{{"events": [{{"type": "Placed", "data": {{"i": {i}}}}}]}}"#),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    // A consumer on A holds a batch, unacknowledged.
+    let held = poll_as(&a_http, "on-a").await.expect("A serves the group");
+    assert!(!held.is_empty());
+
+    partition.cut_node(0);
+    let cut = Instant::now();
+    // From the consumers' side: A keeps serving only until its lease runs out by its own
+    // clock; B delivers the held messages again only once it owns the group. Every batch A
+    // delivers must arrive before the first one B delivers. The two consumers poll at once,
+    // each on its own task.
+    let on_a = tokio::spawn(async move {
+        let mut last_delivery = None;
+        loop {
+            assert!(
+                cut.elapsed() < Duration::from_secs(30),
+                "A still serves the group"
+            );
+            match poll_as(&a_http, "on-a").await {
+                Some(batch) if !batch.is_empty() => last_delivery = Some(Instant::now()),
+                Some(_) => {}
+                None => return (last_delivery, Instant::now()),
+            }
+        }
+    });
+    let on_b = tokio::spawn(async move {
+        loop {
+            assert!(
+                cut.elapsed() < Duration::from_secs(30),
+                "B never served the group"
+            );
+            if let Some(batch) = poll_as(&b_http, "on-b").await
+                && !batch.is_empty()
+            {
+                return (Instant::now(), batch);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let (last_from_a, a_refused) = on_a.await.unwrap();
+    let (first_from_b, taken_by_b) = on_b.await.unwrap();
+    assert!(
+        a_refused < first_from_b,
+        "A still served the group {:?} after the cut, B delivered at {:?}",
+        a_refused - cut,
+        first_from_b - cut
+    );
+    if let Some(last) = last_from_a {
+        assert!(last < first_from_b, "two owners delivered at once");
+    }
+    assert!(
+        a_refused - cut < Duration::from_millis(LEASE_MS),
+        "A served the group {:?} after it was cut off, longer than its lease",
+        a_refused - cut
+    );
+    assert!(
+        taken_by_b.iter().any(|p| held.contains(p)),
+        "B did not deliver again what A's consumer held: {taken_by_b:?}, held {held:?}"
+    );
+    eprintln!(
+        "A stopped serving {:?} after the cut; B delivered {:?} after it",
+        a_refused - cut,
+        first_from_b - cut
+    );
+
+    // Healed, A rejoins as a follower of B and forwards to it.
+    partition.heal_node(0);
+    assert_eq!(
+        support::owner_among(&urls, Duration::from_secs(30)).await,
+        1
+    );
+    assert!(
+        poll_as(&support::Http::new(&urls[0]), "on-a")
+            .await
+            .is_some(),
+        "A forwards to B"
+    );
+    for node in [a, b] {
+        let (status, stderr) = node.terminate();
+        assert!(status.success(), "{stderr}");
+    }
 }

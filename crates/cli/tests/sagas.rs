@@ -4,6 +4,9 @@
 
 mod support;
 
+#[path = "../../postgres/tests/support/mod.rs"]
+mod cluster;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -357,14 +360,126 @@ async fn sagas_survive_kill_9_in_the_middle_of_their_steps() {
         Duration::from_secs(90),
     )
     .await;
+    check_orders(&all, &target.calls(), ORDERS);
+    let (status, stderr) = tokio::task::block_in_place(|| server.terminate());
+    assert!(status.success(), "{stderr}");
+}
 
+/// Like [`wait_final`], through nodes of a shared store, where a request may be answered 503
+/// while the node that runs the sagas changes.
+async fn wait_final_on(http: &Http, count: usize, within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok((StatusCode::OK, body)) = http
+            .call(
+                Method::GET,
+                "/v1/saga-instances?limit=1000",
+                "application/json",
+                String::new(),
+            )
+            .await
+        {
+            let answer: Value = serde_json::from_slice(&body).unwrap();
+            let found = answer["instances"].as_array().unwrap().clone();
+            let done = found
+                .iter()
+                .filter(|i| ["completed", "compensated"].contains(&i["state"].as_str().unwrap()))
+                .count();
+            if found.len() == count && done == count {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{done} of {count} sagas final ({} exist)",
+                found.len()
+            );
+        }
+        assert!(Instant::now() < deadline, "the sagas were never listed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_on_three_nodes_finish_when_the_node_running_them_is_killed() {
+    const ORDERS: usize = 120;
+    const LEASE_MS: u64 = 1500;
+    let pg = cluster::Cluster::start();
+    pg.database("skald").await;
+    let store = pg.postgres_url("skald");
+    let dir = tempfile::tempdir().unwrap();
+    let (target, base) = Target::start(Duration::from_millis(15)).await;
+    for i in (0..ORDERS).step_by(4) {
+        target.failing.lock().unwrap().insert(i.to_string());
+    }
+    let mut nodes: Vec<Option<Server>> = (0..3)
+        .map(|i| {
+            let data = dir.path().join(format!("node-{i}"));
+            let config = support::cluster_config(&data, LEASE_MS);
+            tokio::task::block_in_place(|| {
+                Some(Server::start(
+                    &data,
+                    &["--store", &store, "--config", &config],
+                ))
+            })
+        })
+        .collect();
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| n.as_ref().unwrap().url.clone())
+        .collect();
+    let owner = support::owner_among(&urls, Duration::from_secs(30)).await;
+    let follower = (owner + 1) % 3;
+    // Registered through a node that does not run the sagas: forwarded to the one that does.
+    let file = dir.path().join("order.yaml");
+    std::fs::write(&file, saga_yaml(&base)).unwrap();
+    let (ok, _, err) = tokio::task::block_in_place(|| {
+        run_skald(vec![
+            "saga".into(),
+            "register".into(),
+            file.to_str().unwrap().into(),
+            format!("--server={}", urls[follower]),
+        ])
+    });
+    assert!(ok, "{err}");
+    // Orders placed through every node; the trigger loop on the owner starts them all.
+    for i in 0..ORDERS {
+        place(&Http::new(&urls[i % 3]), &i.to_string()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while target.calls().len() < ORDERS {
+        assert!(Instant::now() < deadline, "the sagas made no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let at_kill = target.calls().len();
+    tokio::task::block_in_place(|| nodes[owner].take().unwrap().kill9());
+    let survivors: Vec<String> = (0..3)
+        .filter(|&i| i != owner)
+        .map(|i| urls[i].clone())
+        .collect();
+    support::owner_among(&survivors, Duration::from_secs(30)).await;
+    let all = wait_final_on(&Http::new(&survivors[0]), ORDERS, Duration::from_secs(90)).await;
+    let calls = target.calls();
+    assert!(
+        calls.len() > at_kill,
+        "nothing ran after the owner was killed"
+    );
+    check_orders(&all, &calls, ORDERS);
+    for node in nodes.into_iter().flatten() {
+        let (status, stderr) = tokio::task::block_in_place(|| node.terminate());
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+/// Every order reached its final state (every fourth compensated), each step was called
+/// with its one idempotency key however often it was called, nothing else was called, and
+/// compensations ran in reverse.
+fn check_orders(all: &[Value], calls: &[Call], orders: usize) {
     let by_order: BTreeMap<String, &Value> = all
         .iter()
         .map(|i| (i["correlationKey"].as_str().unwrap().to_owned(), i))
         .collect();
-    assert_eq!(by_order.len(), ORDERS, "one instance per order");
-    let calls = target.calls();
-    for i in 0..ORDERS {
+    assert_eq!(by_order.len(), orders, "one instance per order");
+    for i in 0..orders {
         let order = i.to_string();
         let instance = by_order[&order];
         let id = instance["sagaId"].as_str().unwrap();
@@ -414,8 +529,6 @@ async fn sagas_survive_kill_9_in_the_middle_of_their_steps() {
             assert!(last_refund < first_unreserve, "order {order}: {mine:?}");
         }
     }
-    let (status, stderr) = tokio::task::block_in_place(|| server.terminate());
-    assert!(status.success(), "{stderr}");
 }
 
 /// Runs `examples/order-fulfillment` as its README says: the Python services, the definition,

@@ -89,6 +89,32 @@ impl<S: EventStore> Hub<S> {
         self.tail.subscribers()
     }
 
+    /// A handle on the same store and live tail with a stop of its own: its
+    /// [`Hub::shutdown`] stops only what was started through it (the groups and sagas of one
+    /// term of ownership, on a node of a shared store), while a shutdown of this hub stops it
+    /// too. Its shutdown never stops the tailer.
+    pub fn scoped(&self) -> Self {
+        let stop = Arc::new(watch::Sender::new(self.is_stopping()));
+        let mut parent = self.stop.subscribe();
+        let mut own = stop.subscribe();
+        let child = Arc::clone(&stop);
+        // Ends with the scope's shutdown, or the parent's, whichever comes first.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = parent.wait_for(|stopping| *stopping) => {
+                    child.send_replace(true);
+                }
+                _ = own.wait_for(|stopping| *stopping) => {}
+            }
+        });
+        Self {
+            store: Arc::clone(&self.store),
+            tail: Arc::clone(&self.tail),
+            stop,
+            tailer: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
     /// Stops the tailer and tells every transport (through [`Hub::stopping`]) to end its
     /// subscriptions.
     pub fn shutdown(&self) {

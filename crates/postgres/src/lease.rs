@@ -18,7 +18,19 @@ pub struct Lease {
     url: PgUrl,
     name: String,
     owner: String,
+    address: String,
     ttl: Duration,
+}
+
+/// Who holds a lease now, by the database's clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The holder's id.
+    pub owner: String,
+    /// Where it said it can be reached (empty when it said nothing).
+    pub address: String,
+    /// The fence of its term.
+    pub fence: i64,
 }
 
 /// A lease held: its fence, and the instant (by this process's monotonic clock) until which
@@ -60,8 +72,39 @@ impl Lease {
             url: url.clone(),
             name: name.to_owned(),
             owner: owner.to_owned(),
+            address: String::new(),
             ttl,
         })
+    }
+
+    /// Records `address` with the lease whenever this owner takes or renews it, for
+    /// [`Lease::holder`] to tell other nodes where the holder can be reached.
+    pub fn advertise(mut self, address: &str) -> Self {
+        self.address = address.to_owned();
+        self
+    }
+
+    /// How long the lease is held at a time.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The holder now, if the lease is held and not expired by the database's clock.
+    pub async fn holder(&self) -> Result<Option<Holder>, Error> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT owner, address, fence FROM skald.leases \
+                 WHERE name = $1 AND expires_at >= clock_timestamp()",
+                &[&self.name],
+            )
+            .await
+            .map_err(|e| self.failed("reading the holder of the lease", e))?;
+        Ok(row.map(|row| Holder {
+            owner: row.get(0),
+            address: row.get(1),
+            fence: row.get(2),
+        }))
     }
 
     /// Takes the lease if it is free, expired or already this owner's, or renews it; `None`
@@ -72,16 +115,16 @@ impl Lease {
         let row = self
             .client
             .query_opt(
-                "INSERT INTO skald.leases AS l (name, owner, fence, expires_at) \
-                 VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond') \
+                "INSERT INTO skald.leases AS l (name, owner, fence, expires_at, address) \
+                 VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond', $4) \
                  ON CONFLICT (name) DO UPDATE \
-                 SET owner = excluded.owner, \
+                 SET owner = excluded.owner, address = excluded.address, \
                      fence = l.fence + (l.owner <> excluded.owner OR l.expires_at < clock_timestamp())::int, \
                      expires_at = excluded.expires_at \
                  WHERE l.owner = excluded.owner AND l.expires_at >= clock_timestamp() \
                     OR l.expires_at < clock_timestamp() \
                  RETURNING fence",
-                &[&self.name, &self.owner, &ms],
+                &[&self.name, &self.owner, &ms, &self.address],
             )
             .await
             .map_err(|e| self.failed("taking the lease", e))?;

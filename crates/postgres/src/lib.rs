@@ -23,7 +23,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{AsyncMessage, Client, Connection};
 
 pub use import::Importer;
-pub use lease::{Held, Lease};
+pub use lease::{Held, Holder, Lease};
 pub use tls::RustlsConnector;
 
 pub use conn::PgOptions;

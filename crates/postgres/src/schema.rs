@@ -8,20 +8,22 @@ use skald_core::Error;
 use crate::describe;
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The key of the advisory lock migrations take.
 const LOCK: &str = "skald.schema";
 
 /// The statements that take the schema from version `n - 1` to `n`, at index `n - 1`.
-const STEPS: &[&[&str]] = &[&[
-    "CREATE TABLE skald.head (
+const STEPS: &[&[&str]] = &[
+    // 1: the event store, and leases.
+    &[
+        "CREATE TABLE skald.head (
          id            smallint PRIMARY KEY CHECK (id = 1),
          next_position bigint NOT NULL,
          recorded_at   bigint NOT NULL DEFAULT 0
      )",
-    "INSERT INTO skald.head VALUES (1, 0, 0)",
-    "CREATE TABLE skald.events (
+        "INSERT INTO skald.head VALUES (1, 0, 0)",
+        "CREATE TABLE skald.events (
          position     bigint PRIMARY KEY,
          stream       text   NOT NULL,
          revision     bigint NOT NULL,
@@ -37,26 +39,29 @@ const STEPS: &[&[&str]] = &[&[
          append_first bigint NOT NULL,
          UNIQUE (stream, revision)
      )",
-    "CREATE INDEX events_category ON skald.events (category, position)",
-    "CREATE INDEX events_type ON skald.events (type, position)",
-    "CREATE TABLE skald.event_tags (
+        "CREATE INDEX events_category ON skald.events (category, position)",
+        "CREATE INDEX events_type ON skald.events (type, position)",
+        "CREATE TABLE skald.event_tags (
          tag      text   NOT NULL,
          position bigint NOT NULL REFERENCES skald.events (position),
          PRIMARY KEY (tag, position)
      )",
-    "CREATE TABLE skald.streams (
+        "CREATE TABLE skald.streams (
          stream        text PRIMARY KEY,
          last_revision bigint NOT NULL,
          last_position bigint NOT NULL
      )",
-    "CREATE TABLE skald.leases (
+        "CREATE TABLE skald.leases (
          name       text PRIMARY KEY,
          owner      text NOT NULL,
          fence      bigint NOT NULL,
          expires_at timestamptz NOT NULL
      )",
-    APPEND_FUNCTION,
-]];
+        APPEND_FUNCTION,
+    ],
+    // 2: where a lease's holder can be reached, so that other nodes forward it their requests.
+    &["ALTER TABLE skald.leases ADD COLUMN address text NOT NULL DEFAULT ''"],
+];
 
 /// `skald.append` (docs/postgres.md, "The append function"): one batch of appends in one
 /// transaction, serialized by an advisory lock. Each append is one slice of the event arrays

@@ -28,12 +28,21 @@ async fn one_owner_at_a_time_and_the_fence_rises_with_each_new_owner() {
     let ttl = Duration::from_secs(30);
     let a = Lease::connect(&url, "group:orders", "node-a", ttl)
         .await
-        .unwrap();
+        .unwrap()
+        .advertise("http://10.0.0.1:7340");
     let b = Lease::connect(&url, "group:orders", "node-b", ttl)
         .await
-        .unwrap();
+        .unwrap()
+        .advertise("http://10.0.0.2:7340");
+    assert_eq!(b.holder().await.unwrap(), None, "nobody holds a new lease");
     let held = a.acquire().await.unwrap().expect("a free lease is taken");
     assert_eq!(held.fence, 1);
+    let holder = b.holder().await.unwrap().expect("held");
+    assert_eq!(
+        (holder.owner.as_str(), holder.address.as_str(), holder.fence),
+        ("node-a", "http://10.0.0.1:7340", 1),
+        "other nodes learn who holds the lease and where to reach it"
+    );
     assert!(held.valid());
     assert_eq!(
         b.acquire().await.unwrap(),
@@ -54,6 +63,10 @@ async fn one_owner_at_a_time_and_the_fence_rises_with_each_new_owner() {
         .unwrap()
         .expect("a released lease is taken");
     assert_eq!(taken.fence, 2);
+    assert_eq!(
+        a.holder().await.unwrap().map(|h| h.address),
+        Some("http://10.0.0.2:7340".to_owned())
+    );
     assert_eq!(a.acquire().await.unwrap(), None);
     // A release with a stale fence does nothing.
     a.release(&renewed).await.unwrap();

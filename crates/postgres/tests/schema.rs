@@ -68,6 +68,27 @@ async fn the_schema_is_created_once_and_a_newer_one_is_refused() {
         .unwrap()
         .get(0);
     assert_eq!(version, "99");
+
+    // A store written by the first version (leases without an address) is brought to the
+    // current one, and the lease it held is kept.
+    node.batch_execute(
+        "UPDATE skald.meta SET value = '1' WHERE key = 'schema_version';
+         ALTER TABLE skald.leases DROP COLUMN address;
+         INSERT INTO skald.leases VALUES ('coordinator', 'node-a', 7, now() + interval '1 hour');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(migrate(&mut node).await.unwrap(), 1);
+    let row = node
+        .query_one(
+            "SELECT owner, fence, address FROM skald.leases WHERE name = 'coordinator'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "node-a");
+    assert_eq!(row.get::<_, i64>(1), 7);
+    assert_eq!(row.get::<_, String>(2), "");
     drop(admin);
 }
 

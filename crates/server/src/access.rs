@@ -408,6 +408,21 @@ where
                 };
                 return Ok(finish(response, &app, origin));
             }
+            match app.coordination.route(&request) {
+                crate::coordination::Route::Local => {}
+                crate::coordination::Route::Forward(owner) => {
+                    let response = app.coordination.forward(request, &owner, grpc).await;
+                    return Ok(finish(response, &app, origin));
+                }
+                crate::coordination::Route::Refuse(problem) => {
+                    let response = if grpc {
+                        problem.to_grpc_status().into_http()
+                    } else {
+                        problem.into_response()
+                    };
+                    return Ok(finish(response, &app, origin));
+                }
+            }
             let path = grpc.then(|| request.uri().path().to_owned());
             let mut response = inner.call(request).await?;
             // Only the fallbacks answer a gRPC request with anything but gRPC.

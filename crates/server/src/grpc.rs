@@ -699,7 +699,8 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
         let mut access = crate::groups::allow_consumer(&self.app, &caller, &group).await?;
         let mut consumer = self
             .app
-            .groups
+            .groups()
+            .map_err(group_status)?
             .join(&group, &name, "grpc", capacity)
             .await
             .map_err(group_status)?;
@@ -793,7 +794,8 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
         let settings = settings_update(r.settings)?.apply(&GroupSettings::default());
         let info = self
             .app
-            .groups
+            .groups()
+            .map_err(group_status)?
             .create(NewGroup {
                 name: r.name,
                 source,
@@ -809,14 +811,26 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
         let caller = caller(&request)?;
         let name = request.into_inner().name;
         crate::groups::allow_existing(&self.app, &caller, &name).await?;
-        let info = self.app.groups.info(&name).await.map_err(group_status)?;
+        let info = self
+            .app
+            .groups()
+            .map_err(group_status)?
+            .info(&name)
+            .await
+            .map_err(group_status)?;
         Ok(Response::new(group_message(&info)))
     }
 
     async fn list(&self, request: Request<pb::ListGroupsRequest>) -> Reply<pb::ListGroupsResponse> {
         let caller = caller(&request)?;
         caller.require_held(Permission::Subscribe)?;
-        let groups = self.app.groups.list().await.map_err(group_status)?;
+        let groups = self
+            .app
+            .groups()
+            .map_err(group_status)?
+            .list()
+            .await
+            .map_err(group_status)?;
         let groups = groups
             .iter()
             .filter(|g| crate::groups::allow_group(&caller, &g.definition.source).is_ok())
@@ -832,7 +846,8 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
         let update = settings_update(r.settings)?;
         let info = self
             .app
-            .groups
+            .groups()
+            .map_err(group_status)?
             .update(&r.name, &update)
             .await
             .map_err(group_status)?;
@@ -846,7 +861,12 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
         let caller = caller(&request)?;
         let name = request.into_inner().name;
         crate::groups::allow_existing(&self.app, &caller, &name).await?;
-        self.app.groups.delete(&name).await.map_err(group_status)?;
+        self.app
+            .groups()
+            .map_err(group_status)?
+            .delete(&name)
+            .await
+            .map_err(group_status)?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 
@@ -859,7 +879,8 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
         crate::groups::allow_existing(&self.app, &caller, &name).await?;
         let replaying = self
             .app
-            .groups
+            .groups()
+            .map_err(group_status)?
             .replay_parked(&name)
             .await
             .map_err(group_status)?;
@@ -874,7 +895,12 @@ async fn settle<S: EventStore>(
     request: pb::ConsumeRequest,
 ) -> Result<pb::AckResult, Status> {
     let outcome = match request.kind {
-        Some(pb::consume_request::Kind::Ack(ack)) => app.groups.ack(group, ack.ack_ids).await,
+        Some(pb::consume_request::Kind::Ack(ack)) => {
+            app.groups()
+                .map_err(group_status)?
+                .ack(group, ack.ack_ids)
+                .await
+        }
         Some(pb::consume_request::Kind::Nack(nack)) => {
             let action = match pb::NackAction::try_from(nack.action) {
                 Ok(pb::NackAction::Retry) => NackAction::Retry,
@@ -887,7 +913,8 @@ async fn settle<S: EventStore>(
                     )));
                 }
             };
-            app.groups
+            app.groups()
+                .map_err(group_status)?
                 .nack(group, nack.ack_ids, action, nack.reason)
                 .await
         }
@@ -978,7 +1005,8 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
         caller.require_held(Permission::Saga)?;
         let definitions = self
             .app
-            .sagas
+            .sagas()
+            .map_err(problem)?
             .definitions()
             .into_iter()
             .filter(|d| caller.require(Permission::Saga, &d.name).is_ok())
@@ -1009,7 +1037,8 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
         caller.require(Permission::Saga, &r.name)?;
         let definition = self
             .app
-            .sagas
+            .sagas()
+            .map_err(problem)?
             .definition(&r.name, r.version)
             .map_err(problem)?;
         Ok(Response::new(pb::SagaDefinition {
@@ -1054,7 +1083,8 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
         };
         let instances = self
             .app
-            .sagas
+            .sagas()
+            .map_err(problem)?
             .instances(&filter)
             .into_iter()
             .filter(|i| caller.require(Permission::Saga, &i.definition).is_ok())
@@ -1073,7 +1103,13 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
         let caller = caller(&request)?;
         let id = request.into_inner().saga_id;
         crate::sagas::allow_instance(&self.app, &caller, &id).await?;
-        let mut history = self.app.sagas.history(&id).await.map_err(problem)?;
+        let mut history = self
+            .app
+            .sagas()
+            .map_err(problem)?
+            .history(&id)
+            .await
+            .map_err(problem)?;
         crate::sagas::redact_history(&caller, &mut history);
         Ok(Response::new(pb::SagaInstance {
             summary: Some(instance_summary(&history.summary)),
@@ -1098,7 +1134,13 @@ impl<S: EventStore> pb::sagas_server::Sagas for SagasApi<S> {
         let caller = caller(&request)?;
         let id = request.into_inner().saga_id;
         crate::sagas::allow_instance(&self.app, &caller, &id).await?;
-        let summary = self.app.sagas.retry(&id).await.map_err(problem)?;
+        let summary = self
+            .app
+            .sagas()
+            .map_err(problem)?
+            .retry(&id)
+            .await
+            .map_err(problem)?;
         Ok(Response::new(instance_summary(&summary)))
     }
 

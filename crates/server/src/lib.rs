@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod cloudevents;
+pub mod coordination;
 mod groups;
 mod grpc;
 pub mod listener;
@@ -30,6 +31,7 @@ use skald_core::{
     Tag,
 };
 
+pub use coordination::{Coordination, Role};
 pub use problem::Problem;
 pub use sagas::SagaAuthority;
 pub use skald_hub::{Groups, Hub};
@@ -150,14 +152,23 @@ type App<S> = Arc<AppState<S>>;
 struct AppState<S> {
     store: Arc<S>,
     hub: Hub<S>,
-    groups: Groups<S>,
-    sagas: Sagas<S>,
+    coordination: Arc<Coordination<S>>,
     config: HttpConfig,
     metrics: Arc<observe::ApiMetrics>,
     security: Arc<Security<S>>,
 }
 
 impl<S: EventStore> AppState<S> {
+    /// The consumer groups, when this node runs them.
+    fn groups(&self) -> skald_core::Result<Groups<S>> {
+        self.coordination.groups()
+    }
+
+    /// The saga engine, when this node runs it.
+    fn sagas(&self) -> skald_core::Result<Sagas<S>> {
+        self.coordination.sagas()
+    }
+
     /// The `Access-Control-Allow-Origin` for `origin`, when CORS allows it.
     fn allowed_origin(&self, origin: &HeaderValue) -> Option<HeaderValue> {
         let text = origin.to_str().ok()?;
@@ -203,14 +214,25 @@ pub fn router_secured<S: EventStore>(
     config: HttpConfig,
     security: Arc<Security<S>>,
 ) -> Router {
-    let limit = config.max_body_bytes;
     let hub = groups.hub().clone();
+    router_coordinated(hub, Coordination::single(groups, sagas), config, security)
+}
+
+/// [`router_secured`] for a node of a shared store: `coordination` says whether this node runs
+/// the groups and sagas now, and where to forward their requests when it does not. `hub` is
+/// the node's own (each term's groups and sagas run on a [`Hub::scoped`] one of it).
+pub fn router_coordinated<S: EventStore>(
+    hub: Hub<S>,
+    coordination: Arc<Coordination<S>>,
+    config: HttpConfig,
+    security: Arc<Security<S>>,
+) -> Router {
+    let limit = config.max_body_bytes;
     let store = Arc::clone(hub.store());
     let app: App<S> = Arc::new(AppState {
         store,
         hub,
-        groups,
-        sagas,
+        coordination,
         config,
         metrics: Arc::new(observe::ApiMetrics::new()),
         security,
@@ -953,12 +975,24 @@ async fn info<S: EventStore>(
         return Ok(json_response(body.to_string().into_bytes()).into_response());
     }
     let info = app.store.info().await?;
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "version": VERSION,
         "headPosition": info.head_position,
         "durability": info.durability,
         "storageBytes": info.storage_bytes,
     });
+    // On a shared store: whether this node runs the groups and sagas, and which node does.
+    if let Some(address) = app.coordination.address() {
+        let (role, owner) = match app.coordination.role() {
+            Role::Owner { .. } => ("owner", Some(address.to_owned())),
+            Role::Follower { owner } => ("follower", owner),
+        };
+        body["node"] = serde_json::json!({
+            "address": address,
+            "groupsAndSagas": role,
+            "owner": owner,
+        });
+    }
     Ok(json_response(body.to_string().into_bytes()).into_response())
 }
 

@@ -464,7 +464,11 @@ pub(crate) async fn metrics<S: EventStore>(
     );
     app.metrics.write(&mut out);
     app.store.write_metrics(&mut out);
-    app.sagas.write_metrics(&mut out);
+    // Only the node that runs the sagas and groups reports them; the others would report
+    // nothing true.
+    if let Ok(sagas) = app.sagas() {
+        sagas.write_metrics(&mut out);
+    }
     app.security.write_metrics(&mut out);
     skald_telemetry::write_metrics(&mut out);
     out.single(
@@ -473,7 +477,10 @@ pub(crate) async fn metrics<S: EventStore>(
         "Subscriptions following the live tail, persistent subscription readers included.",
         app.hub.subscribers() as f64,
     );
-    let groups = app.groups.list().await.unwrap_or_default();
+    let groups = match app.groups() {
+        Ok(groups) => groups.list().await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
     type Family = (
         &'static str,
         Kind,

@@ -73,7 +73,7 @@ pub(crate) async fn register_text<S: EventStore>(
         .map_err(|e| Problem::from(skald_core::Error::InvalidSaga(e.to_string())))?;
     require_rights(caller, &definition)?;
     Ok(app
-        .sagas
+        .sagas()?
         .register_as(definition, caller.registrant())
         .await?)
 }
@@ -163,7 +163,7 @@ pub(crate) async fn list<S: EventStore>(
     caller: Caller,
 ) -> Result<Response, Problem> {
     caller.require_held(Permission::Saga)?;
-    let mut sagas = app.sagas.definitions();
+    let mut sagas = app.sagas()?.definitions();
     sagas.retain(|d| caller.require(Permission::Saga, &d.name).is_ok());
     Ok(json_ok(StatusCode::OK, &json!({ "sagas": sagas })))
 }
@@ -186,7 +186,7 @@ pub(crate) async fn show<S: EventStore>(
     }
     Ok(json_ok(
         StatusCode::OK,
-        &app.sagas.definition(&name, version)?,
+        &app.sagas()?.definition(&name, version)?,
     ))
 }
 
@@ -219,9 +219,9 @@ pub(crate) async fn change_audited<S: EventStore>(
     caller.require(Permission::Saga, name)?;
     let by = caller.registrant();
     let changed = match change {
-        Change::Disable => app.sagas.disable(name, by).await?,
-        Change::Enable => app.sagas.enable(name, by).await?,
-        Change::Delete => app.sagas.delete(name, by).await?,
+        Change::Disable => app.sagas()?.disable(name, by).await?,
+        Change::Enable => app.sagas()?.enable(name, by).await?,
+        Change::Delete => app.sagas()?.delete(name, by).await?,
     };
     if changed {
         app.security
@@ -303,7 +303,7 @@ pub(crate) async fn instances<S: EventStore>(
             }
         }
     }
-    let mut instances = app.sagas.instances(&filter);
+    let mut instances = app.sagas()?.instances(&filter);
     instances.retain(|i| caller.require(Permission::Saga, &i.definition).is_ok());
     for summary in &mut instances {
         redact_summary(&caller, summary);
@@ -318,7 +318,7 @@ pub(crate) async fn history<S: EventStore>(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     allow_instance(&app, &caller, &id).await?;
-    let mut history = app.sagas.history(&id).await?;
+    let mut history = app.sagas()?.history(&id).await?;
     redact_history(&caller, &mut history);
     Ok(json_ok(StatusCode::OK, &history))
 }
@@ -334,7 +334,7 @@ pub(crate) async fn allow_instance<S: EventStore>(
         return Ok(());
     }
     caller.require_held(Permission::Saga)?;
-    let summary = app.sagas.summary(id).await?;
+    let summary = app.sagas()?.summary(id).await?;
     if caller
         .require(Permission::Saga, &summary.definition)
         .is_err()
@@ -351,7 +351,10 @@ pub(crate) async fn retry<S: EventStore>(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     allow_instance(&app, &caller, &id).await?;
-    Ok(json_ok(StatusCode::ACCEPTED, &app.sagas.retry(&id).await?))
+    Ok(json_ok(
+        StatusCode::ACCEPTED,
+        &app.sagas()?.retry(&id).await?,
+    ))
 }
 
 /// `POST /v1/saga-instances/{id}/cancel` with an optional `{"reason": "..."}`.
@@ -388,7 +391,7 @@ pub(crate) async fn cancel_audited<S: EventStore>(
     id: &str,
     reason: &str,
 ) -> Result<skald_saga::InstanceSummary, Problem> {
-    let summary = app.sagas.cancel(id, reason).await?;
+    let summary = app.sagas()?.cancel(id, reason).await?;
     app.security
         .audit_now(
             "SagaCancelRequested",

@@ -713,8 +713,14 @@ impl<S: EventStore> Session<S> {
             return Next::Reply(error_reply(Some(&id), problem));
         }
         let outcome = match nack {
-            None => self.app.groups.ack(&group, ack_ids).await,
-            Some((action, reason)) => self.app.groups.nack(&group, ack_ids, action, reason).await,
+            None => match self.app.groups() {
+                Ok(groups) => groups.ack(&group, ack_ids).await,
+                Err(e) => Err(e),
+            },
+            Some((action, reason)) => match self.app.groups() {
+                Ok(groups) => groups.nack(&group, ack_ids, action, reason).await,
+                Err(e) => Err(e),
+            },
         };
         match outcome {
             Ok(outcome) if outcome.unknown.is_empty() => Next::Silent,
@@ -778,7 +784,8 @@ impl<S: EventStore> Session<S> {
         }
         let consumer = self
             .app
-            .groups
+            .groups()
+            .map_err(crate::groups::group_problem)?
             .join(&group, &name, "websocket", prefetch)
             .await
             .map_err(crate::groups::group_problem)?;

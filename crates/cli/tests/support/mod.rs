@@ -184,3 +184,55 @@ impl Http {
             .collect()
     }
 }
+
+/// Waits until exactly one of the nodes of a shared store says it runs the consumer groups
+/// and sagas and every other one names its address as their owner's (`GET /v1/info`);
+/// returns its index.
+pub async fn owner_among(urls: &[String], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut owners = Vec::new();
+        let mut named = Vec::new();
+        let mut addresses = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let info = match Http::new(url)
+                .call(Method::GET, "/v1/info", "application/json", String::new())
+                .await
+            {
+                Ok((StatusCode::OK, body)) => {
+                    serde_json::from_slice::<serde_json::Value>(&body).expect("/v1/info is JSON")
+                }
+                _ => serde_json::Value::Null,
+            };
+            let node = &info["node"];
+            if node["groupsAndSagas"] == "owner" {
+                owners.push(i);
+            }
+            addresses.push(node["address"].as_str().map(str::to_owned));
+            named.push(node["owner"].as_str().map(str::to_owned));
+        }
+        if let [owner] = owners[..]
+            && addresses[owner].is_some()
+            && named.iter().all(|n| *n == addresses[owner])
+        {
+            return owner;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single owner among {urls:?} within {within:?}: owners {owners:?}, named {named:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A config file beside `data_dir` for a node of a shared store: saga steps may reach
+/// loopback, and the lease on the groups and sagas lasts `lease_ms`.
+pub fn cluster_config(data_dir: &Path, lease_ms: u64) -> String {
+    let path = data_dir.with_extension("toml");
+    std::fs::write(
+        &path,
+        format!("[sagas.egress]\nallow = [\"127.0.0.1\"]\n\n[cluster]\nlease_ms = {lease_ms}\n"),
+    )
+    .expect("config written");
+    path.to_string_lossy().into_owned()
+}

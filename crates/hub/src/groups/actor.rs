@@ -284,6 +284,10 @@ pub(crate) struct Group<S> {
     /// A message finished since the last checkpoint was written.
     dirty: bool,
     last_checkpoint: Checkpoint,
+    /// The revision of the checkpoint stream's last event, which the next write expects.
+    checkpoint_revision: Option<u64>,
+    /// Another owner wrote the group's state: this one stops.
+    fenced: bool,
     last_write: Instant,
     /// Length of `$parked-NAME`.
     parked_len: u64,
@@ -341,7 +345,7 @@ impl<S: EventStore> Group<S> {
             .stream_head(&parked_stream(&definition.name))
             .await?
             .map_or(0, |h| h.revision.0 + 1);
-        let stored = read_checkpoint(&*store, &definition).await?;
+        let (stored, mut checkpoint_revision) = read_checkpoint(&*store, &definition).await?;
         let (start, checkpoint) = match stored {
             Some(c) => (Start::Position(c.position), c),
             None => {
@@ -359,7 +363,9 @@ impl<S: EventStore> Group<S> {
                     parked_from: parked_len,
                     parked_to: parked_len,
                 };
-                write_checkpoint(&*store, &definition.name, c).await?;
+                checkpoint_revision = Some(
+                    write_checkpoint(&*store, &definition.name, c, checkpoint_revision).await?,
+                );
                 (start, c)
             }
         };
@@ -381,6 +387,8 @@ impl<S: EventStore> Group<S> {
             round_robin: 0,
             dirty: false,
             last_checkpoint: checkpoint,
+            checkpoint_revision,
+            fenced: false,
             last_write: Instant::now(),
             parked_len,
             parked_to: checkpoint.parked_to.max(checkpoint.parked_from),
@@ -442,6 +450,9 @@ impl<S: EventStore> Group<S> {
             }
             if !self.to_park.is_empty() {
                 self.park().await;
+            }
+            if self.fenced {
+                return;
             }
             if self.replay_loaded < self.parked_to
                 && self.window.len() < self.settings().buffer_size
@@ -598,6 +609,21 @@ impl<S: EventStore> Group<S> {
                 message.state = State::Available;
             }
         }
+    }
+
+    /// Another owner wrote the group's state since this one read it: it has taken the group
+    /// over (this node lost its lease). This one ends its consumers and stops, writing nothing
+    /// more; what they held unacknowledged is delivered again by the new owner.
+    fn fence(&mut self) {
+        tracing::warn!(
+            "group {}: another node has taken the group over; this node stops serving it",
+            self.definition.name
+        );
+        self.fenced = true;
+        self.end_consumers(Error::Unavailable(format!(
+            "group {:?} has moved to another node; connect again",
+            self.definition.name
+        )));
     }
 
     fn end_consumers(&mut self, error: Error) {
@@ -896,11 +922,20 @@ impl<S: EventStore> Group<S> {
             self.dirty = false;
             return;
         }
-        match write_checkpoint(&*self.store, &self.definition.name, checkpoint).await {
-            Ok(()) => {
+        match write_checkpoint(
+            &*self.store,
+            &self.definition.name,
+            checkpoint,
+            self.checkpoint_revision,
+        )
+        .await
+        {
+            Ok(revision) => {
+                self.checkpoint_revision = Some(revision);
                 self.last_checkpoint = checkpoint;
                 self.dirty = false;
             }
+            Err(Error::WrongExpectedRevision { .. }) => self.fence(),
             Err(e) => tracing::warn!(
                 "group {}: writing its checkpoint failed, retrying later: {e}",
                 self.definition.name
@@ -933,7 +968,7 @@ impl<S: EventStore> Group<S> {
         }
         let request = AppendRequest {
             stream: parked_stream(&self.definition.name),
-            expected: ExpectedRevision::Any,
+            expected: exactly_after(self.parked_len.checked_sub(1)),
             condition: None,
             events,
         };
@@ -945,6 +980,7 @@ impl<S: EventStore> Group<S> {
                     self.finish(key);
                 }
             }
+            Err(Error::WrongExpectedRevision { .. }) => self.fence(),
             Err(e) => {
                 tracing::warn!(
                     "group {}: parking {} messages failed, retrying them later: {e}",
@@ -1145,27 +1181,39 @@ pub(crate) fn system_event(event_type: &str, data: String) -> ProposedEvent {
     )
 }
 
+/// Appends `checkpoint` after the revision `after` (none: the stream's first event) and
+/// returns its revision. Written at that exact revision, so that an owner of the group that
+/// another node has taken over cannot write over the new owner's state: its write fails with
+/// `WrongExpectedRevision`, and it stops (docs/postgres.md, "Owners across nodes").
 async fn write_checkpoint<S: EventStore>(
     store: &S,
     name: &str,
     checkpoint: Checkpoint,
-) -> Result<()> {
+    after: Option<u64>,
+) -> Result<u64> {
     store
         .append(AppendRequest {
             stream: checkpoint_stream(name),
-            expected: ExpectedRevision::Any,
+            expected: exactly_after(after),
             condition: None,
             events: vec![system_event("$checkpoint", json!(checkpoint).to_string())],
         })
         .await
-        .map(|_| ())
+        .map(|r| r.last_revision.0)
 }
 
-/// The group's latest checkpoint, if it has one of its own generation.
+fn exactly_after(revision: Option<u64>) -> ExpectedRevision {
+    revision.map_or(ExpectedRevision::NoStream, |r| {
+        ExpectedRevision::Exact(skald_core::Revision(r))
+    })
+}
+
+/// The group's latest checkpoint, if it has one of its own generation, and the revision of the
+/// checkpoint stream's last event (of any generation), which the next write expects.
 async fn read_checkpoint<S: EventStore>(
     store: &S,
     definition: &GroupDefinition,
-) -> Result<Option<Checkpoint>> {
+) -> Result<(Option<Checkpoint>, Option<u64>)> {
     let page = store
         .read(ReadRequest {
             source: ReadSource::Stream(checkpoint_stream(&definition.name)),
@@ -1175,11 +1223,12 @@ async fn read_checkpoint<S: EventStore>(
         })
         .await?;
     let Some(last) = page.events.first() else {
-        return Ok(None);
+        return Ok((None, None));
     };
+    let revision = Some(last.revision.0);
     match serde_json::from_slice::<Checkpoint>(last.data.bytes()) {
-        Ok(c) if c.generation == definition.generation => Ok(Some(c)),
-        Ok(_) => Ok(None),
+        Ok(c) if c.generation == definition.generation => Ok((Some(c), revision)),
+        Ok(_) => Ok((None, revision)),
         Err(e) => Err(Error::Corruption {
             file: checkpoint_stream(&definition.name).to_string(),
             offset: last.position.0,

@@ -1,0 +1,368 @@
+//! Who runs the consumer groups and the sagas (docs/postgres.md, "Owners across nodes").
+//!
+//! On the embedded engine this node always does. On a shared store one node at a time does:
+//! the holder of the coordinator lease, decided outside this crate, which installs the
+//! groups and sagas of each term with [`Coordination::own`] and takes them away with
+//! [`Coordination::follow`]. Every other node forwards the HTTP and gRPC requests for groups
+//! and sagas to the owner's address, with the caller's own credentials, so that a client may
+//! use any node; the owner authenticates and authorizes the request again.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, Uri, Version, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use skald_core::{Error, EventStore, Result};
+
+use crate::groups::{DEFAULT_POLL_WAIT, MAX_POLL_WAIT};
+use crate::{Groups, Problem, Sagas};
+
+/// Set on a request one node forwards to another; a node that receives one and does not own
+/// the groups answers 503 instead of forwarding it again, so that two nodes that disagree
+/// about the owner for a moment cannot pass a request back and forth.
+pub const FORWARDED_HEADER: &str = "skald-forwarded-by";
+
+/// How long a forwarded request waits for a connection to the owner.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a forwarded request waits for the head of the owner's answer, beyond the wait a
+/// long-poll asks for: an owner cut off from this node after the request was sent would
+/// otherwise keep it waiting for ever.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an idle HTTP/2 connection to the owner (a gRPC stream) is pinged, and how long
+/// an answer may take before the connection is given up as dead.
+const PING: Duration = Duration::from_secs(5);
+
+/// What this node is for the groups and the sagas now.
+pub enum Role<S> {
+    /// It runs them.
+    Owner {
+        /// The consumer groups of this term.
+        groups: Groups<S>,
+        /// The saga engine of this term.
+        sagas: Sagas<S>,
+    },
+    /// Another node runs them, reachable at `owner` (none while no node holds the lease).
+    Follower {
+        /// The owner's address, such as `http://10.0.0.1:7340`.
+        owner: Option<String>,
+    },
+}
+
+impl<S> Clone for Role<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Owner { groups, sagas } => Self::Owner {
+                groups: groups.clone(),
+                sagas: sagas.clone(),
+            },
+            Self::Follower { owner } => Self::Follower {
+                owner: owner.clone(),
+            },
+        }
+    }
+}
+
+/// Where a request for the groups or the sagas goes.
+pub(crate) enum Route {
+    /// Served here.
+    Local,
+    /// Forwarded to the owner at this address.
+    Forward(String),
+    /// Refused with this problem (no owner now, or a forwarded request that found none).
+    Refuse(Problem),
+}
+
+type Forwarding = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+/// The role of this node, shared by every request.
+pub struct Coordination<S> {
+    role: RwLock<Role<S>>,
+    /// Counts the changes of owner, so that a forwarded request still waiting for the old
+    /// owner's answer gives up at once when the owner changes.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// This node's own address, as it tells the others.
+    address: Option<String>,
+    /// HTTP/1.1 for the REST API, HTTP/2 for gRPC; `None` on a node that is always the owner.
+    clients: Option<(Forwarding, Forwarding)>,
+}
+
+impl<S: EventStore> Coordination<S> {
+    /// A node that always runs the groups and sagas (the embedded engine).
+    pub fn single(groups: Groups<S>, sagas: Sagas<S>) -> Arc<Self> {
+        Arc::new(Self {
+            role: RwLock::new(Role::Owner { groups, sagas }),
+            changes: tokio::sync::watch::Sender::new(0),
+            address: None,
+            clients: None,
+        })
+    }
+
+    /// A node of a shared store, at `address`, following until it is given a term with
+    /// [`Coordination::own`]. Owners reached over `https://` are trusted by the PEM roots of
+    /// `ca_file`, or the system's.
+    pub fn shared(address: String, ca_file: Option<&std::path::Path>) -> Result<Arc<Self>> {
+        let tls = skald_security::tls::client_config(ca_file, None)
+            .map_err(|e| Error::InvalidConfig(format!("[cluster] ca_file: {e}")))?;
+        let client = |http2: bool| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            connector.enforce_http(false);
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http();
+            let https = if http2 {
+                https.enable_http2().wrap_connector(connector)
+            } else {
+                https.enable_http1().wrap_connector(connector)
+            };
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.http2_only(http2);
+            if http2 {
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .http2_keep_alive_interval(PING)
+                    .http2_keep_alive_timeout(PING)
+                    .http2_keep_alive_while_idle(true);
+            }
+            builder.build(https)
+        };
+        Ok(Arc::new(Self {
+            role: RwLock::new(Role::Follower { owner: None }),
+            changes: tokio::sync::watch::Sender::new(0),
+            address: Some(address),
+            clients: Some((client(false), client(true))),
+        }))
+    }
+
+    /// Starts a term: this node runs `groups` and `sagas` (started on a scoped hub), and
+    /// serves their requests. Returns the role it had.
+    pub fn own(&self, groups: Groups<S>, sagas: Sagas<S>) -> Role<S> {
+        self.set(Role::Owner { groups, sagas })
+    }
+
+    /// Ends a term, or learns of another owner: requests go to `owner` from now on. Returns
+    /// the role it had (the caller stops the old term's groups and sagas).
+    pub fn follow(&self, owner: Option<String>) -> Role<S> {
+        self.set(Role::Follower { owner })
+    }
+
+    fn set(&self, role: Role<S>) -> Role<S> {
+        let old = std::mem::replace(&mut *self.role.write().expect("not poisoned"), role.clone());
+        let same = matches!((&old, &role), (Role::Follower { owner: a }, Role::Follower { owner: b }) if a == b);
+        if !same {
+            self.changes.send_modify(|n| *n += 1);
+        }
+        old
+    }
+
+    /// The role now.
+    pub fn role(&self) -> Role<S> {
+        self.role.read().expect("not poisoned").clone()
+    }
+
+    /// This node's address, when it shares its store with others.
+    pub fn address(&self) -> Option<&str> {
+        self.address.as_deref()
+    }
+
+    /// The groups, when this node runs them.
+    pub fn groups(&self) -> Result<Groups<S>> {
+        match &*self.role.read().expect("not poisoned") {
+            Role::Owner { groups, .. } => Ok(groups.clone()),
+            Role::Follower { owner } => Err(elsewhere(owner.as_deref())),
+        }
+    }
+
+    /// The saga engine, when this node runs it.
+    pub fn sagas(&self) -> Result<Sagas<S>> {
+        match &*self.role.read().expect("not poisoned") {
+            Role::Owner { sagas, .. } => Ok(sagas.clone()),
+            Role::Follower { owner } => Err(elsewhere(owner.as_deref())),
+        }
+    }
+
+    /// Where a request for `path` goes; everything but the groups and the sagas is served
+    /// here.
+    pub(crate) fn route(&self, request: &Request) -> Route {
+        if !is_coordinated(request.uri().path()) {
+            return Route::Local;
+        }
+        match &*self.role.read().expect("not poisoned") {
+            Role::Owner { .. } => Route::Local,
+            Role::Follower { .. } if request.headers().contains_key(FORWARDED_HEADER) => {
+                Route::Refuse(Problem::from(Error::Unavailable(
+                    "this request was forwarded to this node as the owner of consumer groups and \
+                     sagas, and it owns them no more (the lease is moving between nodes); retry"
+                        .into(),
+                )))
+            }
+            Role::Follower { owner: Some(owner) } => Route::Forward(owner.clone()),
+            Role::Follower { owner: None } => Route::Refuse(Problem::from(elsewhere(None))),
+        }
+    }
+
+    /// Sends `request` to the owner at `owner` and returns its answer, streamed (a long-poll,
+    /// an SSE stream or a gRPC stream flows through as it comes).
+    pub(crate) async fn forward(&self, mut request: Request, owner: &str, grpc: bool) -> Response {
+        let Some((http1, http2)) = &self.clients else {
+            return Problem::from(elsewhere(Some(owner))).into_response();
+        };
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let uri = match format!("{}{target}", owner.trim_end_matches('/')).parse::<Uri>() {
+            Ok(uri) => uri,
+            Err(e) => {
+                return Problem::from(Error::Unavailable(format!(
+                    "the owner's address {owner:?} is not a URL ({e}); set [cluster] advertise \
+                     on that node"
+                )))
+                .into_response();
+            }
+        };
+        *request.uri_mut() = uri;
+        *request.version_mut() = if grpc {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let headers = request.headers_mut();
+        for hop in [
+            header::HOST,
+            header::CONNECTION,
+            header::UPGRADE,
+            header::TRANSFER_ENCODING,
+            header::PROXY_AUTHORIZATION,
+        ] {
+            headers.remove(hop);
+        }
+        headers.remove("keep-alive");
+        headers.insert(
+            FORWARDED_HEADER,
+            HeaderValue::from_str(self.address.as_deref().unwrap_or("unknown"))
+                .unwrap_or(HeaderValue::from_static("unknown")),
+        );
+        let client = if grpc { http2 } else { http1 };
+        let within = ANSWER_TIMEOUT + poll_wait(&target);
+        let mut changes = self.changes.subscribe();
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(within, client.request(request)) => answer,
+            _ = changes.changed() => {
+                return Problem::from(Error::Unavailable(format!(
+                    "consumer groups and sagas moved away from the node at {owner} while this \
+                     request waited for its answer; retry"
+                )))
+                .into_response();
+            }
+        };
+        match answer {
+            Ok(Ok(response)) => response.map(Body::new),
+            Ok(Err(e)) => Problem::from(Error::Unavailable(format!(
+                "consumer groups and sagas are run by the node at {owner}, which cannot be \
+                 reached from this node now: {e}; retry, or send the request to it directly"
+            )))
+            .into_response(),
+            Err(_) => Problem::from(Error::Unavailable(format!(
+                "consumer groups and sagas are run by the node at {owner}, which did not \
+                 answer within {} s; retry",
+                within.as_secs()
+            )))
+            .into_response(),
+        }
+    }
+}
+
+/// The wait a long-poll (`GET /v1/groups/{name}/messages?wait=MS`) asks for: the API's
+/// default when it names none, at most the API's limit; zero for every other request.
+fn poll_wait(target: &str) -> Duration {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if !path.ends_with("/messages") {
+        return Duration::ZERO;
+    }
+    let asked = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("wait="))
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(DEFAULT_POLL_WAIT, Duration::from_millis);
+    asked.min(MAX_POLL_WAIT)
+}
+
+/// The requests only the owner serves: the groups' and the sagas' REST and gRPC APIs.
+fn is_coordinated(path: &str) -> bool {
+    ["/v1/groups", "/v1/sagas", "/v1/saga-instances"]
+        .iter()
+        .any(|prefix| {
+            path.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+        || path.starts_with("/skald.v1.Groups/")
+        || path.starts_with("/skald.v1.Sagas/")
+}
+
+/// Why this node cannot serve a group or saga request itself.
+fn elsewhere(owner: Option<&str>) -> Error {
+    match owner {
+        Some(owner) => Error::Unavailable(format!(
+            "consumer groups and sagas are run by the node at {owner}; over HTTP and gRPC any \
+             node forwards to it, and a WebSocket must connect to it directly"
+        )),
+        None => Error::Unavailable(
+            "no node runs consumer groups and sagas at this moment (their lease is moving \
+             between nodes, or no node can reach the database); retry"
+                .into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_coordinated, poll_wait};
+    use std::time::Duration;
+
+    #[test]
+    fn a_forwarded_long_poll_waits_as_long_as_it_asked() {
+        assert_eq!(
+            poll_wait("/v1/groups/a/messages?count=5&wait=1500"),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(poll_wait("/v1/groups/a/messages"), Duration::from_secs(10));
+        assert_eq!(
+            poll_wait("/v1/groups/a/messages?wait=99999999"),
+            Duration::from_secs(60)
+        );
+        assert_eq!(poll_wait("/v1/groups/a/ack"), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_the_groups_and_sagas_go_to_the_owner() {
+        for path in [
+            "/v1/groups",
+            "/v1/groups/orders/messages",
+            "/v1/sagas",
+            "/v1/sagas/payment/disable",
+            "/v1/saga-instances/abc",
+            "/skald.v1.Groups/Consume",
+            "/skald.v1.Sagas/ListInstances",
+        ] {
+            assert!(is_coordinated(path), "{path}");
+        }
+        for path in [
+            "/v1/streams/groups",
+            "/v1/groupsx",
+            "/v1/all",
+            "/v1/ws",
+            "/skald.v1.Streams/Append",
+            "/health/ready",
+        ] {
+            assert!(!is_coordinated(path), "{path}");
+        }
+    }
+}
