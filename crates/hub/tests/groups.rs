@@ -1124,3 +1124,86 @@ proptest::proptest! {
         proptest::prop_assert!(result.is_ok(), "{}", result.unwrap_err());
     }
 }
+
+/// Two owners of one group at once, as two nodes of a shared store might be for a moment:
+/// the one whose state write finds the other's stops its consumers (it is fenced), opens the
+/// group again from the state the other wrote, and serves on from there; once its own hub is
+/// stopping (its term ended), a fenced owner stays stopped.
+#[tokio::test]
+async fn an_owner_fenced_by_another_stops_and_opens_the_group_again_from_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, groups_a, hub) = open(dir.path()).await;
+    let settings = GroupSettings {
+        checkpoint_after_ms: 10,
+        message_timeout_ms: 60_000,
+        ..GroupSettings::default()
+    };
+    groups_a.create(group("d", settings)).await.unwrap();
+    // The second owner runs on a scope of the same hub, as a term on another node would.
+    let scope_b = hub.scoped();
+    let groups_b = Groups::start(scope_b.clone()).await.unwrap();
+    let base = append(&store, "order-1", 30).await;
+
+    // A takes ten and acknowledges them: its checkpoint moves past them.
+    let mut on_a = groups_a.join("d", "a", "test", 10).await.unwrap();
+    let taken = next(&mut on_a).await;
+    assert_eq!(taken.len(), 10);
+    groups_a.ack("d", ids(&taken)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while groups_a.info("d").await.unwrap().stats.checkpoint < base + 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A wrote no checkpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // B, which read the state before A wrote, delivers and acknowledges too; its checkpoint
+    // write expects the revision it read, finds A's, and B ends its consumer.
+    let mut on_b = groups_b.join("d", "b", "test", 5).await.unwrap();
+    let stale = next(&mut on_b).await;
+    groups_b.ack("d", ids(&stale)).await.unwrap();
+    match tokio::time::timeout(WAIT, async {
+        loop {
+            if let ConsumerEvent::Ended(e) = on_b.next().await {
+                return e;
+            }
+        }
+    })
+    .await
+    {
+        Ok(Error::Unavailable(reason)) => assert!(reason.contains("moved"), "{reason}"),
+        other => panic!("B's consumer was not ended by the fence: {other:?}"),
+    }
+
+    // B is still an owner (its hub is not stopping): it opens the group again from A's
+    // checkpoint, not from where it was.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let info = loop {
+        if let Ok(info) = groups_b.info("d").await {
+            break info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "B never reopened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(info.stats.checkpoint >= base + 10, "{:?}", info.stats);
+    let mut on_b = groups_b.join("d", "b", "test", 30).await.unwrap();
+    let after = next(&mut on_b).await;
+    assert!(
+        after.iter().all(|m| m.event.position.0 >= base + 10),
+        "B delivered what A's acknowledged checkpoint had passed: {:?}",
+        keys(&after)
+    );
+    drop(on_b);
+
+    // B's term ends: its group stops for good (its supervisor does not open it again), and A
+    // goes on serving.
+    scope_b.shutdown();
+    tokio::time::timeout(WAIT, groups_b.stopped())
+        .await
+        .expect("B's group stops when its term ends");
+    let rest = next(&mut on_a).await;
+    groups_a.ack("d", ids(&rest)).await.unwrap();
+    drop(on_a);
+    stop(store, groups_a, hub).await;
+}

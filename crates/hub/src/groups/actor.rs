@@ -413,7 +413,10 @@ impl<S: EventStore> Group<S> {
             && self.window_bytes < self.settings().buffer_bytes
     }
 
-    pub(crate) async fn run(mut self) {
+    /// Runs until the group stops: `None`; or until another owner wrote its state, when it
+    /// ends its consumers and gives its command channel back (`Some`), so that the caller may
+    /// open the group again from the state the other owner wrote, if this node still owns it.
+    pub(crate) async fn run(mut self) -> Option<mpsc::UnboundedReceiver<Command>> {
         let hub = self.hub.clone();
         let mut stopping = Box::pin(async move { hub.stopping().await });
         loop {
@@ -429,16 +432,16 @@ impl<S: EventStore> Group<S> {
                 () = &mut stopping => {
                     self.end_consumers(Error::Unavailable("the server is shutting down".into()));
                     self.write_checkpoint_now().await;
-                    return;
+                    return None;
                 }
                 command = self.commands.recv() => match command {
                     None => {
                         self.write_checkpoint_now().await;
-                        return;
+                        return None;
                     }
                     Some(Command::Delete) => {
                         self.end_consumers(Error::GroupNotFound(self.definition.name.clone()));
-                        return;
+                        return None;
                     }
                     Some(command) => self.handle(command).await,
                 },
@@ -452,7 +455,7 @@ impl<S: EventStore> Group<S> {
                 self.park().await;
             }
             if self.fenced {
-                return;
+                return Some(self.commands);
             }
             if self.replay_loaded < self.parked_to
                 && self.window.len() < self.settings().buffer_size

@@ -195,7 +195,12 @@ impl<S: EventStore> Groups<S> {
         // wait for room in a bounded channel.
         let (tx, rx) = mpsc::unbounded_channel();
         let group = Group::open(self.hub.clone(), definition.clone(), rx).await?;
-        let task = tokio::spawn(group.run());
+        let task = tokio::spawn(supervise(
+            group,
+            self.hub.clone(),
+            Arc::clone(&self.registry),
+            definition.name.clone(),
+        ));
         let name = definition.name.clone();
         let running = Running {
             definition,
@@ -471,6 +476,42 @@ impl<S: EventStore> Groups<S> {
         }
     }
 }
+
+/// Runs a group's actor; when another writer fenced it (docs/postgres.md, "Owners across
+/// nodes") and this node still runs the groups, opens it again from the state in the store, on
+/// the same command channel. A stale owner stops for good: its hub is stopping by then.
+async fn supervise<S: EventStore>(
+    mut group: Group<S>,
+    hub: Hub<S>,
+    registry: Arc<Mutex<Registry>>,
+    name: String,
+) {
+    while let Some(commands) = group.run().await {
+        tokio::time::sleep(REOPEN_AFTER).await;
+        let definition = registry
+            .lock()
+            .expect("not poisoned")
+            .groups
+            .get(&name)
+            .map(|g| g.definition.clone());
+        let Some(definition) = definition else {
+            return;
+        };
+        if hub.is_stopping() {
+            return;
+        }
+        match Group::open(hub.clone(), definition, commands).await {
+            Ok(reopened) => group = reopened,
+            Err(e) => {
+                tracing::warn!("group {name}: cannot open it again after another writer: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// How long a fenced group waits before it reads its state again.
+const REOPEN_AFTER: Duration = Duration::from_millis(500);
 
 fn stopped(name: &str) -> Error {
     Error::Unavailable(format!("group {name:?} is stopping"))
