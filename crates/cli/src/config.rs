@@ -330,6 +330,23 @@ mod tests {
     }
 
     #[test]
+    fn a_node_advertises_its_setting_its_listen_address_or_its_host_name() {
+        let listen: SocketAddr = "10.0.0.5:7340".parse().unwrap();
+        let mut cluster = ClusterConfig::default();
+        assert_eq!(cluster.address(listen, "https"), "https://10.0.0.5:7340");
+        let any: SocketAddr = "0.0.0.0:7340".parse().unwrap();
+        let named = cluster.address(any, "http");
+        assert!(
+            named.starts_with("http://") && named.ends_with(":7340"),
+            "{named}"
+        );
+        assert!(!named.contains("0.0.0.0"), "{named}");
+        cluster.advertise = Some("http://node-1.internal:7340/".into());
+        cluster.validate().unwrap();
+        assert_eq!(cluster.address(any, "http"), "http://node-1.internal:7340");
+    }
+
+    #[test]
     fn the_readme_config_parses_and_states_the_defaults() {
         let readme = include_str!("../../../README.md");
         let start = readme
@@ -424,6 +441,17 @@ mod tests {
         );
         let err = refused("[rate_limit]\nper_address = { rate = 0, burst = 1 }\n");
         assert!(err.contains("per_address"), "{err}");
+        let err = refused("[cluster]\nlease_ms = 100\n");
+        assert!(err.contains("lease_ms is 100"), "{err}");
+        for bad in [
+            "10.0.0.5:7340",
+            "ftp://node",
+            "http://node:7340/api",
+            "http://",
+        ] {
+            let err = refused(&format!("[cluster]\nadvertise = \"{bad}\"\n"));
+            assert!(err.contains("advertise") && err.contains(bad), "{err}");
+        }
         let err = refused("[storage]\nbackend = \"postgres\"\n");
         assert!(err.contains("needs postgres_url"), "{err}");
         let err = refused("[storage]\npostgres_url = \"postgres://a@b/c\"\n");

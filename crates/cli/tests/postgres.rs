@@ -859,6 +859,22 @@ async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_no
         assert!(ack_ledger(&consumer, ids).await);
         acked.extend(batch.iter().map(|(p, _)| *p));
     }
+    // The gRPC API is forwarded too: a unary call and a bidirectional consumer stream,
+    // through the node that created the group.
+    let grpc = Client::connect(&urls[followers[0]]).await.unwrap();
+    let info = grpc.group("ledger").await.expect("GetGroup forwarded");
+    assert_eq!(info.name, "ledger");
+    let mut streamed = grpc.consume("ledger", "grpc-1", 10).await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(30), streamed.next())
+        .await
+        .expect("a batch over the forwarded stream")
+        .unwrap()
+        .expect("the stream is open");
+    assert!(!batch.is_empty());
+    let ids: Vec<String> = batch.iter().map(|m| m.ack_id.clone()).collect();
+    assert_eq!(streamed.ack(&ids).await.unwrap().done, ids.len() as u64);
+    acked.extend(batch.iter().map(|m| m.event.position.0));
+    drop(streamed);
     let held: Vec<u64> = loop {
         let batch = poll_ledger(&consumer).await.unwrap();
         if !batch.is_empty() {
