@@ -29,7 +29,18 @@ pub(crate) struct Shared {
 pub(crate) struct PgMetrics {
     pub(crate) store: StoreCounters,
     pub(crate) call_seconds: Histogram,
+    /// The size of the schema's tables with their indexes and TOAST, as last measured (the
+    /// tailer measures it every `SIZE_EVERY`; `info` too); `u64::MAX` until then.
+    pub(crate) storage_bytes: std::sync::atomic::AtomicU64,
 }
+
+/// The schema's size on disk: every table of `skald` with its indexes and TOAST.
+pub(crate) const SIZE_QUERY: &str = "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+     JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE n.nspname = 'skald' AND c.relkind = 'r'";
+
+/// How often the tailer measures the schema's size for `skald_storage_bytes`.
+pub(crate) const SIZE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Shared {
     pub(crate) fn failed(&self, e: &Error) {

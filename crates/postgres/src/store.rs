@@ -109,6 +109,7 @@ impl PgStore {
             metrics: PgMetrics {
                 store: StoreCounters::new(),
                 call_seconds: Histogram::new(DURATION_BOUNDS),
+                storage_bytes: std::sync::atomic::AtomicU64::new(u64::MAX),
             },
         });
         let (commands, receiver) = mpsc::channel(1024);
@@ -409,15 +410,12 @@ impl EventStore for PgStore {
 
     async fn info(&self) -> Result<StoreInfo, Error> {
         let next = self.next_position().await?;
-        let rows = self
-            .rows(
-                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = 'skald' AND c.relkind = 'r'",
-                &[],
-            )
-            .await?;
+        let rows = self.rows(crate::shared::SIZE_QUERY, &[]).await?;
         let bytes: i64 = rows.first().map_or(0, |r| r.get(0));
+        self.shared
+            .metrics
+            .storage_bytes
+            .store(bytes.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(StoreInfo {
             head_position: next.checked_sub(1).map(Position),
             durability: self.shared.options.durability,
@@ -466,6 +464,16 @@ impl EventStore for PgStore {
             &[],
             &m.call_seconds,
         );
+        let bytes = m.storage_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if bytes != u64::MAX {
+            out.single(
+                "skald_storage_bytes",
+                Kind::Gauge,
+                "Bytes the store occupies: its PostgreSQL tables with their indexes, measured \
+                 every 15 s.",
+                bytes as f64,
+            );
+        }
     }
 
     fn readiness(&self) -> Result<(), String> {

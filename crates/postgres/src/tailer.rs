@@ -7,7 +7,7 @@ use std::time::Duration;
 use skald_core::Error;
 
 use crate::conn::{CHANNEL, db_error, within};
-use crate::shared::Shared;
+use crate::shared::{SIZE_EVERY, SIZE_QUERY, Shared};
 
 /// Follows the head row: at every notification, every poll interval, and at once after a
 /// reconnection, since notifications sent while it was away are lost.
@@ -51,7 +51,23 @@ async fn tail(shared: &Shared, reached: &mut bool) -> Result<std::convert::Infal
                 .map_err(db_error)
         })
         .await?;
+        let mut measured: Option<std::time::Instant> = None;
         loop {
+            if measured.is_none_or(|at| at.elapsed() >= SIZE_EVERY) {
+                let bytes: i64 = within(options.timeout, "measuring the store", async {
+                    client
+                        .query_one(SIZE_QUERY, &[])
+                        .await
+                        .map_err(db_error)
+                        .map(|row| row.get(0))
+                })
+                .await?;
+                shared
+                    .metrics
+                    .storage_bytes
+                    .store(bytes.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
+                measured = Some(std::time::Instant::now());
+            }
             let (next, standby): (i64, bool) = within(options.timeout, "reading the head", async {
                 client
                     .query_one(&statement, &[])

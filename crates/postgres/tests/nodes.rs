@@ -807,9 +807,20 @@ async fn a_node_counts_its_appends_batches_and_reads_for_metrics() {
             .is_err()
     ); // the stream exists: rejected
     read_all(&store).await;
+    // The store's size, as the tailer measures it (at once, then every 15 s) and `info` does.
+    let info = store.info().await.unwrap();
+    assert!(info.storage_bytes > 0);
     let mut out = skald_core::metrics::Exposition::new();
     store.write_metrics(&mut out);
     let text = out.finish();
+    let bytes: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("skald_storage_bytes "))
+        .unwrap_or_else(|| panic!("no skald_storage_bytes in\n{text}"))
+        .parse()
+        .unwrap();
+    // Measured by the tailer or by `info`; nothing was written between them.
+    assert!(bytes > 0 && bytes <= 2 * info.storage_bytes, "{bytes}");
     for line in [
         "skald_appends_total{result=\"written\"} 1",
         "skald_appends_total{result=\"replayed\"} 1",
