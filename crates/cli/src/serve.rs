@@ -208,10 +208,18 @@ async fn serve_on<S: Served>(
         }
     };
     let options = config.http.listen_options(tls);
+    let coordinator = match &owners {
+        Owners::Shared(coordinator) => Some(coordinator),
+        Owners::Single(..) => None,
+    };
     skald_server::listener::serve_with(listener, app, options, async {
         shutdown_signal().await;
         // Subscriptions stream forever; they end now so that the connections can close.
         hub.shutdown();
+        // Another node takes the groups and sagas over while this one drains.
+        if let Some(coordinator) = coordinator {
+            coordinator.signal();
+        }
     })
     .await
     .context("the HTTP server failed")?;

@@ -929,6 +929,18 @@ async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_no
     assert_eq!(status, hyper::StatusCode::OK);
     let info: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(info["stats"]["inFlight"], 0, "{info}");
+    // A graceful stop gives the lease up: the last node takes over at its next round, well
+    // before the lease would have run out.
+    let (status, stderr) = nodes[followers[new_owner]].take().unwrap().terminate();
+    assert!(status.success(), "{stderr}");
+    let stopped = std::time::Instant::now();
+    let last = [survivors[1 - new_owner].clone()];
+    support::owner_among(&last, Duration::from_secs(30)).await;
+    assert!(
+        stopped.elapsed() < Duration::from_millis(LEASE_MS),
+        "the last node took over {:?} after a graceful stop",
+        stopped.elapsed()
+    );
     for node in nodes.into_iter().flatten() {
         let (status, stderr) = node.terminate();
         assert!(status.success(), "{stderr}");

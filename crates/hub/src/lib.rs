@@ -35,6 +35,9 @@ pub struct Hub<S> {
     store: Arc<S>,
     tail: Arc<LiveTail>,
     stop: Arc<watch::Sender<bool>>,
+    /// A scoped hub's end by the clock ([`Hub::scoped_until`]): it counts as stopping from
+    /// then on, without anyone calling [`Hub::shutdown`].
+    deadline: Arc<watch::Sender<Option<std::time::Instant>>>,
     tailer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -44,6 +47,7 @@ impl<S> Clone for Hub<S> {
             store: Arc::clone(&self.store),
             tail: Arc::clone(&self.tail),
             stop: Arc::clone(&self.stop),
+            deadline: Arc::clone(&self.deadline),
             tailer: Arc::clone(&self.tailer),
         }
     }
@@ -64,6 +68,7 @@ impl<S: EventStore> Hub<S> {
             store,
             tail,
             stop,
+            deadline: Arc::new(watch::Sender::new(None)),
             tailer: Arc::new(std::sync::Mutex::new(Some(tailer))),
         }
     }
@@ -94,6 +99,30 @@ impl<S: EventStore> Hub<S> {
     /// term of ownership, on a node of a shared store), while a shutdown of this hub stops it
     /// too. Its shutdown never stops the tailer.
     pub fn scoped(&self) -> Self {
+        self.scope(None)
+    }
+
+    /// [`Hub::scoped`], which also stops by itself at `until` (moved on with
+    /// [`Hub::extend`]): the term of a lease, whose holder must stop acting when its lease
+    /// runs out even if nothing else runs in time to tell it.
+    pub fn scoped_until(&self, until: std::time::Instant) -> Self {
+        self.scope(Some(until))
+    }
+
+    /// Moves a scoped hub's end to `until`.
+    pub fn extend(&self, until: std::time::Instant) {
+        self.deadline.send_replace(Some(until));
+    }
+
+    /// Whether a scoped hub's end by the clock has passed: what it started must write
+    /// nothing more.
+    pub fn expired(&self) -> bool {
+        self.deadline
+            .borrow()
+            .is_some_and(|until| std::time::Instant::now() >= until)
+    }
+
+    fn scope(&self, until: Option<std::time::Instant>) -> Self {
         let stop = Arc::new(watch::Sender::new(self.is_stopping()));
         let mut parent = self.stop.subscribe();
         let mut own = stop.subscribe();
@@ -111,6 +140,7 @@ impl<S: EventStore> Hub<S> {
             store: Arc::clone(&self.store),
             tail: Arc::clone(&self.tail),
             stop,
+            deadline: Arc::new(watch::Sender::new(until)),
             tailer: Arc::new(std::sync::Mutex::new(None)),
         }
     }
@@ -130,14 +160,32 @@ impl<S: EventStore> Hub<S> {
         }
     }
 
-    /// Whether [`Hub::shutdown`] has been called.
+    /// Whether [`Hub::shutdown`] has been called, or a scoped hub's end has passed.
     pub fn is_stopping(&self) -> bool {
-        *self.stop.borrow()
+        *self.stop.borrow() || self.expired()
     }
 
-    /// Resolves once [`Hub::shutdown`] has been called.
+    /// Resolves once [`Hub::shutdown`] has been called, or a scoped hub's end has passed.
     pub async fn stopping(&self) {
         let mut stop = self.stop.subscribe();
-        let _ = stop.wait_for(|stopping| *stopping).await;
+        let mut deadline = self.deadline.subscribe();
+        loop {
+            let until = *deadline.borrow_and_update();
+            if *stop.borrow_and_update() || until.is_some_and(|u| std::time::Instant::now() >= u) {
+                return;
+            }
+            let at = async {
+                match until {
+                    Some(u) => tokio::time::sleep_until(u.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Both senders live as long as this hub, so neither `changed` fails while it waits.
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = deadline.changed() => {}
+                () = at => {}
+            }
+        }
     }
 }

@@ -1207,3 +1207,60 @@ async fn an_owner_fenced_by_another_stops_and_opens_the_group_again_from_its_sta
     drop(on_a);
     stop(store, groups_a, hub).await;
 }
+
+/// A group on a hub scoped to a lease (`Hub::scoped_until`) serves while the lease is
+/// extended, and stops by itself when it runs out, with no one calling `shutdown`: its
+/// consumers are ended and it writes nothing more, not even the last checkpoint a stop writes.
+#[tokio::test]
+async fn a_group_on_a_hub_scoped_to_a_lease_stops_by_itself_when_the_lease_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // No group exists yet, so the groups on the hub itself run none.
+    let (store, unused, hub) = open(dir.path()).await;
+    // Created in one term, which ends; checkpoints only when a group stops.
+    let settings = GroupSettings {
+        checkpoint_after_ms: 600_000,
+        ..GroupSettings::default()
+    };
+    let first = hub.scoped();
+    let setup = Groups::start(first.clone()).await.unwrap();
+    setup.create(group("d", settings)).await.unwrap();
+    first.shutdown();
+    setup.stopped().await;
+
+    let lease = Duration::from_millis(300);
+    let term = hub.scoped_until(std::time::Instant::now() + lease);
+    let groups = Groups::start(term.clone()).await.unwrap();
+    append(&store, "order-1", 20).await;
+    let mut c = groups.join("d", "c", "test", 5).await.unwrap();
+    // Extended for a while: it serves on.
+    for _ in 0..4 {
+        term.extend(std::time::Instant::now() + lease);
+        let batch = next(&mut c).await;
+        groups.ack("d", ids(&batch)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(!term.is_stopping());
+    let checkpoints = StreamName::system("$group-d").unwrap();
+    let written = store.stream_head(&checkpoints).await.unwrap();
+    // Not extended: it stops at the end of the lease, though its acknowledgements are not
+    // checkpointed yet.
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            if let ConsumerEvent::Ended(e) = c.next().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the consumer is ended when the lease runs out");
+    assert!(matches!(ended, Error::Unavailable(_)), "{ended}");
+    assert!(term.expired() && term.is_stopping());
+    tokio::time::timeout(WAIT, groups.stopped()).await.unwrap();
+    assert_eq!(
+        store.stream_head(&checkpoints).await.unwrap(),
+        written,
+        "a checkpoint was written after the lease ran out"
+    );
+    drop(c);
+    stop(store, unused, hub).await;
+}

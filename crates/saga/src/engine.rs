@@ -1575,8 +1575,19 @@ impl<S: EventStore> Inner<S> {
                 },
             };
             let id = live.state.lock().expect("state lock").saga_id.clone();
-            let Err(e) = inner.run(&live).await else {
-                return;
+            let e = loop {
+                match inner.run(&live).await {
+                    Ok(()) => return,
+                    // Another writer recorded progress first: an owner of the sagas on another
+                    // node whose lease ended, whose last write reached the store late. What it
+                    // wrote is folded in and the instance goes on from there.
+                    Err(Error::WrongExpectedRevision { .. }) if !inner.hub.is_stopping() => {
+                        if let Err(e) = inner.catch_up(&live).await {
+                            break e;
+                        }
+                    }
+                    Err(e) => break e,
+                }
             };
             if inner.hub.is_stopping() {
                 tracing::debug!(saga = %id, "the saga runner stops with the engine: {e}");
@@ -1604,6 +1615,45 @@ impl<S: EventStore> Inner<S> {
                 );
             }
         });
+    }
+
+    /// Folds in what the instance's stream holds beyond the state in memory.
+    async fn catch_up(&self, live: &Live) -> Result<()> {
+        let _writes = live.writes.lock().await;
+        loop {
+            let revision = live.state.lock().expect("state lock").revision;
+            let page = self
+                .hub
+                .store()
+                .read(ReadRequest {
+                    source: ReadSource::Stream(live.stream.clone()),
+                    from: Some(revision + 1),
+                    direction: Direction::Forward,
+                    limit: FOLD_PAGE,
+                })
+                .await?;
+            if page.events.is_empty() {
+                return Ok(());
+            }
+            for event in &page.events {
+                let Some(saga_event) = SagaEvent::from_recorded(event) else {
+                    continue;
+                };
+                let (previous, now) = {
+                    let mut state = live.state.lock().expect("state lock");
+                    let previous = state.state;
+                    state.apply(&saga_event, event.recorded_at, event.revision.0);
+                    (previous, state.state)
+                };
+                if now.is_final() && !previous.is_final() {
+                    live.state.lock().expect("state lock").compact();
+                    self.finished_one(live);
+                }
+                if now != previous {
+                    self.metrics.transition(&live.definition.name, now);
+                }
+            }
+        }
     }
 
     /// Runs an instance until it is final, stuck, or the engine stops.
@@ -1897,6 +1947,12 @@ impl<S: EventStore> Inner<S> {
     }
 
     async fn append_locked(&self, live: &Live, mut events: Vec<SagaEvent>) -> Result<()> {
+        if self.hub.expired() {
+            // This node's lease on the sagas ran out: another node may run this instance now.
+            return Err(Error::Unavailable(
+                "the lease on the sagas ended; the instance goes on where they run now".into(),
+            ));
+        }
         let (expected, mut tentative) = {
             let state = live.state.lock().expect("state lock");
             (state.revision, state.clone())

@@ -1821,3 +1821,89 @@ async fn only_a_refusal_of_the_key_says_a_timed_out_step_did_not_act() {
     assert_eq!(refunds, 1, "only r-1's charge was refunded");
     engine.stop().await;
 }
+
+/// Two runners of one instance, as when the node running the sagas lost its lease while a
+/// step's call was in flight and another node took over: the old runner records the step's
+/// answer when its call returns, after the new runner had loaded the instance. The new
+/// runner's write then finds it; it folds it in and goes on, instead of leaving the saga
+/// running with nothing running it.
+#[tokio::test]
+async fn a_late_write_of_another_runner_is_folded_in_and_the_saga_goes_on() {
+    use skald_hub::{Hub, HubOptions};
+    use skald_storage::{Options, Store};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start().await;
+    let options = || {
+        let mut o = SagaOptions::default();
+        o.egress.allow.push("127.0.0.0/8".to_owned());
+        o
+    };
+    let (store, _) = Store::open(Options {
+        data_dir: dir.path().to_path_buf(),
+        durability: skald_core::Durability::None,
+        ..Options::default()
+    })
+    .unwrap();
+    let hub = Hub::start(Arc::new(store.clone()), HubOptions::default());
+    let old_scope = hub.scoped();
+    let old = Engine {
+        store: store.clone(),
+        hub: old_scope.clone(),
+        sagas: skald_saga::Sagas::start(
+            old_scope.clone(),
+            options(),
+            Arc::new(skald_saga::WallClock),
+        )
+        .await
+        .unwrap(),
+    };
+    old.sagas.register(&order_saga(&target, "")).await.unwrap();
+    target.fix("POST /charge", Reply::slow(Duration::from_millis(800)));
+    place_order(&old, "late-1").await;
+    let deadline = std::time::Instant::now() + support::WAIT;
+    while !target.routes().contains(&"POST /charge".to_owned()) {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The old term ends with the charge in flight; the new one loads the instance and calls
+    // charge again, with the same key, and its answer comes after the old one's.
+    old_scope.shutdown();
+    target.fix("POST /charge", Reply::slow(Duration::from_millis(1500)));
+    let new_scope = hub.scoped();
+    let new = Engine {
+        store: store.clone(),
+        hub: new_scope.clone(),
+        sagas: skald_saga::Sagas::start(
+            new_scope.clone(),
+            options(),
+            Arc::new(skald_saga::WallClock),
+        )
+        .await
+        .unwrap(),
+    };
+    let h = new.wait_for("order", "late-1", "completed").await;
+    assert_eq!(
+        story(&h),
+        [
+            "SagaStarted",
+            "StepSucceeded:reserve:action",
+            "StepSucceeded:charge:action",
+            "StepSucceeded:ship:action",
+            "SagaCompleted"
+        ]
+    );
+    let charges: Vec<_> = target
+        .calls()
+        .into_iter()
+        .filter(|c| c.route == "POST /charge")
+        .collect();
+    assert_eq!(charges.len(), 2, "each runner called charge once");
+    assert_eq!(charges[0].idempotency_key, charges[1].idempotency_key);
+    old.sagas.stopped(Duration::from_secs(5)).await;
+    new_scope.shutdown();
+    new.sagas.stopped(Duration::from_secs(5)).await;
+    hub.shutdown();
+    hub.stopped().await;
+    store.shutdown().await;
+}

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skald_core::{Error, EventStore, Result};
 
-use crate::groups::{DEFAULT_POLL_WAIT, MAX_POLL_WAIT};
+use crate::groups::MAX_POLL_WAIT;
 use crate::{Groups, Problem, Sagas};
 
 /// Set on a request one node forwards to another; a node that receives one and does not own
@@ -33,6 +33,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// long-poll asks for: an owner cut off from this node after the request was sent would
 /// otherwise keep it waiting for ever.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections kept to the owner (HTTP/1.1; HTTP/2 multiplexes on one).
+const IDLE_CONNECTIONS: usize = 64;
 /// How often an idle HTTP/2 connection to the owner (a gRPC stream) is pinged, and how long
 /// an answer may take before the connection is given up as dead.
 const PING: Duration = Duration::from_secs(5);
@@ -122,7 +124,9 @@ impl<S: EventStore> Coordination<S> {
                 https.enable_http1().wrap_connector(connector)
             };
             let mut builder = Client::builder(TokioExecutor::new());
-            builder.http2_only(http2);
+            builder
+                .http2_only(http2)
+                .pool_max_idle_per_host(IDLE_CONNECTIONS);
             if http2 {
                 builder
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -211,7 +215,7 @@ impl<S: EventStore> Coordination<S> {
     /// an SSE stream or a gRPC stream flows through as it comes).
     pub(crate) async fn forward(&self, mut request: Request, owner: &str, grpc: bool) -> Response {
         let Some((http1, http2)) = &self.clients else {
-            return Problem::from(elsewhere(Some(owner))).into_response();
+            return unreachable_owner(grpc, "is another node, and this one forwards nothing");
         };
         let target = request
             .uri()
@@ -221,11 +225,12 @@ impl<S: EventStore> Coordination<S> {
         let uri = match format!("{}{target}", owner.trim_end_matches('/')).parse::<Uri>() {
             Ok(uri) => uri,
             Err(e) => {
-                return Problem::from(Error::Unavailable(format!(
-                    "the owner's address {owner:?} is not a URL ({e}); set [cluster] advertise \
-                     on that node"
-                )))
-                .into_response();
+                tracing::error!(
+                    owner,
+                    "the address of the node that runs groups and sagas is not a URL ({e}); set \
+                     [cluster] advertise on that node"
+                );
+                return unreachable_owner(grpc, "has an address that is not a URL");
             }
         };
         *request.uri_mut() = uri;
@@ -256,43 +261,40 @@ impl<S: EventStore> Coordination<S> {
         let answer = tokio::select! {
             answer = tokio::time::timeout(within, client.request(request)) => answer,
             _ = changes.changed() => {
-                return Problem::from(Error::Unavailable(format!(
-                    "consumer groups and sagas moved away from the node at {owner} while this \
-                     request waited for its answer; retry"
-                )))
-                .into_response();
+                return unreachable_owner(grpc, "stopped running them while this request waited");
             }
         };
         match answer {
             Ok(Ok(response)) => response.map(Body::new),
-            Ok(Err(e)) => Problem::from(Error::Unavailable(format!(
-                "consumer groups and sagas are run by the node at {owner}, which cannot be \
-                 reached from this node now: {e}; retry, or send the request to it directly"
-            )))
-            .into_response(),
-            Err(_) => Problem::from(Error::Unavailable(format!(
-                "consumer groups and sagas are run by the node at {owner}, which did not \
-                 answer within {} s; retry",
-                within.as_secs()
-            )))
-            .into_response(),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    owner,
+                    "forwarding to the node that runs groups and sagas: {e}"
+                );
+                unreachable_owner(grpc, "cannot be reached from this node now")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    owner,
+                    "the node that runs groups and sagas did not answer in time"
+                );
+                unreachable_owner(grpc, "did not answer in time")
+            }
         }
     }
 }
 
-/// The wait a long-poll (`GET /v1/groups/{name}/messages?wait=MS`) asks for: the API's
-/// default when it names none, at most the API's limit; zero for every other request.
+/// How long a forwarded request may wait for its answer beyond [`ANSWER_TIMEOUT`]: a
+/// long-poll (`GET /v1/groups/{name}/messages`) as long as the API lets any wait (the owner
+/// reads the query, not this node, so that no reading of `wait` here can cut a poll short and
+/// lose the batch it returns); nothing for every other request.
 fn poll_wait(target: &str) -> Duration {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if !path.ends_with("/messages") {
-        return Duration::ZERO;
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if path.ends_with("/messages") {
+        MAX_POLL_WAIT
+    } else {
+        Duration::ZERO
     }
-    let asked = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("wait="))
-        .and_then(|ms| ms.parse::<u64>().ok())
-        .map_or(DEFAULT_POLL_WAIT, Duration::from_millis);
-    asked.min(MAX_POLL_WAIT)
 }
 
 /// The requests only the owner serves: the groups' and the sagas' REST and gRPC APIs.
@@ -305,6 +307,19 @@ fn is_coordinated(path: &str) -> bool {
         })
         || path.starts_with("/skald.v1.Groups/")
         || path.starts_with("/skald.v1.Sagas/")
+}
+
+/// 503 for a request that could not be forwarded, as a gRPC status to a gRPC caller. The
+/// owner's address is logged, not told to the caller.
+fn unreachable_owner(grpc: bool, why: &str) -> Response {
+    let problem = Problem::from(Error::Unavailable(format!(
+        "the node that runs consumer groups and sagas {why}; retry"
+    )));
+    if grpc {
+        problem.to_grpc_status().into_http()
+    } else {
+        problem.into_response()
+    }
 }
 
 /// Why this node cannot serve a group or saga request itself.
@@ -328,17 +343,15 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn a_forwarded_long_poll_waits_as_long_as_it_asked() {
-        assert_eq!(
-            poll_wait("/v1/groups/a/messages?count=5&wait=1500"),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(poll_wait("/v1/groups/a/messages"), Duration::from_secs(10));
-        assert_eq!(
-            poll_wait("/v1/groups/a/messages?wait=99999999"),
-            Duration::from_secs(60)
-        );
-        assert_eq!(poll_wait("/v1/groups/a/ack"), Duration::ZERO);
+    fn a_forwarded_long_poll_may_wait_as_long_as_any_poll() {
+        for target in [
+            "/v1/groups/a/messages?count=5&wait=1500",
+            "/v1/groups/a/messages",
+            "/v1/groups/a/messages?wait=1&wait=60000",
+        ] {
+            assert_eq!(poll_wait(target), Duration::from_secs(60), "{target}");
+        }
+        assert_eq!(poll_wait("/v1/groups/a/ack?x=/messages"), Duration::ZERO);
     }
 
     #[test]

@@ -339,6 +339,23 @@ impl<S: EventStore> Group<S> {
         hub: Hub<S>,
         definition: GroupDefinition,
         commands: mpsc::UnboundedReceiver<Command>,
+    ) -> std::result::Result<Self, (Error, mpsc::UnboundedReceiver<Command>)> {
+        // Loaded with a channel no one sends on, then given the real one: a group that cannot
+        // open gives its channel back, for its supervisor to try again with.
+        let (_, idle) = mpsc::unbounded_channel();
+        match Self::load(hub, definition, idle).await {
+            Ok(mut group) => {
+                group.commands = commands;
+                Ok(group)
+            }
+            Err(e) => Err((e, commands)),
+        }
+    }
+
+    async fn load(
+        hub: Hub<S>,
+        definition: GroupDefinition,
+        commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<Self> {
         let store = Arc::clone(hub.store());
         let parked_len = store
@@ -420,6 +437,12 @@ impl<S: EventStore> Group<S> {
         let hub = self.hub.clone();
         let mut stopping = Box::pin(async move { hub.stopping().await });
         loop {
+            // A store call may have outlasted the hub (the end of this node's lease passed
+            // meanwhile): nothing more goes out.
+            if self.hub.is_stopping() {
+                self.stop().await;
+                return None;
+            }
             self.dispatch();
             let room =
                 self.has_room() && self.reader_paused_until.is_none_or(|t| t <= Instant::now());
@@ -430,8 +453,7 @@ impl<S: EventStore> Group<S> {
             tokio::select! {
                 biased;
                 () = &mut stopping => {
-                    self.end_consumers(Error::Unavailable("the server is shutting down".into()));
-                    self.write_checkpoint_now().await;
+                    self.stop().await;
                     return None;
                 }
                 command = self.commands.recv() => match command {
@@ -611,6 +633,19 @@ impl<S: EventStore> Group<S> {
             if matches!(message.state, State::InFlight { consumer, .. } if consumer == gone.id) {
                 message.state = State::Available;
             }
+        }
+    }
+
+    /// Ends the consumers and writes the last checkpoint, unless the hub's end by the clock
+    /// has passed (this node's lease on the group ran out: another may own it now).
+    async fn stop(&mut self) {
+        self.end_consumers(Error::Unavailable(
+            "the group stops on this node (the server is shutting down, or the group moves to \
+             another node); connect again"
+                .into(),
+        ));
+        if !self.hub.expired() {
+            self.write_checkpoint_now().await;
         }
     }
 

@@ -176,7 +176,7 @@ impl<S: EventStore> Groups<S> {
         for definition in definitions.into_values() {
             let name = definition.name.clone();
             // One group that cannot start must not keep the others, or the server, down.
-            if let Err(e) = groups.launch(definition).await {
+            if let Err(e) = groups.launch(definition, true).await {
                 tracing::warn!("group {name} cannot start and is left stopped: {e}");
             }
         }
@@ -188,20 +188,30 @@ impl<S: EventStore> Groups<S> {
         &self.hub
     }
 
-    async fn launch(&self, definition: GroupDefinition) -> Result<()> {
+    /// Opens a group and runs it. `retry`: a group that cannot open now (its state cannot be
+    /// read) is tried again in the background, and refuses requests until then; otherwise
+    /// the error is returned (a group being created).
+    async fn launch(&self, definition: GroupDefinition, retry: bool) -> Result<()> {
         // Bounded by its callers, not the type: every command but `Leave` waits for its reply,
         // so at most one is queued per request in flight (and requests are bounded by the
         // server's connections); `Leave` comes once per consumer, from `Drop`, which cannot
         // wait for room in a bounded channel.
         let (tx, rx) = mpsc::unbounded_channel();
-        let group = Group::open(self.hub.clone(), definition.clone(), rx).await?;
+        let name = definition.name.clone();
+        let first = match Group::open(self.hub.clone(), definition.clone(), rx).await {
+            Ok(group) => Ok(group),
+            Err((e, rx)) if retry => {
+                tracing::warn!("group {name} cannot open now, retrying: {e}");
+                Err(rx)
+            }
+            Err((e, _)) => return Err(e),
+        };
         let task = tokio::spawn(supervise(
-            group,
+            first,
             self.hub.clone(),
             Arc::clone(&self.registry),
-            definition.name.clone(),
+            name.clone(),
         ));
-        let name = definition.name.clone();
         let running = Running {
             definition,
             commands: tx,
@@ -284,7 +294,7 @@ impl<S: EventStore> Groups<S> {
         };
         self.record("$group-created", json!(definition)).await?;
         let name = definition.name.clone();
-        self.launch(definition).await?;
+        self.launch(definition, false).await?;
         drop(_writing);
         self.info(&name).await
     }
@@ -477,34 +487,58 @@ impl<S: EventStore> Groups<S> {
     }
 }
 
-/// Runs a group's actor; when another writer fenced it (docs/postgres.md, "Owners across
-/// nodes") and this node still runs the groups, opens it again from the state in the store, on
-/// the same command channel. A stale owner stops for good: its hub is stopping by then.
+/// Runs a group's actor, and opens it again while the hub runs: after another writer fenced
+/// it (docs/postgres.md, "Owners across nodes": a write of an old owner that reached the
+/// store late), or when it could not open (`first` is then its command channel). Until it is
+/// open, requests are answered at once that the group is not available. A stale owner stops
+/// for good: its hub is stopping by then.
 async fn supervise<S: EventStore>(
-    mut group: Group<S>,
+    first: std::result::Result<Group<S>, mpsc::UnboundedReceiver<Command>>,
     hub: Hub<S>,
     registry: Arc<Mutex<Registry>>,
     name: String,
 ) {
-    while let Some(commands) = group.run().await {
-        tokio::time::sleep(REOPEN_AFTER).await;
-        let definition = registry
-            .lock()
-            .expect("not poisoned")
-            .groups
-            .get(&name)
-            .map(|g| g.definition.clone());
-        let Some(definition) = definition else {
-            return;
+    let mut next = first;
+    let mut delay = REOPEN_AFTER;
+    loop {
+        let mut commands = match next {
+            Ok(group) => match group.run().await {
+                None => return,
+                Some(commands) => commands,
+            },
+            Err(commands) => commands,
         };
-        if hub.is_stopping() {
-            return;
-        }
-        match Group::open(hub.clone(), definition, commands).await {
-            Ok(reopened) => group = reopened,
-            Err(e) => {
-                tracing::warn!("group {name}: cannot open it again after another writer: {e}");
+        loop {
+            // Requests meanwhile are dropped, which answers them that the group is stopping.
+            let wait = tokio::time::sleep(delay);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    command = commands.recv() => if command.is_none() { return },
+                    () = hub.stopping() => return,
+                }
+            }
+            let definition = registry
+                .lock()
+                .expect("not poisoned")
+                .groups
+                .get(&name)
+                .map(|g| g.definition.clone());
+            let Some(definition) = definition else {
                 return;
+            };
+            match Group::open(hub.clone(), definition, commands).await {
+                Ok(group) => {
+                    next = Ok(group);
+                    delay = REOPEN_AFTER;
+                    break;
+                }
+                Err((e, back)) => {
+                    tracing::warn!("group {name}: cannot open it again yet: {e}");
+                    commands = back;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
