@@ -373,8 +373,12 @@ async fn grpc_over_tls_with_a_client_certificate() {
         .await
         .unwrap()
         .into_inner();
-    // The refused handshake above was audited ($audit events come first in the log).
+    // Served with the certificate as the principal. The refused handshake above is audited by
+    // a background task, whose `$audit` event may land before or after this append.
     let info = streams.info(pb::InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.head_position, Some(appended.first_position));
+    assert!(
+        info.head_position >= Some(appended.first_position),
+        "{info:?} {appended:?}"
+    );
     drop(server);
 }
