@@ -746,13 +746,17 @@ async fn migrate_copies_an_embedded_store_resumes_and_refuses_another_store() {
     assert!(!ok && err.contains("postgres:// URL"), "{err}");
 }
 
-/// Polls one batch of `ledger` through `http` as consumer `c1`: the positions and ack ids,
-/// or `None` when the node cannot serve it now (the owner is moving).
-async fn poll_ledger(http: &support::Http) -> Option<Vec<(u64, serde_json::Value)>> {
+/// Polls one batch of `ledger` through `http` as `consumer`: the positions and ack ids, or
+/// `None` when the node answered anything but 200 (it cannot serve it now).
+async fn poll_group(
+    http: &support::Http,
+    consumer: &str,
+    count: usize,
+) -> Option<Vec<(u64, serde_json::Value)>> {
     let (status, body) = http
         .call(
             hyper::Method::GET,
-            "/v1/groups/ledger/messages?consumer=c1&count=25&wait=300",
+            &format!("/v1/groups/ledger/messages?consumer={consumer}&count={count}&wait=250"),
             "application/json",
             String::new(),
         )
@@ -770,6 +774,11 @@ async fn poll_ledger(http: &support::Http) -> Option<Vec<(u64, serde_json::Value
             .map(|m| (m["event"]["position"].as_u64().unwrap(), m["ackId"].clone()))
             .collect(),
     )
+}
+
+/// [`poll_group`] as consumer `c1`, 25 at a time.
+async fn poll_ledger(http: &support::Http) -> Option<Vec<(u64, serde_json::Value)>> {
+    poll_group(http, "c1", 25).await
 }
 
 async fn ack_ledger(http: &support::Http, ids: Vec<serde_json::Value>) -> bool {
@@ -792,21 +801,8 @@ async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_no
     let cluster = cluster::Cluster::start();
     cluster.database("skald").await;
     let url = cluster.postgres_url("skald");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Option<Server>> = dirs
-        .iter()
-        .map(|d| {
-            let config = support::cluster_config(&d.path().join("data"), LEASE_MS);
-            Some(Server::start(
-                d.path(),
-                &["--store", &url, "--config", &config],
-            ))
-        })
-        .collect();
-    let urls: Vec<String> = nodes
-        .iter()
-        .map(|n| n.as_ref().unwrap().url.clone())
-        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, urls) = support::start_nodes(dir.path(), 3, &url, LEASE_MS);
     let owner = support::owner_among(&urls, Duration::from_secs(30)).await;
     let followers: Vec<usize> = (0..3).filter(|&i| i != owner).collect();
     let creator = support::Http::new(&urls[followers[0]]);
@@ -947,30 +943,10 @@ async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_no
     }
 }
 
-/// One poll of `ledger` as consumer `consumer`: `Some(positions)` when the node served it
-/// (possibly empty), `None` when it answered anything but 200.
+/// One poll of `ledger` as `consumer`, ten at a time: the positions only.
 async fn poll_as(http: &support::Http, consumer: &str) -> Option<Vec<u64>> {
-    let (status, body) = http
-        .call(
-            hyper::Method::GET,
-            &format!("/v1/groups/ledger/messages?consumer={consumer}&count=10&wait=200"),
-            "application/json",
-            String::new(),
-        )
-        .await
-        .ok()?;
-    if status != hyper::StatusCode::OK {
-        return None;
-    }
-    let batch: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    Some(
-        batch["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["event"]["position"].as_u64().unwrap())
-            .collect(),
-    )
+    let batch = poll_group(http, consumer, 10).await?;
+    Some(batch.into_iter().map(|(p, _)| p).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1834,10 +1834,19 @@ async fn a_late_write_of_another_runner_is_folded_in_and_the_saga_goes_on() {
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let target = Target::start().await;
-    let options = || {
-        let mut o = SagaOptions::default();
-        o.egress.allow.push("127.0.0.0/8".to_owned());
-        o
+    // An engine on a scope of the hub, as a term of the sagas' lease on one node.
+    let engine_on = |store: Store, scope: Hub<Store>| async move {
+        let mut options = SagaOptions::default();
+        options.egress.allow.push("127.0.0.0/8".to_owned());
+        let clock = Arc::new(skald_saga::WallClock);
+        let sagas = skald_saga::Sagas::start(scope.clone(), options, clock)
+            .await
+            .unwrap();
+        Engine {
+            store,
+            hub: scope,
+            sagas,
+        }
     };
     let (store, _) = Store::open(Options {
         data_dir: dir.path().to_path_buf(),
@@ -1847,17 +1856,7 @@ async fn a_late_write_of_another_runner_is_folded_in_and_the_saga_goes_on() {
     .unwrap();
     let hub = Hub::start(Arc::new(store.clone()), HubOptions::default());
     let old_scope = hub.scoped();
-    let old = Engine {
-        store: store.clone(),
-        hub: old_scope.clone(),
-        sagas: skald_saga::Sagas::start(
-            old_scope.clone(),
-            options(),
-            Arc::new(skald_saga::WallClock),
-        )
-        .await
-        .unwrap(),
-    };
+    let old = engine_on(store.clone(), old_scope.clone()).await;
     old.sagas.register(&order_saga(&target, "")).await.unwrap();
     target.fix("POST /charge", Reply::slow(Duration::from_millis(800)));
     place_order(&old, "late-1").await;
@@ -1871,17 +1870,7 @@ async fn a_late_write_of_another_runner_is_folded_in_and_the_saga_goes_on() {
     old_scope.shutdown();
     target.fix("POST /charge", Reply::slow(Duration::from_millis(1500)));
     let new_scope = hub.scoped();
-    let new = Engine {
-        store: store.clone(),
-        hub: new_scope.clone(),
-        sagas: skald_saga::Sagas::start(
-            new_scope.clone(),
-            options(),
-            Arc::new(skald_saga::WallClock),
-        )
-        .await
-        .unwrap(),
-    };
+    let new = engine_on(store.clone(), new_scope.clone()).await;
     let h = new.wait_for("order", "late-1", "completed").await;
     assert_eq!(
         story(&h),

@@ -236,3 +236,28 @@ pub fn cluster_config(data_dir: &Path, lease_ms: u64) -> String {
     .expect("config written");
     path.to_string_lossy().into_owned()
 }
+
+/// `count` nodes of the shared store at `store`, each with a data directory under `dir` and a
+/// lease of `lease_ms`; the servers (as options, for tests that kill one) and their URLs.
+pub fn start_nodes(
+    dir: &Path,
+    count: usize,
+    store: &str,
+    lease_ms: u64,
+) -> (Vec<Option<Server>>, Vec<String>) {
+    let nodes: Vec<Option<Server>> = (0..count)
+        .map(|i| {
+            let data = dir.join(format!("node-{i}"));
+            let config = cluster_config(&data, lease_ms);
+            Some(Server::start(
+                &data,
+                &["--store", store, "--config", &config],
+            ))
+        })
+        .collect();
+    let urls = nodes
+        .iter()
+        .map(|n| n.as_ref().expect("started").url.clone())
+        .collect();
+    (nodes, urls)
+}
