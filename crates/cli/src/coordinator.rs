@@ -123,7 +123,12 @@ async fn run<S: EventStore>(
         let wake = valid_until.map_or(next_round, |v| v.min(next_round));
         let starting = node.term.as_mut().and_then(|t| t.starting.as_mut());
         tokio::select! {
-            _ = stopping.changed() => {}
+            changed = stopping.changed() => {
+                // The coordinator was dropped without `stop`: stop as if asked.
+                if changed.is_err() {
+                    break;
+                }
+            }
             () = tokio::time::sleep_until(wake.into()) => {}
             started = async { starting.expect("checked").await }, if starting.is_some() => {
                 node.started(started).await;
@@ -166,7 +171,9 @@ impl<S: EventStore> Node<S> {
                 self.warned = false;
                 self.last_held = Some(held);
                 match &mut self.term {
-                    Some(t) if t.held.fence == held.fence => {
+                    // A renewal that comes back after the term's end does not bring it back:
+                    // its groups and sagas stopped at that instant; a new term starts.
+                    Some(t) if t.held.fence == held.fence && t.held.valid() => {
                         t.held = held;
                         t.hub.extend(held.valid_until);
                     }

@@ -109,9 +109,16 @@ impl<S: EventStore> Hub<S> {
         self.scope(Some(until))
     }
 
-    /// Moves a scoped hub's end to `until`.
+    /// Moves a scoped hub's end to `until`, unless it has passed: an end that passed is
+    /// final, since what the hub started has stopped at it.
     pub fn extend(&self, until: std::time::Instant) {
-        self.deadline.send_replace(Some(until));
+        self.deadline.send_if_modified(|deadline| match deadline {
+            Some(end) if std::time::Instant::now() >= *end => false,
+            _ => {
+                *deadline = Some(until);
+                true
+            }
+        });
     }
 
     /// Whether a scoped hub's end by the clock has passed: what it started must write

@@ -1255,6 +1255,9 @@ async fn a_group_on_a_hub_scoped_to_a_lease_stops_by_itself_when_the_lease_runs_
     .expect("the consumer is ended when the lease runs out");
     assert!(matches!(ended, Error::Unavailable(_)), "{ended}");
     assert!(term.expired() && term.is_stopping());
+    // A renewal that comes back too late does not bring the term back: it has stopped.
+    term.extend(std::time::Instant::now() + Duration::from_secs(60));
+    assert!(term.expired() && term.is_stopping());
     tokio::time::timeout(WAIT, groups.stopped()).await.unwrap();
     assert_eq!(
         store.stream_head(&checkpoints).await.unwrap(),

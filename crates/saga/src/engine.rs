@@ -1090,6 +1090,13 @@ impl<S: EventStore> Sagas<S> {
     }
 }
 
+/// Why a runner of a node whose lease on the sagas ran out records nothing more.
+fn lease_ended() -> Error {
+    Error::Unavailable(
+        "this node's lease on the sagas ended; the instance goes on where they run now".into(),
+    )
+}
+
 /// An event of `$sagas-definitions`, read; `None` when it cannot be.
 fn entry_of(event: &RecordedEvent) -> Option<Entry> {
     let data: Value = serde_json::from_slice(event.data.bytes()).ok()?;
@@ -1514,6 +1521,9 @@ impl<S: EventStore> Inner<S> {
         let metadata = instance_metadata(&id, event);
         let mut delay = Duration::from_millis(100);
         let result = loop {
+            if self.hub.expired() {
+                break Err(lease_ended());
+            }
             let proposed = match proposed(&started, &metadata) {
                 Ok(p) => p,
                 Err(e) => break Err(e),
@@ -1529,7 +1539,10 @@ impl<S: EventStore> Inner<S> {
                     if !self.hub.is_stopping() =>
                 {
                     tracing::warn!(saga = %id, "cannot start the saga yet: {e}; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.hub.stopping() => {}
+                    }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 other => break other,
@@ -1581,9 +1594,11 @@ impl<S: EventStore> Inner<S> {
                     // Another writer recorded progress first: an owner of the sagas on another
                     // node whose lease ended, whose last write reached the store late. What it
                     // wrote is folded in and the instance goes on from there.
-                    Err(Error::WrongExpectedRevision { .. }) if !inner.hub.is_stopping() => {
-                        if let Err(e) = inner.catch_up(&live).await {
-                            break e;
+                    Err(e @ Error::WrongExpectedRevision { .. }) if !inner.hub.is_stopping() => {
+                        match inner.catch_up(&live).await {
+                            Ok(0) => break e,
+                            Ok(_) => {}
+                            Err(e) => break e,
                         }
                     }
                     Err(e) => break e,
@@ -1617,10 +1632,16 @@ impl<S: EventStore> Inner<S> {
         });
     }
 
-    /// Folds in what the instance's stream holds beyond the state in memory.
-    async fn catch_up(&self, live: &Live) -> Result<()> {
+    /// Folds in what the instance's stream holds beyond the state in memory; returns how many
+    /// events it folded. An event it cannot read stops it with an error (the instance is then
+    /// recorded as stuck), rather than being skipped and read again for ever.
+    async fn catch_up(&self, live: &Live) -> Result<usize> {
         let _writes = live.writes.lock().await;
+        let mut folded = 0;
         loop {
+            if self.hub.is_stopping() {
+                return Ok(folded);
+            }
             let revision = live.state.lock().expect("state lock").revision;
             let page = self
                 .hub
@@ -1633,11 +1654,18 @@ impl<S: EventStore> Inner<S> {
                 })
                 .await?;
             if page.events.is_empty() {
-                return Ok(());
+                return Ok(folded);
             }
             for event in &page.events {
                 let Some(saga_event) = SagaEvent::from_recorded(event) else {
-                    continue;
+                    return Err(Error::Corruption {
+                        file: live.stream.to_string(),
+                        offset: event.position.0,
+                        reason: format!(
+                            "revision {} ({}) is not a saga event this engine can read",
+                            event.revision, event.event_type
+                        ),
+                    });
                 };
                 let (previous, now) = {
                     let mut state = live.state.lock().expect("state lock");
@@ -1645,6 +1673,7 @@ impl<S: EventStore> Inner<S> {
                     state.apply(&saga_event, event.recorded_at, event.revision.0);
                     (previous, state.state)
                 };
+                folded += 1;
                 if now.is_final() && !previous.is_final() {
                     live.state.lock().expect("state lock").compact();
                     self.finished_one(live);
@@ -1947,12 +1976,6 @@ impl<S: EventStore> Inner<S> {
     }
 
     async fn append_locked(&self, live: &Live, mut events: Vec<SagaEvent>) -> Result<()> {
-        if self.hub.expired() {
-            // This node's lease on the sagas ran out: another node may run this instance now.
-            return Err(Error::Unavailable(
-                "the lease on the sagas ended; the instance goes on where they run now".into(),
-            ));
-        }
         let (expected, mut tentative) = {
             let state = live.state.lock().expect("state lock");
             (state.revision, state.clone())
@@ -1983,6 +2006,11 @@ impl<S: EventStore> Inner<S> {
             .collect::<Result<Vec<_>>>()?;
         let mut delay = Duration::from_millis(100);
         loop {
+            // This node's lease on the sagas may have run out while it waited: another node
+            // may run this instance now, and this one records nothing more.
+            if self.hub.expired() {
+                return Err(lease_ended());
+            }
             let request = AppendRequest {
                 stream: live.stream.clone(),
                 expected: ExpectedRevision::Exact(Revision(expected)),
@@ -1995,7 +2023,10 @@ impl<S: EventStore> Inner<S> {
                     if !self.hub.is_stopping() =>
                 {
                     tracing::warn!(stream = %live.stream, "cannot record saga progress yet: {e}; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.hub.stopping() => {}
+                    }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => return Err(e),
