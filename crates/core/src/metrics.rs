@@ -353,6 +353,12 @@ impl StoreCounters {
         Self::default()
     }
 
+    /// Counts one read page of `events` events.
+    pub fn page_read(&self, events: usize) {
+        self.reads.inc();
+        self.events_read.add(events as u64);
+    }
+
     /// Writes the families, and `skald_events_stored` from `head` (the next position).
     pub fn write(&self, out: &mut Exposition, head: u64) {
         self.outcomes.write(out);

@@ -84,11 +84,6 @@ impl Lease {
         self
     }
 
-    /// How long the lease is held at a time.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// The holder now, if the lease is held and not expired by the database's clock.
     pub async fn holder(&self) -> Result<Option<Holder>, Error> {
         let row = self

@@ -386,12 +386,7 @@ impl EventStore for PgStore {
             self.read_page(None, &request),
         )
         .await?;
-        self.shared.metrics.store.reads.inc();
-        self.shared
-            .metrics
-            .store
-            .events_read
-            .add(page.events.len() as u64);
+        self.shared.metrics.store.page_read(page.events.len());
         Ok(page)
     }
 

@@ -19,8 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skald_core::{Error, EventStore, Result};
 
-use crate::groups::MAX_POLL_WAIT;
-use crate::{Groups, Problem, Sagas};
+use crate::{Groups, MAX_POLL_WAIT, Problem, Sagas};
 
 /// Set on a request one node forwards to another; a node that receives one and does not own
 /// the groups answers 503 instead of forwarding it again, so that two nodes that disagree

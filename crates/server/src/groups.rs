@@ -24,10 +24,8 @@ use crate::{App, Problem, body_bytes, json_response, parse_json, query_pairs};
 
 /// Most messages one long-poll returns.
 pub(crate) const MAX_POLL: usize = 1000;
-/// Longest wait of one long-poll.
-pub(crate) const MAX_POLL_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_POLL: usize = 10;
-pub(crate) const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(10);
+const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(10);
 
 /// Input errors of the group API are the client's: 400, worded by the hub.
 pub(crate) fn group_problem(e: Error) -> Problem {
@@ -55,12 +53,7 @@ pub(crate) async fn allow_existing<S: EventStore>(
     if caller.is_unrestricted() {
         return Ok(());
     }
-    let info = app
-        .groups()
-        .map_err(group_problem)?
-        .info(name)
-        .await
-        .map_err(group_problem)?;
+    let info = app.groups()?.info(name).await.map_err(group_problem)?;
     allow_group(caller, &info.definition.source)
 }
 
@@ -78,12 +71,7 @@ pub(crate) async fn allow_consumer<S: EventStore>(
             Box::new(|_| Ok(())),
         ));
     }
-    let info = app
-        .groups()
-        .map_err(group_problem)?
-        .info(name)
-        .await
-        .map_err(group_problem)?;
+    let info = app.groups()?.info(name).await.map_err(group_problem)?;
     allow_group(caller, &info.definition.source)?;
     Ok(crate::subscribe::recheck_group(
         app,
@@ -135,8 +123,7 @@ pub(crate) async fn create<S: EventStore>(
     let settings: GroupSettings =
         parse_json(Value::Object(fields).to_string().as_bytes(), "settings")?;
     let info = app
-        .groups()
-        .map_err(group_problem)?
+        .groups()?
         .create(NewGroup {
             name,
             source,
@@ -153,12 +140,7 @@ pub(crate) async fn list<S: EventStore>(
     caller: Caller,
 ) -> Result<Response, Problem> {
     caller.require_held(Permission::Subscribe)?;
-    let mut groups = app
-        .groups()
-        .map_err(group_problem)?
-        .list()
-        .await
-        .map_err(group_problem)?;
+    let mut groups = app.groups()?.list().await.map_err(group_problem)?;
     groups.retain(|g| allow_group(&caller, &g.definition.source).is_ok());
     Ok(json_ok(StatusCode::OK, &json!({ "groups": groups })))
 }
@@ -169,12 +151,7 @@ pub(crate) async fn info<S: EventStore>(
     Path(name): Path<String>,
 ) -> Result<Response, Problem> {
     allow_existing(&app, &caller, &name).await?;
-    let info = app
-        .groups()
-        .map_err(group_problem)?
-        .info(&name)
-        .await
-        .map_err(group_problem)?;
+    let info = app.groups()?.info(&name).await.map_err(group_problem)?;
     Ok(json_ok(StatusCode::OK, &info))
 }
 
@@ -197,8 +174,7 @@ pub(crate) async fn update<S: EventStore>(
     }
     let update: SettingsUpdate = parse_json(&body, "request body")?;
     let info = app
-        .groups()
-        .map_err(group_problem)?
+        .groups()?
         .update(&name, &update)
         .await
         .map_err(group_problem)?;
@@ -211,11 +187,7 @@ pub(crate) async fn delete<S: EventStore>(
     Path(name): Path<String>,
 ) -> Result<Response, Problem> {
     allow_existing(&app, &caller, &name).await?;
-    app.groups()
-        .map_err(group_problem)?
-        .delete(&name)
-        .await
-        .map_err(group_problem)?;
+    app.groups()?.delete(&name).await.map_err(group_problem)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -226,8 +198,7 @@ pub(crate) async fn replay_parked<S: EventStore>(
 ) -> Result<Response, Problem> {
     allow_existing(&app, &caller, &name).await?;
     let replaying = app
-        .groups()
-        .map_err(group_problem)?
+        .groups()?
         .replay_parked(&name)
         .await
         .map_err(group_problem)?;
@@ -262,7 +233,9 @@ pub(crate) async fn poll<S: EventStore>(
         };
         match key.as_str() {
             "count" => count = number(MAX_POLL as u64)? as usize,
-            "wait" => wait = Duration::from_millis(number(MAX_POLL_WAIT.as_millis() as u64)?),
+            "wait" => {
+                wait = Duration::from_millis(number(crate::MAX_POLL_WAIT.as_millis() as u64)?)
+            }
             "consumer" => {
                 if value.is_empty() || value.len() > 128 {
                     return Err(Problem::malformed(
@@ -275,8 +248,7 @@ pub(crate) async fn poll<S: EventStore>(
         }
     }
     let messages = app
-        .groups()
-        .map_err(group_problem)?
+        .groups()?
         .poll(&name, &consumer, count, wait)
         .await
         .map_err(group_problem)?;
@@ -335,8 +307,7 @@ pub(crate) async fn ack<S: EventStore>(
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let b: AckBody = parse_json(&body, "request body")?;
     let outcome = app
-        .groups()
-        .map_err(group_problem)?
+        .groups()?
         .ack(&name, b.ids)
         .await
         .map_err(group_problem)?;
@@ -353,8 +324,7 @@ pub(crate) async fn nack<S: EventStore>(
     let body = body_bytes(body, app.config.max_body_bytes)?;
     let b: NackBody = parse_json(&body, "request body")?;
     let outcome = app
-        .groups()
-        .map_err(group_problem)?
+        .groups()?
         .nack(&name, b.ids, b.action, b.reason)
         .await
         .map_err(group_problem)?;

@@ -46,6 +46,9 @@ use skald_security::Permission;
 pub const OPENAPI: &str = include_str!("../openapi.json");
 /// The Skald release this server belongs to.
 pub const VERSION: &str = "0.1.0";
+/// Longest wait of one long-poll of a group (`GET /v1/groups/{name}/messages?wait=MS`); a
+/// node that forwards a poll waits as long.
+pub(crate) const MAX_POLL_WAIT: Duration = Duration::from_secs(60);
 /// Default events per page of a JSON read.
 const DEFAULT_JSON_LIMIT: usize = 100;
 

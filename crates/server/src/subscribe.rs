@@ -784,8 +784,7 @@ impl<S: EventStore> Session<S> {
         }
         let consumer = self
             .app
-            .groups()
-            .map_err(crate::groups::group_problem)?
+            .groups()?
             .join(&group, &name, "websocket", prefetch)
             .await
             .map_err(crate::groups::group_problem)?;

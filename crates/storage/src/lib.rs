@@ -451,12 +451,7 @@ impl EventStore for Store {
                 self.shared.index_is_damaged(reason);
             }
         })?;
-        self.shared.metrics.store.reads.inc();
-        self.shared
-            .metrics
-            .store
-            .events_read
-            .add(page.events.len() as u64);
+        self.shared.metrics.store.page_read(page.events.len());
         Ok(page)
     }
 
