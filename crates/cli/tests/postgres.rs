@@ -794,6 +794,68 @@ async fn ack_ledger(http: &support::Http, ids: Vec<serde_json::Value>) -> bool {
     )
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_open(url: &str) -> Ws {
+    let url = format!("{}/v1/ws", url.replacen("http://", "ws://", 1));
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+async fn ws_send(ws: &mut Ws, message: serde_json::Value) {
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        message.to_string().into(),
+    ))
+    .await
+    .unwrap();
+}
+
+/// The next JSON message on `ws`.
+async fn ws_next(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = frame {
+            return serde_json::from_str(text.as_str()).unwrap();
+        }
+    }
+}
+
+/// Joins `ledger` as subscription `w` on `ws`: the node's answer.
+async fn ws_join(ws: &mut Ws) -> serde_json::Value {
+    ws_send(
+        ws,
+        serde_json::json!({"type": "subscribe", "id": "w", "group": "ledger", "prefetch": 5,
+                           "consumer": "ws-1"}),
+    )
+    .await;
+    ws_next(ws).await
+}
+
+/// The positions and ack ids of a `messages` message.
+fn ws_batch(message: &serde_json::Value) -> Vec<(u64, serde_json::Value)> {
+    assert_eq!(message["type"], "messages", "{message}");
+    message["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["event"]["position"].as_u64().unwrap(), m["ackId"].clone()))
+        .collect()
+}
+
+async fn ws_ack(ws: &mut Ws, batch: &[(u64, serde_json::Value)]) {
+    let ids: Vec<_> = batch.iter().map(|(_, id)| id.clone()).collect();
+    ws_send(
+        ws,
+        serde_json::json!({"type": "ack", "id": "w", "ackIds": ids}),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_node_is_killed() {
     const EVENTS: u64 = 300;
@@ -871,6 +933,53 @@ async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_no
     assert_eq!(streamed.ack(&ids).await.unwrap().done, ids.len() as u64);
     acked.extend(batch.iter().map(|m| m.event.position.0));
     drop(streamed);
+    // A WebSocket consumer on a node that does not run the group is relayed to the one that
+    // does. At most five messages are in flight to it (its prefetch), so that receiving
+    // twenty proves its acks reached the owner.
+    let mut ws = ws_open(&urls[followers[0]]).await;
+    let joined = ws_join(&mut ws).await;
+    assert_eq!(joined["type"], "subscribed", "{joined}");
+    // A socket another node opened to relay is not relayed again by a node that does not run
+    // the groups: two nodes that disagree about the owner for a moment cannot pass a consumer
+    // back and forth.
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!(
+            "{}/v1/ws",
+            urls[followers[1]].replacen("http://", "ws://", 1)
+        );
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("skald-forwarded-by", "http://elsewhere".parse().unwrap());
+        let mut relayed = tokio_tungstenite::connect_async(request).await.unwrap().0;
+        let refused = ws_join(&mut relayed).await;
+        assert_eq!(refused["problem"]["status"], 503, "{refused}");
+    }
+    let mut over_ws = 0;
+    while over_ws < 20 {
+        let batch = ws_batch(&ws_next(&mut ws).await);
+        assert!(batch.len() <= 5, "{batch:?}");
+        ws_ack(&mut ws, &batch).await;
+        over_ws += batch.len();
+        acked.extend(batch.iter().map(|(p, _)| *p));
+    }
+    // The owner's refusal comes back as it is: an unknown ack id names the subscription.
+    ws_send(
+        &mut ws,
+        serde_json::json!({"type": "ack", "id": "w", "ackIds": ["no-such-message"]}),
+    )
+    .await;
+    let refused = loop {
+        let message = ws_next(&mut ws).await;
+        if message["type"] == "error" {
+            break message;
+        }
+        // Messages delivered meanwhile are held unacknowledged through the kill below.
+        ws_batch(&message);
+    };
+    assert_eq!(refused["id"], "w", "{refused}");
+    assert_eq!(refused["problem"]["status"], 400, "{refused}");
     let held: Vec<u64> = loop {
         let batch = poll_ledger(&consumer).await.unwrap();
         if !batch.is_empty() {
@@ -887,6 +996,43 @@ async fn a_group_runs_on_one_node_serves_consumers_on_any_and_moves_when_that_no
         "another node took over after {took_over:?}, more than two leases of {LEASE_MS} ms"
     );
     eprintln!("took over {took_over:?} after the owner was killed");
+    // The relayed WebSocket consumer was told that its owner went away; joined again on the
+    // same socket, it is relayed to the new owner (or served by its node, if that took over).
+    let ended = loop {
+        let message = ws_next(&mut ws).await;
+        if message["type"] == "error" {
+            break message;
+        }
+        ws_batch(&message);
+    };
+    assert_eq!(ended["id"], "w", "{ended}");
+    assert_eq!(ended["problem"]["status"], 503, "{ended}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let joined = ws_join(&mut ws).await;
+        if joined["type"] == "subscribed" {
+            break;
+        }
+        assert_eq!(joined["problem"]["status"], 503, "{joined}");
+        assert!(std::time::Instant::now() < deadline, "{joined}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let batch = ws_batch(&ws_next(&mut ws).await);
+    ws_ack(&mut ws, &batch).await;
+    acked.extend(batch.iter().map(|(p, _)| *p));
+    ws_send(
+        &mut ws,
+        serde_json::json!({"type": "unsubscribe", "id": "w"}),
+    )
+    .await;
+    loop {
+        // Messages delivered after the ack go back to the group when the consumer leaves.
+        let message = ws_next(&mut ws).await;
+        if message["type"] == "unsubscribed" {
+            break;
+        }
+        ws_batch(&message);
+    }
 
     // The new owner delivers what was held unacknowledged again, and everything else; no
     // acknowledged message is lost.

@@ -27,16 +27,16 @@ use crate::{Groups, MAX_POLL_WAIT, Problem, Sagas};
 pub const FORWARDED_HEADER: &str = "skald-forwarded-by";
 
 /// How long a forwarded request waits for a connection to the owner.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a forwarded request waits for the head of the owner's answer, beyond the wait a
 /// long-poll asks for: an owner cut off from this node after the request was sent would
 /// otherwise keep it waiting for ever.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept to the owner (HTTP/1.1; HTTP/2 multiplexes on one).
 const IDLE_CONNECTIONS: usize = 64;
 /// How often an idle HTTP/2 connection to the owner (a gRPC stream) is pinged, and how long
 /// an answer may take before the connection is given up as dead.
-const PING: Duration = Duration::from_secs(5);
+pub(crate) const PING: Duration = Duration::from_secs(5);
 
 /// What this node is for the groups and the sagas now.
 pub enum Role<S> {
@@ -90,6 +90,8 @@ pub struct Coordination<S> {
     address: Option<String>,
     /// HTTP/1.1 for the REST API, HTTP/2 for gRPC; `None` on a node that is always the owner.
     clients: Option<(Forwarding, Forwarding)>,
+    /// The TLS settings for owners reached over `https://` (WebSocket relays).
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl<S: EventStore> Coordination<S> {
@@ -100,6 +102,7 @@ impl<S: EventStore> Coordination<S> {
             changes: tokio::sync::watch::Sender::new(0),
             address: None,
             clients: None,
+            tls: None,
         })
     }
 
@@ -140,6 +143,7 @@ impl<S: EventStore> Coordination<S> {
             changes: tokio::sync::watch::Sender::new(0),
             address: Some(address),
             clients: Some((client(false), client(true))),
+            tls: Some(Arc::new(tls)),
         }))
     }
 
@@ -174,6 +178,29 @@ impl<S: EventStore> Coordination<S> {
         self.address.as_deref()
     }
 
+    /// Where a group consumer joining on a WebSocket of this node goes: `None` to this node's
+    /// own groups, `Some(owner)` to be relayed to the owner, or a refusal (no owner now). A
+    /// socket that was itself opened by another node's relay (`forwarded`) is never relayed
+    /// again.
+    pub(crate) fn relay_to(&self, forwarded: bool) -> std::result::Result<Option<String>, Problem> {
+        match &*self.role.read().expect("not poisoned") {
+            Role::Owner { .. } => Ok(None),
+            Role::Follower { .. } if forwarded => Err(no_longer_owner()),
+            Role::Follower { owner: Some(owner) } => Ok(Some(owner.clone())),
+            Role::Follower { owner: None } => Err(Problem::from(elsewhere(None))),
+        }
+    }
+
+    /// Changes whenever the owner changes.
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The TLS settings for owners reached over `https://`.
+    pub(crate) fn tls(&self) -> Option<Arc<tokio_rustls::rustls::ClientConfig>> {
+        self.tls.clone()
+    }
+
     /// The groups, when this node runs them.
     pub fn groups(&self) -> Result<Groups<S>> {
         match &*self.role.read().expect("not poisoned") {
@@ -199,11 +226,7 @@ impl<S: EventStore> Coordination<S> {
         match &*self.role.read().expect("not poisoned") {
             Role::Owner { .. } => Route::Local,
             Role::Follower { .. } if request.headers().contains_key(FORWARDED_HEADER) => {
-                Route::Refuse(Problem::from(Error::Unavailable(
-                    "this request was forwarded to this node as the owner of consumer groups and \
-                     sagas, and it owns them no more (the lease is moving between nodes); retry"
-                        .into(),
-                )))
+                Route::Refuse(no_longer_owner())
             }
             Role::Follower { owner: Some(owner) } => Route::Forward(owner.clone()),
             Role::Follower { owner: None } => Route::Refuse(Problem::from(elsewhere(None))),
@@ -321,12 +344,21 @@ fn unreachable_owner(grpc: bool, why: &str) -> Response {
     }
 }
 
+/// 503 for a request another node forwarded here that this node can no longer serve.
+fn no_longer_owner() -> Problem {
+    Problem::from(Error::Unavailable(
+        "this request was forwarded to this node as the owner of consumer groups and sagas, \
+         and it owns them no more (the lease is moving between nodes); retry"
+            .into(),
+    ))
+}
+
 /// Why this node cannot serve a group or saga request itself.
 fn elsewhere(owner: Option<&str>) -> Error {
     match owner {
         Some(owner) => Error::Unavailable(format!(
-            "consumer groups and sagas are run by the node at {owner}; over HTTP and gRPC any \
-             node forwards to it, and a WebSocket must connect to it directly"
+            "consumer groups and sagas are run by the node at {owner}; any node forwards their \
+             requests to it"
         )),
         None => Error::Unavailable(
             "no node runs consumer groups and sagas at this moment (their lease is moving \

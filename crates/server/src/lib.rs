@@ -10,6 +10,7 @@ mod grpc;
 pub mod listener;
 mod observe;
 mod problem;
+mod relay;
 mod sagas;
 mod subscribe;
 

@@ -485,8 +485,14 @@ struct Outgoing {
 pub(crate) async fn websocket<S: EventStore>(
     State(app): State<App<S>>,
     caller: Caller,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // Kept for a group consumer relayed to the node that runs the groups (crate::relay).
+    let upstream = Upstream {
+        authorization: headers.get(header::AUTHORIZATION).cloned(),
+        forwarded: headers.contains_key(crate::coordination::FORWARDED_HEADER),
+    };
     // Clients send small control messages. tungstenite zero-fills its whole read buffer on
     // every read and allocates it per socket: at the 128 KiB default that was 30% of the
     // server's CPU with 1,000 sockets, and most of its memory per idle socket.
@@ -496,7 +502,7 @@ pub(crate) async fn websocket<S: EventStore>(
         .max_frame_size(WS_MAX_MESSAGE)
         .on_upgrade(move |socket| {
             // The socket's log lines carry the id of the request that opened it.
-            ws_session(socket, app, caller).instrument(tracing::Span::current())
+            ws_session(socket, app, caller, upstream).instrument(tracing::Span::current())
         })
 }
 
@@ -512,14 +518,24 @@ fn close_message(code: u16, reason: &str) -> Message {
     }))
 }
 
+/// How a socket's group consumers reach the node that runs the groups, when this node does
+/// not: the caller's credentials, and whether the socket was itself opened by such a relay.
+struct Upstream {
+    authorization: Option<HeaderValue>,
+    forwarded: bool,
+}
+
 struct Session<S> {
     app: App<S>,
     caller: Caller,
     settings: SubscriptionSettings,
     tx: mpsc::Sender<Outgoing>,
     active: HashMap<Arc<str>, (u64, tokio::task::JoinHandle<()>)>,
-    /// The group of each subscription that is a group consumer.
+    /// The group of each subscription that is a group consumer of this node's groups.
     groups: HashMap<Arc<str>, String>,
+    /// Where the acks and nacks of each group consumer relayed to the owner go.
+    relays: HashMap<Arc<str>, mpsc::Sender<String>>,
+    upstream: Upstream,
     generation: u64,
 }
 
@@ -530,7 +546,12 @@ enum Next {
     Close(Value, String),
 }
 
-async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>, caller: Caller) {
+async fn ws_session<S: EventStore>(
+    mut socket: WebSocket,
+    app: App<S>,
+    caller: Caller,
+    upstream: Upstream,
+) {
     let settings = app.config.subscriptions();
     let (tx, mut rx) = mpsc::channel::<Outgoing>(WS_QUEUE);
     let hub = app.hub.clone();
@@ -547,6 +568,8 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>, caller: C
         tx,
         active: HashMap::new(),
         groups: HashMap::new(),
+        relays: HashMap::new(),
+        upstream,
         generation: 0,
     };
     let mut heartbeat = tokio::time::interval(settings.heartbeat);
@@ -623,8 +646,11 @@ async fn ws_session<S: EventStore>(mut socket: WebSocket, app: App<S>, caller: C
             }
         }
     }
-    for (_, (_, task)) in session.active.drain() {
-        task.abort();
+    for (id, (_, task)) in session.active.drain() {
+        // A relay ends by itself once it has sent the acks still queued.
+        if !session.relays.contains_key(&id) {
+            task.abort();
+        }
     }
 }
 
@@ -638,8 +664,11 @@ impl<S: EventStore> Session<S> {
             ClientMessage::Ping { data } => Next::Reply(json!({"type": "pong", "data": data})),
             ClientMessage::Unsubscribe { id } => match self.active.remove(id.as_str()) {
                 Some((_, task)) => {
-                    task.abort();
                     self.groups.remove(id.as_str());
+                    // A relay ends by itself once it has sent the acks still queued.
+                    if self.relays.remove(id.as_str()).is_none() {
+                        task.abort();
+                    }
                     Next::Reply(json!({"type": "unsubscribed", "id": id}))
                 }
                 None => Next::Reply(error_reply(
@@ -660,7 +689,13 @@ impl<S: EventStore> Session<S> {
                         self.subscribe(&id, source, from).await
                     }
                     (None, Some(group)) if from.is_none() => {
-                        self.join(&id, group, prefetch, consumer).await
+                        match self.app.coordination.relay_to(self.upstream.forwarded) {
+                            Ok(None) => self.join(&id, group, prefetch, consumer).await,
+                            Ok(Some(owner)) => {
+                                return self.relay(id, owner, group, prefetch, consumer).await;
+                            }
+                            Err(problem) => Err(problem),
+                        }
                     }
                     _ => Err(Problem::malformed(
                         "subscribe takes either source (and from) for a catch-up subscription, \
@@ -672,23 +707,25 @@ impl<S: EventStore> Session<S> {
                     Err(problem) => Next::Reply(error_reply(Some(&id), problem)),
                 }
             }
-            ClientMessage::Ack { id, ack_ids } => self.settle(id, ack_ids, None).await,
+            ClientMessage::Ack { id, ack_ids } => self.settle(id, ack_ids, None, text).await,
             ClientMessage::Nack {
                 id,
                 ack_ids,
                 action,
                 reason,
-            } => self.settle(id, ack_ids, Some((action, reason))).await,
+            } => self.settle(id, ack_ids, Some((action, reason)), text).await,
         }
     }
 
     /// Acks or nacks messages of the group subscription `id`; silent unless some ids are
-    /// unknown.
+    /// unknown. A relayed consumer's are sent on to the owner as the client wrote them
+    /// (`text`), and the owner's answer comes back through the relay.
     async fn settle(
         &mut self,
         id: String,
         ack_ids: Vec<String>,
         nack: Option<(NackAction, String)>,
+        text: &str,
     ) -> Next {
         // A consumer that ended (its group deleted, say) settles nothing any more.
         if self
@@ -698,6 +735,18 @@ impl<S: EventStore> Session<S> {
         {
             self.active.remove(id.as_str());
             self.groups.remove(id.as_str());
+            self.relays.remove(id.as_str());
+        }
+        if let Some(relay) = self.relays.get(id.as_str()) {
+            // Waits while the owner's socket is slow: the client's own socket is read no
+            // faster than the owner takes its acks.
+            return match relay.send(text.to_owned()).await {
+                Ok(()) => Next::Silent,
+                Err(_) => Next::Reply(error_reply(
+                    Some(&id),
+                    Problem::malformed(format!("group subscription {id:?} has ended")),
+                )),
+            };
         }
         let Some(group) = self.groups.get(id.as_str()).cloned() else {
             return Next::Reply(error_reply(
@@ -746,6 +795,7 @@ impl<S: EventStore> Session<S> {
         self.active.retain(|_, (_, task)| !task.is_finished());
         let active = &self.active;
         self.groups.retain(|id, _| active.contains_key(id));
+        self.relays.retain(|id, _| active.contains_key(id));
         if self.active.contains_key(id) {
             return Err(Problem::malformed(format!(
                 "subscription {id:?} is already open on this socket"
@@ -803,6 +853,57 @@ impl<S: EventStore> Session<S> {
         self.active.insert(Arc::clone(&id), (self.generation, task));
         self.groups.insert(id, group);
         Ok(())
+    }
+
+    /// Joins `group` at the node that runs the groups, `owner`, and relays the consumer.
+    async fn relay(
+        &mut self,
+        id: String,
+        owner: String,
+        group: String,
+        prefetch: Option<usize>,
+        consumer: Option<String>,
+    ) -> Next {
+        if let Err(problem) = self.check_id(&id) {
+            return Next::Reply(error_reply(Some(&id), problem));
+        }
+        let subscribe = json!({"type": "subscribe", "id": id, "group": group,
+                               "prefetch": prefetch, "consumer": consumer});
+        let joined = crate::relay::Relay::join(
+            &self.app.coordination,
+            &owner,
+            self.upstream.authorization.as_ref(),
+            &id,
+            &subscribe,
+        )
+        .await;
+        let relay = match joined {
+            Ok(crate::relay::Joined::Relay(relay)) => *relay,
+            Ok(crate::relay::Joined::Refused(refusal)) => return Next::Reply(refusal),
+            Err(problem) => return Next::Reply(error_reply(Some(&id), problem)),
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        let id: Arc<str> = Arc::from(id);
+        let (settle, settled) = mpsc::channel(crate::relay::SETTLE_QUEUE);
+        let tagged = Arc::clone(&id);
+        let task = tokio::spawn(
+            relay
+                .run(settled, self.tx.clone(), move |relayed| Outgoing {
+                    id: Arc::clone(&tagged),
+                    generation,
+                    text: match relayed {
+                        crate::relay::Relayed::Text(text) => text,
+                        crate::relay::Relayed::Ended(problem) => {
+                            error_reply(Some(&tagged), problem).to_string()
+                        }
+                    },
+                })
+                .in_current_span(),
+        );
+        self.active.insert(Arc::clone(&id), (generation, task));
+        self.relays.insert(Arc::clone(&id), settle);
+        Next::Reply(json!({"type": "subscribed", "id": &*id}))
     }
 
     async fn subscribe(
