@@ -201,6 +201,20 @@ impl Caller {
             .and_then(|p| serde_json::to_value(&**p).ok())
     }
 
+    /// Counts a request that did not pass the guard (a relayed WebSocket join) against the
+    /// caller's rate limit.
+    pub fn limit<S: EventStore>(
+        &self,
+        security: &skald_security::Security<S>,
+    ) -> Result<(), Problem> {
+        match &self.principal {
+            Some(principal) => security
+                .limit_principal(principal)
+                .map_err(|wait| Problem::rate_limited("principal", wait)),
+            None => Ok(()),
+        }
+    }
+
     /// Authentication is off: every check passes, and lookups made only for a check can be
     /// skipped.
     pub fn is_unrestricted(&self) -> bool {

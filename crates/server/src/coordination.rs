@@ -92,6 +92,20 @@ pub struct Coordination<S> {
     clients: Option<(Forwarding, Forwarding)>,
     /// The TLS settings for owners reached over `https://` (WebSocket relays).
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// One permit per WebSocket group consumer relayed to the owner.
+    relays: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most WebSocket group consumers one node relays to the owner at once: each is a connection
+/// to the owner.
+pub const MAX_RELAYS: usize = 1024;
+
+/// A group consumer to relay: to `owner`, until `changes` says the owner changed, holding
+/// one of this node's relay permits.
+pub(crate) struct RelayTo {
+    pub owner: String,
+    pub changes: tokio::sync::watch::Receiver<u64>,
+    pub permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl<S: EventStore> Coordination<S> {
@@ -103,6 +117,7 @@ impl<S: EventStore> Coordination<S> {
             address: None,
             clients: None,
             tls: None,
+            relays: Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS)),
         })
     }
 
@@ -144,6 +159,7 @@ impl<S: EventStore> Coordination<S> {
             address: Some(address),
             clients: Some((client(false), client(true))),
             tls: Some(Arc::new(tls)),
+            relays: Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS)),
         }))
     }
 
@@ -179,21 +195,34 @@ impl<S: EventStore> Coordination<S> {
     }
 
     /// Where a group consumer joining on a WebSocket of this node goes: `None` to this node's
-    /// own groups, `Some(owner)` to be relayed to the owner, or a refusal (no owner now). A
-    /// socket that was itself opened by another node's relay (`forwarded`) is never relayed
-    /// again.
-    pub(crate) fn relay_to(&self, forwarded: bool) -> std::result::Result<Option<String>, Problem> {
-        match &*self.role.read().expect("not poisoned") {
-            Role::Owner { .. } => Ok(None),
-            Role::Follower { .. } if forwarded => Err(no_longer_owner()),
-            Role::Follower { owner: Some(owner) } => Ok(Some(owner.clone())),
-            Role::Follower { owner: None } => Err(Problem::from(elsewhere(None))),
-        }
-    }
-
-    /// Changes whenever the owner changes.
-    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// own groups, or to be relayed to the owner ([`RelayTo`]), or a refusal (no owner now,
+    /// or this node relays [`MAX_RELAYS`] already). A socket that was itself opened by another
+    /// node's relay (`forwarded`) is never relayed again.
+    pub(crate) fn relay_to(
+        &self,
+        forwarded: bool,
+    ) -> std::result::Result<Option<RelayTo>, Problem> {
+        let role = self.role.read().expect("not poisoned");
+        let owner = match &*role {
+            Role::Owner { .. } => return Ok(None),
+            Role::Follower { .. } if forwarded => return Err(no_longer_owner()),
+            Role::Follower { owner: None } => return Err(Problem::from(elsewhere(None))),
+            Role::Follower { owner: Some(owner) } => owner.clone(),
+        };
+        // Subscribed under the lock, so that no change of owner after this read is missed.
+        let changes = self.changes.subscribe();
+        drop(role);
+        let permit = Arc::clone(&self.relays).try_acquire_owned().map_err(|_| {
+            Problem::from(Error::Unavailable(format!(
+                "this node already relays {MAX_RELAYS} WebSocket group consumers to the node \
+                 that runs the groups, the most it may; join through another node, or retry"
+            )))
+        })?;
+        Ok(Some(RelayTo {
+            owner,
+            changes,
+            permit,
+        }))
     }
 
     /// The TLS settings for owners reached over `https://`.

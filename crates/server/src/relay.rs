@@ -5,6 +5,7 @@
 //! the owner changes. The owner authenticates and authorizes the consumer again, as it does a
 //! forwarded HTTP request.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderValue, Uri, header};
@@ -12,19 +13,24 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use skald_core::{Error, EventStore};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::Problem;
-use crate::coordination::{ANSWER_TIMEOUT, CONNECT_TIMEOUT, Coordination, FORWARDED_HEADER, PING};
+use crate::coordination::{
+    ANSWER_TIMEOUT, CONNECT_TIMEOUT, Coordination, FORWARDED_HEADER, PING, RelayTo,
+};
 
 /// How long the owner's socket may stay silent (pings are answered) before the relay gives
 /// the owner up: an owner cut off from this node closes nothing.
 const SILENCE: Duration = Duration::from_secs(15);
 /// Acks and nacks waiting to be sent to the owner.
 pub(crate) const SETTLE_QUEUE: usize = 16;
+/// The read buffer of a relay's socket to the owner (as small as the server's own sockets').
+const READ_BUFFER: usize = 4096;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -33,146 +39,179 @@ type Upstream = WebSocketStream<Box<dyn Io>>;
 
 /// What a relay hands to the client's socket.
 pub(crate) enum Relayed {
-    /// A message from the owner, as the owner sent it.
+    /// A message for the client, as the owner sent it (or `subscribed`).
     Text(String),
-    /// The relay ended: the owner closed, stopped answering or is no longer the owner.
+    /// The relay did not start or has ended: the owner cannot be reached, closed, stopped
+    /// answering or is no longer the owner.
     Ended(Problem),
 }
 
-/// How joining at the owner went.
-pub(crate) enum Joined {
-    /// The owner took the consumer: relay it with [`Relay::run`].
-    Relay(Box<Relay>),
-    /// The owner refused it with this error message, to be passed on as it is.
-    Refused(Value),
+/// A group join to relay.
+pub(crate) struct Join {
+    /// Where to, and for how long.
+    pub to: RelayTo,
+    /// The `Authorization` header the client's socket was opened with.
+    pub authorization: Option<HeaderValue>,
+    /// The subscription's id on the client's socket, and on the owner's.
+    pub id: String,
+    /// The client's `subscribe` message.
+    pub subscribe: Value,
 }
 
-/// A group consumer relayed to the owner's WebSocket.
-pub(crate) struct Relay {
-    upstream: Upstream,
-    changes: watch::Receiver<u64>,
-}
-
-impl Relay {
-    /// Opens a WebSocket to `owner` as the caller (`authorization`, the header the client's
-    /// socket was opened with), sends it `subscribe` (a group join with the id `id`) and waits
-    /// for the owner's answer.
-    pub(crate) async fn join<S: EventStore>(
-        coordination: &Coordination<S>,
-        owner: &str,
-        authorization: Option<&HeaderValue>,
-        id: &str,
-        subscribe: &Value,
-    ) -> Result<Joined, Problem> {
-        let changes = coordination.changes();
-        let mut upstream = tokio::time::timeout(
+/// Joins the group at the owner and relays the consumer: what the owner answers and sends
+/// goes to the client through `tx` (each message wrapped by `wrap`), and what the client
+/// settles (`settle`) goes to the owner, in order. Ends when the client leaves (`settle`
+/// closes once the acks queued are sent, or `tx` closes), or with [`Relayed::Ended`] when the
+/// owner's socket ends or falls silent or the owner changes, so that the client joins again
+/// (through this node, which then relays to the new owner). What the consumer held goes back
+/// to the group when the owner's socket closes, as for any consumer that leaves; acks still
+/// queued when the owner went away are lost with it, and their messages delivered again.
+pub(crate) async fn relay<S: EventStore, T>(
+    coordination: Arc<Coordination<S>>,
+    join: Join,
+    mut settle: mpsc::Receiver<String>,
+    tx: mpsc::Sender<T>,
+    wrap: impl Fn(Relayed) -> T,
+) {
+    let Join {
+        to,
+        authorization,
+        id,
+        subscribe,
+    } = join;
+    let RelayTo {
+        owner,
+        mut changes,
+        permit: _permit,
+    } = to;
+    let joined = tokio::select! {
+        joined = tokio::time::timeout(
             CONNECT_TIMEOUT + ANSWER_TIMEOUT,
-            connect(coordination, owner, authorization),
-        )
-        .await
-        .map_err(|_| gone("did not answer in time"))??;
-        let sent = tokio::time::timeout(
-            ANSWER_TIMEOUT,
-            upstream.send(Message::Text(subscribe.to_string().into())),
-        )
-        .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            return Err(gone("closed the connection from this node"));
-        }
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, async {
-            loop {
-                match upstream.next().await {
-                    Some(Ok(Message::Text(text))) => {
-                        let Ok(mut message) = serde_json::from_str::<Value>(text.as_str()) else {
-                            continue;
-                        };
-                        let about_this = message["id"].as_str() == Some(id);
-                        match message["type"].as_str() {
-                            Some("subscribed") if about_this => return Ok(None),
-                            // An error without an id refuses the whole socket.
-                            Some("error") if about_this || message["id"].is_null() => {
-                                message["id"] = Value::String(id.to_owned());
-                                return Ok(Some(message));
-                            }
-                            _ => continue,
-                        }
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(_)) | None => {
-                        return Err(gone("closed the connection from this node"));
-                    }
-                }
+            open(&coordination, &owner, authorization.as_ref(), &id, &subscribe),
+        ) => joined.unwrap_or_else(|_| Err(gone("did not answer in time"))),
+        _ = changes.changed() => Err(gone("is no longer the owner")),
+    };
+    let mut upstream = match joined {
+        Ok(Ok(upstream)) => {
+            let subscribed = serde_json::json!({"type": "subscribed", "id": id});
+            if tx
+                .send(wrap(Relayed::Text(subscribed.to_string())))
+                .await
+                .is_err()
+            {
+                return;
             }
-        })
-        .await
-        .map_err(|_| gone("did not answer in time"))??;
-        Ok(match answer {
-            None => Joined::Relay(Box::new(Relay { upstream, changes })),
-            Some(refusal) => Joined::Refused(refusal),
-        })
-    }
-
-    /// Relays until the client leaves (`settle` closes, or `tx`), the owner's socket ends or
-    /// falls silent, or the owner changes; in the last three cases the client is told with
-    /// [`Relayed::Ended`], so that it joins again (through this node, which then relays to the
-    /// new owner). What the consumer held goes back to the group when the owner's socket
-    /// closes, as it does for any consumer that leaves.
-    pub(crate) async fn run<T>(
-        mut self,
-        mut settle: mpsc::Receiver<String>,
-        tx: mpsc::Sender<T>,
-        wrap: impl Fn(Relayed) -> T,
-    ) {
-        let mut ping = tokio::time::interval(PING);
-        ping.reset();
-        let mut heard = Instant::now();
-        let ended = loop {
-            tokio::select! {
-                frame = self.upstream.next() => match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        heard = Instant::now();
-                        if tx.send(wrap(Relayed::Text(text.to_string()))).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                        break Some(gone("closed the connection from this node"));
-                    }
-                    Some(Ok(_)) => heard = Instant::now(),
-                },
-                text = settle.recv() => match text {
-                    Some(text) => {
-                        let sent = tokio::time::timeout(
-                            SILENCE,
-                            self.upstream.send(Message::Text(text.into())),
-                        )
-                        .await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            break Some(gone("stopped reading from this node"));
-                        }
-                    }
-                    None => break None,
-                },
-                _ = ping.tick() => {
-                    if heard.elapsed() > SILENCE {
-                        break Some(gone("stopped answering this node"));
-                    }
+            upstream
+        }
+        Ok(Err(refusal)) => {
+            let _ = tx.send(wrap(Relayed::Text(refusal.to_string()))).await;
+            return;
+        }
+        Err(problem) => {
+            let _ = tx.send(wrap(Relayed::Ended(problem))).await;
+            return;
+        }
+    };
+    let mut ping = tokio::time::interval(PING);
+    ping.reset();
+    let mut heard = Instant::now();
+    // A message from the owner that the client's socket has no room for yet: the owner's
+    // socket is not read meanwhile (so a slow client slows the owner, whose stall timeout
+    // ends it), while the client's acks go on flowing to the owner.
+    let mut pending: Option<String> = None;
+    let ended = loop {
+        tokio::select! {
+            permit = tx.reserve(), if pending.is_some() => match permit {
+                Ok(permit) => {
+                    permit.send(wrap(Relayed::Text(pending.take().expect("checked"))));
+                    heard = Instant::now();
+                }
+                Err(_) => break None,
+            },
+            frame = upstream.next(), if pending.is_none() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    heard = Instant::now();
+                    pending = Some(text.to_string());
+                }
+                Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    break Some(gone("closed the connection from this node"));
+                }
+                Some(Ok(_)) => heard = Instant::now(),
+            },
+            text = settle.recv() => match text {
+                Some(text) => {
                     let sent = tokio::time::timeout(
                         SILENCE,
-                        self.upstream.send(Message::Ping(Default::default())),
+                        upstream.send(Message::Text(text.into())),
                     )
                     .await;
                     if !matches!(sent, Ok(Ok(()))) {
                         break Some(gone("stopped reading from this node"));
                     }
                 }
-                _ = self.changes.changed() => break Some(gone("is no longer the owner")),
+                None => break None,
+            },
+            _ = ping.tick() => {
+                // Silence counts only while the owner's socket is being read.
+                if pending.is_none() && heard.elapsed() > SILENCE {
+                    break Some(gone("stopped answering this node"));
+                }
+                let sent = tokio::time::timeout(
+                    SILENCE,
+                    upstream.send(Message::Ping(Default::default())),
+                )
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    break Some(gone("stopped reading from this node"));
+                }
             }
-        };
-        if let Some(problem) = ended {
-            let _ = tx.send(wrap(Relayed::Ended(problem))).await;
+            _ = changes.changed() => break Some(gone("is no longer the owner")),
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.upstream.close(None)).await;
+    };
+    if let Some(problem) = ended {
+        let _ = tx.send(wrap(Relayed::Ended(problem))).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), upstream.close(None)).await;
+}
+
+/// Opens a WebSocket to `owner` as the caller, sends it `subscribe` (a group join with the id
+/// `id`) and waits for the owner's answer: the socket, once the owner took the consumer, or
+/// the owner's refusal (its error message, to be passed on as it is).
+async fn open<S: EventStore>(
+    coordination: &Coordination<S>,
+    owner: &str,
+    authorization: Option<&HeaderValue>,
+    id: &str,
+    subscribe: &Value,
+) -> Result<Result<Upstream, Value>, Problem> {
+    let mut upstream = connect(coordination, owner, authorization).await?;
+    if upstream
+        .send(Message::Text(subscribe.to_string().into()))
+        .await
+        .is_err()
+    {
+        return Err(gone("closed the connection from this node"));
+    }
+    loop {
+        match upstream.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let Ok(mut message) = serde_json::from_str::<Value>(text.as_str()) else {
+                    continue;
+                };
+                let about_this = message["id"].as_str() == Some(id);
+                match message["type"].as_str() {
+                    Some("subscribed") if about_this => return Ok(Ok(upstream)),
+                    // An error without an id refuses the whole socket.
+                    Some("error") if about_this || message["id"].is_null() => {
+                        message["id"] = Value::String(id.to_owned());
+                        return Ok(Err(message));
+                    }
+                    _ => continue,
+                }
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(gone("closed the connection from this node")),
+        }
     }
 }
 
@@ -242,10 +281,39 @@ async fn connect<S: EventStore>(
     } else {
         Box::new(tcp)
     };
-    let (upstream, _) = tokio_tungstenite::client_async(request, stream)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    Ok(upstream)
+    // The owner is trusted with the size of what it sends: a group batch may hold events up
+    // to the store's largest.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(None)
+        .max_frame_size(None);
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
+        Ok((upstream, _)) => Ok(upstream),
+        // The owner refused the caller's credentials (a caller authenticated by a client
+        // certificate, which stays with the first hop), or limited it.
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            tracing::debug!(owner, status = %response.status(), "the owner refused a relayed WebSocket");
+            Err(refused(response.status()))
+        }
+        Err(e) => Err(unreachable(&e)),
+    }
+}
+
+/// The owner's refusal of the relay's socket, with its status.
+fn refused(status: axum::http::StatusCode) -> Problem {
+    match status.as_u16() {
+        401 => Problem::unauthenticated(
+            "refused-by-owner",
+            "the node that runs consumer groups refused the caller's credentials for this \
+             relayed consumer (a caller authenticated by a client certificate must connect \
+             to that node directly)"
+                .into(),
+        ),
+        429 => Problem::rate_limited("principal", Duration::from_secs(1)),
+        _ => gone(&format!(
+            "refused this node's WebSocket with status {status}"
+        )),
+    }
 }
 
 /// 503: the relay to the owner could not start or has ended; the client joins again.

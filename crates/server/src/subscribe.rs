@@ -691,8 +691,8 @@ impl<S: EventStore> Session<S> {
                     (None, Some(group)) if from.is_none() => {
                         match self.app.coordination.relay_to(self.upstream.forwarded) {
                             Ok(None) => self.join(&id, group, prefetch, consumer).await,
-                            Ok(Some(owner)) => {
-                                return self.relay(id, owner, group, prefetch, consumer).await;
+                            Ok(Some(to)) => {
+                                return self.relay(id, to, group, prefetch, consumer).await;
                             }
                             Err(problem) => Err(problem),
                         }
@@ -738,13 +738,24 @@ impl<S: EventStore> Session<S> {
             self.relays.remove(id.as_str());
         }
         if let Some(relay) = self.relays.get(id.as_str()) {
-            // Waits while the owner's socket is slow: the client's own socket is read no
-            // faster than the owner takes its acks.
-            return match relay.send(text.to_owned()).await {
-                Ok(()) => Next::Silent,
-                Err(_) => Next::Reply(error_reply(
+            // Waits while the owner's socket is slow (the client's own socket is read no
+            // faster than the owner takes its acks), for the stall timeout at most.
+            let queued =
+                tokio::time::timeout(self.settings.stall_timeout, relay.send(text.to_owned()))
+                    .await;
+            return match queued {
+                Ok(Ok(())) => Next::Silent,
+                Ok(Err(_)) => Next::Reply(error_reply(
                     Some(&id),
                     Problem::malformed(format!("group subscription {id:?} has ended")),
+                )),
+                Err(_) => Next::Reply(error_reply(
+                    Some(&id),
+                    Problem::from(skald_core::Error::Unavailable(format!(
+                        "the node that runs consumer groups took no ack or nack of subscription \
+                         {id:?} for {:?}; this one was not sent, send it again",
+                        self.settings.stall_timeout
+                    ))),
                 )),
             };
         }
@@ -855,55 +866,57 @@ impl<S: EventStore> Session<S> {
         Ok(())
     }
 
-    /// Joins `group` at the node that runs the groups, `owner`, and relays the consumer.
+    /// Joins `group` at the node that runs the groups and relays the consumer
+    /// (crate::relay); the owner's answer comes later, from the relay.
     async fn relay(
         &mut self,
         id: String,
-        owner: String,
+        to: crate::coordination::RelayTo,
         group: String,
         prefetch: Option<usize>,
         consumer: Option<String>,
     ) -> Next {
-        if let Err(problem) = self.check_id(&id) {
+        // A join costs the owner a connection: it counts against the caller's rate, as a
+        // request would.
+        if let Err(problem) = self
+            .check_id(&id)
+            .and_then(|()| self.caller.limit(&self.app.security))
+        {
             return Next::Reply(error_reply(Some(&id), problem));
         }
-        let subscribe = json!({"type": "subscribe", "id": id, "group": group,
-                               "prefetch": prefetch, "consumer": consumer});
-        let joined = crate::relay::Relay::join(
-            &self.app.coordination,
-            &owner,
-            self.upstream.authorization.as_ref(),
-            &id,
-            &subscribe,
-        )
-        .await;
-        let relay = match joined {
-            Ok(crate::relay::Joined::Relay(relay)) => *relay,
-            Ok(crate::relay::Joined::Refused(refusal)) => return Next::Reply(refusal),
-            Err(problem) => return Next::Reply(error_reply(Some(&id), problem)),
+        let join = crate::relay::Join {
+            to,
+            authorization: self.upstream.authorization.clone(),
+            subscribe: json!({"type": "subscribe", "id": id, "group": group,
+                              "prefetch": prefetch, "consumer": consumer}),
+            id: id.clone(),
         };
         self.generation += 1;
         let generation = self.generation;
         let id: Arc<str> = Arc::from(id);
         let (settle, settled) = mpsc::channel(crate::relay::SETTLE_QUEUE);
         let tagged = Arc::clone(&id);
-        let task = tokio::spawn(
-            relay
-                .run(settled, self.tx.clone(), move |relayed| Outgoing {
-                    id: Arc::clone(&tagged),
-                    generation,
-                    text: match relayed {
-                        crate::relay::Relayed::Text(text) => text,
-                        crate::relay::Relayed::Ended(problem) => {
-                            error_reply(Some(&tagged), problem).to_string()
-                        }
-                    },
-                })
-                .in_current_span(),
+        let wrap = move |relayed| Outgoing {
+            id: Arc::clone(&tagged),
+            generation,
+            text: match relayed {
+                crate::relay::Relayed::Text(text) => text,
+                crate::relay::Relayed::Ended(problem) => {
+                    error_reply(Some(&tagged), problem).to_string()
+                }
+            },
+        };
+        let relay = crate::relay::relay(
+            Arc::clone(&self.app.coordination),
+            join,
+            settled,
+            self.tx.clone(),
+            wrap,
         );
+        let task = tokio::spawn(relay.in_current_span());
         self.active.insert(Arc::clone(&id), (generation, task));
-        self.relays.insert(Arc::clone(&id), settle);
-        Next::Reply(json!({"type": "subscribed", "id": &*id}))
+        self.relays.insert(id, settle);
+        Next::Silent
     }
 
     async fn subscribe(
