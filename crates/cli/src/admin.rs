@@ -54,8 +54,8 @@ pub enum RulesCommand {
 
 #[derive(clap::Subcommand)]
 pub enum CertsCommand {
-    /// Write a development CA, a server certificate for localhost and a client certificate
-    /// (CN=dev-client, O=admin). For development only.
+    /// Write a development CA, a server certificate for localhost, a client certificate
+    /// (CN=dev-client, O=admin) and a node certificate (CN=skald-node). For development only.
     Dev {
         /// The directory to write to.
         #[arg(long, default_value = "skald-certs")]

@@ -59,6 +59,13 @@ pub struct ClusterConfig {
     pub lease_ms: u64,
     /// PEM roots trusted for other nodes' `https://` addresses (default: the system's).
     pub ca_file: Option<PathBuf>,
+    /// This node's client certificate (PEM), shown to the nodes it forwards requests to.
+    pub cert_file: Option<PathBuf>,
+    /// The key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The CNs of client certificates that are Skald nodes: their forwarded requests name
+    /// their callers (docs/postgres.md, "Nodes that know one another").
+    pub nodes: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -67,13 +74,52 @@ impl Default for ClusterConfig {
             advertise: None,
             lease_ms: 10_000,
             ca_file: None,
+            cert_file: None,
+            key_file: None,
+            nodes: Vec::new(),
         }
     }
 }
 
 impl ClusterConfig {
-    /// Checks the settings; errors name the key.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// Checks the settings against each other and the listener's (`tls`, `auth`); errors
+    /// name the key.
+    pub fn validate(
+        &self,
+        tls: Option<&skald_security::TlsConfig>,
+        auth: &skald_security::AuthConfig,
+    ) -> anyhow::Result<()> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            anyhow::bail!(
+                "config [cluster]: cert_file and key_file go together (this node's certificate \
+                 for the other nodes, and its key)"
+            );
+        }
+        if let Some(bad) = self
+            .nodes
+            .iter()
+            .find(|n| n.trim().is_empty() || n.trim() != *n)
+        {
+            anyhow::bail!(
+                "config [cluster]: nodes holds {bad:?}; each entry is the exact CN of a node's \
+                 certificate"
+            );
+        }
+        if self.cert_file.is_some() && auth.mtls && self.nodes.is_empty() {
+            anyhow::bail!(
+                "config [cluster]: cert_file with [auth] mtls = true needs nodes, the CNs of \
+                 the nodes' certificates: otherwise a node that forwards a request of a caller \
+                 it knew by certificate would be taken for the caller itself"
+            );
+        }
+        if !self.nodes.is_empty() && (tls.is_none_or(|t| t.client_ca_file.is_none()) || !auth.mtls)
+        {
+            anyhow::bail!(
+                "config [cluster]: nodes needs [tls] client_ca_file and [auth] mtls = true: a \
+                 node is recognised by the client certificate the listener verifies, and \
+                 without them no request could come from one"
+            );
+        }
         if !(500..=600_000).contains(&self.lease_ms) {
             anyhow::bail!(
                 "config [cluster]: lease_ms is {}, and must be from 500 (half a second) to \
@@ -247,7 +293,7 @@ pub fn merge(
              breaker.failure_threshold must be at least 1"
         );
     }
-    file.cluster.validate()?;
+    file.cluster.validate(file.tls.as_ref(), &file.auth)?;
     skald_saga::egress::Egress::new(&sagas.egress)
         .map_err(|e| anyhow::anyhow!("config [sagas.egress] {e}"))?;
     let durability = flag_durability.or(file.durability).unwrap_or_default();
@@ -342,7 +388,9 @@ mod tests {
         );
         assert!(!named.contains("0.0.0.0"), "{named}");
         cluster.advertise = Some("http://node-1.internal:7340/".into());
-        cluster.validate().unwrap();
+        cluster
+            .validate(None, &skald_security::AuthConfig::default())
+            .unwrap();
         assert_eq!(cluster.address(any, "http"), "http://node-1.internal:7340");
     }
 
@@ -443,6 +491,20 @@ mod tests {
         assert!(err.contains("per_address"), "{err}");
         let err = refused("[cluster]\nlease_ms = 100\n");
         assert!(err.contains("lease_ms is 100"), "{err}");
+        let err = refused("[cluster]\ncert_file = \"node.pem\"\n");
+        assert!(err.contains("cert_file and key_file go together"), "{err}");
+        let err = refused(
+            "[auth]\nmtls = true\n[cluster]\ncert_file = \"n.pem\"\nkey_file = \"k.pem\"\n",
+        );
+        assert!(err.contains("needs nodes"), "{err}");
+        let err = refused("[cluster]\nnodes = [\" skald-node\"]\n");
+        assert!(err.contains("exact CN"), "{err}");
+        // Without a listener that verifies client certificates, no request comes from a node.
+        let err = refused("[cluster]\nnodes = [\"skald-node\"]\n");
+        assert!(
+            err.contains("nodes needs [tls] client_ca_file and [auth] mtls"),
+            "{err}"
+        );
         for bad in [
             "10.0.0.5:7340",
             "ftp://node",

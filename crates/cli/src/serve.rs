@@ -172,9 +172,17 @@ async fn serve_on<S: Served>(
         }
         Some(url) => {
             let address = config.cluster.address(addr, scheme);
+            let cluster = &config.cluster;
             let coordination = skald_server::Coordination::shared(
                 address.clone(),
-                config.cluster.ca_file.as_deref(),
+                skald_server::Peers {
+                    ca_file: cluster.ca_file.as_deref(),
+                    identity: cluster
+                        .cert_file
+                        .as_deref()
+                        .zip(cluster.key_file.as_deref()),
+                    nodes: &cluster.nodes,
+                },
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             let node = uuid::Uuid::new_v4().to_string();

@@ -606,8 +606,9 @@ pub fn client_config(
     }
 }
 
-/// Writes a development CA, a server certificate for localhost and a client certificate
-/// (`CN=dev-client, O=admin`) into `dir`. Returns the files written.
+/// Writes a development CA, a server certificate for localhost, a client certificate
+/// (`CN=dev-client, O=admin`) and a node certificate for nodes that forward to one another
+/// (`CN=skald-node`, no roles) into `dir`. Returns the files written.
 pub fn write_dev_certificates(dir: &Path) -> Result<Vec<PathBuf>, String> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -640,12 +641,19 @@ pub fn write_dev_certificates(dir: &Path) -> Result<Vec<PathBuf>, String> {
         .distinguished_name
         .push(DnType::OrganizationName, "admin");
     let client_cert = client.signed_by(&client_key, &issuer).map_err(err)?;
+    let node_key = KeyPair::generate().map_err(err)?;
+    let mut node = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    node.distinguished_name
+        .push(DnType::CommonName, "skald-node");
+    let node_cert = node.signed_by(&node_key, &issuer).map_err(err)?;
     let files = [
         ("ca.pem", ca_cert.pem()),
         ("server.pem", server_cert.pem()),
         ("server-key.pem", server_key.serialize_pem()),
         ("client.pem", client_cert.pem()),
         ("client-key.pem", client_key.serialize_pem()),
+        ("node.pem", node_cert.pem()),
+        ("node-key.pem", node_key.serialize_pem()),
     ];
     let mut written = Vec::new();
     for (name, pem) in files {

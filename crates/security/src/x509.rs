@@ -7,8 +7,10 @@ const OID: u8 = 0x06;
 const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
 const OID_O: &[u8] = &[0x55, 0x04, 0x0A];
 
-/// A subject's common names and organisations, in order.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// A subject's common names and organisations, in order. Serialized (camelCase) when one
+/// node forwards a caller's certificate to another (docs/postgres.md).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Subject {
     pub common_names: Vec<String>,
     pub organizations: Vec<String>,

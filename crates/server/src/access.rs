@@ -499,10 +499,31 @@ async fn admit<S: EventStore>(
     let address = connection
         .and_then(|c| c.peer)
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
-    let certificate = connection.and_then(|c| c.certificate.clone());
+    let mut certificate = connection.and_then(|c| c.certificate.clone());
+    // A request another node forwarded names its caller by the caller's own credentials,
+    // never by the node's certificate (docs/postgres.md, "Nodes that know one another").
+    let from_node = request
+        .headers()
+        .contains_key(crate::coordination::FORWARDED_HEADER)
+        && certificate
+            .as_deref()
+            .is_some_and(|subject| app.coordination.is_node(subject));
+    if from_node {
+        certificate = match crate::coordination::forwarded_certificate(request.headers()) {
+            Ok(subject) => subject.map(Arc::new),
+            Err(detail) => {
+                return Err(Refused::Problem(Problem::unauthenticated(
+                    "certificate",
+                    detail,
+                )));
+            }
+        };
+    }
     let path = request.uri().path();
     let public = is_public(path, request.method(), security.public_metrics());
+    // The forwarding node took the caller's address's token already.
     if !path.starts_with("/health/")
+        && !from_node
         && let Err(wait) = security.limit_address(address)
     {
         return Err(Refused::Problem(Problem::rate_limited(

@@ -7,24 +7,34 @@
 //! and sagas to the owner's address, with the caller's own credentials, so that a client may
 //! use any node; the owner authenticates and authorizes the request again.
 
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderValue, Uri, Version, header};
+use axum::http::{HeaderMap, HeaderValue, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skald_core::{Error, EventStore, Result};
+use skald_security::x509::Subject;
 
+use crate::listener::Connection;
 use crate::{Groups, MAX_POLL_WAIT, Problem, Sagas};
 
 /// Set on a request one node forwards to another; a node that receives one and does not own
 /// the groups answers 503 instead of forwarding it again, so that two nodes that disagree
 /// about the owner for a moment cannot pass a request back and forth.
 pub const FORWARDED_HEADER: &str = "skald-forwarded-by";
+
+/// Set by a follower on a request it forwards for a caller that showed it a client
+/// certificate: that certificate's subject, which the owner takes as the caller only from a
+/// node it knows (docs/postgres.md, "Nodes that know one another").
+pub const FORWARDED_CERTIFICATE: &str = "skald-forwarded-certificate";
 
 /// How long a forwarded request waits for a connection to the owner.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -94,6 +104,19 @@ pub struct Coordination<S> {
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// One permit per WebSocket group consumer relayed to the owner.
     relays: Arc<tokio::sync::Semaphore>,
+    /// The certificate CNs that are nodes (`[cluster] nodes`).
+    nodes: Vec<String>,
+}
+
+/// How a node of a shared store reaches and recognises the others (`[cluster]`).
+#[derive(Clone, Copy, Default)]
+pub struct Peers<'a> {
+    /// PEM roots trusted for other nodes' `https://` addresses (default: the system's).
+    pub ca_file: Option<&'a Path>,
+    /// This node's client certificate and key, shown to the nodes it forwards to.
+    pub identity: Option<(&'a Path, &'a Path)>,
+    /// The CNs of client certificates that are nodes.
+    pub nodes: &'a [String],
 }
 
 /// Most WebSocket group consumers one node relays to the owner at once: each is a connection
@@ -118,15 +141,17 @@ impl<S: EventStore> Coordination<S> {
             clients: None,
             tls: None,
             relays: Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS)),
+            nodes: Vec::new(),
         })
     }
 
     /// A node of a shared store, at `address`, following until it is given a term with
-    /// [`Coordination::own`]. Owners reached over `https://` are trusted by the PEM roots of
-    /// `ca_file`, or the system's.
-    pub fn shared(address: String, ca_file: Option<&std::path::Path>) -> Result<Arc<Self>> {
-        let tls = skald_security::tls::client_config(ca_file, None)
-            .map_err(|e| Error::InvalidConfig(format!("[cluster] ca_file: {e}")))?;
+    /// [`Coordination::own`], reaching and recognising the other nodes as `peers` says.
+    pub fn shared(address: String, peers: Peers<'_>) -> Result<Arc<Self>> {
+        let tls =
+            skald_security::tls::client_config(peers.ca_file, peers.identity).map_err(|e| {
+                Error::InvalidConfig(format!("[cluster] ca_file, cert_file or key_file: {e}"))
+            })?;
         let client = |http2: bool| {
             let mut connector = HttpConnector::new();
             connector.set_nodelay(true);
@@ -160,6 +185,7 @@ impl<S: EventStore> Coordination<S> {
             clients: Some((client(false), client(true))),
             tls: Some(Arc::new(tls)),
             relays: Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS)),
+            nodes: peers.nodes.to_vec(),
         }))
     }
 
@@ -225,6 +251,18 @@ impl<S: EventStore> Coordination<S> {
         }))
     }
 
+    /// Whether a verified client certificate with this subject is another node's: exactly one
+    /// readable CN, named in `[cluster] nodes`.
+    pub(crate) fn is_node(&self, subject: &Subject) -> bool {
+        match (
+            &subject.common_names[..],
+            &subject.unreadable_common_names[..],
+        ) {
+            ([name], []) => self.nodes.iter().any(|node| node == name),
+            _ => false,
+        }
+    }
+
     /// The TLS settings for owners reached over `https://`.
     pub(crate) fn tls(&self) -> Option<Arc<tokio_rustls::rustls::ClientConfig>> {
         self.tls.clone()
@@ -268,6 +306,10 @@ impl<S: EventStore> Coordination<S> {
         let Some((http1, http2)) = &self.clients else {
             return unreachable_owner(grpc, "is another node, and this one forwards nothing");
         };
+        let certificate = request
+            .extensions()
+            .get::<Connection>()
+            .and_then(|c| c.certificate.clone());
         let target = request
             .uri()
             .path_and_query()
@@ -301,6 +343,7 @@ impl<S: EventStore> Coordination<S> {
             headers.remove(hop);
         }
         headers.remove("keep-alive");
+        set_certificate(headers, certificate.as_deref());
         headers.insert(
             FORWARDED_HEADER,
             HeaderValue::from_str(self.address.as_deref().unwrap_or("unknown"))
@@ -333,6 +376,41 @@ impl<S: EventStore> Coordination<S> {
             }
         }
     }
+}
+
+/// Sets [`FORWARDED_CERTIFICATE`] on a request forwarded for a caller that showed this node
+/// the client certificate `certificate`, unless the request authenticates by its
+/// `Authorization` header; whatever the client put there itself is never passed on.
+pub(crate) fn set_certificate(headers: &mut HeaderMap, certificate: Option<&Subject>) {
+    headers.remove(FORWARDED_CERTIFICATE);
+    if let Some(subject) = certificate
+        && !headers.contains_key(header::AUTHORIZATION)
+    {
+        let json = serde_json::to_vec(subject).expect("a subject serializes");
+        let value = URL_SAFE_NO_PAD.encode(json);
+        headers.insert(
+            FORWARDED_CERTIFICATE,
+            HeaderValue::from_str(&value).expect("base64 is a header value"),
+        );
+    }
+}
+
+/// The subject a node forwarded in [`FORWARDED_CERTIFICATE`], or why it cannot be read.
+pub(crate) fn forwarded_certificate(
+    headers: &HeaderMap,
+) -> std::result::Result<Option<Subject>, String> {
+    let Some(value) = headers.get(FORWARDED_CERTIFICATE) else {
+        return Ok(None);
+    };
+    let unreadable = |why: String| {
+        format!("the {FORWARDED_CERTIFICATE} header another node sent cannot be read: {why}")
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(value.as_bytes())
+        .map_err(|e| unreadable(e.to_string()))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| unreadable(e.to_string()))
 }
 
 /// How long a forwarded request may wait for its answer beyond [`ANSWER_TIMEOUT`]: a
@@ -399,8 +477,40 @@ fn elsewhere(owner: Option<&str>) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_coordinated, poll_wait};
+    use super::{
+        FORWARDED_CERTIFICATE, HeaderMap, HeaderValue, Subject, forwarded_certificate,
+        is_coordinated, poll_wait, set_certificate,
+    };
     use std::time::Duration;
+
+    #[test]
+    fn a_callers_certificate_crosses_to_the_owner_whole_and_replaces_a_clients_own() {
+        let subject = Subject {
+            common_names: vec!["Zoë, ops".into()],
+            organizations: vec!["admin".into(), "auditors".into()],
+            unreadable_common_names: vec![],
+            not_after: Some(1_900_000_000),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(FORWARDED_CERTIFICATE, HeaderValue::from_static("forged"));
+        set_certificate(&mut headers, Some(&subject));
+        assert_eq!(forwarded_certificate(&headers), Ok(Some(subject.clone())));
+        // No certificate: whatever the client sent is removed.
+        headers.insert(FORWARDED_CERTIFICATE, HeaderValue::from_static("forged"));
+        set_certificate(&mut headers, None);
+        assert_eq!(forwarded_certificate(&headers), Ok(None));
+        // A caller that authenticates by its Authorization header is that header's.
+        headers.insert("authorization", HeaderValue::from_static("Bearer x"));
+        headers.insert(FORWARDED_CERTIFICATE, HeaderValue::from_static("forged"));
+        set_certificate(&mut headers, Some(&subject));
+        assert_eq!(forwarded_certificate(&headers), Ok(None));
+        // Unreadable: base64 that is not a subject, and not base64 at all.
+        for bad in ["e30", "not base64!", "eyJjb21tb25OYW1lcyI6W10sIngiOjF9"] {
+            headers.insert(FORWARDED_CERTIFICATE, HeaderValue::from_static(bad));
+            let err = forwarded_certificate(&headers).unwrap_err();
+            assert!(err.contains(FORWARDED_CERTIFICATE), "{err}");
+        }
+    }
 
     #[test]
     fn a_forwarded_long_poll_may_wait_as_long_as_any_poll() {

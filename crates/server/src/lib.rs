@@ -32,7 +32,7 @@ use skald_core::{
     Tag,
 };
 
-pub use coordination::{Coordination, Role};
+pub use coordination::{Coordination, Peers, Role};
 pub use problem::Problem;
 pub use sagas::SagaAuthority;
 pub use skald_hub::{Groups, Hub};

@@ -21,8 +21,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::Problem;
 use crate::coordination::{
-    ANSWER_TIMEOUT, CONNECT_TIMEOUT, Coordination, FORWARDED_HEADER, PING, RelayTo,
+    ANSWER_TIMEOUT, CONNECT_TIMEOUT, Coordination, FORWARDED_HEADER, PING, RelayTo, set_certificate,
 };
+use skald_security::x509::Subject;
 
 /// How long the owner's socket may stay silent (pings are answered) before the relay gives
 /// the owner up: an owner cut off from this node closes nothing.
@@ -52,6 +53,8 @@ pub(crate) struct Join {
     pub to: RelayTo,
     /// The `Authorization` header the client's socket was opened with.
     pub authorization: Option<HeaderValue>,
+    /// The client certificate the client's socket was opened with.
+    pub certificate: Option<Arc<Subject>>,
     /// The subscription's id on the client's socket, and on the owner's.
     pub id: String,
     /// The client's `subscribe` message.
@@ -76,6 +79,7 @@ pub(crate) async fn relay<S: EventStore, T>(
     let Join {
         to,
         authorization,
+        certificate,
         id,
         subscribe,
     } = join;
@@ -87,7 +91,16 @@ pub(crate) async fn relay<S: EventStore, T>(
     let joined = tokio::select! {
         joined = tokio::time::timeout(
             CONNECT_TIMEOUT + ANSWER_TIMEOUT,
-            open(&coordination, &owner, authorization.as_ref(), &id, &subscribe),
+            open(
+                &coordination,
+                &owner,
+                Caller {
+                    authorization: authorization.as_ref(),
+                    certificate: certificate.as_deref(),
+                },
+                &id,
+                &subscribe,
+            ),
         ) => joined.unwrap_or_else(|_| Err(gone("did not answer in time"))),
         _ = changes.changed() => Err(gone("is no longer the owner")),
     };
@@ -180,11 +193,11 @@ pub(crate) async fn relay<S: EventStore, T>(
 async fn open<S: EventStore>(
     coordination: &Coordination<S>,
     owner: &str,
-    authorization: Option<&HeaderValue>,
+    caller: Caller<'_>,
     id: &str,
     subscribe: &Value,
 ) -> Result<Result<Upstream, Value>, Problem> {
-    let mut upstream = connect(coordination, owner, authorization).await?;
+    let mut upstream = connect(coordination, owner, caller).await?;
     if upstream
         .send(Message::Text(subscribe.to_string().into()))
         .await
@@ -215,11 +228,18 @@ async fn open<S: EventStore>(
     }
 }
 
+/// The credentials the client's socket was opened with.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    authorization: Option<&'a HeaderValue>,
+    certificate: Option<&'a Subject>,
+}
+
 /// Opens the WebSocket to the owner at `owner` (`http://host:port` or `https://…`).
 async fn connect<S: EventStore>(
     coordination: &Coordination<S>,
     owner: &str,
-    authorization: Option<&HeaderValue>,
+    caller: Caller<'_>,
 ) -> Result<Upstream, Problem> {
     let not_a_url = || {
         tracing::error!(
@@ -248,9 +268,10 @@ async fn connect<S: EventStore>(
         .into_client_request()
         .map_err(|_| not_a_url())?;
     let headers = request.headers_mut();
-    if let Some(authorization) = authorization {
+    if let Some(authorization) = caller.authorization {
         headers.insert(header::AUTHORIZATION, authorization.clone());
     }
+    set_certificate(headers, caller.certificate);
     headers.insert(
         FORWARDED_HEADER,
         HeaderValue::from_str(coordination.address().unwrap_or("unknown"))

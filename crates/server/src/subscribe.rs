@@ -486,11 +486,13 @@ pub(crate) async fn websocket<S: EventStore>(
     State(app): State<App<S>>,
     caller: Caller,
     headers: HeaderMap,
+    connection: Option<axum::Extension<Connection>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     // Kept for a group consumer relayed to the node that runs the groups (crate::relay).
     let upstream = Upstream {
         authorization: headers.get(header::AUTHORIZATION).cloned(),
+        certificate: connection.and_then(|c| c.certificate.clone()),
         forwarded: headers.contains_key(crate::coordination::FORWARDED_HEADER),
     };
     // Clients send small control messages. tungstenite zero-fills its whole read buffer on
@@ -522,6 +524,7 @@ fn close_message(code: u16, reason: &str) -> Message {
 /// not: the caller's credentials, and whether the socket was itself opened by such a relay.
 struct Upstream {
     authorization: Option<HeaderValue>,
+    certificate: Option<Arc<skald_security::x509::Subject>>,
     forwarded: bool,
 }
 
@@ -887,6 +890,7 @@ impl<S: EventStore> Session<S> {
         let join = crate::relay::Join {
             to,
             authorization: self.upstream.authorization.clone(),
+            certificate: self.upstream.certificate.clone(),
             subscribe: json!({"type": "subscribe", "id": id, "group": group,
                               "prefetch": prefetch, "consumer": consumer}),
             id: id.clone(),
