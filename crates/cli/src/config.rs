@@ -105,6 +105,37 @@ impl ClusterConfig {
                  certificate"
             );
         }
+        if let Some(cert) = self.cert_file.as_deref().filter(|_| !self.nodes.is_empty()) {
+            let subject = skald_security::tls::certificate_subject(cert, "[cluster] cert_file")
+                .map_err(|e| anyhow::anyhow!("config {e}"))?;
+            let named = match (
+                &subject.common_names[..],
+                &subject.unreadable_common_names[..],
+            ) {
+                ([name], []) => self.nodes.contains(name),
+                _ => false,
+            };
+            if !named {
+                anyhow::bail!(
+                    "config [cluster]: cert_file {} has the CNs {:?}, and nodes must hold its one \
+                     CN: the other nodes recognise this one by it",
+                    cert.display(),
+                    subject.common_names
+                );
+            }
+            let roles: Vec<&String> = subject
+                .organizations
+                .iter()
+                .filter(|o| skald_security::rules::check_role(o).is_ok())
+                .collect();
+            if !roles.is_empty() {
+                anyhow::bail!(
+                    "config [cluster]: cert_file {} gives the roles {roles:?} (its O): a node's \
+                     certificate must carry none, since shown directly it names a caller",
+                    cert.display()
+                );
+            }
+        }
         if self.cert_file.is_some() && auth.mtls && self.nodes.is_empty() {
             anyhow::bail!(
                 "config [cluster]: cert_file with [auth] mtls = true needs nodes, the CNs of \
@@ -392,6 +423,39 @@ mod tests {
             .validate(None, &skald_security::AuthConfig::default())
             .unwrap();
         assert_eq!(cluster.address(any, "http"), "http://node-1.internal:7340");
+    }
+
+    #[test]
+    fn a_nodes_own_certificate_must_be_named_in_nodes_and_give_no_roles() {
+        let dir = tempfile::tempdir().unwrap();
+        skald_security::tls::write_dev_certificates(dir.path()).unwrap();
+        let tls = skald_security::TlsConfig {
+            cert_file: dir.path().join("server.pem"),
+            key_file: dir.path().join("server-key.pem"),
+            client_ca_file: Some(dir.path().join("ca.pem")),
+            crl_file: None,
+        };
+        let auth = skald_security::AuthConfig {
+            mtls: true,
+            ..Default::default()
+        };
+        let check = |cert: &str, nodes: &[&str]| {
+            ClusterConfig {
+                cert_file: Some(dir.path().join(format!("{cert}.pem"))),
+                key_file: Some(dir.path().join(format!("{cert}-key.pem"))),
+                nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+                ..ClusterConfig::default()
+            }
+            .validate(Some(&tls), &auth)
+            .map_err(|e| e.to_string())
+        };
+        check("node", &["skald-node"]).unwrap();
+        let err = check("node", &["skald-nodes"]).unwrap_err();
+        assert!(err.contains("must hold its one CN"), "{err}");
+        let err = check("client", &["dev-client"]).unwrap_err();
+        assert!(err.contains("roles [\"admin\"]"), "{err}");
+        let err = check("missing", &["skald-node"]).unwrap_err();
+        assert!(err.contains("[cluster] cert_file"), "{err}");
     }
 
     #[test]

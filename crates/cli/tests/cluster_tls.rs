@@ -221,6 +221,22 @@ async fn nodes_that_know_one_another_forward_callers_authenticated_by_certificat
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 
+    // The gRPC API too, through the same node.
+    let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
+    let grpc = skald_client::Client::connect_with(
+        follower,
+        skald_client::ClientOptions {
+            ca_certificate_pem: Some(read("ca.pem")),
+            client_identity_pem: Some((read("client.pem"), read("client-key.pem"))),
+            tls_domain: Some("localhost".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let info = grpc.group("ledger").await.expect("GetGroup forwarded");
+    assert_eq!(info.name, "ledger");
+
     // A WebSocket consumer of the caller's, on the node that does not run the group, is
     // relayed to the owner with the caller's certificate and receives the event.
     let mut ws = client.websocket(follower).await;
@@ -283,8 +299,24 @@ async fn nodes_that_know_one_another_forward_callers_authenticated_by_certificat
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["reason"], "certificate", "{body}");
-    // From a caller that is not a node the header means nothing: naming a caller with no
-    // roles does not make the admin one, and naming an admin would not make a caller one.
+    // So is one that has expired.
+    let expired = base64_json(json!({"commonNames": ["dev-client"], "organizations": ["admin"],
+                                     "unreadableCommonNames": [], "notAfter": 1_000_000_000}));
+    let (status, body) = node
+        .call(
+            owner,
+            Method::GET,
+            "/v1/groups/ledger",
+            &[forwarded_by, ("skald-forwarded-certificate", &expired)],
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("expired"), "{body}");
+    // From a caller that is not a node the header is not believed, and a request that says
+    // it was forwarded is not named by its connection's certificate either: the admin naming
+    // a caller with no roles is neither, and is refused (had the header been believed, the
+    // answer would have been 403; had the connection's certificate named it, 200).
     let nobody = base64_json(json!({"commonNames": ["nobody"], "organizations": [],
                                     "unreadableCommonNames": [], "notAfter": null}));
     let (status, body) = client
@@ -296,7 +328,8 @@ async fn nodes_that_know_one_another_forward_callers_authenticated_by_certificat
             Value::Null,
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["reason"], "missing", "{body}");
     // Sent through the follower, a client's own header is replaced by its real certificate.
     let (status, body) = client
         .call(

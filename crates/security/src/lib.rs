@@ -178,7 +178,8 @@ const WRONG_SECRETS: ratelimit::Bucket = ratelimit::Bucket {
 /// Argon2 verifications at once.
 const HASHES_AT_ONCE: usize = 2;
 
-fn now_s() -> i64 {
+/// Seconds since the Unix epoch, as credentials' expiry times are given.
+pub fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

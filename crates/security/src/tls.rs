@@ -50,6 +50,17 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, S
     Ok(certs)
 }
 
+/// The subject of the first certificate in the PEM file at `path` (`what` names it in errors).
+pub fn certificate_subject(path: &Path, what: &str) -> Result<crate::x509::Subject, String> {
+    let certs = read_certs(path, what)?;
+    crate::x509::subject(&certs[0]).ok_or_else(|| {
+        format!(
+            "{what} {} has no subject this reader can read",
+            path.display()
+        )
+    })
+}
+
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
         format!(
@@ -106,11 +117,7 @@ fn out_of_date(leaf: &CertificateDer<'_>, path: &Path, now: i64) -> Option<Strin
     }
 }
 
-fn now_s() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+use crate::now_s;
 
 /// A private key file others may read or change: worth a warning, not a refusal (container
 /// platforms often mount secrets 0644).

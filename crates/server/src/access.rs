@@ -201,6 +201,13 @@ impl Caller {
             .and_then(|p| serde_json::to_value(&**p).ok())
     }
 
+    /// Whether the caller was named by its client certificate.
+    pub fn by_certificate(&self) -> bool {
+        self.principal
+            .as_ref()
+            .is_some_and(|p| p.method == skald_security::Method::Certificate)
+    }
+
     /// Counts a request that did not pass the guard (a relayed WebSocket join) against the
     /// caller's rate limit.
     pub fn limit<S: EventStore>(
@@ -271,12 +278,9 @@ impl<S: EventStore> Recheck<S> {
             return Ok(());
         };
         let generation = self.security.access_generation();
-        let expiring = principal.expires_at.is_some_and(|at| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64)
-                >= at
-        });
+        let expiring = principal
+            .expires_at
+            .is_some_and(|at| skald_security::now_s() >= at);
         if self.seen == Some(generation) && !expiring {
             return Ok(());
         }
@@ -501,23 +505,35 @@ async fn admit<S: EventStore>(
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
     let mut certificate = connection.and_then(|c| c.certificate.clone());
     // A request another node forwarded names its caller by the caller's own credentials,
-    // never by the node's certificate (docs/postgres.md, "Nodes that know one another").
-    let from_node = request
+    // never by the certificate of the connection it came on: a node's is not the caller's,
+    // and one that is not a node's did not forward it (docs/postgres.md, "Nodes that know
+    // one another").
+    let forwarded = request
         .headers()
-        .contains_key(crate::coordination::FORWARDED_HEADER)
+        .contains_key(crate::coordination::FORWARDED_HEADER);
+    let from_node = forwarded
         && certificate
             .as_deref()
             .is_some_and(|subject| app.coordination.is_node(subject));
+    if forwarded {
+        certificate = None;
+    }
     if from_node {
-        certificate = match crate::coordination::forwarded_certificate(request.headers()) {
-            Ok(subject) => subject.map(Arc::new),
-            Err(detail) => {
-                return Err(Refused::Problem(Problem::unauthenticated(
-                    "certificate",
-                    detail,
-                )));
+        let refused = |detail| Refused::Problem(Problem::unauthenticated("certificate", detail));
+        match crate::coordination::forwarded_certificate(request.headers()) {
+            Ok(Some(subject)) => {
+                let now = skald_security::now_s();
+                if let Some(after) = subject.not_after.filter(|after| *after < now) {
+                    return Err(refused(format!(
+                        "the client certificate another node forwarded expired at {}",
+                        skald_security::x509::format_time(after)
+                    )));
+                }
+                certificate = Some(Arc::new(subject));
             }
-        };
+            Ok(None) => {}
+            Err(detail) => return Err(refused(detail)),
+        }
     }
     let path = request.uri().path();
     let public = is_public(path, request.method(), security.public_metrics());

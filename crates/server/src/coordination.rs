@@ -306,10 +306,16 @@ impl<S: EventStore> Coordination<S> {
         let Some((http1, http2)) = &self.clients else {
             return unreachable_owner(grpc, "is another node, and this one forwards nothing");
         };
+        // Passed on only for a caller this node named by its certificate.
+        let by_certificate = request
+            .extensions()
+            .get::<crate::access::Caller>()
+            .is_some_and(|caller| caller.by_certificate());
         let certificate = request
             .extensions()
             .get::<Connection>()
-            .and_then(|c| c.certificate.clone());
+            .and_then(|c| c.certificate.clone())
+            .filter(|_| by_certificate);
         let target = request
             .uri()
             .path_and_query()
@@ -378,9 +384,9 @@ impl<S: EventStore> Coordination<S> {
     }
 }
 
-/// Sets [`FORWARDED_CERTIFICATE`] on a request forwarded for a caller that showed this node
-/// the client certificate `certificate`, unless the request authenticates by its
-/// `Authorization` header; whatever the client put there itself is never passed on.
+/// Sets [`FORWARDED_CERTIFICATE`] on a request forwarded for a caller this node named by the
+/// client certificate `certificate`, unless the request carries an `Authorization` header;
+/// whatever the client put there itself is never passed on.
 pub(crate) fn set_certificate(headers: &mut HeaderMap, certificate: Option<&Subject>) {
     headers.remove(FORWARDED_CERTIFICATE);
     if let Some(subject) = certificate

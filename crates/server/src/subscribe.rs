@@ -492,7 +492,10 @@ pub(crate) async fn websocket<S: EventStore>(
     // Kept for a group consumer relayed to the node that runs the groups (crate::relay).
     let upstream = Upstream {
         authorization: headers.get(header::AUTHORIZATION).cloned(),
-        certificate: connection.and_then(|c| c.certificate.clone()),
+        // Passed on only for a caller named by its certificate.
+        certificate: connection
+            .and_then(|c| c.certificate.clone())
+            .filter(|_| caller.by_certificate()),
         forwarded: headers.contains_key(crate::coordination::FORWARDED_HEADER),
     };
     // Clients send small control messages. tungstenite zero-fills its whole read buffer on
