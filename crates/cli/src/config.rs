@@ -327,6 +327,12 @@ pub fn merge(
     file.cluster.validate(file.tls.as_ref(), &file.auth)?;
     skald_saga::egress::Egress::new(&sagas.egress)
         .map_err(|e| anyhow::anyhow!("config [sagas.egress] {e}"))?;
+    // Read now, so that a bad file stops the start instead of every saga engine's start (on a
+    // shared store, every term's).
+    if let Some(ca) = &sagas.ca_file {
+        skald_security::tls::client_config(Some(ca), None)
+            .map_err(|e| anyhow::anyhow!("config [sagas] ca_file: {e}"))?;
+    }
     let durability = flag_durability.or(file.durability).unwrap_or_default();
     let postgres_url = match (flag_store, s.backend, s.postgres_url) {
         (Some(url), _, _) => Some(url),
@@ -553,6 +559,11 @@ mod tests {
         );
         let err = refused("[rate_limit]\nper_address = { rate = 0, burst = 1 }\n");
         assert!(err.contains("per_address"), "{err}");
+        let err = refused("[sagas]\nca_file = \"/no/such/ca.pem\"\n");
+        assert!(
+            err.contains("[sagas] ca_file") && err.contains("/no/such/ca.pem"),
+            "{err}"
+        );
         let err = refused("[cluster]\nlease_ms = 100\n");
         assert!(err.contains("lease_ms is 100"), "{err}");
         let err = refused("[cluster]\ncert_file = \"node.pem\"\n");

@@ -300,8 +300,10 @@ async fn nodes_that_know_one_another_forward_callers_authenticated_by_certificat
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["reason"], "certificate", "{body}");
     // So is one that has expired.
-    let expired = base64_json(json!({"commonNames": ["dev-client"], "organizations": ["admin"],
-                                     "unreadableCommonNames": [], "notAfter": 1_000_000_000}));
+    let expired = base64_json(
+        json!({"commonNames": ["dev-client"], "organizations": ["admin"],
+                                     "unreadableCommonNames": [], "notAfter": 1_000_000_000}),
+    );
     let (status, body) = node
         .call(
             owner,
@@ -312,7 +314,10 @@ async fn nodes_that_know_one_another_forward_callers_authenticated_by_certificat
         )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    assert!(body["detail"].as_str().unwrap().contains("expired"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
     // From a caller that is not a node the header is not believed, and a request that says
     // it was forwarded is not named by its connection's certificate either: the admin naming
     // a caller with no roles is neither, and is refused (had the header been believed, the

@@ -1,10 +1,12 @@
 //! Running one attempt of a step's action: an HTTP call, an append, or a wait for an event.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -140,22 +142,30 @@ impl Failure {
     }
 }
 
-/// The HTTP client steps call targets with: keep-alive connections, pooled per host, every
-/// resolved address checked against the egress policy.
+/// The HTTP client steps call targets with: `http://` and `https://`, keep-alive connections,
+/// pooled per host, every resolved address checked against the egress policy.
 pub struct HttpClient {
-    client: Client<HttpConnector<EgressResolver>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector<EgressResolver>>, Full<Bytes>>,
     egress: Arc<Egress>,
 }
 
-/// A client for saga steps.
-pub fn http_client(egress: Arc<Egress>) -> HttpClient {
+/// A client for saga steps. `https://` targets are trusted by the PEM roots of `ca_file`, or
+/// by the system's; the error says what is wrong with `ca_file`.
+pub fn http_client(egress: Arc<Egress>, ca_file: Option<&Path>) -> Result<HttpClient, String> {
+    let tls = skald_security::tls::client_config(ca_file, None)?;
     let mut connector = HttpConnector::new_with_resolver(EgressResolver::new(Arc::clone(&egress)));
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
-    HttpClient { client, egress }
+    Ok(HttpClient { client, egress })
 }
 
 fn render_text(text: &str, context: &Value) -> Result<String, Failure> {

@@ -438,7 +438,8 @@ impl<S: EventStore> Sagas<S> {
         let inner = Arc::new(Inner {
             running: Arc::new(Semaphore::new(options.max_running)),
             breakers: Breakers::new(options.breaker.clone()),
-            http: actions::http_client(Arc::new(egress)),
+            http: actions::http_client(Arc::new(egress), options.ca_file.as_deref())
+                .map_err(|e| Error::InvalidConfig(format!("[sagas] ca_file: {e}")))?,
             hub,
             options,
             clock,

@@ -45,6 +45,9 @@ pub struct SagaOptions {
     pub breaker: BreakerSettings,
     /// Where `http` steps may connect beyond the public internet.
     pub egress: EgressPolicy,
+    /// PEM roots trusted for `https://` step targets, instead of the system's (for targets
+    /// whose certificates a private CA signs).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Finished instances kept in memory for listings, newest first; older ones are read from
     /// their stream when asked for by id, and only counted. Memory then grows with the
     /// instances running, not with history.
@@ -62,6 +65,7 @@ impl Default for SagaOptions {
             max_starts_per_second: 1000,
             breaker: BreakerSettings::default(),
             egress: EgressPolicy::default(),
+            ca_file: None,
             keep_finished: 10_000,
             checkpoint_every: Duration::from_secs(1),
         }

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -33,7 +34,7 @@ steps:
     action: {{http: {{method: POST, url: "{base}/ship"}}}}
     compensation: {{http: {{method: POST, url: "{base}/unship"}}}}
 {extra}"#,
-        base = format!("http://{}", target.addr)
+        base = target.url("")
     )
 }
 
@@ -100,6 +101,74 @@ async fn the_happy_path_runs_every_step_once_with_stable_idempotency_keys() {
     });
     assert_eq!(listed.len(), 1);
     engine.stop().await;
+}
+
+#[tokio::test]
+async fn steps_call_https_targets_trusted_by_the_configured_ca_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    skald_security::tls::write_dev_certificates(&certs).unwrap();
+    let target = Target::start_tls(&certs).await;
+    assert!(target.url("").starts_with("https://127.0.0.1:"));
+    let options = SagaOptions {
+        ca_file: Some(certs.join("ca.pem")),
+        ..SagaOptions::default()
+    };
+    let engine = Engine::open(&dir.path().join("trusting"), options).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    place_order(&engine, "o-1").await;
+    let h = engine.wait_for("order", "o-1", "completed").await;
+    assert_eq!(
+        target.routes(),
+        ["POST /reserve", "POST /charge", "POST /ship"]
+    );
+    let id = h.summary.saga_id.clone();
+    assert_eq!(
+        target.calls()[0].idempotency_key.as_deref(),
+        Some(format!("{id}:reserve:action").as_str())
+    );
+    engine.stop().await;
+
+    // With the system's roots, which do not hold the private CA, no request reaches the
+    // target: the step fails as a connection failure, and the saga is compensated.
+    let engine = Engine::open(&dir.path().join("distrusting"), SagaOptions::default()).await;
+    engine
+        .sagas
+        .register(&order_saga(&target, ""))
+        .await
+        .unwrap();
+    place_order(&engine, "o-2").await;
+    let h = engine.wait_for("order", "o-2", "compensated").await;
+    assert_eq!(target.routes().len(), 3, "{:?}", target.routes());
+    let error = h.summary.last_error.clone().unwrap_or_default();
+    assert!(error.contains("certificate"), "{error}");
+    engine.stop().await;
+
+    // A CA file that cannot be read stops the engine from starting, and says which.
+    let store = skald_storage::Store::open(skald_storage::Options {
+        data_dir: dir.path().join("unstarted"),
+        ..skald_storage::Options::default()
+    })
+    .unwrap()
+    .0;
+    let hub = skald_hub::Hub::start(Arc::new(store), skald_hub::HubOptions::default());
+    let options = SagaOptions {
+        ca_file: Some(dir.path().join("no-such-ca.pem")),
+        ..SagaOptions::default()
+    };
+    let Err(e) =
+        skald_saga::Sagas::start(hub.clone(), options, Arc::new(skald_saga::WallClock)).await
+    else {
+        panic!("started with a CA file that does not exist");
+    };
+    assert!(e.to_string().contains("[sagas] ca_file"), "{e}");
+    assert!(e.to_string().contains("no-such-ca.pem"), "{e}");
+    hub.shutdown();
+    hub.stopped().await;
 }
 
 #[tokio::test]

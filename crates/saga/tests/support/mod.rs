@@ -69,36 +69,81 @@ struct Script {
 pub struct Target {
     pub addr: SocketAddr,
     script: Arc<Mutex<Script>>,
+    scheme: &'static str,
 }
 
 impl Target {
+    /// A target over plain HTTP.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A target over HTTPS with `server.pem` and `server-key.pem` of `certs` (as `skald certs
+    /// dev` writes them: for 127.0.0.1 and localhost, signed by `ca.pem`).
+    pub async fn start_tls(certs: &Path) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(certs.join("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(certs.join("server-key.pem")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let script = Arc::new(Mutex::new(Script::default()));
         let shared = Arc::clone(&script);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
                     return;
                 };
                 let script = Arc::clone(&shared);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let script = Arc::clone(&script);
                         async move { Ok::<_, Infallible>(answer(&script, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                                .await
+                        }
+                        Some(tls) => {
+                            // A client that refuses the certificate ends the handshake.
+                            let Ok(socket) = tls.accept(socket).await else {
+                                return;
+                            };
+                            http.serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                                .await
+                        }
+                    };
                 });
             }
         });
-        Self { addr, script }
+        Self {
+            addr,
+            script,
+            scheme,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// Queues answers for a route, given before the fixed one.
