@@ -429,7 +429,21 @@ where
             match app.coordination.route(&request) {
                 crate::coordination::Route::Local => {}
                 crate::coordination::Route::Forward(owner) => {
-                    let response = app.coordination.forward(request, &owner, grpc).await;
+                    // Passed on only for a caller this node named by its certificate.
+                    let certificate = request
+                        .extensions()
+                        .get::<Connection>()
+                        .and_then(|c| c.certificate.clone())
+                        .filter(|_| {
+                            request
+                                .extensions()
+                                .get::<Caller>()
+                                .is_some_and(Caller::by_certificate)
+                        });
+                    let response = app
+                        .coordination
+                        .forward(request, &owner, grpc, certificate.as_deref())
+                        .await;
                     return Ok(finish(response, &app, origin));
                 }
                 crate::coordination::Route::Refuse(problem) => {

@@ -23,7 +23,6 @@ use hyper_util::rt::TokioExecutor;
 use skald_core::{Error, EventStore, Result};
 use skald_security::x509::Subject;
 
-use crate::listener::Connection;
 use crate::{Groups, MAX_POLL_WAIT, Problem, Sagas};
 
 /// Set on a request one node forwards to another; a node that receives one and does not own
@@ -301,21 +300,18 @@ impl<S: EventStore> Coordination<S> {
     }
 
     /// Sends `request` to the owner at `owner` and returns its answer, streamed (a long-poll,
-    /// an SSE stream or a gRPC stream flows through as it comes).
-    pub(crate) async fn forward(&self, mut request: Request, owner: &str, grpc: bool) -> Response {
+    /// an SSE stream or a gRPC stream flows through as it comes). `certificate` is the client
+    /// certificate that named the caller, if one did.
+    pub(crate) async fn forward(
+        &self,
+        mut request: Request,
+        owner: &str,
+        grpc: bool,
+        certificate: Option<&Subject>,
+    ) -> Response {
         let Some((http1, http2)) = &self.clients else {
             return unreachable_owner(grpc, "is another node, and this one forwards nothing");
         };
-        // Passed on only for a caller this node named by its certificate.
-        let by_certificate = request
-            .extensions()
-            .get::<crate::access::Caller>()
-            .is_some_and(|caller| caller.by_certificate());
-        let certificate = request
-            .extensions()
-            .get::<Connection>()
-            .and_then(|c| c.certificate.clone())
-            .filter(|_| by_certificate);
         let target = request
             .uri()
             .path_and_query()
@@ -349,7 +345,7 @@ impl<S: EventStore> Coordination<S> {
             headers.remove(hop);
         }
         headers.remove("keep-alive");
-        set_certificate(headers, certificate.as_deref());
+        set_certificate(headers, certificate);
         headers.insert(
             FORWARDED_HEADER,
             HeaderValue::from_str(self.address.as_deref().unwrap_or("unknown"))
