@@ -342,7 +342,7 @@ impl<'a> From<&'a SourceSpec> for Scope<'a> {
 
 fn is_public(path: &str, method: &Method, public_metrics: bool) -> bool {
     if method == Method::POST {
-        return crate::grpc::is_public(path);
+        return is_public_grpc(path);
     }
     method == Method::GET
         && (matches!(path, "/health/live" | "/health/ready" | "/v1/openapi.json")
@@ -409,7 +409,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let grpc = crate::grpc::is_grpc(request.headers());
+            let grpc = is_grpc(request.headers());
             let origin = if app.config.cors_allowed_origins.is_empty() {
                 None
             } else {
@@ -459,7 +459,7 @@ where
             let mut response = inner.call(request).await?;
             // Only the fallbacks answer a gRPC request with anything but gRPC.
             if let Some(path) = path
-                && !crate::grpc::is_grpc(response.headers())
+                && !is_grpc(response.headers())
             {
                 response = tonic::Status::unimplemented(format!(
                     "no gRPC method {path} here; the services are in proto/skald/v1/skald.proto"
@@ -633,4 +633,25 @@ fn finish<S: EventStore>(
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
     }
     response
+}
+
+/// The health service's name; its methods are public, like `/health/*`.
+pub(crate) const HEALTH: &str = "grpc.health.v1.Health";
+/// The reflection services' names; public, like the OpenAPI document.
+pub(crate) const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+pub(crate) const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// Whether `path` is a method of a service that needs no credentials: health checks and
+/// reflection.
+fn is_public_grpc(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .is_some_and(|(service, _)| [HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA].contains(&service))
+}
+
+/// Whether a request speaks gRPC (its errors are then gRPC statuses, not problem documents).
+pub(crate) fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

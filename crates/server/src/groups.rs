@@ -17,9 +17,9 @@ use skald_hub::groups::{GroupMessage, GroupSettings, NackAction, NewGroup, Setti
 
 use skald_security::Permission;
 
-use crate::access::{Caller, Scope};
+use crate::access::{Caller, Recheck, Scope};
 use crate::cloudevents::write_record;
-use crate::subscribe::start_from_json;
+use crate::start::start_from_json;
 use crate::{App, Problem, body_bytes, json_response, parse_json, query_pairs};
 
 /// Most messages one long-poll returns.
@@ -63,9 +63,9 @@ pub(crate) async fn allow_consumer<S: EventStore>(
     app: &App<S>,
     caller: &Caller,
     name: &str,
-) -> Result<crate::access::Recheck<S>, Problem> {
+) -> Result<Recheck<S>, Problem> {
     if caller.is_unrestricted() {
-        return Ok(crate::access::Recheck::new(
+        return Ok(Recheck::new(
             std::sync::Arc::clone(&app.security),
             caller.clone(),
             Box::new(|_| Ok(())),
@@ -73,11 +73,7 @@ pub(crate) async fn allow_consumer<S: EventStore>(
     }
     let info = app.groups()?.info(name).await.map_err(group_problem)?;
     allow_group(caller, &info.definition.source)?;
-    Ok(crate::subscribe::recheck_group(
-        app,
-        caller,
-        info.definition.source,
-    ))
+    Ok(recheck_group(app, caller, info.definition.source))
 }
 
 /// A JSON answer with `status`.
@@ -253,7 +249,7 @@ pub(crate) async fn poll<S: EventStore>(
         .await
         .map_err(group_problem)?;
     let _delivering =
-        crate::subscribe::deliver_spans("group-http", messages.iter().map(|m| &m.event));
+        crate::observe::deliver_spans("group-http", messages.iter().map(|m| &m.event));
     let mut out = Vec::with_capacity(messages.len() * 600 + 16);
     out.extend_from_slice(b"{\"messages\":");
     write_messages(&mut out, &messages);
@@ -329,4 +325,17 @@ pub(crate) async fn nack<S: EventStore>(
         .await
         .map_err(group_problem)?;
     Ok(json_ok(StatusCode::OK, &outcome))
+}
+
+/// The check a consumer of a group reading `source` repeats as it runs.
+pub(crate) fn recheck_group<S: EventStore>(
+    app: &App<S>,
+    caller: &Caller,
+    source: SourceSpec,
+) -> Recheck<S> {
+    Recheck::new(
+        std::sync::Arc::clone(&app.security),
+        caller.clone(),
+        Box::new(move |caller| allow_group(caller, &source)),
+    )
 }

@@ -22,7 +22,7 @@ use skald_security::Permission;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::{Caller, Recheck, Scope};
+use crate::access::{Caller, HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA, Recheck, Scope};
 use crate::observe::Open;
 use crate::{App, Problem, VERSION};
 
@@ -502,7 +502,7 @@ async fn pump_subscription<S: EventStore>(
                     continue;
                 }
                 app.metrics.grpc_events.add(events.len() as u64);
-                _delivering = crate::subscribe::deliver_spans("grpc", events.iter());
+                _delivering = crate::observe::deliver_spans("grpc", events.iter());
                 chunks(events.iter().map(|e| &**e))
                     .into_iter()
                     .map(|events| pb::subscribe_response::Kind::Events(pb::EventBatch { events }))
@@ -733,7 +733,7 @@ impl<S: EventStore> pb::groups_server::Groups for GroupsApi<S> {
                             return;
                         }
                         (Ok(()), ConsumerEvent::Messages(messages)) => {
-                            let _delivering = crate::subscribe::deliver_spans(
+                            let _delivering = crate::observe::deliver_spans(
                                 "group-grpc",
                                 messages.iter().map(|m| &m.event),
                             );
@@ -1422,20 +1422,6 @@ pub(crate) fn routes<S: EventStore>(router: Router<App<S>>, app: &App<S>) -> Rou
     )
 }
 
-/// The health service's name; its methods are public, like `/health/*`.
-const HEALTH: &str = "grpc.health.v1.Health";
-/// The reflection services' names; public, like the OpenAPI document.
-const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
-const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
-
-/// Whether `path` is a method of a service that needs no credentials: health checks and
-/// reflection.
-pub(crate) fn is_public(path: &str) -> bool {
-    path.strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .is_some_and(|(service, _)| [HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA].contains(&service))
-}
-
 fn add<S, T>(router: Router<App<S>>, service: &str, methods: &[&str], svc: T) -> Router<App<S>>
 where
     S: EventStore,
@@ -1450,11 +1436,4 @@ where
     methods.iter().fold(router, |router, method| {
         router.route_service(&format!("/{service}/{method}"), svc.clone())
     })
-}
-
-/// Whether a request speaks gRPC (its errors are then gRPC statuses, not problem documents).
-pub(crate) fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
-    headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

@@ -12,6 +12,7 @@ mod observe;
 mod problem;
 mod relay;
 mod sagas;
+mod start;
 mod subscribe;
 
 use std::sync::Arc;

@@ -567,3 +567,31 @@ fn readiness<S: EventStore>(app: &App<S>) -> Option<String> {
         app.store.readiness().err()
     }
 }
+
+/// A `deliver` span for each event whose stored trace context is sampled, ended when the
+/// returned spans drop (after the events are handed to the connection). Nothing when traces
+/// are not exported.
+pub(crate) fn deliver_spans<'a>(
+    transport: &'static str,
+    events: impl IntoIterator<Item = &'a Arc<skald_core::RecordedEvent>>,
+) -> Vec<skald_telemetry::Span> {
+    if !skald_telemetry::is_enabled() {
+        return Vec::new();
+    }
+    events
+        .into_iter()
+        .filter_map(|event| {
+            let parent = skald_telemetry::TraceContext::from_metadata(event.metadata.as_str())
+                .filter(|p| p.sampled)?;
+            let mut span = skald_telemetry::start_span(
+                "deliver",
+                skald_telemetry::SpanKind::Consumer,
+                Some(&parent),
+            );
+            span.set("skald.transport", transport);
+            span.set("skald.stream", event.stream.as_str());
+            span.set("skald.position", event.position.0);
+            Some(span)
+        })
+        .collect()
+}

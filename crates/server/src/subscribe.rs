@@ -54,32 +54,6 @@ pub struct SubscriptionSettings {
 // ---------------------------------------------------------------------------------------------
 // Parsing what to subscribe to
 
-/// Parses a start: `start`, `now`, a position, or `revision:N` (streams only).
-fn parse_start(text: &str, is_stream: bool) -> Result<Start, Problem> {
-    match text {
-        "start" => return Ok(Start::Beginning),
-        "now" => return Ok(Start::Now),
-        _ => {}
-    }
-    if let Ok(position) = text.parse::<u64>() {
-        return Ok(Start::Position(position));
-    }
-    if let Some(revision) = text.strip_prefix("revision:") {
-        if !is_stream {
-            return Err(Problem::malformed(format!(
-                "from {text:?}: a revision can only start a stream subscription; give a position"
-            )));
-        }
-        if let Ok(revision) = revision.parse::<u64>() {
-            return Ok(Start::Revision(revision));
-        }
-    }
-    Err(Problem::malformed(format!(
-        "from {text:?} is not a start: use start, now, a position (a whole number), or \
-         revision:N for a stream"
-    )))
-}
-
 /// The SSE query string: `from`, and per endpoint `types`/`tags` or `query`.
 struct SseParams {
     start: Start,
@@ -101,7 +75,7 @@ fn parse_sse_params(
     };
     for (key, value) in query_pairs(raw, allowed)? {
         match key.as_str() {
-            "from" => p.start = parse_start(&value, is_stream)?,
+            "from" => p.start = crate::start::parse_start(&value, is_stream)?,
             "types" => p
                 .types
                 .extend(parse_names(&key, &value, |v| EventType::new(v))?),
@@ -328,7 +302,7 @@ async fn pump_sse<S: EventStore>(
                     continue;
                 }
                 metrics.sse_events.add(events.len() as u64);
-                let _delivering = deliver_spans("sse", events.iter());
+                let _delivering = crate::observe::deliver_spans("sse", events.iter());
                 // Sized for the batch (most live batches are one small event), not the chunk.
                 let mut out = Vec::with_capacity((events.len() * 640).min(CHUNK_BYTES + 4096));
                 let mut sent = true;
@@ -448,31 +422,6 @@ enum ClientMessage {
 /// Default and largest `prefetch` of a group consumer on a WebSocket.
 const DEFAULT_PREFETCH: usize = 10;
 const MAX_PREFETCH: usize = 1000;
-
-/// A start as JSON (WebSocket `from`, a group definition's `from`): `"start"`, `"now"`, a
-/// position, or `{"revision": N}` for a stream.
-pub(crate) fn start_from_json(from: Option<Value>, is_stream: bool) -> Result<Start, Problem> {
-    match from {
-        None => Ok(Start::Beginning),
-        Some(Value::String(text)) if text != "revision" => parse_start(&text, is_stream),
-        Some(Value::Number(n)) if n.as_u64().is_some() => {
-            Ok(Start::Position(n.as_u64().expect("checked")))
-        }
-        Some(Value::Object(o))
-            if o.len() == 1 && o.get("revision").and_then(Value::as_u64).is_some() =>
-        {
-            if !is_stream {
-                return Err(Problem::malformed(
-                    "from: a revision can only start a stream subscription; give a position",
-                ));
-            }
-            Ok(Start::Revision(o["revision"].as_u64().expect("checked")))
-        }
-        Some(other) => Err(Problem::malformed(format!(
-            "from {other} is not a start: use \"start\", \"now\", a position, or {{\"revision\": N}} for a stream"
-        ))),
-    }
-}
 
 /// A message from a subscription's pump to the socket, tagged so that messages of a
 /// subscription that has since been unsubscribed can be dropped.
@@ -934,7 +883,7 @@ impl<S: EventStore> Session<S> {
     ) -> Result<(), Problem> {
         self.check_id(id)?;
         let source = source.to_read_source().map_err(Problem::from)?;
-        let start = start_from_json(from, matches!(source, ReadSource::Stream(_)))?;
+        let start = crate::start::start_from_json(from, matches!(source, ReadSource::Stream(_)))?;
         allow_subscription(&self.caller, &source)?;
         let access = recheck_subscription(&self.app, &self.caller, &source);
         let subscription = self.app.hub.subscribe(source, start).await?;
@@ -974,19 +923,6 @@ pub(crate) fn recheck_subscription<S: EventStore>(
         Arc::clone(&app.security),
         caller.clone(),
         Box::new(move |caller| allow_subscription(caller, &source)),
-    )
-}
-
-/// The check a consumer of a group reading `source` repeats as it runs.
-pub(crate) fn recheck_group<S: EventStore>(
-    app: &App<S>,
-    caller: &Caller,
-    source: SourceSpec,
-) -> Recheck<S> {
-    Recheck::new(
-        Arc::clone(&app.security),
-        caller.clone(),
-        Box::new(move |caller| crate::groups::allow_group(caller, &source)),
     )
 }
 
@@ -1037,8 +973,10 @@ async fn pump_group<S: EventStore>(
             ConsumerEvent::Messages(messages) => {
                 let mut out = format!("{{\"type\":\"messages\",\"id\":{quoted_id},\"messages\":")
                     .into_bytes();
-                let _delivering =
-                    deliver_spans("group-websocket", messages.iter().map(|m| &m.event));
+                let _delivering = crate::observe::deliver_spans(
+                    "group-websocket",
+                    messages.iter().map(|m| &m.event),
+                );
                 crate::groups::write_messages(&mut out, &messages);
                 out.push(b'}');
                 String::from_utf8(out).expect("messages are UTF-8")
@@ -1098,7 +1036,7 @@ async fn pump_ws<S: EventStore>(
                     continue;
                 }
                 metrics.websocket_events.add(events.len() as u64);
-                let _delivering = deliver_spans("websocket", events.iter());
+                let _delivering = crate::observe::deliver_spans("websocket", events.iter());
                 for batch in ws_batches(&quoted_id, &events) {
                     if send(batch).await.is_err() {
                         return;
@@ -1119,34 +1057,6 @@ async fn pump_ws<S: EventStore>(
             }
         }
     }
-}
-
-/// A `deliver` span for each event whose stored trace context is sampled, ended when the
-/// returned spans drop (after the events are handed to the connection). Nothing when traces
-/// are not exported.
-pub(crate) fn deliver_spans<'a>(
-    transport: &'static str,
-    events: impl IntoIterator<Item = &'a Arc<skald_core::RecordedEvent>>,
-) -> Vec<skald_telemetry::Span> {
-    if !skald_telemetry::is_enabled() {
-        return Vec::new();
-    }
-    events
-        .into_iter()
-        .filter_map(|event| {
-            let parent = skald_telemetry::TraceContext::from_metadata(event.metadata.as_str())
-                .filter(|p| p.sampled)?;
-            let mut span = skald_telemetry::start_span(
-                "deliver",
-                skald_telemetry::SpanKind::Consumer,
-                Some(&parent),
-            );
-            span.set("skald.transport", transport);
-            span.set("skald.stream", event.stream.as_str());
-            span.set("skald.position", event.position.0);
-            Some(span)
-        })
-        .collect()
 }
 
 /// `events` messages of about [`CHUNK_BYTES`] each (at least one event each).
